@@ -1,0 +1,262 @@
+//! The admin listener: `/metrics`, the JSON API under `/api/`, and the dashboard at `/`.
+//! Mutating endpoints require `Authorization: Bearer TOKEN`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::app::App;
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Binds the admin listener; serves until `stop` flips. Returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    app: Arc<App>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = crate::server::stopped(&mut stop) => return,
+            };
+            let app = app.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| handle(app.clone(), req));
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+fn respond(
+    status: StatusCode,
+    ctype: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(ctype),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+fn json_resp(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
+    respond(
+        status,
+        "application/json",
+        serde_json::to_vec_pretty(v).unwrap_or_default(),
+    )
+}
+
+fn error(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
+    json_resp(status, &json!({ "error": msg }))
+}
+
+/// Constant-time comparison so the token cannot be guessed byte by byte from timings.
+fn token_matches(given: &[u8], want: &[u8]) -> bool {
+    given.len() == want.len()
+        && given
+            .iter()
+            .zip(want)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn authorized(app: &App, req: &Request<Incoming>) -> Result<(), Response<Full<Bytes>>> {
+    let Some(want) = &app.admin_token else {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "mutating endpoints are disabled: set admin.token or SHOAL_ADMIN_TOKEN",
+        ));
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if token_matches(given.as_bytes(), want.as_bytes()) {
+        Ok(())
+    } else {
+        let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        Err(r)
+    }
+}
+
+#[derive(Deserialize)]
+struct AddInstance {
+    addr: SocketAddr,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default = "one")]
+    weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let method = req.method().clone();
+    let resp = match (&method, segs.as_slice()) {
+        (&Method::GET, []) => respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
+        (&Method::GET, ["metrics"]) => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            app.render_metrics(),
+        ),
+        (&Method::GET, ["healthz"]) => respond(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, ["api", "services"]) => {
+            let list: Vec<Value> = app
+                .services()
+                .iter()
+                .map(|s| {
+                    let mut v = app.service_json(s);
+                    if let Some(x) = app.extension_get(&format!("/api/services/{}", s.name)) {
+                        merge(&mut v, x);
+                    }
+                    v
+                })
+                .collect();
+            json_resp(StatusCode::OK, &json!({ "services": list }))
+        }
+        (&Method::GET, ["api", "services", name]) => match app.service(name) {
+            Some(s) => {
+                let mut v = app.service_json(&s);
+                if let Some(x) = app.extension_get(&path) {
+                    merge(&mut v, x);
+                }
+                json_resp(StatusCode::OK, &v)
+            }
+            None => error(StatusCode::NOT_FOUND, "no such service"),
+        },
+        (&Method::POST, ["api", "services", name, "instances"]) => match authorized(&app, &req) {
+            Err(r) => r,
+            Ok(()) => {
+                let name = name.to_string();
+                match read_json::<AddInstance>(req).await {
+                    Err(r) => r,
+                    Ok(body) => match app.service(&name) {
+                        None => error(StatusCode::NOT_FOUND, "no such service"),
+                        Some(s) => {
+                            let id = body.id.unwrap_or_else(|| body.addr.to_string());
+                            match s.pool.add(&id, body.addr, body.weight, true) {
+                                Some(_) => json_resp(StatusCode::CREATED, &json!({ "id": id })),
+                                None => {
+                                    error(StatusCode::CONFLICT, "an instance with that id exists")
+                                }
+                            }
+                        }
+                    },
+                }
+            }
+        },
+        (&Method::POST, ["api", "services", name, "instances", id, "drain"]) => {
+            match authorized(&app, &req) {
+                Err(r) => r,
+                Ok(()) => match app.service(name).and_then(|s| s.pool.drain(id)) {
+                    Some(i) => json_resp(
+                        StatusCode::OK,
+                        &json!({ "id": i.id, "state": i.state(), "in_flight": i.in_flight() }),
+                    ),
+                    None => error(StatusCode::NOT_FOUND, "no such service or instance"),
+                },
+            }
+        }
+        (&Method::DELETE, ["api", "services", name, "instances", id]) => {
+            match authorized(&app, &req) {
+                Err(r) => r,
+                Ok(()) => match app.service(name) {
+                    Some(s) if s.pool.get(id).is_some() => {
+                        // Drain in the background; the answer says it has begun.
+                        let timeout = s.config.load().timeouts.drain.0;
+                        let (pool, id) = (s.pool.clone(), id.to_string());
+                        pool.drain(&id);
+                        tokio::spawn(async move {
+                            pool.remove(&id, timeout).await;
+                        });
+                        json_resp(StatusCode::ACCEPTED, &json!({ "draining": true }))
+                    }
+                    _ => error(StatusCode::NOT_FOUND, "no such service or instance"),
+                },
+            }
+        }
+        (&Method::POST, ["api", "reload"]) => match authorized(&app, &req) {
+            Err(r) => r,
+            Ok(()) => match app.reload().await {
+                Ok(()) => json_resp(StatusCode::OK, &json!({ "reloaded": true })),
+                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e),
+            },
+        },
+        (&Method::GET, ["api", ..]) => match app.extension_get(&path) {
+            Some(v) => json_resp(StatusCode::OK, &v),
+            None => error(StatusCode::NOT_FOUND, "not found"),
+        },
+        _ => error(StatusCode::NOT_FOUND, "not found"),
+    };
+    Ok(resp)
+}
+
+fn merge(into: &mut Value, from: Value) {
+    if let (Some(a), Value::Object(b)) = (into.as_object_mut(), from) {
+        a.extend(b);
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<T, Response<Full<Bytes>>> {
+    let body = Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map_err(|_| {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body too large or unreadable",
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}")))
+}

@@ -1,0 +1,420 @@
+//! The running proxy: services with their listeners and health loops, built from a
+//! [`Config`] and reconfigured in place on reload.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::config::{Config, ServiceConfig};
+use crate::metrics::{Exposition, Kind};
+use crate::pool::{now_nanos, ErrorKind, State};
+use crate::proxy::Service;
+use crate::server::{self, Listener};
+
+/// Something that adds samples to `/metrics` (fleet, autoscaler, ...).
+pub trait Collector: Send + Sync {
+    fn collect(&self, e: &mut Exposition);
+}
+
+/// Something that serves extra admin API routes. Returns None for routes it does not own.
+pub trait ApiExtension: Send + Sync {
+    fn get(&self, path: &str) -> Option<Value>;
+}
+
+struct Running {
+    service: Arc<Service>,
+    listener: Listener,
+    health_stop: watch::Sender<bool>,
+}
+
+/// All services of one shoal process.
+pub struct App {
+    services: Mutex<BTreeMap<String, Running>>,
+    /// The file reload re-reads; None in quick mode.
+    pub config_path: Option<PathBuf>,
+    pub admin_token: Option<String>,
+    collectors: Mutex<Vec<Arc<dyn Collector>>>,
+    extensions: Mutex<Vec<Arc<dyn ApiExtension>>>,
+    pub reloads: crate::metrics::Counter,
+    pub reload_failures: crate::metrics::Counter,
+    /// Hook the binary installs to see reloaded configs (fleet, autoscaler).
+    #[allow(clippy::type_complexity)]
+    on_reload: Mutex<Option<Box<dyn Fn(&Config) + Send + Sync>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("service {service}: cannot listen on {addr}: {source}")]
+    Bind {
+        service: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl App {
+    pub fn new(config_path: Option<PathBuf>, admin_token: Option<String>) -> Arc<App> {
+        Arc::new(App {
+            services: Mutex::new(BTreeMap::new()),
+            config_path,
+            admin_token,
+            collectors: Mutex::new(Vec::new()),
+            extensions: Mutex::new(Vec::new()),
+            reloads: Default::default(),
+            reload_failures: Default::default(),
+            on_reload: Mutex::new(None),
+        })
+    }
+
+    pub fn add_collector(&self, c: Arc<dyn Collector>) {
+        self.collectors.lock().expect("lock").push(c);
+    }
+
+    pub fn add_extension(&self, x: Arc<dyn ApiExtension>) {
+        self.extensions.lock().expect("lock").push(x);
+    }
+
+    pub fn set_on_reload(&self, f: Box<dyn Fn(&Config) + Send + Sync>) {
+        *self.on_reload.lock().expect("lock") = Some(f);
+    }
+
+    /// Starts a service: binds its listener and its health loop.
+    pub async fn start_service(&self, cfg: ServiceConfig) -> Result<Arc<Service>, StartError> {
+        let name = cfg.name.clone();
+        let addr = cfg.listen;
+        let service = Service::new(cfg);
+        let listener = server::bind(addr, service.clone())
+            .await
+            .map_err(|source| StartError::Bind {
+                service: name.clone(),
+                addr,
+                source,
+            })?;
+        let (health_stop, rx) = watch::channel(false);
+        tokio::spawn(crate::health::run(service.clone(), rx));
+        tracing::info!(service = %name, listen = %listener.addr, "service listening");
+        self.services.lock().expect("lock").insert(
+            name,
+            Running {
+                service: service.clone(),
+                listener,
+                health_stop,
+            },
+        );
+        Ok(service)
+    }
+
+    pub fn service(&self, name: &str) -> Option<Arc<Service>> {
+        self.services
+            .lock()
+            .expect("lock")
+            .get(name)
+            .map(|r| r.service.clone())
+    }
+
+    pub fn services(&self) -> Vec<Arc<Service>> {
+        self.services
+            .lock()
+            .expect("lock")
+            .values()
+            .map(|r| r.service.clone())
+            .collect()
+    }
+
+    /// The bound address of a service's listener (useful when configured with port 0).
+    pub fn listen_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.services
+            .lock()
+            .expect("lock")
+            .get(name)
+            .map(|r| r.listener.addr)
+    }
+
+    /// Starts every service of `config`.
+    pub async fn start(&self, config: &Config) -> Result<(), StartError> {
+        for s in &config.services {
+            self.start_service(s.clone()).await?;
+        }
+        Ok(())
+    }
+
+    /// Re-reads the config file and applies it; an invalid file is refused and the running
+    /// config keeps serving.
+    pub async fn reload(&self) -> Result<(), String> {
+        let Some(path) = &self.config_path else {
+            return Err("no config file to reload (quick mode)".into());
+        };
+        let config = match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                self.reload_failures.inc();
+                tracing::error!(error = %e, "reload refused: invalid config; keeping the running one");
+                return Err(e.to_string());
+            }
+        };
+        self.apply(&config)
+            .await
+            .inspect_err(|_| self.reload_failures.inc())?;
+        self.reloads.inc();
+        if let Some(f) = self.on_reload.lock().expect("lock").as_ref() {
+            f(&config);
+        }
+        tracing::info!(path = %path.display(), "config reloaded");
+        Ok(())
+    }
+
+    /// Applies a validated config: changed services are reconfigured in place (listener
+    /// rebound only if its address changed), new ones started, removed ones stopped gracefully.
+    pub async fn apply(&self, config: &Config) -> Result<(), String> {
+        let current: Vec<String> = self
+            .services
+            .lock()
+            .expect("lock")
+            .keys()
+            .cloned()
+            .collect();
+        for s in &config.services {
+            let existing = self
+                .services
+                .lock()
+                .expect("lock")
+                .get(&s.name)
+                .map(|r| (r.service.clone(), r.listener.addr));
+            match existing {
+                Some((svc, addr)) => {
+                    let old_listen = svc.config.load().listen;
+                    svc.reconfigure(s.clone());
+                    if old_listen != s.listen && addr != s.listen {
+                        let l = server::bind(s.listen, svc.clone()).await.map_err(|e| {
+                            format!("service {}: cannot listen on {}: {e}", s.name, s.listen)
+                        })?;
+                        if let Some(r) = self.services.lock().expect("lock").get_mut(&s.name) {
+                            let old = std::mem::replace(&mut r.listener, l);
+                            let _ = old.stop.send(true);
+                        }
+                    }
+                }
+                None => {
+                    self.start_service(s.clone())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        for name in current {
+            if !config.services.iter().any(|s| s.name == name) {
+                if let Some(r) = self.services.lock().expect("lock").remove(&name) {
+                    let _ = r.listener.stop.send(true);
+                    let _ = r.health_stop.send(true);
+                    tracing::info!(service = %name, "service removed");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Graceful stop: stop accepting everywhere, then wait for in-flight requests up to
+    /// `deadline`. Returns the number of connections still open at the deadline.
+    pub async fn shutdown(&self, deadline: Duration) -> usize {
+        let running: Vec<(Arc<crate::server::Connections>, String)> = {
+            let s = self.services.lock().expect("lock");
+            for r in s.values() {
+                let _ = r.listener.stop.send(true);
+                let _ = r.health_stop.send(true);
+            }
+            s.values()
+                .map(|r| (r.listener.conns.clone(), r.service.name.clone()))
+                .collect()
+        };
+        let mut left = 0;
+        let until = tokio::time::Instant::now() + deadline;
+        for (c, name) in running {
+            let n = c
+                .wait_idle(until.saturating_duration_since(tokio::time::Instant::now()))
+                .await;
+            if n > 0 {
+                tracing::warn!(service = %name, connections = n, "shutdown deadline reached with connections open");
+            }
+            left += n;
+        }
+        left
+    }
+
+    /// `/metrics` in the Prometheus text format.
+    pub fn render_metrics(&self) -> String {
+        let mut e = Exposition::default();
+        let now = now_nanos();
+        e.declare(
+            "shoal_requests_total",
+            "Requests answered, by instance and status code.",
+            Kind::Counter,
+        );
+        for svc in self.services() {
+            let s = svc.name.as_str();
+            for (code, n) in svc.metrics.local.iter() {
+                e.counter(
+                    "shoal_requests_total",
+                    "Requests answered, by instance and status code.",
+                    &[
+                        ("service", s),
+                        ("instance", ""),
+                        ("code", &code.to_string()),
+                    ],
+                    n,
+                );
+            }
+            e.histogram(
+                "shoal_request_duration_seconds",
+                "Time from request start to response headers.",
+                &[("service", s)],
+                &svc.metrics.duration,
+            );
+            e.counter(
+                "shoal_retries_total",
+                "Upstream retries.",
+                &[("service", s)],
+                svc.metrics.retries.get(),
+            );
+            e.counter(
+                "shoal_retry_budget_exhausted_total",
+                "Retries refused by the retry budget.",
+                &[("service", s)],
+                svc.metrics.retry_budget_exhausted.get(),
+            );
+            for (state, n) in svc.pool.counts() {
+                e.gauge(
+                    "shoal_instances",
+                    "Instances by lifecycle state.",
+                    &[("service", s), ("state", state.as_str())],
+                    n as f64,
+                );
+            }
+            e.gauge(
+                "shoal_pool_panic",
+                "1 when no instance is healthy and all are routed to.",
+                &[("service", s)],
+                svc.pool.snapshot().panic as u8 as f64,
+            );
+            for inst in svc.pool.members() {
+                let i = inst.id.as_str();
+                for (code, n) in inst.metrics.codes.iter() {
+                    e.counter(
+                        "shoal_requests_total",
+                        "Requests answered, by instance and status code.",
+                        &[("service", s), ("instance", i), ("code", &code.to_string())],
+                        n,
+                    );
+                }
+                e.gauge(
+                    "shoal_in_flight_requests",
+                    "Requests in flight to an instance.",
+                    &[("service", s), ("instance", i)],
+                    inst.in_flight() as f64,
+                );
+                e.gauge(
+                    "shoal_instance_healthy",
+                    "1 when the instance passes health checks.",
+                    &[("service", s), ("instance", i)],
+                    inst.is_healthy() as u8 as f64,
+                );
+                e.gauge(
+                    "shoal_instance_ejected",
+                    "1 while the instance is ejected as an outlier.",
+                    &[("service", s), ("instance", i)],
+                    inst.is_ejected(now) as u8 as f64,
+                );
+                e.counter(
+                    "shoal_ejections_total",
+                    "Outlier ejections.",
+                    &[("service", s), ("instance", i)],
+                    inst.metrics.ejections.get(),
+                );
+                e.counter(
+                    "shoal_health_check_failures_total",
+                    "Failed active health probes.",
+                    &[("service", s), ("instance", i)],
+                    inst.metrics.health_failures.get(),
+                );
+                for k in ErrorKind::ALL {
+                    e.counter(
+                        "shoal_upstream_errors_total",
+                        "Failed upstream tries by kind.",
+                        &[("service", s), ("instance", i), ("kind", k.as_str())],
+                        inst.metrics.errors[k as usize].get(),
+                    );
+                }
+            }
+        }
+        e.counter(
+            "shoal_config_reloads_total",
+            "Successful config reloads.",
+            &[],
+            self.reloads.get(),
+        );
+        e.counter(
+            "shoal_config_reload_failures_total",
+            "Refused config reloads.",
+            &[],
+            self.reload_failures.get(),
+        );
+        for c in self.collectors.lock().expect("lock").iter() {
+            c.collect(&mut e);
+        }
+        e.render()
+    }
+
+    /// JSON view of one service, for `/api/services`.
+    pub fn service_json(&self, svc: &Service) -> Value {
+        let now = now_nanos();
+        let cfg = svc.config.load();
+        let instances: Vec<Value> = svc
+            .pool
+            .members()
+            .iter()
+            .map(|i| {
+                json!({
+                    "id": i.id,
+                    "addr": i.addr.to_string(),
+                    "state": i.state(),
+                    "weight": i.weight,
+                    "healthy": i.is_healthy(),
+                    "ejected": i.is_ejected(now),
+                    "in_flight": i.in_flight(),
+                    "requests": i.metrics.codes.total(),
+                })
+            })
+            .collect();
+        json!({
+            "name": svc.name,
+            "listen": self.listen_addr(&svc.name).map(|a| a.to_string()),
+            "balance": cfg.balance.name(),
+            "requests": svc.metrics.requests.get(),
+            "instances": instances,
+        })
+    }
+
+    /// Routes owned by extensions (fleet, autoscaler).
+    pub fn extension_get(&self, path: &str) -> Option<Value> {
+        self.extensions
+            .lock()
+            .expect("lock")
+            .iter()
+            .find_map(|x| x.get(path))
+    }
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("config_path", &self.config_path)
+            .finish()
+    }
+}
+
+/// States exported even when a pool is empty, so dashboards show zeros.
+pub const STATES: [State; 3] = [State::Starting, State::Ready, State::Draining];

@@ -1,0 +1,732 @@
+//! Configuration: raw TOML (serde) → validated [`Config`].
+//!
+//! Errors name the file, line and field: serde errors carry the TOML span, and the
+//! cross-field checks keep the spans of the fields they look at.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use shoal_balance::Algorithm;
+use toml::Spanned;
+
+/// A configuration error: where it is and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(f, "{}:{}: ", self.file, self.line)?;
+        } else {
+            write!(f, "{}: ", self.file)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A duration written as `"500ms"`, `"2s"`, `"5m"`, `"1h"` (or a bare number of seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_duration(s).map(Dur)
+    }
+}
+
+/// Parses `"250ms"`, `"1.5s"`, `"5m"`, `"2h"`, `"10"` (seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (use e.g. \"500ms\", \"2s\", \"5m\")"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1e3,
+        "us" => n / 1e6,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        other => return Err(format!("invalid duration unit {other:?} in {s:?}")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses a byte size: `"64MiB"`, `"512KiB"`, `"1GiB"`, `"1000"`, `"10MB"`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?} (use e.g. \"64MiB\")"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" | "ki" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" | "mi" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" | "gi" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("invalid size unit {other:?} in {s:?}")),
+    };
+    Ok((n * mult) as u64)
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(f64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) if n >= 0.0 => Ok(Dur(Duration::from_secs_f64(n))),
+            Raw::N(n) => Err(de::Error::custom(format!("negative duration {n}"))),
+            Raw::S(s) => s.parse().map_err(de::Error::custom),
+        }
+    }
+}
+
+/// A balance algorithm name, checked at parse time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlgoName(pub Algorithm);
+
+impl<'de> Deserialize<'de> for AlgoName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(AlgoName).map_err(de::Error::custom)
+    }
+}
+
+/// What `consistent-hash` hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    Header(http::HeaderName),
+}
+
+impl<'de> Deserialize<'de> for HashKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "client-ip" {
+            return Ok(HashKey::ClientIp);
+        }
+        match s.strip_prefix("header:") {
+            Some(h) => http::HeaderName::from_bytes(h.trim().as_bytes())
+                .map(HashKey::Header)
+                .map_err(|_| de::Error::custom(format!("invalid header name {h:?}"))),
+            None => Err(de::Error::custom(format!(
+                "invalid hash key {s:?} (use \"client-ip\" or \"header:NAME\")"
+            ))),
+        }
+    }
+}
+
+/// One backend: `"127.0.0.1:9001"` or `{ addr = "127.0.0.1:9001", weight = 2 }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+impl<'de> Deserialize<'de> for BackendSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            addr: SocketAddr,
+            #[serde(default = "one")]
+            weight: u32,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            S(String),
+            T(Full),
+        }
+        match Raw::deserialize(d)? {
+            Raw::S(s) => s
+                .parse()
+                .map(|addr| BackendSpec { addr, weight: 1 })
+                .map_err(|_| de::Error::custom(format!("invalid backend address {s:?}"))),
+            Raw::T(f) => Ok(BackendSpec {
+                addr: f.addr,
+                weight: f.weight,
+            }),
+        }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Active health checks (HAProxy `check` / Envoy health checking).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Path requested with GET; 2xx/3xx counts as a pass.
+    pub path: String,
+    /// Time between probes of one instance.
+    pub interval: Dur,
+    /// A probe without an answer by then fails.
+    pub timeout: Dur,
+    /// Consecutive passes that make an instance healthy.
+    pub rise: u32,
+    /// Consecutive failures that make an instance unhealthy.
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            path: "/healthz".into(),
+            interval: Dur(Duration::from_secs(2)),
+            timeout: Dur(Duration::from_secs(1)),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+/// Passive outlier ejection (Envoy outlier detection).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutlierConfig {
+    /// Consecutive connect errors or 5xx answers that eject an instance (0 disables).
+    pub consecutive_errors: u32,
+    /// First ejection time; the n-th ejection lasts n times as long.
+    pub base_ejection: Dur,
+    /// Cap on one ejection.
+    pub max_ejection: Dur,
+    /// At most this share of a pool is ejected at once.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_errors: 5,
+            base_ejection: Dur(Duration::from_secs(10)),
+            max_ejection: Dur(Duration::from_secs(300)),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// Timeouts of one service.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimeoutConfig {
+    /// Upstream TCP connect.
+    pub connect: Dur,
+    /// One try, up to the upstream's response headers.
+    pub per_try: Dur,
+    /// The whole request up to response headers, retries included (→ 504).
+    pub request: Dur,
+    /// Client must send a complete request head within this (slowloris).
+    pub header_read: Dur,
+    /// A client connection with no request in flight is closed after this.
+    pub idle: Dur,
+    /// Longest wait for a draining instance's in-flight requests.
+    pub drain: Dur,
+}
+
+impl Default for TimeoutConfig {
+    fn default() -> Self {
+        TimeoutConfig {
+            connect: Dur(Duration::from_secs(2)),
+            per_try: Dur(Duration::from_secs(15)),
+            request: Dur(Duration::from_secs(30)),
+            header_read: Dur(Duration::from_secs(10)),
+            idle: Dur(Duration::from_secs(60)),
+            drain: Dur(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// Retry policy.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Tries in total, the first included (1 disables retries).
+    pub attempts: u32,
+    /// Retries may add at most this percentage of extra requests...
+    pub budget_percent: f64,
+    /// ...plus this many retries per second.
+    pub budget_min_per_second: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            attempts: 3,
+            budget_percent: 20.0,
+            budget_min_per_second: 10.0,
+        }
+    }
+}
+
+/// Connection and request limits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitConfig {
+    /// Client connections open at once; further ones wait in the accept queue.
+    pub max_connections: usize,
+    /// Longest request target (→ 414).
+    pub max_request_line: usize,
+    /// Most request headers (→ 431).
+    pub max_headers: usize,
+    /// Largest request head in bytes (→ 431).
+    pub max_header_bytes: usize,
+}
+
+impl Default for LimitConfig {
+    fn default() -> Self {
+        LimitConfig {
+            max_connections: 10_000,
+            max_request_line: 8 * 1024,
+            max_headers: 100,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// One service as written in the file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawService {
+    /// Client-facing listen address.
+    pub listen: SocketAddr,
+    /// Balance algorithm (see `shoal proxy --help`).
+    #[serde(default = "default_algo")]
+    pub balance: AlgoName,
+    /// What `consistent-hash` hashes: `"client-ip"` (default) or `"header:NAME"`.
+    #[serde(default = "default_hash_key")]
+    pub hash_key: HashKey,
+    /// Static backends.
+    #[serde(default)]
+    pub backends: Option<Spanned<Vec<BackendSpec>>>,
+    /// Ramp a new or recovered instance's weight over this window (0 disables).
+    #[serde(default = "default_slow_start")]
+    pub slow_start: Dur,
+    /// Active health checks; absent means passive checks only.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+    #[serde(default)]
+    pub outlier: OutlierConfig,
+    #[serde(default)]
+    pub timeouts: TimeoutConfig,
+    #[serde(default)]
+    pub retries: Option<Spanned<RetryConfig>>,
+    #[serde(default)]
+    pub limits: LimitConfig,
+    /// Extra, section-specific tables (fleet, autoscale, ...) are parsed by their owners.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, toml::Value>,
+}
+
+/// Per-service tables owned by other parts of shoal (fleet, autoscaler).
+pub const EXTRA_TABLES: &[&str] = &["fleet", "autoscale", "resources"];
+
+fn default_algo() -> AlgoName {
+    AlgoName(Algorithm::RoundRobin)
+}
+fn default_hash_key() -> HashKey {
+    HashKey::ClientIp
+}
+fn default_slow_start() -> Dur {
+    Dur(Duration::ZERO)
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Loopback by default: the admin API is not for the public.
+    pub listen: SocketAddr,
+    /// Bearer token for mutating endpoints; `SHOAL_ADMIN_TOKEN` overrides. Unset: they are refused.
+    pub token: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9900".parse().expect("static addr"),
+            token: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// Data-path worker threads (default: all cores).
+    #[serde(default)]
+    threads: Option<Spanned<usize>>,
+    /// Where shoal keeps state (history, logs).
+    #[serde(default)]
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    admin: AdminConfig,
+    #[serde(default)]
+    services: Option<Spanned<BTreeMap<String, RawService>>>,
+}
+
+/// A validated service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub balance: Algorithm,
+    pub hash_key: HashKey,
+    pub backends: Vec<BackendSpec>,
+    pub slow_start: Duration,
+    pub health: Option<HealthConfig>,
+    pub outlier: OutlierConfig,
+    pub timeouts: TimeoutConfig,
+    pub retries: RetryConfig,
+    pub limits: LimitConfig,
+    /// Tables this crate does not own (`fleet`, `autoscale`, ...), with their source.
+    pub extra: BTreeMap<String, toml::Value>,
+}
+
+impl ServiceConfig {
+    /// A service with defaults, as `shoal proxy` builds it.
+    pub fn quick(name: &str, listen: SocketAddr, balance: Algorithm) -> Self {
+        ServiceConfig {
+            name: name.to_string(),
+            listen,
+            balance,
+            hash_key: HashKey::ClientIp,
+            backends: Vec::new(),
+            slow_start: Duration::ZERO,
+            health: None,
+            outlier: OutlierConfig::default(),
+            timeouts: TimeoutConfig::default(),
+            retries: RetryConfig::default(),
+            limits: LimitConfig::default(),
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: PathBuf,
+    pub text: String,
+    pub threads: Option<usize>,
+    pub data_dir: PathBuf,
+    pub admin: AdminConfig,
+    pub services: Vec<ServiceConfig>,
+}
+
+/// Maps byte offsets of the source to 1-based lines.
+pub struct Locator<'a> {
+    file: String,
+    text: &'a str,
+}
+
+impl<'a> Locator<'a> {
+    pub fn new(file: &Path, text: &'a str) -> Self {
+        Locator {
+            file: file.display().to_string(),
+            text,
+        }
+    }
+
+    pub fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text[..end].bytes().filter(|&b| b == b'\n').count() + 1
+    }
+
+    pub fn error(
+        &self,
+        span: std::ops::Range<usize>,
+        field: &str,
+        msg: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            line: self.line_of(span.start),
+            field: field.to_string(),
+            message: msg.into(),
+        }
+    }
+
+    /// The dotted key path at `offset`: the nearest `[table]` header above plus the key on that line.
+    pub fn field_at(&self, offset: usize) -> String {
+        let end = offset.min(self.text.len());
+        let before = &self.text[..end];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let line = self.text[line_start..].lines().next().unwrap_or("");
+        let mut table = String::new();
+        for l in before[..line_start].lines() {
+            let t = l.trim();
+            if t.starts_with('[') {
+                table = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            }
+        }
+        let t = line.trim();
+        if t.starts_with('[') {
+            return t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        }
+        let key = t.split('=').next().unwrap_or("").trim();
+        match (table.is_empty(), key.is_empty()) {
+            (true, _) => key.to_string(),
+            (false, true) => table,
+            (false, false) => format!("{table}.{key}"),
+        }
+    }
+
+    fn from_toml(&self, e: toml::de::Error) -> ConfigError {
+        let span = e.span().unwrap_or(0..0);
+        ConfigError {
+            file: self.file.clone(),
+            line: if e.span().is_some() {
+                self.line_of(span.start)
+            } else {
+                0
+            },
+            field: if e.span().is_some() {
+                self.field_at(span.start)
+            } else {
+                String::new()
+            },
+            message: e.message().trim().to_string(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: 0,
+            field: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates config text; `path` is used for messages and for resolving relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let loc = Locator::new(path, text);
+        let raw: RawConfig = toml::from_str(text).map_err(|e| loc.from_toml(e))?;
+        if let Some(t) = &raw.threads {
+            if *t.get_ref() == 0 || *t.get_ref() > 1024 {
+                return Err(loc.error(t.span(), "threads", "must be between 1 and 1024"));
+            }
+        }
+        let services_span = raw.services.as_ref().map_or(0..0, |s| s.span());
+        let services_map = raw.services.map(|s| s.into_inner()).unwrap_or_default();
+        if services_map.is_empty() {
+            return Err(loc.error(
+                services_span,
+                "services",
+                "at least one [services.NAME] table is required",
+            ));
+        }
+        let mut listens: Vec<(SocketAddr, String)> = vec![(raw.admin.listen, "admin".into())];
+        let mut services = Vec::new();
+        for (name, s) in services_map {
+            let field = |f: &str| format!("services.{name}.{f}");
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(loc.error(
+                    services_span.clone(),
+                    &format!("services.{name}"),
+                    "service names use [A-Za-z0-9_-] only",
+                ));
+            }
+            if let Some((_, other)) = listens
+                .iter()
+                .find(|(a, _)| *a == s.listen && s.listen.port() != 0)
+            {
+                let off = text.find(&s.listen.to_string()).unwrap_or(0);
+                return Err(loc.error(
+                    off..off,
+                    &field("listen"),
+                    format!("address {} is already used by {other}", s.listen),
+                ));
+            }
+            listens.push((s.listen, format!("services.{name}")));
+            if let Some(k) = s.extra.keys().find(|k| !EXTRA_TABLES.contains(&k.as_str())) {
+                let off = text
+                    .find(&format!("{k} "))
+                    .or_else(|| text.find(k.as_str()))
+                    .unwrap_or(0);
+                return Err(loc.error(off..off, &field(k), format!("unknown field `{k}`")));
+            }
+            let backends_span = s.backends.as_ref().map_or(0..0, |b| b.span());
+            let backends = s.backends.map(|b| b.into_inner()).unwrap_or_default();
+            for b in &backends {
+                if b.weight == 0 || b.weight > 10_000 {
+                    return Err(loc.error(
+                        backends_span.clone(),
+                        &field("backends"),
+                        format!("weight of {} must be 1..=10000", b.addr),
+                    ));
+                }
+            }
+            if let Some(h) = &s.health {
+                if h.rise == 0 || h.fall == 0 {
+                    let off = text.find("rise").unwrap_or(0);
+                    return Err(loc.error(
+                        off..off,
+                        &field("health"),
+                        "rise and fall must be at least 1",
+                    ));
+                }
+                if !h.path.starts_with('/') {
+                    let off = text.find(&h.path).unwrap_or(0);
+                    return Err(loc.error(off..off, &field("health.path"), "must start with '/'"));
+                }
+            }
+            let retries_span = s.retries.as_ref().map_or(0..0, |r| r.span());
+            let retries = s.retries.map(|r| r.into_inner()).unwrap_or_default();
+            if retries.attempts == 0 || retries.attempts > 10 {
+                return Err(loc.error(
+                    retries_span,
+                    &field("retries.attempts"),
+                    "must be between 1 and 10",
+                ));
+            }
+            services.push(ServiceConfig {
+                name,
+                listen: s.listen,
+                balance: s.balance.0,
+                hash_key: s.hash_key,
+                backends,
+                slow_start: s.slow_start.0,
+                health: s.health,
+                outlier: s.outlier,
+                timeouts: s.timeouts,
+                retries,
+                limits: s.limits,
+                extra: s.extra,
+            });
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let data_dir = raw
+            .data_dir
+            .map(|d| if d.is_absolute() { d } else { base.join(d) })
+            .unwrap_or_else(|| base.join(".shoal"));
+        Ok(Config {
+            source: path.to_path_buf(),
+            text: text.to_string(),
+            threads: raw.threads.map(|t| t.into_inner()),
+            data_dir,
+            admin: raw.admin,
+            services,
+        })
+    }
+
+    /// Locator over this config's text, for owners of `extra` tables reporting errors.
+    pub fn locator(&self) -> Locator<'_> {
+        Locator::new(&self.source, &self.text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), t)
+    }
+
+    #[test]
+    fn minimal_config() {
+        let c = parse(
+            "[services.web]\nlisten = \"127.0.0.1:8080\"\nbackends = [\"127.0.0.1:9001\", { addr = \"127.0.0.1:9002\", weight = 3 }]\n",
+        )
+        .unwrap();
+        assert_eq!(c.services.len(), 1);
+        assert_eq!(c.services[0].backends[1].weight, 3);
+        assert_eq!(c.services[0].balance, Algorithm::RoundRobin);
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9900");
+    }
+
+    #[test]
+    fn unknown_algorithm_names_line_and_field() {
+        let e = parse("[services.web]\nlisten = \"127.0.0.1:8080\"\nbalance = \"fastest\"\n")
+            .unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        assert_eq!(e.field, "services.web.balance", "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("test.toml:3: services.web.balance:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_an_error() {
+        let e = parse("[services.web]\nlisten = \"127.0.0.1:8080\"\n[services.web.timeouts]\nconect = \"1s\"\n").unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.message.contains("conect"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_and_retries() {
+        let e = parse("[services.web]\nlisten = \"127.0.0.1:8080\"\nslow_start = \"3 parsecs\"\n")
+            .unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        let e = parse(
+            "[services.web]\nlisten = \"127.0.0.1:8080\"\n[services.web.retries]\nattempts = 0\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "services.web.retries.attempts", "{e}");
+        assert!(e.line >= 3, "{e}");
+    }
+
+    #[test]
+    fn no_services_and_duplicate_listen() {
+        assert!(parse("threads = 1\n").is_err());
+        let e = parse("[services.a]\nlisten = \"127.0.0.1:8080\"\n[services.b]\nlisten = \"127.0.0.1:8080\"\n").unwrap_err();
+        assert!(e.message.contains("already used"), "{e}");
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("fast").is_err());
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1k").unwrap(), 1000);
+        assert!(parse_size("lots").is_err());
+    }
+}

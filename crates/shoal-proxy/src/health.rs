@@ -1,0 +1,73 @@
+//! Active health checks and the pool's time-driven upkeep (ejection expiry, slow start).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::pool::State;
+use crate::proxy::Service;
+
+/// One HTTP/1.1 GET on a fresh connection; true on a 2xx/3xx answer within `timeout`.
+pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
+    let fut = async {
+        let stream = TcpStream::connect(addr).await.ok()?;
+        let _ = stream.set_nodelay(true);
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+                .ok()?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::get(path)
+            .header(http::header::HOST, addr.to_string())
+            .header(http::header::USER_AGENT, "shoal-health")
+            .header(http::header::CONNECTION, "close")
+            .body(Empty::new())
+            .ok()?;
+        let resp = send.send_request(req).await.ok()?;
+        Some(resp.status())
+    };
+    matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(s)) if s.is_success() || s.is_redirection() || s == StatusCode::NOT_MODIFIED)
+}
+
+/// Runs until `stop` flips: probes every instance each `interval` (when health checks are
+/// configured) and ticks the pool so ejections expire and slow-start weights ramp.
+pub async fn run(service: Arc<Service>, mut stop: watch::Receiver<bool>) {
+    let mut last_probe = tokio::time::Instant::now() - Duration::from_secs(3600);
+    loop {
+        let cfg = service.config.load_full();
+        let tick = tokio::time::sleep(Duration::from_millis(200));
+        tokio::select! {
+            _ = tick => {}
+            _ = crate::server::stopped(&mut stop) => return,
+        }
+        service.pool.tick();
+        let Some(h) = cfg.health.clone() else {
+            continue;
+        };
+        if last_probe.elapsed() < h.interval.0 {
+            continue;
+        }
+        last_probe = tokio::time::Instant::now();
+        for inst in service.pool.members() {
+            if inst.state() == State::Draining {
+                continue;
+            }
+            let pool = service.pool.clone();
+            let path = h.path.clone();
+            let timeout = h.timeout.0;
+            tokio::spawn(async move {
+                let ok = probe(inst.addr, &path, timeout).await;
+                pool.record_probe(&inst, ok);
+            });
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! shoal's data path: the HTTP reverse proxy, upstream pools, health checks, metrics, the
+//! admin API and the configuration they are built from.
+//!
+//! **Architecture Invariant:** the request path never waits on the control loop: it reads an
+//! immutable pool snapshot (`ArcSwap`) and updates only atomics.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod health;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod server;
+
+pub use app::App;
+pub use config::{Config, ConfigError, ServiceConfig};

@@ -1,0 +1,522 @@
+//! An upstream pool: the members of one service and the selector built over the eligible ones.
+//!
+//! Membership, health, ejection and slow start change rarely; each change rebuilds an
+//! immutable [`Snapshot`] (selector + instances) published through `ArcSwap`, so the request
+//! path reads it without locks. In-flight counts and latency estimates live in each instance's
+//! [`Load`] and therefore survive rebuilds.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use shoal_balance::{
+    allowed_ejections, build, slow_start_weight, ActiveHealth, Algorithm, Endpoint, Load, Outlier,
+    OutlierConfig as BalanceOutlier, Selector,
+};
+use tokio::sync::Notify;
+
+use crate::config::OutlierConfig;
+use crate::metrics::{CodeCounters, Counter};
+
+/// Nanoseconds on the process's monotonic clock: the `now` every policy is given.
+pub fn now_nanos() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Lifecycle state of an instance, as exported in `shoal_instances{state}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Registered but has not yet passed a health check: gets no traffic.
+    Starting,
+    Ready,
+    /// Marked for removal: gets no new requests, finishes in-flight ones.
+    Draining,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Ready => "ready",
+            State::Draining => "draining",
+        }
+    }
+}
+
+/// Why an upstream try failed; exported as `shoal_upstream_errors_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Connect,
+    Timeout,
+    Reset,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 3] = [ErrorKind::Connect, ErrorKind::Timeout, ErrorKind::Reset];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Reset => "reset",
+        }
+    }
+}
+
+/// Per-instance counters.
+#[derive(Debug, Default)]
+pub struct InstanceMetrics {
+    pub codes: CodeCounters,
+    pub errors: [Counter; 3],
+    pub ejections: Counter,
+    pub health_failures: Counter,
+}
+
+/// One upstream instance.
+#[derive(Debug)]
+pub struct Instance {
+    pub id: String,
+    pub addr: SocketAddr,
+    /// `host:port` for building upstream URIs without formatting per request.
+    pub authority: http::uri::Authority,
+    pub weight: u32,
+    pub load: Arc<Load>,
+    pub metrics: InstanceMetrics,
+    state: AtomicU8,
+    healthy: AtomicBool,
+    ever_healthy: AtomicBool,
+    health: Mutex<Option<ActiveHealth>>,
+    outlier: Mutex<Outlier>,
+    /// 0 when not ejected, else the `now_nanos` the ejection ends.
+    ejected_until: AtomicU64,
+    /// When the instance last became eligible (slow start ramps from here).
+    ready_since: AtomicU64,
+}
+
+impl Instance {
+    pub fn state(&self) -> State {
+        match self.state.load(Ordering::Acquire) {
+            0 => State::Starting,
+            1 => State::Ready,
+            _ => State::Draining,
+        }
+    }
+
+    fn set_state(&self, s: State) {
+        let v = match s {
+            State::Starting => 0,
+            State::Ready => 1,
+            State::Draining => 2,
+        };
+        self.state.store(v, Ordering::Release);
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    pub fn is_ejected(&self, now: u64) -> bool {
+        let u = self.ejected_until.load(Ordering::Acquire);
+        u != 0 && u > now
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.load.in_flight()
+    }
+
+    pub fn times_ejected(&self) -> u32 {
+        self.outlier.lock().expect("outlier lock").times_ejected()
+    }
+}
+
+/// What the pool's selector is built from; replaced on reload.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub algorithm: Algorithm,
+    pub slow_start: Duration,
+    pub outlier: OutlierConfig,
+    /// Active checks gate new instances (`rise`/`fall`); None: instances are ready at once.
+    pub active_health: Option<(u32, u32)>,
+}
+
+/// The published, immutable view the request path reads.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Parallel to the selector's endpoint indexes.
+    pub instances: Vec<Arc<Instance>>,
+    pub selector: Arc<dyn Selector>,
+    /// True when no instance was healthy and the pool routes to all of them (Envoy's panic mode).
+    pub panic: bool,
+}
+
+/// A service's upstream pool.
+pub struct Pool {
+    pub service: String,
+    settings: ArcSwap<PoolSettings>,
+    members: Mutex<Vec<Arc<Instance>>>,
+    snapshot: ArcSwap<Snapshot>,
+    seed: AtomicU64,
+    /// Signalled whenever membership changes (health loop and fleet watch it).
+    pub changed: Notify,
+    /// Rebuilds of the selector, for tests and metrics.
+    pub rebuilds: Counter,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("service", &self.service)
+            .finish()
+    }
+}
+
+impl Pool {
+    pub fn new(service: &str, settings: PoolSettings) -> Arc<Pool> {
+        let algo = settings.algorithm;
+        Arc::new(Pool {
+            service: service.to_string(),
+            settings: ArcSwap::from_pointee(settings),
+            members: Mutex::new(Vec::new()),
+            snapshot: ArcSwap::from_pointee(Snapshot {
+                instances: Vec::new(),
+                selector: build(algo, Vec::new(), 1),
+                panic: false,
+            }),
+            seed: AtomicU64::new(0x5eed),
+            changed: Notify::new(),
+            rebuilds: Counter::default(),
+        })
+    }
+
+    /// The current view for one request.
+    #[inline]
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    pub fn settings(&self) -> Arc<PoolSettings> {
+        self.settings.load_full()
+    }
+
+    pub fn set_settings(&self, s: PoolSettings) {
+        self.settings.store(Arc::new(s));
+        self.rebuild();
+    }
+
+    /// All members, draining and unhealthy ones included.
+    pub fn members(&self) -> Vec<Arc<Instance>> {
+        self.members.lock().expect("members lock").clone()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Instance>> {
+        self.members().into_iter().find(|i| i.id == id)
+    }
+
+    /// Adds an instance. With active health checks configured and `gate` true it starts in
+    /// `Starting` and gets traffic only after passing `rise` checks; otherwise it is ready now.
+    /// Returns None when the id is taken.
+    pub fn add(
+        &self,
+        id: &str,
+        addr: SocketAddr,
+        weight: u32,
+        gate: bool,
+    ) -> Option<Arc<Instance>> {
+        let settings = self.settings();
+        let now = now_nanos();
+        let gated = gate && settings.active_health.is_some();
+        let oc = &settings.outlier;
+        let inst = Arc::new(Instance {
+            id: id.to_string(),
+            addr,
+            authority: addr.to_string().parse().ok()?,
+            weight: weight.max(1),
+            load: Arc::new(Load::new()),
+            metrics: InstanceMetrics::default(),
+            state: AtomicU8::new(if gated { 0 } else { 1 }),
+            healthy: AtomicBool::new(!gated),
+            ever_healthy: AtomicBool::new(!gated),
+            health: Mutex::new(
+                settings
+                    .active_health
+                    .map(|(rise, fall)| ActiveHealth::new(rise, fall, !gated)),
+            ),
+            outlier: Mutex::new(Outlier::new(BalanceOutlier {
+                consecutive_errors: oc.consecutive_errors,
+                base_ejection_nanos: oc.base_ejection.0.as_nanos() as u64,
+                max_ejection_nanos: oc.max_ejection.0.as_nanos() as u64,
+            })),
+            ejected_until: AtomicU64::new(0),
+            ready_since: AtomicU64::new(now),
+        });
+        {
+            let mut m = self.members.lock().expect("members lock");
+            if m.iter().any(|i| i.id == id) {
+                return None;
+            }
+            m.push(inst.clone());
+        }
+        tracing::info!(service = %self.service, instance = id, %addr, gated, "instance added");
+        self.rebuild();
+        Some(inst)
+    }
+
+    /// Marks an instance draining: no new requests from now on.
+    pub fn drain(&self, id: &str) -> Option<Arc<Instance>> {
+        let inst = self.get(id)?;
+        if inst.state() != State::Draining {
+            inst.set_state(State::Draining);
+            tracing::info!(service = %self.service, instance = id, in_flight = inst.in_flight(), "draining");
+            self.rebuild();
+        }
+        Some(inst)
+    }
+
+    /// Drains an instance, waits until its in-flight requests finish (or `timeout`), then
+    /// removes it. Returns the in-flight count left at removal (0 unless the timeout hit).
+    pub async fn remove(&self, id: &str, timeout: Duration) -> Option<u64> {
+        let inst = self.drain(id)?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        while inst.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = inst.in_flight();
+        if left > 0 {
+            tracing::warn!(service = %self.service, instance = id, left, "drain timeout: removing with requests in flight");
+        }
+        self.members
+            .lock()
+            .expect("members lock")
+            .retain(|i| i.id != id);
+        self.rebuild();
+        Some(left)
+    }
+
+    /// Applies one active probe result.
+    pub fn record_probe(&self, inst: &Instance, ok: bool) {
+        if !ok {
+            inst.metrics.health_failures.inc();
+        }
+        let flip = {
+            let mut h = inst.health.lock().expect("health lock");
+            h.as_mut().and_then(|h| h.record(ok))
+        };
+        if let Some(healthy) = flip {
+            inst.healthy.store(healthy, Ordering::Release);
+            if healthy {
+                inst.ready_since.store(now_nanos(), Ordering::Release);
+                if !inst.ever_healthy.swap(true, Ordering::AcqRel)
+                    && inst.state() == State::Starting
+                {
+                    inst.set_state(State::Ready);
+                }
+            }
+            tracing::info!(service = %self.service, instance = %inst.id, healthy, "health changed");
+            self.rebuild();
+        }
+    }
+
+    /// Applies a passive result (response < 500 = success; connect error / 5xx = failure),
+    /// ejecting the instance when it crosses the threshold and the pool allows another ejection.
+    pub fn record_result(&self, inst: &Instance, success: bool) {
+        let now = now_nanos();
+        let cross = {
+            let mut o = inst.outlier.lock().expect("outlier lock");
+            o.record(success, now)
+        };
+        if !cross || inst.is_ejected(now) {
+            return;
+        }
+        let members = self.members();
+        let routable: Vec<_> = members
+            .iter()
+            .filter(|i| i.state() == State::Ready)
+            .collect();
+        let ejected = routable.iter().filter(|i| i.is_ejected(now)).count();
+        let max_pct = self.settings().outlier.max_ejected_percent;
+        if ejected >= allowed_ejections(routable.len(), max_pct) {
+            tracing::debug!(service = %self.service, instance = %inst.id, "ejection refused: max ejected share reached");
+            return;
+        }
+        let until = {
+            let mut o = inst.outlier.lock().expect("outlier lock");
+            o.eject(now);
+            // Mirrored into an atomic so the request path reads it without the lock.
+            o.ejected_until().unwrap_or(now)
+        };
+        inst.ejected_until.store(until, Ordering::Release);
+        inst.metrics.ejections.inc();
+        tracing::warn!(service = %self.service, instance = %inst.id, for_ms = (until - now) / 1_000_000, "instance ejected");
+        self.rebuild();
+    }
+
+    /// Time-driven upkeep: ends expired ejections and advances slow start. Returns true when
+    /// it rebuilt the selector.
+    pub fn tick(&self) -> bool {
+        let now = now_nanos();
+        let settings = self.settings();
+        let window = settings.slow_start.as_nanos() as u64;
+        let mut dirty = false;
+        for i in self.members() {
+            let u = i.ejected_until.load(Ordering::Acquire);
+            if u != 0 && u <= now {
+                i.ejected_until.store(0, Ordering::Release);
+                i.ready_since.store(now, Ordering::Release);
+                tracing::info!(service = %self.service, instance = %i.id, "ejection ended");
+                dirty = true;
+            }
+            if window > 0 && i.state() == State::Ready {
+                let since = now.saturating_sub(i.ready_since.load(Ordering::Acquire));
+                // Rebuild while ramping, plus once after the window to reach full weight.
+                if since < window + 1_000_000_000 {
+                    dirty = true;
+                }
+            }
+        }
+        if dirty {
+            self.rebuild();
+        }
+        dirty
+    }
+
+    /// Recomputes the eligible set and weights and publishes a new snapshot.
+    pub fn rebuild(&self) {
+        let now = now_nanos();
+        let settings = self.settings();
+        let members = self.members();
+        let routable: Vec<&Arc<Instance>> = members
+            .iter()
+            .filter(|i| i.state() == State::Ready)
+            .collect();
+        let healthy: Vec<&Arc<Instance>> = routable
+            .iter()
+            .copied()
+            .filter(|i| i.is_healthy())
+            .collect();
+        let mut eligible: Vec<&Arc<Instance>> = healthy
+            .iter()
+            .copied()
+            .filter(|i| !i.is_ejected(now))
+            .collect();
+        let mut panic = false;
+        // Ejection must never leave a service with nothing: route to the healthy ones anyway,
+        // and if none is healthy, to every routable one (Envoy's panic threshold at 0).
+        if eligible.is_empty() {
+            eligible = healthy;
+        }
+        if eligible.is_empty() && !routable.is_empty() {
+            eligible = routable;
+            panic = true;
+        }
+        let window = settings.slow_start.as_nanos() as u64;
+        let endpoints: Vec<Endpoint> = eligible
+            .iter()
+            .map(|i| Endpoint {
+                id: i.id.clone(),
+                weight: slow_start_weight(
+                    i.weight,
+                    now.saturating_sub(i.ready_since.load(Ordering::Acquire)),
+                    window,
+                ),
+                load: i.load.clone(),
+            })
+            .collect();
+        let seed = self.seed.fetch_add(1, Ordering::Relaxed);
+        let selector = build(settings.algorithm, endpoints, seed);
+        self.snapshot.store(Arc::new(Snapshot {
+            instances: eligible.into_iter().cloned().collect(),
+            selector,
+            panic,
+        }));
+        self.rebuilds.inc();
+        self.changed.notify_waiters();
+    }
+
+    /// Instance counts by state.
+    pub fn counts(&self) -> [(State, usize); 3] {
+        let m = self.members();
+        [State::Starting, State::Ready, State::Draining]
+            .map(|s| (s, m.iter().filter(|i| i.state() == s).count()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(algo: Algorithm) -> PoolSettings {
+        PoolSettings {
+            algorithm: algo,
+            slow_start: Duration::ZERO,
+            outlier: OutlierConfig {
+                consecutive_errors: 3,
+                ..OutlierConfig::default()
+            },
+            active_health: None,
+        }
+    }
+
+    fn addr(p: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], p))
+    }
+
+    #[test]
+    fn draining_instance_leaves_the_selector() {
+        let p = Pool::new("s", settings(Algorithm::RoundRobin));
+        p.add("a", addr(1), 1, false).unwrap();
+        p.add("b", addr(2), 1, false).unwrap();
+        assert!(
+            p.add("a", addr(3), 1, false).is_none(),
+            "duplicate id refused"
+        );
+        assert_eq!(p.snapshot().instances.len(), 2);
+        p.drain("a");
+        let s = p.snapshot();
+        assert_eq!(s.instances.len(), 1);
+        assert_eq!(s.instances[0].id, "b");
+        assert_eq!(p.counts()[2], (State::Draining, 1));
+    }
+
+    #[test]
+    fn outlier_ejection_respects_max_share() {
+        let p = Pool::new("s", settings(Algorithm::RoundRobin));
+        let a = p.add("a", addr(1), 1, false).unwrap();
+        let b = p.add("b", addr(2), 1, false).unwrap();
+        for _ in 0..3 {
+            p.record_result(&a, false);
+        }
+        assert!(a.is_ejected(now_nanos()));
+        assert_eq!(p.snapshot().instances.len(), 1);
+        // 50% of 2 = 1 ejection allowed: b stays in even when failing.
+        for _ in 0..3 {
+            p.record_result(&b, false);
+        }
+        assert!(!b.is_ejected(now_nanos()));
+        assert_eq!(p.snapshot().instances.len(), 1);
+    }
+
+    #[test]
+    fn gated_instance_waits_for_health() {
+        let mut s = settings(Algorithm::RoundRobin);
+        s.active_health = Some((2, 2));
+        let p = Pool::new("s", s);
+        let a = p.add("a", addr(1), 1, true).unwrap();
+        assert_eq!(a.state(), State::Starting);
+        assert!(p.snapshot().instances.is_empty());
+        p.record_probe(&a, true);
+        assert!(p.snapshot().instances.is_empty());
+        p.record_probe(&a, true);
+        assert_eq!(a.state(), State::Ready);
+        assert_eq!(p.snapshot().instances.len(), 1);
+        p.record_probe(&a, false);
+        p.record_probe(&a, false);
+        // Unhealthy and alone: still routed (panic mode) rather than failing every request.
+        let snap = p.snapshot();
+        assert!(snap.panic);
+        assert_eq!(snap.instances.len(), 1);
+    }
+}

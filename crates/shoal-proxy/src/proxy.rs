@@ -1,0 +1,694 @@
+//! The request path: hygiene checks, instance selection, forwarding with retries, upgrades.
+//!
+//! Errors become HTTP responses in exactly one place, [`ProxyError::into_response`].
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::config::{HashKey, ServiceConfig};
+use crate::metrics::{CodeCounters, Counter, Histogram};
+use crate::pool::{now_nanos, ErrorKind, Instance, Pool, PoolSettings};
+
+/// Body sent upstream: buffered (replayable, so retriable) or streamed.
+pub type UpstreamBody = Either<Full<Bytes>, Incoming>;
+/// Body sent to the client.
+pub type ClientBody = Either<Tracked, Full<Bytes>>;
+
+/// Requests with a known body up to this size are buffered so that a retry can resend them.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// Per-service counters that are not per instance.
+#[derive(Debug, Default)]
+pub struct ServiceMetrics {
+    /// Time from request start to response headers.
+    pub duration: Histogram,
+    /// Responses shoal produced itself (no instance involved): 4xx rejects, 502/503/504.
+    pub local: CodeCounters,
+    pub retries: Counter,
+    pub retry_budget_exhausted: Counter,
+    pub requests: Counter,
+}
+
+/// Retry budget (linkerd/Envoy-style): each request deposits `percent`/100 of a token into a
+/// bucket that decays over ~10 s (so only recent traffic counts), a floor bucket refills at
+/// `min_per_sec` (holding at most one second's worth), and a retry takes one token.
+#[derive(Debug)]
+pub struct RetryBudget {
+    state: Mutex<BudgetState>,
+}
+
+#[derive(Debug)]
+struct BudgetState {
+    ratio: f64,
+    floor: f64,
+    last: u64,
+}
+
+impl RetryBudget {
+    pub fn new(now: u64) -> Self {
+        RetryBudget {
+            state: Mutex::new(BudgetState {
+                ratio: 0.0,
+                floor: 0.0,
+                last: now,
+            }),
+        }
+    }
+
+    fn advance(s: &mut BudgetState, min_per_sec: f64, now: u64) {
+        let dt = now.saturating_sub(s.last) as f64 / 1e9;
+        if dt > 0.0 {
+            s.last = now;
+            s.ratio *= (-dt / 10.0).exp();
+            s.floor = (s.floor + dt * min_per_sec).min(min_per_sec.max(1.0));
+        }
+    }
+
+    pub fn deposit(&self, percent: f64, min_per_sec: f64, now: u64) {
+        let mut s = self.state.lock().expect("budget lock");
+        Self::advance(&mut s, min_per_sec, now);
+        s.ratio += percent / 100.0;
+    }
+
+    /// Takes one retry token at `now` if there is one.
+    pub fn try_withdraw(&self, min_per_sec: f64, now: u64) -> bool {
+        let mut s = self.state.lock().expect("budget lock");
+        Self::advance(&mut s, min_per_sec, now);
+        if s.floor >= 1.0 {
+            s.floor -= 1.0;
+        } else if s.ratio >= 1.0 {
+            s.ratio -= 1.0;
+        } else {
+            return false;
+        }
+        true
+    }
+}
+
+/// A proxied service: its settings, pool, upstream client and counters.
+pub struct Service {
+    pub name: String,
+    pub pool: Arc<Pool>,
+    pub config: ArcSwap<ServiceConfig>,
+    pub metrics: ServiceMetrics,
+    pub budget: RetryBudget,
+    client: ArcSwap<Client<HttpConnector, UpstreamBody>>,
+}
+
+fn make_client(cfg: &ServiceConfig) -> Client<HttpConnector, UpstreamBody> {
+    let mut conn = HttpConnector::new();
+    conn.set_nodelay(true);
+    conn.set_connect_timeout(Some(cfg.timeouts.connect.0));
+    conn.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .set_host(false)
+        .build(conn)
+}
+
+/// Pool settings derived from a service config.
+pub fn pool_settings(cfg: &ServiceConfig) -> PoolSettings {
+    PoolSettings {
+        algorithm: cfg.balance,
+        slow_start: cfg.slow_start,
+        outlier: cfg.outlier.clone(),
+        active_health: cfg.health.as_ref().map(|h| (h.rise, h.fall)),
+    }
+}
+
+impl Service {
+    pub fn new(cfg: ServiceConfig) -> Arc<Service> {
+        let pool = Pool::new(&cfg.name, pool_settings(&cfg));
+        for (i, b) in cfg.backends.iter().enumerate() {
+            let _ = i;
+            pool.add(&b.addr.to_string(), b.addr, b.weight, false);
+        }
+        Arc::new(Service {
+            name: cfg.name.clone(),
+            pool,
+            client: ArcSwap::from_pointee(make_client(&cfg)),
+            config: ArcSwap::from_pointee(cfg),
+            metrics: ServiceMetrics::default(),
+            budget: RetryBudget::new(now_nanos()),
+        })
+    }
+
+    /// Applies a reloaded config: settings now, static backends diffed (new ones added,
+    /// missing ones drained then removed in the background).
+    pub fn reconfigure(self: &Arc<Self>, cfg: ServiceConfig) {
+        let old = self.config.load_full();
+        if old.timeouts.connect != cfg.timeouts.connect {
+            self.client.store(Arc::new(make_client(&cfg)));
+        }
+        self.pool.set_settings(pool_settings(&cfg));
+        let drain = cfg.timeouts.drain.0;
+        for b in &cfg.backends {
+            if !old.backends.iter().any(|o| o.addr == b.addr) {
+                self.pool.add(&b.addr.to_string(), b.addr, b.weight, false);
+            }
+        }
+        for o in &old.backends {
+            if !cfg.backends.iter().any(|b| b.addr == o.addr) {
+                let pool = self.pool.clone();
+                let id = o.addr.to_string();
+                tokio::spawn(async move {
+                    pool.remove(&id, drain).await;
+                });
+            }
+        }
+        self.config.store(Arc::new(cfg));
+    }
+
+    /// Handles one client request; never fails (errors are responses).
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ClientBody>, Infallible> {
+        let start = now_nanos();
+        self.metrics.requests.inc();
+        let resp = match self.proxy(req, peer, start).await {
+            Ok(r) => r,
+            Err(e) => {
+                let r = e.into_response();
+                self.metrics.local.inc(r.status().as_u16());
+                r
+            }
+        };
+        self.metrics
+            .duration
+            .observe_nanos(now_nanos().saturating_sub(start));
+        Ok(resp)
+    }
+
+    async fn proxy(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        start: u64,
+    ) -> Result<Response<ClientBody>, ProxyError> {
+        let cfg = self.config.load_full();
+        check_request(&req, &cfg)?;
+        let upgrade = is_upgrade(req.headers());
+        let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let idempotent = is_idempotent(&parts.method);
+        let headers = forward_headers(&parts.headers, &parts.uri, parts.version, peer, upgrade);
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+
+        // Buffer small bodies so a failed try can be resent; stream the rest (one try).
+        let (buffered, mut stream) = match prepare_body(body, &parts.headers).await? {
+            Either::Left(b) => (Some(b), None),
+            Either::Right(s) => (None, Some(s)),
+        };
+        let replayable = buffered.is_some();
+
+        let key = hash_key(&cfg.hash_key, &parts.headers, peer);
+        let attempts = if replayable { cfg.retries.attempts } else { 1 };
+        let deadline = start + cfg.timeouts.request.0.as_nanos() as u64;
+        let per_try = cfg.timeouts.per_try.0;
+        let client = self.client.load_full();
+        self.budget.deposit(
+            cfg.retries.budget_percent,
+            cfg.retries.budget_min_per_second,
+            start,
+        );
+
+        let mut tried: [usize; 10] = [usize::MAX; 10];
+        let mut last_err = None;
+        let snapshot = self.pool.snapshot();
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                if !self
+                    .budget
+                    .try_withdraw(cfg.retries.budget_min_per_second, now_nanos())
+                {
+                    self.metrics.retry_budget_exhausted.inc();
+                    break;
+                }
+                self.metrics.retries.inc();
+            }
+            let now = now_nanos();
+            let tried_now = tried;
+            let Some(idx) = snapshot
+                .selector
+                .pick(key.as_deref(), now, &|i| tried_now.contains(&i))
+            else {
+                break;
+            };
+            tried[attempt as usize] = idx;
+            let inst = snapshot.instances[idx].clone();
+            let uri = Uri::builder()
+                .scheme("http")
+                .authority(inst.authority.clone())
+                .path_and_query(path.clone())
+                .build()
+                .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+            let mut up = Request::new(match stream.take() {
+                Some(s) => Either::Right(s),
+                None => Either::Left(Full::new(buffered.clone().unwrap_or_default())),
+            });
+            *up.method_mut() = parts.method.clone();
+            *up.uri_mut() = uri;
+            *up.headers_mut() = headers.clone();
+
+            let remaining = deadline.saturating_sub(now);
+            if remaining == 0 {
+                return Err(ProxyError::Timeout);
+            }
+            let try_timeout = per_try.min(Duration::from_nanos(remaining));
+            inst.load.start();
+            let sent = now_nanos();
+            let result = tokio::time::timeout(try_timeout, client.request(up)).await;
+            let rtt = now_nanos().saturating_sub(sent);
+            match result {
+                Ok(Ok(mut resp)) => {
+                    let status = resp.status();
+                    inst.metrics.codes.inc(status.as_u16());
+                    self.pool.record_result(&inst, status.as_u16() < 500);
+                    if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (on_upgrade, status) {
+                        let up = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(tunnel(down, up, inst.clone(), rtt));
+                    }
+                    let (mut rparts, rbody) = resp.into_parts();
+                    if status != StatusCode::SWITCHING_PROTOCOLS {
+                        strip_hop_by_hop(&mut rparts.headers);
+                        rparts
+                            .headers
+                            .append(header::VIA, HeaderValue::from_static("1.1 shoal"));
+                        // The instance stays counted as busy (drain, least-connections) until
+                        // the body ends; the latency sample is the time to response headers.
+                        let guard = Tracked {
+                            inner: rbody,
+                            inst: Some(inst),
+                            rtt,
+                        };
+                        return Ok(Response::from_parts(rparts, Either::Left(guard)));
+                    }
+                    return Ok(Response::from_parts(
+                        rparts,
+                        Either::Right(Full::new(Bytes::new())),
+                    ));
+                }
+                Ok(Err(e)) => {
+                    inst.load.finish(rtt, now_nanos());
+                    let kind = if e.is_connect() {
+                        ErrorKind::Connect
+                    } else {
+                        ErrorKind::Reset
+                    };
+                    inst.metrics.errors[kind as usize].inc();
+                    self.pool.record_result(&inst, false);
+                    tracing::debug!(service = %self.name, instance = %inst.id, error = %e, "upstream try failed");
+                    // A connect failure sent nothing, so any replayable request may go again;
+                    // after that only idempotent ones.
+                    let retry_ok = replayable && (kind == ErrorKind::Connect || idempotent);
+                    last_err = Some(if kind == ErrorKind::Connect {
+                        ProxyError::Upstream("upstream connect failed")
+                    } else {
+                        ProxyError::Upstream("upstream closed the connection")
+                    });
+                    if !retry_ok {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    inst.load.finish(rtt, now_nanos());
+                    inst.metrics.errors[ErrorKind::Timeout as usize].inc();
+                    self.pool.record_result(&inst, false);
+                    last_err = Some(ProxyError::Timeout);
+                    if !(replayable && idempotent) || now_nanos() >= deadline {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last_err.unwrap_or(ProxyError::NoInstance))
+    }
+}
+
+/// Copies bytes both ways once client and instance both switched protocols.
+async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    inst: Arc<Instance>,
+    rtt: u64,
+) {
+    match tokio::try_join!(down, up) {
+        Ok((d, u)) => {
+            let mut d = TokioIo::new(d);
+            let mut u = TokioIo::new(u);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                tracing::debug!(error = %e, "tunnel closed with error");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "upgrade failed"),
+    }
+    inst.load.finish(rtt, now_nanos());
+}
+
+/// Errors shoal answers itself.
+#[derive(Debug)]
+pub enum ProxyError {
+    BadRequest(&'static str),
+    UriTooLong,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    NoInstance,
+    Upstream(&'static str),
+    Timeout,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
+            ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::NoInstance => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The one place errors become responses: a short plain-text body.
+    pub fn into_response(self) -> Response<ClientBody> {
+        let msg: &str = match &self {
+            ProxyError::BadRequest(m) => m,
+            ProxyError::UriTooLong => "request target too long",
+            ProxyError::HeadersTooLarge => "request header fields too large",
+            ProxyError::PayloadTooLarge => "payload too large",
+            ProxyError::NoInstance => "no instance available",
+            ProxyError::Upstream(m) => m,
+            ProxyError::Timeout => "upstream timed out",
+        };
+        let status = self.status();
+        let mut r = Response::new(Either::Right(Full::new(Bytes::from(format!("{msg}\n")))));
+        *r.status_mut() = status;
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if status == StatusCode::BAD_REQUEST {
+            // After a framing error the connection's byte stream cannot be trusted.
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
+    }
+}
+
+/// Request-smuggling and limit checks; nothing that fails them reaches an instance.
+fn check_request<B>(req: &Request<B>, cfg: &ServiceConfig) -> Result<(), ProxyError> {
+    let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target_len > cfg.limits.max_request_line {
+        return Err(ProxyError::UriTooLong);
+    }
+    let h = req.headers();
+    if h.len() > cfg.limits.max_headers {
+        return Err(ProxyError::HeadersTooLarge);
+    }
+    let mut te = h.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(v) = te.next() {
+        // Only a single, plain `chunked` is forwarded: stacked codings are how smuggling starts.
+        if te.next().is_some() || !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            return Err(ProxyError::BadRequest("unsupported transfer-encoding"));
+        }
+        if h.contains_key(header::CONTENT_LENGTH) {
+            return Err(ProxyError::BadRequest(
+                "both content-length and transfer-encoding",
+            ));
+        }
+    }
+    let mut cl = h.get_all(header::CONTENT_LENGTH).iter();
+    if let Some(first) = cl.next() {
+        if cl.any(|v| v != first)
+            || first
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .is_none()
+        {
+            return Err(ProxyError::BadRequest("invalid content-length"));
+        }
+    }
+    if req.version() == Version::HTTP_11 && !h.contains_key(header::HOST) {
+        return Err(ProxyError::BadRequest("missing host header"));
+    }
+    if h.get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(ProxyError::BadRequest("duplicate host header"));
+    }
+    Ok(())
+}
+
+/// Small bodies of known length come back buffered (left), others as the stream (right).
+async fn prepare_body(
+    body: Incoming,
+    headers: &HeaderMap,
+) -> Result<Either<Bytes, Incoming>, ProxyError> {
+    if body.is_end_stream() {
+        return Ok(Either::Left(Bytes::new()));
+    }
+    let len = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    match len {
+        Some(n) if n <= REPLAY_LIMIT => {
+            let collected = Limited::new(body, REPLAY_LIMIT as usize)
+                .collect()
+                .await
+                .map_err(|_| ProxyError::BadRequest("request body ended early"))?;
+            Ok(Either::Left(collected.to_bytes()))
+        }
+        _ => Ok(Either::Right(body)),
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if let Some(conn) = h.get(header::CONNECTION) {
+        if let Ok(s) = conn.to_str() {
+            let named: Vec<HeaderName> = s
+                .split(',')
+                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .collect();
+            for n in named {
+                h.remove(n);
+            }
+        }
+    }
+    for n in &HOP_BY_HOP {
+        h.remove(n);
+    }
+    h.remove(header::PROXY_AUTHENTICATE);
+}
+
+/// The headers sent upstream: hop-by-hop removed, then `X-Forwarded-*` and `Via` added.
+fn forward_headers(
+    orig: &HeaderMap,
+    uri: &Uri,
+    version: Version,
+    peer: SocketAddr,
+    upgrade: bool,
+) -> HeaderMap {
+    let mut h = orig.clone();
+    let up_proto = upgrade.then(|| h.get(header::UPGRADE).cloned()).flatten();
+    strip_hop_by_hop(&mut h);
+    if let Some(p) = up_proto {
+        h.insert(header::UPGRADE, p);
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    let ip = peer.ip().to_string();
+    let xff = match h
+        .get(HeaderName::from_static("x-forwarded-for"))
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    h.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("http"),
+    );
+    // HTTP/2 carries the host in :authority; HTTP/1.1 instances need it as Host.
+    let host = h.get(header::HOST).cloned().or_else(|| {
+        uri.authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    if let Some(host) = host {
+        h.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+        h.insert(header::HOST, host);
+    }
+    let via = if version == Version::HTTP_2 {
+        "2 shoal"
+    } else {
+        "1.1 shoal"
+    };
+    h.append(header::VIA, HeaderValue::from_static(via));
+    h
+}
+
+fn hash_key(k: &HashKey, h: &HeaderMap, peer: SocketAddr) -> Option<Vec<u8>> {
+    let ip = || match peer.ip() {
+        IpAddr::V4(v) => v.octets().to_vec(),
+        IpAddr::V6(v) => v.octets().to_vec(),
+    };
+    match k {
+        HashKey::ClientIp => Some(ip()),
+        HashKey::Header(name) => Some(
+            h.get(name)
+                .map(|v| v.as_bytes().to_vec())
+                .unwrap_or_else(ip),
+        ),
+    }
+}
+
+/// A response body that keeps its instance counted as in flight until the body ends or is
+/// dropped (drain waits for it; least-connections sees it).
+pub struct Tracked {
+    inner: Incoming,
+    inst: Option<Arc<Instance>>,
+    rtt: u64,
+}
+
+impl Tracked {
+    fn done(&mut self) {
+        if let Some(i) = self.inst.take() {
+            i.load.finish(self.rtt, now_nanos());
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.done();
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        h.insert(header::HOST, HeaderValue::from_static("example.com"));
+        let out = forward_headers(&h, &Uri::from_static("/"), Version::HTTP_11, peer, false);
+        assert!(out.get("x-secret").is_none());
+        assert!(out.get("keep-alive").is_none());
+        assert!(out.get(header::CONNECTION).is_none());
+        assert_eq!(out["x-kept"], "1");
+        assert_eq!(out["x-forwarded-for"], "1.1.1.1, 10.1.2.3");
+        assert_eq!(out["x-forwarded-host"], "example.com");
+        assert_eq!(out[header::VIA], "1.1 shoal");
+    }
+
+    #[test]
+    fn retry_budget_limits_retries() {
+        let t0 = 1_000_000_000;
+        let b = RetryBudget::new(t0);
+        // No deposits and no time passed: the floor rate has not refilled anything yet.
+        assert!(!b.try_withdraw(0.0, t0));
+        for _ in 0..10 {
+            b.deposit(20.0, 0.0, t0);
+        }
+        // 10 requests at 20% → 2 retries.
+        assert!(b.try_withdraw(0.0, t0));
+        assert!(b.try_withdraw(0.0, t0));
+        assert!(!b.try_withdraw(0.0, t0));
+        // The floor: 10 per second, at most one second banked.
+        let t1 = t0 + 500_000_000;
+        for _ in 0..5 {
+            assert!(b.try_withdraw(10.0, t1));
+        }
+        assert!(!b.try_withdraw(10.0, t1));
+        let t2 = t1 + 60_000_000_000;
+        assert_eq!((0..20).filter(|_| b.try_withdraw(10.0, t2)).count(), 10);
+    }
+}

@@ -1,0 +1,185 @@
+//! Listeners: accept loop, connection limits, HTTP/1.1 + h2c serving, idle timeout, and
+//! graceful shutdown (stop accepting, let in-flight requests finish).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify, Semaphore};
+
+use crate::pool::now_nanos;
+use crate::proxy::Service;
+
+/// Resolves once `rx` reads true or its sender is gone.
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Tracks live connections so shutdown can wait for them.
+#[derive(Debug, Default)]
+pub struct Connections {
+    live: AtomicUsize,
+    gone: Notify,
+    pub accepted: AtomicU64,
+}
+
+impl Connections {
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Waits until no connection is left or `timeout` passes; returns how many are left.
+    pub async fn wait_idle(&self, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.gone.notified();
+            if self.live() == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.live();
+            }
+        }
+    }
+}
+
+struct ConnGuard(Arc<Connections>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
+        self.0.gone.notify_waiters();
+    }
+}
+
+/// A running listener for one service. Dropping the `stop` sender (or sending true) stops it.
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub stop: watch::Sender<bool>,
+    pub conns: Arc<Connections>,
+}
+
+/// Binds `addr` and serves `service` until `stop` flips to true; then closes idle keep-alive
+/// connections and lets busy ones finish their current request.
+pub async fn bind(addr: SocketAddr, service: Arc<Service>) -> std::io::Result<Listener> {
+    let listener = TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let (stop, stop_rx) = watch::channel(false);
+    let conns = Arc::new(Connections::default());
+    tokio::spawn(accept_loop(listener, service, stop_rx, conns.clone()));
+    Ok(Listener { addr, stop, conns })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    service: Arc<Service>,
+    mut stop: watch::Receiver<bool>,
+    conns: Arc<Connections>,
+) {
+    let limit = service.config.load().limits.max_connections;
+    let permits = Arc::new(Semaphore::new(limit));
+    loop {
+        // Past max_connections, stop accepting: the kernel backlog queues new clients (as HAProxy's maxconn does).
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = crate::server::stopped(&mut stop) => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(service = %service.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = crate::server::stopped(&mut stop) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        conns.live.fetch_add(1, Ordering::AcqRel);
+        conns.accepted.fetch_add(1, Ordering::Relaxed);
+        let guard = ConnGuard(conns.clone());
+        let svc = service.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            serve_conn(stream, peer, svc, stop).await;
+            drop(permit);
+            drop(guard);
+        });
+    }
+    tracing::info!(service = %service.name, "listener stopped");
+}
+
+async fn serve_conn(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    svc: Arc<Service>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let cfg = svc.config.load_full();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.timeouts.header_read.0)
+        .max_headers(cfg.limits.max_headers)
+        .max_buf_size(cfg.limits.max_header_bytes.max(8192) + cfg.limits.max_request_line);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(cfg.limits.max_header_bytes as u32);
+    let idle = cfg.timeouts.idle.0;
+    // Last activity and requests in flight on this connection, for the idle timeout.
+    let activity = Arc::new((AtomicU64::new(now_nanos()), AtomicUsize::new(0)));
+    let act = activity.clone();
+    let service = service_fn(move |req| {
+        let svc = svc.clone();
+        let act = act.clone();
+        act.1.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let r = svc.handle(req, peer).await;
+            act.0.store(now_nanos(), Ordering::Relaxed);
+            act.1.fetch_sub(1, Ordering::Relaxed);
+            r
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let mut shutting_down = false;
+    loop {
+        let idle_check = tokio::time::sleep(
+            idle.min(Duration::from_secs(5))
+                .max(Duration::from_millis(100)),
+        );
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended with error");
+                }
+                return;
+            }
+            _ = crate::server::stopped(&mut stop), if !shutting_down => {
+                shutting_down = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = idle_check, if !shutting_down => {
+                let last = activity.0.load(Ordering::Relaxed);
+                let busy = activity.1.load(Ordering::Relaxed) > 0;
+                if !busy && now_nanos().saturating_sub(last) >= idle.as_nanos() as u64 {
+                    shutting_down = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}

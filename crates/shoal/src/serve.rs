@@ -1,0 +1,164 @@
+//! Running the proxy: runtime set-up, admin listener, signals (SIGTERM/SIGINT drain and
+//! exit, SIGHUP reload).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use shoal_balance::Algorithm;
+use shoal_proxy::config::{parse_duration, BackendSpec, HealthConfig, ServiceConfig};
+use shoal_proxy::{App, Config};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+/// `shoal proxy`: the zero-config quick mode.
+#[derive(clap::Args)]
+pub struct ProxyArgs {
+    /// Client-facing listen address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// A backend address; repeat for several. `ADDR` or `ADDR=WEIGHT`.
+    #[arg(long = "backend", required = true)]
+    backends: Vec<String>,
+    /// round-robin, weighted-round-robin, least-connections, ip-hash, consistent-hash, random, p2c-ewma
+    #[arg(long, default_value = "round-robin")]
+    balance: Algorithm,
+    /// Admin listener (metrics, API, dashboard).
+    #[arg(long, default_value = "127.0.0.1:9900")]
+    admin: SocketAddr,
+    /// Bearer token for mutating admin endpoints (or SHOAL_ADMIN_TOKEN).
+    #[arg(long, env = "SHOAL_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    /// Data-path worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Enable active health checks on this path (e.g. /healthz).
+    #[arg(long)]
+    health_path: Option<String>,
+    /// Ramp new and recovered instances over this window, e.g. 10s.
+    #[arg(long, value_parser = parse_duration)]
+    slow_start: Option<Duration>,
+}
+
+fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    anyhow::ensure!(n >= 1, "--threads must be at least 1");
+    // One thread: a current-thread runtime, no work-stealing overhead (like one HAProxy thread).
+    let rt = if n == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?
+    };
+    Ok(rt)
+}
+
+pub fn run_quick(args: ProxyArgs) -> anyhow::Result<()> {
+    let mut svc = ServiceConfig::quick("default", args.listen, args.balance);
+    for b in &args.backends {
+        let (addr, weight) = match b.split_once('=') {
+            Some((a, w)) => (
+                a,
+                w.parse::<u32>()
+                    .with_context(|| format!("invalid weight in --backend {b}"))?,
+            ),
+            None => (b.as_str(), 1),
+        };
+        let addr: SocketAddr = addr
+            .parse()
+            .with_context(|| format!("invalid --backend address {addr:?}"))?;
+        svc.backends.push(BackendSpec { addr, weight });
+    }
+    if let Some(p) = args.health_path {
+        svc.health = Some(HealthConfig {
+            path: p,
+            ..HealthConfig::default()
+        });
+    }
+    if let Some(s) = args.slow_start {
+        svc.slow_start = s;
+    }
+    let rt = runtime(args.threads)?;
+    rt.block_on(async move {
+        let app = App::new(None, args.admin_token);
+        app.start_service(svc).await?;
+        serve_until_signal(app, args.admin, Duration::from_secs(30)).await
+    })
+}
+
+pub fn run_config(path: &Path, threads: Option<usize>) -> anyhow::Result<()> {
+    let config = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rt = runtime(threads.or(config.threads))?;
+    let token = std::env::var("SHOAL_ADMIN_TOKEN")
+        .ok()
+        .or_else(|| config.admin.token.clone());
+    rt.block_on(async move {
+        let app = App::new(Some(path.to_path_buf()), token);
+        app.start(&config).await?;
+        let deadline = config
+            .services
+            .iter()
+            .map(|s| s.timeouts.drain.0)
+            .max()
+            .unwrap_or(Duration::from_secs(30));
+        serve_until_signal(app, config.admin.listen, deadline).await
+    })
+}
+
+pub fn run_demo(listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = match listen {
+            Some(a) => tokio::net::TcpListener::bind(a).await?,
+            None => shoal_tools::bind_from_env().await?,
+        };
+        tracing::info!(addr = %listener.local_addr()?, "demo service listening");
+        shoal_tools::run_demo(listener, shoal_tools::DemoConfig::from_env()).await?;
+        Ok(())
+    })
+}
+
+/// Serves the admin listener and waits for signals: SIGHUP reloads, SIGTERM/SIGINT stop
+/// accepting and drain in-flight requests up to `deadline`, then return.
+async fn serve_until_signal(
+    app: Arc<App>,
+    admin: SocketAddr,
+    deadline: Duration,
+) -> anyhow::Result<()> {
+    let (admin_stop, rx) = watch::channel(false);
+    let admin_addr = shoal_proxy::admin::serve(admin, app.clone(), rx)
+        .await
+        .with_context(|| format!("cannot bind the admin listener on {admin}"))?;
+    tracing::info!(%admin_addr, "admin listening");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                if let Err(e) = app.reload().await {
+                    tracing::error!(error = %e, "reload failed");
+                }
+            }
+        }
+    }
+    tracing::info!(
+        deadline_s = deadline.as_secs_f64(),
+        "shutting down: draining in-flight requests"
+    );
+    let left = app.shutdown(deadline).await;
+    let _ = admin_stop.send(true);
+    tracing::info!(left, "stopped");
+    Ok(())
+}
