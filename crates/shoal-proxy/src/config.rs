@@ -397,7 +397,7 @@ struct RawConfig {
     #[serde(default)]
     admin: AdminConfig,
     #[serde(default)]
-    services: Option<Spanned<BTreeMap<String, RawService>>>,
+    services: BTreeMap<String, RawService>,
 }
 
 /// A validated service.
@@ -547,8 +547,9 @@ impl Config {
                 return Err(loc.error(t.span(), "threads", "must be between 1 and 1024"));
             }
         }
-        let services_span = raw.services.as_ref().map_or(0..0, |s| s.span());
-        let services_map = raw.services.map(|s| s.into_inner()).unwrap_or_default();
+        let services_at = text.find("[services").unwrap_or(0);
+        let services_span = services_at..services_at;
+        let services_map = raw.services;
         if services_map.is_empty() {
             return Err(loc.error(
                 services_span,

@@ -89,9 +89,10 @@ impl RetryBudget {
     pub fn try_withdraw(&self, min_per_sec: f64, now: u64) -> bool {
         let mut s = self.state.lock().expect("budget lock");
         Self::advance(&mut s, min_per_sec, now);
-        if s.floor >= 1.0 {
+        // The epsilon absorbs float error in sums like 10 × 0.2.
+        if s.floor >= 1.0 - 1e-9 {
             s.floor -= 1.0;
-        } else if s.ratio >= 1.0 {
+        } else if s.ratio >= 1.0 - 1e-9 {
             s.ratio -= 1.0;
         } else {
             return false;
@@ -426,7 +427,10 @@ fn check_request<B>(req: &Request<B>, cfg: &ServiceConfig) -> Result<(), ProxyEr
         return Err(ProxyError::UriTooLong);
     }
     let h = req.headers();
-    if h.len() > cfg.limits.max_headers {
+    // The read buffer bounds the head only roughly (it also holds the request line), so the
+    // header block limit is checked exactly here.
+    let head_bytes: usize = h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    if h.len() > cfg.limits.max_headers || head_bytes > cfg.limits.max_header_bytes {
         return Err(ProxyError::HeadersTooLarge);
     }
     let mut te = h.get_all(header::TRANSFER_ENCODING).iter();

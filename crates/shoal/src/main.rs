@@ -34,6 +34,23 @@ enum Command {
     },
     /// Zero-config quick mode: a load balancer in front of fixed backends.
     Proxy(serve::ProxyArgs),
+    /// Open-loop load generator: constant arrival rate, latency from the intended send time.
+    Load {
+        /// Target URL (http://).
+        url: String,
+        /// Requests per second.
+        #[arg(long)]
+        rate: f64,
+        /// Seconds to run.
+        #[arg(long)]
+        duration: f64,
+        /// Most keep-alive connections to open.
+        #[arg(long)]
+        connections: Option<usize>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Bundled demo service (the instances the demo fleet runs); reads PORT.
     #[command(name = "demo-service")]
     DemoService {
@@ -41,6 +58,40 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+}
+
+fn run_load(
+    url: &str,
+    rate: f64,
+    duration: f64,
+    connections: Option<usize>,
+    json: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        duration.is_finite() && duration > 0.0,
+        "--duration must be a positive number of seconds"
+    );
+    let uri = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("invalid URL {url:?}: {e}"))?;
+    let mut cfg =
+        shoal_tools::LoadConfig::new(uri, rate, std::time::Duration::from_secs_f64(duration));
+    if let Some(c) = connections {
+        cfg.connections = c;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(shoal_tools::run_load(
+        cfg,
+        shoal_tools::load::progress_default(),
+    ))?;
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -65,6 +116,13 @@ fn main() -> ExitCode {
         },
         Command::Proxy(args) => serve::run_quick(args),
         Command::DemoService { listen } => serve::run_demo(listen),
+        Command::Load {
+            url,
+            rate,
+            duration,
+            connections,
+            json,
+        } => run_load(&url, rate, duration, connections, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
