@@ -507,7 +507,7 @@ impl<'a> Locator<'a> {
         }
     }
 
-    fn from_toml(&self, e: toml::de::Error) -> ConfigError {
+    fn toml_error(&self, e: toml::de::Error) -> ConfigError {
         let span = e.span().unwrap_or(0..0);
         ConfigError {
             file: self.file.clone(),
@@ -541,7 +541,7 @@ impl Config {
     /// Validates config text; `path` is used for messages and for resolving relative paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let loc = Locator::new(path, text);
-        let raw: RawConfig = toml::from_str(text).map_err(|e| loc.from_toml(e))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| loc.toml_error(e))?;
         if let Some(t) = &raw.threads {
             if *t.get_ref() == 0 || *t.get_ref() > 1024 {
                 return Err(loc.error(t.span(), "threads", "must be between 1 and 1024"));

@@ -226,9 +226,29 @@ impl Pool {
         weight: u32,
         gate: bool,
     ) -> Option<Arc<Instance>> {
+        self.add_instance(
+            id,
+            addr,
+            weight,
+            gate && self.settings().active_health.is_some(),
+        )
+    }
+
+    /// Adds an instance in `Starting` (no traffic) until [`Pool::mark_ready`] or, with active
+    /// checks, `rise` passing probes.
+    pub fn add_starting(&self, id: &str, addr: SocketAddr, weight: u32) -> Option<Arc<Instance>> {
+        self.add_instance(id, addr, weight, true)
+    }
+
+    fn add_instance(
+        &self,
+        id: &str,
+        addr: SocketAddr,
+        weight: u32,
+        gated: bool,
+    ) -> Option<Arc<Instance>> {
         let settings = self.settings();
         let now = now_nanos();
-        let gated = gate && settings.active_health.is_some();
         let oc = &settings.outlier;
         let inst = Arc::new(Instance {
             id: id.to_string(),
@@ -294,6 +314,27 @@ impl Pool {
             .retain(|i| i.id != id);
         self.rebuild();
         Some(left)
+    }
+
+    /// Marks a `Starting` instance ready (its owner saw it pass a startup probe): it joins the
+    /// selector now, ramping up through slow start.
+    pub fn mark_ready(&self, id: &str) -> bool {
+        let Some(inst) = self.get(id) else {
+            return false;
+        };
+        if inst.state() != State::Starting {
+            return false;
+        }
+        if let Some((rise, fall)) = self.settings().active_health {
+            *inst.health.lock().expect("health lock") = Some(ActiveHealth::new(rise, fall, true));
+        }
+        inst.healthy.store(true, Ordering::Release);
+        inst.ever_healthy.store(true, Ordering::Release);
+        inst.ready_since.store(now_nanos(), Ordering::Release);
+        inst.set_state(State::Ready);
+        tracing::info!(service = %self.service, instance = id, "instance ready");
+        self.rebuild();
+        true
     }
 
     /// Applies one active probe result.

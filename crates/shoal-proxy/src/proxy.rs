@@ -23,6 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use crate::config::{HashKey, ServiceConfig};
 use crate::metrics::{CodeCounters, Counter, Histogram};
 use crate::pool::{now_nanos, ErrorKind, Instance, Pool, PoolSettings};
+use shoal_balance::Algorithm;
 
 /// Body sent upstream: buffered (replayable, so retriable) or streamed.
 pub type UpstreamBody = Either<Full<Bytes>, Incoming>;
@@ -210,7 +211,18 @@ impl Service {
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let idempotent = is_idempotent(&parts.method);
-        let headers = forward_headers(&parts.headers, &parts.uri, parts.version, peer, upgrade);
+        let key = match cfg.balance {
+            Algorithm::IpHash | Algorithm::ConsistentHash => {
+                hash_key(&cfg.hash_key, &parts.headers, peer)
+            }
+            _ => None,
+        };
+        let content_length = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        let mut headers = forward_headers(parts.headers, &parts.uri, parts.version, peer, upgrade);
         let path = parts
             .uri
             .path_and_query()
@@ -218,13 +230,12 @@ impl Service {
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
         // Buffer small bodies so a failed try can be resent; stream the rest (one try).
-        let (buffered, mut stream) = match prepare_body(body, &parts.headers).await? {
+        let (buffered, mut stream) = match prepare_body(body, content_length).await? {
             Either::Left(b) => (Some(b), None),
             Either::Right(s) => (None, Some(s)),
         };
         let replayable = buffered.is_some();
 
-        let key = hash_key(&cfg.hash_key, &parts.headers, peer);
         let attempts = if replayable { cfg.retries.attempts } else { 1 };
         let deadline = start + cfg.timeouts.request.0.as_nanos() as u64;
         let per_try = cfg.timeouts.per_try.0;
@@ -271,17 +282,22 @@ impl Service {
             });
             *up.method_mut() = parts.method.clone();
             *up.uri_mut() = uri;
-            *up.headers_mut() = headers.clone();
+            *up.headers_mut() = if attempt + 1 == attempts {
+                std::mem::take(&mut headers)
+            } else {
+                headers.clone()
+            };
 
             let remaining = deadline.saturating_sub(now);
             if remaining == 0 {
                 return Err(ProxyError::Timeout);
             }
             let try_timeout = per_try.min(Duration::from_nanos(remaining));
-            inst.load.start();
-            let sent = now_nanos();
+            // Counted in flight from here until the guard drops, including when the client
+            // goes away mid-request and this future is dropped.
+            let mut busy = InFlight::start(inst.clone());
             let result = tokio::time::timeout(try_timeout, client.request(up)).await;
-            let rtt = now_nanos().saturating_sub(sent);
+            busy.headers_received();
             match result {
                 Ok(Ok(mut resp)) => {
                     let status = resp.status();
@@ -289,30 +305,27 @@ impl Service {
                     self.pool.record_result(&inst, status.as_u16() < 500);
                     if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (on_upgrade, status) {
                         let up = hyper::upgrade::on(&mut resp);
-                        tokio::spawn(tunnel(down, up, inst.clone(), rtt));
+                        tokio::spawn(tunnel(down, up, busy));
+                        return Ok(Response::from_parts(
+                            resp.into_parts().0,
+                            Either::Right(Full::new(Bytes::new())),
+                        ));
                     }
                     let (mut rparts, rbody) = resp.into_parts();
-                    if status != StatusCode::SWITCHING_PROTOCOLS {
-                        strip_hop_by_hop(&mut rparts.headers);
-                        rparts
-                            .headers
-                            .append(header::VIA, HeaderValue::from_static("1.1 shoal"));
-                        // The instance stays counted as busy (drain, least-connections) until
-                        // the body ends; the latency sample is the time to response headers.
-                        let guard = Tracked {
-                            inner: rbody,
-                            inst: Some(inst),
-                            rtt,
-                        };
-                        return Ok(Response::from_parts(rparts, Either::Left(guard)));
-                    }
-                    return Ok(Response::from_parts(
-                        rparts,
-                        Either::Right(Full::new(Bytes::new())),
-                    ));
+                    strip_hop_by_hop(&mut rparts.headers);
+                    rparts
+                        .headers
+                        .append(header::VIA, HeaderValue::from_static("1.1 shoal"));
+                    // The instance stays counted as busy (drain, least-connections) until the
+                    // body ends; the latency sample is the time to response headers.
+                    let body = Tracked {
+                        inner: rbody,
+                        busy: Some(busy),
+                    };
+                    return Ok(Response::from_parts(rparts, Either::Left(body)));
                 }
                 Ok(Err(e)) => {
-                    inst.load.finish(rtt, now_nanos());
+                    drop(busy);
                     let kind = if e.is_connect() {
                         ErrorKind::Connect
                     } else {
@@ -334,7 +347,7 @@ impl Service {
                     }
                 }
                 Err(_) => {
-                    inst.load.finish(rtt, now_nanos());
+                    drop(busy);
                     inst.metrics.errors[ErrorKind::Timeout as usize].inc();
                     self.pool.record_result(&inst, false);
                     last_err = Some(ProxyError::Timeout);
@@ -349,12 +362,7 @@ impl Service {
 }
 
 /// Copies bytes both ways once client and instance both switched protocols.
-async fn tunnel(
-    down: hyper::upgrade::OnUpgrade,
-    up: hyper::upgrade::OnUpgrade,
-    inst: Arc<Instance>,
-    rtt: u64,
-) {
+async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade, _busy: InFlight) {
     match tokio::try_join!(down, up) {
         Ok((d, u)) => {
             let mut d = TokioIo::new(d);
@@ -365,7 +373,6 @@ async fn tunnel(
         }
         Err(e) => tracing::warn!(error = %e, "upgrade failed"),
     }
-    inst.load.finish(rtt, now_nanos());
 }
 
 /// Errors shoal answers itself.
@@ -469,15 +476,11 @@ fn check_request<B>(req: &Request<B>, cfg: &ServiceConfig) -> Result<(), ProxyEr
 /// Small bodies of known length come back buffered (left), others as the stream (right).
 async fn prepare_body(
     body: Incoming,
-    headers: &HeaderMap,
+    len: Option<u64>,
 ) -> Result<Either<Bytes, Incoming>, ProxyError> {
     if body.is_end_stream() {
         return Ok(Either::Left(Bytes::new()));
     }
-    let len = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.trim().parse::<u64>().ok());
     match len {
         Some(n) if n <= REPLAY_LIMIT => {
             let collected = Limited::new(body, REPLAY_LIMIT as usize)
@@ -539,13 +542,12 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// The headers sent upstream: hop-by-hop removed, then `X-Forwarded-*` and `Via` added.
 fn forward_headers(
-    orig: &HeaderMap,
+    mut h: HeaderMap,
     uri: &Uri,
     version: Version,
     peer: SocketAddr,
     upgrade: bool,
 ) -> HeaderMap {
-    let mut h = orig.clone();
     let up_proto = upgrade.then(|| h.get(header::UPGRADE).cloned()).flatten();
     strip_hop_by_hop(&mut h);
     if let Some(p) = up_proto {
@@ -604,21 +606,41 @@ fn hash_key(k: &HashKey, h: &HeaderMap, peer: SocketAddr) -> Option<Vec<u8>> {
 /// dropped (drain waits for it; least-connections sees it).
 pub struct Tracked {
     inner: Incoming,
-    inst: Option<Arc<Instance>>,
-    rtt: u64,
+    busy: Option<InFlight>,
 }
 
-impl Tracked {
-    fn done(&mut self) {
-        if let Some(i) = self.inst.take() {
-            i.load.finish(self.rtt, now_nanos());
+/// One request in flight to an instance: `Load::start` now, `Load::finish` on drop with the
+/// time to response headers (or the time until the drop, if headers never came).
+pub struct InFlight {
+    inst: Arc<Instance>,
+    sent: u64,
+    rtt: Option<u64>,
+}
+
+impl InFlight {
+    fn start(inst: Arc<Instance>) -> Self {
+        inst.load.start();
+        InFlight {
+            inst,
+            sent: now_nanos(),
+            rtt: None,
         }
+    }
+
+    /// Records the latency sample; returns it.
+    fn headers_received(&mut self) -> u64 {
+        let rtt = now_nanos().saturating_sub(self.sent);
+        self.rtt = Some(rtt);
+        rtt
     }
 }
 
-impl Drop for Tracked {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.done();
+        let now = now_nanos();
+        self.inst
+            .load
+            .finish(self.rtt.unwrap_or(now.saturating_sub(self.sent)), now);
     }
 }
 
@@ -632,7 +654,7 @@ impl Body for Tracked {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            self.done();
+            self.busy = None;
         }
         r
     }
@@ -663,7 +685,7 @@ mod tests {
         let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
         h.insert(header::HOST, HeaderValue::from_static("example.com"));
-        let out = forward_headers(&h, &Uri::from_static("/"), Version::HTTP_11, peer, false);
+        let out = forward_headers(h, &Uri::from_static("/"), Version::HTTP_11, peer, false);
         assert!(out.get("x-secret").is_none());
         assert!(out.get("keep-alive").is_none());
         assert!(out.get(header::CONNECTION).is_none());

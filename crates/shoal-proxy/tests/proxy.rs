@@ -478,3 +478,19 @@ fn vm_hwm_kib() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_going_away_releases_in_flight() {
+    let a = Backend::start("a").await;
+    let p = start_proxy(service_config(&[&a], "least-connections")).await;
+    let cl = client();
+    let r = tokio::time::timeout(
+        Duration::from_millis(200),
+        get(&cl, p.addr, "/slow?ms=1500"),
+    )
+    .await;
+    assert!(r.is_err(), "the client gave up first");
+    drop(cl); // closes the client connection: the proxy drops the request
+    let inst = p.service.pool.get(&a.addr.to_string()).unwrap();
+    eventually(5, || inst.in_flight() == 0).await;
+}

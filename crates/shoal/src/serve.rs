@@ -92,8 +92,15 @@ pub fn run_quick(args: ProxyArgs) -> anyhow::Result<()> {
     })
 }
 
-pub fn run_config(path: &Path, threads: Option<usize>) -> anyhow::Result<()> {
+/// Loads a config and validates every part of it (proxy and fleets).
+pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     let config = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    shoal_fleet::fleet_specs(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(config)
+}
+
+pub fn run_config(path: &Path, threads: Option<usize>) -> anyhow::Result<()> {
+    let config = load_config(path)?;
     let rt = runtime(threads.or(config.threads))?;
     let token = std::env::var("SHOAL_ADMIN_TOKEN")
         .ok()
@@ -101,13 +108,17 @@ pub fn run_config(path: &Path, threads: Option<usize>) -> anyhow::Result<()> {
     rt.block_on(async move {
         let app = App::new(Some(path.to_path_buf()), token);
         app.start(&config).await?;
+        let fleets = shoal_fleet::Fleets::start(&app, &config).map_err(|e| anyhow::anyhow!(e))?;
         let deadline = config
             .services
             .iter()
             .map(|s| s.timeouts.drain.0)
             .max()
             .unwrap_or(Duration::from_secs(30));
-        serve_until_signal(app, config.admin.listen, deadline).await
+        serve_until_signal(app, config.admin.listen, deadline).await?;
+        // Clients are drained; now drain and stop the instances.
+        fleets.shutdown(deadline + Duration::from_secs(15)).await;
+        Ok(())
     })
 }
 

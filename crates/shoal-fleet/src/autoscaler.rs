@@ -1,0 +1,470 @@
+//! The live autoscaler: samples the data path and `/proc` once a second into windows, and
+//! every evaluation interval hands an [`Observation`] to the same policy code the simulator
+//! runs, then applies the decision to the fleet.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use shoal_proxy::metrics::{Exposition, LATENCY_BUCKETS};
+use shoal_proxy::proxy::Service;
+use shoal_scale::predictive::{History, PredictiveConfig, PredictiveMode, PredictivePolicy};
+use shoal_scale::reactive::{BurstConfig, RatePolicy, ReactiveConfig, ReactivePolicy};
+use shoal_scale::windows::SecondWindow;
+use shoal_scale::{Decision, MetricKind, MetricSample, Observation, Policy, PolicyParams};
+
+use crate::config::Autoscale;
+use crate::process::{Phase, ProcessFleet};
+use crate::recommend::{recommend, Recommendation};
+
+/// The policy in force; concrete so the predictive history can be saved.
+enum Live {
+    Reactive(ReactivePolicy),
+    Predictive(Box<PredictivePolicy>),
+}
+
+impl Live {
+    fn evaluate(&mut self, obs: &Observation) -> Decision {
+        match self {
+            Live::Reactive(p) => p.evaluate(obs),
+            Live::Predictive(p) => p.evaluate(obs),
+        }
+    }
+}
+
+const WINDOW_SPAN: usize = 900;
+
+/// Per-second samples of one service.
+struct Sampler {
+    start: Instant,
+    last_t: Option<f64>,
+    last_requests: u64,
+    last_cpu: BTreeMap<String, f64>,
+    last_hist: Vec<u64>,
+    /// Total requests/s.
+    rps: SecondWindow,
+    /// Total requests in flight.
+    in_flight: SecondWindow,
+    /// Mean CPU utilization of ready instances (fraction of their allotment).
+    cpu: SecondWindow,
+    /// Per-second latency histogram deltas, for windowed percentiles.
+    latency: VecDeque<(f64, Vec<u64>)>,
+    /// Per-instance CPU cores, per second, for the size recommendation.
+    cpu_cores: VecDeque<f64>,
+    peak_memory: u64,
+}
+
+/// Upper-bound estimate of the `q` quantile from bucket counts (the bucket's bound).
+fn quantile_from_buckets(counts: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let want = (total as f64 * q).ceil() as u64;
+    let mut acc = 0;
+    for (i, c) in counts.iter().enumerate() {
+        acc += c;
+        if acc >= want {
+            return Some(
+                LATENCY_BUCKETS
+                    .get(i)
+                    .copied()
+                    .unwrap_or(LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1] * 2.0),
+            );
+        }
+    }
+    None
+}
+
+/// The autoscaler of one service.
+pub struct Autoscaler {
+    service: Arc<Service>,
+    fleet: Arc<ProcessFleet>,
+    pub cfg: Autoscale,
+    policy: Mutex<Live>,
+    sampler: Mutex<Sampler>,
+    decisions: Mutex<VecDeque<Decision>>,
+    last: Mutex<Option<Decision>>,
+    counts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    history_file: PathBuf,
+    cpu_allotment: f64,
+}
+
+impl Autoscaler {
+    pub fn new(
+        service: Arc<Service>,
+        fleet: Arc<ProcessFleet>,
+        cfg: Autoscale,
+    ) -> Result<Arc<Autoscaler>, String> {
+        let spec = &fleet.spec;
+        let reactive = ReactiveConfig {
+            targets: cfg.targets.clone(),
+            tolerance: cfg.tolerance,
+            min: spec.fleet.min,
+            max: spec.fleet.max,
+            scale_up: RatePolicy {
+                pods: cfg.scale_up_instances,
+                percent: cfg.scale_up_percent,
+                period_secs: cfg.scale_up_period.as_secs_f64(),
+            },
+            scale_down_stabilization_secs: cfg.scale_down_stabilization.as_secs_f64(),
+            burst: cfg.burst.then(BurstConfig::default),
+            schedule: cfg.schedule.clone(),
+        };
+        let history_file = spec
+            .data_dir
+            .join("history")
+            .join(format!("{}.json", spec.service));
+        let policy = match cfg.policy.as_str() {
+            "reactive" | "hpa" => Live::Reactive(
+                ReactivePolicy::new(&cfg.policy, reactive).map_err(|e| e.to_string())?,
+            ),
+            name => {
+                let params = PolicyParams {
+                    capacity_rps: cfg.capacity_rps.unwrap_or(1.0),
+                    startup_secs: cfg.startup.as_secs_f64(),
+                    interval_secs: cfg.interval.as_secs_f64(),
+                    target_utilization: 0.7,
+                    min: spec.fleet.min,
+                    max: spec.fleet.max,
+                    schedule: cfg.schedule.clone(),
+                };
+                let mode = if name == "forecast-only" {
+                    PredictiveMode::ForecastOnly
+                } else {
+                    PredictiveMode::ForecastAndScale
+                };
+                let mut pc = PredictiveConfig::for_params(&params, mode);
+                let stabilization = pc.reactive.scale_down_stabilization_secs;
+                pc.reactive = reactive;
+                pc.reactive.scale_down_stabilization_secs =
+                    stabilization.min(cfg.scale_down_stabilization.as_secs_f64());
+                if let Some(h) = cfg.min_history {
+                    pc.min_history_secs = h.as_secs_f64();
+                }
+                if let Some(b) = cfg.history_bucket {
+                    pc.bucket_secs = b.as_secs_f64();
+                    pc.refit_secs = pc.refit_secs.min(b.as_secs_f64() * 10.0);
+                }
+                let saved = std::fs::read(&history_file)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<History>(&b).ok());
+                let p = match saved {
+                    Some(h) => match PredictivePolicy::with_history(name, pc.clone(), &h) {
+                        Ok(p) => {
+                            tracing::info!(service = %spec.service, buckets = h.values.len(), "demand history restored");
+                            p
+                        }
+                        Err(e) => {
+                            tracing::warn!(service = %spec.service, error = %e, "saved history unusable; starting empty");
+                            PredictivePolicy::new(name, pc).map_err(|e| e.to_string())?
+                        }
+                    },
+                    None => PredictivePolicy::new(name, pc).map_err(|e| e.to_string())?,
+                };
+                Live::Predictive(Box::new(p))
+            }
+        };
+        Ok(Arc::new(Autoscaler {
+            cpu_allotment: spec.resources.cpu.unwrap_or(1.0),
+            service,
+            fleet,
+            cfg,
+            policy: Mutex::new(policy),
+            sampler: Mutex::new(Sampler {
+                start: Instant::now(),
+                last_t: None,
+                last_requests: 0,
+                last_cpu: BTreeMap::new(),
+                last_hist: Vec::new(),
+                rps: SecondWindow::new(WINDOW_SPAN),
+                in_flight: SecondWindow::new(WINDOW_SPAN),
+                cpu: SecondWindow::new(WINDOW_SPAN),
+                latency: VecDeque::new(),
+                cpu_cores: VecDeque::new(),
+                peak_memory: 0,
+            }),
+            decisions: Mutex::new(VecDeque::new()),
+            last: Mutex::new(None),
+            counts: Mutex::new(BTreeMap::new()),
+            history_file,
+        }))
+    }
+
+    /// Samples every second, evaluates every interval, saves history every minute.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sample = Instant::now() - Duration::from_secs(10);
+        let mut last_eval = Instant::now();
+        let mut last_save = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shoal_proxy::server::stopped(&mut stop) => break,
+            }
+            if last_sample.elapsed() >= Duration::from_secs(1) {
+                last_sample = Instant::now();
+                self.sample();
+            }
+            if last_eval.elapsed() >= self.cfg.interval {
+                last_eval = Instant::now();
+                self.evaluate();
+            }
+            if last_save.elapsed() >= Duration::from_secs(60) {
+                last_save = Instant::now();
+                self.save_history();
+            }
+        }
+        self.save_history();
+    }
+
+    /// One per-second sample of the data path and the instances.
+    pub fn sample(&self) {
+        let mut s = self.sampler.lock().expect("sampler lock");
+        let t = s.start.elapsed().as_secs_f64();
+        let requests = self.service.metrics.requests.get();
+        let hist = self.service.metrics.duration.cumulative().to_vec();
+        let usage = self.fleet.sample_usage();
+        let members = self.service.pool.members();
+        let in_flight: u64 = members.iter().map(|i| i.in_flight()).sum();
+        if let Some(last_t) = s.last_t {
+            let dt = (t - last_t).max(1e-3);
+            let rps = requests.saturating_sub(s.last_requests) as f64 / dt;
+            s.rps.add(t, rps);
+            s.in_flight.add(t, in_flight as f64);
+            // Per-bucket deltas (cumulative → counts) for this second.
+            let mut prev = 0;
+            let mut deltas = Vec::with_capacity(hist.len());
+            for (i, c) in hist.iter().enumerate() {
+                let last = s.last_hist.get(i).copied().unwrap_or(0);
+                let d = c.saturating_sub(last);
+                deltas.push(d.saturating_sub(prev));
+                prev = d;
+            }
+            s.latency.push_back((t, deltas));
+            while s
+                .latency
+                .front()
+                .is_some_and(|(lt, _)| t - lt > WINDOW_SPAN as f64)
+            {
+                s.latency.pop_front();
+            }
+            let mut utils = Vec::new();
+            for (id, phase, u) in &usage {
+                if let Some(prev) = s.last_cpu.get(id) {
+                    let cores = (u.cpu_seconds - prev).max(0.0) / dt;
+                    if *phase == Phase::Ready {
+                        utils.push(cores / self.cpu_allotment);
+                    }
+                    s.cpu_cores.push_back(cores);
+                }
+                s.peak_memory = s.peak_memory.max(u.memory_bytes);
+            }
+            while s.cpu_cores.len() > 20_000 {
+                s.cpu_cores.pop_front();
+            }
+            if !utils.is_empty() {
+                let mean = utils.iter().sum::<f64>() / utils.len() as f64;
+                s.cpu.add(t, mean);
+            }
+        }
+        s.last_cpu = usage
+            .into_iter()
+            .map(|(id, _, u)| (id, u.cpu_seconds))
+            .collect();
+        s.last_t = Some(t);
+        s.last_requests = requests;
+        s.last_hist = hist;
+    }
+
+    /// Builds the observation for now.
+    pub fn observe(&self) -> Observation {
+        let s = self.sampler.lock().expect("sampler lock");
+        let t = s.start.elapsed().as_secs_f64();
+        let (starting, ready, _) = self.fleet.counts();
+        let stable = self.cfg.stable_window.as_secs() as usize;
+        let panic = self.cfg.panic_window.as_secs().max(1) as usize;
+        let per_instance = |v: Option<f64>| v.filter(|_| ready > 0).map(|x| x / ready as f64);
+        let latency_p95 = |secs: usize| {
+            let n = LATENCY_BUCKETS.len() + 1;
+            let mut counts = vec![0u64; n];
+            for (lt, d) in s.latency.iter().rev() {
+                if t - lt > secs as f64 {
+                    break;
+                }
+                for (i, c) in d.iter().enumerate() {
+                    counts[i.min(n - 1)] += c;
+                }
+            }
+            quantile_from_buckets(&counts, 0.95)
+        };
+        let metrics = self
+            .cfg
+            .targets
+            .iter()
+            .map(|tg| {
+                let (st, pa) = match tg.kind {
+                    MetricKind::Rps => (
+                        per_instance(s.rps.mean(t, stable)),
+                        per_instance(s.rps.mean(t, panic)),
+                    ),
+                    MetricKind::InFlight => (
+                        per_instance(s.in_flight.mean(t, stable)),
+                        per_instance(s.in_flight.mean(t, panic)),
+                    ),
+                    MetricKind::Cpu => (s.cpu.mean(t, stable), s.cpu.mean(t, panic)),
+                    MetricKind::LatencyP95 => (latency_p95(stable), latency_p95(panic)),
+                };
+                MetricSample {
+                    kind: tg.kind,
+                    stable: st,
+                    panic: pa,
+                }
+            })
+            .collect();
+        Observation {
+            now_secs: t,
+            wall_epoch_secs: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            ready,
+            starting,
+            current_desired: self.fleet.desired(),
+            metrics,
+            demand_rps: s.rps.mean(t, stable),
+        }
+    }
+
+    /// One evaluation: observe, decide, apply, record.
+    pub fn evaluate(&self) -> Decision {
+        let obs = self.observe();
+        let d = self.policy.lock().expect("policy lock").evaluate(&obs);
+        if d.desired != obs.current_desired {
+            self.fleet.scale(d.desired);
+        }
+        if d.is_notable() {
+            tracing::info!(
+                service = %self.fleet.spec.service,
+                from = obs.current_desired,
+                to = d.desired,
+                reason = d.reason.as_str(),
+                detail = %d.detail,
+                "scaling decision"
+            );
+            *self
+                .counts
+                .lock()
+                .expect("counts lock")
+                .entry((d.direction.as_str(), d.reason.as_str()))
+                .or_default() += 1;
+            let mut log = self.decisions.lock().expect("decisions lock");
+            log.push_back(d.clone());
+            while log.len() > 500 {
+                log.pop_front();
+            }
+        }
+        *self.last.lock().expect("last lock") = Some(d.clone());
+        d
+    }
+
+    fn save_history(&self) {
+        let h = match &*self.policy.lock().expect("policy lock") {
+            Live::Predictive(p) => p.history(),
+            Live::Reactive(_) => return,
+        };
+        let r = (|| -> std::io::Result<()> {
+            if let Some(dir) = self.history_file.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = self.history_file.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&h)?)?;
+            std::fs::rename(&tmp, &self.history_file)
+        })();
+        if let Err(e) = r {
+            tracing::warn!(file = %self.history_file.display(), error = %e, "cannot save demand history");
+        }
+    }
+
+    /// The newest notable decisions, oldest first.
+    pub fn decisions(&self) -> Vec<Decision> {
+        self.decisions
+            .lock()
+            .expect("decisions lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    pub fn last_decision(&self) -> Option<Decision> {
+        self.last.lock().expect("last lock").clone()
+    }
+
+    pub fn recommendation(&self) -> Option<Recommendation> {
+        let s = self.sampler.lock().expect("sampler lock");
+        let samples: Vec<f64> = s.cpu_cores.iter().copied().collect();
+        recommend(&samples, s.peak_memory)
+    }
+
+    pub fn forecast(&self) -> serde_json::Value {
+        match &*self.policy.lock().expect("policy lock") {
+            Live::Predictive(p) => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                serde_json::json!({
+                    "history_secs": p.history_secs(),
+                    "model": p.model_summary(),
+                    "forecast": p.forecast(now).into_iter().take(240).collect::<Vec<_>>(),
+                })
+            }
+            Live::Reactive(_) => {
+                serde_json::json!({ "forecast": null, "reason": "policy is reactive" })
+            }
+        }
+    }
+
+    pub fn collect(&self, e: &mut Exposition) {
+        let svc = self.fleet.spec.service.as_str();
+        for ((dir, reason), n) in self.counts.lock().expect("counts lock").iter() {
+            e.counter(
+                "shoal_scaling_decisions_total",
+                "Scaling decisions that changed the count or were refused.",
+                &[("service", svc), ("direction", dir), ("reason", reason)],
+                *n,
+            );
+        }
+        if let Some(f) = self.last_decision().and_then(|d| d.forecast_rps) {
+            e.gauge(
+                "shoal_forecast_rps",
+                "Forecast demand one startup time ahead.",
+                &[("service", svc)],
+                f,
+            );
+        }
+        if let Some(d) = self.last_decision().and_then(|d| d.inputs.demand_rps) {
+            e.gauge(
+                "shoal_demand_rps",
+                "Observed demand over the stable window.",
+                &[("service", svc)],
+                d,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_quantiles() {
+        let mut c = vec![0u64; LATENCY_BUCKETS.len() + 1];
+        assert_eq!(quantile_from_buckets(&c, 0.95), None);
+        c[2] = 90; // ≤ 2.5 ms
+        c[7] = 10; // ≤ 100 ms
+        assert_eq!(quantile_from_buckets(&c, 0.5), Some(0.0025));
+        assert_eq!(quantile_from_buckets(&c, 0.95), Some(0.1));
+    }
+}

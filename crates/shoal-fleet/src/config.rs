@@ -1,0 +1,558 @@
+//! The `fleet`, `resources` and `autoscale` tables of a service, parsed from the service's
+//! extra TOML tables and validated with file:line:field errors.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use shoal_proxy::config::{parse_size, Dur, Locator};
+use shoal_proxy::{Config, ConfigError, ServiceConfig};
+use shoal_scale::schedule::ScheduleRule;
+use shoal_scale::{MetricKind, MetricTarget};
+
+/// `[services.NAME.fleet]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// `process` (default) or `static`.
+    #[serde(default = "default_provider")]
+    pub provider: String,
+    /// The instance command (process provider); `PORT` and `SHOAL_INSTANCE` are set for it.
+    /// A first word of `shoal` means this shoal binary.
+    #[serde(default)]
+    pub command: Command,
+    /// Extra environment for instances.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Fewest instances.
+    #[serde(default = "one")]
+    pub min: u32,
+    /// Most instances.
+    #[serde(default = "one")]
+    pub max: u32,
+    /// Path probed to decide a new instance is ready.
+    #[serde(default = "default_health")]
+    pub health_path: String,
+    /// A new instance that is not healthy by then is killed and counted as a failed start.
+    #[serde(default = "default_startup_timeout")]
+    pub startup_timeout: Dur,
+    /// Time between SIGTERM and SIGKILL when an instance is stopped.
+    #[serde(default = "default_grace")]
+    pub stop_grace: Dur,
+}
+
+/// A command as a string (split on whitespace) or an array of words.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(untagged)]
+pub enum Command {
+    #[default]
+    None,
+    Line(String),
+    Words(Vec<String>),
+}
+
+impl Command {
+    pub fn words(&self) -> Vec<String> {
+        match self {
+            Command::None => Vec::new(),
+            Command::Line(s) => s.split_whitespace().map(String::from).collect(),
+            Command::Words(w) => w.clone(),
+        }
+    }
+}
+
+fn default_provider() -> String {
+    "process".into()
+}
+fn one() -> u32 {
+    1
+}
+fn default_health() -> String {
+    "/healthz".into()
+}
+fn default_startup_timeout() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_grace() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+
+/// `[services.NAME.resources]`: per-instance limits (cgroup v2 where writable).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesRaw {
+    /// CPU cores, e.g. 0.5.
+    pub cpu: Option<f64>,
+    /// Memory, e.g. "256MiB".
+    pub memory: Option<String>,
+}
+
+/// Validated resources.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Resources {
+    pub cpu: Option<f64>,
+    pub memory_bytes: Option<u64>,
+}
+
+/// One metric target as written: `{ metric = "cpu", target = 0.7 }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    metric: String,
+    target: f64,
+}
+
+/// `[services.NAME.autoscale]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAutoscale {
+    #[serde(default = "default_policy")]
+    policy: String,
+    #[serde(default = "default_interval")]
+    interval: Dur,
+    #[serde(default)]
+    targets: Vec<RawTarget>,
+    #[serde(default = "default_tolerance")]
+    tolerance: f64,
+    #[serde(default = "default_stabilization")]
+    scale_down_stabilization: Dur,
+    #[serde(default = "default_up_pods")]
+    scale_up_instances: u32,
+    #[serde(default = "default_up_percent")]
+    scale_up_percent: f64,
+    #[serde(default = "default_up_period")]
+    scale_up_period: Dur,
+    #[serde(default = "default_true")]
+    burst: bool,
+    #[serde(default = "default_stable_window")]
+    stable_window: Dur,
+    #[serde(default = "default_panic_window")]
+    panic_window: Dur,
+    #[serde(default)]
+    schedule: Vec<ScheduleRule>,
+    /// Requests/s one instance serves at full utilization (predictive sizing).
+    #[serde(default)]
+    capacity_rps: Option<f64>,
+    /// Startup time the predictive policy plans ahead by.
+    #[serde(default = "default_startup")]
+    startup: Dur,
+    /// History needed before the forecast acts.
+    #[serde(default)]
+    min_history: Option<Dur>,
+    /// History bucket (the season is detected in buckets).
+    #[serde(default)]
+    history_bucket: Option<Dur>,
+}
+
+fn default_policy() -> String {
+    "reactive".into()
+}
+fn default_interval() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_tolerance() -> f64 {
+    0.1
+}
+fn default_stabilization() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+fn default_up_pods() -> u32 {
+    4
+}
+fn default_up_percent() -> f64 {
+    100.0
+}
+fn default_up_period() -> Dur {
+    Dur(Duration::from_secs(15))
+}
+fn default_true() -> bool {
+    true
+}
+fn default_stable_window() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_panic_window() -> Dur {
+    Dur(Duration::from_secs(6))
+}
+fn default_startup() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+
+/// Validated autoscaler settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Autoscale {
+    pub policy: String,
+    pub interval: Duration,
+    pub targets: Vec<MetricTarget>,
+    pub tolerance: f64,
+    pub scale_down_stabilization: Duration,
+    pub scale_up_instances: u32,
+    pub scale_up_percent: f64,
+    pub scale_up_period: Duration,
+    pub burst: bool,
+    pub stable_window: Duration,
+    pub panic_window: Duration,
+    pub schedule: Vec<ScheduleRule>,
+    pub capacity_rps: Option<f64>,
+    pub startup: Duration,
+    pub min_history: Option<Duration>,
+    pub history_bucket: Option<Duration>,
+}
+
+/// Everything the fleet needs for one service.
+#[derive(Debug, Clone)]
+pub struct FleetSpec {
+    pub service: String,
+    pub fleet: FleetConfig,
+    pub resources: Resources,
+    pub autoscale: Option<Autoscale>,
+    /// Instance logs and history live here.
+    pub data_dir: PathBuf,
+    /// Drain timeout from the service's timeouts.
+    pub drain_timeout: Duration,
+}
+
+fn table_error(
+    loc: &Locator<'_>,
+    text: &str,
+    service: &str,
+    table: &str,
+    e: toml::de::Error,
+) -> ConfigError {
+    // The extra table was re-deserialized from a Value, so spans are gone: point at the
+    // table header and name the offending key from the message.
+    let header = format!("[services.{service}.{table}]");
+    let off = text
+        .find(&header)
+        .or_else(|| text.find(&format!("{table} =")))
+        .unwrap_or(0);
+    loc.error(
+        off..off,
+        &format!("services.{service}.{table}"),
+        e.message().trim(),
+    )
+}
+
+fn field_error(
+    loc: &Locator<'_>,
+    text: &str,
+    service: &str,
+    table: &str,
+    key: &str,
+    msg: String,
+) -> ConfigError {
+    let header = format!("[services.{service}.{table}]");
+    let start = text.find(&header).unwrap_or(0);
+    let off = text[start..]
+        .lines()
+        .scan(start, |pos, l| {
+            let here = *pos;
+            *pos += l.len() + 1;
+            Some((here, l))
+        })
+        .find(|(_, l)| l.trim_start().starts_with(key))
+        .map_or(start, |(p, _)| p);
+    loc.error(off..off, &format!("services.{service}.{table}.{key}"), msg)
+}
+
+/// Extracts and validates the fleet of `svc`, if it has one.
+pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSpec>, ConfigError> {
+    let loc = config.locator();
+    let text = config.text.as_str();
+    let name = svc.name.as_str();
+    let Some(raw) = svc.extra.get("fleet") else {
+        if svc.extra.contains_key("autoscale") {
+            let off = text
+                .find(&format!("[services.{name}.autoscale]"))
+                .unwrap_or(0);
+            return Err(loc.error(
+                off..off,
+                &format!("services.{name}.autoscale"),
+                "autoscale needs a [fleet] table",
+            ));
+        }
+        return Ok(None);
+    };
+    let fleet: FleetConfig = raw
+        .clone()
+        .try_into()
+        .map_err(|e| table_error(&loc, text, name, "fleet", e))?;
+    if fleet.min > fleet.max {
+        return Err(field_error(
+            &loc,
+            text,
+            name,
+            "fleet",
+            "min",
+            format!("min ({}) is greater than max ({})", fleet.min, fleet.max),
+        ));
+    }
+    if fleet.max > 1000 {
+        return Err(field_error(
+            &loc,
+            text,
+            name,
+            "fleet",
+            "max",
+            "at most 1000 instances per service".into(),
+        ));
+    }
+    match fleet.provider.as_str() {
+        "process" => {
+            let words = fleet.command.words();
+            let Some(program) = words.first() else {
+                return Err(field_error(
+                    &loc,
+                    text,
+                    name,
+                    "fleet",
+                    "command",
+                    "the process provider needs a command".into(),
+                ));
+            };
+            if program != "shoal" && find_program(program).is_none() {
+                return Err(field_error(
+                    &loc,
+                    text,
+                    name,
+                    "fleet",
+                    "command",
+                    format!("cannot start {program:?}: not found or not executable"),
+                ));
+            }
+        }
+        "static" => {}
+        other => {
+            return Err(field_error(
+                &loc,
+                text,
+                name,
+                "fleet",
+                "provider",
+                format!("unknown provider {other:?} (use \"process\" or \"static\")"),
+            ));
+        }
+    }
+    let resources = match svc.extra.get("resources") {
+        None => Resources::default(),
+        Some(v) => {
+            let r: ResourcesRaw = v
+                .clone()
+                .try_into()
+                .map_err(|e| table_error(&loc, text, name, "resources", e))?;
+            if let Some(c) = r.cpu {
+                if !(c > 0.0 && c <= 1024.0) {
+                    return Err(field_error(
+                        &loc,
+                        text,
+                        name,
+                        "resources",
+                        "cpu",
+                        "must be a positive number of cores".into(),
+                    ));
+                }
+            }
+            let memory_bytes = match &r.memory {
+                Some(m) => Some(
+                    parse_size(m)
+                        .map_err(|e| field_error(&loc, text, name, "resources", "memory", e))?,
+                ),
+                None => None,
+            };
+            Resources {
+                cpu: r.cpu,
+                memory_bytes,
+            }
+        }
+    };
+    let autoscale = match svc.extra.get("autoscale") {
+        None => None,
+        Some(v) => {
+            let a: RawAutoscale = v
+                .clone()
+                .try_into()
+                .map_err(|e| table_error(&loc, text, name, "autoscale", e))?;
+            if !shoal_scale::POLICY_NAMES.contains(&a.policy.as_str()) {
+                return Err(field_error(
+                    &loc,
+                    text,
+                    name,
+                    "autoscale",
+                    "policy",
+                    format!(
+                        "unknown policy {:?} (valid: {})",
+                        a.policy,
+                        shoal_scale::POLICY_NAMES.join(", ")
+                    ),
+                ));
+            }
+            let mut targets = Vec::new();
+            for t in &a.targets {
+                let kind = match t.metric.as_str() {
+                    "cpu" => MetricKind::Cpu,
+                    "rps" => MetricKind::Rps,
+                    "in_flight" | "in-flight" => MetricKind::InFlight,
+                    "latency_p95" | "latency-p95" => MetricKind::LatencyP95,
+                    other => {
+                        return Err(field_error(&loc, text, name, "autoscale", "targets", format!("unknown metric {other:?} (valid: cpu, rps, in_flight, latency_p95)")));
+                    }
+                };
+                if !(t.target > 0.0 && t.target.is_finite()) {
+                    return Err(field_error(
+                        &loc,
+                        text,
+                        name,
+                        "autoscale",
+                        "targets",
+                        format!("target of {} must be positive", t.metric),
+                    ));
+                }
+                targets.push(MetricTarget {
+                    kind,
+                    target: t.target,
+                });
+            }
+            if targets.is_empty() {
+                targets.push(MetricTarget {
+                    kind: MetricKind::Cpu,
+                    target: 0.7,
+                });
+            }
+            if a.policy != "reactive" && a.policy != "hpa" && a.capacity_rps.is_none() {
+                return Err(field_error(
+                    &loc,
+                    text,
+                    name,
+                    "autoscale",
+                    "policy",
+                    "predictive policies need capacity_rps".into(),
+                ));
+            }
+            if !(0.0..1.0).contains(&a.tolerance) {
+                return Err(field_error(
+                    &loc,
+                    text,
+                    name,
+                    "autoscale",
+                    "tolerance",
+                    "must be in [0, 1)".into(),
+                ));
+            }
+            if a.interval.0 < Duration::from_millis(100) {
+                return Err(field_error(
+                    &loc,
+                    text,
+                    name,
+                    "autoscale",
+                    "interval",
+                    "must be at least 100ms".into(),
+                ));
+            }
+            Some(Autoscale {
+                policy: a.policy,
+                interval: a.interval.0,
+                targets,
+                tolerance: a.tolerance,
+                scale_down_stabilization: a.scale_down_stabilization.0,
+                scale_up_instances: a.scale_up_instances,
+                scale_up_percent: a.scale_up_percent,
+                scale_up_period: a.scale_up_period.0,
+                burst: a.burst,
+                stable_window: a.stable_window.0,
+                panic_window: a.panic_window.0,
+                schedule: a.schedule,
+                capacity_rps: a.capacity_rps,
+                startup: a.startup.0,
+                min_history: a.min_history.map(|d| d.0),
+                history_bucket: a.history_bucket.map(|d| d.0),
+            })
+        }
+    };
+    Ok(Some(FleetSpec {
+        service: name.to_string(),
+        fleet,
+        resources,
+        autoscale,
+        data_dir: config.data_dir.clone(),
+        drain_timeout: svc.timeouts.drain.0,
+    }))
+}
+
+/// Validates every fleet of a config (used by `shoal check` and at start).
+pub fn fleet_specs(config: &Config) -> Result<Vec<FleetSpec>, ConfigError> {
+    let mut out = Vec::new();
+    for s in &config.services {
+        if let Some(f) = fleet_spec(config, s)? {
+            out.push(f);
+        }
+    }
+    Ok(out)
+}
+
+/// Resolves a program like a shell would: a path as is, else a search of `PATH`.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return executable(&p).then_some(p);
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|d| d.join(program))
+        .find(|p| executable(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn spec(text: &str) -> Result<Option<FleetSpec>, ConfigError> {
+        let c = Config::parse(Path::new("f.toml"), text)?;
+        fleet_spec(&c, &c.services[0])
+    }
+
+    const BASE: &str = "[services.web]\nlisten = \"127.0.0.1:8080\"\n";
+
+    #[test]
+    fn parses_a_full_fleet() {
+        let s = spec(&format!(
+            "{BASE}[services.web.fleet]\ncommand = \"shoal demo-service\"\nmin = 1\nmax = 8\n[services.web.resources]\ncpu = 0.5\nmemory = \"256MiB\"\n[services.web.autoscale]\ntargets = [{{ metric = \"cpu\", target = 0.6 }}, {{ metric = \"rps\", target = 50 }}]\nschedule = [{{ days = \"mon-fri\", from = \"08:00\", to = \"18:00\", min = 4 }}]\n"
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.fleet.max, 8);
+        assert_eq!(s.resources.memory_bytes, Some(256 << 20));
+        let a = s.autoscale.unwrap();
+        assert_eq!(a.targets.len(), 2);
+        assert_eq!(a.schedule.len(), 1);
+    }
+
+    #[test]
+    fn min_over_max_names_the_line() {
+        let e = spec(&format!(
+            "{BASE}[services.web.fleet]\ncommand = \"shoal demo-service\"\nmin = 5\nmax = 2\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.line, 5, "{e}");
+        assert_eq!(e.field, "services.web.fleet.min");
+    }
+
+    #[test]
+    fn unknown_metric_and_missing_command() {
+        let e = spec(&format!("{BASE}[services.web.fleet]\ncommand = \"shoal demo-service\"\nmax = 2\n[services.web.autoscale]\ntargets = [{{ metric = \"vibes\", target = 1 }}]\n")).unwrap_err();
+        assert!(e.message.contains("vibes"), "{e}");
+        assert_eq!(e.line, 7, "{e}");
+        let e = spec(&format!(
+            "{BASE}[services.web.fleet]\ncommand = \"/no/such/binary --flag\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("cannot start"), "{e}");
+        assert_eq!(e.line, 4, "{e}");
+    }
+}

@@ -1,0 +1,129 @@
+//! shoal's fleet: starts, health-gates, registers, drains, stops and replaces instances, and
+//! sizes the fleet with the live autoscaler.
+//!
+//! **Architecture Invariant:** scaling decisions come from `shoal-scale` policies, the same
+//! code the simulator runs; this crate only observes (windows over the data path and
+//! `/proc`) and acts (the provider).
+#![forbid(unsafe_code)]
+
+pub mod autoscaler;
+pub mod cgroup;
+pub mod config;
+pub mod process;
+pub mod recommend;
+pub mod usage;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use shoal_proxy::app::{ApiExtension, Collector};
+use shoal_proxy::metrics::Exposition;
+use shoal_proxy::{App, Config};
+use tokio::sync::watch;
+
+pub use autoscaler::Autoscaler;
+pub use config::{fleet_specs, FleetSpec};
+pub use process::ProcessFleet;
+
+/// One managed service: its fleet and, if configured, its autoscaler.
+pub struct Managed {
+    pub fleet: Arc<ProcessFleet>,
+    pub autoscaler: Option<Arc<Autoscaler>>,
+}
+
+/// Every fleet of a shoal process; plugs into the admin API and `/metrics`.
+pub struct Fleets {
+    pub managed: Vec<Managed>,
+    stop: watch::Sender<bool>,
+}
+
+impl Fleets {
+    /// Starts the fleets the config describes, on services `app` already runs.
+    pub fn start(app: &Arc<App>, config: &Config) -> Result<Arc<Fleets>, String> {
+        let specs = fleet_specs(config).map_err(|e| e.to_string())?;
+        let (stop, stop_rx) = watch::channel(false);
+        let mut managed = Vec::new();
+        for spec in specs {
+            if spec.fleet.provider == "static" {
+                continue; // the service's `backends` are the fleet; nothing to run
+            }
+            let service = app
+                .service(&spec.service)
+                .ok_or_else(|| format!("no service {}", spec.service))?;
+            let autoscale = spec.autoscale.clone();
+            let fleet = ProcessFleet::new(spec, service.pool.clone()).map_err(|e| e.to_string())?;
+            tokio::spawn(fleet.clone().run());
+            let autoscaler = match autoscale {
+                Some(cfg) => {
+                    let a = Autoscaler::new(service, fleet.clone(), cfg)?;
+                    tokio::spawn(a.clone().run(stop_rx.clone()));
+                    Some(a)
+                }
+                None => None,
+            };
+            managed.push(Managed { fleet, autoscaler });
+        }
+        let fleets = Arc::new(Fleets { managed, stop });
+        app.add_collector(fleets.clone());
+        app.add_extension(fleets.clone());
+        Ok(fleets)
+    }
+
+    pub fn get(&self, service: &str) -> Option<&Managed> {
+        self.managed
+            .iter()
+            .find(|m| m.fleet.spec.service == service)
+    }
+
+    /// Stops autoscaling, then drains and stops every instance.
+    pub async fn shutdown(&self, deadline: Duration) {
+        let _ = self.stop.send(true);
+        for m in &self.managed {
+            m.fleet.shutdown(deadline).await;
+        }
+    }
+}
+
+impl Collector for Fleets {
+    fn collect(&self, e: &mut Exposition) {
+        for m in &self.managed {
+            e.gauge(
+                "shoal_desired_instances",
+                "Instances the fleet is converging on.",
+                &[("service", &m.fleet.spec.service)],
+                m.fleet.desired() as f64,
+            );
+            m.fleet.collect(e);
+            if let Some(a) = &m.autoscaler {
+                a.collect(e);
+            }
+        }
+    }
+}
+
+impl ApiExtension for Fleets {
+    fn get(&self, path: &str) -> Option<Value> {
+        let rest = path.strip_prefix("/api/services/")?;
+        let (name, sub) = rest.split_once('/').unwrap_or((rest, ""));
+        let m = Fleets::get(self, name)?;
+        let a = m.autoscaler.as_ref();
+        match sub {
+            "" => Some(json!({
+                "desired": m.fleet.desired(),
+                "min": m.fleet.spec.fleet.min,
+                "max": m.fleet.spec.fleet.max,
+                "fleet": m.fleet.status(),
+                "processes": m.fleet.instances(),
+                "policy": a.map(|a| a.cfg.policy.clone()),
+                "last_decision": a.and_then(|a| a.last_decision()),
+                "recommendation": a.and_then(|a| a.recommendation()),
+            })),
+            "decisions" => {
+                Some(json!({ "decisions": a.map(|a| a.decisions()).unwrap_or_default() }))
+            }
+            "forecast" => a.map(|a| a.forecast()),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,555 @@
+//! The `process` provider: runs instances as local child processes.
+//!
+//! A reconciler converges the number of live instances on the desired count. Each instance
+//! has a supervisor task that owns its child: it probes the new instance until its first
+//! passing health check (only then does the pool route to it), watches for crashes, and
+//! stops it without losing requests: drain (no new requests) → in-flight reaches 0 or the
+//! drain timeout → SIGTERM → grace → SIGKILL. Failed starts and crashes back off
+//! exponentially (1 s doubling to 60 s), so a command that keeps crashing is a visible
+//! state, not a busy loop.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::Serialize;
+use shoal_proxy::metrics::{Counter, Exposition};
+use shoal_proxy::pool::Pool;
+use tokio::process::{Child, Command};
+use tokio::sync::{watch, Notify};
+
+use crate::cgroup::Cgroups;
+use crate::config::FleetSpec;
+use crate::usage::{read_usage, Usage};
+
+/// Where an instance is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Starting,
+    Ready,
+    Stopping,
+}
+
+#[derive(Debug)]
+struct Proc {
+    port: u16,
+    pid: Option<u32>,
+    phase: Phase,
+    started: Instant,
+    ready_at: Option<Instant>,
+    stop: watch::Sender<bool>,
+    usage: Usage,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    desired: u32,
+    instances: BTreeMap<String, Proc>,
+    next_id: u64,
+    failures: u32,
+    backoff_until: Option<Instant>,
+    last_error: Option<String>,
+    shutting_down: bool,
+}
+
+/// Counters of fleet events.
+#[derive(Debug, Default)]
+pub struct FleetMetrics {
+    pub starts: Counter,
+    pub ready: Counter,
+    pub crashes: Counter,
+    pub failed_starts: Counter,
+    pub stops: Counter,
+    pub forced_kills: Counter,
+}
+
+/// A snapshot of one instance for the API and the autoscaler.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceView {
+    pub id: String,
+    pub port: u16,
+    pub pid: Option<u32>,
+    pub phase: Phase,
+    pub uptime_secs: f64,
+    pub cpu_seconds: f64,
+    pub memory_bytes: u64,
+}
+
+/// The process provider of one service.
+pub struct ProcessFleet {
+    pub spec: FleetSpec,
+    pool: Arc<Pool>,
+    program: PathBuf,
+    args: Vec<String>,
+    state: Mutex<State>,
+    wake: Notify,
+    pub metrics: FleetMetrics,
+    pub cgroups: Cgroups,
+    logs: PathBuf,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
+}
+
+impl ProcessFleet {
+    /// Builds the fleet; `run` starts it.
+    pub fn new(spec: FleetSpec, pool: Arc<Pool>) -> std::io::Result<Arc<ProcessFleet>> {
+        let words = spec.fleet.command.words();
+        let (program, args) = match words.split_first() {
+            Some((p, a)) if p == "shoal" => (std::env::current_exe()?, a.to_vec()),
+            Some((p, a)) => (
+                crate::config::find_program(p).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, format!("{p}: not found"))
+                })?,
+                a.to_vec(),
+            ),
+            None => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "empty command",
+                ))
+            }
+        };
+        let logs = spec.data_dir.join("logs").join(&spec.service);
+        std::fs::create_dir_all(&logs)?;
+        let cgroups = Cgroups::setup(&spec.service, spec.resources);
+        let desired = spec.fleet.min;
+        Ok(Arc::new(ProcessFleet {
+            pool,
+            program,
+            args,
+            state: Mutex::new(State {
+                desired,
+                ..State::default()
+            }),
+            wake: Notify::new(),
+            metrics: FleetMetrics::default(),
+            cgroups,
+            logs,
+            spec,
+        }))
+    }
+
+    /// Sets the desired count (clamped to min..=max) and wakes the reconciler.
+    pub fn scale(&self, n: u32) -> u32 {
+        let n = n.clamp(self.spec.fleet.min, self.spec.fleet.max);
+        let mut s = self.state.lock().expect("fleet lock");
+        if s.desired != n {
+            tracing::info!(service = %self.spec.service, from = s.desired, to = n, "scaling");
+            s.desired = n;
+        }
+        drop(s);
+        self.wake.notify_one();
+        n
+    }
+
+    pub fn desired(&self) -> u32 {
+        self.state.lock().expect("fleet lock").desired
+    }
+
+    /// Instances by phase: (starting, ready, stopping).
+    pub fn counts(&self) -> (u32, u32, u32) {
+        let s = self.state.lock().expect("fleet lock");
+        let c = |p| s.instances.values().filter(|i| i.phase == p).count() as u32;
+        (c(Phase::Starting), c(Phase::Ready), c(Phase::Stopping))
+    }
+
+    pub fn instances(&self) -> Vec<InstanceView> {
+        let s = self.state.lock().expect("fleet lock");
+        s.instances
+            .iter()
+            .map(|(id, p)| InstanceView {
+                id: id.clone(),
+                port: p.port,
+                pid: p.pid,
+                phase: p.phase,
+                uptime_secs: p.started.elapsed().as_secs_f64(),
+                cpu_seconds: p.usage.cpu_seconds,
+                memory_bytes: p.usage.memory_bytes,
+            })
+            .collect()
+    }
+
+    /// The fleet's health as shown in the API: `ok`, or `backoff` with the last error.
+    pub fn status(&self) -> serde_json::Value {
+        let s = self.state.lock().expect("fleet lock");
+        let backoff = s
+            .backoff_until
+            .map(|u| u.saturating_duration_since(Instant::now()).as_secs_f64())
+            .filter(|d| *d > 0.0);
+        serde_json::json!({
+            "state": if backoff.is_some() { "backoff" } else if s.failures > 0 { "recovering" } else { "ok" },
+            "consecutive_failures": s.failures,
+            "backoff_secs": backoff,
+            "last_error": s.last_error,
+            "resources": self.cgroups.describe(),
+        })
+    }
+
+    /// Re-reads CPU and RSS of every live instance from `/proc`; returns the fresh samples
+    /// of ready instances as (id, cpu seconds total, memory bytes).
+    pub fn sample_usage(&self) -> Vec<(String, Phase, Usage)> {
+        let mut s = self.state.lock().expect("fleet lock");
+        let mut out = Vec::new();
+        for (id, p) in s.instances.iter_mut() {
+            if let Some(pid) = p.pid {
+                if let Some(u) = read_usage(pid) {
+                    p.usage = u;
+                    out.push((id.clone(), p.phase, u));
+                }
+            }
+        }
+        out
+    }
+
+    /// Runs the reconciler until `shutdown` is called.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            let (to_start, to_stop, wait) = self.plan();
+            for _ in 0..to_start {
+                self.clone().start_one();
+            }
+            for (id, stop) in to_stop {
+                tracing::info!(service = %self.spec.service, instance = %id, "stopping instance (scale-in)");
+                let _ = stop.send(true);
+            }
+            if self.state.lock().expect("fleet lock").shutting_down
+                && self.state.lock().expect("fleet lock").instances.is_empty()
+            {
+                return;
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Decides what to start and stop now; returns how long to wait before looking again.
+    fn plan(&self) -> (u32, Vec<(String, watch::Sender<bool>)>, Duration) {
+        let mut s = self.state.lock().expect("fleet lock");
+        let now = Instant::now();
+        // An instance that stayed ready a while proves the command works: forgive past failures.
+        if s.failures > 0
+            && s.instances.values().any(|p| {
+                p.ready_at
+                    .is_some_and(|r| now.duration_since(r) > Duration::from_secs(10))
+            })
+        {
+            s.failures = 0;
+            s.backoff_until = None;
+        }
+        let desired = if s.shutting_down { 0 } else { s.desired };
+        let live: Vec<(&String, &Proc)> = s
+            .instances
+            .iter()
+            .filter(|(_, p)| p.phase != Phase::Stopping)
+            .collect();
+        let n = live.len() as u32;
+        let mut wait = Duration::from_millis(500);
+        if n < desired {
+            match s.backoff_until {
+                Some(u) if u > now => {
+                    wait = u - now;
+                    return (0, Vec::new(), wait);
+                }
+                _ => return (desired - n, Vec::new(), wait),
+            }
+        }
+        let mut stop = Vec::new();
+        if n > desired {
+            // Stop instances that serve nothing yet first, then the newest ready ones.
+            let mut victims: Vec<(&String, &Proc)> = live;
+            victims.sort_by_key(|(_, p)| (p.phase == Phase::Ready, std::cmp::Reverse(p.started)));
+            let ids: Vec<String> = victims
+                .iter()
+                .take((n - desired) as usize)
+                .map(|(id, _)| (*id).clone())
+                .collect();
+            for id in ids {
+                if let Some(p) = s.instances.get_mut(&id) {
+                    p.phase = Phase::Stopping;
+                    stop.push((id, p.stop.clone()));
+                }
+            }
+        }
+        (0, stop, wait)
+    }
+
+    fn fail(&self, msg: String, crash: bool) {
+        let mut s = self.state.lock().expect("fleet lock");
+        s.failures += 1;
+        let b = backoff(s.failures);
+        s.backoff_until = Some(Instant::now() + b);
+        tracing::warn!(service = %self.spec.service, failures = s.failures, backoff_s = b.as_secs(), error = %msg, "instance failed");
+        s.last_error = Some(msg);
+        if crash {
+            self.metrics.crashes.inc();
+        } else {
+            self.metrics.failed_starts.inc();
+        }
+    }
+
+    fn start_one(self: Arc<Self>) {
+        let (id, port) = {
+            let mut s = self.state.lock().expect("fleet lock");
+            s.next_id += 1;
+            let id = format!("{}-{}", self.spec.service, s.next_id);
+            match free_port() {
+                Ok(p) => (id, p),
+                Err(e) => {
+                    drop(s);
+                    self.fail(format!("no free port: {e}"), false);
+                    return;
+                }
+            }
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.logs.join(format!("{id}.log")));
+        let (out, err) = match log.and_then(|f| Ok((f.try_clone()?, f))) {
+            Ok((a, b)) => (Stdio::from(a), Stdio::from(b)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open instance log; discarding its output");
+                (Stdio::null(), Stdio::null())
+            }
+        };
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
+            .envs(&self.spec.fleet.env)
+            .env("PORT", port.to_string())
+            .env("SHOAL_INSTANCE", &id)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                self.fail(
+                    format!("cannot start {}: {e}", self.program.display()),
+                    false,
+                );
+                return;
+            }
+        };
+        let pid = child.id();
+        if let Some(pid) = pid {
+            self.cgroups.attach(&id, pid);
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        self.state.lock().expect("fleet lock").instances.insert(
+            id.clone(),
+            Proc {
+                port,
+                pid,
+                phase: Phase::Starting,
+                started: Instant::now(),
+                ready_at: None,
+                stop,
+                usage: Usage::default(),
+            },
+        );
+        self.metrics.starts.inc();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        self.pool.add_starting(&id, addr, 1);
+        tracing::info!(service = %self.spec.service, instance = %id, %addr, ?pid, "instance started");
+        tokio::spawn(self.supervise(id, addr, child, stop_rx));
+    }
+
+    async fn supervise(
+        self: Arc<Self>,
+        id: String,
+        addr: SocketAddr,
+        mut child: Child,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let startup_deadline = tokio::time::Instant::now() + self.spec.fleet.startup_timeout.0;
+        let path = self.spec.fleet.health_path.clone();
+        // Startup: probe fast until the first pass; nothing is routed here before it.
+        let ready = loop {
+            tokio::select! {
+                status = child.wait() => {
+                    self.fail(format!("instance {id} exited during startup: {}", status.map_or_else(|e| e.to_string(), |s| s.to_string())), false);
+                    self.forget(&id).await;
+                    return;
+                }
+                _ = shoal_proxy::server::stopped(&mut stop) => break false,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                    if shoal_proxy::health::probe(addr, &path, Duration::from_millis(500)).await {
+                        break true;
+                    }
+                    if tokio::time::Instant::now() > startup_deadline {
+                        self.fail(format!("instance {id} not healthy within {:?}", self.spec.fleet.startup_timeout.0), false);
+                        let _ = child.start_kill();
+                        let _ = child.wait().await;
+                        self.forget(&id).await;
+                        return;
+                    }
+                }
+            }
+        };
+        if ready {
+            if let Some(p) = self
+                .state
+                .lock()
+                .expect("fleet lock")
+                .instances
+                .get_mut(&id)
+            {
+                if p.phase == Phase::Starting {
+                    p.phase = Phase::Ready;
+                }
+                p.ready_at = Some(Instant::now());
+            }
+            self.pool.mark_ready(&id);
+            self.metrics.ready.inc();
+            tracing::info!(service = %self.spec.service, instance = %id, "instance passed its first health check");
+            tokio::select! {
+                status = child.wait() => {
+                    self.fail(format!("instance {id} crashed: {}", status.map_or_else(|e| e.to_string(), |s| s.to_string())), true);
+                    self.forget(&id).await;
+                    self.wake.notify_one();
+                    return;
+                }
+                _ = shoal_proxy::server::stopped(&mut stop) => {}
+            }
+        }
+        // Stop without losing requests: drain first, then signal.
+        let left = self
+            .pool
+            .remove(&id, self.spec.drain_timeout)
+            .await
+            .unwrap_or(0);
+        if let Some(pid) = child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+        if tokio::time::timeout(self.spec.fleet.stop_grace.0, child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(service = %self.spec.service, instance = %id, "no exit after SIGTERM: SIGKILL");
+            self.metrics.forced_kills.inc();
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+        self.metrics.stops.inc();
+        tracing::info!(service = %self.spec.service, instance = %id, drained_with_in_flight = left, "instance stopped");
+        self.forget(&id).await;
+    }
+
+    async fn forget(&self, id: &str) {
+        self.pool.remove(id, Duration::ZERO).await;
+        self.cgroups.release(id);
+        self.state.lock().expect("fleet lock").instances.remove(id);
+        self.wake.notify_one();
+    }
+
+    /// Stops every instance (draining each) and waits until all are gone or `deadline`.
+    pub async fn shutdown(&self, deadline: Duration) {
+        {
+            let mut s = self.state.lock().expect("fleet lock");
+            s.shutting_down = true;
+            for p in s.instances.values_mut() {
+                p.phase = Phase::Stopping;
+                let _ = p.stop.send(true);
+            }
+        }
+        self.wake.notify_one();
+        let until = Instant::now() + deadline;
+        while !self.state.lock().expect("fleet lock").instances.is_empty() && Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Adds this fleet's samples to `/metrics`.
+    pub fn collect(&self, e: &mut Exposition) {
+        let svc = self.spec.service.as_str();
+        for v in self.instances() {
+            let l = [("service", svc), ("instance", v.id.as_str())];
+            e.sample(
+                "shoal_instance_cpu_seconds_total",
+                "CPU time used by an instance.",
+                shoal_proxy::metrics::Kind::Counter,
+                &l,
+                v.cpu_seconds,
+            );
+            e.gauge(
+                "shoal_instance_memory_bytes",
+                "Resident memory of an instance.",
+                &l,
+                v.memory_bytes as f64,
+            );
+        }
+        let m = &self.metrics;
+        for (kind, c) in [("crash", &m.crashes), ("start_failed", &m.failed_starts)] {
+            e.counter(
+                "shoal_fleet_failures_total",
+                "Instances that crashed or failed to start.",
+                &[("service", svc), ("kind", kind)],
+                c.get(),
+            );
+        }
+        e.counter(
+            "shoal_fleet_starts_total",
+            "Instances launched.",
+            &[("service", svc)],
+            m.starts.get(),
+        );
+        e.counter(
+            "shoal_fleet_stops_total",
+            "Instances stopped after draining.",
+            &[("service", svc)],
+            m.stops.get(),
+        );
+        let backoff = self
+            .state
+            .lock()
+            .expect("fleet lock")
+            .backoff_until
+            .map_or(0.0, |u| {
+                u.saturating_duration_since(Instant::now()).as_secs_f64()
+            });
+        e.gauge(
+            "shoal_fleet_backoff_seconds",
+            "Time left before the next start after failures.",
+            &[("service", svc)],
+            backoff,
+        );
+        e.gauge(
+            "shoal_resources_enforced",
+            "1 when CPU/memory limits are enforced through cgroup v2.",
+            &[("service", svc)],
+            self.cgroups.enforced() as u8 as f64,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_minute() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(4), Duration::from_secs(8));
+        assert_eq!(backoff(7), Duration::from_secs(60));
+        assert_eq!(backoff(50), Duration::from_secs(60));
+    }
+}

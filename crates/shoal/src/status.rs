@@ -1,0 +1,126 @@
+//! `shoal status`: a terminal view of the admin API.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+fn fetch(admin: SocketAddr, path: &str) -> anyhow::Result<Value> {
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(3))
+        .with_context(|| format!("cannot reach the admin listener at {admin}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .context("malformed admin response")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "admin answered: {}",
+        head.lines().next().unwrap_or("")
+    );
+    Ok(serde_json::from_str(body)?)
+}
+
+fn mib(b: f64) -> String {
+    format!("{:.1}MiB", b / 1048576.0)
+}
+
+pub fn render(v: &Value) -> String {
+    let mut o = String::new();
+    for s in v["services"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "service {}  listen {}  balance {}  requests {}",
+            s["name"].as_str().unwrap_or("?"),
+            s["listen"].as_str().unwrap_or("-"),
+            s["balance"].as_str().unwrap_or("-"),
+            s["requests"]
+        );
+        if let Some(d) = s.get("desired") {
+            let _ = writeln!(
+                o,
+                "  desired {} (min {}, max {})  policy {}  fleet {}",
+                d,
+                s["min"],
+                s["max"],
+                s["policy"].as_str().unwrap_or("-"),
+                s["fleet"]["state"].as_str().unwrap_or("-")
+            );
+            if let Some(e) = s["fleet"]["last_error"].as_str() {
+                let _ = writeln!(o, "  last error: {e}");
+            }
+        }
+        if let Some(d) = s.get("last_decision").filter(|d| !d.is_null()) {
+            let _ = writeln!(
+                o,
+                "  last decision: {} → {} ({}) {}",
+                d["inputs"]["current_desired"],
+                d["desired"],
+                d["reason"].as_str().unwrap_or(""),
+                d["detail"].as_str().unwrap_or("")
+            );
+        }
+        if let Some(r) = s.get("recommendation").filter(|r| !r.is_null()) {
+            let _ = writeln!(
+                o,
+                "  recommended size per instance: cpu {:.2}, memory {} ({} samples)",
+                r["cpu"].as_f64().unwrap_or(0.0),
+                mib(r["memory_bytes"].as_f64().unwrap_or(0.0)),
+                r["samples"]
+            );
+        }
+        let procs: Vec<&Value> = s["processes"]
+            .as_array()
+            .map(|a| a.iter().collect())
+            .unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "  {:<16} {:<22} {:<9} {:>8} {:>9} {:>10} {:>10}",
+            "INSTANCE", "ADDR", "STATE", "IN-FLT", "REQUESTS", "CPU-S", "RSS"
+        );
+        for i in s["instances"].as_array().into_iter().flatten() {
+            let id = i["id"].as_str().unwrap_or("?");
+            let p = procs.iter().find(|p| p["id"].as_str() == Some(id));
+            let state = if i["ejected"].as_bool() == Some(true) {
+                "ejected"
+            } else {
+                i["state"].as_str().unwrap_or("?")
+            };
+            let _ = writeln!(
+                o,
+                "  {:<16} {:<22} {:<9} {:>8} {:>9} {:>10} {:>10}",
+                id,
+                i["addr"].as_str().unwrap_or("?"),
+                state,
+                i["in_flight"],
+                i["requests"],
+                p.map_or("-".into(), |p| format!(
+                    "{:.2}",
+                    p["cpu_seconds"].as_f64().unwrap_or(0.0)
+                )),
+                p.map_or("-".into(), |p| mib(p["memory_bytes"]
+                    .as_f64()
+                    .unwrap_or(0.0))),
+            );
+        }
+    }
+    o
+}
+
+pub fn run(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
+    let v = fetch(admin, "/api/services")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", render(&v));
+    }
+    Ok(())
+}

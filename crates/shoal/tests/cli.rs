@@ -1,0 +1,216 @@
+//! The `shoal` binary end to end: check, run, reload, shutdown, metrics, admin auth.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn config(listen: u16, admin: u16, backends: &[u16]) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|p| format!("\"127.0.0.1:{p}\""))
+        .collect();
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[services.web]\nlisten = \"127.0.0.1:{listen}\"\nbalance = \"round-robin\"\nbackends = [{}]\n[services.web.timeouts]\ndrain = \"5s\"\n",
+        list.join(", ")
+    )
+}
+
+#[test]
+fn check_names_file_line_and_field() {
+    let dir = tempdir();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[services.web]\nlisten = \"127.0.0.1:8080\"\nbalance = \"fastest\"\n",
+    )
+    .unwrap();
+    let out = Command::new(SHOAL)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:3: services.web.balance:", path.display())),
+        "{err}"
+    );
+    assert!(err.contains("round-robin"), "lists valid names: {err}");
+
+    std::fs::write(&path, config(8080, 9900, &[9001])).unwrap();
+    let out = Command::new(SHOAL)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn example_configs_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut n = 0;
+    for e in std::fs::read_dir(&root).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let out = Command::new(SHOAL)
+                .args(["check", "--config"])
+                .arg(&p)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                p.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+}
+
+#[test]
+fn reload_under_load_fails_nothing() {
+    let dir = tempdir();
+    let (_a, pa) = demo(dir.path(), "a");
+    let (_b, pb) = demo(dir.path(), "b");
+    let (_c, pc) = demo(dir.path(), "c");
+    let (listen, admin) = (free_port(), free_port());
+    let (shoal, path) = run_shoal(dir.path(), &config(listen, admin, &[pa, pb]), listen);
+    let url = format!("http://127.0.0.1:{listen}/work?cpu_ms=0&sleep_ms=5");
+    let loader = std::thread::spawn(move || load(&url, 200, 5));
+    std::thread::sleep(Duration::from_millis(1000));
+    // Swap b for c via SIGHUP, then an invalid file (refused), then back via the admin API.
+    std::fs::write(&path, config(listen, admin, &[pa, pc])).unwrap();
+    shoal.signal("HUP");
+    std::thread::sleep(Duration::from_millis(1000));
+    std::fs::write(&path, "this is not toml").unwrap();
+    shoal.signal("HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&path, config(listen, admin, &[pb, pc])).unwrap();
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let (s, body) = http(
+        admin_addr,
+        "POST",
+        "/api/reload",
+        &[("Authorization", "Bearer test-token")],
+        "",
+    );
+    assert_eq!(s, 200, "{body}");
+    let report = loader.join().unwrap();
+    assert_eq!(report["errors"]["total"], 0, "{report}");
+    assert!(report["ok"].as_u64().unwrap() >= 900, "{report}");
+    let (_, m) = get(admin, "/metrics");
+    assert!(m.contains("shoal_config_reloads_total 2"), "{m}");
+    assert!(m.contains("shoal_config_reload_failures_total 1"), "{m}");
+    let (_, api) = get(admin, "/api/services/web");
+    assert!(
+        api.contains(&format!("127.0.0.1:{pc}")) && !api.contains(&format!("\"127.0.0.1:{pa}\"")),
+        "{api}"
+    );
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let dir = tempdir();
+    let (_a, pa) = demo(dir.path(), "a");
+    let (listen, admin) = (free_port(), free_port());
+    let (mut shoal, _) = run_shoal(dir.path(), &config(listen, admin, &[pa]), listen);
+    let slow = std::thread::spawn(move || get(listen, "/work?cpu_ms=0&sleep_ms=1500"));
+    std::thread::sleep(Duration::from_millis(300));
+    shoal.signal("TERM");
+    // New connections are refused soon after the signal...
+    let refused = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        std::net::TcpStream::connect(("127.0.0.1", listen)).is_err()
+    });
+    assert!(refused, "still accepting after SIGTERM");
+    // ...while the request in flight completes.
+    let (s, body) = slow.join().unwrap();
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(shoal.wait_exit(10), Some(0));
+}
+
+#[test]
+fn metrics_pass_promtool_and_mutations_need_the_token() {
+    let dir = tempdir();
+    let (_a, pa) = demo(dir.path(), "a");
+    let (listen, admin) = (free_port(), free_port());
+    let (_shoal, _) = run_shoal(dir.path(), &config(listen, admin, &[pa]), listen);
+    for _ in 0..5 {
+        assert_eq!(get(listen, "/work?cpu_ms=1").0, 200);
+    }
+    let (s, metrics) = get(admin, "/metrics");
+    assert_eq!(s, 200);
+    for name in [
+        "shoal_requests_total{service=\"web\",instance=",
+        "shoal_request_duration_seconds_bucket{service=\"web\",le=",
+        "shoal_in_flight_requests{service=\"web\"",
+        "shoal_instances{service=\"web\",state=\"ready\"} 1",
+        "shoal_upstream_errors_total",
+        "shoal_retries_total",
+        "shoal_ejections_total",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+    }
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is required");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let (s, _) = http(
+        admin_addr,
+        "POST",
+        "/api/services/web/instances/x/drain",
+        &[],
+        "",
+    );
+    assert_eq!(s, 401);
+    let (s, _) = http(
+        admin_addr,
+        "POST",
+        "/api/services/web/instances/x/drain",
+        &[("Authorization", "Bearer wrong")],
+        "",
+    );
+    assert_eq!(s, 401);
+    let id = format!("127.0.0.1:{pa}");
+    let (s, body) = http(
+        admin_addr,
+        "POST",
+        &format!("/api/services/web/instances/{id}/drain"),
+        &[("Authorization", "Bearer test-token")],
+        "",
+    );
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(get(listen, "/").0, 503, "the only instance is draining");
+    let (s, _) = get(admin, "/");
+    assert_eq!(s, 200, "dashboard");
+}
