@@ -109,7 +109,10 @@ impl Autoscaler {
                 period_secs: cfg.scale_up_period.as_secs_f64(),
             },
             scale_down_stabilization_secs: cfg.scale_down_stabilization.as_secs_f64(),
-            burst: cfg.burst.then(BurstConfig::default),
+            burst: cfg.burst.then(|| BurstConfig {
+                duration_secs: cfg.burst_hold.as_secs_f64(),
+                ..BurstConfig::default()
+            }),
             schedule: cfg.schedule.clone(),
         };
         let history_file = spec

@@ -124,6 +124,9 @@ struct RawAutoscale {
     scale_up_period: Dur,
     #[serde(default = "default_true")]
     burst: bool,
+    /// How long burst mode holds scale-downs after the last burst reading (Knative: 60 s).
+    #[serde(default = "default_burst_hold")]
+    burst_hold: Dur,
     #[serde(default = "default_stable_window")]
     stable_window: Dur,
     #[serde(default = "default_panic_window")]
@@ -168,6 +171,9 @@ fn default_up_period() -> Dur {
 fn default_true() -> bool {
     true
 }
+fn default_burst_hold() -> Dur {
+    Dur(Duration::from_secs(60))
+}
 fn default_stable_window() -> Dur {
     Dur(Duration::from_secs(30))
 }
@@ -190,6 +196,7 @@ pub struct Autoscale {
     pub scale_up_percent: f64,
     pub scale_up_period: Duration,
     pub burst: bool,
+    pub burst_hold: Duration,
     pub stable_window: Duration,
     pub panic_window: Duration,
     pub schedule: Vec<ScheduleRule>,
@@ -458,6 +465,7 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                 scale_up_percent: a.scale_up_percent,
                 scale_up_period: a.scale_up_period.0,
                 burst: a.burst,
+                burst_hold: a.burst_hold.0,
                 stable_window: a.stable_window.0,
                 panic_window: a.panic_window.0,
                 schedule: a.schedule,

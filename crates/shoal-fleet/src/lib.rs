@@ -126,4 +126,20 @@ impl ApiExtension for Fleets {
             _ => None,
         }
     }
+
+    /// `POST /api/services/NAME/scale {"desired": N}`: manual scaling (an autoscaler, if
+    /// configured, will keep deciding from its next evaluation on).
+    fn post(&self, path: &str, body: &Value) -> Option<Result<Value, String>> {
+        let name = path
+            .strip_prefix("/api/services/")?
+            .strip_suffix("/scale")?;
+        let m = Fleets::get(self, name)?;
+        Some(match body["desired"].as_u64() {
+            Some(n) => {
+                let set = m.fleet.scale(n.min(u32::MAX as u64) as u32);
+                Ok(json!({ "desired": set }))
+            }
+            None => Err("body must be {\"desired\": N}".into()),
+        })
+    }
 }

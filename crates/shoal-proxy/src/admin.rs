@@ -229,6 +229,17 @@ async fn handle(
                 Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e),
             },
         },
+        (&Method::POST, ["api", ..]) => match authorized(&app, &req) {
+            Err(r) => r,
+            Ok(()) => match read_json::<Value>(req).await {
+                Err(r) => r,
+                Ok(body) => match app.extension_post(&path, &body) {
+                    Some(Ok(v)) => json_resp(StatusCode::OK, &v),
+                    Some(Err(e)) => error(StatusCode::BAD_REQUEST, &e),
+                    None => error(StatusCode::NOT_FOUND, "not found"),
+                },
+            },
+        },
         (&Method::GET, ["api", ..]) => match app.extension_get(&path) {
             Some(v) => json_resp(StatusCode::OK, &v),
             None => error(StatusCode::NOT_FOUND, "not found"),

@@ -24,6 +24,10 @@ pub trait Collector: Send + Sync {
 /// Something that serves extra admin API routes. Returns None for routes it does not own.
 pub trait ApiExtension: Send + Sync {
     fn get(&self, path: &str) -> Option<Value>;
+    /// A mutating call (already authorized). None: not this extension's route.
+    fn post(&self, _path: &str, _body: &Value) -> Option<Result<Value, String>> {
+        None
+    }
 }
 
 struct Running {
@@ -396,6 +400,15 @@ impl App {
             "requests": svc.metrics.requests.get(),
             "instances": instances,
         })
+    }
+
+    /// Mutating routes owned by extensions.
+    pub fn extension_post(&self, path: &str, body: &Value) -> Option<Result<Value, String>> {
+        self.extensions
+            .lock()
+            .expect("lock")
+            .iter()
+            .find_map(|x| x.post(path, body))
     }
 
     /// Routes owned by extensions (fleet, autoscaler).

@@ -3,7 +3,10 @@
 //! Endpoints:
 //! - `GET /work?cpu_ms=N&sleep_ms=M`: burn N ms of CPU time, then wait M ms; 200 with JSON
 //!   (any method is accepted, so queue workers may POST).
-//! - `GET /healthz`: 200 `ok`.
+//! - `GET /healthz`: 200 `ok` (503 during the first `DEMO_READY_DELAY_MS` ms, to model a
+//!   slow start).
+//! - `GET /stats`: `{requests, before_ready}`: requests served, and how many of them arrived
+//!   before the instance reported healthy (a correct balancer keeps that at 0).
 //! - `/echo`: 200 with JSON describing the request (method, URI, headers, body).
 //! - `/slow?ms=N`: wait N ms, then 200.
 //! - `/status/{code}`: answer with that status (200–599).
@@ -19,6 +22,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -54,6 +58,8 @@ pub struct DemoConfig {
     pub instance: String,
     /// How many `/work` CPU burns may run at once; 1 bounds an instance to about one core.
     pub cpu_slots: usize,
+    /// `/healthz` fails for this long after start (env `DEMO_READY_DELAY_MS`).
+    pub ready_delay: Duration,
 }
 
 impl Default for DemoConfig {
@@ -61,6 +67,7 @@ impl Default for DemoConfig {
         Self {
             instance: "demo".to_owned(),
             cpu_slots: 1,
+            ready_delay: Duration::ZERO,
         }
     }
 }
@@ -73,6 +80,12 @@ impl DemoConfig {
             if !id.is_empty() {
                 cfg.instance = id;
             }
+        }
+        if let Some(ms) = std::env::var("DEMO_READY_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            cfg.ready_delay = Duration::from_millis(ms);
         }
         cfg
     }
@@ -120,6 +133,10 @@ where
     let state = Arc::new(State {
         instance: cfg.instance,
         cpu: Arc::new(Semaphore::new(cfg.cpu_slots.max(1))),
+        ready_at: Instant::now() + cfg.ready_delay,
+        healthy_seen: AtomicBool::new(false),
+        requests: AtomicU64::new(0),
+        before_ready: AtomicU64::new(0),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
@@ -170,6 +187,11 @@ fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
 struct State {
     instance: String,
     cpu: Arc<Semaphore>,
+    ready_at: Instant,
+    /// Set once `/healthz` has answered 200.
+    healthy_seen: AtomicBool,
+    requests: AtomicU64,
+    before_ready: AtomicU64,
 }
 
 async fn serve_conn(stream: TcpStream, state: Arc<State>, mut stop: watch::Receiver<bool>) {
@@ -202,8 +224,27 @@ async fn handle(
     let query = req.uri().query().map(str::to_owned);
     let query = query.as_deref();
     let path = req.uri().path();
+    if path != "/healthz" && path != "/stats" {
+        state.requests.fetch_add(1, Ordering::Relaxed);
+        if !state.healthy_seen.load(Ordering::Relaxed) {
+            state.before_ready.fetch_add(1, Ordering::Relaxed);
+        }
+    }
     let resp = match path {
-        "/healthz" => text(StatusCode::OK, "ok"),
+        "/healthz" if Instant::now() < state.ready_at => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+        }
+        "/healthz" => {
+            state.healthy_seen.store(true, Ordering::Relaxed);
+            text(StatusCode::OK, "ok")
+        }
+        "/stats" => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "requests": state.requests.load(Ordering::Relaxed),
+                "before_ready": state.before_ready.load(Ordering::Relaxed),
+            }),
+        ),
         "/work" => work(&state, query).await,
         "/echo" => echo(req).await,
         "/slow" => match query_u64(query, "ms", MAX_SLEEP_MS) {

@@ -1,0 +1,780 @@
+//! The predictive policy: forecast demand, launch capacity one startup time ahead.
+//!
+//! Each evaluation feeds total demand into per-minute history buckets keyed by
+//! wall-clock time, so the history can be exported ([`PredictivePolicy::history`]),
+//! persisted and imported ([`PredictivePolicy::with_history`]) across restarts.
+//! Once `min_history_secs` (24 h) of history exist, a [`SeasonalModel`] is fit
+//! (MSTL seasonality + SES level, see [`forecast`]) and refit every `refit_secs`.
+//! The policy then asks for
+//!
+//! `need = ceil(max over [now, now + startup + interval] of upper(b) / capacity)`
+//!
+//! where `upper(b)` is the point forecast plus the `q` quantile of the model's own
+//! recent out-of-sample errors at the startup horizon, taken in its
+//! variance-stabilized space and by forecast level: headroom comes from measured
+//! uncertainty rather than a fixed target (the point forecast at the target
+//! utilization is only a floor). Scale-down follows the forecast, held for
+//! `scale_down_delay_secs` (ski rental: relaunching would cost a startup time).
+//! The reactive policy runs underneath at full utilization as a safety net, and
+//! the larger answer wins, so surprises are still handled.
+//!
+//! **Budget**: the reactive policy also runs in shadow on a virtual fleet of its
+//! own; `q` adapts slowly so that this policy spends at most `budget` × the
+//! instance-time reactive would, and puts that capacity where the forecast is
+//! least certain. (With a fixed `q`, a trace with little noise would be
+//! over-provisioned and a noisy one under-provisioned relative to reactive.)
+//!
+//! Falls back to reactive alone before enough history, and whenever the model's
+//! error over the last 6 h is worse than `max_error_ratio` × a persistence
+//! forecast's (e.g. after an outage). `ForecastOnly` mode reports the forecast but
+//! lets reactive act.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::forecast::{self, FitOptions, SeasonalModel, Seasonality, Transform};
+use crate::reactive::{apply_bounds, direction, ReactiveConfig, ReactivePolicy};
+use crate::{Decision, Error, Observation, Policy, PolicyParams, Reason};
+
+/// Time scale of the budget controller, seconds.
+const BUDGET_GAIN_SECS: f64 = 6.0 * 3600.0;
+
+/// Whether the forecast acts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PredictiveMode {
+    /// Forecast and report (in decisions and metrics); reactive decides.
+    ForecastOnly,
+    /// Forecast and scale on it (combined with reactive by maximum).
+    ForecastAndScale,
+}
+
+/// Configuration of the predictive policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PredictiveConfig {
+    /// Report only, or act.
+    pub mode: PredictiveMode,
+    /// Requests/s one instance can serve at full utilization.
+    pub capacity_rps: f64,
+    /// Seconds from launch to ready: capacity is launched this far ahead.
+    pub startup_secs: f64,
+    /// Seconds between evaluations (the live autoscaler: 1; the simulator: 15).
+    pub interval_secs: f64,
+    /// Forecast horizon for reports ([`PredictivePolicy::forecast`]), seconds;
+    /// clamped to [2 × startup, 48 h].
+    pub horizon_secs: f64,
+    /// History needed before the forecast acts, seconds (default 24 h).
+    pub min_history_secs: f64,
+    /// History bucket length, seconds.
+    pub bucket_secs: f64,
+    /// History kept (and exported), days.
+    pub max_history_days: f64,
+    /// Refit the seasonal model this often, seconds.
+    pub refit_secs: f64,
+    /// Coverage of the upper bound the capacity is sized for (e.g. 0.99: demand
+    /// exceeds it in about 1% of minutes); the starting point when `budget` adapts
+    /// it.
+    pub quantile: f64,
+    /// Seasonal periods (detected by default).
+    pub seasonality: Seasonality,
+    /// Transform; `None` chooses by backtest at each refit.
+    pub transform: Option<Transform>,
+    /// Fall back to reactive when the model's error over the last 6 h exceeds this
+    /// multiple of a persistence forecast's.
+    pub max_error_ratio: f64,
+    /// The reactive policy: it decides alone before enough history, when the
+    /// forecast is poor and in forecast-only mode; its `min`, `max` and `schedule`
+    /// bound every result.
+    pub reactive: ReactiveConfig,
+    /// While the forecast acts, the reactive policy still runs underneath as a
+    /// safety net, with its targets multiplied by this factor (default
+    /// 1 / target utilization: it acts when demand exceeds capacity)...
+    pub safety_target_scale: f64,
+    /// ...and this (short) scale-down stabilization, seconds: the forecast decides
+    /// scale-down.
+    pub safety_stabilization_secs: f64,
+    /// A scale-down on the forecast waits this long (the highest count wanted in
+    /// the window is kept), seconds; default: the larger of the startup time and
+    /// 300 s.
+    pub scale_down_delay_secs: f64,
+    /// The forecast capacity is at least the point forecast at this utilization
+    /// (target tracking on the forecast); the quantile headroom adds to it where
+    /// the forecast is uncertain. `None`: quantile headroom only.
+    pub target_utilization: Option<f64>,
+    /// Spend at most this fraction of the instance-time the reactive policy would
+    /// (it runs in shadow; exponentially weighted over `budget_window_secs`): the
+    /// quantile adapts within [0.9, 0.999] to put that budget where the forecast is
+    /// least certain. `None`: the fixed `quantile`.
+    pub budget: Option<f64>,
+    /// Time constant of the budget's spending average, seconds.
+    pub budget_window_secs: f64,
+}
+
+impl Default for PredictiveConfig {
+    fn default() -> Self {
+        Self::for_params(&PolicyParams::default(), PredictiveMode::ForecastAndScale)
+    }
+}
+
+impl PredictiveConfig {
+    /// Defaults for a fleet described by `params`.
+    pub fn for_params(params: &PolicyParams, mode: PredictiveMode) -> Self {
+        let reactive = ReactiveConfig::for_rps(params);
+        Self {
+            mode,
+            capacity_rps: params.capacity_rps,
+            startup_secs: params.startup_secs,
+            interval_secs: params.interval_secs,
+            horizon_secs: 48.0 * 3600.0,
+            min_history_secs: 86_400.0,
+            bucket_secs: 60.0,
+            max_history_days: 28.0,
+            refit_secs: 6.0 * 3600.0,
+            quantile: 0.99,
+            seasonality: Seasonality::Auto,
+            transform: None,
+            max_error_ratio: 1.3,
+            reactive,
+            safety_target_scale: 1.0 / params.target_utilization,
+            safety_stabilization_secs: 0.0,
+            scale_down_delay_secs: params.startup_secs.max(300.0),
+            target_utilization: Some(params.target_utilization),
+            budget: Some(0.99),
+            budget_window_secs: 86_400.0,
+        }
+    }
+
+    /// Check ranges; errors name the field.
+    pub fn validate(&self) -> Result<(), Error> {
+        let check = |ok: bool, field: &'static str, message: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::Invalid {
+                    field,
+                    message: message.to_string(),
+                })
+            }
+        };
+        check(self.capacity_rps > 0.0, "capacity_rps", "must be > 0")?;
+        check(self.startup_secs >= 0.0, "startup_secs", "must be ≥ 0")?;
+        check(self.interval_secs > 0.0, "interval_secs", "must be > 0")?;
+        check(self.bucket_secs >= 1.0, "bucket_secs", "must be ≥ 1")?;
+        check(self.refit_secs > 0.0, "refit_secs", "must be > 0")?;
+        check(
+            self.quantile > 0.5 && self.quantile < 1.0,
+            "quantile",
+            "must be in (0.5, 1)",
+        )?;
+        check(
+            self.min_history_secs >= 0.0,
+            "min_history_secs",
+            "must be ≥ 0",
+        )?;
+        check(
+            self.max_history_days * 86_400.0 >= self.min_history_secs,
+            "max_history_days",
+            "must hold at least min_history_secs",
+        )?;
+        check(
+            self.safety_target_scale > 0.0,
+            "safety_target_scale",
+            "must be > 0",
+        )?;
+        check(
+            self.safety_stabilization_secs >= 0.0,
+            "safety_stabilization_secs",
+            "must be ≥ 0",
+        )?;
+        self.reactive.validate()
+    }
+}
+
+/// Exportable demand history: mean requests/s per wall-clock bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    /// Bucket length, seconds.
+    pub bucket_secs: f64,
+    /// Index of the first bucket: its start is `start_bucket × bucket_secs` seconds
+    /// since the Unix epoch.
+    pub start_bucket: i64,
+    /// Mean demand per bucket; `None` where nothing was observed.
+    pub values: Vec<Option<f32>>,
+}
+
+/// One point of [`PredictivePolicy::forecast`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ForecastPoint {
+    /// Bucket start, seconds since the Unix epoch.
+    pub epoch_secs: f64,
+    /// Point forecast, requests/s.
+    pub rps: f64,
+    /// Upper bound at the configured quantile, requests/s.
+    pub upper_rps: f64,
+}
+
+/// The predictive policy: see the module docs.
+#[derive(Debug, Clone)]
+pub struct PredictivePolicy {
+    name: String,
+    config: PredictiveConfig,
+    reactive: ReactivePolicy,
+    safety: ReactivePolicy,
+    /// The reactive policy on a virtual fleet of its own, to price the budget.
+    shadow: ReactivePolicy,
+    shadow_fleet: VirtualFleet,
+    start_bucket: i64,
+    values: VecDeque<Option<f64>>,
+    /// The bucket being filled: (index, sum, count).
+    open: Option<(i64, f64, u32)>,
+    model: Option<SeasonalModel>,
+    last_fit_bucket: i64,
+    /// Forecasts awaiting their bucket: (bucket, point forecast).
+    pending: VecDeque<(i64, f64)>,
+    /// Out-of-sample (forecast, actual, persistence) at the horizon, most recent last.
+    errors: VecDeque<(f64, f64, f64)>,
+    /// Headroom by forecast level: (level rps, residual quantile), by level.
+    headroom: Headroom,
+    /// The quantile in force (adapted to the budget when one is set).
+    quantile: f64,
+    /// Exponentially weighted instance-seconds: (own, reactive's), while the
+    /// forecast acts.
+    spend: (f64, f64),
+    last_now: Option<f64>,
+    /// (time, combined recommendation) within `scale_down_delay_secs`.
+    recent: VecDeque<(f64, u32)>,
+    poor: bool,
+    last_wall: Option<f64>,
+}
+
+impl PredictivePolicy {
+    /// A policy with empty history.
+    pub fn new(name: &str, config: PredictiveConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let reactive = ReactivePolicy::new(name, config.reactive.clone())?;
+        let mut safety_config = config.reactive.clone();
+        for t in &mut safety_config.targets {
+            t.target *= config.safety_target_scale;
+        }
+        safety_config.scale_down_stabilization_secs = config.safety_stabilization_secs;
+        let safety = ReactivePolicy::new(name, safety_config)?;
+        let quantile = config.quantile;
+        let shadow = ReactivePolicy::new(name, config.reactive.clone())?;
+        Ok(Self {
+            shadow,
+            shadow_fleet: VirtualFleet::default(),
+            safety,
+            name: name.to_string(),
+            config,
+            reactive,
+            start_bucket: 0,
+            values: VecDeque::new(),
+            open: None,
+            model: None,
+            last_fit_bucket: i64::MIN,
+            pending: VecDeque::new(),
+            errors: VecDeque::new(),
+            headroom: Headroom::default(),
+            quantile,
+            spend: (0.0, 0.0),
+            last_now: None,
+            recent: VecDeque::new(),
+            poor: false,
+            last_wall: None,
+        })
+    }
+
+    /// A policy that starts from an exported [`History`] (e.g. after a restart).
+    pub fn with_history(
+        name: &str,
+        config: PredictiveConfig,
+        history: &History,
+    ) -> Result<Self, Error> {
+        if (history.bucket_secs - config.bucket_secs).abs() > 1e-9 {
+            return Err(Error::Invalid {
+                field: "history",
+                message: format!(
+                    "bucket of {} s, the config uses {} s",
+                    history.bucket_secs, config.bucket_secs
+                ),
+            });
+        }
+        let mut p = Self::new(name, config)?;
+        p.start_bucket = history.start_bucket;
+        p.values = history.values.iter().map(|v| v.map(f64::from)).collect();
+        p.trim();
+        Ok(p)
+    }
+
+    /// The demand history, for persistence (the open bucket is not included).
+    pub fn history(&self) -> History {
+        History {
+            bucket_secs: self.config.bucket_secs,
+            start_bucket: self.start_bucket,
+            values: self.values.iter().map(|v| v.map(|x| x as f32)).collect(),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &PredictiveConfig {
+        &self.config
+    }
+
+    /// What the current model chose, if one is fit.
+    pub fn model_summary(&self) -> Option<&forecast::FitSummary> {
+        self.model.as_ref().map(|m| m.summary())
+    }
+
+    /// Own instance-time over the reactive policy's (shadow), exponentially
+    /// weighted; `None` before the forecast acts or without a budget.
+    pub fn spend_ratio(&self) -> Option<f64> {
+        (self.spend.1 > 0.0).then(|| self.spend.0 / self.spend.1)
+    }
+
+    /// The quantile the capacity is sized for now (equal to the configured one
+    /// unless a budget adapts it).
+    pub fn quantile(&self) -> f64 {
+        self.quantile
+    }
+
+    /// Seconds of history held.
+    pub fn history_secs(&self) -> f64 {
+        self.values.len() as f64 * self.config.bucket_secs
+    }
+
+    fn bucket_of(&self, wall: f64) -> i64 {
+        (wall / self.config.bucket_secs).floor() as i64
+    }
+
+    fn horizon_buckets(&self) -> i64 {
+        ((self.config.startup_secs + self.config.interval_secs) / self.config.bucket_secs).ceil()
+            as i64
+    }
+
+    fn trim(&mut self) {
+        let keep = (self.config.max_history_days * 86_400.0 / self.config.bucket_secs) as usize;
+        while self.values.len() > keep.max(1) {
+            self.values.pop_front();
+            self.start_bucket += 1;
+        }
+    }
+
+    fn end_bucket(&self) -> i64 {
+        self.start_bucket + self.values.len() as i64
+    }
+
+    /// Close bucket `b` with value `v` (and any skipped buckets as missing).
+    fn close_bucket(&mut self, b: i64, v: Option<f64>) {
+        if self.values.is_empty() {
+            self.start_bucket = b;
+        }
+        let h = self.horizon_buckets();
+        while self.end_bucket() < b {
+            let gap = self.end_bucket();
+            self.values.push_back(None);
+            if let Some(m) = self.model.as_mut() {
+                m.update(gap, None);
+            }
+        }
+        if self.end_bucket() > b {
+            return; // clock went backwards: ignore
+        }
+        self.values.push_back(v);
+        // Score the forecast made h buckets ago for this bucket.
+        while self.pending.front().is_some_and(|&(t, _)| t < b) {
+            self.pending.pop_front();
+        }
+        if let (Some(&(t, f)), Some(actual)) = (self.pending.front(), v) {
+            if t == b {
+                let persist = self
+                    .values
+                    .get((b - h - self.start_bucket).max(0) as usize)
+                    .copied()
+                    .flatten()
+                    .unwrap_or(actual);
+                self.errors.push_back((f, actual, persist));
+                let keep = (7.0 * 86_400.0 / self.config.bucket_secs) as usize;
+                while self.errors.len() > keep {
+                    self.errors.pop_front();
+                }
+            }
+        }
+        if let Some(m) = self.model.as_mut() {
+            m.update(b, v);
+            self.pending.push_back((b + h, m.point(b + h)));
+        }
+        self.trim();
+        self.check_quality();
+    }
+
+    /// Compare the model with persistence over the last 6 h of scored forecasts.
+    fn check_quality(&mut self) {
+        let window = (6.0 * 3600.0 / self.config.bucket_secs) as usize;
+        let recent = self.errors.iter().rev().take(window);
+        let (mut model, mut naive, mut n) = (0.0, 0.0, 0usize);
+        for &(f, a, p) in recent {
+            model += (a - f).abs();
+            naive += (a - p).abs();
+            n += 1;
+        }
+        self.poor = n >= window / 4 && model > self.config.max_error_ratio * naive;
+    }
+
+    fn refit(&mut self, now_bucket: i64) {
+        let values: Vec<Option<f64>> = self.values.iter().copied().collect();
+        let opts = FitOptions {
+            bucket_secs: self.config.bucket_secs,
+            seasonality: self.config.seasonality,
+            transform: self.config.transform,
+            horizon_buckets: self.horizon_buckets() as usize,
+            quantile: self.config.quantile,
+            ..FitOptions::default()
+        };
+        self.last_fit_bucket = now_bucket;
+        let Some(model) = forecast::fit(&values, self.start_bucket, &opts) else {
+            return;
+        };
+        // Headroom: quantiles of live out-of-sample errors once a day of them
+        // exists (in-sample before), by forecast level.
+        let day = (86_400.0 / self.config.bucket_secs) as usize;
+        let pairs: Vec<(f64, f64)> = if self.errors.len() >= day {
+            self.errors
+                .iter()
+                .map(|&(f, a, _)| (f, model.residual(f, a)))
+                .collect()
+        } else {
+            model.in_sample_residuals().to_vec()
+        };
+        self.headroom = Headroom::new(pairs);
+        self.model = Some(model);
+    }
+
+    /// Add the observation's demand (which covers the time since the previous
+    /// evaluation) to its bucket; close a bucket as soon as its end is observed.
+    fn ingest(&mut self, obs: &Observation) -> i64 {
+        let wall = obs.wall_epoch_secs;
+        let since = self
+            .last_wall
+            .filter(|&w| w < wall && wall - w <= 4.0 * self.config.interval_secs)
+            .unwrap_or(wall - self.config.interval_secs);
+        self.last_wall = Some(wall);
+        let b = self.bucket_of((since + wall) / 2.0);
+        if let Some((ob, sum, count)) = self.open {
+            if ob != b {
+                self.open = None;
+                self.close_bucket(ob, (count > 0).then(|| sum / f64::from(count)));
+            }
+        }
+        let open = self.open.get_or_insert((b, 0.0, 0));
+        if let Some(d) = obs.demand_rps.filter(|d| d.is_finite() && *d >= 0.0) {
+            open.1 += d;
+            open.2 += 1;
+        }
+        if wall >= (b + 1) as f64 * self.config.bucket_secs - 1e-6 {
+            if let Some((ob, sum, count)) = self.open.take() {
+                self.close_bucket(ob, (count > 0).then(|| sum / f64::from(count)));
+            }
+        }
+        self.bucket_of(wall)
+    }
+
+    /// Adapt the quantile so that the own spend tracks `budget` × the reactive
+    /// policy's (in shadow): overspending lowers the quantile, underspending raises it.
+    fn track_budget(&mut self, obs: &Observation, dt: f64, own: u32) {
+        let Some(budget) = self.config.budget else {
+            return;
+        };
+        let reactive = self
+            .shadow_fleet
+            .step(obs, &mut self.shadow, self.config.startup_secs);
+        let decay = (-dt / self.config.budget_window_secs).exp();
+        self.spend.0 = self.spend.0 * decay + f64::from(own) * dt;
+        self.spend.1 = self.spend.1 * decay + f64::from(reactive) * dt;
+        if self.spend.1 <= 0.0 {
+            return;
+        }
+        let ratio = self.spend.0 / self.spend.1;
+        // The tail (1 − q) moves by e^(dt/6 h) per unit of relative error: slow
+        // enough that q stays steady over a day.
+        let tail = (1.0 - self.quantile) * ((ratio - budget) * dt / BUDGET_GAIN_SECS).exp();
+        self.quantile = 1.0 - tail.clamp(0.001, 0.1);
+    }
+
+    /// The forecast from now (`wall_epoch_secs`) for the configured horizon, one
+    /// point per bucket; empty before a model is fit.
+    pub fn forecast(&self, wall_epoch_secs: f64) -> Vec<ForecastPoint> {
+        let Some(m) = &self.model else {
+            return Vec::new();
+        };
+        let horizon = self
+            .config
+            .horizon_secs
+            .clamp(2.0 * self.config.startup_secs, 48.0 * 3600.0);
+        let b0 = self.bucket_of(wall_epoch_secs);
+        let n = (horizon / self.config.bucket_secs).ceil() as i64;
+        (b0..=b0 + n)
+            .map(|b| ForecastPoint {
+                epoch_secs: b as f64 * self.config.bucket_secs,
+                rps: m.point(b),
+                upper_rps: m.upper(b, self.headroom.at(m.point(b), self.quantile)),
+            })
+            .collect()
+    }
+}
+
+impl Policy for PredictivePolicy {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn evaluate(&mut self, obs: &Observation) -> Decision {
+        let dt = self.last_now.map_or(0.0, |t| {
+            (obs.now_secs - t).clamp(0.0, 4.0 * self.config.interval_secs)
+        });
+        self.last_now = Some(obs.now_secs);
+        let now_bucket = self.ingest(obs);
+        let refit_buckets = (self.config.refit_secs / self.config.bucket_secs).ceil() as i64;
+        if self.history_secs() >= self.config.min_history_secs
+            && now_bucket.saturating_sub(self.last_fit_bucket) >= refit_buckets
+        {
+            self.refit(now_bucket);
+        }
+        let mut reactive = self.reactive.evaluate(obs);
+        reactive.policy = self.name.clone();
+        let safety = self.safety.evaluate(obs);
+        let Some(model) = &self.model else {
+            reactive.detail = format!(
+                "{}; forecast learning ({:.1} h of {:.1} h history)",
+                reactive.detail,
+                self.history_secs() / 3600.0,
+                self.config.min_history_secs / 3600.0
+            );
+            return reactive;
+        };
+        let cfg = &self.config;
+        let ahead = self.bucket_of(obs.wall_epoch_secs + cfg.startup_secs);
+        reactive.forecast_rps = Some(model.point(ahead));
+        let last = self.bucket_of(obs.wall_epoch_secs + cfg.startup_secs + cfg.interval_secs);
+        let (mut peak, mut peak_b) = (0.0f64, now_bucket);
+        let floor = cfg.target_utilization.map_or(0.0, |u| 1.0 / u);
+        for b in now_bucket..=last {
+            let point = model.point(b);
+            let u = model
+                .upper(b, self.headroom.at(point, self.quantile))
+                .max(point * floor);
+            if u > peak {
+                (peak, peak_b) = (u, b);
+            }
+        }
+        let need = (peak / cfg.capacity_rps - 1e-9).ceil().max(0.0) as u32;
+        if cfg.mode == PredictiveMode::ForecastOnly || self.poor {
+            let why = if self.poor {
+                "forecast poor, reactive decides"
+            } else {
+                "forecast only"
+            };
+            reactive.detail = format!(
+                "{}; {why}: forecast {:.3} rps in {:.0}s would need {need}",
+                reactive.detail,
+                model.point(ahead),
+                cfg.startup_secs
+            );
+            return reactive;
+        }
+        let current = obs.current_desired;
+        let forecast_rps = reactive.forecast_rps;
+        let reactive = safety;
+        let (desired, reason, detail) = if need >= reactive.desired {
+            let mins = (peak_b - now_bucket) as f64 * cfg.bucket_secs / 60.0;
+            (
+                need,
+                if need == current {
+                    Reason::Steady
+                } else {
+                    Reason::Predictive
+                },
+                format!(
+                    "forecast upper {peak:.3} rps (q{}) in {mins:.0} min -> {need}; reactive {}",
+                    cfg.quantile, reactive.desired
+                ),
+            )
+        } else {
+            (
+                reactive.desired,
+                reactive.reason,
+                format!("{}; forecast needs {need}", reactive.detail),
+            )
+        };
+        // Ski rental: a surplus instance is kept for `scale_down_delay_secs` (a
+        // startup time by default) before it goes, since relaunching it would cost
+        // as much and take as long.
+        let now = obs.now_secs;
+        let delay = self.config.scale_down_delay_secs;
+        while self.recent.front().is_some_and(|&(t, _)| t <= now - delay) {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((now, desired));
+        let held = self
+            .recent
+            .iter()
+            .map(|r| r.1)
+            .max()
+            .unwrap_or(desired)
+            .min(current);
+        let (desired, reason, detail) = if held > desired {
+            (
+                held,
+                Reason::Stabilized,
+                format!("{detail}; holding {held} for {delay:.0}s"),
+            )
+        } else {
+            (desired, reason, detail)
+        };
+        let (desired, reason, detail) = apply_bounds(
+            desired,
+            reason,
+            detail,
+            self.reactive.bounds_at(obs.wall_epoch_secs),
+        );
+        self.track_budget(obs, dt, desired);
+        Decision {
+            policy: self.name.clone(),
+            desired,
+            direction: direction(desired, current),
+            reason,
+            detail,
+            inputs: obs.clone(),
+            forecast_rps,
+        }
+    }
+}
+
+/// Forecast-error quantiles by forecast level: the (level, residual) pairs are
+/// split into equal-count bins by level and each bin keeps its sorted residuals,
+/// so the bound follows the noise wherever it is level-dependent and any quantile
+/// can be read at once.
+#[derive(Debug, Clone, Default)]
+struct Headroom {
+    /// (median level, residuals sorted ascending), by level.
+    bins: Vec<(f64, Vec<f64>)>,
+}
+
+impl Headroom {
+    fn new(mut pairs: Vec<(f64, f64)>) -> Self {
+        const PER_BIN: usize = 1500;
+        const MAX_BINS: usize = 6;
+        if pairs.is_empty() {
+            return Self::default();
+        }
+        pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let bins = (pairs.len() / PER_BIN).clamp(1, MAX_BINS);
+        let size = pairs.len().div_ceil(bins);
+        let bins = pairs
+            .chunks(size)
+            .map(|chunk| {
+                let level = chunk[chunk.len() / 2].0;
+                let mut r: Vec<f64> = chunk.iter().map(|p| p.1).collect();
+                r.sort_by(f64::total_cmp);
+                (level, r)
+            })
+            .collect();
+        Self { bins }
+    }
+
+    fn bin_quantile(sorted: &[f64], q: f64) -> f64 {
+        if sorted.is_empty() {
+            return 0.0;
+        }
+        let k = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+        sorted[k]
+    }
+
+    /// The `q` quantile of the residuals at forecast level `f` (linear between
+    /// bin levels, flat outside).
+    fn at(&self, f: f64, q: f64) -> f64 {
+        let bins = &self.bins;
+        match bins.len() {
+            0 => 0.0,
+            1 => Self::bin_quantile(&bins[0].1, q),
+            n => {
+                let i = bins.partition_point(|(level, _)| *level <= f);
+                if i == 0 {
+                    return Self::bin_quantile(&bins[0].1, q);
+                }
+                if i == n {
+                    return Self::bin_quantile(&bins[n - 1].1, q);
+                }
+                let (x0, y0) = (bins[i - 1].0, Self::bin_quantile(&bins[i - 1].1, q));
+                let (x1, y1) = (bins[i].0, Self::bin_quantile(&bins[i].1, q));
+                if x1 > x0 {
+                    y0 + (y1 - y0) * (f - x0) / (x1 - x0)
+                } else {
+                    y0.max(y1)
+                }
+            }
+        }
+    }
+}
+
+/// A model fleet run by the shadow reactive policy: what reactive alone would
+/// have running, from the same demand (per-instance metrics rescaled to it).
+#[derive(Debug, Clone, Default)]
+struct VirtualFleet {
+    ready: u32,
+    /// (ready at, count), in launch order.
+    starting: VecDeque<(f64, u32)>,
+    started: bool,
+}
+
+impl VirtualFleet {
+    /// Evaluate `policy` on this fleet for `obs`'s demand; returns the instances
+    /// (starting + ready) it holds afterwards.
+    fn step(&mut self, obs: &Observation, policy: &mut ReactivePolicy, startup: f64) -> u32 {
+        let now = obs.now_secs;
+        if !self.started {
+            self.started = true;
+            self.ready = obs.ready;
+            if obs.starting > 0 {
+                self.starting.push_back((now + startup, obs.starting));
+            }
+        }
+        while self.starting.front().is_some_and(|&(at, _)| at <= now) {
+            self.ready += self.starting.pop_front().map_or(0, |s| s.1);
+        }
+        let n_starting: u32 = self.starting.iter().map(|s| s.1).sum();
+        let scale =
+            (self.ready > 0 && obs.ready > 0).then(|| f64::from(obs.ready) / f64::from(self.ready));
+        let mut view = obs.clone();
+        view.ready = self.ready;
+        view.starting = n_starting;
+        view.current_desired = self.ready + n_starting;
+        for m in &mut view.metrics {
+            if m.kind != crate::MetricKind::LatencyP95 {
+                m.stable = m.stable.and_then(|v| scale.map(|k| v * k));
+                m.panic = m.panic.and_then(|v| scale.map(|k| v * k));
+            }
+        }
+        let desired = policy.evaluate(&view).desired;
+        let current = self.ready + n_starting;
+        if desired > current {
+            self.starting.push_back((now + startup, desired - current));
+        } else {
+            let mut remove = current - desired;
+            while remove > 0 {
+                let Some(back) = self.starting.back_mut() else {
+                    break;
+                };
+                let take = back.1.min(remove);
+                back.1 -= take;
+                remove -= take;
+                if back.1 == 0 {
+                    self.starting.pop_back();
+                }
+            }
+            self.ready -= remove.min(self.ready);
+        }
+        desired
+    }
+}

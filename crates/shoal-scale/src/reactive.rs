@@ -1,0 +1,676 @@
+//! Reactive target tracking with HPA semantics and a Knative-style burst mode.
+//!
+//! Per metric: `desired = ceil(ready × current / target)` over ready instances only
+//! (warming instances are excluded from the average and from the base count), no
+//! change within the tolerance (10%), and the largest recommendation over the
+//! metrics wins. Scale-up is rate limited (default: the larger of +4 instances or
+//! +100% per 15 s); scale-down takes the highest recommendation of the
+//! stabilization window (default 300 s). Missing metrics never cause a scale-down.
+//!
+//! Burst mode: when the panic-window (6 s) recommendation is at least `threshold`
+//! (2×) the ready count, scale up at once (no rate limit) and never scale down until
+//! `duration_secs` (60 s) after the last such reading.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::schedule::{scheduled_min, ScheduleRule};
+use crate::{
+    Decision, Direction, Error, MetricKind, MetricTarget, Observation, Policy, PolicyParams, Reason,
+};
+
+/// A scale-up rate policy: per period, the larger of `+pods` and `+percent`%.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RatePolicy {
+    /// Instances that may be added per period.
+    pub pods: u32,
+    /// Percent of the count at the start of the period that may be added.
+    pub percent: f64,
+    /// The period, seconds.
+    pub period_secs: f64,
+}
+
+impl Default for RatePolicy {
+    fn default() -> Self {
+        Self {
+            pods: 4,
+            percent: 100.0,
+            period_secs: 15.0,
+        }
+    }
+}
+
+/// Burst ("panic") mode settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BurstConfig {
+    /// Enter burst mode when the panic-window recommendation is at least this
+    /// multiple of the ready count.
+    pub threshold: f64,
+    /// Stay in burst mode this long after the last reading over the threshold.
+    pub duration_secs: f64,
+}
+
+impl Default for BurstConfig {
+    fn default() -> Self {
+        Self {
+            threshold: 2.0,
+            duration_secs: 60.0,
+        }
+    }
+}
+
+/// Configuration of the reactive autoscaler.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReactiveConfig {
+    /// Per-instance targets; the largest recommendation wins.
+    pub targets: Vec<MetricTarget>,
+    /// No change while every current/target ratio is within 1 ± tolerance.
+    pub tolerance: f64,
+    /// Lower bound on the count.
+    pub min: u32,
+    /// Upper bound on the count.
+    pub max: u32,
+    /// Scale-up rate policy.
+    pub scale_up: RatePolicy,
+    /// Scale-down stabilization window, seconds: a scale-down goes only as low as
+    /// the highest recommendation in the window.
+    pub scale_down_stabilization_secs: f64,
+    /// Burst mode; `None` disables it.
+    pub burst: Option<BurstConfig>,
+    /// Scheduled minimum overrides (UTC).
+    pub schedule: Vec<ScheduleRule>,
+}
+
+impl Default for ReactiveConfig {
+    fn default() -> Self {
+        Self {
+            targets: vec![MetricTarget {
+                kind: MetricKind::Cpu,
+                target: 0.7,
+            }],
+            tolerance: 0.1,
+            min: 1,
+            max: 10_000,
+            scale_up: RatePolicy::default(),
+            scale_down_stabilization_secs: 300.0,
+            burst: Some(BurstConfig::default()),
+            schedule: Vec::new(),
+        }
+    }
+}
+
+impl ReactiveConfig {
+    /// HPA defaults tracking requests/s per instance at
+    /// `capacity_rps × target_utilization`, with `min`/`max` from `params`.
+    pub fn for_rps(params: &PolicyParams) -> Self {
+        Self {
+            targets: vec![MetricTarget {
+                kind: MetricKind::Rps,
+                target: params.capacity_rps * params.target_utilization,
+            }],
+            min: params.min,
+            max: params.max,
+            schedule: params.schedule.clone(),
+            ..Self::default()
+        }
+    }
+
+    /// Check ranges; errors name the field.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |field, message: String| Err(Error::Invalid { field, message });
+        if self.targets.is_empty() {
+            return invalid("targets", "at least one metric target is needed".into());
+        }
+        for t in &self.targets {
+            if !(t.target.is_finite() && t.target > 0.0) {
+                return invalid(
+                    "targets",
+                    format!("target for {} must be > 0", t.kind.as_str()),
+                );
+            }
+        }
+        if !(0.0..1.0).contains(&self.tolerance) {
+            return invalid(
+                "tolerance",
+                format!("must be in [0, 1), got {}", self.tolerance),
+            );
+        }
+        if self.min > self.max {
+            return invalid("min", format!("min {} exceeds max {}", self.min, self.max));
+        }
+        if !(self.scale_up.period_secs > 0.0 && self.scale_up.percent >= 0.0) {
+            return invalid("scale_up", "period must be > 0 and percent ≥ 0".into());
+        }
+        if !(self.scale_down_stabilization_secs >= 0.0) {
+            return invalid("scale_down_stabilization_secs", "must be ≥ 0".to_string());
+        }
+        if let Some(b) = self.burst {
+            if !(b.threshold > 1.0 && b.duration_secs >= 0.0) {
+                return invalid("burst", "threshold must be > 1, duration ≥ 0".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The reactive policy: see the module docs.
+#[derive(Debug, Clone)]
+pub struct ReactivePolicy {
+    name: String,
+    config: ReactiveConfig,
+    /// (time, raw recommendation) within the stabilization window.
+    recommendations: VecDeque<(f64, u32)>,
+    /// (time, current_desired) within the rate-policy period.
+    counts: VecDeque<(f64, u32)>,
+    /// Burst mode lasts until this time.
+    burst_until: f64,
+}
+
+/// A recommendation before bounds, with its reason.
+struct Raw {
+    desired: u32,
+    reason: Reason,
+    detail: String,
+}
+
+fn ceil_count(x: f64) -> u32 {
+    if x.is_finite() && x > 0.0 {
+        (x - 1e-9).ceil().min(u32::MAX as f64) as u32
+    } else {
+        0
+    }
+}
+
+impl ReactivePolicy {
+    /// A reactive policy named `name`.
+    pub fn new(name: &str, config: ReactiveConfig) -> Result<Self, Error> {
+        config.validate()?;
+        Ok(Self {
+            name: name.to_string(),
+            config,
+            recommendations: VecDeque::new(),
+            counts: VecDeque::new(),
+            burst_until: f64::NEG_INFINITY,
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ReactiveConfig {
+        &self.config
+    }
+
+    /// Whether burst mode is on at `now_secs`.
+    pub fn bursting(&self, now_secs: f64) -> bool {
+        now_secs < self.burst_until
+    }
+
+    fn raw(&mut self, obs: &Observation) -> Raw {
+        let current = obs.current_desired;
+        let now = obs.now_secs;
+        let tol = self.config.tolerance;
+        let ready = obs.ready;
+
+        // Per-metric target tracking over ready instances.
+        let mut missing = Vec::new();
+        let mut best: Option<(u32, MetricKind, f64)> = None;
+        let mut panic_best: u32 = 0;
+        for t in &self.config.targets {
+            let sample = obs.metric(t.kind);
+            if let Some(p) = sample.and_then(|s| s.panic) {
+                panic_best = panic_best.max(ceil_count(f64::from(ready) * p / t.target));
+            }
+            let Some(value) = sample.and_then(|s| s.stable) else {
+                missing.push(t.kind.as_str());
+                continue;
+            };
+            let ratio = value / t.target;
+            let rec = if (ratio - 1.0).abs() <= tol {
+                current
+            } else {
+                ceil_count(f64::from(ready) * ratio)
+            };
+            if best.map_or(true, |(b, _, _)| rec > b) {
+                best = Some((rec, t.kind, ratio));
+            }
+        }
+
+        if ready == 0 {
+            // No per-instance averages without ready instances: wait for the
+            // starting ones, or wake a fleet scaled to zero when demand shows up.
+            if current == 0 && obs.demand_rps.is_some_and(|d| d > 0.0) {
+                return Raw {
+                    desired: 1,
+                    reason: Reason::TargetTracking,
+                    detail: "demand with no instances: activating".into(),
+                };
+            }
+            return Raw {
+                desired: current,
+                reason: Reason::Steady,
+                detail: format!("no ready instances ({} starting): holding", obs.starting),
+            };
+        }
+
+        // Burst mode.
+        if let Some(burst) = self.config.burst {
+            if f64::from(panic_best) >= burst.threshold * f64::from(ready) {
+                self.burst_until = now + burst.duration_secs;
+            }
+            if self.bursting(now) {
+                let stable = best.map_or(0, |b| b.0);
+                let desired = stable.max(panic_best).max(current);
+                self.recommendations.push_back((now, desired));
+                return Raw {
+                    desired,
+                    reason: Reason::Burst,
+                    detail: format!(
+                        "burst mode: panic-window wants {panic_best}, stable {stable}, \
+                         {ready} ready; no scale-down until {:.0}s",
+                        self.burst_until
+                    ),
+                };
+            }
+        }
+
+        let Some((rec, kind, ratio)) = best else {
+            return Raw {
+                desired: current,
+                reason: Reason::MissingMetrics,
+                detail: format!("no metrics ({}): holding {current}", missing.join(", ")),
+            };
+        };
+        if !missing.is_empty() && rec < current {
+            return Raw {
+                desired: current,
+                reason: Reason::MissingMetrics,
+                detail: format!(
+                    "{} missing: holding {current} instead of scaling down to {rec}",
+                    missing.join(", ")
+                ),
+            };
+        }
+        let why = format!(
+            "{}: {:.3}× target over {ready} ready -> {rec}",
+            kind.as_str(),
+            ratio
+        );
+        self.recommendations.push_back((now, rec));
+        let window = self.config.scale_down_stabilization_secs;
+        while self
+            .recommendations
+            .front()
+            .is_some_and(|&(t, _)| t <= now - window)
+        {
+            self.recommendations.pop_front();
+        }
+
+        if rec < current {
+            let highest = self
+                .recommendations
+                .iter()
+                .map(|&(_, r)| r)
+                .max()
+                .unwrap_or(rec)
+                .min(current);
+            if highest > rec {
+                return Raw {
+                    desired: highest,
+                    reason: Reason::Stabilized,
+                    detail: format!("{why}; stabilization ({window:.0}s) holds {highest}"),
+                };
+            }
+            return Raw {
+                desired: rec,
+                reason: Reason::TargetTracking,
+                detail: why,
+            };
+        }
+        if rec > current {
+            let start = self
+                .counts
+                .iter()
+                .map(|&(_, c)| c)
+                .min()
+                .unwrap_or(current)
+                .min(current);
+            let up = self.config.scale_up;
+            let by_pods = start.saturating_add(up.pods);
+            let by_percent = ceil_count(f64::from(start) * (1.0 + up.percent / 100.0));
+            let limit = by_pods.max(by_percent);
+            if rec > limit {
+                return Raw {
+                    desired: limit.max(current),
+                    reason: Reason::RateLimited,
+                    detail: format!(
+                        "{why}; rate policy allows {limit} ({start} at the start of the {:.0}s period)",
+                        up.period_secs
+                    ),
+                };
+            }
+            return Raw {
+                desired: rec,
+                reason: Reason::TargetTracking,
+                detail: why,
+            };
+        }
+        Raw {
+            desired: current,
+            reason: Reason::Steady,
+            detail: why,
+        }
+    }
+
+    /// The configured bounds at `wall_epoch_secs`: (min incl. schedule, max, scheduled?).
+    fn bounds(&self, wall: f64) -> (u32, u32, bool) {
+        let sched = scheduled_min(&self.config.schedule, wall).unwrap_or(0);
+        let max = self.config.max;
+        if sched > self.config.min {
+            (sched.min(max), max, true)
+        } else {
+            (self.config.min, max, false)
+        }
+    }
+}
+
+/// Clamp `desired` to `[min, max]` and set the reason when a bound bites.
+pub(crate) fn apply_bounds(
+    desired: u32,
+    reason: Reason,
+    detail: String,
+    bounds: (u32, u32, bool),
+) -> (u32, Reason, String) {
+    let (min, max, scheduled) = bounds;
+    if desired > max {
+        (max, Reason::AtMax, format!("{detail}; capped at max {max}"))
+    } else if desired < min {
+        let reason = if scheduled {
+            Reason::Scheduled
+        } else {
+            Reason::AtMin
+        };
+        let what = if scheduled { "scheduled min" } else { "min" };
+        (min, reason, format!("{detail}; raised to {what} {min}"))
+    } else {
+        (desired, reason, detail)
+    }
+}
+
+pub(crate) fn direction(desired: u32, current: u32) -> Direction {
+    match desired.cmp(&current) {
+        std::cmp::Ordering::Greater => Direction::Up,
+        std::cmp::Ordering::Less => Direction::Down,
+        std::cmp::Ordering::Equal => Direction::None,
+    }
+}
+
+impl ReactivePolicy {
+    /// The bounds in force at `wall_epoch_secs` (scheduled minimum included).
+    pub(crate) fn bounds_at(&self, wall_epoch_secs: f64) -> (u32, u32, bool) {
+        self.bounds(wall_epoch_secs)
+    }
+}
+
+impl Policy for ReactivePolicy {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn evaluate(&mut self, obs: &Observation) -> Decision {
+        let now = obs.now_secs;
+        let period = self.config.scale_up.period_secs;
+        while self.counts.front().is_some_and(|&(t, _)| t <= now - period) {
+            self.counts.pop_front();
+        }
+        self.counts.push_back((now, obs.current_desired));
+        let raw = self.raw(obs);
+        let (desired, reason, detail) = apply_bounds(
+            raw.desired,
+            raw.reason,
+            raw.detail,
+            self.bounds(obs.wall_epoch_secs),
+        );
+        Decision {
+            policy: self.name.clone(),
+            desired,
+            direction: direction(desired, obs.current_desired),
+            reason,
+            detail,
+            inputs: obs.clone(),
+            forecast_rps: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MetricSample;
+
+    fn cpu_policy() -> ReactivePolicy {
+        let config = ReactiveConfig {
+            burst: None,
+            ..ReactiveConfig::default()
+        };
+        ReactivePolicy::new("reactive", config).unwrap()
+    }
+
+    fn obs(now: f64, ready: u32, starting: u32, cpu: Option<f64>) -> Observation {
+        Observation {
+            now_secs: now,
+            wall_epoch_secs: now,
+            ready,
+            starting,
+            current_desired: ready + starting,
+            metrics: vec![MetricSample {
+                kind: MetricKind::Cpu,
+                stable: cpu,
+                panic: cpu,
+            }],
+            demand_rps: None,
+        }
+    }
+
+    #[test]
+    fn tolerance_holds_within_ten_percent() {
+        let mut p = cpu_policy();
+        let d = p.evaluate(&obs(0.0, 10, 0, Some(0.76)));
+        assert_eq!(
+            (d.desired, d.direction, d.reason),
+            (10, Direction::None, Reason::Steady)
+        );
+        assert!(!d.is_notable());
+        let d = p.evaluate(&obs(1.0, 10, 0, Some(0.78)));
+        assert_eq!((d.desired, d.reason), (12, Reason::TargetTracking));
+        assert_eq!(d.direction, Direction::Up);
+    }
+
+    #[test]
+    fn max_over_metrics() {
+        let config = ReactiveConfig {
+            targets: vec![
+                MetricTarget {
+                    kind: MetricKind::Cpu,
+                    target: 0.5,
+                },
+                MetricTarget {
+                    kind: MetricKind::InFlight,
+                    target: 10.0,
+                },
+            ],
+            burst: None,
+            ..ReactiveConfig::default()
+        };
+        let mut p = ReactivePolicy::new("r", config).unwrap();
+        let mut o = obs(0.0, 4, 0, Some(0.5));
+        o.metrics.push(MetricSample {
+            kind: MetricKind::InFlight,
+            stable: Some(20.0),
+            panic: None,
+        });
+        let d = p.evaluate(&o);
+        assert_eq!(d.desired, 8, "{}", d.detail);
+        assert!(d.detail.contains("in_flight"), "{}", d.detail);
+    }
+
+    #[test]
+    fn scale_down_is_stabilized_for_300s() {
+        let mut p = cpu_policy();
+        assert_eq!(p.evaluate(&obs(0.0, 10, 0, Some(0.7))).desired, 10);
+        let d = p.evaluate(&obs(15.0, 10, 0, Some(0.35)));
+        assert_eq!((d.desired, d.reason), (10, Reason::Stabilized));
+        assert!(d.is_notable());
+        let d = p.evaluate(&obs(299.0, 10, 0, Some(0.35)));
+        assert_eq!(d.desired, 10);
+        // The t=0 recommendation (10) leaves the window after 300 s.
+        let d = p.evaluate(&obs(300.0, 10, 0, Some(0.35)));
+        assert_eq!((d.desired, d.reason), (5, Reason::TargetTracking));
+        assert_eq!(d.direction, Direction::Down);
+    }
+
+    #[test]
+    fn stabilization_uses_highest_recent_recommendation() {
+        let mut p = cpu_policy();
+        p.evaluate(&obs(0.0, 10, 0, Some(0.7)));
+        p.evaluate(&obs(100.0, 10, 0, Some(0.56))); // recommends 8
+        let d = p.evaluate(&obs(350.0, 10, 0, Some(0.14))); // wants 2
+        assert_eq!(d.desired, 8, "{}", d.detail);
+        let d = p.evaluate(&obs(401.0, 8, 0, Some(0.175)));
+        assert_eq!(d.desired, 2, "{}", d.detail);
+    }
+
+    #[test]
+    fn scale_up_rate_policy_max_of_4_and_100_percent() {
+        let mut p = cpu_policy();
+        // From 2: +4 beats +100%.
+        let d = p.evaluate(&obs(0.0, 2, 0, Some(7.0)));
+        assert_eq!((d.desired, d.reason), (6, Reason::RateLimited));
+        // Within the same 15 s period the start count is still 2.
+        let d = p.evaluate(&obs(5.0, 2, 4, Some(7.0)));
+        assert_eq!(d.desired, 6);
+        // Next period from 6: +100% = 12.
+        let d = p.evaluate(&obs(15.0, 6, 0, Some(7.0)));
+        assert_eq!((d.desired, d.reason), (12, Reason::RateLimited));
+        let d = p.evaluate(&obs(30.0, 12, 0, Some(1.4)));
+        assert_eq!((d.desired, d.reason), (24, Reason::TargetTracking));
+    }
+
+    #[test]
+    fn warming_instances_are_excluded() {
+        let mut p = cpu_policy();
+        // 4 ready at 1.4 (2x target) with 4 starting: wants 8, already 8.
+        let d = p.evaluate(&obs(0.0, 4, 4, Some(1.4)));
+        assert_eq!((d.desired, d.direction), (8, Direction::None));
+        // No ready instances at all: hold while they start.
+        let d = p.evaluate(&obs(1.0, 0, 3, None));
+        assert_eq!((d.desired, d.direction), (3, Direction::None));
+    }
+
+    #[test]
+    fn missing_metrics_never_scale_down() {
+        let mut p = cpu_policy();
+        let d = p.evaluate(&obs(0.0, 10, 0, None));
+        assert_eq!((d.desired, d.reason), (10, Reason::MissingMetrics));
+        assert!(d.is_notable());
+        // One of two metrics missing: scale-up still allowed, scale-down held.
+        let config = ReactiveConfig {
+            targets: vec![
+                MetricTarget {
+                    kind: MetricKind::Cpu,
+                    target: 0.5,
+                },
+                MetricTarget {
+                    kind: MetricKind::LatencyP95,
+                    target: 0.2,
+                },
+            ],
+            scale_down_stabilization_secs: 0.0,
+            burst: None,
+            ..ReactiveConfig::default()
+        };
+        let mut p = ReactivePolicy::new("r", config).unwrap();
+        let d = p.evaluate(&obs(0.0, 10, 0, Some(0.1)));
+        assert_eq!((d.desired, d.reason), (10, Reason::MissingMetrics));
+        let d = p.evaluate(&obs(1.0, 10, 0, Some(0.6)));
+        assert_eq!((d.desired, d.reason), (12, Reason::TargetTracking));
+    }
+
+    #[test]
+    fn min_and_max_bounds() {
+        let config = ReactiveConfig {
+            min: 2,
+            max: 5,
+            burst: None,
+            scale_down_stabilization_secs: 0.0,
+            ..ReactiveConfig::default()
+        };
+        let mut p = ReactivePolicy::new("r", config).unwrap();
+        let d = p.evaluate(&obs(0.0, 4, 0, Some(1.4)));
+        assert_eq!((d.desired, d.reason), (5, Reason::AtMax));
+        assert!(d.is_notable());
+        let d = p.evaluate(&obs(1.0, 4, 0, Some(0.1)));
+        assert_eq!(
+            (d.desired, d.reason, d.direction),
+            (2, Reason::AtMin, Direction::Down)
+        );
+    }
+
+    #[test]
+    fn scheduled_minimum_raises_the_floor() {
+        let config = ReactiveConfig {
+            schedule: vec!["* 08:00-18:00 min=6".parse().unwrap()],
+            burst: None,
+            scale_down_stabilization_secs: 0.0,
+            ..ReactiveConfig::default()
+        };
+        let mut p = ReactivePolicy::new("r", config).unwrap();
+        let nine_am = 9.0 * 3600.0;
+        let d = p.evaluate(&obs(nine_am, 2, 0, Some(0.7)));
+        assert_eq!(
+            (d.desired, d.reason, d.direction),
+            (6, Reason::Scheduled, Direction::Up)
+        );
+        let d = p.evaluate(&obs(nine_am + 9.0 * 3600.0, 6, 0, Some(0.1)));
+        assert_eq!((d.desired, d.reason), (1, Reason::TargetTracking));
+    }
+
+    #[test]
+    fn burst_mode_scales_at_once_and_holds() {
+        let config = ReactiveConfig::default(); // burst on
+        let mut p = ReactivePolicy::new("r", config).unwrap();
+        p.evaluate(&obs(0.0, 4, 0, Some(0.7)));
+        // Panic window shows 4x: 16 at once (the rate policy would allow 8).
+        let mut o = obs(1.0, 4, 0, Some(0.9));
+        o.metrics[0].panic = Some(2.8);
+        let d = p.evaluate(&o);
+        assert_eq!((d.desired, d.reason), (16, Reason::Burst), "{}", d.detail);
+        // Load vanishes: no scale-down during the 60 s after the last panic reading.
+        let d = p.evaluate(&obs(40.0, 16, 0, Some(0.1)));
+        assert_eq!((d.desired, d.reason), (16, Reason::Burst));
+        assert!(p.bursting(60.9));
+        let d = p.evaluate(&obs(61.0, 16, 0, Some(0.1)));
+        assert_eq!(d.reason, Reason::Stabilized, "{}", d.detail);
+    }
+
+    #[test]
+    fn invalid_config_names_the_field() {
+        let config = ReactiveConfig {
+            tolerance: 1.5,
+            ..ReactiveConfig::default()
+        };
+        let err = ReactivePolicy::new("r", config).unwrap_err();
+        assert!(err.to_string().contains("tolerance"), "{err}");
+    }
+
+    #[test]
+    fn decision_serializes_with_stable_codes() {
+        let mut p = cpu_policy();
+        let d = p.evaluate(&obs(0.0, 10, 0, None));
+        let json = serde_json::to_string(&d).unwrap();
+        assert!(json.contains("\"reason\":\"missing_metrics\""), "{json}");
+        assert!(json.contains("\"direction\":\"none\""), "{json}");
+    }
+}

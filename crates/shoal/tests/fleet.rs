@@ -1,0 +1,258 @@
+//! The process fleet and the live autoscaler, with real demo instances.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn fleet_config(listen: u16, admin: u16, extra: &str) -> String {
+    format!(
+        r#"[admin]
+listen = "127.0.0.1:{admin}"
+
+[services.demo]
+listen = "127.0.0.1:{listen}"
+balance = "least-connections"
+
+[services.demo.timeouts]
+drain = "10s"
+
+{extra}
+"#
+    )
+}
+
+fn api(admin: u16) -> Value {
+    let (s, body) = get(admin, "/api/services/demo");
+    assert_eq!(s, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn ready(v: &Value) -> usize {
+    v["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["state"] == "ready")
+        .count()
+}
+
+fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A load step scales the fleet out from 1; after the load stops it scales back in; no
+/// request fails over the whole run, scale-in included.
+#[test]
+fn load_step_scales_out_and_back_in_without_failures() {
+    let dir = tempdir();
+    let (listen, admin) = (free_port(), free_port());
+    let cfg = fleet_config(
+        listen,
+        admin,
+        r#"[services.demo.fleet]
+command = "shoal demo-service"
+min = 1
+max = 4
+[services.demo.autoscale]
+interval = "1s"
+targets = [{ metric = "in_flight", target = 2 }]
+stable_window = "5s"
+panic_window = "3s"
+burst_hold = "5s"
+scale_down_stabilization = "5s""#,
+    );
+    let (_shoal, _) = run_shoal(dir.path(), &cfg, listen);
+    wait_until(20, "first instance", || ready(&api(admin)) == 1);
+    let url = format!("http://127.0.0.1:{listen}/work?cpu_ms=2&sleep_ms=100");
+    let step = Instant::now();
+    let loader = std::thread::spawn(move || load(&url, 60, 12));
+    // ~6 requests in flight against a target of 2 per instance → about 3 instances.
+    let mut first_new_ready = None;
+    wait_until(15, "scale-out", || {
+        let n = ready(&api(admin));
+        if n >= 2 && first_new_ready.is_none() {
+            first_new_ready = Some(step.elapsed());
+        }
+        n >= 3
+    });
+    eprintln!(
+        "load step → first new instance ready: {:?}",
+        first_new_ready.unwrap()
+    );
+    let report = loader.join().unwrap();
+    assert_eq!(report["errors"]["total"], 0, "{report}");
+    // Load gone: back to 1 after the stabilization window, draining the others.
+    wait_until(40, "scale-in", || {
+        let v = api(admin);
+        v["desired"] == 1 && v["instances"].as_array().unwrap().len() == 1
+    });
+    let (_, d) = get(admin, "/api/services/demo/decisions");
+    let d: Value = serde_json::from_str(&d).unwrap();
+    let dirs: Vec<&str> = d["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x["direction"].as_str())
+        .collect();
+    assert!(dirs.contains(&"up") && dirs.contains(&"down"), "{dirs:?}");
+    let (_, m) = get(admin, "/metrics");
+    assert!(
+        m.contains("shoal_scaling_decisions_total{service=\"demo\",direction=\"up\""),
+        "{m}"
+    );
+    assert!(
+        m.contains("shoal_desired_instances{service=\"demo\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("shoal_instance_cpu_seconds_total{service=\"demo\",instance=\"demo-1\"}"),
+        "{m}"
+    );
+}
+
+/// A killed instance is replaced while idempotent GETs see no failure.
+#[test]
+fn killed_instance_is_replaced_without_failed_gets() {
+    let dir = tempdir();
+    let (listen, admin) = (free_port(), free_port());
+    let cfg = fleet_config(
+        listen,
+        admin,
+        "[services.demo.fleet]\ncommand = \"shoal demo-service\"\nmin = 2\nmax = 2\n",
+    );
+    let (_shoal, _) = run_shoal(dir.path(), &cfg, listen);
+    wait_until(20, "two instances", || ready(&api(admin)) == 2);
+    let url = format!("http://127.0.0.1:{listen}/work?cpu_ms=1&sleep_ms=2");
+    let loader = std::thread::spawn(move || load(&url, 100, 6));
+    std::thread::sleep(Duration::from_millis(1500));
+    let v = api(admin);
+    let victim = v["processes"][0].clone();
+    let pid = victim["pid"].as_u64().unwrap();
+    assert!(Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let report = loader.join().unwrap();
+    assert_eq!(report["errors"]["total"], 0, "{report}");
+    wait_until(20, "replacement", || {
+        let v = api(admin);
+        ready(&v) == 2
+            && !v["processes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["id"] == victim["id"])
+    });
+    let (_, m) = get(admin, "/metrics");
+    assert!(
+        m.contains("shoal_fleet_failures_total{service=\"demo\",kind=\"crash\"} 1"),
+        "{m}"
+    );
+}
+
+/// New instances get no request before their first passing health check.
+#[test]
+fn no_request_before_first_passing_health_check() {
+    let dir = tempdir();
+    let (listen, admin) = (free_port(), free_port());
+    let cfg = fleet_config(
+        listen,
+        admin,
+        "[services.demo.fleet]\ncommand = \"shoal demo-service\"\nmin = 1\nmax = 3\nenv = { DEMO_READY_DELAY_MS = \"1500\" }\n",
+    );
+    let (_shoal, _) = run_shoal(dir.path(), &cfg, listen);
+    wait_until(20, "first instance", || ready(&api(admin)) == 1);
+    let url = format!("http://127.0.0.1:{listen}/work?cpu_ms=0&sleep_ms=1");
+    let loader = std::thread::spawn(move || load(&url, 100, 5));
+    // Scale out by hand while traffic flows: the new ones must wait out their slow start.
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    std::thread::sleep(Duration::from_millis(500));
+    let v = api(admin);
+    assert_eq!(v["desired"], 1);
+    let (s, body) = http(
+        admin_addr,
+        "POST",
+        "/api/services/demo/scale",
+        &[("Authorization", "Bearer test-token")],
+        "{\"desired\": 3}",
+    );
+    assert_eq!(s, 200, "{body}");
+    wait_until(20, "three instances", || ready(&api(admin)) == 3);
+    let report = loader.join().unwrap();
+    assert_eq!(report["errors"]["total"], 0, "{report}");
+    let mut served = 0;
+    for p in api(admin)["processes"].as_array().unwrap() {
+        let (_, stats) = get(p["port"].as_u64().unwrap() as u16, "/stats");
+        let stats: Value = serde_json::from_str(&stats).unwrap();
+        assert_eq!(
+            stats["before_ready"], 0,
+            "{} got requests before it was healthy: {stats}",
+            p["id"]
+        );
+        served += stats["requests"].as_u64().unwrap();
+    }
+    assert!(served >= 450, "{served}");
+}
+
+/// A command that keeps crashing backs off visibly instead of spinning.
+#[test]
+fn crashing_command_backs_off() {
+    let dir = tempdir();
+    let (listen, admin) = (free_port(), free_port());
+    let cfg = fleet_config(
+        listen,
+        admin,
+        "[services.demo.fleet]\ncommand = [\"sh\", \"-c\", \"exit 3\"]\nmin = 1\nmax = 1\n",
+    );
+    let (_shoal, _) = run_shoal(dir.path(), &cfg, listen);
+    std::thread::sleep(Duration::from_secs(5));
+    let v = api(admin);
+    assert!(
+        matches!(v["fleet"]["state"].as_str(), Some("backoff" | "recovering")),
+        "{v}"
+    );
+    assert!(
+        v["fleet"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("exited during startup"),
+        "{v}"
+    );
+    // 1 s, 2 s, 4 s backoff: at most 4 starts in 5 s, not hundreds.
+    let (_, m) = get(admin, "/metrics");
+    let starts: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("shoal_fleet_starts_total{service=\"demo\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((2..=4).contains(&starts), "starts = {starts}");
+    assert_eq!(get(listen, "/").0, 503, "no instance: 503, not a hang");
+}
+
+#[test]
+fn bad_fleet_configs_are_refused_with_their_line() {
+    let dir = tempdir();
+    let path = dir.path().join("bad.toml");
+    for (extra, field) in [
+        ("[services.demo.fleet]\ncommand = \"shoal demo-service\"\nmin = 4\nmax = 2\n", "services.demo.fleet.min"),
+        ("[services.demo.fleet]\ncommand = \"/nonexistent/server\"\n", "services.demo.fleet.command"),
+        ("[services.demo.fleet]\ncommand = \"shoal demo-service\"\n[services.demo.autoscale]\ntargets = [{ metric = \"mood\", target = 1 }]\n", "services.demo.autoscale.targets"),
+    ] {
+        std::fs::write(&path, fleet_config(8080, 9900, extra)).unwrap();
+        let out = Command::new(SHOAL).args(["check", "--config"]).arg(&path).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("{}:", path.display())) && err.contains(field), "{err}");
+    }
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Every check shoal's CI runs: formatting, lints, and all tests (unit, integration with real
+# processes and sockets, promtool on /metrics). Installs the system packages the tests use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "installing test dependencies: ${need_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
+# One target triple for build, clippy and test so C dependencies are built once.
+export CARGO_BUILD_TARGET=${CARGO_BUILD_TARGET:-x86_64-unknown-linux-gnu}
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
