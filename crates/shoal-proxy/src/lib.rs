@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod server;
+pub mod upstream;
 
 pub use app::App;
 pub use config::{Config, ConfigError, ServiceConfig};

@@ -86,6 +86,8 @@ pub struct Instance {
     pub weight: u32,
     pub load: Arc<Load>,
     pub metrics: InstanceMetrics,
+    /// Idle keep-alive connections to this instance.
+    pub idle: crate::upstream::Idle,
     state: AtomicU8,
     healthy: AtomicBool,
     ever_healthy: AtomicBool,
@@ -257,6 +259,7 @@ impl Pool {
             weight: weight.max(1),
             load: Arc::new(Load::new()),
             metrics: InstanceMetrics::default(),
+            idle: crate::upstream::Idle::default(),
             state: AtomicU8::new(if gated { 0 } else { 1 }),
             healthy: AtomicBool::new(!gated),
             ever_healthy: AtomicBool::new(!gated),

@@ -16,13 +16,12 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
 use crate::config::{HashKey, ServiceConfig};
 use crate::metrics::{CodeCounters, Counter, Histogram};
 use crate::pool::{now_nanos, ErrorKind, Instance, Pool, PoolSettings};
+use crate::upstream;
 use shoal_balance::Algorithm;
 
 /// Body sent upstream: buffered (replayable, so retriable) or streamed.
@@ -102,26 +101,13 @@ impl RetryBudget {
     }
 }
 
-/// A proxied service: its settings, pool, upstream client and counters.
+/// A proxied service: its settings, pool and counters.
 pub struct Service {
     pub name: String,
     pub pool: Arc<Pool>,
     pub config: ArcSwap<ServiceConfig>,
     pub metrics: ServiceMetrics,
     pub budget: RetryBudget,
-    client: ArcSwap<Client<HttpConnector, UpstreamBody>>,
-}
-
-fn make_client(cfg: &ServiceConfig) -> Client<HttpConnector, UpstreamBody> {
-    let mut conn = HttpConnector::new();
-    conn.set_nodelay(true);
-    conn.set_connect_timeout(Some(cfg.timeouts.connect.0));
-    conn.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .set_host(false)
-        .build(conn)
 }
 
 /// Pool settings derived from a service config.
@@ -137,14 +123,12 @@ pub fn pool_settings(cfg: &ServiceConfig) -> PoolSettings {
 impl Service {
     pub fn new(cfg: ServiceConfig) -> Arc<Service> {
         let pool = Pool::new(&cfg.name, pool_settings(&cfg));
-        for (i, b) in cfg.backends.iter().enumerate() {
-            let _ = i;
+        for b in &cfg.backends {
             pool.add(&b.addr.to_string(), b.addr, b.weight, false);
         }
         Arc::new(Service {
             name: cfg.name.clone(),
             pool,
-            client: ArcSwap::from_pointee(make_client(&cfg)),
             config: ArcSwap::from_pointee(cfg),
             metrics: ServiceMetrics::default(),
             budget: RetryBudget::new(now_nanos()),
@@ -155,9 +139,6 @@ impl Service {
     /// missing ones drained then removed in the background).
     pub fn reconfigure(self: &Arc<Self>, cfg: ServiceConfig) {
         let old = self.config.load_full();
-        if old.timeouts.connect != cfg.timeouts.connect {
-            self.client.store(Arc::new(make_client(&cfg)));
-        }
         self.pool.set_settings(pool_settings(&cfg));
         let drain = cfg.timeouts.drain.0;
         for b in &cfg.backends {
@@ -239,7 +220,8 @@ impl Service {
         let attempts = if replayable { cfg.retries.attempts } else { 1 };
         let deadline = start + cfg.timeouts.request.0.as_nanos() as u64;
         let per_try = cfg.timeouts.per_try.0;
-        let client = self.client.load_full();
+        let connect_timeout = cfg.timeouts.connect.0;
+        let target = Uri::from(path);
         self.budget.deposit(
             cfg.retries.budget_percent,
             cfg.retries.budget_min_per_second,
@@ -270,18 +252,12 @@ impl Service {
             };
             tried[attempt as usize] = idx;
             let inst = snapshot.instances[idx].clone();
-            let uri = Uri::builder()
-                .scheme("http")
-                .authority(inst.authority.clone())
-                .path_and_query(path.clone())
-                .build()
-                .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
             let mut up = Request::new(match stream.take() {
                 Some(s) => Either::Right(s),
                 None => Either::Left(Full::new(buffered.clone().unwrap_or_default())),
             });
             *up.method_mut() = parts.method.clone();
-            *up.uri_mut() = uri;
+            *up.uri_mut() = target.clone();
             *up.headers_mut() = if attempt + 1 == attempts {
                 std::mem::take(&mut headers)
             } else {
@@ -296,10 +272,11 @@ impl Service {
             // Counted in flight from here until the guard drops, including when the client
             // goes away mid-request and this future is dropped.
             let mut busy = InFlight::start(inst.clone());
-            let result = tokio::time::timeout(try_timeout, client.request(up)).await;
+            let sending = upstream::send(&inst.idle, inst.addr, connect_timeout, up);
+            let result = tokio::time::timeout(try_timeout, sending).await;
             busy.headers_received();
             match result {
-                Ok(Ok(mut resp)) => {
+                Ok(Ok((mut resp, conn))) => {
                     let status = resp.status();
                     inst.metrics.codes.inc(status.as_u16());
                     self.pool.record_result(&inst, status.as_u16() < 500);
@@ -321,15 +298,15 @@ impl Service {
                     let body = Tracked {
                         inner: rbody,
                         busy: Some(busy),
+                        conn: Some(conn),
                     };
                     return Ok(Response::from_parts(rparts, Either::Left(body)));
                 }
                 Ok(Err(e)) => {
                     drop(busy);
-                    let kind = if e.is_connect() {
-                        ErrorKind::Connect
-                    } else {
-                        ErrorKind::Reset
+                    let kind = match e {
+                        upstream::SendError::Connect(_) => ErrorKind::Connect,
+                        upstream::SendError::Reset(_) => ErrorKind::Reset,
                     };
                     inst.metrics.errors[kind as usize].inc();
                     self.pool.record_result(&inst, false);
@@ -607,6 +584,28 @@ fn hash_key(k: &HashKey, h: &HeaderMap, peer: SocketAddr) -> Option<Vec<u8>> {
 pub struct Tracked {
     inner: Incoming,
     busy: Option<InFlight>,
+    /// The upstream connection, returned to its instance's idle list once the body is read.
+    conn: Option<hyper::client::conn::http1::SendRequest<UpstreamBody>>,
+}
+
+impl Tracked {
+    fn finish(&mut self, complete: bool) {
+        if let Some(busy) = self.busy.take() {
+            if let (true, Some(c)) = (complete, self.conn.take()) {
+                busy.inst.idle.put(c);
+            }
+        }
+        // An unfinished body leaves the connection mid-response: dropping it closes it.
+        self.conn = None;
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // A body the server never polled (empty, HEAD) is complete as well.
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
 }
 
 /// One request in flight to an instance: `Load::start` now, `Load::finish` on drop with the
@@ -653,8 +652,10 @@ impl Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            self.busy = None;
+        match &r {
+            Poll::Ready(None) => self.finish(true),
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            _ => {}
         }
         r
     }

@@ -494,3 +494,27 @@ async fn client_going_away_releases_in_flight() {
     let inst = p.service.pool.get(&a.addr.to_string()).unwrap();
     eventually(5, || inst.in_flight() == 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused() {
+    let a = Backend::start("a").await;
+    let p = start_proxy(service_config(&[&a], "round-robin")).await;
+    let cl = client();
+    for _ in 0..100 {
+        assert_eq!(get(&cl, p.addr, "/").await.0, 200);
+    }
+    // Sequential requests: one keep-alive connection serves them all.
+    assert_eq!(a.count(), 100);
+    assert!(
+        a.conns.load(Ordering::SeqCst) <= 2,
+        "{} connections for 100 requests",
+        a.conns.load(Ordering::SeqCst)
+    );
+    // HEAD and 204 responses have no body to read; their connections are reused too.
+    let before = a.conns.load(Ordering::SeqCst);
+    a.status.store(204, Ordering::SeqCst);
+    for _ in 0..20 {
+        assert_eq!(get(&cl, p.addr, "/").await.0, 204);
+    }
+    assert!(a.conns.load(Ordering::SeqCst) <= before + 1);
+}

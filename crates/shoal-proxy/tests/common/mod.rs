@@ -32,6 +32,8 @@ pub struct Backend {
     /// Added latency per request.
     pub delay_ms: AtomicU64,
     pub body_bytes: AtomicU64,
+    /// Connections accepted.
+    pub conns: AtomicUsize,
     kill: watch::Sender<bool>,
 }
 
@@ -47,6 +49,7 @@ impl Backend {
             status: AtomicU16::new(200),
             delay_ms: AtomicU64::new(0),
             body_bytes: AtomicU64::new(0),
+            conns: AtomicUsize::new(0),
             kill,
         });
         let b2 = b.clone();
@@ -58,6 +61,7 @@ impl Backend {
                     _ = kill_rx2.changed() => return, // listener dropped: connects now fail
                 };
                 let b = b2.clone();
+                b.conns.fetch_add(1, Ordering::SeqCst);
                 let mut k = kill_rx.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
