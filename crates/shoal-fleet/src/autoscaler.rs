@@ -336,7 +336,8 @@ impl Autoscaler {
             starting,
             current_desired: self.fleet.desired(),
             metrics,
-            demand_rps: s.rps.mean(t, stable),
+            // Demand since the previous evaluation: the predictive history wants disjoint samples.
+            demand_rps: s.rps.mean(t, (self.cfg.interval.as_secs() as usize).max(1)),
         }
     }
 

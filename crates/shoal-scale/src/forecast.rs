@@ -333,7 +333,7 @@ pub fn fit(values: &[Option<f64>], start_bucket: i64, opts: &FitOptions) -> Opti
         };
         if best
             .as_ref()
-            .map_or(true, |b| model.summary.mean_upper < b.summary.mean_upper)
+            .is_none_or(|b| model.summary.mean_upper < b.summary.mean_upper)
         {
             best = Some(model);
         }
@@ -647,7 +647,7 @@ fn interval_cost(
     let (mut upper_sum, mut exceed, mut k) = (0.0, 0usize, 0usize);
     let mut qv = f64::NAN;
     for b in start..y.len() {
-        if (b - start) % 360 == 0 && hist.len() >= 1440 {
+        if (b - start).is_multiple_of(360) && hist.len() >= 1440 {
             resid.clear();
             resid.extend(hist.iter());
             qv = quantile(&mut resid, q);
@@ -683,7 +683,7 @@ mod tests {
     #[test]
     fn outages_are_long_zero_runs_only() {
         let mut v: Vec<Option<f64>> = vec![Some(1.0), Some(0.0), Some(1.0)];
-        v.extend(std::iter::repeat(Some(0.0)).take(60));
+        v.extend(std::iter::repeat_n(Some(0.0), 60));
         v.push(Some(2.0));
         mark_outages(&mut v, 60);
         assert_eq!(v[1], Some(0.0));

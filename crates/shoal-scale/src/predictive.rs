@@ -778,3 +778,144 @@ impl VirtualFleet {
         desired
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{simulate, FleetModel};
+    use crate::trace::synthetic;
+    use crate::{policy_by_name, MetricKind, MetricSample};
+
+    fn params() -> PolicyParams {
+        PolicyParams {
+            capacity_rps: 0.1,
+            startup_secs: 120.0,
+            ..PolicyParams::default()
+        }
+    }
+
+    fn obs(now: f64, ready: u32, demand: f64) -> Observation {
+        let per = demand / f64::from(ready.max(1));
+        Observation {
+            now_secs: now,
+            wall_epoch_secs: now,
+            ready,
+            starting: 0,
+            current_desired: ready,
+            metrics: vec![MetricSample {
+                kind: MetricKind::Rps,
+                stable: Some(per),
+                panic: Some(per),
+            }],
+            demand_rps: Some(demand),
+        }
+    }
+
+    #[test]
+    fn reactive_decides_while_learning() {
+        let config = PredictiveConfig::for_params(&params(), PredictiveMode::ForecastAndScale);
+        let mut p = PredictivePolicy::new("predictive", config).unwrap();
+        let d = p.evaluate(&obs(0.0, 10, 1.2));
+        assert_eq!(
+            (d.desired, d.reason),
+            (18, Reason::TargetTracking),
+            "{}",
+            d.detail
+        );
+        assert!(d.detail.contains("learning"), "{}", d.detail);
+        assert_eq!(d.forecast_rps, None);
+    }
+
+    #[test]
+    fn history_exports_and_imports_and_the_model_fits_from_it() {
+        let trace = synthetic(11, 2);
+        let model = FleetModel::new(0.1, 120.0);
+        let config = PredictiveConfig::for_params(&params(), PredictiveMode::ForecastAndScale);
+        let mut p = PredictivePolicy::new("predictive", config.clone()).unwrap();
+        simulate(&trace, &mut p, &model, |_| {});
+        assert!(p.model_summary().is_some());
+        let history = p.history();
+        assert!(
+            history.values.len() >= 2 * 1440 - 2,
+            "{}",
+            history.values.len()
+        );
+        let json = serde_json::to_string(&history).unwrap();
+        let back: History = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, history);
+
+        // A restarted policy acts on the imported history at once.
+        let mut q = PredictivePolicy::with_history("predictive", config, &back).unwrap();
+        let t = trace.end_secs() + 60.0;
+        let d = q.evaluate(&obs(t, 10, 0.7));
+        let forecast = d.forecast_rps.expect("forecast after import");
+        assert!(forecast > 0.0 && forecast < 5.0, "{forecast}");
+        let points = q.forecast(t);
+        assert!(points.len() >= 48 * 60, "{}", points.len());
+        assert!(points.iter().all(|f| f.upper_rps >= f.rps));
+    }
+
+    #[test]
+    fn forecast_only_reports_but_reactive_acts() {
+        let trace = synthetic(12, 3);
+        let model = FleetModel::new(0.1, 120.0);
+        let mut reactive = policy_by_name("reactive", &params()).unwrap();
+        let mut only = policy_by_name("forecast-only", &params()).unwrap();
+        let a = simulate(&trace, reactive.as_mut(), &model, |_| {});
+        let b = simulate(&trace, only.as_mut(), &model, |_| {});
+        assert_eq!(a.violation_seconds, b.violation_seconds);
+        assert_eq!(a.instance_hours, b.instance_hours);
+    }
+
+    #[test]
+    fn missing_metrics_do_not_scale_down_even_with_a_forecast() {
+        let trace = synthetic(13, 2);
+        let model = FleetModel::new(0.1, 120.0);
+        let config = PredictiveConfig::for_params(&params(), PredictiveMode::ForecastAndScale);
+        let mut p = PredictivePolicy::new("predictive", config).unwrap();
+        simulate(&trace, &mut p, &model, |_| {});
+        let mut o = obs(trace.end_secs(), 200, 0.5);
+        o.metrics[0].stable = None;
+        o.metrics[0].panic = None;
+        o.demand_rps = None;
+        let d = p.evaluate(&o);
+        assert!(d.desired >= 200, "{} {}", d.desired, d.detail);
+    }
+
+    #[test]
+    fn invalid_history_bucket_is_rejected() {
+        let config = PredictiveConfig::for_params(&params(), PredictiveMode::ForecastAndScale);
+        let history = History {
+            bucket_secs: 30.0,
+            start_bucket: 0,
+            values: vec![Some(1.0)],
+        };
+        let err = PredictivePolicy::with_history("p", config, &history).unwrap_err();
+        assert!(err.to_string().contains("history"), "{err}");
+    }
+
+    /// The acceptance check on a seeded synthetic trace (daily and weekly
+    /// cycles, noise, spikes, level shifts): at most half the violation time of
+    /// reactive, with no more instance-hours.
+    #[test]
+    fn predictive_beats_reactive_on_a_seeded_synthetic_trace() {
+        let trace = synthetic(2, 14);
+        let model = FleetModel::new(0.1, 120.0);
+        let mut reactive = policy_by_name("reactive", &params()).unwrap();
+        let mut predictive = policy_by_name("predictive", &params()).unwrap();
+        let r = simulate(&trace, reactive.as_mut(), &model, |_| {});
+        let p = simulate(&trace, predictive.as_mut(), &model, |_| {});
+        assert!(
+            p.violation_seconds <= 0.5 * r.violation_seconds,
+            "violation {} vs reactive {}",
+            p.violation_seconds,
+            r.violation_seconds
+        );
+        assert!(
+            p.instance_hours <= r.instance_hours,
+            "instance-hours {} vs reactive {}",
+            p.instance_hours,
+            r.instance_hours
+        );
+    }
+}

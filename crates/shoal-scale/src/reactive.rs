@@ -145,7 +145,7 @@ impl ReactiveConfig {
         if !(self.scale_up.period_secs > 0.0 && self.scale_up.percent >= 0.0) {
             return invalid("scale_up", "period must be > 0 and percent ≥ 0".into());
         }
-        if !(self.scale_down_stabilization_secs >= 0.0) {
+        if self.scale_down_stabilization_secs.is_nan() || self.scale_down_stabilization_secs < 0.0 {
             return invalid("scale_down_stabilization_secs", "must be ≥ 0".to_string());
         }
         if let Some(b) = self.burst {
@@ -233,7 +233,7 @@ impl ReactivePolicy {
             } else {
                 ceil_count(f64::from(ready) * ratio)
             };
-            if best.map_or(true, |(b, _, _)| rec > b) {
+            if best.is_none_or(|(b, _, _)| rec > b) {
                 best = Some((rec, t.kind, ratio));
             }
         }

@@ -230,7 +230,10 @@ mod tests {
         assert!(!r.active(MONDAY + 18.0 * H));
         assert!(r.active(MONDAY + 4.0 * 24.0 * H + 9.0 * H)); // Friday
         assert!(!r.active(MONDAY + 5.0 * 24.0 * H + 9.0 * H)); // Saturday
-        assert_eq!(scheduled_min(&[r.clone()], MONDAY + 9.0 * H), Some(4));
+        assert_eq!(
+            scheduled_min(std::slice::from_ref(&r), MONDAY + 9.0 * H),
+            Some(4)
+        );
         assert_eq!(scheduled_min(&[r], MONDAY), None);
     }
 

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod serve;
+mod simulate;
 mod status;
 
 use std::net::SocketAddr;
@@ -40,6 +41,8 @@ enum Command {
     },
     /// Zero-config quick mode: a load balancer in front of fixed backends.
     Proxy(serve::ProxyArgs),
+    /// Replay a demand trace through the scaling policies.
+    Simulate(simulate::SimulateArgs),
     /// Services, instances, desired counts, last decisions and size recommendations.
     Status {
         /// The admin listener to ask.
@@ -130,6 +133,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Status { admin, json } => status::run(admin, json),
+        Command::Simulate(args) => simulate::run(args),
         Command::Proxy(args) => serve::run_quick(args),
         Command::DemoService { listen } => serve::run_demo(listen),
         Command::Load {

@@ -176,7 +176,7 @@ fn build(name: &str, params: &PolicyParams, trace: &Arc<Trace>) -> anyhow::Resul
             params.interval_secs,
         )));
     }
-    Ok(policy_by_name(name, params)?)
+    policy_by_name(name, params).map_err(|e| anyhow::anyhow!("{e}; or `oracle` (simulator only)"))
 }
 
 /// Run one policy, with a progress bar on stderr when it is a terminal.
