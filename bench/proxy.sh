@@ -7,7 +7,8 @@
 # ratios shoal/HAProxy, shoal/NGINX, shoal/direct are printed. Then shoal's idle RSS and its
 # RSS holding 10,000 idle keep-alive client connections.
 #
-# Usage: bench/proxy.sh            (ROUNDS=5 DURATION=10 by default)
+# Usage: bench/proxy.sh            (ROUNDS=5 DURATION=10 IDLE_CONNS=10000 by default;
+#        TARGETS="haproxy shoal" for a quick A/B, IDLE_CONNS=0 to skip the memory part)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-5}
@@ -74,7 +75,7 @@ for p in $BACKEND $P_SHOAL $P_HAPROXY $P_NGINX; do wait_port "$p"; done
 IDLE_RSS_KB=$(awk '/VmRSS/ {print $2}' /proc/$SHOAL_PID/status)
 
 declare -A RPS P99
-targets=(direct haproxy nginx shoal)
+read -r -a targets <<<"${TARGETS:-direct haproxy nginx shoal}"
 port_of() { case $1 in direct) echo $BACKEND;; haproxy) echo $P_HAPROXY;; nginx) echo $P_NGINX;; shoal) echo $P_SHOAL;; esac; }
 to_ms() { # wrk latency like 1.23ms / 456.00us / 1.02s -> ms
   python3 -c 'import sys,re; v=sys.argv[1]; m=re.match(r"([\d.]+)(us|ms|s)",v); n=float(m.group(1)); print({"us":n/1000,"ms":n,"s":n*1000}[m.group(2)])' "$1"; }
@@ -95,13 +96,14 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR
 echo
 echo "| target | req/s (median of $ROUNDS) | p99 ms (median) | ratio to direct |"
 echo "|---|---|---|---|"
+[ -n "${RPS[direct]:-}" ] || RPS[direct]="${RPS[shoal]}"
 D=$(median <<<"${RPS[direct]}")
 for t in "${targets[@]}"; do
   m=$(median <<<"${RPS[$t]}"); p=$(median <<<"${P99[$t]}")
   printf '| %s | %.0f | %.2f | %.2f |\n' "$t" "$m" "$p" "$(echo "$m / $D" | bc -l)"
 done
-S=$(median <<<"${RPS[shoal]}"); H=$(median <<<"${RPS[haproxy]}"); N=$(median <<<"${RPS[nginx]}")
-SP=$(median <<<"${P99[shoal]}"); HP=$(median <<<"${P99[haproxy]}")
+S=$(median <<<"${RPS[shoal]}"); H=$(median <<<"${RPS[haproxy]:-$S}"); N=$(median <<<"${RPS[nginx]:-$S}")
+SP=$(median <<<"${P99[shoal]}"); HP=$(median <<<"${P99[haproxy]:-${P99[shoal]}}")
 echo
 printf 'shoal/HAProxy req/s: %.2f   (target >= 1.15)\n' "$(echo "$S / $H" | bc -l)"
 printf 'shoal/NGINX   req/s: %.2f\n' "$(echo "$S / $N" | bc -l)"
@@ -109,6 +111,7 @@ printf 'shoal/direct  req/s: %.2f\n' "$(echo "$S / $D" | bc -l)"
 printf 'p99 shoal %.2f ms vs HAProxy %.2f ms (target: no worse)\n' "$SP" "$HP"
 
 # Memory: idle, then holding IDLE_CONNS idle keep-alive client connections.
+[ "$IDLE_CONNS" -gt 0 ] || exit 0
 python3 - "$P_SHOAL" "$IDLE_CONNS" "$SHOAL_PID" "$IDLE_RSS_KB" <<'EOF'
 import asyncio, resource, sys
 port, n, pid, idle_kb = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])

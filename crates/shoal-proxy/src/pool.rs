@@ -93,6 +93,8 @@ pub struct Instance {
     ever_healthy: AtomicBool,
     health: Mutex<Option<ActiveHealth>>,
     outlier: Mutex<Outlier>,
+    /// Consecutive failed results, mirrored from the outlier detector for a lock-free fast path.
+    fail_streak: std::sync::atomic::AtomicU32,
     /// 0 when not ejected, else the `now_nanos` the ejection ends.
     ejected_until: AtomicU64,
     /// When the instance last became eligible (slow start ramps from here).
@@ -273,6 +275,7 @@ impl Pool {
                 base_ejection_nanos: oc.base_ejection.0.as_nanos() as u64,
                 max_ejection_nanos: oc.max_ejection.0.as_nanos() as u64,
             })),
+            fail_streak: std::sync::atomic::AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             ready_since: AtomicU64::new(now),
         });
@@ -366,8 +369,15 @@ impl Pool {
 
     /// Applies a passive result (response < 500 = success; connect error / 5xx = failure),
     /// ejecting the instance when it crosses the threshold and the pool allows another ejection.
-    pub fn record_result(&self, inst: &Instance, success: bool) {
-        let now = now_nanos();
+    pub fn record_result(&self, inst: &Instance, success: bool, now: u64) {
+        // Fast path: a success after a success changes nothing; skip the lock.
+        if success {
+            if inst.fail_streak.swap(0, Ordering::Relaxed) == 0 {
+                return;
+            }
+        } else {
+            inst.fail_streak.fetch_add(1, Ordering::Relaxed);
+        }
         let cross = {
             let mut o = inst.outlier.lock().expect("outlier lock");
             o.record(success, now)
@@ -531,13 +541,13 @@ mod tests {
         let a = p.add("a", addr(1), 1, false).unwrap();
         let b = p.add("b", addr(2), 1, false).unwrap();
         for _ in 0..3 {
-            p.record_result(&a, false);
+            p.record_result(&a, false, now_nanos());
         }
         assert!(a.is_ejected(now_nanos()));
         assert_eq!(p.snapshot().instances.len(), 1);
         // 50% of 2 = 1 ejection allowed: b stays in even when failing.
         for _ in 0..3 {
-            p.record_result(&b, false);
+            p.record_result(&b, false, now_nanos());
         }
         assert!(!b.is_ejected(now_nanos()));
         assert_eq!(p.snapshot().instances.len(), 1);

@@ -142,12 +142,14 @@ async fn serve_conn(
     // Last activity and requests in flight on this connection, for the idle timeout.
     let activity = Arc::new((AtomicU64::new(now_nanos()), AtomicUsize::new(0)));
     let act = activity.clone();
+    let peer_ip = crate::proxy::peer_header(peer);
     let service = service_fn(move |req| {
         let svc = svc.clone();
         let act = act.clone();
+        let peer_ip = peer_ip.clone();
         act.1.fetch_add(1, Ordering::Relaxed);
         async move {
-            let r = svc.handle(req, peer).await;
+            let r = svc.handle(req, peer, peer_ip).await;
             act.0.store(now_nanos(), Ordering::Relaxed);
             act.1.fetch_sub(1, Ordering::Relaxed);
             r
@@ -162,6 +164,7 @@ async fn serve_conn(
                 .max(Duration::from_millis(100)),
         );
         tokio::select! {
+            biased;
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(%peer, error = %e, "connection ended with error");

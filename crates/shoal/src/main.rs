@@ -11,11 +11,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-// The proxy allocates per request (headers, URIs); mimalloc's thread-local fast paths
-// measurably beat the system allocator on this workload.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// shoal keeps a fleet of service instances sized to its load.
 #[derive(Parser)]
 #[command(name = "shoal", version, about)]
