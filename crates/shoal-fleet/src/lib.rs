@@ -10,6 +10,7 @@ pub mod autoscaler;
 pub mod cgroup;
 pub mod config;
 pub mod process;
+pub mod provider;
 pub mod recommend;
 pub mod usage;
 
@@ -25,10 +26,11 @@ use tokio::sync::watch;
 pub use autoscaler::Autoscaler;
 pub use config::{fleet_specs, FleetSpec};
 pub use process::ProcessFleet;
+pub use provider::{Membership, Provider, StaticFleet};
 
-/// One managed service: its fleet and, if configured, its autoscaler.
+/// One managed service: its provider and, if configured, its autoscaler.
 pub struct Managed {
-    pub fleet: Arc<ProcessFleet>,
+    pub provider: Arc<dyn Provider>,
     pub autoscaler: Option<Arc<Autoscaler>>,
 }
 
@@ -62,7 +64,10 @@ impl Fleets {
                 }
                 None => None,
             };
-            managed.push(Managed { fleet, autoscaler });
+            managed.push(Managed {
+                provider: fleet,
+                autoscaler,
+            });
         }
         let fleets = Arc::new(Fleets { managed, stop });
         app.add_collector(fleets.clone());
@@ -73,14 +78,14 @@ impl Fleets {
     pub fn get(&self, service: &str) -> Option<&Managed> {
         self.managed
             .iter()
-            .find(|m| m.fleet.spec.service == service)
+            .find(|m| m.provider.service() == service)
     }
 
     /// Stops autoscaling, then drains and stops every instance.
     pub async fn shutdown(&self, deadline: Duration) {
         let _ = self.stop.send(true);
         for m in &self.managed {
-            m.fleet.shutdown(deadline).await;
+            m.provider.shutdown(deadline).await;
         }
     }
 }
@@ -91,10 +96,10 @@ impl Collector for Fleets {
             e.gauge(
                 "shoal_desired_instances",
                 "Instances the fleet is converging on.",
-                &[("service", &m.fleet.spec.service)],
-                m.fleet.desired() as f64,
+                &[("service", m.provider.service())],
+                m.provider.desired() as f64,
             );
-            m.fleet.collect(e);
+            m.provider.collect(e);
             if let Some(a) = &m.autoscaler {
                 a.collect(e);
             }
@@ -110,11 +115,11 @@ impl ApiExtension for Fleets {
         let a = m.autoscaler.as_ref();
         match sub {
             "" => Some(json!({
-                "desired": m.fleet.desired(),
-                "min": m.fleet.spec.fleet.min,
-                "max": m.fleet.spec.fleet.max,
-                "fleet": m.fleet.status(),
-                "processes": m.fleet.instances(),
+                "desired": m.provider.desired(),
+                "min": m.provider.bounds().0,
+                "max": m.provider.bounds().1,
+                "fleet": m.provider.status(),
+                "processes": m.provider.status().get("processes").cloned().unwrap_or_default(),
                 "policy": a.map(|a| a.cfg.policy.clone()),
                 "last_decision": a.and_then(|a| a.last_decision()),
                 "recommendation": a.and_then(|a| a.recommendation()),
@@ -136,7 +141,7 @@ impl ApiExtension for Fleets {
         let m = Fleets::get(self, name)?;
         Some(match body["desired"].as_u64() {
             Some(n) => {
-                let set = m.fleet.scale(n.min(u32::MAX as u64) as u32);
+                let set = m.provider.scale(n.min(u32::MAX as u64) as u32);
                 Ok(json!({ "desired": set }))
             }
             None => Err("body must be {\"desired\": N}".into()),

@@ -19,12 +19,12 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
 use shoal_proxy::metrics::{Counter, Exposition};
-use shoal_proxy::pool::Pool;
 use tokio::process::{Child, Command};
 use tokio::sync::{watch, Notify};
 
 use crate::cgroup::Cgroups;
 use crate::config::FleetSpec;
+use crate::provider::{BoxFuture, Member, Membership, Provider};
 use crate::usage::{read_usage, Usage};
 
 /// Where an instance is in its life.
@@ -84,7 +84,7 @@ pub struct InstanceView {
 /// The process provider of one service.
 pub struct ProcessFleet {
     pub spec: FleetSpec,
-    pool: Arc<Pool>,
+    pool: Arc<dyn Membership>,
     program: PathBuf,
     args: Vec<String>,
     state: Mutex<State>,
@@ -106,7 +106,7 @@ fn backoff(failures: u32) -> Duration {
 
 impl ProcessFleet {
     /// Builds the fleet; `run` starts it.
-    pub fn new(spec: FleetSpec, pool: Arc<Pool>) -> std::io::Result<Arc<ProcessFleet>> {
+    pub fn new(spec: FleetSpec, pool: Arc<dyn Membership>) -> std::io::Result<Arc<ProcessFleet>> {
         let words = spec.fleet.command.words();
         let (program, args) = match words.split_first() {
             Some((p, a)) if p == "shoal" => (std::env::current_exe()?, a.to_vec()),
@@ -366,7 +366,7 @@ impl ProcessFleet {
         );
         self.metrics.starts.inc();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        self.pool.add_starting(&id, addr, 1);
+        self.pool.add(&id, addr);
         tracing::info!(service = %self.spec.service, instance = %id, %addr, ?pid, "instance started");
         tokio::spawn(self.supervise(id, addr, child, stop_rx));
     }
@@ -416,7 +416,7 @@ impl ProcessFleet {
                 }
                 p.ready_at = Some(Instant::now());
             }
-            self.pool.mark_ready(&id);
+            self.pool.ready(&id);
             self.metrics.ready.inc();
             tracing::info!(service = %self.spec.service, instance = %id, "instance passed its first health check");
             tokio::select! {
@@ -430,11 +430,7 @@ impl ProcessFleet {
             }
         }
         // Stop without losing requests: drain first, then signal.
-        let left = self
-            .pool
-            .remove(&id, self.spec.drain_timeout)
-            .await
-            .unwrap_or(0);
+        let left = self.pool.remove(&id, self.spec.drain_timeout).await;
         if let Some(pid) = child.id() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
         }
@@ -551,5 +547,52 @@ mod tests {
         assert_eq!(backoff(4), Duration::from_secs(8));
         assert_eq!(backoff(7), Duration::from_secs(60));
         assert_eq!(backoff(50), Duration::from_secs(60));
+    }
+}
+
+impl Provider for ProcessFleet {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+    fn service(&self) -> &str {
+        &self.spec.service
+    }
+    fn scale(&self, n: u32) -> u32 {
+        ProcessFleet::scale(self, n)
+    }
+    fn desired(&self) -> u32 {
+        ProcessFleet::desired(self)
+    }
+    fn bounds(&self) -> (u32, u32) {
+        (self.spec.fleet.min, self.spec.fleet.max)
+    }
+    fn counts(&self) -> (u32, u32, u32) {
+        ProcessFleet::counts(self)
+    }
+    fn members(&self) -> Vec<Member> {
+        let s = self.state.lock().expect("fleet lock");
+        s.instances
+            .iter()
+            .map(|(id, p)| Member {
+                id: id.clone(),
+                addr: SocketAddr::from(([127, 0, 0, 1], p.port)),
+                phase: p.phase,
+            })
+            .collect()
+    }
+    fn sample_usage(&self) -> Vec<(String, Phase, Usage)> {
+        ProcessFleet::sample_usage(self)
+    }
+    fn status(&self) -> serde_json::Value {
+        let mut v = ProcessFleet::status(self);
+        v["provider"] = "process".into();
+        v["processes"] = serde_json::to_value(self.instances()).unwrap_or_default();
+        v
+    }
+    fn collect(&self, e: &mut Exposition) {
+        ProcessFleet::collect(self, e)
+    }
+    fn shutdown(&self, deadline: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(ProcessFleet::shutdown(self, deadline))
     }
 }
