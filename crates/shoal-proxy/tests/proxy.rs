@@ -518,3 +518,57 @@ async fn upstream_connections_are_reused() {
     }
     assert!(a.conns.load(Ordering::SeqCst) <= before + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = Backend::start("a").await;
+    let mut cfg = service_config(&[&a], "round-robin");
+    cfg.timeouts.idle = shoal_proxy::config::Dur(Duration::from_millis(300));
+    let p = start_proxy(cfg).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Nothing more is sent: the proxy closes the idle keep-alive connection.
+    let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(0))), "connection still open: {r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_holds_further_clients_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = Backend::start("a").await;
+    let mut cfg = service_config(&[&a], "round-robin");
+    cfg.limits.max_connections = 2;
+    let p = start_proxy(cfg).await;
+    let req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(req).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert!(s.read(&mut buf).await.unwrap() > 0);
+        held.push(s);
+    }
+    // A third client waits in the accept queue while two connections are open...
+    let mut third = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    third.write_all(req).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), third.read(&mut buf))
+            .await
+            .is_err(),
+        "served over the limit"
+    );
+    // ...and is served as soon as one closes.
+    drop(held.pop());
+    let n = tokio::time::timeout(Duration::from_secs(3), third.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+}
