@@ -54,6 +54,7 @@ struct State {
     next_id: u64,
     failures: u32,
     backoff_until: Option<Instant>,
+    last_failure: Option<Instant>,
     last_error: Option<String>,
     shutting_down: bool,
 }
@@ -220,7 +221,10 @@ impl ProcessFleet {
         loop {
             let (to_start, to_stop, wait) = self.plan();
             for _ in 0..to_start {
-                self.clone().start_one();
+                // After a failed spawn, wait out the backoff instead of failing the whole batch.
+                if !self.clone().start_one() {
+                    break;
+                }
             }
             for (id, stop) in to_stop {
                 tracing::info!(service = %self.spec.service, instance = %id, "stopping instance (scale-in)");
@@ -242,11 +246,16 @@ impl ProcessFleet {
     fn plan(&self) -> (u32, Vec<(String, watch::Sender<bool>)>, Duration) {
         let mut s = self.state.lock().expect("fleet lock");
         let now = Instant::now();
-        // An instance that stayed ready a while proves the command works: forgive past failures.
+        // An instance that became ready after the last failure and stayed up a while proves
+        // the command works: forgive past failures. (Older healthy instances prove nothing
+        // about the new ones that keep failing.)
+        let last_failure = s.last_failure;
         if s.failures > 0
             && s.instances.values().any(|p| {
-                p.ready_at
-                    .is_some_and(|r| now.duration_since(r) > Duration::from_secs(10))
+                p.ready_at.is_some_and(|r| {
+                    last_failure.is_none_or(|f| r > f)
+                        && now.duration_since(r) > Duration::from_secs(10)
+                })
             })
         {
             s.failures = 0;
@@ -292,6 +301,7 @@ impl ProcessFleet {
     fn fail(&self, msg: String, crash: bool) {
         let mut s = self.state.lock().expect("fleet lock");
         s.failures += 1;
+        s.last_failure = Some(Instant::now());
         let b = backoff(s.failures);
         s.backoff_until = Some(Instant::now() + b);
         tracing::warn!(service = %self.spec.service, failures = s.failures, backoff_s = b.as_secs(), error = %msg, "instance failed");
@@ -303,7 +313,8 @@ impl ProcessFleet {
         }
     }
 
-    fn start_one(self: Arc<Self>) {
+    /// Launches one instance; false if it could not be spawned.
+    fn start_one(self: Arc<Self>) -> bool {
         let (id, port) = {
             let mut s = self.state.lock().expect("fleet lock");
             s.next_id += 1;
@@ -313,7 +324,7 @@ impl ProcessFleet {
                 Err(e) => {
                     drop(s);
                     self.fail(format!("no free port: {e}"), false);
-                    return;
+                    return false;
                 }
             }
         };
@@ -344,7 +355,7 @@ impl ProcessFleet {
                     format!("cannot start {}: {e}", self.program.display()),
                     false,
                 );
-                return;
+                return false;
             }
         };
         let pid = child.id();
@@ -369,6 +380,7 @@ impl ProcessFleet {
         self.pool.add(&id, addr);
         tracing::info!(service = %self.spec.service, instance = %id, %addr, ?pid, "instance started");
         tokio::spawn(self.supervise(id, addr, child, stop_rx));
+        true
     }
 
     async fn supervise(

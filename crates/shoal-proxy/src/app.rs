@@ -49,6 +49,9 @@ pub struct App {
     /// Hook the binary installs to see reloaded configs (fleet, autoscaler).
     #[allow(clippy::type_complexity)]
     on_reload: Mutex<Option<Box<dyn Fn(&Config) + Send + Sync>>>,
+    /// Extra validation of a reloaded config (tables other crates own).
+    #[allow(clippy::type_complexity)]
+    validator: Mutex<Option<Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,8 @@ pub enum StartError {
 
 impl App {
     pub fn new(config_path: Option<PathBuf>, admin_token: Option<String>) -> Arc<App> {
+        // An empty token would match a request without one.
+        let admin_token = admin_token.filter(|t| !t.trim().is_empty());
         Arc::new(App {
             services: Mutex::new(BTreeMap::new()),
             config_path,
@@ -72,6 +77,7 @@ impl App {
             reloads: Default::default(),
             reload_failures: Default::default(),
             on_reload: Mutex::new(None),
+            validator: Mutex::new(None),
         })
     }
 
@@ -81,6 +87,10 @@ impl App {
 
     pub fn add_extension(&self, x: Arc<dyn ApiExtension>) {
         self.extensions.lock().expect("lock").push(x);
+    }
+
+    pub fn set_validator(&self, f: Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>) {
+        *self.validator.lock().expect("lock") = Some(f);
     }
 
     pub fn set_on_reload(&self, f: Box<dyn Fn(&Config) + Send + Sync>) {
@@ -153,12 +163,18 @@ impl App {
         let Some(path) = &self.config_path else {
             return Err("no config file to reload (quick mode)".into());
         };
-        let config = match Config::load(path) {
+        let checked = Config::load(path).map_err(|e| e.to_string()).and_then(|c| {
+            match self.validator.lock().expect("lock").as_ref() {
+                Some(v) => v(&c).map(|()| c),
+                None => Ok(c),
+            }
+        });
+        let config = match checked {
             Ok(c) => c,
             Err(e) => {
                 self.reload_failures.inc();
                 tracing::error!(error = %e, "reload refused: invalid config; keeping the running one");
-                return Err(e.to_string());
+                return Err(e);
             }
         };
         self.apply(&config)

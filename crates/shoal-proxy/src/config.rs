@@ -70,8 +70,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "d" => n * 86400.0,
         other => return Err(format!("invalid duration unit {other:?} in {s:?}")),
     };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("invalid duration {s:?}"));
+    // Beyond ~30 years a "timeout" is a typo; it would also overflow nanosecond clocks.
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("duration {s:?} out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -108,8 +109,8 @@ impl<'de> Deserialize<'de> for Dur {
             S(String),
         }
         match Raw::deserialize(d)? {
-            Raw::N(n) if n >= 0.0 => Ok(Dur(Duration::from_secs_f64(n))),
-            Raw::N(n) => Err(de::Error::custom(format!("negative duration {n}"))),
+            Raw::N(n) if (0.0..=1e9).contains(&n) => Ok(Dur(Duration::from_secs_f64(n))),
+            Raw::N(n) => Err(de::Error::custom(format!("duration {n} out of range"))),
             Raw::S(s) => s.parse().map_err(de::Error::custom),
         }
     }
@@ -449,6 +450,28 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
 }
 
+/// Offset of the line starting with `key` inside the table whose header is `header`
+/// (or of the header itself), for errors found after parsing.
+pub fn key_offset(text: &str, header: &str, key: &str) -> usize {
+    let Some(start) = text.find(header) else {
+        return 0;
+    };
+    let mut pos = start;
+    for (i, line) in text[start..].split_inclusive('\n').enumerate() {
+        if i > 0 {
+            let t = line.trim_start();
+            if t.starts_with('[') {
+                break;
+            }
+            if t.starts_with(key) {
+                return pos;
+            }
+        }
+        pos += line.len();
+    }
+    start
+}
+
 /// Maps byte offsets of the source to 1-based lines.
 pub struct Locator<'a> {
     file: String,
@@ -615,6 +638,31 @@ impl Config {
                     return Err(loc.error(off..off, &field("health.path"), "must start with '/'"));
                 }
             }
+            let t = &s.timeouts;
+            for (key, d) in [
+                ("per_try", t.per_try),
+                ("request", t.request),
+                ("header_read", t.header_read),
+                ("idle", t.idle),
+                ("connect", t.connect),
+            ] {
+                if d.0.is_zero() {
+                    let off = key_offset(text, &format!("[services.{name}.timeouts]"), key);
+                    return Err(loc.error(
+                        off..off,
+                        &field(&format!("timeouts.{key}")),
+                        "must be greater than 0",
+                    ));
+                }
+            }
+            if s.limits.max_connections == 0 || s.limits.max_headers == 0 {
+                let off = key_offset(text, &format!("[services.{name}.limits]"), "max_");
+                return Err(loc.error(
+                    off..off,
+                    &field("limits"),
+                    "max_connections and max_headers must be at least 1",
+                ));
+            }
             let retries_span = s.retries.as_ref().map_or(0..0, |r| r.span());
             let retries = s.retries.map(|r| r.into_inner()).unwrap_or_default();
             if retries.attempts == 0 || retries.attempts > 10 {
@@ -718,6 +766,22 @@ mod tests {
         assert!(parse("threads = 1\n").is_err());
         let e = parse("[services.a]\nlisten = \"127.0.0.1:8080\"\n[services.b]\nlisten = \"127.0.0.1:8080\"\n").unwrap_err();
         assert!(e.message.contains("already used"), "{e}");
+    }
+
+    #[test]
+    fn zero_and_huge_timeouts_are_refused() {
+        let e = parse("[services.web]\nlisten = \"127.0.0.1:8080\"\n[services.web.timeouts]\nconnect = \"1s\"\nper_try = \"0s\"\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (5, "services.web.timeouts.per_try"),
+            "{e}"
+        );
+        let e = parse(
+            "[services.web]\nlisten = \"127.0.0.1:8080\"\n[services.web.timeouts]\ndrain = 1e20\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+        assert!(parse_duration("99999999999h").is_err());
     }
 
     #[test]

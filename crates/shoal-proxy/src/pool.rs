@@ -168,6 +168,7 @@ pub struct Pool {
     pub changed: Notify,
     /// Rebuilds of the selector, for tests and metrics.
     pub rebuilds: Counter,
+    rebuild_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -193,7 +194,13 @@ impl Pool {
             seed: AtomicU64::new(0x5eed),
             changed: Notify::new(),
             rebuilds: Counter::default(),
+            rebuild_lock: Mutex::new(()),
         })
+    }
+
+    /// The current view as an owned `Arc` (for views held across awaits).
+    pub fn snapshot_full(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
     }
 
     /// The current view for one request.
@@ -216,8 +223,13 @@ impl Pool {
         self.members.lock().expect("members lock").clone()
     }
 
+    /// The instance with this id, preferring a live one over a draining namesake.
     pub fn get(&self, id: &str) -> Option<Arc<Instance>> {
-        self.members().into_iter().find(|i| i.id == id)
+        let m = self.members();
+        m.iter()
+            .find(|i| i.id == id && i.state() != State::Draining)
+            .or_else(|| m.iter().find(|i| i.id == id))
+            .cloned()
     }
 
     /// Adds an instance. With active health checks configured and `gate` true it starts in
@@ -281,7 +293,9 @@ impl Pool {
         });
         {
             let mut m = self.members.lock().expect("members lock");
-            if m.iter().any(|i| i.id == id) {
+            // A draining instance may still hold the id (re-added on reload): the new one
+            // lives beside it until the old one is gone.
+            if m.iter().any(|i| i.id == id && i.state() != State::Draining) {
                 return None;
             }
             m.push(inst.clone());
@@ -306,6 +320,9 @@ impl Pool {
     /// removes it. Returns the in-flight count left at removal (0 unless the timeout hit).
     pub async fn remove(&self, id: &str, timeout: Duration) -> Option<u64> {
         let inst = self.drain(id)?;
+        // Pairs with the fence after `Load::start` in the request path: a request either sees
+        // the instance draining and picks again, or is seen in flight here.
+        std::sync::atomic::fence(Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + timeout;
         while inst.in_flight() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -314,10 +331,12 @@ impl Pool {
         if left > 0 {
             tracing::warn!(service = %self.service, instance = id, left, "drain timeout: removing with requests in flight");
         }
+        // Remove this very instance: a newer one may have been added under the same id.
         self.members
             .lock()
             .expect("members lock")
-            .retain(|i| i.id != id);
+            .retain(|i| !Arc::ptr_eq(i, &inst));
+        inst.idle.clear();
         self.rebuild();
         Some(left)
     }
@@ -439,6 +458,8 @@ impl Pool {
 
     /// Recomputes the eligible set and weights and publishes a new snapshot.
     pub fn rebuild(&self) {
+        // Serialized so a rebuild computed from older state never overwrites a newer one.
+        let _one_at_a_time = self.rebuild_lock.lock().expect("rebuild lock");
         let now = now_nanos();
         let settings = self.settings();
         let members = self.members();

@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::config::{HashKey, ServiceConfig};
 use crate::metrics::{CodeCounters, Counter, Histogram};
-use crate::pool::{now_nanos, ErrorKind, Instance, Pool, PoolSettings};
+use crate::pool::{now_nanos, ErrorKind, Instance, Pool, PoolSettings, Snapshot, State};
 use crate::upstream;
 use shoal_balance::Algorithm;
 
@@ -235,7 +235,7 @@ impl Service {
 
         let mut tried: [usize; 10] = [usize::MAX; 10];
         let mut last_err = None;
-        let snapshot = self.pool.snapshot();
+        let mut snapshot = self.pool.snapshot_full();
         for attempt in 0..attempts {
             if attempt > 0 {
                 if !self
@@ -248,39 +248,47 @@ impl Service {
                 self.metrics.retries.inc();
             }
             let now = if attempt == 0 { start } else { now_nanos() };
-            let tried_now = tried;
-            let Some(idx) = snapshot
-                .selector
-                .pick(key.as_deref(), now, &|i| tried_now.contains(&i))
+            let Some((idx, inst, mut busy)) =
+                self.pick_live(&mut snapshot, &mut tried, key.as_deref(), now)
             else {
                 break;
             };
             tried[attempt as usize] = idx;
-            let inst = snapshot.instances[idx].clone();
             let mut up = Request::new(match stream.take() {
                 Some(s) => Either::Right(s),
                 None => Either::Left(Full::new(buffered.clone().unwrap_or_default())),
             });
             *up.method_mut() = parts.method.clone();
             *up.uri_mut() = target.clone();
-            *up.headers_mut() = if attempt + 1 == attempts {
+            let mut hdrs = if attempt + 1 == attempts {
                 std::mem::take(&mut headers)
             } else {
                 headers.clone()
             };
+            // HTTP/1.0 clients may omit Host; upstream HTTP/1.1 requires one.
+            if !hdrs.contains_key(header::HOST) {
+                if let Ok(v) = HeaderValue::from_str(inst.authority.as_str()) {
+                    hdrs.insert(header::HOST, v);
+                }
+            }
+            *up.headers_mut() = hdrs;
 
             let remaining = deadline.saturating_sub(now);
             if remaining == 0 {
                 return Err(ProxyError::Timeout);
             }
             let try_timeout = per_try.min(Duration::from_nanos(remaining));
-            // Counted in flight from here until the guard drops, including when the client
-            // goes away mid-request and this future is dropped.
-            let mut busy = InFlight::start(inst.clone(), now);
             let sending = upstream::send(&inst.idle, inst.addr, connect_timeout, up);
             let result = tokio::time::timeout(try_timeout, sending).await;
             let answered = now_nanos();
-            busy.headers_received(answered);
+            // A failed try is a slow one as far as latency-aware balancing is concerned:
+            // a refused connect must not make an instance look fast.
+            let penalty = (try_timeout.as_nanos() as u64).min(5_000_000_000);
+            busy.headers_received(if matches!(result, Ok(Ok(_))) {
+                answered
+            } else {
+                answered.max(now + penalty)
+            });
             match result {
                 Ok(Ok((mut resp, conn))) => {
                     let status = resp.status();
@@ -345,6 +353,36 @@ impl Service {
             }
         }
         Err(last_err.unwrap_or(ProxyError::NoInstance))
+    }
+}
+
+impl Service {
+    /// Picks an instance not yet tried and counts the request in flight on it. A pick from a
+    /// snapshot that predates the instance's drain is retried on the current snapshot, so a
+    /// draining instance never gets a new request after `Pool::remove` saw it idle.
+    fn pick_live(
+        &self,
+        snapshot: &mut Arc<Snapshot>,
+        tried: &mut [usize; 10],
+        key: Option<&[u8]>,
+        now: u64,
+    ) -> Option<(usize, Arc<Instance>, InFlight)> {
+        for _ in 0..3 {
+            let t = *tried;
+            let idx = snapshot.selector.pick(key, now, &|i| t.contains(&i))?;
+            let inst = snapshot.instances[idx].clone();
+            let busy = InFlight::start(inst.clone(), now);
+            // Pairs with the fence in `Pool::remove`.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            if inst.state() != State::Draining {
+                return Some((idx, inst, busy));
+            }
+            drop(busy);
+            *snapshot = self.pool.snapshot_full();
+            // Indexes of the old snapshot mean nothing in the new one.
+            *tried = [usize::MAX; 10];
+        }
+        None
     }
 }
 
@@ -517,16 +555,15 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     {
         return;
     }
-    if let Some(conn) = h.get(header::CONNECTION) {
-        if let Ok(s) = conn.to_str() {
-            let named: Vec<HeaderName> = s
-                .split(',')
-                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-                .collect();
-            for n in named {
-                h.remove(n);
-            }
-        }
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
     }
     for n in &HOP_BY_HOP {
         h.remove(n);

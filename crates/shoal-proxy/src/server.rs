@@ -52,6 +52,24 @@ impl Connections {
     }
 }
 
+/// One request in progress on a client connection, for the idle timeout. A guard, so an
+/// HTTP/2 stream reset (which drops the handler future) is counted too.
+struct Busy(Arc<(AtomicU64, AtomicUsize)>);
+
+impl Busy {
+    fn new(a: Arc<(AtomicU64, AtomicUsize)>) -> Self {
+        a.1.fetch_add(1, Ordering::Relaxed);
+        Busy(a)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0 .0.store(now_nanos(), Ordering::Relaxed);
+        self.0 .1.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 struct ConnGuard(Arc<Connections>);
 
 impl Drop for ConnGuard {
@@ -145,13 +163,11 @@ async fn serve_conn(
     let peer_ip = crate::proxy::peer_header(peer);
     let service = service_fn(move |req| {
         let svc = svc.clone();
-        let act = act.clone();
+        let busy = Busy::new(act.clone());
         let peer_ip = peer_ip.clone();
-        act.1.fetch_add(1, Ordering::Relaxed);
         async move {
             let r = svc.handle(req, peer, peer_ip).await;
-            act.0.store(now_nanos(), Ordering::Relaxed);
-            act.1.fetch_sub(1, Ordering::Relaxed);
+            drop(busy);
             r
         }
     });

@@ -111,7 +111,11 @@ pub async fn send(
     mut req: Request<UpstreamBody>,
 ) -> Result<(Response<Incoming>, SendRequest<UpstreamBody>), SendError> {
     while let Some(mut c) = idle.pop() {
-        if c.is_closed() || c.ready().await.is_err() {
+        // Only a connection that can take a request right now: one still finishing an
+        // earlier exchange (e.g. an early response while the request body was uploading)
+        // could stall this request for its whole timeout. It is closed instead.
+        let ready = std::future::poll_fn(|cx| std::task::Poll::Ready(c.poll_ready(cx))).await;
+        if !matches!(ready, std::task::Poll::Ready(Ok(()))) {
             continue;
         }
         match c.try_send_request(req).await {

@@ -107,6 +107,12 @@ pub fn run_config(path: &Path, threads: Option<usize>) -> anyhow::Result<()> {
         .or_else(|| config.admin.token.clone());
     rt.block_on(async move {
         let app = App::new(Some(path.to_path_buf()), token);
+        // A reload must pass the same checks as a start, fleet tables included.
+        app.set_validator(Box::new(|c| {
+            shoal_fleet::fleet_specs(c)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }));
         app.start(&config).await?;
         let fleets = shoal_fleet::Fleets::start(&app, &config).map_err(|e| anyhow::anyhow!(e))?;
         let deadline = config
