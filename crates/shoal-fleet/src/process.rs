@@ -548,20 +548,6 @@ impl ProcessFleet {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_to_a_minute() {
-        assert_eq!(backoff(1), Duration::from_secs(1));
-        assert_eq!(backoff(2), Duration::from_secs(2));
-        assert_eq!(backoff(4), Duration::from_secs(8));
-        assert_eq!(backoff(7), Duration::from_secs(60));
-        assert_eq!(backoff(50), Duration::from_secs(60));
-    }
-}
-
 impl Provider for ProcessFleet {
     fn kind(&self) -> &'static str {
         "process"
@@ -606,5 +592,19 @@ impl Provider for ProcessFleet {
     }
     fn shutdown(&self, deadline: Duration) -> BoxFuture<'_, ()> {
         Box::pin(ProcessFleet::shutdown(self, deadline))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_minute() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(4), Duration::from_secs(8));
+        assert_eq!(backoff(7), Duration::from_secs(60));
+        assert_eq!(backoff(50), Duration::from_secs(60));
     }
 }

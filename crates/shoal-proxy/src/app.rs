@@ -30,6 +30,11 @@ pub trait ApiExtension: Send + Sync {
     }
 }
 
+/// Checks a config beyond what `Config` validates itself.
+pub type Validator = Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>;
+/// Sees each config that was reloaded successfully.
+pub type ReloadHook = Box<dyn Fn(&Config) + Send + Sync>;
+
 struct Running {
     service: Arc<Service>,
     listener: Listener,
@@ -47,11 +52,9 @@ pub struct App {
     pub reloads: crate::metrics::Counter,
     pub reload_failures: crate::metrics::Counter,
     /// Hook the binary installs to see reloaded configs (fleet, autoscaler).
-    #[allow(clippy::type_complexity)]
-    on_reload: Mutex<Option<Box<dyn Fn(&Config) + Send + Sync>>>,
+    on_reload: Mutex<Option<ReloadHook>>,
     /// Extra validation of a reloaded config (tables other crates own).
-    #[allow(clippy::type_complexity)]
-    validator: Mutex<Option<Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>>>,
+    validator: Mutex<Option<Validator>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,11 +92,11 @@ impl App {
         self.extensions.lock().expect("lock").push(x);
     }
 
-    pub fn set_validator(&self, f: Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>) {
+    pub fn set_validator(&self, f: Validator) {
         *self.validator.lock().expect("lock") = Some(f);
     }
 
-    pub fn set_on_reload(&self, f: Box<dyn Fn(&Config) + Send + Sync>) {
+    pub fn set_on_reload(&self, f: ReloadHook) {
         *self.on_reload.lock().expect("lock") = Some(f);
     }
 
