@@ -20,7 +20,7 @@ use crate::recommend::{recommend, Recommendation};
 
 /// The policy in force; concrete so the predictive history can be saved.
 enum Live {
-    Reactive(ReactivePolicy),
+    Reactive(Box<ReactivePolicy>),
     Predictive(Box<PredictivePolicy>),
 }
 
@@ -53,6 +53,8 @@ struct Sampler {
     /// Per-instance CPU cores, per second, for the size recommendation.
     cpu_cores: VecDeque<f64>,
     peak_memory: u64,
+    /// (time, request count) at the previous observation: demand is measured from it.
+    demand_mark: Option<(f64, u64)>,
 }
 
 /// Upper-bound estimate of the `q` quantile from bucket counts (the bucket's bound).
@@ -120,9 +122,9 @@ impl Autoscaler {
             .join("history")
             .join(format!("{}.json", spec.service));
         let policy = match cfg.policy.as_str() {
-            "reactive" | "hpa" => Live::Reactive(
+            "reactive" | "hpa" => Live::Reactive(Box::new(
                 ReactivePolicy::new(&cfg.policy, reactive).map_err(|e| e.to_string())?,
-            ),
+            )),
             name => {
                 let params = PolicyParams {
                     capacity_rps: cfg.capacity_rps.unwrap_or(1.0),
@@ -139,10 +141,20 @@ impl Autoscaler {
                     PredictiveMode::ForecastAndScale
                 };
                 let mut pc = PredictiveConfig::for_params(&params, mode);
+                if let Some(season) = cfg.season {
+                    pc = pc.with_season(season.as_secs_f64());
+                }
                 let stabilization = pc.reactive.scale_down_stabilization_secs;
                 pc.reactive = reactive;
                 pc.reactive.scale_down_stabilization_secs =
                     stabilization.min(cfg.scale_down_stabilization.as_secs_f64());
+                // The forecast's scale-down hold is a startup time at least; a shorter
+                // configured stabilization (as for a compressed season) shortens it too.
+                pc.scale_down_delay_secs = pc.scale_down_delay_secs.min(
+                    cfg.scale_down_stabilization
+                        .as_secs_f64()
+                        .max(pc.startup_secs),
+                );
                 if let Some(h) = cfg.min_history {
                     pc.min_history_secs = h.as_secs_f64();
                 }
@@ -187,6 +199,7 @@ impl Autoscaler {
                 latency: VecDeque::new(),
                 cpu_cores: VecDeque::new(),
                 peak_memory: 0,
+                demand_mark: None,
             }),
             decisions: Mutex::new(VecDeque::new()),
             last: Mutex::new(None),
@@ -282,10 +295,24 @@ impl Autoscaler {
         s.last_hist = hist;
     }
 
-    /// Builds the observation for now.
+    /// Builds the observation for now. Its demand is the request rate since the previous
+    /// observation (so consecutive ones tile time, as the predictive history wants).
     pub fn observe(&self) -> Observation {
-        let s = self.sampler.lock().expect("sampler lock");
+        let mut s = self.sampler.lock().expect("sampler lock");
         let t = s.start.elapsed().as_secs_f64();
+        let requests = self.service.metrics.requests.get();
+        let demand_rps = match s.demand_mark {
+            Some((t0, r0)) if t - t0 >= 0.1 => {
+                s.demand_mark = Some((t, requests));
+                Some(requests.saturating_sub(r0) as f64 / (t - t0))
+            }
+            // Too soon after the previous one: measure over a longer span next time.
+            Some(_) => None,
+            None => {
+                s.demand_mark = Some((t, requests));
+                None
+            }
+        };
         let (starting, ready, _) = self.fleet.counts();
         let stable = self.cfg.stable_window.as_secs() as usize;
         let panic = self.cfg.panic_window.as_secs().max(1) as usize;
@@ -336,8 +363,10 @@ impl Autoscaler {
             starting,
             current_desired: self.fleet.desired(),
             metrics,
-            // Demand since the previous evaluation: the predictive history wants disjoint samples.
-            demand_rps: s.rps.mean(t, (self.cfg.interval.as_secs() as usize).max(1)),
+            // Counted exactly rather than read from the per-second samples: those come
+            // at 1 to 1.25 s spacing, so a one-interval window over them now and then
+            // holds none (a lost sample) or two, which matters in short history buckets.
+            demand_rps,
         }
     }
 

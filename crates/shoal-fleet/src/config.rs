@@ -145,6 +145,10 @@ struct RawAutoscale {
     /// History bucket (the season is detected in buckets).
     #[serde(default)]
     history_bucket: Option<Dur>,
+    /// Length of the seasonal "day" (default 24 h); a compressed one, e.g. "10m",
+    /// for demos and tests. A whole number of at least 4 history buckets.
+    #[serde(default)]
+    season: Option<Dur>,
 }
 
 fn default_policy() -> String {
@@ -204,6 +208,8 @@ pub struct Autoscale {
     pub startup: Duration,
     pub min_history: Option<Duration>,
     pub history_bucket: Option<Duration>,
+    /// The predictive policy's seasonal "day"; `None`: 24 h.
+    pub season: Option<Duration>,
 }
 
 /// Everything the fleet needs for one service.
@@ -455,6 +461,28 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                     "must be at least 100ms".into(),
                 ));
             }
+            if let Some(season) = a.season {
+                // The predictive policy's default bucket is a minute.
+                let bucket = a.history_bucket.map_or(60.0, |b| b.0.as_secs_f64());
+                let buckets = season.0.as_secs_f64() / bucket.max(1e-3);
+                let problem = if buckets < 4.0 - 1e-9 {
+                    Some("must span at least 4 history buckets")
+                } else if (buckets - buckets.round()).abs() > 1e-6 {
+                    Some("must be a whole number of history buckets")
+                } else {
+                    None
+                };
+                if let Some(p) = problem {
+                    return Err(field_error(
+                        &loc,
+                        text,
+                        name,
+                        "autoscale",
+                        "season",
+                        format!("{p} (history_bucket = {bucket}s)"),
+                    ));
+                }
+            }
             Some(Autoscale {
                 policy: a.policy,
                 interval: a.interval.0,
@@ -473,6 +501,7 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                 startup: a.startup.0,
                 min_history: a.min_history.map(|d| d.0),
                 history_bucket: a.history_bucket.map(|d| d.0),
+                season: a.season.map(|d| d.0),
             })
         }
     };
@@ -549,6 +578,31 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.line, 5, "{e}");
         assert_eq!(e.field, "services.web.fleet.min");
+    }
+
+    #[test]
+    fn season_parses_and_is_checked_against_the_bucket() {
+        let fleet = "[services.web.fleet]\ncommand = \"shoal demo-service\"\nmax = 4\n";
+        let s = spec(&format!("{BASE}{fleet}[services.web.autoscale]\npolicy = \"predictive\"\ncapacity_rps = 10\nhistory_bucket = \"2s\"\nseason = \"40s\"\n"))
+            .unwrap()
+            .unwrap();
+        let a = s.autoscale.unwrap();
+        assert_eq!(a.season, Some(Duration::from_secs(40)));
+        assert_eq!(a.history_bucket, Some(Duration::from_secs(2)));
+        // Default bucket is a minute: a 2-minute season is only 2 of them.
+        let e = spec(&format!("{BASE}{fleet}[services.web.autoscale]\npolicy = \"predictive\"\ncapacity_rps = 10\nseason = \"120s\"\n")).unwrap_err();
+        assert_eq!(e.field, "services.web.autoscale.season", "{e}");
+        assert_eq!(e.line, 9, "{e}");
+        assert!(e.message.contains("at least 4 history buckets"), "{e}");
+        let e = spec(&format!("{BASE}{fleet}[services.web.autoscale]\npolicy = \"predictive\"\ncapacity_rps = 10\nhistory_bucket = \"5s\"\nseason = \"42s\"\n")).unwrap_err();
+        assert_eq!(e.field, "services.web.autoscale.season", "{e}");
+        assert_eq!(e.line, 10, "{e}");
+        assert!(e.message.contains("whole number"), "{e}");
+        let e = spec(&format!(
+            "{BASE}{fleet}[services.web.autoscale]\nseason = \"soon\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.field.starts_with("services.web.autoscale"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //! the forecast reacts within minutes while the seasonal shape is refit every few
 //! hours. `forecast(b) = inv(level + seasonal(b))`; an upper bound adds a quantile of
 //! recent forecast errors in the transformed space.
+//!
+//! The "day" is 24 h by default; [`FitOptions::season_secs`] compresses it (a
+//! 10-minute "day" for demos and tests) with the day-based settings scaled along.
 
 use augurs_core::Fit;
 use serde::{Deserialize, Serialize};
@@ -59,7 +62,8 @@ impl Transform {
     }
 }
 
-/// Which seasonal periods to model.
+/// Which seasonal periods to model. "Daily" is one [`FitOptions::season_secs`]
+/// (24 h unless compressed) and "weekly" seven of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Seasonality {
@@ -81,6 +85,10 @@ pub enum Seasonality {
 pub struct FitOptions {
     /// Seconds per history bucket (60).
     pub bucket_secs: f64,
+    /// Length of the "day", seconds (86 400): the daily period, the week is 7 of
+    /// them, and a fit needs half of one. A shorter one compresses the season (e.g.
+    /// 600 for a 10-minute "day" in tests and demos); see [`FitOptions::for_season`].
+    pub season_secs: f64,
     /// History buckets per decomposition point (5 → 5 min).
     pub aggregate: usize,
     /// Seasonal periods.
@@ -103,6 +111,7 @@ impl Default for FitOptions {
     fn default() -> Self {
         Self {
             bucket_secs: 60.0,
+            season_secs: 86_400.0,
             aggregate: 5,
             seasonality: Seasonality::Auto,
             transform: None,
@@ -112,6 +121,42 @@ impl Default for FitOptions {
             outage_buckets: 60,
             max_fit_buckets: 21 * 1440,
         }
+    }
+}
+
+impl FitOptions {
+    /// Defaults for `bucket_secs` buckets and a "day" of `season_secs` (a whole
+    /// number of buckets), with every day-based setting scaled to the season: about
+    /// 288 decomposition points per season (aggregation: the divisor of the
+    /// season's bucket count closest to that, so the period is exact), α and the
+    /// transform chosen over the last 3 seasons, at most 21 seasons fit. An outage
+    /// stays an hour of exact zeros, whatever the season. `for_season(60.0,
+    /// 86_400.0)` is [`FitOptions::default`].
+    pub fn for_season(bucket_secs: f64, season_secs: f64) -> Self {
+        let season = ((season_secs / bucket_secs).round() as usize).max(1);
+        let want = season as f64 / 288.0;
+        let aggregate = (1..=season)
+            .filter(|a| season.is_multiple_of(*a))
+            .min_by(|a, b| {
+                (*a as f64 - want)
+                    .abs()
+                    .total_cmp(&(*b as f64 - want).abs())
+            })
+            .unwrap_or(1);
+        Self {
+            bucket_secs,
+            season_secs,
+            aggregate,
+            eval_buckets: 3 * season,
+            outage_buckets: ((3600.0 / bucket_secs).round() as usize).max(1),
+            max_fit_buckets: 21 * season,
+            ..Self::default()
+        }
+    }
+
+    /// Buckets per season ("day").
+    fn day_buckets(&self) -> usize {
+        (self.season_secs / self.bucket_secs).round() as usize
     }
 }
 
@@ -288,7 +333,7 @@ impl SeasonalModel {
 /// Fit on `values` (one per bucket; `None` = missing), whose first element is
 /// bucket `start_bucket`. `None` when there is not enough usable data (a day).
 pub fn fit(values: &[Option<f64>], start_bucket: i64, opts: &FitOptions) -> Option<SeasonalModel> {
-    let day_buckets = (86_400.0 / opts.bucket_secs).round() as usize;
+    let day_buckets = opts.day_buckets();
     let skip = values.len().saturating_sub(opts.max_fit_buckets);
     let mut clean: Vec<Option<f64>> = values[skip..].to_vec();
     let origin_bucket = start_bucket + skip as i64;
@@ -350,7 +395,7 @@ fn fit_one(
     offset: f64,
     opts: &FitOptions,
 ) -> Option<SeasonalModel> {
-    let day_buckets = (86_400.0 / opts.bucket_secs).round() as usize;
+    let day_buckets = opts.day_buckets();
     let agg = opts.aggregate.max(1);
     let y: Vec<f64> = raw_agg.iter().map(|&v| transform.fwd(v, offset)).collect();
     let n = y.len();
@@ -689,6 +734,46 @@ mod tests {
         assert_eq!(v[1], Some(0.0));
         assert!(v[3..63].iter().all(Option::is_none));
         assert_eq!(v[63], Some(2.0));
+    }
+
+    #[test]
+    fn season_options_scale_the_day() {
+        assert_eq!(
+            FitOptions::for_season(60.0, 86_400.0),
+            FitOptions::default()
+        );
+        let o = FitOptions::for_season(2.0, 60.0);
+        assert_eq!(
+            (o.aggregate, o.eval_buckets, o.max_fit_buckets),
+            (1, 90, 630)
+        );
+        assert_eq!(o.outage_buckets, 1800);
+        // 600 s of 1 s buckets: 600 / 288 ≈ 2.1, and 2 divides 600.
+        assert_eq!(FitOptions::for_season(1.0, 600.0).aggregate, 2);
+    }
+
+    #[test]
+    fn learns_a_compressed_season() {
+        // A 2-minute "day" in 2 s buckets: a sine over 3 seasons.
+        let opts = FitOptions::for_season(2.0, 120.0);
+        let day = 60;
+        let f = |b: usize| 2.0 + (b as f64 / day as f64 * std::f64::consts::TAU).sin();
+        let values: Vec<Option<f64>> = (0..3 * day).map(|b| Some(f(b))).collect();
+        let mut model = fit(&values, 0, &opts).expect("fits");
+        assert_eq!(model.summary().periods_hours, vec![120.0 / 3600.0]);
+        for b in 3 * day..3 * day + 5 {
+            model.update(b as i64, Some(f(b)));
+        }
+        for ahead in [2usize, 15, 40] {
+            let b = 3 * day + 5 + ahead;
+            let err = (model.point(b as i64) - f(b)).abs();
+            assert!(
+                err < 0.15,
+                "{ahead} ahead: {} vs {}",
+                model.point(b as i64),
+                f(b)
+            );
+        }
     }
 
     #[test]

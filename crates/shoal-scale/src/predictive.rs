@@ -79,6 +79,12 @@ pub struct PredictiveConfig {
     pub quantile: f64,
     /// Seasonal periods (detected by default).
     pub seasonality: Seasonality,
+    /// Length of the seasonal "day", seconds; `None`: 24 h. A compressed season
+    /// (e.g. 600 for a 10-minute "day") must be a whole number of at least 4
+    /// buckets; the model fit scales its day-based settings with it
+    /// ([`FitOptions::for_season`]), and [`PredictiveConfig::with_season`] scales
+    /// the history needed and the refit period too.
+    pub season_secs: Option<f64>,
     /// Transform; `None` chooses by backtest at each refit.
     pub transform: Option<Transform>,
     /// Fall back to reactive when the model's error over the last 6 h exceeds this
@@ -134,6 +140,7 @@ impl PredictiveConfig {
             refit_secs: 6.0 * 3600.0,
             quantile: 0.99,
             seasonality: Seasonality::Auto,
+            season_secs: None,
             transform: None,
             max_error_ratio: 1.3,
             reactive,
@@ -144,6 +151,16 @@ impl PredictiveConfig {
             budget: Some(0.99),
             budget_window_secs: 86_400.0,
         }
+    }
+
+    /// A compressed season of `season_secs`: sets [`Self::season_secs`] and scales
+    /// what the defaults tie to a day: one season of history before the forecast
+    /// acts, and a refit every quarter season (6 h of a day).
+    pub fn with_season(mut self, season_secs: f64) -> Self {
+        self.season_secs = Some(season_secs);
+        self.min_history_secs = season_secs;
+        self.refit_secs = season_secs / 4.0;
+        self
     }
 
     /// Check ranges; errors name the field.
@@ -163,6 +180,19 @@ impl PredictiveConfig {
         check(self.interval_secs > 0.0, "interval_secs", "must be > 0")?;
         check(self.bucket_secs >= 1.0, "bucket_secs", "must be ≥ 1")?;
         check(self.refit_secs > 0.0, "refit_secs", "must be > 0")?;
+        if let Some(season) = self.season_secs {
+            let buckets = season / self.bucket_secs;
+            check(
+                season.is_finite() && buckets >= 4.0 - 1e-9,
+                "season_secs",
+                "must span at least 4 history buckets",
+            )?;
+            check(
+                (buckets - buckets.round()).abs() < 1e-6,
+                "season_secs",
+                "must be a whole number of history buckets",
+            )?;
+        }
         check(
             self.quantile > 0.5 && self.quantile < 1.0,
             "quantile",
@@ -424,13 +454,19 @@ impl PredictivePolicy {
 
     fn refit(&mut self, now_bucket: i64) {
         let values: Vec<Option<f64>> = self.values.iter().copied().collect();
+        let base = match self.config.season_secs {
+            Some(season) => FitOptions::for_season(self.config.bucket_secs, season),
+            None => FitOptions {
+                bucket_secs: self.config.bucket_secs,
+                ..FitOptions::default()
+            },
+        };
         let opts = FitOptions {
-            bucket_secs: self.config.bucket_secs,
             seasonality: self.config.seasonality,
             transform: self.config.transform,
             horizon_buckets: self.horizon_buckets() as usize,
             quantile: self.config.quantile,
-            ..FitOptions::default()
+            ..base
         };
         self.last_fit_bucket = now_bucket;
         let Some(model) = forecast::fit(&values, self.start_bucket, &opts) else {
@@ -545,12 +581,21 @@ impl Policy for PredictivePolicy {
         reactive.policy = self.name.clone();
         let safety = self.safety.evaluate(obs);
         let Some(model) = &self.model else {
-            reactive.detail = format!(
-                "{}; forecast learning ({:.1} h of {:.1} h history)",
-                reactive.detail,
-                self.history_secs() / 3600.0,
-                self.config.min_history_secs / 3600.0
-            );
+            reactive.detail = if self.config.season_secs.is_some() {
+                format!(
+                    "{}; forecast learning ({:.0} s of {:.0} s history)",
+                    reactive.detail,
+                    self.history_secs(),
+                    self.config.min_history_secs
+                )
+            } else {
+                format!(
+                    "{}; forecast learning ({:.1} h of {:.1} h history)",
+                    reactive.detail,
+                    self.history_secs() / 3600.0,
+                    self.config.min_history_secs / 3600.0
+                )
+            };
             return reactive;
         };
         let cfg = &self.config;
@@ -587,7 +632,12 @@ impl Policy for PredictivePolicy {
         let forecast_rps = reactive.forecast_rps;
         let reactive = safety;
         let (desired, reason, detail) = if need >= reactive.desired {
-            let mins = (peak_b - now_bucket) as f64 * cfg.bucket_secs / 60.0;
+            let secs = (peak_b - now_bucket) as f64 * cfg.bucket_secs;
+            let when = if cfg.season_secs.is_some() {
+                format!("{secs:.0} s")
+            } else {
+                format!("{:.0} min", secs / 60.0)
+            };
             (
                 need,
                 if need == current {
@@ -596,7 +646,7 @@ impl Policy for PredictivePolicy {
                     Reason::Predictive
                 },
                 format!(
-                    "forecast upper {peak:.3} rps (q{}) in {mins:.0} min -> {need}; reactive {}",
+                    "forecast upper {peak:.3} rps (q{}) in {when} -> {need}; reactive {}",
                     cfg.quantile, reactive.desired
                 ),
             )
@@ -892,6 +942,69 @@ mod tests {
         };
         let err = PredictivePolicy::with_history("p", config, &history).unwrap_err();
         assert!(err.to_string().contains("history"), "{err}");
+    }
+
+    /// A compressed 60 s "day" in 2 s buckets: quiet (2 rps) then busy (24 rps: 3
+    /// instances of 10 rps, 4 at the target utilization) each season. After two seasons the forecast launches
+    /// capacity a startup time before the busy phase and lets it go in the quiet one.
+    #[test]
+    fn compressed_season_prescales_before_the_busy_phase() {
+        let params = PolicyParams {
+            capacity_rps: 10.0,
+            startup_secs: 4.0,
+            interval_secs: 1.0,
+            min: 1,
+            max: 4,
+            ..PolicyParams::default()
+        };
+        let mut config = PredictiveConfig::for_params(&params, PredictiveMode::ForecastAndScale)
+            .with_season(60.0);
+        config.bucket_secs = 2.0;
+        config.min_history_secs = 120.0;
+        config.scale_down_delay_secs = 4.0;
+        config.reactive.scale_down_stabilization_secs = 5.0;
+        let mut p = PredictivePolicy::new("predictive", config).unwrap();
+        // Quiet during [0, 30) of each season, busy during [30, 60).
+        let demand = |t: f64| if t.rem_euclid(60.0) < 30.0 { 2.0 } else { 24.0 };
+        let t0 = 1_700_000_040.0; // a whole number of seasons since the epoch
+        let (mut ready, mut launches) = (1u32, VecDeque::<(f64, u32)>::new());
+        let mut desired = 1u32;
+        let mut at = Vec::new();
+        for s in 0..300 {
+            let t = f64::from(s);
+            while launches.front().is_some_and(|&(r, _)| r <= t) {
+                launches.pop_front();
+            }
+            let starting = desired.saturating_sub(ready);
+            let mut o = obs(t0 + t, ready.max(1), demand(t - 0.5));
+            o.starting = starting;
+            o.current_desired = desired;
+            let d = p.evaluate(&o);
+            if d.desired > desired {
+                launches.push_back((t + 4.0, d.desired - desired));
+            }
+            desired = d.desired;
+            ready = desired - launches.iter().map(|l| l.1).sum::<u32>().min(desired);
+            at.push((t, desired, d.reason));
+        }
+        let desired_at = |t: f64| at[t as usize].1;
+        assert!(p.model_summary().is_some());
+        for season in [3.0, 4.0] {
+            let busy = season * 60.0 + 30.0;
+            assert!(
+                desired_at(busy - 2.0) >= 3,
+                "season {season}: {} two seconds before the busy phase: {:?}",
+                desired_at(busy - 2.0),
+                &at[(busy - 10.0) as usize..busy as usize]
+            );
+            assert_eq!(desired_at(busy - 15.0), 1, "season {season}: quiet");
+            assert!(desired_at(busy + 15.0) >= 3, "season {season}: busy");
+        }
+        let first_up = at[190..210]
+            .iter()
+            .find(|a| a.1 >= 3)
+            .expect("scaled up before the busy phase");
+        assert_eq!(first_up.2, Reason::Predictive);
     }
 
     /// The acceptance check on a seeded synthetic trace (daily and weekly
