@@ -15,7 +15,9 @@ use shoal_scale::windows::SecondWindow;
 use shoal_scale::{Decision, MetricKind, MetricSample, Observation, Policy, PolicyParams};
 
 use crate::config::Autoscale;
-use crate::process::{Phase, ProcessFleet};
+use crate::config::FleetSpec;
+use crate::process::Phase;
+use crate::provider::Provider;
 use crate::recommend::{recommend, Recommendation};
 
 /// The policy in force; concrete so the predictive history can be saved.
@@ -82,7 +84,7 @@ fn quantile_from_buckets(counts: &[u64], q: f64) -> Option<f64> {
 /// The autoscaler of one service.
 pub struct Autoscaler {
     service: Arc<Service>,
-    fleet: Arc<ProcessFleet>,
+    fleet: Arc<dyn Provider>,
     pub cfg: Autoscale,
     policy: Mutex<Live>,
     sampler: Mutex<Sampler>,
@@ -94,12 +96,14 @@ pub struct Autoscaler {
 }
 
 impl Autoscaler {
+    /// An autoscaler sizing `fleet`, which serves `service`; `spec` carries the bounds, the
+    /// data directory and the CPU allotment per instance.
     pub fn new(
         service: Arc<Service>,
-        fleet: Arc<ProcessFleet>,
+        fleet: Arc<dyn Provider>,
+        spec: &FleetSpec,
         cfg: Autoscale,
     ) -> Result<Arc<Autoscaler>, String> {
-        let spec = &fleet.spec;
         let reactive = ReactiveConfig {
             targets: cfg.targets.clone(),
             tolerance: cfg.tolerance,
@@ -210,22 +214,24 @@ impl Autoscaler {
 
     /// Samples every second, evaluates every interval, saves history every minute.
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_sample = Instant::now() - Duration::from_secs(10);
-        let mut last_eval = Instant::now();
+        // Deadlines advance by whole periods so the cadence does not drift with the tick.
+        let mut next_sample = Instant::now();
+        let mut next_eval = Instant::now() + self.cfg.interval;
         let mut last_save = Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shoal_proxy::server::stopped(&mut stop) => break,
             }
-            if last_sample.elapsed() >= Duration::from_secs(1) {
-                last_sample = Instant::now();
+            let now = Instant::now();
+            if now >= next_sample {
+                next_sample = (next_sample + Duration::from_secs(1)).max(now);
                 self.sample();
             }
-            if last_eval.elapsed() >= self.cfg.interval {
-                last_eval = Instant::now();
+            if now >= next_eval {
+                next_eval = (next_eval + self.cfg.interval).max(now);
                 self.evaluate();
             }
             if last_save.elapsed() >= Duration::from_secs(60) {
@@ -370,6 +376,22 @@ impl Autoscaler {
         }
     }
 
+    /// Changes are always recorded; a refusal (hold, bound, missing metrics) when its reason
+    /// differs from the last recorded one or a minute after it, so a long burst hold is one
+    /// entry, not one per evaluation.
+    fn worth_recording(&self, d: &Decision) -> bool {
+        if d.desired != d.inputs.current_desired {
+            return true;
+        }
+        let log = self.decisions.lock().expect("decisions lock");
+        match log.back() {
+            Some(last) => {
+                last.reason != d.reason || d.inputs.now_secs - last.inputs.now_secs >= 60.0
+            }
+            None => true,
+        }
+    }
+
     /// One evaluation: observe, decide, apply, record.
     pub fn evaluate(&self) -> Decision {
         let obs = self.observe();
@@ -377,9 +399,9 @@ impl Autoscaler {
         if d.desired != obs.current_desired {
             self.fleet.scale(d.desired);
         }
-        if d.is_notable() {
+        if d.is_notable() && self.worth_recording(&d) {
             tracing::info!(
-                service = %self.fleet.spec.service,
+                service = %self.fleet.service(),
                 from = obs.current_desired,
                 to = d.desired,
                 reason = d.reason.as_str(),
@@ -459,7 +481,7 @@ impl Autoscaler {
     }
 
     pub fn collect(&self, e: &mut Exposition) {
-        let svc = self.fleet.spec.service.as_str();
+        let svc = self.fleet.service();
         for ((dir, reason), n) in self.counts.lock().expect("counts lock").iter() {
             e.counter(
                 "shoal_scaling_decisions_total",

@@ -334,7 +334,19 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                 ));
             }
         }
-        "static" => {}
+        "static" => {
+            if svc.extra.contains_key("autoscale") {
+                return Err(field_error(
+                    &loc,
+                    text,
+                    name,
+                    "fleet",
+                    "provider",
+                    "a static fleet is not scaled: remove [autoscale] or use the process provider"
+                        .into(),
+                ));
+            }
+        }
         other => {
             return Err(field_error(
                 &loc,
@@ -568,6 +580,16 @@ mod tests {
         let a = s.autoscale.unwrap();
         assert_eq!(a.targets.len(), 2);
         assert_eq!(a.schedule.len(), 1);
+    }
+
+    #[test]
+    fn static_fleets_are_not_autoscaled() {
+        let e = spec(&format!(
+            "{BASE}[services.web.fleet]\nprovider = \"static\"\n[services.web.autoscale]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "services.web.fleet.provider", "{e}");
+        assert_eq!(e.line, 4, "{e}");
     }
 
     #[test]

@@ -47,18 +47,26 @@ impl Fleets {
         let (stop, stop_rx) = watch::channel(false);
         let mut managed = Vec::new();
         for spec in specs {
-            if spec.fleet.provider == "static" {
-                continue; // the service's `backends` are the fleet; nothing to run
-            }
             let service = app
                 .service(&spec.service)
                 .ok_or_else(|| format!("no service {}", spec.service))?;
+            if spec.fleet.provider == "static" {
+                // The service's `backends` are the fleet: reported, never scaled.
+                let provider: Arc<dyn Provider> =
+                    StaticFleet::new(&spec.service, service.pool.clone());
+                managed.push(Managed {
+                    provider,
+                    autoscaler: None,
+                });
+                continue;
+            }
             let autoscale = spec.autoscale.clone();
-            let fleet = ProcessFleet::new(spec, service.pool.clone()).map_err(|e| e.to_string())?;
+            let fleet =
+                ProcessFleet::new(spec.clone(), service.pool.clone()).map_err(|e| e.to_string())?;
             tokio::spawn(fleet.clone().run());
             let autoscaler = match autoscale {
                 Some(cfg) => {
-                    let a = Autoscaler::new(service, fleet.clone(), cfg)?;
+                    let a = Autoscaler::new(service, fleet.clone(), &spec, cfg)?;
                     tokio::spawn(a.clone().run(stop_rx.clone()));
                     Some(a)
                 }
