@@ -51,17 +51,21 @@ impl FromStr for Dur {
     }
 }
 
-/// Parses `"250ms"`, `"1.5s"`, `"5m"`, `"2h"`, `"10"` (seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
+/// Splits `"1.5GiB"` into `(1.5, "GiB")`; None if it does not start with a number.
+fn number_and_unit(s: &str) -> Option<(f64, &str)> {
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?} (use e.g. \"500ms\", \"2s\", \"5m\")"))?;
-    let secs = match unit.trim() {
+    Some((num.parse().ok()?, unit.trim()))
+}
+
+/// Parses `"250ms"`, `"1.5s"`, `"5m"`, `"2h"`, `"10"` (seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (n, unit) = number_and_unit(s)
+        .ok_or_else(|| format!("invalid duration {s:?} (use e.g. \"500ms\", \"2s\", \"5m\")"))?;
+    let secs = match unit {
         "" | "s" => n,
         "ms" => n / 1e3,
         "us" => n / 1e6,
@@ -80,14 +84,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Parses a byte size: `"64MiB"`, `"512KiB"`, `"1GiB"`, `"1000"`, `"10MB"`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?} (use e.g. \"64MiB\")"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+    let (n, unit) =
+        number_and_unit(s).ok_or_else(|| format!("invalid size {s:?} (use e.g. \"64MiB\")"))?;
+    let mult: f64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
         "kib" | "ki" => 1024.0,

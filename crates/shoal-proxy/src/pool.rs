@@ -320,6 +320,13 @@ impl Pool {
     /// removes it. Returns the in-flight count left at removal (0 unless the timeout hit).
     pub async fn remove(&self, id: &str, timeout: Duration) -> Option<u64> {
         let inst = self.drain(id)?;
+        Some(self.remove_drained(inst, timeout).await)
+    }
+
+    /// Second half of [`Pool::remove`] for an instance already drained (e.g. replaced by a
+    /// namesake with another weight): wait for its in-flight requests, then forget it.
+    pub async fn remove_drained(&self, inst: Arc<Instance>, timeout: Duration) -> u64 {
+        let id = inst.id.as_str();
         // Pairs with the fence after `Load::start` in the request path: a request either sees
         // the instance draining and picks again, or is seen in flight here.
         std::sync::atomic::fence(Ordering::SeqCst);
@@ -338,7 +345,7 @@ impl Pool {
             .retain(|i| !Arc::ptr_eq(i, &inst));
         inst.idle.clear();
         self.rebuild();
-        Some(left)
+        left
     }
 
     /// Marks a `Starting` instance ready (its owner saw it pass a startup probe): it joins the

@@ -143,8 +143,23 @@ impl Service {
         self.pool.set_settings(pool_settings(&cfg));
         let drain = cfg.timeouts.drain.0;
         for b in &cfg.backends {
-            if !old.backends.iter().any(|o| o.addr == b.addr) {
-                self.pool.add(&b.addr.to_string(), b.addr, b.weight, false);
+            let id = b.addr.to_string();
+            match old.backends.iter().find(|o| o.addr == b.addr) {
+                None => {
+                    self.pool.add(&id, b.addr, b.weight, false);
+                }
+                // A new weight: a fresh instance takes over (slow start applies) while the old
+                // one drains, so nothing in flight is cut.
+                Some(o) if o.weight != b.weight => {
+                    if let Some(prev) = self.pool.drain(&id) {
+                        self.pool.add(&id, b.addr, b.weight, false);
+                        let pool = self.pool.clone();
+                        tokio::spawn(async move {
+                            pool.remove_drained(prev, drain).await;
+                        });
+                    }
+                }
+                Some(_) => {}
             }
         }
         for o in &old.backends {

@@ -572,3 +572,24 @@ async fn max_connections_holds_further_clients_back() {
         .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_new_weights_without_dropping_requests() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cfg = service_config(&[&a, &b], "weighted-round-robin");
+    let p = start_proxy(cfg.clone()).await;
+    let cl = client();
+    for _ in 0..40 {
+        assert_eq!(get(&cl, p.addr, "/").await.0, 200);
+    }
+    assert_eq!((a.count(), b.count()), (20, 20));
+    let mut heavier = cfg;
+    heavier.backends[1].weight = 3;
+    p.service.reconfigure(heavier);
+    for _ in 0..40 {
+        assert_eq!(get(&cl, p.addr, "/").await.0, 200);
+    }
+    assert_eq!((a.count() - 20, b.count() - 20), (10, 30));
+    // The replaced instance left after draining; one live instance per backend remains.
+    eventually(5, || p.service.pool.members().len() == 2).await;
+}
