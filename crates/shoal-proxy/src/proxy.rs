@@ -315,7 +315,11 @@ impl Service {
                         .observe_nanos(answered.saturating_sub(start));
                     if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (on_upgrade, status) {
                         let up = hyper::upgrade::on(&mut resp);
-                        tokio::spawn(tunnel(down, up, busy));
+                        let hold = parts
+                            .extensions
+                            .get::<Arc<crate::server::ConnSlot>>()
+                            .and_then(|s| s.take());
+                        tokio::spawn(tunnel(down, up, busy, hold));
                         return Ok(Response::from_parts(
                             resp.into_parts().0,
                             Either::Right(Full::new(Bytes::new())),
@@ -402,7 +406,12 @@ impl Service {
 }
 
 /// Copies bytes both ways once client and instance both switched protocols.
-async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade, _busy: InFlight) {
+async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    _busy: InFlight,
+    _conn: Option<crate::server::ConnHold>,
+) {
     match tokio::try_join!(down, up) {
         Ok((d, u)) => {
             let mut d = TokioIo::new(d);

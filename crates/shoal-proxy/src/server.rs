@@ -9,8 +9,9 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use std::sync::Mutex;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::pool::now_nanos;
 use crate::proxy::Service;
@@ -72,6 +73,19 @@ impl Drop for Busy {
 
 struct ConnGuard(Arc<Connections>);
 
+/// What a client connection holds: its max_connections permit and its place in the live
+/// count. An upgrade moves it into the tunnel task, which outlives the HTTP connection.
+pub struct ConnSlot(Mutex<Option<(OwnedSemaphorePermit, ConnGuard)>>);
+
+/// The slot's contents, held by whoever owns the connection's bytes now.
+pub struct ConnHold(#[allow(dead_code)] (OwnedSemaphorePermit, ConnGuard));
+
+impl ConnSlot {
+    pub fn take(&self) -> Option<ConnHold> {
+        self.0.lock().expect("slot lock").take().map(ConnHold)
+    }
+}
+
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.0.live.fetch_sub(1, Ordering::AcqRel);
@@ -130,9 +144,10 @@ async fn accept_loop(
         let svc = service.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            serve_conn(stream, peer, svc, stop).await;
-            drop(permit);
-            drop(guard);
+            // An upgraded connection outlives this task (its tunnel takes the slot): it keeps
+            // counting against max_connections and shutdown still waits for it.
+            let slot = Arc::new(ConnSlot(Mutex::new(Some((permit, guard)))));
+            serve_conn(stream, peer, svc, stop, slot).await;
         });
     }
     tracing::info!(service = %service.name, "listener stopped");
@@ -143,6 +158,7 @@ async fn serve_conn(
     peer: SocketAddr,
     svc: Arc<Service>,
     mut stop: watch::Receiver<bool>,
+    slot: Arc<ConnSlot>,
 ) {
     let cfg = svc.config.load_full();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -161,9 +177,12 @@ async fn serve_conn(
     let activity = Arc::new((AtomicU64::new(now_nanos()), AtomicUsize::new(0)));
     let act = activity.clone();
     let peer_ip = crate::proxy::peer_header(peer);
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let svc = svc.clone();
         let busy = Busy::new(act.clone());
+        if req.headers().contains_key(hyper::header::UPGRADE) {
+            req.extensions_mut().insert(slot.clone());
+        }
         let peer_ip = peer_ip.clone();
         async move {
             let r = svc.handle(req, peer, peer_ip).await;

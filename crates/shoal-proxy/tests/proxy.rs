@@ -593,3 +593,38 @@ async fn reload_applies_new_weights_without_dropping_requests() {
     // The replaced instance left after draining; one live instance per backend remains.
     eventually(5, || p.service.pool.members().len() == 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_count_against_max_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = Backend::start("a").await;
+    let mut cfg = service_config(&[&a], "round-robin");
+    cfg.limits.max_connections = 1;
+    let p = start_proxy(cfg).await;
+    let mut ws = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    ws.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = ws.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+    // The tunnel is the one allowed connection: another client waits...
+    let mut other = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    other
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), other.read(&mut buf))
+            .await
+            .is_err()
+    );
+    assert_eq!(p.app.services()[0].name, "test");
+    // ...until the tunnel closes.
+    drop(ws);
+    let n = tokio::time::timeout(Duration::from_secs(3), other.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+}
