@@ -89,6 +89,33 @@ impl Fleets {
             .find(|m| m.provider.service() == service)
     }
 
+    /// Applies what a reloaded config can change without a restart: fleet bounds. Other fleet
+    /// changes (command, provider, autoscale settings, new fleets) need a restart; they are
+    /// logged, not silently ignored.
+    pub fn reload(&self, config: &Config) {
+        let specs = match fleet_specs(config) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "fleet settings not reloaded");
+                return;
+            }
+        };
+        for spec in specs {
+            match self.get(&spec.service) {
+                Some(m) => {
+                    let (min, max) = (spec.fleet.min, spec.fleet.max);
+                    if m.provider.bounds() != (min, max) && m.provider.kind() == "process" {
+                        tracing::info!(service = %spec.service, min, max, "fleet bounds reloaded");
+                        m.provider.set_bounds(min, max);
+                    }
+                }
+                None => {
+                    tracing::warn!(service = %spec.service, "new fleet in reloaded config: starts on the next restart")
+                }
+            }
+        }
+    }
+
     /// Stops autoscaling, then drains and stops every instance.
     pub async fn shutdown(&self, deadline: Duration) {
         let _ = self.stop.send(true);

@@ -50,6 +50,9 @@ struct Proc {
 #[derive(Debug, Default)]
 struct State {
     desired: u32,
+    /// Bounds in force (the config's, updated on reload).
+    min: u32,
+    max: u32,
     instances: BTreeMap<String, Proc>,
     next_id: u64,
     failures: u32,
@@ -134,6 +137,8 @@ impl ProcessFleet {
             args,
             state: Mutex::new(State {
                 desired,
+                min: spec.fleet.min,
+                max: spec.fleet.max,
                 ..State::default()
             }),
             wake: Notify::new(),
@@ -146,8 +151,8 @@ impl ProcessFleet {
 
     /// Sets the desired count (clamped to min..=max) and wakes the reconciler.
     pub fn scale(&self, n: u32) -> u32 {
-        let n = n.clamp(self.spec.fleet.min, self.spec.fleet.max);
         let mut s = self.state.lock().expect("fleet lock");
+        let n = n.clamp(s.min, s.max);
         if s.desired != n {
             tracing::info!(service = %self.spec.service, from = s.desired, to = n, "scaling");
             s.desired = n;
@@ -562,7 +567,16 @@ impl Provider for ProcessFleet {
         ProcessFleet::desired(self)
     }
     fn bounds(&self) -> (u32, u32) {
-        (self.spec.fleet.min, self.spec.fleet.max)
+        let s = self.state.lock().expect("fleet lock");
+        (s.min, s.max)
+    }
+    fn set_bounds(&self, min: u32, max: u32) {
+        {
+            let mut s = self.state.lock().expect("fleet lock");
+            (s.min, s.max) = (min, max);
+        }
+        let desired = self.desired();
+        ProcessFleet::scale(self, desired);
     }
     fn counts(&self) -> (u32, u32, u32) {
         ProcessFleet::counts(self)

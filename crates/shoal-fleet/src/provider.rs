@@ -67,6 +67,8 @@ pub trait Provider: Send + Sync {
     fn desired(&self) -> u32;
     /// (min, max) the provider accepts.
     fn bounds(&self) -> (u32, u32);
+    /// New bounds (config reload); the desired count is clamped into them at once.
+    fn set_bounds(&self, _min: u32, _max: u32) {}
     /// Instances by phase: (starting, ready, stopping).
     fn counts(&self) -> (u32, u32, u32);
     fn members(&self) -> Vec<Member>;

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, ServiceConfig};
 use crate::metrics::{Exposition, Kind};
-use crate::pool::{now_nanos, ErrorKind, State};
+use crate::pool::{now_nanos, ErrorKind};
 use crate::proxy::Service;
 use crate::server::{self, Listener};
 
@@ -447,6 +447,3 @@ impl std::fmt::Debug for App {
             .finish()
     }
 }
-
-/// States exported even when a pool is empty, so dashboards show zeros.
-pub const STATES: [State; 3] = [State::Starting, State::Ready, State::Draining];

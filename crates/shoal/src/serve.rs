@@ -115,6 +115,8 @@ pub fn run_config(path: &Path, threads: Option<usize>) -> anyhow::Result<()> {
         }));
         app.start(&config).await?;
         let fleets = shoal_fleet::Fleets::start(&app, &config).map_err(|e| anyhow::anyhow!(e))?;
+        let on_reload = fleets.clone();
+        app.set_on_reload(Box::new(move |c| on_reload.reload(c)));
         let deadline = config
             .services
             .iter()

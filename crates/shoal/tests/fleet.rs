@@ -256,3 +256,39 @@ fn bad_fleet_configs_are_refused_with_their_line() {
         assert!(err.contains(&format!("{}:", path.display())) && err.contains(field), "{err}");
     }
 }
+
+/// A reload applies new fleet bounds: the desired count is clamped into them at once.
+#[test]
+fn reload_applies_fleet_bounds() {
+    let dir = tempdir();
+    let (listen, admin) = (free_port(), free_port());
+    let cfg = fleet_config(
+        listen,
+        admin,
+        "[services.demo.fleet]\ncommand = \"shoal demo-service\"\nmin = 1\nmax = 3\n",
+    );
+    let (_shoal, path) = run_shoal(dir.path(), &cfg, listen);
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    let auth = [("Authorization", "Bearer test-token")];
+    let (s, body) = http(
+        admin_addr,
+        "POST",
+        "/api/services/demo/scale",
+        &auth,
+        "{\"desired\": 3}",
+    );
+    assert_eq!(s, 200, "{body}");
+    wait_until(20, "three instances", || ready(&api(admin)) == 3);
+    std::fs::write(&path, cfg.replace("max = 3", "max = 2")).unwrap();
+    let (s, body) = http(admin_addr, "POST", "/api/reload", &auth, "");
+    assert_eq!(s, 200, "{body}");
+    wait_until(20, "scale-in to the new max", || {
+        let v = api(admin);
+        v["desired"] == 2 && v["max"] == 2 && v["instances"].as_array().unwrap().len() == 2
+    });
+    // An invalid fleet table is refused like any other config error.
+    std::fs::write(&path, cfg.replace("max = 3", "max = 0")).unwrap();
+    let (s, body) = http(admin_addr, "POST", "/api/reload", &auth, "");
+    assert_eq!(s, 422, "{body}");
+    assert!(body.contains("services.demo.fleet.min"), "{body}");
+}
