@@ -167,6 +167,12 @@ impl ApiExtension for Fleets {
         }
     }
 
+    fn owns_instance(&self, service: &str, id: &str) -> bool {
+        Fleets::get(self, service).is_some_and(|m| {
+            m.provider.kind() != "static" && m.provider.members().iter().any(|i| i.id == id)
+        })
+    }
+
     /// `POST /api/services/NAME/scale {"desired": N}`: manual scaling (an autoscaler, if
     /// configured, will keep deciding from its next evaluation on).
     fn post(&self, path: &str, body: &Value) -> Option<Result<Value, String>> {

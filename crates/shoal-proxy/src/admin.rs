@@ -195,6 +195,7 @@ async fn handle(
         (&Method::POST, ["api", "services", name, "instances", id, "drain"]) => {
             match authorized(&app, &req) {
                 Err(r) => r,
+                Ok(()) if app.instance_owned(name, id) => fleet_owned(),
                 Ok(()) => match app.service(name).and_then(|s| s.pool.drain(id)) {
                     Some(i) => json_resp(
                         StatusCode::OK,
@@ -207,6 +208,7 @@ async fn handle(
         (&Method::DELETE, ["api", "services", name, "instances", id]) => {
             match authorized(&app, &req) {
                 Err(r) => r,
+                Ok(()) if app.instance_owned(name, id) => fleet_owned(),
                 Ok(()) => match app.service(name) {
                     Some(s) if s.pool.get(id).is_some() => {
                         // Drain in the background; the answer says it has begun.
@@ -247,6 +249,13 @@ async fn handle(
         _ => error(StatusCode::NOT_FOUND, "not found"),
     };
     Ok(resp)
+}
+
+fn fleet_owned() -> Response<Full<Bytes>> {
+    error(
+        StatusCode::CONFLICT,
+        "the instance belongs to a fleet: scale the fleet with POST /api/services/NAME/scale",
+    )
 }
 
 fn merge(into: &mut Value, from: Value) {

@@ -28,6 +28,11 @@ pub trait ApiExtension: Send + Sync {
     fn post(&self, _path: &str, _body: &Value) -> Option<Result<Value, String>> {
         None
     }
+    /// True when this extension manages the instance (the admin API then refuses to drain
+    /// or delete it behind the owner's back).
+    fn owns_instance(&self, _service: &str, _id: &str) -> bool {
+        false
+    }
 }
 
 /// Checks a config beyond what `Config` validates itself.
@@ -419,6 +424,15 @@ impl App {
             "requests": svc.metrics.requests.get(),
             "instances": instances,
         })
+    }
+
+    /// Whether an extension (a fleet) manages this instance.
+    pub fn instance_owned(&self, service: &str, id: &str) -> bool {
+        self.extensions
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|x| x.owns_instance(service, id))
     }
 
     /// Mutating routes owned by extensions.
