@@ -21,6 +21,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace 2>&1 | tee "$log"
+# One test at a time: the integration tests run real fleets and load on a 2-core machine, and
+# free ports picked by one test must not be taken by another's instances meanwhile.
+cargo test --workspace -- --test-threads=1 2>&1 | tee "$log"
 # One closing line over every test binary (cargo's last line is a doc-test run, often empty).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

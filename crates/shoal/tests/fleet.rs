@@ -9,23 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-fn fleet_config(listen: u16, admin: u16, extra: &str) -> String {
-    format!(
-        r#"[admin]
-listen = "127.0.0.1:{admin}"
-
-[services.demo]
-listen = "127.0.0.1:{listen}"
-balance = "least-connections"
-
-[services.demo.timeouts]
-drain = "10s"
-
-{extra}
-"#
-    )
-}
-
 fn api(admin: u16) -> Value {
     let (s, body) = get(admin, "/api/services/demo");
     assert_eq!(s, 200, "{body}");

@@ -20,18 +20,8 @@ const QUIET_RPS: u32 = 2;
 const BUSY_RPS: u32 = 24;
 
 fn config(listen: u16, admin: u16) -> String {
-    format!(
-        r#"[admin]
-listen = "127.0.0.1:{admin}"
-
-[services.demo]
-listen = "127.0.0.1:{listen}"
-balance = "least-connections"
-
-[services.demo.timeouts]
-drain = "10s"
-
-[services.demo.fleet]
+    let extra = format!(
+        r#"[services.demo.fleet]
 command = "shoal demo-service"
 min = 1
 max = 4
@@ -50,7 +40,8 @@ panic_window = "3s"
 burst_hold = "3s"
 scale_down_stabilization = "3s"
 "#
-    )
+    );
+    fleet_config(listen, admin, &extra)
 }
 
 fn epoch() -> f64 {

@@ -89,8 +89,16 @@ pub fn run_shoal(dir: &Path, config: &str, wait_for: u16) -> (Proc, PathBuf) {
         .stderr(log)
         .spawn()
         .unwrap();
+    let mut proc = Proc(child);
     wait_port(wait_for, 20);
-    (Proc(child), path)
+    // The admin listener binds after the services: give it a moment, and if shoal exited
+    // (e.g. a free port was taken meanwhile), fail with its log rather than a bare refusal.
+    std::thread::sleep(Duration::from_millis(100));
+    if let Some(code) = proc.0.try_wait().unwrap() {
+        let log = std::fs::read_to_string(dir.join("shoal.log")).unwrap_or_default();
+        panic!("shoal exited at start ({code}):\n{log}");
+    }
+    (proc, path)
 }
 
 /// One HTTP/1.1 request on a fresh connection; returns (status, body).
@@ -160,4 +168,23 @@ pub fn tempdir() -> tempfile::TempDir {
         .prefix("shoal-test-")
         .tempdir()
         .unwrap()
+}
+
+/// A config with one service `demo` on `listen`, the admin API on `admin`, a 10 s drain
+/// timeout, and `extra` (fleet, autoscale tables) appended.
+pub fn fleet_config(listen: u16, admin: u16, extra: &str) -> String {
+    format!(
+        r#"[admin]
+listen = "127.0.0.1:{admin}"
+
+[services.demo]
+listen = "127.0.0.1:{listen}"
+balance = "least-connections"
+
+[services.demo.timeouts]
+drain = "10s"
+
+{extra}
+"#
+    )
 }
