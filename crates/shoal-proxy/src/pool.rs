@@ -91,6 +91,8 @@ pub struct Instance {
     state: AtomicU8,
     healthy: AtomicBool,
     ever_healthy: AtomicBool,
+    /// Readiness is its owner's call (`mark_ready`), not the pool's health checks'.
+    owner_gated: bool,
     health: Mutex<Option<ActiveHealth>>,
     outlier: Mutex<Outlier>,
     /// Consecutive failed results, mirrored from the outlier detector for a lock-free fast path.
@@ -214,7 +216,23 @@ impl Pool {
     }
 
     pub fn set_settings(&self, s: PoolSettings) {
+        let health_changed = self.settings().active_health != s.active_health;
+        let active = s.active_health;
         self.settings.store(Arc::new(s));
+        if health_changed {
+            // Existing instances follow the new checks: fresh thresholds that keep today's
+            // verdict, or, with checks removed, everyone waiting on them becomes ready.
+            for i in self.members() {
+                *i.health.lock().expect("health lock") =
+                    active.map(|(rise, fall)| ActiveHealth::new(rise, fall, i.is_healthy()));
+                if active.is_none() && i.state() == State::Starting && !i.owner_gated {
+                    i.healthy.store(true, Ordering::Release);
+                    i.ever_healthy.store(true, Ordering::Release);
+                    i.ready_since.store(now_nanos(), Ordering::Release);
+                    i.set_state(State::Ready);
+                }
+            }
+        }
         self.rebuild();
     }
 
@@ -247,21 +265,24 @@ impl Pool {
             addr,
             weight,
             gate && self.settings().active_health.is_some(),
+            false,
         )
     }
 
     /// Adds an instance in `Starting` (no traffic) until [`Pool::mark_ready`] or, with active
     /// checks, `rise` passing probes.
     pub fn add_starting(&self, id: &str, addr: SocketAddr, weight: u32) -> Option<Arc<Instance>> {
-        self.add_instance(id, addr, weight, true)
+        self.add_instance(id, addr, weight, true, true)
     }
 
+    /// `owner_gated`: the caller (a fleet) decides readiness with `mark_ready`.
     fn add_instance(
         &self,
         id: &str,
         addr: SocketAddr,
         weight: u32,
         gated: bool,
+        owner_gated: bool,
     ) -> Option<Arc<Instance>> {
         let settings = self.settings();
         let now = now_nanos();
@@ -277,6 +298,7 @@ impl Pool {
             state: AtomicU8::new(if gated { 0 } else { 1 }),
             healthy: AtomicBool::new(!gated),
             ever_healthy: AtomicBool::new(!gated),
+            owner_gated,
             health: Mutex::new(
                 settings
                     .active_health
@@ -578,6 +600,19 @@ mod tests {
             p.record_result(&b, false, now_nanos());
         }
         assert!(!b.is_ejected(now_nanos()));
+        assert_eq!(p.snapshot().instances.len(), 1);
+    }
+
+    #[test]
+    fn removing_health_checks_releases_gated_instances() {
+        let mut s = settings(Algorithm::RoundRobin);
+        s.active_health = Some((2, 2));
+        let p = Pool::new("s", s.clone());
+        let a = p.add("a", addr(1), 1, true).unwrap();
+        assert_eq!(a.state(), State::Starting);
+        s.active_health = None;
+        p.set_settings(s);
+        assert_eq!(a.state(), State::Ready);
         assert_eq!(p.snapshot().instances.len(), 1);
     }
 
