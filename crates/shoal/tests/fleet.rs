@@ -10,26 +10,7 @@ use common::*;
 use serde_json::Value;
 
 fn api(admin: u16) -> Value {
-    let (s, body) = get(admin, "/api/services/demo");
-    assert_eq!(s, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-fn ready(v: &Value) -> usize {
-    v["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|i| i["state"] == "ready")
-        .count()
-}
-
-fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    api_json(admin, "/api/services/demo")
 }
 
 /// A load step scales the fleet out from 1; after the load stops it scales back in; no

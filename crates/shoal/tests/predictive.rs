@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use serde_json::Value;
 
 /// The compressed "day": a quiet half, then a busy half.
 const SEASON: f64 = 40.0;
@@ -58,29 +57,6 @@ fn sleep_until_epoch(t: f64) {
     }
 }
 
-fn api(admin: u16, path: &str) -> Value {
-    let (s, body) = get(admin, path);
-    assert_eq!(s, 200, "{path}: {body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn ready(v: &Value) -> u64 {
-    v["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|i| i["state"] == "ready")
-        .count() as u64
-}
-
 /// Each season: `QUIET_RPS` for half of it, then `BUSY_RPS`. Once the policy has seen a
 /// season or two, the desired count rises (on the forecast) before each busy phase, having
 /// come down in the quiet one; no request fails. After SIGTERM and a start on the same data
@@ -92,7 +68,7 @@ fn forecast_prescales_before_a_recurring_busy_phase_and_history_survives_restart
     let cfg = config(listen, admin);
     let (mut shoal, _) = run_shoal(dir.path(), &cfg, listen);
     wait_until(20, "first instance", || {
-        ready(&api(admin, "/api/services/demo")) == 1
+        ready(&api_json(admin, "/api/services/demo")) == 1
     });
 
     // Seasons start on a bucket boundary so that phases fill whole buckets.
@@ -117,11 +93,11 @@ fn forecast_prescales_before_a_recurring_busy_phase_and_history_survives_restart
     let mut seen: Vec<(f64, u64, u64)> = Vec::new();
     let end = t0 + (SEASONS - 1) as f64 * SEASON + half + 3.0;
     while epoch() < end {
-        let v = api(admin, "/api/services/demo");
-        seen.push((epoch(), v["desired"].as_u64().unwrap(), ready(&v)));
+        let v = api_json(admin, "/api/services/demo");
+        seen.push((epoch(), v["desired"].as_u64().unwrap(), ready(&v) as u64));
         std::thread::sleep(Duration::from_millis(200));
     }
-    let decisions = api(admin, "/api/services/demo/decisions");
+    let decisions = api_json(admin, "/api/services/demo/decisions");
     let decisions = decisions["decisions"].as_array().unwrap();
 
     let mut failures = Vec::new();
@@ -195,7 +171,7 @@ fn forecast_prescales_before_a_recurring_busy_phase_and_history_survives_restart
     );
 
     // Restart on the same data directory: the history is restored, and the model with it.
-    let before = api(admin, "/api/services/demo/forecast")["history_secs"]
+    let before = api_json(admin, "/api/services/demo/forecast")["history_secs"]
         .as_f64()
         .unwrap();
     shoal.signal("TERM");
@@ -213,7 +189,7 @@ fn forecast_prescales_before_a_recurring_busy_phase_and_history_survives_restart
     std::fs::rename(dir.path().join("shoal.log"), dir.path().join("shoal-1.log")).unwrap();
     let (_shoal, _) = run_shoal(dir.path(), &cfg, listen);
     wait_port(admin, 20);
-    let f = api(admin, "/api/services/demo/forecast");
+    let f = api_json(admin, "/api/services/demo/forecast");
     let restored = f["history_secs"].as_f64().unwrap();
     eprintln!("history: {before:.0} s before the restart, {restored:.0} s right after");
     assert!(
@@ -221,7 +197,7 @@ fn forecast_prescales_before_a_recurring_busy_phase_and_history_survives_restart
         "restored {restored} s of {before} s"
     );
     wait_until(10, "a model fit on the restored history", || {
-        !api(admin, "/api/services/demo/forecast")["model"].is_null()
+        !api_json(admin, "/api/services/demo/forecast")["model"].is_null()
     });
     let log = std::fs::read_to_string(dir.path().join("shoal.log")).unwrap();
     assert!(log.contains("demand history restored"), "{log}");

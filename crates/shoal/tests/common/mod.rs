@@ -188,3 +188,26 @@ drain = "10s"
 "#
     )
 }
+
+/// `GET path` on the admin listener, as JSON (asserts a 200).
+pub fn api_json(admin: u16, path: &str) -> serde_json::Value {
+    let (s, body) = get(admin, path);
+    assert_eq!(s, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Instances in state `ready` in a `/api/services/NAME` answer.
+pub fn ready(v: &serde_json::Value) -> usize {
+    v["instances"]
+        .as_array()
+        .map_or(0, |a| a.iter().filter(|i| i["state"] == "ready").count())
+}
+
+/// Polls `f` every 100 ms; panics naming `what` after `secs`.
+pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
