@@ -66,7 +66,6 @@ struct State {
 #[derive(Debug, Default)]
 pub struct FleetMetrics {
     pub starts: Counter,
-    pub ready: Counter,
     pub crashes: Counter,
     pub failed_starts: Counter,
     pub stops: Counter,
@@ -434,7 +433,6 @@ impl ProcessFleet {
                 p.ready_at = Some(Instant::now());
             }
             self.pool.ready(&id);
-            self.metrics.ready.inc();
             tracing::info!(service = %self.spec.service, instance = %id, "instance passed its first health check");
             tokio::select! {
                 status = child.wait() => {
@@ -529,6 +527,12 @@ impl ProcessFleet {
             "Instances stopped after draining.",
             &[("service", svc)],
             m.stops.get(),
+        );
+        e.counter(
+            "shoal_fleet_forced_kills_total",
+            "Instances that ignored SIGTERM for the stop grace and were killed.",
+            &[("service", svc)],
+            m.forced_kills.get(),
         );
         let backoff = self
             .state

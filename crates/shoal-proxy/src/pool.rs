@@ -168,8 +168,6 @@ pub struct Pool {
     seed: AtomicU64,
     /// Signalled whenever membership changes (health loop and fleet watch it).
     pub changed: Notify,
-    /// Rebuilds of the selector, for tests and metrics.
-    pub rebuilds: Counter,
     rebuild_lock: Mutex<()>,
 }
 
@@ -195,7 +193,6 @@ impl Pool {
             }),
             seed: AtomicU64::new(0x5eed),
             changed: Notify::new(),
-            rebuilds: Counter::default(),
             rebuild_lock: Mutex::new(()),
         })
     }
@@ -536,7 +533,6 @@ impl Pool {
             selector,
             panic,
         }));
-        self.rebuilds.inc();
         self.changed.notify_waiters();
     }
 

@@ -47,14 +47,6 @@ impl Idle {
     pub fn clear(&self) {
         self.conns.lock().expect("idle lock").clear();
     }
-
-    pub fn len(&self) -> usize {
-        self.conns.lock().expect("idle lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Why a try failed.
