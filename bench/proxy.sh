@@ -21,7 +21,7 @@ if ! need wrk || ! need haproxy || ! need nginx; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk haproxy nginx-light >/dev/null
 fi
 [ -x target/release/shoal ] || cargo build --release -q
-SHOAL=$PWD/target/release/shoal
+SHOAL=${SHOAL_BIN:-$PWD/target/release/shoal}
 
 work=$(mktemp -d)
 pids=()

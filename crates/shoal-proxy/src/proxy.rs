@@ -30,7 +30,7 @@ pub type UpstreamBody = Either<Full<Bytes>, Incoming>;
 pub type ClientBody = Either<Tracked, Full<Bytes>>;
 
 /// Requests with a known body up to this size are buffered so that a retry can resend them.
-const REPLAY_LIMIT: u64 = 64 * 1024;
+pub(crate) const REPLAY_LIMIT: u64 = 64 * 1024;
 
 /// Per-service counters that are not per instance.
 #[derive(Debug, Default)]
@@ -379,7 +379,7 @@ impl Service {
     /// Picks an instance not yet tried and counts the request in flight on it. A pick from a
     /// snapshot that predates the instance's drain is retried on the current snapshot, so a
     /// draining instance never gets a new request after `Pool::remove` saw it idle.
-    fn pick_live(
+    pub(crate) fn pick_live(
         &self,
         snapshot: &mut Arc<Snapshot>,
         tried: &mut [usize; 10],
@@ -449,9 +449,9 @@ impl ProxyError {
         }
     }
 
-    /// The one place errors become responses: a short plain-text body.
-    pub fn into_response(self) -> Response<ClientBody> {
-        let msg: &str = match &self {
+    /// The short plain-text body of the error response.
+    pub fn message(&self) -> &'static str {
+        match self {
             ProxyError::BadRequest(m) => m,
             ProxyError::UriTooLong => "request target too long",
             ProxyError::HeadersTooLarge => "request header fields too large",
@@ -459,7 +459,13 @@ impl ProxyError {
             ProxyError::NoInstance => "no instance available",
             ProxyError::Upstream(m) => m,
             ProxyError::Timeout => "upstream timed out",
-        };
+        }
+    }
+
+    /// The one place errors become responses (the fast path writes the same bytes in
+    /// `h1::write_error`).
+    pub fn into_response(self) -> Response<ClientBody> {
+        let msg = self.message();
         let status = self.status();
         let mut r = Response::new(Either::Right(Full::new(Bytes::from(format!("{msg}\n")))));
         *r.status_mut() = status;
@@ -708,7 +714,7 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    fn start(inst: Arc<Instance>, now: u64) -> Self {
+    pub(crate) fn start(inst: Arc<Instance>, now: u64) -> Self {
         inst.load.start();
         InFlight {
             inst,
@@ -717,8 +723,12 @@ impl InFlight {
         }
     }
 
+    pub(crate) fn inst(&self) -> &Arc<Instance> {
+        &self.inst
+    }
+
     /// Records the latency sample at `now`.
-    fn headers_received(&mut self, now: u64) {
+    pub(crate) fn headers_received(&mut self, now: u64) {
         self.rtt = Some(now.saturating_sub(self.sent));
     }
 }

@@ -154,12 +154,21 @@ async fn accept_loop(
 }
 
 async fn serve_conn(
-    stream: tokio::net::TcpStream,
+    mut stream: tokio::net::TcpStream,
     peer: SocketAddr,
     svc: Arc<Service>,
     mut stop: watch::Receiver<bool>,
     slot: Arc<ConnSlot>,
 ) {
+    let peer_ip = crate::proxy::peer_header(peer);
+    // Plain HTTP/1.1 keep-alive traffic stays on the fast path; the first request it cannot
+    // take moves the connection, with the bytes read so far, to hyper for good.
+    let conn = crate::h1::Conn::new(&mut stream, &svc, peer, peer_ip.as_bytes());
+    let pre = match conn.serve(&mut stop).await {
+        crate::h1::End::Closed => return,
+        crate::h1::End::Handover(pre) => pre,
+    };
+    let stream = crate::h1::Rewind::new(pre, stream);
     let cfg = svc.config.load_full();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -176,7 +185,6 @@ async fn serve_conn(
     // Last activity and requests in flight on this connection, for the idle timeout.
     let activity = Arc::new((AtomicU64::new(now_nanos()), AtomicUsize::new(0)));
     let act = activity.clone();
-    let peer_ip = crate::proxy::peer_header(peer);
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let svc = svc.clone();
         let busy = Busy::new(act.clone());

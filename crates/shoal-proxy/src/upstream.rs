@@ -21,13 +21,27 @@ use crate::proxy::UpstreamBody;
 /// Most idle connections kept per instance; more are closed when returned.
 const MAX_IDLE: usize = 512;
 
-/// Idle keep-alive connections to one instance.
+/// Idle keep-alive connections to one instance: hyper client connections for the general
+/// path, plain sockets for the HTTP/1.1 fast path (`crate::h1`).
 #[derive(Debug, Default)]
 pub struct Idle {
     conns: Mutex<Vec<SendRequest<UpstreamBody>>>,
+    raw: Mutex<Vec<TcpStream>>,
 }
 
 impl Idle {
+    /// A socket whose last response was read to the end, if any.
+    pub(crate) fn pop_raw(&self) -> Option<TcpStream> {
+        self.raw.lock().expect("idle lock").pop()
+    }
+
+    pub(crate) fn put_raw(&self, s: TcpStream) {
+        let mut v = self.raw.lock().expect("idle lock");
+        if v.len() < MAX_IDLE {
+            v.push(s);
+        }
+    }
+
     fn pop(&self) -> Option<SendRequest<UpstreamBody>> {
         self.conns.lock().expect("idle lock").pop()
     }
@@ -46,6 +60,7 @@ impl Idle {
     /// Closes every idle connection (instance removed).
     pub fn clear(&self) {
         self.conns.lock().expect("idle lock").clear();
+        self.raw.lock().expect("idle lock").clear();
     }
 }
 
@@ -67,21 +82,28 @@ impl std::fmt::Display for SendError {
     }
 }
 
+/// A new TCP connection to `addr`, with Nagle off.
+pub(crate) async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
 async fn connect(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<SendRequest<UpstreamBody>, SendError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(SendError::Connect(e)),
-        Err(_) => {
-            return Err(SendError::Connect(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            )))
-        }
-    };
-    let _ = stream.set_nodelay(true);
+    let stream = connect_tcp(addr, timeout)
+        .await
+        .map_err(SendError::Connect)?;
     let (send, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await

@@ -1,0 +1,1173 @@
+//! The HTTP/1.1 fast path.
+//!
+//! Plain keep-alive requests are parsed, checked and forwarded on the client connection's own
+//! task over raw pooled upstream sockets: no header maps, no body channels, no second task
+//! per upstream connection. It only takes what it can forward exactly as the general path
+//! would. Anything else — the HTTP/2 preface, HTTP/1.0, `Upgrade`, `Expect`, a request
+//! `Transfer-Encoding`, a body over [`REPLAY_LIMIT`], a head that does not parse or breaks a
+//! limit, `Connection` options naming other headers — hands the connection, with the bytes
+//! read so far, to the hyper path ([`crate::server`]), which answers, rejects or tunnels it.
+//! So the fast path never rejects a request itself, and every 4xx shape stays in one place.
+
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::config::{HashKey, ServiceConfig};
+use crate::pool::{now_nanos, ErrorKind, Instance};
+use crate::proxy::{InFlight, ProxyError, Service, REPLAY_LIMIT};
+use shoal_balance::Algorithm;
+
+/// Header slots parsed at once; a request with more goes to the general path.
+const MAX_PARSE_HEADERS: usize = 128;
+/// Largest upstream response head accepted (→ 502).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+const READ_CHUNK: usize = 8 * 1024;
+
+/// How a fast-path connection ended.
+pub(crate) enum End {
+    /// Closed (client gone, shutdown, idle, error).
+    Closed,
+    /// The general path takes over; these bytes were read but not handled.
+    Handover(BytesMut),
+}
+
+/// What the request head says, once checked.
+struct Plan {
+    head_len: usize,
+    body_len: usize,
+    head_method: bool,
+    idempotent: bool,
+    close: bool,
+    key: Option<Vec<u8>>,
+}
+
+enum Parsed {
+    Ready(Plan),
+    Partial,
+    Handover,
+}
+
+/// Header names the fast path treats specially; everything else is copied through.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Name {
+    Host,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    /// Hop-by-hop: dropped.
+    Hop,
+    /// Needs the general path (`Upgrade`, `Expect`).
+    Special,
+    Xff,
+    /// `X-Forwarded-Proto` / `-Host`: replaced by shoal's own.
+    Replaced,
+    Other,
+}
+
+fn classify(n: &[u8]) -> Name {
+    let is = |s: &str| n.eq_ignore_ascii_case(s.as_bytes());
+    match n.len() {
+        4 if is("host") => Name::Host,
+        14 if is("content-length") => Name::ContentLength,
+        17 if is("transfer-encoding") => Name::TransferEncoding,
+        10 if is("connection") => Name::Connection,
+        10 if is("keep-alive") => Name::Hop,
+        16 if is("proxy-connection") => Name::Hop,
+        2 if is("te") => Name::Hop,
+        7 if is("trailer") => Name::Hop,
+        7 if is("upgrade") => Name::Special,
+        6 if is("expect") => Name::Special,
+        19 if is("proxy-authorization") => Name::Hop,
+        18 if is("proxy-authenticate") => Name::Hop,
+        15 if is("x-forwarded-for") => Name::Xff,
+        17 if is("x-forwarded-proto") => Name::Replaced,
+        16 if is("x-forwarded-host") => Name::Replaced,
+        _ => Name::Other,
+    }
+}
+
+/// Comma-separated tokens of a header value, trimmed.
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|&b| b == b',').map(|t| t.trim_ascii())
+}
+
+/// A strict decimal Content-Length.
+fn parse_len(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0u64, |a, &d| a * 10 + u64::from(d - b'0')))
+}
+
+fn is_idempotent(m: &str) -> bool {
+    matches!(m, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE")
+}
+
+fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Parses and checks a request head in `buf`; when it can be forwarded, writes the upstream
+/// head (hop-by-hop headers dropped, `X-Forwarded-*` and `Via` added) to `out`.
+fn plan_request(
+    buf: &[u8],
+    cfg: &ServiceConfig,
+    peer: SocketAddr,
+    peer_ip: &[u8],
+    out: &mut Vec<u8>,
+) -> Parsed {
+    let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_PARSE_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            // Past any head the limits allow: the general path answers 414/431.
+            let most = cfg.limits.max_request_line + cfg.limits.max_header_bytes + 1024;
+            return if buf.len() > most {
+                Parsed::Handover
+            } else {
+                Parsed::Partial
+            };
+        }
+        Err(_) => return Parsed::Handover,
+    };
+    let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+        return Parsed::Handover;
+    };
+    let head_bytes: usize = req
+        .headers
+        .iter()
+        .map(|h| h.name.len() + h.value.len() + 4)
+        .sum();
+    if !path.starts_with('/')
+        || path.len() > cfg.limits.max_request_line
+        || req.headers.len() > cfg.limits.max_headers
+        || head_bytes > cfg.limits.max_header_bytes
+    {
+        return Parsed::Handover;
+    }
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut host: Option<&[u8]> = None;
+    let mut body_len = None;
+    let mut close = false;
+    let mut xff: Vec<&[u8]> = Vec::new();
+    let key_name = match (&cfg.balance, &cfg.hash_key) {
+        (Algorithm::IpHash | Algorithm::ConsistentHash, HashKey::Header(n)) => Some(n.as_str()),
+        _ => None,
+    };
+    let mut key = None;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        match classify(name) {
+            Name::Host => {
+                if host.is_some() {
+                    return Parsed::Handover;
+                }
+                host = Some(h.value);
+                put(out, name, h.value);
+            }
+            Name::ContentLength => match (body_len, parse_len(h.value)) {
+                (None, Some(n)) if n <= REPLAY_LIMIT => {
+                    body_len = Some(n as usize);
+                    put(out, name, h.value);
+                }
+                _ => return Parsed::Handover,
+            },
+            Name::TransferEncoding | Name::Special => return Parsed::Handover,
+            Name::Connection => {
+                for t in tokens(h.value) {
+                    if t.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !(t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive")) {
+                        // Names other headers as hop-by-hop: the general path strips them.
+                        return Parsed::Handover;
+                    }
+                }
+            }
+            Name::Hop | Name::Replaced => {}
+            // Earlier hops first, in order; the peer is appended below.
+            Name::Xff => xff.push(h.value),
+            Name::Other => {
+                if key_name.is_some_and(|k| name.eq_ignore_ascii_case(k.as_bytes())) {
+                    key = Some(h.value.to_vec());
+                }
+                put(out, name, h.value);
+            }
+        }
+    }
+    let Some(host) = host else {
+        return Parsed::Handover;
+    };
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for v in xff {
+        out.extend_from_slice(v);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(peer_ip);
+    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    put(out, b"x-forwarded-host", host);
+    out.extend_from_slice(b"via: 1.1 shoal\r\n\r\n");
+    if key.is_none() && matches!(cfg.balance, Algorithm::IpHash | Algorithm::ConsistentHash) {
+        key = Some(match peer.ip() {
+            IpAddr::V4(v) => v.octets().to_vec(),
+            IpAddr::V6(v) => v.octets().to_vec(),
+        });
+    }
+    Parsed::Ready(Plan {
+        head_len,
+        body_len: body_len.unwrap_or(0),
+        head_method: method == "HEAD",
+        idempotent: is_idempotent(method),
+        close,
+        key,
+    })
+}
+
+/// How the response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the instance closes; the client connection closes after it too.
+    Close,
+}
+
+#[derive(Debug)]
+struct RespPlan {
+    head_len: usize,
+    status: u16,
+    framing: Framing,
+    /// The upstream connection can carry another request afterwards.
+    reusable: bool,
+}
+
+#[derive(Debug)]
+enum RespParsed {
+    Ready(RespPlan),
+    Partial,
+    /// A 1xx other than 101, this long: dropped, the real response follows.
+    Interim(usize),
+    Bad(&'static str),
+}
+
+/// Parses an upstream response head; writes the client's head to `out`.
+fn plan_response(
+    buf: &[u8],
+    head_method: bool,
+    close_client: bool,
+    out: &mut Vec<u8>,
+) -> RespParsed {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_PARSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => {
+            return RespParsed::Partial
+        }
+        _ => return RespParsed::Bad("upstream sent an invalid response"),
+    };
+    let (Some(version), Some(status)) = (resp.version, resp.code) else {
+        return RespParsed::Bad("upstream sent an invalid response");
+    };
+    if (100..200).contains(&status) {
+        return if status == 101 {
+            RespParsed::Bad("upstream switched protocols unasked")
+        } else {
+            RespParsed::Interim(head_len)
+        };
+    }
+    let mut len = None;
+    let mut chunked = false;
+    let mut reusable = version == 1;
+    let mut other_options = false;
+    for h in resp.headers.iter() {
+        match classify(h.name.as_bytes()) {
+            Name::ContentLength => match (len, parse_len(h.value)) {
+                (None, Some(n)) => len = Some(n),
+                (Some(a), Some(b)) if a == b => {}
+                _ => return RespParsed::Bad("upstream sent an invalid content-length"),
+            },
+            Name::TransferEncoding => {
+                chunked = tokens(h.value)
+                    .last()
+                    .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
+            }
+            Name::Connection => {
+                for t in tokens(h.value) {
+                    if t.eq_ignore_ascii_case(b"close") {
+                        reusable = false;
+                    } else if !(t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive")) {
+                        other_options = true;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let no_body = head_method || status == 204 || status == 304;
+    let framing = if no_body {
+        Framing::Empty
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(n) = len {
+        Framing::Length(n)
+    } else {
+        reusable = false;
+        Framing::Close
+    };
+    let named = |n: &[u8]| {
+        other_options
+            && resp
+                .headers
+                .iter()
+                .filter(|h| classify(h.name.as_bytes()) == Name::Connection)
+                .flat_map(|h| tokens(h.value))
+                .any(|t| t.eq_ignore_ascii_case(n))
+    };
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        let keep = match classify(name) {
+            Name::Connection | Name::Hop | Name::Special => false,
+            // The body goes out with the framing it came with.
+            Name::TransferEncoding => framing == Framing::Chunked,
+            Name::ContentLength => framing != Framing::Chunked,
+            _ => !named(name),
+        };
+        if keep {
+            put(out, name, h.value);
+        }
+    }
+    out.extend_from_slice(b"via: 1.1 shoal\r\n");
+    if close_client || framing == Framing::Close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    RespParsed::Ready(RespPlan {
+        head_len,
+        status,
+        framing,
+        reusable,
+    })
+}
+
+/// Finds where a chunked body ends, fed the bytes as they pass through.
+#[derive(Debug, Default)]
+struct Chunked {
+    state: ChunkState,
+    size: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Ext,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    LineStart,
+    Trailer,
+    EndLf,
+    Done,
+}
+
+impl Chunked {
+    /// Consumes `data`; `Ok(Some(n))` once the body ends after `data[..n]`.
+    fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, ()> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < data.len() {
+            let b = data[i];
+            match self.state {
+                Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let d = (b as char).to_digit(16).unwrap_or(0) as u64;
+                        self.size = self.size.checked_mul(16).ok_or(())? + d;
+                        if self.size > 1 << 56 {
+                            return Err(());
+                        }
+                    }
+                    b';' | b' ' | b'\t' => self.state = Ext,
+                    b'\r' => self.state = SizeLf,
+                    _ => return Err(()),
+                },
+                Ext => {
+                    if b == b'\r' {
+                        self.state = SizeLf;
+                    } else if b == b'\n' {
+                        return Err(());
+                    }
+                }
+                SizeLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = if self.size == 0 { LineStart } else { Data };
+                }
+                Data => {
+                    let take = (self.size as usize).min(data.len() - i);
+                    self.size -= take as u64;
+                    i += take;
+                    if self.size == 0 {
+                        self.state = DataCr;
+                    }
+                    continue;
+                }
+                DataCr => {
+                    if b != b'\r' {
+                        return Err(());
+                    }
+                    self.state = DataLf;
+                }
+                DataLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = Size;
+                }
+                LineStart => self.state = if b == b'\r' { EndLf } else { Trailer },
+                Trailer => {
+                    if b == b'\n' {
+                        self.state = LineStart;
+                    }
+                }
+                EndLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = Done;
+                    return Ok(Some(i + 1));
+                }
+                Done => return Ok(Some(i)),
+            }
+            i += 1;
+        }
+        Ok((self.state == Done).then_some(data.len()))
+    }
+}
+
+/// Tracks how much of a response body is still to come.
+enum BodyLeft {
+    Length(u64),
+    Chunked(Chunked),
+    Close,
+}
+
+impl BodyLeft {
+    /// Takes bytes from `data`: how many belong to the body, and whether it is complete.
+    fn take(&mut self, data: &[u8]) -> Result<(usize, bool), ()> {
+        match self {
+            BodyLeft::Length(n) => {
+                let k = (*n).min(data.len() as u64) as usize;
+                *n -= k as u64;
+                Ok((k, *n == 0))
+            }
+            BodyLeft::Chunked(c) => Ok(match c.feed(data)? {
+                Some(k) => (k, true),
+                None => (data.len(), false),
+            }),
+            BodyLeft::Close => Ok((data.len(), false)),
+        }
+    }
+}
+
+/// Writes shoal's own error response, as `ProxyError::into_response` shapes it.
+fn write_error(out: &mut Vec<u8>, e: &ProxyError, close: bool) {
+    let msg = e.message();
+    let status = e.status();
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ");
+    out.extend_from_slice((msg.len() + 1).to_string().as_bytes());
+    if close {
+        out.extend_from_slice(b"\r\nconnection: close");
+    }
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(msg.as_bytes());
+    out.push(b'\n');
+}
+
+/// Why one try failed.
+enum TryError {
+    Connect(std::io::Error),
+    /// Written (maybe partly); no usable response. `reused_silent`: not a byte of response
+    /// came back, so on a reused connection the instance may have closed it while idle.
+    Reset {
+        reused_silent: bool,
+    },
+    Bad(&'static str),
+}
+
+/// A response whose head has been read.
+struct Answer {
+    up: TcpStream,
+    plan: RespPlan,
+}
+
+/// One client connection on the fast path.
+pub(crate) struct Conn<'a> {
+    stream: &'a mut TcpStream,
+    svc: &'a Arc<Service>,
+    peer: SocketAddr,
+    peer_ip: &'a [u8],
+    rbuf: BytesMut,
+    ubuf: BytesMut,
+    /// The request as it goes upstream.
+    req: Vec<u8>,
+    /// What goes to the client next.
+    out: Vec<u8>,
+}
+
+impl<'a> Conn<'a> {
+    pub(crate) fn new(
+        stream: &'a mut TcpStream,
+        svc: &'a Arc<Service>,
+        peer: SocketAddr,
+        peer_ip: &'a [u8],
+    ) -> Self {
+        Conn {
+            stream,
+            svc,
+            peer,
+            peer_ip,
+            rbuf: BytesMut::new(),
+            ubuf: BytesMut::new(),
+            req: Vec::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// Serves requests until the connection closes or needs the general path.
+    pub(crate) async fn serve(mut self, stop: &mut watch::Receiver<bool>) -> End {
+        let mut idle_timer = Box::pin(tokio::time::sleep(Duration::ZERO));
+        loop {
+            let cfg = self.svc.config.load_full();
+            // Wait for a complete head: the idle timeout until its first byte, then the
+            // header-read timeout (slowloris).
+            let mut head_deadline = None;
+            let plan = loop {
+                if !self.rbuf.is_empty() {
+                    match plan_request(&self.rbuf, &cfg, self.peer, self.peer_ip, &mut self.req) {
+                        Parsed::Ready(p) => break p,
+                        Parsed::Handover => return End::Handover(self.rbuf),
+                        Parsed::Partial => {}
+                    }
+                }
+                if *stop.borrow() && self.rbuf.is_empty() {
+                    return End::Closed;
+                }
+                self.rbuf.reserve(READ_CHUNK);
+                let read = if self.rbuf.is_empty() {
+                    // Lazily armed: one timer per idle period, not per request.
+                    let last = tokio::time::Instant::now();
+                    loop {
+                        if idle_timer.is_elapsed() {
+                            idle_timer.as_mut().reset(last + cfg.timeouts.idle.0);
+                        }
+                        tokio::select! {
+                            biased;
+                            r = self.stream.read_buf(&mut self.rbuf) => break r,
+                            _ = crate::server::stopped(stop) => return End::Closed,
+                            _ = idle_timer.as_mut() => {
+                                if last.elapsed() >= cfg.timeouts.idle.0 {
+                                    return End::Closed;
+                                }
+                            }
+                        }
+                    }
+                } else {
+                    let deadline = *head_deadline.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + cfg.timeouts.header_read.0
+                    });
+                    match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf))
+                        .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => return End::Closed,
+                    }
+                };
+                match read {
+                    Ok(0) | Err(_) => return End::Closed,
+                    Ok(_) => {}
+                }
+            };
+            let start = now_nanos();
+            // A small body is read whole, so a failed try can resend it.
+            let total = plan.head_len + plan.body_len;
+            if self.rbuf.len() < total {
+                let deadline = tokio::time::Instant::now() + cfg.timeouts.request.0;
+                while self.rbuf.len() < total {
+                    self.rbuf.reserve(total - self.rbuf.len());
+                    match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf))
+                        .await
+                    {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => return End::Closed,
+                    }
+                }
+            }
+            self.req.extend_from_slice(&self.rbuf[plan.head_len..total]);
+            self.rbuf.advance(total);
+            let keep = self.exchange(&plan, &cfg, start).await;
+            if !keep || plan.close || *stop.borrow() {
+                return End::Closed;
+            }
+        }
+    }
+
+    /// Forwards one request (its upstream bytes in `self.req`) and relays the response.
+    /// Returns whether the client connection can take another request.
+    async fn exchange(&mut self, plan: &Plan, cfg: &ServiceConfig, start: u64) -> bool {
+        let svc = self.svc;
+        svc.metrics.requests.inc();
+        let request = std::mem::take(&mut self.req);
+        let result = self.forward(&request, plan, cfg, start).await;
+        self.req = request;
+        match result {
+            Ok((answer, busy)) => self.relay(answer, busy, plan.close).await,
+            Err(e) => {
+                let status = e.status().as_u16();
+                svc.metrics.local.inc(status);
+                svc.metrics
+                    .duration
+                    .observe_nanos(now_nanos().saturating_sub(start));
+                write_error(&mut self.out, &e, plan.close);
+                self.stream.write_all(&self.out).await.is_ok()
+            }
+        }
+    }
+
+    /// Tries instances until one answers with a response head (retries as in
+    /// `Service::proxy`: budgeted, idempotent or unsent requests only).
+    async fn forward(
+        &mut self,
+        request: &[u8],
+        plan: &Plan,
+        cfg: &ServiceConfig,
+        start: u64,
+    ) -> Result<(Answer, InFlight), ProxyError> {
+        let svc = self.svc;
+        let attempts = cfg.retries.attempts;
+        let deadline = start + cfg.timeouts.request.0.as_nanos() as u64;
+        let per_try = cfg.timeouts.per_try.0;
+        svc.budget.deposit(
+            cfg.retries.budget_percent,
+            cfg.retries.budget_min_per_second,
+            start,
+        );
+        let mut tried: [usize; 10] = [usize::MAX; 10];
+        let mut last_err = None;
+        let mut snapshot = svc.pool.snapshot_full();
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                if !svc
+                    .budget
+                    .try_withdraw(cfg.retries.budget_min_per_second, now_nanos())
+                {
+                    svc.metrics.retry_budget_exhausted.inc();
+                    break;
+                }
+                svc.metrics.retries.inc();
+            }
+            let now = if attempt == 0 { start } else { now_nanos() };
+            let Some((idx, inst, mut busy)) =
+                svc.pick_live(&mut snapshot, &mut tried, plan.key.as_deref(), now)
+            else {
+                break;
+            };
+            tried[attempt as usize] = idx;
+            let remaining = deadline.saturating_sub(now);
+            if remaining == 0 {
+                return Err(ProxyError::Timeout);
+            }
+            let try_timeout = per_try.min(Duration::from_nanos(remaining));
+            let result = tokio::time::timeout(
+                try_timeout,
+                self.try_instance(&inst, request, plan, cfg.timeouts.connect.0),
+            )
+            .await;
+            let answered = now_nanos();
+            // A failed try counts as a slow one for latency-aware balancing.
+            let penalty = (try_timeout.as_nanos() as u64).min(5_000_000_000);
+            busy.headers_received(if matches!(result, Ok(Ok(_))) {
+                answered
+            } else {
+                answered.max(now + penalty)
+            });
+            let kind = match result {
+                Ok(Ok(answer)) => {
+                    let status = answer.plan.status;
+                    inst.metrics.codes.inc(status);
+                    svc.pool.record_result(&inst, status < 500, answered);
+                    svc.metrics
+                        .duration
+                        .observe_nanos(answered.saturating_sub(start));
+                    return Ok((answer, busy));
+                }
+                Ok(Err(TryError::Connect(e))) => {
+                    tracing::debug!(service = %svc.name, instance = %inst.id, error = %e, "upstream connect failed");
+                    last_err = Some(ProxyError::Upstream("upstream connect failed"));
+                    ErrorKind::Connect
+                }
+                Ok(Err(TryError::Reset { .. })) => {
+                    last_err = Some(ProxyError::Upstream("upstream closed the connection"));
+                    ErrorKind::Reset
+                }
+                Ok(Err(TryError::Bad(m))) => {
+                    last_err = Some(ProxyError::Upstream(m));
+                    ErrorKind::Reset
+                }
+                Err(_) => {
+                    last_err = Some(ProxyError::Timeout);
+                    ErrorKind::Timeout
+                }
+            };
+            drop(busy);
+            inst.metrics.errors[kind as usize].inc();
+            svc.pool.record_result(&inst, false, answered);
+            // Nothing was sent after a connect failure; otherwise only idempotent requests
+            // go again.
+            let retry_ok = kind == ErrorKind::Connect || plan.idempotent;
+            if !retry_ok || now_nanos() >= deadline {
+                break;
+            }
+        }
+        Err(last_err.unwrap_or(ProxyError::NoInstance))
+    }
+
+    /// One try on one instance: a pooled connection (or, if that one turns out closed, a new
+    /// one), the request written, the response head read.
+    async fn try_instance(
+        &mut self,
+        inst: &Instance,
+        request: &[u8],
+        plan: &Plan,
+        connect_timeout: Duration,
+    ) -> Result<Answer, TryError> {
+        loop {
+            let reused = inst.idle.pop_raw();
+            let was_reused = reused.is_some();
+            let mut up = match reused {
+                // A non-idempotent request must not go out on a connection the instance
+                // already closed: that would fail after sending. Checking costs a syscall
+                // only when the socket has pending readiness.
+                Some(s) if !plan.idempotent && !alive(&s) => continue,
+                Some(s) => s,
+                None => crate::upstream::connect_tcp(inst.addr, connect_timeout)
+                    .await
+                    .map_err(TryError::Connect)?,
+            };
+            match self.send_and_read_head(&mut up, request, plan).await {
+                Ok(resp) => return Ok(Answer { up, plan: resp }),
+                // The instance closed an idle connection just as it was reused: go again on
+                // a fresh one, which the request was never sent on.
+                Err(TryError::Reset {
+                    reused_silent: true,
+                }) if was_reused && plan.idempotent => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn send_and_read_head(
+        &mut self,
+        up: &mut TcpStream,
+        request: &[u8],
+        plan: &Plan,
+    ) -> Result<RespPlan, TryError> {
+        let silent = TryError::Reset {
+            reused_silent: true,
+        };
+        if up.write_all(request).await.is_err() {
+            return Err(silent);
+        }
+        self.ubuf.clear();
+        loop {
+            self.ubuf.reserve(READ_CHUNK);
+            match up.read_buf(&mut self.ubuf).await {
+                Ok(0) | Err(_) if self.ubuf.is_empty() => return Err(silent),
+                Ok(0) | Err(_) => {
+                    return Err(TryError::Reset {
+                        reused_silent: false,
+                    })
+                }
+                Ok(_) => {}
+            }
+            loop {
+                match plan_response(&self.ubuf, plan.head_method, plan.close, &mut self.out) {
+                    RespParsed::Ready(p) => return Ok(p),
+                    RespParsed::Partial => break,
+                    RespParsed::Interim(n) => {
+                        self.ubuf.advance(n);
+                        if self.ubuf.is_empty() {
+                            break;
+                        }
+                    }
+                    RespParsed::Bad(m) => return Err(TryError::Bad(m)),
+                }
+            }
+        }
+    }
+
+    /// Sends the response head (in `self.out`) and body to the client. The instance stays
+    /// counted in flight until the body is through; the upstream connection goes back to the
+    /// pool only after a complete, well-delimited body.
+    async fn relay(&mut self, answer: Answer, busy: InFlight, close: bool) -> bool {
+        let Answer { mut up, plan } = answer;
+        let mut left = match plan.framing {
+            Framing::Empty => BodyLeft::Length(0),
+            Framing::Length(n) => BodyLeft::Length(n),
+            Framing::Chunked => BodyLeft::Chunked(Chunked::default()),
+            Framing::Close => BodyLeft::Close,
+        };
+        self.ubuf.advance(plan.head_len);
+        let (mut n, mut done) = match left.take(&self.ubuf) {
+            Ok(x) => x,
+            Err(()) => return false,
+        };
+        // Bytes past the end of the response: the instance broke framing.
+        let mut clean = n == self.ubuf.len();
+        self.out.extend_from_slice(&self.ubuf[..n]);
+        if self.stream.write_all(&self.out).await.is_err() {
+            return false;
+        }
+        let idle = self.svc.config.load().timeouts.idle.0;
+        while !done {
+            self.ubuf.clear();
+            self.ubuf.reserve(READ_CHUNK);
+            match tokio::time::timeout(idle, up.read_buf(&mut self.ubuf)).await {
+                Ok(Ok(0)) if matches!(left, BodyLeft::Close) => break,
+                Ok(Ok(k)) if k > 0 => {}
+                // The instance failed mid-body: the client cannot be told but by a close.
+                _ => return false,
+            }
+            (n, done) = match left.take(&self.ubuf) {
+                Ok(x) => x,
+                Err(()) => return false,
+            };
+            clean = n == self.ubuf.len();
+            if self.stream.write_all(&self.ubuf[..n]).await.is_err() {
+                return false;
+            }
+        }
+        if plan.reusable && clean {
+            busy.inst().idle.put_raw(up);
+        }
+        drop(busy);
+        !close && plan.framing != Framing::Close
+    }
+}
+
+/// Whether an idle upstream socket is still open (no EOF or stray bytes pending).
+fn alive(s: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// A client stream with bytes already read put back in front, for the general path.
+pub(crate) struct Rewind {
+    pre: BytesMut,
+    inner: TcpStream,
+}
+
+impl Rewind {
+    pub(crate) fn new(pre: BytesMut, inner: TcpStream) -> Self {
+        Rewind { pre, inner }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre[..n]);
+            self.pre.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ServiceConfig {
+        ServiceConfig::quick("t", "127.0.0.1:0".parse().unwrap(), Algorithm::RoundRobin)
+    }
+
+    fn peer() -> SocketAddr {
+        "10.1.2.3:5555".parse().unwrap()
+    }
+
+    fn plan(raw: &[u8], cfg: &ServiceConfig) -> (Option<Plan>, String) {
+        let mut out = Vec::new();
+        match plan_request(raw, cfg, peer(), b"10.1.2.3", &mut out) {
+            Parsed::Ready(p) => (Some(p), String::from_utf8(out).unwrap()),
+            Parsed::Partial => (None, "partial".into()),
+            Parsed::Handover => (None, "handover".into()),
+        }
+    }
+
+    #[test]
+    fn request_head_is_rewritten_for_upstream() {
+        let raw = b"GET /a?b HTTP/1.1\r\nHost: example.com\r\nConnection: keep-alive\r\n\
+            Keep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: x\r\n\
+            X-Forwarded-For: 1.1.1.1\r\nX-Forwarded-For: 2.2.2.2\r\nX-Forwarded-Proto: https\r\n\
+            X-Kept: 1\r\n\r\nrest";
+        let (p, out) = plan(raw, &cfg());
+        let p = p.unwrap();
+        assert_eq!(p.head_len, raw.len() - 4);
+        assert!(p.idempotent && !p.close && !p.head_method);
+        assert_eq!(
+            out,
+            "GET /a?b HTTP/1.1\r\nHost: example.com\r\nX-Kept: 1\r\n\
+             x-forwarded-for: 1.1.1.1, 2.2.2.2, 10.1.2.3\r\nx-forwarded-proto: http\r\n\
+             x-forwarded-host: example.com\r\nvia: 1.1 shoal\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn unusual_requests_go_to_the_general_path() {
+        let c = cfg();
+        for raw in [
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+            b"GET / HTTP/1.0\r\nHost: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+            b"GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 65537\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: x-secret\r\nX-Secret: 1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Bad : 1\r\n\r\n",
+        ] {
+            assert_eq!(
+                plan(raw, &c).1,
+                "handover",
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        let mut small = cfg();
+        small.limits.max_headers = 2;
+        let (_, out) = plan(b"GET / HTTP/1.1\r\nHost: x\r\nA: 1\r\nB: 2\r\n\r\n", &small);
+        assert_eq!(out, "handover");
+        small.limits.max_request_line = 4;
+        assert_eq!(
+            plan(b"GET /abcd HTTP/1.1\r\nHost: x\r\n\r\n", &small).1,
+            "handover"
+        );
+        // An endless head is handed over once past the limits, for 414/431 there.
+        let mut endless = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
+        assert_eq!(plan(&endless, &c).1, "partial");
+        endless.extend(std::iter::repeat_n(b'a', 80 * 1024));
+        assert_eq!(plan(&endless, &c).1, "handover");
+    }
+
+    #[test]
+    fn request_flags_and_hash_keys() {
+        let (p, _) = plan(
+            b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+            &cfg(),
+        );
+        let p = p.unwrap();
+        assert_eq!(p.body_len, 5);
+        assert!(p.close && !p.idempotent);
+        assert!(p.key.is_none());
+        let mut c = cfg();
+        c.balance = Algorithm::ConsistentHash;
+        let (p, _) = plan(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n", &c);
+        let p = p.unwrap();
+        assert!(p.head_method);
+        assert_eq!(p.key.as_deref(), Some(&[10, 1, 2, 3][..]));
+        c.hash_key = HashKey::Header(http::HeaderName::from_static("x-user"));
+        let (p, _) = plan(b"GET / HTTP/1.1\r\nHost: x\r\nX-User: ann\r\n\r\n", &c);
+        assert_eq!(p.unwrap().key.as_deref(), Some(&b"ann"[..]));
+    }
+
+    fn resp(raw: &[u8], head: bool) -> (RespParsed, String) {
+        let mut out = Vec::new();
+        let r = plan_response(raw, head, false, &mut out);
+        (r, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn response_framing() {
+        let (r, out) = resp(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-A: 1\r\n\r\nhello\n",
+            false,
+        );
+        let RespParsed::Ready(p) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            (p.status, p.framing, p.reusable),
+            (200, Framing::Length(6), true)
+        );
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-A: 1\r\nvia: 1.1 shoal\r\n\r\n"
+        );
+        // Chunked wins over a length; hop-by-hop and Connection-named headers go.
+        let (r, out) = resp(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\
+              Connection: close, x-hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n\r\n",
+            false,
+        );
+        let RespParsed::Ready(p) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!((p.framing, p.reusable), (Framing::Chunked, false));
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nvia: 1.1 shoal\r\n\r\n"
+        );
+        let (r, out) = resp(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n", false);
+        let RespParsed::Ready(p) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!((p.framing, p.reusable), (Framing::Close, false));
+        assert!(out.contains("connection: close\r\n"), "{out}");
+        for (raw, head) in [
+            (&b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n"[..], true),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+            (
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+                false,
+            ),
+        ] {
+            let RespParsed::Ready(p) = resp(raw, head).0 else {
+                panic!()
+            };
+            assert_eq!((p.framing, p.reusable), (Framing::Empty, true));
+        }
+        let RespParsed::Ready(p) = resp(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false).0
+        else {
+            panic!()
+        };
+        assert!(!p.reusable);
+        assert!(matches!(
+            resp(
+                b"HTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\nHTTP/1.1 200",
+                false
+            )
+            .0,
+            RespParsed::Interim(37)
+        ));
+        assert!(matches!(
+            resp(b"HTTP/1.1 200 OK\r\n", false).0,
+            RespParsed::Partial
+        ));
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            b"nonsense\r\n\r\n",
+        ] {
+            assert!(matches!(resp(bad, false).0, RespParsed::Bad(_)));
+        }
+    }
+
+    #[test]
+    fn chunked_end_is_found_however_the_bytes_are_split() {
+        let body = b"5;ext=1\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: 1\r\n\r\n";
+        let mut with_extra = body.to_vec();
+        with_extra.extend_from_slice(b"HTTP/1.1 200");
+        for split in 0..with_extra.len() {
+            let mut c = Chunked::default();
+            let (a, b) = with_extra.split_at(split);
+            let end = match c.feed(a).unwrap() {
+                Some(n) => n,
+                None => split + c.feed(b).unwrap().expect("end found"),
+            };
+            assert_eq!(end, body.len(), "split at {split}");
+        }
+        for bad in [&b"x\r\n"[..], b"5\r\nhelloXY", b"5\n", b"0\r\n\r\r"] {
+            assert!(Chunked::default().feed(bad).is_err(), "{bad:?}");
+        }
+        let mut c = Chunked::default();
+        assert_eq!(c.feed(b"0\r\n\r\n").unwrap(), Some(5));
+    }
+
+    #[test]
+    fn error_responses_match_the_general_path() {
+        let mut out = Vec::new();
+        write_error(&mut out, &ProxyError::NoInstance, false);
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+             content-length: 22\r\n\r\nno instance available\n"
+        );
+        write_error(&mut out, &ProxyError::Timeout, true);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("connection: close\r\n"));
+    }
+}
