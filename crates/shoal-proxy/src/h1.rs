@@ -9,6 +9,7 @@
 //! read so far, to the hyper path ([`crate::server`]), which answers, rejects or tunnels it.
 //! So the fast path never rejects a request itself, and every 4xx shape stays in one place.
 
+use std::future::Future;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -22,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::{HashKey, ServiceConfig};
-use crate::pool::{now_nanos, ErrorKind, Instance};
+use crate::pool::{instant_at, now_nanos, ErrorKind, Instance};
 use crate::proxy::{InFlight, ProxyError, Service, REPLAY_LIMIT};
 use shoal_balance::Algorithm;
 
@@ -275,9 +276,11 @@ fn plan_response(
     close_client: bool,
     out: &mut Vec<u8>,
 ) -> RespParsed {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_PARSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let head_len = match resp.parse(buf) {
+    let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_PARSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
+    let head_len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => {
             return RespParsed::Partial
@@ -344,7 +347,12 @@ fn plan_response(
     };
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.to_string().as_bytes());
+    // httparse guarantees three digits.
+    out.extend_from_slice(&[
+        b'0' + (status / 100) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+    ]);
     out.push(b' ');
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -539,9 +547,18 @@ pub(crate) struct Conn<'a> {
     peer: SocketAddr,
     peer_ip: &'a [u8],
     rbuf: BytesMut,
-    ubuf: BytesMut,
     /// The request as it goes upstream.
     req: Vec<u8>,
+    bufs: Bufs,
+    try_timer: Pin<Box<tokio::time::Sleep>>,
+    /// When the connection last did something (the idle timeout counts from here).
+    last_active: u64,
+}
+
+/// Buffers for the upstream side of one exchange.
+struct Bufs {
+    /// What the instance sent.
+    ubuf: BytesMut,
     /// What goes to the client next.
     out: Vec<u8>,
 }
@@ -559,17 +576,26 @@ impl<'a> Conn<'a> {
             peer,
             peer_ip,
             rbuf: BytesMut::new(),
-            ubuf: BytesMut::new(),
             req: Vec::new(),
-            out: Vec::new(),
+            bufs: Bufs {
+                ubuf: BytesMut::new(),
+                out: Vec::new(),
+            },
+            try_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            last_active: now_nanos(),
         }
     }
 
     /// Serves requests until the connection closes or needs the general path.
     pub(crate) async fn serve(mut self, stop: &mut watch::Receiver<bool>) -> End {
         let mut idle_timer = Box::pin(tokio::time::sleep(Duration::ZERO));
+        // Registered once per connection, not once per wait.
+        let stop_signal = crate::server::stopped(stop);
+        tokio::pin!(stop_signal);
+        let mut stopping = false;
         loop {
             let cfg = self.svc.config.load_full();
+            let idle = cfg.timeouts.idle.0.as_nanos() as u64;
             // Wait for a complete head: the idle timeout until its first byte, then the
             // header-read timeout (slowloris).
             let mut head_deadline = None;
@@ -581,23 +607,24 @@ impl<'a> Conn<'a> {
                         Parsed::Partial => {}
                     }
                 }
-                if *stop.borrow() && self.rbuf.is_empty() {
-                    return End::Closed;
-                }
                 self.rbuf.reserve(READ_CHUNK);
                 let read = if self.rbuf.is_empty() {
-                    // Lazily armed: one timer per idle period, not per request.
-                    let last = tokio::time::Instant::now();
+                    if stopping {
+                        return End::Closed;
+                    }
                     loop {
+                        // Re-armed only when it fires: one timer update per idle period.
                         if idle_timer.is_elapsed() {
-                            idle_timer.as_mut().reset(last + cfg.timeouts.idle.0);
+                            idle_timer
+                                .as_mut()
+                                .reset(instant_at(self.last_active + idle));
                         }
                         tokio::select! {
                             biased;
                             r = self.stream.read_buf(&mut self.rbuf) => break r,
-                            _ = crate::server::stopped(stop) => return End::Closed,
+                            _ = &mut stop_signal => return End::Closed,
                             _ = idle_timer.as_mut() => {
-                                if last.elapsed() >= cfg.timeouts.idle.0 {
+                                if now_nanos().saturating_sub(self.last_active) >= idle {
                                     return End::Closed;
                                 }
                             }
@@ -637,7 +664,11 @@ impl<'a> Conn<'a> {
             self.req.extend_from_slice(&self.rbuf[plan.head_len..total]);
             self.rbuf.advance(total);
             let keep = self.exchange(&plan, &cfg, start).await;
-            if !keep || plan.close || *stop.borrow() {
+            // Shutdown lets the request in progress finish, then closes.
+            stopping = stopping
+                || std::future::poll_fn(|cx| Poll::Ready(stop_signal.as_mut().poll(cx).is_ready()))
+                    .await;
+            if !keep || plan.close || stopping {
                 return End::Closed;
             }
         }
@@ -656,11 +687,12 @@ impl<'a> Conn<'a> {
             Err(e) => {
                 let status = e.status().as_u16();
                 svc.metrics.local.inc(status);
+                self.last_active = now_nanos();
                 svc.metrics
                     .duration
-                    .observe_nanos(now_nanos().saturating_sub(start));
-                write_error(&mut self.out, &e, plan.close);
-                self.stream.write_all(&self.out).await.is_ok()
+                    .observe_nanos(self.last_active.saturating_sub(start));
+                write_error(&mut self.bufs.out, &e, plan.close);
+                self.stream.write_all(&self.bufs.out).await.is_ok()
             }
         }
     }
@@ -709,12 +741,30 @@ impl<'a> Conn<'a> {
                 return Err(ProxyError::Timeout);
             }
             let try_timeout = per_try.min(Duration::from_nanos(remaining));
-            let result = tokio::time::timeout(
-                try_timeout,
-                self.try_instance(&inst, request, plan, cfg.timeouts.connect.0),
-            )
-            .await;
+            // One reusable timer, re-armed only when it fires or would fire too late: it
+            // costs a timer-wheel update once per try-timeout period, not once per request.
+            let try_deadline = now + try_timeout.as_nanos() as u64;
+            let at = instant_at(try_deadline);
+            if self.try_timer.is_elapsed() || self.try_timer.deadline() > at {
+                self.try_timer.as_mut().reset(at);
+            }
+            let attempt_fut =
+                try_instance(&mut self.bufs, &inst, request, plan, cfg.timeouts.connect.0);
+            tokio::pin!(attempt_fut);
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    r = &mut attempt_fut => break Ok(r),
+                    _ = self.try_timer.as_mut() => {
+                        if now_nanos() >= try_deadline {
+                            break Err(());
+                        }
+                        self.try_timer.as_mut().reset(at);
+                    }
+                }
+            };
             let answered = now_nanos();
+            self.last_active = answered;
             // A failed try counts as a slow one for latency-aware balancing.
             let penalty = (try_timeout.as_nanos() as u64).min(5_000_000_000);
             busy.headers_received(if matches!(result, Ok(Ok(_))) {
@@ -763,81 +813,7 @@ impl<'a> Conn<'a> {
         Err(last_err.unwrap_or(ProxyError::NoInstance))
     }
 
-    /// One try on one instance: a pooled connection (or, if that one turns out closed, a new
-    /// one), the request written, the response head read.
-    async fn try_instance(
-        &mut self,
-        inst: &Instance,
-        request: &[u8],
-        plan: &Plan,
-        connect_timeout: Duration,
-    ) -> Result<Answer, TryError> {
-        loop {
-            let reused = inst.idle.pop_raw();
-            let was_reused = reused.is_some();
-            let mut up = match reused {
-                // A non-idempotent request must not go out on a connection the instance
-                // already closed: that would fail after sending. Checking costs a syscall
-                // only when the socket has pending readiness.
-                Some(s) if !plan.idempotent && !alive(&s) => continue,
-                Some(s) => s,
-                None => crate::upstream::connect_tcp(inst.addr, connect_timeout)
-                    .await
-                    .map_err(TryError::Connect)?,
-            };
-            match self.send_and_read_head(&mut up, request, plan).await {
-                Ok(resp) => return Ok(Answer { up, plan: resp }),
-                // The instance closed an idle connection just as it was reused: go again on
-                // a fresh one, which the request was never sent on.
-                Err(TryError::Reset {
-                    reused_silent: true,
-                }) if was_reused && plan.idempotent => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    async fn send_and_read_head(
-        &mut self,
-        up: &mut TcpStream,
-        request: &[u8],
-        plan: &Plan,
-    ) -> Result<RespPlan, TryError> {
-        let silent = TryError::Reset {
-            reused_silent: true,
-        };
-        if up.write_all(request).await.is_err() {
-            return Err(silent);
-        }
-        self.ubuf.clear();
-        loop {
-            self.ubuf.reserve(READ_CHUNK);
-            match up.read_buf(&mut self.ubuf).await {
-                Ok(0) | Err(_) if self.ubuf.is_empty() => return Err(silent),
-                Ok(0) | Err(_) => {
-                    return Err(TryError::Reset {
-                        reused_silent: false,
-                    })
-                }
-                Ok(_) => {}
-            }
-            loop {
-                match plan_response(&self.ubuf, plan.head_method, plan.close, &mut self.out) {
-                    RespParsed::Ready(p) => return Ok(p),
-                    RespParsed::Partial => break,
-                    RespParsed::Interim(n) => {
-                        self.ubuf.advance(n);
-                        if self.ubuf.is_empty() {
-                            break;
-                        }
-                    }
-                    RespParsed::Bad(m) => return Err(TryError::Bad(m)),
-                }
-            }
-        }
-    }
-
-    /// Sends the response head (in `self.out`) and body to the client. The instance stays
+    /// Sends the response head (in `self.bufs.out`) and body to the client. The instance stays
     /// counted in flight until the body is through; the upstream connection goes back to the
     /// pool only after a complete, well-delimited body.
     async fn relay(&mut self, answer: Answer, busy: InFlight, close: bool) -> bool {
@@ -848,41 +824,119 @@ impl<'a> Conn<'a> {
             Framing::Chunked => BodyLeft::Chunked(Chunked::default()),
             Framing::Close => BodyLeft::Close,
         };
-        self.ubuf.advance(plan.head_len);
-        let (mut n, mut done) = match left.take(&self.ubuf) {
+        self.bufs.ubuf.advance(plan.head_len);
+        let (mut n, mut done) = match left.take(&self.bufs.ubuf) {
             Ok(x) => x,
             Err(()) => return false,
         };
         // Bytes past the end of the response: the instance broke framing.
-        let mut clean = n == self.ubuf.len();
-        self.out.extend_from_slice(&self.ubuf[..n]);
-        if self.stream.write_all(&self.out).await.is_err() {
+        let mut clean = n == self.bufs.ubuf.len();
+        self.bufs.out.extend_from_slice(&self.bufs.ubuf[..n]);
+        if self.stream.write_all(&self.bufs.out).await.is_err() {
             return false;
         }
-        let idle = self.svc.config.load().timeouts.idle.0;
+        let streamed = !done;
         while !done {
-            self.ubuf.clear();
-            self.ubuf.reserve(READ_CHUNK);
-            match tokio::time::timeout(idle, up.read_buf(&mut self.ubuf)).await {
+            let idle = self.svc.config.load().timeouts.idle.0;
+            self.bufs.ubuf.clear();
+            self.bufs.ubuf.reserve(READ_CHUNK);
+            match tokio::time::timeout(idle, up.read_buf(&mut self.bufs.ubuf)).await {
                 Ok(Ok(0)) if matches!(left, BodyLeft::Close) => break,
                 Ok(Ok(k)) if k > 0 => {}
                 // The instance failed mid-body: the client cannot be told but by a close.
                 _ => return false,
             }
-            (n, done) = match left.take(&self.ubuf) {
+            (n, done) = match left.take(&self.bufs.ubuf) {
                 Ok(x) => x,
                 Err(()) => return false,
             };
-            clean = n == self.ubuf.len();
-            if self.stream.write_all(&self.ubuf[..n]).await.is_err() {
+            clean = n == self.bufs.ubuf.len();
+            if self.stream.write_all(&self.bufs.ubuf[..n]).await.is_err() {
                 return false;
             }
+        }
+        if streamed {
+            self.last_active = now_nanos();
         }
         if plan.reusable && clean {
             busy.inst().idle.put_raw(up);
         }
         drop(busy);
         !close && plan.framing != Framing::Close
+    }
+}
+
+/// One try on one instance: a pooled connection (or, if that one turns out closed, a new
+/// one), the request written, the response head read.
+async fn try_instance(
+    bufs: &mut Bufs,
+    inst: &Instance,
+    request: &[u8],
+    plan: &Plan,
+    connect_timeout: Duration,
+) -> Result<Answer, TryError> {
+    loop {
+        let reused = inst.idle.pop_raw();
+        let was_reused = reused.is_some();
+        let mut up = match reused {
+            // A non-idempotent request must not go out on a connection the instance
+            // already closed: that would fail after sending. Checking costs a syscall
+            // only when the socket has pending readiness.
+            Some(s) if !plan.idempotent && !alive(&s) => continue,
+            Some(s) => s,
+            None => crate::upstream::connect_tcp(inst.addr, connect_timeout)
+                .await
+                .map_err(TryError::Connect)?,
+        };
+        match send_and_read_head(bufs, &mut up, request, plan).await {
+            Ok(resp) => return Ok(Answer { up, plan: resp }),
+            // The instance closed an idle connection just as it was reused: go again on
+            // a fresh one, which the request was never sent on.
+            Err(TryError::Reset {
+                reused_silent: true,
+            }) if was_reused && plan.idempotent => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn send_and_read_head(
+    bufs: &mut Bufs,
+    up: &mut TcpStream,
+    request: &[u8],
+    plan: &Plan,
+) -> Result<RespPlan, TryError> {
+    let silent = TryError::Reset {
+        reused_silent: true,
+    };
+    if up.write_all(request).await.is_err() {
+        return Err(silent);
+    }
+    bufs.ubuf.clear();
+    loop {
+        bufs.ubuf.reserve(READ_CHUNK);
+        match up.read_buf(&mut bufs.ubuf).await {
+            Ok(0) | Err(_) if bufs.ubuf.is_empty() => return Err(silent),
+            Ok(0) | Err(_) => {
+                return Err(TryError::Reset {
+                    reused_silent: false,
+                })
+            }
+            Ok(_) => {}
+        }
+        loop {
+            match plan_response(&bufs.ubuf, plan.head_method, plan.close, &mut bufs.out) {
+                RespParsed::Ready(p) => return Ok(p),
+                RespParsed::Partial => break,
+                RespParsed::Interim(n) => {
+                    bufs.ubuf.advance(n);
+                    if bufs.ubuf.is_empty() {
+                        break;
+                    }
+                }
+                RespParsed::Bad(m) => return Err(TryError::Bad(m)),
+            }
+        }
     }
 }
 

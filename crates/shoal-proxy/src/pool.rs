@@ -23,8 +23,17 @@ use crate::metrics::{CodeCounters, Counter};
 
 /// Nanoseconds on the process's monotonic clock: the `now` every policy is given.
 pub fn now_nanos() -> u64 {
+    clock_start().elapsed().as_nanos() as u64
+}
+
+fn clock_start() -> Instant {
     static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    *START.get_or_init(Instant::now)
+}
+
+/// The `Instant` of a [`now_nanos`] reading, for timers (no clock read).
+pub fn instant_at(nanos: u64) -> tokio::time::Instant {
+    tokio::time::Instant::from_std(clock_start() + std::time::Duration::from_nanos(nanos))
 }
 
 /// Lifecycle state of an instance, as exported in `shoal_instances{state}`.

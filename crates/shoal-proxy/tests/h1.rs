@@ -383,3 +383,33 @@ async fn response_cut_short_closes_the_client_connection() {
     let cl = client();
     assert_eq!(get(&cl, p.addr, "/").await, (200, "ok".to_string()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_timeout_holds_after_fast_requests_on_the_same_connection() {
+    let a = Backend::start("a").await;
+    let mut cfg = service_config(&[&a], "round-robin");
+    cfg.timeouts.per_try = shoal_proxy::config::Dur(Duration::from_millis(300));
+    cfg.retries.attempts = 1;
+    let p = start_proxy(cfg).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut buf = Vec::new();
+    for path in ["/", "/", "/slow?ms=3000", "/"] {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let (head, body) = read_response(&mut s, &mut buf, false).await;
+        if path == "/" {
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            assert_eq!(body, b"a");
+        } else {
+            assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+            assert_eq!(body, b"upstream timed out\n");
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+    }
+}
