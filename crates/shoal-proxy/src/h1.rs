@@ -32,6 +32,8 @@ const MAX_PARSE_HEADERS: usize = 128;
 /// Largest upstream response head accepted (→ 502).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const READ_CHUNK: usize = 8 * 1024;
+/// Pipelined request bytes buffered while a request is in progress.
+const PIPELINE_LIMIT: usize = 64 * 1024;
 
 /// How a fast-path connection ended.
 pub(crate) enum End {
@@ -684,7 +686,8 @@ impl<'a> Conn<'a> {
         self.req = request;
         match result {
             Ok((answer, busy)) => self.relay(answer, busy, plan.close).await,
-            Err(e) => {
+            Err(None) => false,
+            Err(Some(e)) => {
                 let status = e.status().as_u16();
                 svc.metrics.local.inc(status);
                 self.last_active = now_nanos();
@@ -705,7 +708,7 @@ impl<'a> Conn<'a> {
         plan: &Plan,
         cfg: &ServiceConfig,
         start: u64,
-    ) -> Result<(Answer, InFlight), ProxyError> {
+    ) -> Result<(Answer, InFlight), Option<ProxyError>> {
         let svc = self.svc;
         let attempts = cfg.retries.attempts;
         let deadline = start + cfg.timeouts.request.0.as_nanos() as u64;
@@ -738,7 +741,7 @@ impl<'a> Conn<'a> {
             tried[attempt as usize] = idx;
             let remaining = deadline.saturating_sub(now);
             if remaining == 0 {
-                return Err(ProxyError::Timeout);
+                return Err(Some(ProxyError::Timeout));
             }
             let try_timeout = per_try.min(Duration::from_nanos(remaining));
             // One reusable timer, re-armed only when it fires or would fire too late: it
@@ -760,6 +763,18 @@ impl<'a> Conn<'a> {
                             break Err(());
                         }
                         self.try_timer.as_mut().reset(at);
+                    }
+                    // A client that hangs up stops its request (a pipelined next request is
+                    // only buffered, up to a bound).
+                    _ = self.stream.readable(), if self.rbuf.len() < PIPELINE_LIMIT => {
+                        self.rbuf.reserve(READ_CHUNK);
+                        match self.stream.try_read_buf(&mut self.rbuf) {
+                            Ok(0) => return Err(None),
+                            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
+                                return Err(None)
+                            }
+                            _ => {}
+                        }
                     }
                 }
             };
@@ -810,7 +825,7 @@ impl<'a> Conn<'a> {
                 break;
             }
         }
-        Err(last_err.unwrap_or(ProxyError::NoInstance))
+        Err(Some(last_err.unwrap_or(ProxyError::NoInstance)))
     }
 
     /// Sends the response head (in `self.bufs.out`) and body to the client. The instance stays

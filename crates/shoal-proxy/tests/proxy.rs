@@ -492,7 +492,14 @@ async fn client_going_away_releases_in_flight() {
     assert!(r.is_err(), "the client gave up first");
     drop(cl); // closes the client connection: the proxy drops the request
     let inst = p.service.pool.get(&a.addr.to_string()).unwrap();
+    // Released on the hang-up, not when the instance answers at 1.5 s.
+    let gone = std::time::Instant::now();
     eventually(5, || inst.in_flight() == 0).await;
+    assert!(
+        gone.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        gone.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
