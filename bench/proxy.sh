@@ -66,15 +66,25 @@ backend b
 EOF
 
 taskset -c 0 nginx -c "$work/backend.conf" -p "$work/nb" 2>/dev/null & pids+=($!)
-taskset -c 1 nginx -c "$work/proxy.conf" -p "$work/np" 2>/dev/null & pids+=($!)
-taskset -c 1 haproxy -f "$work/haproxy.cfg" -db 2>/dev/null & pids+=($!)
+taskset -c 1 nginx -c "$work/proxy.conf" -p "$work/np" 2>/dev/null & pids+=($!); NGINX_PID=$!
+taskset -c 1 haproxy -f "$work/haproxy.cfg" -db 2>/dev/null & pids+=($!); HAPROXY_PID=$!
 RUST_LOG=warn taskset -c 1 "$SHOAL" proxy --threads 1 --listen 127.0.0.1:$P_SHOAL \
   --backend 127.0.0.1:$BACKEND --admin 127.0.0.1:$ADMIN & pids+=($!); SHOAL_PID=$!
 for p in $BACKEND $P_SHOAL $P_HAPROXY $P_NGINX; do wait_port "$p"; done
 
 IDLE_RSS_KB=$(awk '/VmRSS/ {print $2}' /proc/$SHOAL_PID/status)
+# NGINX does its work in the worker, a child of the master started above.
+NGINX_WORKER=$(pgrep -P "$NGINX_PID" | head -1)
 
-declare -A RPS P99
+# CPU time (user + system, clock ticks) a proxy has used so far; 0 for the direct target.
+cpu_ticks() {
+  local pid
+  case $1 in haproxy) pid=$HAPROXY_PID;; nginx) pid=$NGINX_WORKER;; shoal) pid=$SHOAL_PID;; *) echo 0; return;; esac
+  awk '{print $14 + $15}' "/proc/$pid/stat"
+}
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+declare -A RPS P99 CPU
 read -r -a targets <<<"${TARGETS:-direct haproxy nginx shoal}"
 port_of() { case $1 in direct) echo $BACKEND;; haproxy) echo $P_HAPROXY;; nginx) echo $P_NGINX;; shoal) echo $P_SHOAL;; esac; }
 to_ms() { # wrk latency like 1.23ms / 456.00us / 1.02s -> ms
@@ -82,30 +92,41 @@ to_ms() { # wrk latency like 1.23ms / 456.00us / 1.02s -> ms
 for t in "${targets[@]}"; do taskset -c 0 wrk -t1 -c50 -d2s "http://127.0.0.1:$(port_of $t)/" >/dev/null; done # warm-up
 for r in $(seq "$ROUNDS"); do
   for t in "${targets[@]}"; do
+    c0=$(cpu_ticks "$t")
     out=$(taskset -c 0 wrk -t1 -c50 -d"${DURATION}"s --latency "http://127.0.0.1:$(port_of $t)/")
+    c1=$(cpu_ticks "$t")
+    total=$(awk '/requests in/ {print $1}' <<<"$out")
+    cpu_us=$(echo "($c1 - $c0) * $TICK_US / $total" | bc -l)
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     p99=$(awk '$1=="99%" {print $2}' <<<"$out")
     errs=$(grep -E "Non-2xx|Socket errors" <<<"$out" || true)
     [ -n "$errs" ] && echo "round $r $t: $errs" >&2
-    RPS[$t]+="$rps "; P99[$t]+="$(to_ms "$p99") "
-    printf 'round %d  %-8s %10.0f req/s  p99 %7.2f ms\n' "$r" "$t" "$rps" "$(to_ms "$p99")"
+    RPS[$t]+="$rps "; P99[$t]+="$(to_ms "$p99") "; CPU[$t]+="$cpu_us "
+    printf 'round %d  %-8s %10.0f req/s  p99 %7.2f ms  proxy CPU %5.1f us/req\n' "$r" "$t" "$rps" "$(to_ms "$p99")" "$cpu_us"
   done
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2)? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 echo
-echo "| target | req/s (median of $ROUNDS) | p99 ms (median) | ratio to direct |"
-echo "|---|---|---|---|"
+echo "| target | req/s (median of $ROUNDS) | p99 ms (median) | ratio to direct | proxy CPU us/req (median) |"
+echo "|---|---|---|---|---|"
 [ -n "${RPS[direct]:-}" ] || RPS[direct]="${RPS[shoal]}"
 D=$(median <<<"${RPS[direct]}")
 for t in "${targets[@]}"; do
-  m=$(median <<<"${RPS[$t]}"); p=$(median <<<"${P99[$t]}")
-  printf '| %s | %.0f | %.2f | %.2f |\n' "$t" "$m" "$p" "$(echo "$m / $D" | bc -l)"
+  m=$(median <<<"${RPS[$t]}"); p=$(median <<<"${P99[$t]}"); c=$(median <<<"${CPU[$t]}")
+  printf '| %s | %.0f | %.2f | %.2f | %.1f |\n' "$t" "$m" "$p" "$(echo "$m / $D" | bc -l)" "$c"
 done
 S=$(median <<<"${RPS[shoal]}"); H=$(median <<<"${RPS[haproxy]:-$S}"); N=$(median <<<"${RPS[nginx]:-$S}")
 SP=$(median <<<"${P99[shoal]}"); HP=$(median <<<"${P99[haproxy]:-${P99[shoal]}}")
 echo
 printf 'shoal/HAProxy req/s: %.2f   (target >= 1.15)\n' "$(echo "$S / $H" | bc -l)"
+if [ -n "${RPS[haproxy]:-}" ]; then
+  # Rounds alternate targets, so a round's pair saw the same machine state.
+  read -r -a sr <<<"${RPS[shoal]}"; read -r -a hr <<<"${RPS[haproxy]}"
+  per=""; for i in "${!sr[@]}"; do per+="$(echo "${sr[$i]} / ${hr[$i]}" | bc -l | cut -c1-4) "; done
+  printf 'shoal/HAProxy per round: %s(median %.2f)\n' "$per" "$(median <<<"$per")"
+  printf 'proxy CPU per request, shoal/HAProxy: %.2f\n' "$(echo "$(median <<<"${CPU[shoal]}") / $(median <<<"${CPU[haproxy]}")" | bc -l)"
+fi
 printf 'shoal/NGINX   req/s: %.2f\n' "$(echo "$S / $N" | bc -l)"
 printf 'shoal/direct  req/s: %.2f\n' "$(echo "$S / $D" | bc -l)"
 printf 'p99 shoal %.2f ms vs HAProxy %.2f ms (target: no worse)\n' "$SP" "$HP"
