@@ -713,32 +713,14 @@ impl<'a> Conn<'a> {
         let attempts = cfg.retries.attempts;
         let deadline = start + cfg.timeouts.request.0.as_nanos() as u64;
         let per_try = cfg.timeouts.per_try.0;
-        svc.budget.deposit(
-            cfg.retries.budget_percent,
-            cfg.retries.budget_min_per_second,
-            start,
-        );
-        let mut tried: [usize; 10] = [usize::MAX; 10];
+        let mut tries = svc.begin_tries(cfg, start);
         let mut last_err = None;
-        let mut snapshot = svc.pool.snapshot_full();
         for attempt in 0..attempts {
-            if attempt > 0 {
-                if !svc
-                    .budget
-                    .try_withdraw(cfg.retries.budget_min_per_second, now_nanos())
-                {
-                    svc.metrics.retry_budget_exhausted.inc();
-                    break;
-                }
-                svc.metrics.retries.inc();
-            }
-            let now = if attempt == 0 { start } else { now_nanos() };
-            let Some((idx, inst, mut busy)) =
-                svc.pick_live(&mut snapshot, &mut tried, plan.key.as_deref(), now)
+            let Some((inst, mut busy, now)) =
+                svc.next_try(&mut tries, attempt, cfg, plan.key.as_deref())
             else {
                 break;
             };
-            tried[attempt as usize] = idx;
             let remaining = deadline.saturating_sub(now);
             if remaining == 0 {
                 return Err(Some(ProxyError::Timeout));

@@ -242,33 +242,14 @@ impl Service {
         let per_try = cfg.timeouts.per_try.0;
         let connect_timeout = cfg.timeouts.connect.0;
         let target = Uri::from(path);
-        self.budget.deposit(
-            cfg.retries.budget_percent,
-            cfg.retries.budget_min_per_second,
-            start,
-        );
-
-        let mut tried: [usize; 10] = [usize::MAX; 10];
+        let mut tries = self.begin_tries(&cfg, start);
         let mut last_err = None;
-        let mut snapshot = self.pool.snapshot_full();
         for attempt in 0..attempts {
-            if attempt > 0 {
-                if !self
-                    .budget
-                    .try_withdraw(cfg.retries.budget_min_per_second, now_nanos())
-                {
-                    self.metrics.retry_budget_exhausted.inc();
-                    break;
-                }
-                self.metrics.retries.inc();
-            }
-            let now = if attempt == 0 { start } else { now_nanos() };
-            let Some((idx, inst, mut busy)) =
-                self.pick_live(&mut snapshot, &mut tried, key.as_deref(), now)
+            let Some((inst, mut busy, now)) =
+                self.next_try(&mut tries, attempt, &cfg, key.as_deref())
             else {
                 break;
             };
-            tried[attempt as usize] = idx;
             let mut up = Request::new(match stream.take() {
                 Some(s) => Either::Right(s),
                 None => Either::Left(Full::new(buffered.clone().unwrap_or_default())),
@@ -375,11 +356,58 @@ impl Service {
     }
 }
 
+/// Retry bookkeeping shared by both request paths: instances already tried and the
+/// snapshot they were picked from.
+pub(crate) struct Tries {
+    tried: [usize; 10],
+    snapshot: Arc<Snapshot>,
+    start: u64,
+}
+
 impl Service {
+    /// Starts a request's tries: its deposit into the retry budget.
+    pub(crate) fn begin_tries(&self, cfg: &ServiceConfig, start: u64) -> Tries {
+        self.budget.deposit(
+            cfg.retries.budget_percent,
+            cfg.retries.budget_min_per_second,
+            start,
+        );
+        Tries {
+            tried: [usize::MAX; 10],
+            snapshot: self.pool.snapshot_full(),
+            start,
+        }
+    }
+
+    /// The instance for try number `attempt` (counted in flight on it) and the time the try
+    /// starts; `None` when a retry finds the budget spent or no untried instance is left.
+    pub(crate) fn next_try(
+        &self,
+        t: &mut Tries,
+        attempt: u32,
+        cfg: &ServiceConfig,
+        key: Option<&[u8]>,
+    ) -> Option<(Arc<Instance>, InFlight, u64)> {
+        if attempt > 0 {
+            if !self
+                .budget
+                .try_withdraw(cfg.retries.budget_min_per_second, now_nanos())
+            {
+                self.metrics.retry_budget_exhausted.inc();
+                return None;
+            }
+            self.metrics.retries.inc();
+        }
+        let now = if attempt == 0 { t.start } else { now_nanos() };
+        let (idx, inst, busy) = self.pick_live(&mut t.snapshot, &mut t.tried, key, now)?;
+        t.tried[attempt as usize] = idx;
+        Some((inst, busy, now))
+    }
+
     /// Picks an instance not yet tried and counts the request in flight on it. A pick from a
     /// snapshot that predates the instance's drain is retried on the current snapshot, so a
     /// draining instance never gets a new request after `Pool::remove` saw it idle.
-    pub(crate) fn pick_live(
+    fn pick_live(
         &self,
         snapshot: &mut Arc<Snapshot>,
         tried: &mut [usize; 10],
