@@ -9,7 +9,6 @@
 //! read so far, to the hyper path ([`crate::server`]), which answers, rejects or tunnels it.
 //! So the fast path never rejects a request itself, and every 4xx shape stays in one place.
 
-use std::future::Future;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -591,10 +590,11 @@ impl<'a> Conn<'a> {
     /// Serves requests until the connection closes or needs the general path.
     pub(crate) async fn serve(mut self, stop: &mut watch::Receiver<bool>) -> End {
         let mut idle_timer = Box::pin(tokio::time::sleep(Duration::ZERO));
-        // Registered once per connection, not once per wait.
+        // Registered once per connection, not once per wait. Shutdown closes the connection
+        // at its next wait for a request, so the request in progress (and any already
+        // pipelined behind it) completes.
         let stop_signal = crate::server::stopped(stop);
         tokio::pin!(stop_signal);
-        let mut stopping = false;
         loop {
             let cfg = self.svc.config.load_full();
             let idle = cfg.timeouts.idle.0.as_nanos() as u64;
@@ -611,9 +611,6 @@ impl<'a> Conn<'a> {
                 }
                 self.rbuf.reserve(READ_CHUNK);
                 let read = if self.rbuf.is_empty() {
-                    if stopping {
-                        return End::Closed;
-                    }
                     loop {
                         // Re-armed only when it fires: one timer update per idle period.
                         if idle_timer.is_elapsed() {
@@ -623,8 +620,8 @@ impl<'a> Conn<'a> {
                         }
                         tokio::select! {
                             biased;
-                            r = self.stream.read_buf(&mut self.rbuf) => break r,
                             _ = &mut stop_signal => return End::Closed,
+                            r = self.stream.read_buf(&mut self.rbuf) => break r,
                             _ = idle_timer.as_mut() => {
                                 if now_nanos().saturating_sub(self.last_active) >= idle {
                                     return End::Closed;
@@ -666,11 +663,7 @@ impl<'a> Conn<'a> {
             self.req.extend_from_slice(&self.rbuf[plan.head_len..total]);
             self.rbuf.advance(total);
             let keep = self.exchange(&plan, &cfg, start).await;
-            // Shutdown lets the request in progress finish, then closes.
-            stopping = stopping
-                || std::future::poll_fn(|cx| Poll::Ready(stop_signal.as_mut().poll(cx).is_ready()))
-                    .await;
-            if !keep || plan.close || stopping {
+            if !keep || plan.close {
                 return End::Closed;
             }
         }
