@@ -111,6 +111,12 @@ fn parse_len(v: &[u8]) -> Option<u64> {
     Some(v.iter().fold(0u64, |a, &d| a * 10 + u64::from(d - b'0')))
 }
 
+/// RFC 3986 path and query characters. Anything else (fragments, `<>"{}|\^\``, non-ASCII)
+/// goes to the general path, whose URI parser decides: rejected, or cut at `#`.
+fn plain_target_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%[]".contains(&b)
+}
+
 fn is_idempotent(m: &str) -> bool {
     matches!(m, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE")
 }
@@ -154,10 +160,15 @@ fn plan_request(
         .iter()
         .map(|h| h.name.len() + h.value.len() + 4)
         .sum();
+    // The general path reads heads into a buffer of this size and answers 431 past it.
+    let most_head = cfg.limits.max_header_bytes.max(8192) + cfg.limits.max_request_line;
     if !path.starts_with('/')
+        || !path.bytes().all(plain_target_byte)
         || path.len() > cfg.limits.max_request_line
         || req.headers.len() > cfg.limits.max_headers
         || head_bytes > cfg.limits.max_header_bytes
+        || head_len > most_head
+        || method == "CONNECT"
     {
         return Parsed::Handover;
     }
@@ -177,6 +188,9 @@ fn plan_request(
     let mut key = None;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
+        if key.is_none() && key_name.is_some_and(|k| name.eq_ignore_ascii_case(k.as_bytes())) {
+            key = Some(h.value.to_vec());
+        }
         match classify(name) {
             Name::Host => {
                 if host.is_some() {
@@ -206,12 +220,7 @@ fn plan_request(
             Name::Hop | Name::Replaced => {}
             // Earlier hops first, in order; the peer is appended below.
             Name::Xff => xff.push(h.value),
-            Name::Other => {
-                if key_name.is_some_and(|k| name.eq_ignore_ascii_case(k.as_bytes())) {
-                    key = Some(h.value.to_vec());
-                }
-                put(out, name, h.value);
-            }
+            Name::Other => put(out, name, h.value),
         }
     }
     let Some(host) = host else {
@@ -300,6 +309,7 @@ fn plan_response(
     }
     let mut len = None;
     let mut chunked = false;
+    let mut has_te = false;
     let mut reusable = version == 1;
     let mut other_options = false;
     for h in resp.headers.iter() {
@@ -310,6 +320,10 @@ fn plan_response(
                 _ => return RespParsed::Bad("upstream sent an invalid content-length"),
             },
             Name::TransferEncoding => {
+                if version == 0 {
+                    return RespParsed::Bad("upstream sent transfer-encoding in HTTP/1.0");
+                }
+                has_te = true;
                 chunked = tokens(h.value)
                     .last()
                     .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
@@ -331,6 +345,10 @@ fn plan_response(
         Framing::Empty
     } else if chunked {
         Framing::Chunked
+    } else if has_te {
+        // A coding that does not end in chunked: the body runs until the instance closes.
+        reusable = false;
+        Framing::Close
     } else if let Some(n) = len {
         Framing::Length(n)
     } else {
@@ -362,8 +380,8 @@ fn plan_response(
         let keep = match classify(name) {
             Name::Connection | Name::Hop | Name::Special => false,
             // The body goes out with the framing it came with.
-            Name::TransferEncoding => framing == Framing::Chunked,
-            Name::ContentLength => framing != Framing::Chunked,
+            Name::TransferEncoding => framing != Framing::Empty,
+            Name::ContentLength => !has_te,
             _ => !named(name),
         };
         if keep {
@@ -392,53 +410,51 @@ struct Chunked {
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
+    /// Start of a size line: a hex digit must come.
     #[default]
+    SizeStart,
     Size,
+    /// Whitespace after the size: only more of it, `;` or CR may follow.
+    SizeWs,
     Ext,
     SizeLf,
     Data,
     DataCr,
     DataLf,
+    /// Start of a trailer line, or of the final empty line.
     LineStart,
     Trailer,
+    TrailerLf,
     EndLf,
     Done,
 }
 
 impl Chunked {
-    /// Consumes `data`; `Ok(Some(n))` once the body ends after `data[..n]`.
+    /// Consumes `data`; `Ok(Some(n))` once the body ends after `data[..n]`. Strict about
+    /// line structure (CRLF only, a size on every size line), as a framing error here would
+    /// desynchronise the reused upstream connection.
     fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, ()> {
         use ChunkState::*;
         let mut i = 0;
         while i < data.len() {
             let b = data[i];
-            match self.state {
-                Size => match b {
-                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        let d = (b as char).to_digit(16).unwrap_or(0) as u64;
-                        self.size = self.size.checked_mul(16).ok_or(())? + d;
-                        if self.size > 1 << 56 {
-                            return Err(());
-                        }
-                    }
-                    b';' | b' ' | b'\t' => self.state = Ext,
-                    b'\r' => self.state = SizeLf,
-                    _ => return Err(()),
-                },
-                Ext => {
-                    if b == b'\r' {
-                        self.state = SizeLf;
-                    } else if b == b'\n' {
+            self.state = match (self.state, b) {
+                (SizeStart | Size, b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') => {
+                    let d = (b as char).to_digit(16).unwrap_or(0) as u64;
+                    self.size = self.size.checked_mul(16).ok_or(())? + d;
+                    if self.size > 1 << 56 {
                         return Err(());
                     }
+                    Size
                 }
-                SizeLf => {
-                    if b != b'\n' {
-                        return Err(());
-                    }
-                    self.state = if self.size == 0 { LineStart } else { Data };
-                }
-                Data => {
+                (Size | SizeWs, b' ' | b'\t') => SizeWs,
+                (Size | SizeWs, b';') => Ext,
+                (Size | SizeWs | Ext, b'\r') => SizeLf,
+                (Ext, b'\n') => return Err(()),
+                (Ext, _) => Ext,
+                (SizeLf, b'\n') if self.size == 0 => LineStart,
+                (SizeLf, b'\n') => Data,
+                (Data, _) => {
                     let take = (self.size as usize).min(data.len() - i);
                     self.size -= take as u64;
                     i += take;
@@ -447,33 +463,20 @@ impl Chunked {
                     }
                     continue;
                 }
-                DataCr => {
-                    if b != b'\r' {
-                        return Err(());
-                    }
-                    self.state = DataLf;
-                }
-                DataLf => {
-                    if b != b'\n' {
-                        return Err(());
-                    }
-                    self.state = Size;
-                }
-                LineStart => self.state = if b == b'\r' { EndLf } else { Trailer },
-                Trailer => {
-                    if b == b'\n' {
-                        self.state = LineStart;
-                    }
-                }
-                EndLf => {
-                    if b != b'\n' {
-                        return Err(());
-                    }
+                (DataCr, b'\r') => DataLf,
+                (DataLf, b'\n') => SizeStart,
+                (LineStart, b'\r') => EndLf,
+                (LineStart | Trailer, b'\n') => return Err(()),
+                (LineStart | Trailer, _) if b != b'\r' => Trailer,
+                (Trailer, b'\r') => TrailerLf,
+                (TrailerLf, b'\n') => LineStart,
+                (EndLf, b'\n') => {
                     self.state = Done;
                     return Ok(Some(i + 1));
                 }
-                Done => return Ok(Some(i)),
-            }
+                (Done, _) => return Ok(Some(i)),
+                _ => return Err(()),
+            };
             i += 1;
         }
         Ok((self.state == Done).then_some(data.len()))
@@ -688,7 +691,7 @@ impl<'a> Conn<'a> {
                     .duration
                     .observe_nanos(self.last_active.saturating_sub(start));
                 write_error(&mut self.bufs.out, &e, plan.close);
-                self.stream.write_all(&self.bufs.out).await.is_ok()
+                write_client(self.stream, &self.bufs.out, self.svc).await
             }
         }
     }
@@ -822,7 +825,7 @@ impl<'a> Conn<'a> {
         // Bytes past the end of the response: the instance broke framing.
         let mut clean = n == self.bufs.ubuf.len();
         self.bufs.out.extend_from_slice(&self.bufs.ubuf[..n]);
-        if self.stream.write_all(&self.bufs.out).await.is_err() {
+        if !write_client(self.stream, &self.bufs.out, self.svc).await {
             return false;
         }
         let streamed = !done;
@@ -841,7 +844,7 @@ impl<'a> Conn<'a> {
                 Err(()) => return false,
             };
             clean = n == self.bufs.ubuf.len();
-            if self.stream.write_all(&self.bufs.ubuf[..n]).await.is_err() {
+            if !write_client(self.stream, &self.bufs.ubuf[..n], self.svc).await {
                 return false;
             }
         }
@@ -865,14 +868,15 @@ async fn try_instance(
     plan: &Plan,
     connect_timeout: Duration,
 ) -> Result<Answer, TryError> {
+    let mut pooled_ok = true;
     loop {
-        let reused = inst.idle.pop_raw();
+        // An idle connection that went readable has been closed by the instance or holds
+        // stray bytes: it is dropped, never written to. Checking is free when no event came
+        // (readiness was cleared by the last, short read of the previous response).
+        let reused = if pooled_ok { inst.idle.pop_raw() } else { None };
         let was_reused = reused.is_some();
         let mut up = match reused {
-            // A non-idempotent request must not go out on a connection the instance
-            // already closed: that would fail after sending. Checking costs a syscall
-            // only when the socket has pending readiness.
-            Some(s) if !plan.idempotent && !alive(&s) => continue,
+            Some(s) if !alive(&s) => continue,
             Some(s) => s,
             None => crate::upstream::connect_tcp(inst.addr, connect_timeout)
                 .await
@@ -880,11 +884,11 @@ async fn try_instance(
         };
         match send_and_read_head(bufs, &mut up, request, plan).await {
             Ok(resp) => return Ok(Answer { up, plan: resp }),
-            // The instance closed an idle connection just as it was reused: go again on
-            // a fresh one, which the request was never sent on.
+            // The instance closed an idle connection just as it was reused: go again once,
+            // on a fresh connection.
             Err(TryError::Reset {
                 reused_silent: true,
-            }) if was_reused && plan.idempotent => continue,
+            }) if was_reused && plan.idempotent => pooled_ok = false,
             Err(e) => return Err(e),
         }
     }
@@ -928,6 +932,23 @@ async fn send_and_read_head(
             }
         }
     }
+}
+
+/// Writes to the client; one that stops reading for the idle timeout is given up on, so it
+/// cannot hold an upstream connection and an in-flight slot forever. The timer is only set
+/// when the socket buffer is full.
+async fn write_client(stream: &mut TcpStream, buf: &[u8], svc: &Service) -> bool {
+    let rest = match stream.try_write(buf) {
+        Ok(n) if n == buf.len() => return true,
+        Ok(n) => &buf[n..],
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buf,
+        Err(_) => return false,
+    };
+    let limit = svc.config.load().timeouts.idle.0;
+    matches!(
+        tokio::time::timeout(limit, stream.write_all(rest)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Whether an idle upstream socket is still open (no EOF or stray bytes pending).
@@ -1051,6 +1072,11 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost: x\r\nConnection: x-secret\r\nX-Secret: 1\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nX-Bad : 1\r\n\r\n",
+            b"GET /a<b> HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /a?q=\"x\" HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /a#frag HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"CONNECT /x HTTP/1.1\r\nHost: x\r\n\r\n",
         ] {
             assert_eq!(
                 plan(raw, &c).1,
@@ -1092,8 +1118,21 @@ mod tests {
         assert!(p.head_method);
         assert_eq!(p.key.as_deref(), Some(&[10, 1, 2, 3][..]));
         c.hash_key = HashKey::Header(http::HeaderName::from_static("x-user"));
-        let (p, _) = plan(b"GET / HTTP/1.1\r\nHost: x\r\nX-User: ann\r\n\r\n", &c);
+        let (p, _) = plan(
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-User: ann\r\nX-User: bob\r\n\r\n",
+            &c,
+        );
         assert_eq!(p.unwrap().key.as_deref(), Some(&b"ann"[..]));
+        // Any header may be the key, also one the fast path rewrites.
+        c.hash_key = HashKey::Header(http::HeaderName::from_static("host"));
+        let (p, _) = plan(b"GET / HTTP/1.1\r\nHost: shop\r\n\r\n", &c);
+        assert_eq!(p.unwrap().key.as_deref(), Some(&b"shop"[..]));
+        // Allowed target characters stay on the fast path.
+        let (p, out) = plan(
+            b"GET /a-b_c.d~e/%20?x=1&y=[2]:@!$'()*+,; HTTP/1.1\r\nHost: x\r\n\r\n",
+            &cfg(),
+        );
+        assert!(p.is_some(), "{out}");
     }
 
     fn resp(raw: &[u8], head: bool) -> (RespParsed, String) {
@@ -1133,6 +1172,24 @@ mod tests {
             out,
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nvia: 1.1 shoal\r\n\r\n"
         );
+        // A coding that does not end in chunked: delimited by close, length ignored.
+        let (r, out) = resp(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n",
+            false,
+        );
+        let RespParsed::Ready(p) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!((p.framing, p.reusable), (Framing::Close, false));
+        assert!(out.contains("Transfer-Encoding: gzip") && !out.contains("Content-Length"));
+        assert!(matches!(
+            resp(
+                b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false
+            )
+            .0,
+            RespParsed::Bad(_)
+        ));
         let (r, out) = resp(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n", false);
         let RespParsed::Ready(p) = r else {
             panic!("{r:?}")
@@ -1193,7 +1250,18 @@ mod tests {
             };
             assert_eq!(end, body.len(), "split at {split}");
         }
-        for bad in [&b"x\r\n"[..], b"5\r\nhelloXY", b"5\n", b"0\r\n\r\r"] {
+        for bad in [
+            &b"x\r\n"[..],
+            b"5\r\nhelloXY",
+            b"5\n",
+            b"0\r\n\r\r",
+            b"\r\n",
+            b" 5\r\n",
+            b";x\r\n",
+            b"0\r\n\n",
+            b"0\r\nX-T: 1\n\r\n",
+            b"5 x\r\n",
+        ] {
             assert!(Chunked::default().feed(bad).is_err(), "{bad:?}");
         }
         let mut c = Chunked::default();

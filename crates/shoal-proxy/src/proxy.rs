@@ -653,15 +653,17 @@ fn forward_headers(
         h.insert(header::UPGRADE, p);
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let xff = match h.get(X_FORWARDED_FOR) {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + peer_ip.len());
+    // Earlier hops in order (several header lines are one list), then the peer.
+    let xff = if h.contains_key(X_FORWARDED_FOR) {
+        let mut v = Vec::new();
+        for prev in h.get_all(X_FORWARDED_FOR) {
             v.extend_from_slice(prev.as_bytes());
             v.extend_from_slice(b", ");
-            v.extend_from_slice(peer_ip.as_bytes());
-            HeaderValue::from_bytes(&v).unwrap_or(peer_ip)
         }
-        None => peer_ip,
+        v.extend_from_slice(peer_ip.as_bytes());
+        HeaderValue::from_bytes(&v).unwrap_or(peer_ip)
+    } else {
+        peer_ip
     };
     h.insert(X_FORWARDED_FOR, xff);
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
@@ -818,6 +820,7 @@ mod tests {
         h.insert("x-kept", HeaderValue::from_static("1"));
         let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
         h.insert(header::HOST, HeaderValue::from_static("example.com"));
         let out = forward_headers(
             h,
@@ -830,7 +833,7 @@ mod tests {
         assert!(out.get("keep-alive").is_none());
         assert!(out.get(header::CONNECTION).is_none());
         assert_eq!(out["x-kept"], "1");
-        assert_eq!(out["x-forwarded-for"], "1.1.1.1, 10.1.2.3");
+        assert_eq!(out["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.1.2.3");
         assert_eq!(out["x-forwarded-host"], "example.com");
         assert_eq!(out[header::VIA], "1.1 shoal");
     }

@@ -29,6 +29,8 @@ struct RawBackend {
     conns: AtomicUsize,
     /// Connections the backend has closed.
     closed: AtomicUsize,
+    /// Replies written in full.
+    replied: AtomicUsize,
 }
 
 async fn raw_backend(script: Arc<Script>) -> Arc<RawBackend> {
@@ -38,11 +40,14 @@ async fn raw_backend(script: Arc<Script>) -> Arc<RawBackend> {
         requests: AtomicUsize::new(0),
         conns: AtomicUsize::new(0),
         closed: AtomicUsize::new(0),
+        replied: AtomicUsize::new(0),
     });
     let b2 = b.clone();
     tokio::spawn(async move {
         loop {
             let (mut s, _) = listener.accept().await.unwrap();
+            // Each piece leaves at once (no Nagle wait for the proxy's delayed ACK).
+            s.set_nodelay(true).unwrap();
             b2.conns.fetch_add(1, Ordering::SeqCst);
             let b = b2.clone();
             let script = script.clone();
@@ -97,6 +102,7 @@ async fn serve_script(s: &mut TcpStream, b: &RawBackend, script: &Script) {
                 return;
             }
         }
+        b.replied.fetch_add(1, Ordering::SeqCst);
         if reply.close {
             return;
         }
@@ -411,5 +417,39 @@ async fn try_timeout_holds_after_fast_requests_on_the_same_connection() {
                 started.elapsed()
             );
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_bytes_after_a_response_keep_the_connection_out_of_the_pool() {
+    // A 204 followed, a moment later, by bytes that belong to no response.
+    let b = raw_backend(Arc::new(|head: &str| {
+        if head.starts_with("GET /stray") {
+            reply(&[
+                b"HTTP/1.1 204 No Content\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale",
+            ])
+        } else {
+            reply(&[b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh"])
+        }
+    }))
+    .await;
+    let p = start_proxy(config(&b)).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut buf = Vec::new();
+    for i in 0..3 {
+        s.write_all(b"GET /stray HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = read_response(&mut s, &mut buf, false).await;
+        assert!(head.starts_with("HTTP/1.1 204"), "{head}");
+        // The stray bytes have been sent before the next request goes out.
+        eventually(5, || b.replied.load(Ordering::SeqCst) > 2 * i).await;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut s, &mut buf, false).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, b"fresh", "a stale response was served");
     }
 }
