@@ -309,6 +309,14 @@ pub struct LimitConfig {
     pub max_header_bytes: usize,
 }
 
+impl LimitConfig {
+    /// The read buffer a request head must fit in (request line and headers, roughly): past
+    /// it the general path answers 431, and the fast path hands over.
+    pub fn max_head_bytes(&self) -> usize {
+        self.max_header_bytes.max(8192) + self.max_request_line
+    }
+}
+
 impl Default for LimitConfig {
     fn default() -> Self {
         LimitConfig {

@@ -10,7 +10,7 @@
 //! So the fast path never rejects a request itself, and every 4xx shape stays in one place.
 
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -21,10 +21,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::config::{HashKey, ServiceConfig};
+use crate::config::ServiceConfig;
 use crate::pool::{instant_at, now_nanos, ErrorKind, Instance};
-use crate::proxy::{InFlight, ProxyError, Service, REPLAY_LIMIT};
-use shoal_balance::Algorithm;
+use crate::proxy::{hash_key, is_idempotent, InFlight, ProxyError, Service, REPLAY_LIMIT};
 
 /// Header slots parsed at once; a request with more goes to the general path.
 const MAX_PARSE_HEADERS: usize = 128;
@@ -117,10 +116,6 @@ fn plain_target_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%[]".contains(&b)
 }
 
-fn is_idempotent(m: &str) -> bool {
-    matches!(m, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE")
-}
-
 fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -141,15 +136,11 @@ fn plan_request(
     let mut req = httparse::Request::new(&mut []);
     let head_len = match req.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => {
-            // Past any head the limits allow: the general path answers 414/431.
-            let most = cfg.limits.max_request_line + cfg.limits.max_header_bytes + 1024;
-            return if buf.len() > most {
-                Parsed::Handover
-            } else {
-                Parsed::Partial
-            };
+        // Past any head the limits allow: the general path answers 414/431.
+        Ok(httparse::Status::Partial) if buf.len() > cfg.limits.max_head_bytes() => {
+            return Parsed::Handover
         }
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::Handover,
     };
     let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
@@ -160,14 +151,12 @@ fn plan_request(
         .iter()
         .map(|h| h.name.len() + h.value.len() + 4)
         .sum();
-    // The general path reads heads into a buffer of this size and answers 431 past it.
-    let most_head = cfg.limits.max_header_bytes.max(8192) + cfg.limits.max_request_line;
     if !path.starts_with('/')
         || !path.bytes().all(plain_target_byte)
         || path.len() > cfg.limits.max_request_line
         || req.headers.len() > cfg.limits.max_headers
         || head_bytes > cfg.limits.max_header_bytes
-        || head_len > most_head
+        || head_len > cfg.limits.max_head_bytes()
         || method == "CONNECT"
     {
         return Parsed::Handover;
@@ -181,16 +170,8 @@ fn plan_request(
     let mut body_len = None;
     let mut close = false;
     let mut xff: Vec<&[u8]> = Vec::new();
-    let key_name = match (&cfg.balance, &cfg.hash_key) {
-        (Algorithm::IpHash | Algorithm::ConsistentHash, HashKey::Header(n)) => Some(n.as_str()),
-        _ => None,
-    };
-    let mut key = None;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
-        if key.is_none() && key_name.is_some_and(|k| name.eq_ignore_ascii_case(k.as_bytes())) {
-            key = Some(h.value.to_vec());
-        }
         match classify(name) {
             Name::Host => {
                 if host.is_some() {
@@ -235,12 +216,12 @@ fn plan_request(
     out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
     put(out, b"x-forwarded-host", host);
     out.extend_from_slice(b"via: 1.1 shoal\r\n\r\n");
-    if key.is_none() && matches!(cfg.balance, Algorithm::IpHash | Algorithm::ConsistentHash) {
-        key = Some(match peer.ip() {
-            IpAddr::V4(v) => v.octets().to_vec(),
-            IpAddr::V6(v) => v.octets().to_vec(),
-        });
-    }
+    let key = hash_key(cfg, peer, |name| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    });
     Parsed::Ready(Plan {
         head_len,
         body_len: body_len.unwrap_or(0),
@@ -681,7 +662,10 @@ impl<'a> Conn<'a> {
         let result = self.forward(&request, plan, cfg, start).await;
         self.req = request;
         match result {
-            Ok((answer, busy)) => self.relay(answer, busy, plan.close).await,
+            Ok((answer, busy)) => {
+                self.relay(answer, busy, plan.close, cfg.timeouts.idle.0)
+                    .await
+            }
             Err(None) => false,
             Err(Some(e)) => {
                 let status = e.status().as_u16();
@@ -691,7 +675,7 @@ impl<'a> Conn<'a> {
                     .duration
                     .observe_nanos(self.last_active.saturating_sub(start));
                 write_error(&mut self.bufs.out, &e, plan.close);
-                write_client(self.stream, &self.bufs.out, self.svc).await
+                write_client(self.stream, &self.bufs.out, cfg.timeouts.idle.0).await
             }
         }
     }
@@ -706,100 +690,83 @@ impl<'a> Conn<'a> {
         start: u64,
     ) -> Result<(Answer, InFlight), Option<ProxyError>> {
         let svc = self.svc;
-        let attempts = cfg.retries.attempts;
-        let deadline = start + cfg.timeouts.request.0.as_nanos() as u64;
-        let per_try = cfg.timeouts.per_try.0;
         let mut tries = svc.begin_tries(cfg, start);
         let mut last_err = None;
-        for attempt in 0..attempts {
-            let Some((inst, mut busy, now)) =
-                svc.next_try(&mut tries, attempt, cfg, plan.key.as_deref())
+        for attempt in 0..cfg.retries.attempts {
+            let Some(mut t) = svc
+                .next_try(&mut tries, attempt, cfg, plan.key.as_deref())
+                .map_err(Some)?
             else {
                 break;
             };
-            let remaining = deadline.saturating_sub(now);
-            if remaining == 0 {
-                return Err(Some(ProxyError::Timeout));
-            }
-            let try_timeout = per_try.min(Duration::from_nanos(remaining));
             // One reusable timer, re-armed only when it fires or would fire too late: it
             // costs a timer-wheel update once per try-timeout period, not once per request.
-            let try_deadline = now + try_timeout.as_nanos() as u64;
+            let try_deadline = t.started + t.timeout.as_nanos() as u64;
             let at = instant_at(try_deadline);
             if self.try_timer.is_elapsed() || self.try_timer.deadline() > at {
                 self.try_timer.as_mut().reset(at);
             }
-            let attempt_fut =
-                try_instance(&mut self.bufs, &inst, request, plan, cfg.timeouts.connect.0);
-            tokio::pin!(attempt_fut);
-            let result = loop {
-                tokio::select! {
-                    biased;
-                    r = &mut attempt_fut => break Ok(r),
-                    _ = self.try_timer.as_mut() => {
-                        if now_nanos() >= try_deadline {
-                            break Err(());
-                        }
-                        self.try_timer.as_mut().reset(at);
-                    }
-                    // A client that hangs up stops its request (a pipelined next request is
-                    // only buffered, up to a bound).
-                    _ = self.stream.readable(), if self.rbuf.len() < PIPELINE_LIMIT => {
-                        self.rbuf.reserve(READ_CHUNK);
-                        match self.stream.try_read_buf(&mut self.rbuf) {
-                            Ok(0) => return Err(None),
-                            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
-                                return Err(None)
+            // A block of its own: the try borrows `t`, which `end_try` then updates.
+            let result = {
+                let attempt_fut = try_instance(
+                    &mut self.bufs,
+                    &t.inst,
+                    request,
+                    plan,
+                    cfg.timeouts.connect.0,
+                );
+                tokio::pin!(attempt_fut);
+                loop {
+                    tokio::select! {
+                        biased;
+                        r = &mut attempt_fut => break Ok(r),
+                        _ = self.try_timer.as_mut() => {
+                            if now_nanos() >= try_deadline {
+                                break Err(());
                             }
-                            _ => {}
+                            self.try_timer.as_mut().reset(at);
+                        }
+                        // A client that hangs up stops its request (a pipelined next request is
+                        // only buffered, up to a bound).
+                        _ = self.stream.readable(), if self.rbuf.len() < PIPELINE_LIMIT => {
+                            self.rbuf.reserve(READ_CHUNK);
+                            match self.stream.try_read_buf(&mut self.rbuf) {
+                                Ok(0) => return Err(None),
+                                Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
+                                    return Err(None)
+                                }
+                                _ => {}
+                            }
                         }
                     }
                 }
             };
             let answered = now_nanos();
             self.last_active = answered;
-            // A failed try counts as a slow one for latency-aware balancing.
-            let penalty = (try_timeout.as_nanos() as u64).min(5_000_000_000);
-            busy.headers_received(if matches!(result, Ok(Ok(_))) {
-                answered
-            } else {
-                answered.max(now + penalty)
-            });
-            let kind = match result {
+            let (outcome, err) = match result {
                 Ok(Ok(answer)) => {
-                    let status = answer.plan.status;
-                    inst.metrics.codes.inc(status);
-                    svc.pool.record_result(&inst, status < 500, answered);
-                    svc.metrics
-                        .duration
-                        .observe_nanos(answered.saturating_sub(start));
-                    return Ok((answer, busy));
+                    svc.end_try(&tries, &mut t, answered, Ok(answer.plan.status));
+                    return Ok((answer, t.busy));
                 }
                 Ok(Err(TryError::Connect(e))) => {
-                    tracing::debug!(service = %svc.name, instance = %inst.id, error = %e, "upstream connect failed");
-                    last_err = Some(ProxyError::Upstream("upstream connect failed"));
-                    ErrorKind::Connect
+                    tracing::debug!(service = %svc.name, instance = %t.inst.id, error = %e, "upstream connect failed");
+                    (
+                        ErrorKind::Connect,
+                        ProxyError::Upstream("upstream connect failed"),
+                    )
                 }
-                Ok(Err(TryError::Reset { .. })) => {
-                    last_err = Some(ProxyError::Upstream("upstream closed the connection"));
-                    ErrorKind::Reset
-                }
-                Ok(Err(TryError::Bad(m))) => {
-                    last_err = Some(ProxyError::Upstream(m));
-                    ErrorKind::Reset
-                }
-                Err(_) => {
-                    last_err = Some(ProxyError::Timeout);
-                    ErrorKind::Timeout
-                }
+                Ok(Err(TryError::Reset { .. })) => (
+                    ErrorKind::Reset,
+                    ProxyError::Upstream("upstream closed the connection"),
+                ),
+                Ok(Err(TryError::Bad(m))) => (ErrorKind::Reset, ProxyError::Upstream(m)),
+                Err(()) => (ErrorKind::Timeout, ProxyError::Timeout),
             };
-            drop(busy);
-            inst.metrics.errors[kind as usize].inc();
-            svc.pool.record_result(&inst, false, answered);
+            svc.end_try(&tries, &mut t, answered, Err(outcome));
+            last_err = Some(err);
             // Nothing was sent after a connect failure; otherwise only idempotent requests
             // go again.
-            let retry_ok = kind == ErrorKind::Connect || plan.idempotent;
-            if !retry_ok || now_nanos() >= deadline {
+            if !(outcome == ErrorKind::Connect || plan.idempotent) || tries.past_deadline() {
                 break;
             }
         }
@@ -809,7 +776,7 @@ impl<'a> Conn<'a> {
     /// Sends the response head (in `self.bufs.out`) and body to the client. The instance stays
     /// counted in flight until the body is through; the upstream connection goes back to the
     /// pool only after a complete, well-delimited body.
-    async fn relay(&mut self, answer: Answer, busy: InFlight, close: bool) -> bool {
+    async fn relay(&mut self, answer: Answer, busy: InFlight, close: bool, idle: Duration) -> bool {
         let Answer { mut up, plan } = answer;
         let mut left = match plan.framing {
             Framing::Empty => BodyLeft::Length(0),
@@ -825,12 +792,11 @@ impl<'a> Conn<'a> {
         // Bytes past the end of the response: the instance broke framing.
         let mut clean = n == self.bufs.ubuf.len();
         self.bufs.out.extend_from_slice(&self.bufs.ubuf[..n]);
-        if !write_client(self.stream, &self.bufs.out, self.svc).await {
+        if !write_client(self.stream, &self.bufs.out, idle).await {
             return false;
         }
         let streamed = !done;
         while !done {
-            let idle = self.svc.config.load().timeouts.idle.0;
             self.bufs.ubuf.clear();
             self.bufs.ubuf.reserve(READ_CHUNK);
             match tokio::time::timeout(idle, up.read_buf(&mut self.bufs.ubuf)).await {
@@ -844,7 +810,7 @@ impl<'a> Conn<'a> {
                 Err(()) => return false,
             };
             clean = n == self.bufs.ubuf.len();
-            if !write_client(self.stream, &self.bufs.ubuf[..n], self.svc).await {
+            if !write_client(self.stream, &self.bufs.ubuf[..n], idle).await {
                 return false;
             }
         }
@@ -937,14 +903,13 @@ async fn send_and_read_head(
 /// Writes to the client; one that stops reading for the idle timeout is given up on, so it
 /// cannot hold an upstream connection and an in-flight slot forever. The timer is only set
 /// when the socket buffer is full.
-async fn write_client(stream: &mut TcpStream, buf: &[u8], svc: &Service) -> bool {
+async fn write_client(stream: &mut TcpStream, buf: &[u8], limit: Duration) -> bool {
     let rest = match stream.try_write(buf) {
         Ok(n) if n == buf.len() => return true,
         Ok(n) => &buf[n..],
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buf,
         Err(_) => return false,
     };
-    let limit = svc.config.load().timeouts.idle.0;
     matches!(
         tokio::time::timeout(limit, stream.write_all(rest)).await,
         Ok(Ok(()))
@@ -1018,6 +983,8 @@ impl AsyncWrite for Rewind {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::HashKey;
+    use shoal_balance::Algorithm;
 
     fn cfg() -> ServiceConfig {
         ServiceConfig::quick("t", "127.0.0.1:0".parse().unwrap(), Algorithm::RoundRobin)

@@ -12,7 +12,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
@@ -210,13 +210,10 @@ impl Service {
         let upgrade = is_upgrade(req.headers());
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let idempotent = is_idempotent(&parts.method);
-        let key = match cfg.balance {
-            Algorithm::IpHash | Algorithm::ConsistentHash => {
-                hash_key(&cfg.hash_key, &parts.headers, peer)
-            }
-            _ => None,
-        };
+        let idempotent = is_idempotent(parts.method.as_str());
+        let key = hash_key(&cfg, peer, |name| {
+            parts.headers.get(name).map(|v| v.as_bytes())
+        });
         let content_length = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -238,16 +235,12 @@ impl Service {
         let replayable = buffered.is_some();
 
         let attempts = if replayable { cfg.retries.attempts } else { 1 };
-        let deadline = start + cfg.timeouts.request.0.as_nanos() as u64;
-        let per_try = cfg.timeouts.per_try.0;
         let connect_timeout = cfg.timeouts.connect.0;
         let target = Uri::from(path);
         let mut tries = self.begin_tries(&cfg, start);
         let mut last_err = None;
         for attempt in 0..attempts {
-            let Some((inst, mut busy, now)) =
-                self.next_try(&mut tries, attempt, &cfg, key.as_deref())
-            else {
+            let Some(mut t) = self.next_try(&mut tries, attempt, &cfg, key.as_deref())? else {
                 break;
             };
             let mut up = Request::new(match stream.take() {
@@ -263,44 +256,31 @@ impl Service {
             };
             // HTTP/1.0 clients may omit Host; upstream HTTP/1.1 requires one.
             if !hdrs.contains_key(header::HOST) {
-                if let Ok(v) = HeaderValue::from_str(inst.authority.as_str()) {
+                if let Ok(v) = HeaderValue::from_str(t.inst.authority.as_str()) {
                     hdrs.insert(header::HOST, v);
                 }
             }
             *up.headers_mut() = hdrs;
 
-            let remaining = deadline.saturating_sub(now);
-            if remaining == 0 {
-                return Err(ProxyError::Timeout);
-            }
-            let try_timeout = per_try.min(Duration::from_nanos(remaining));
-            let sending = upstream::send(&inst.idle, inst.addr, connect_timeout, up);
-            let result = tokio::time::timeout(try_timeout, sending).await;
-            let answered = now_nanos();
-            // A failed try is a slow one as far as latency-aware balancing is concerned:
-            // a refused connect must not make an instance look fast.
-            let penalty = (try_timeout.as_nanos() as u64).min(5_000_000_000);
-            busy.headers_received(if matches!(result, Ok(Ok(_))) {
-                answered
-            } else {
-                answered.max(now + penalty)
-            });
+            let sending = upstream::send(&t.inst.idle, t.inst.addr, connect_timeout, up);
+            let result = tokio::time::timeout(t.timeout, sending).await;
+            let outcome = match &result {
+                Ok(Ok((resp, _))) => Ok(resp.status().as_u16()),
+                Ok(Err(upstream::SendError::Connect(_))) => Err(ErrorKind::Connect),
+                Ok(Err(upstream::SendError::Reset(_))) => Err(ErrorKind::Reset),
+                Err(_) => Err(ErrorKind::Timeout),
+            };
+            self.end_try(&tries, &mut t, now_nanos(), outcome);
             match result {
                 Ok(Ok((mut resp, conn))) => {
                     let status = resp.status();
-                    inst.metrics.codes.inc(status.as_u16());
-                    self.pool
-                        .record_result(&inst, status.as_u16() < 500, answered);
-                    self.metrics
-                        .duration
-                        .observe_nanos(answered.saturating_sub(start));
                     if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (on_upgrade, status) {
                         let up = hyper::upgrade::on(&mut resp);
                         let hold = parts
                             .extensions
                             .get::<Arc<crate::server::ConnSlot>>()
                             .and_then(|s| s.take());
-                        tokio::spawn(tunnel(down, up, busy, hold));
+                        tokio::spawn(tunnel(down, up, t.busy, hold));
                         return Ok(Response::from_parts(
                             resp.into_parts().0,
                             Either::Right(Full::new(Bytes::new())),
@@ -315,24 +295,18 @@ impl Service {
                     // body ends; the latency sample is the time to response headers.
                     let body = Tracked {
                         inner: rbody,
-                        busy: Some(busy),
+                        busy: Some(t.busy),
                         conn: Some(conn),
                     };
                     return Ok(Response::from_parts(rparts, Either::Left(body)));
                 }
                 Ok(Err(e)) => {
-                    drop(busy);
-                    let kind = match e {
-                        upstream::SendError::Connect(_) => ErrorKind::Connect,
-                        upstream::SendError::Reset(_) => ErrorKind::Reset,
-                    };
-                    inst.metrics.errors[kind as usize].inc();
-                    self.pool.record_result(&inst, false, answered);
-                    tracing::debug!(service = %self.name, instance = %inst.id, error = %e, "upstream try failed");
+                    tracing::debug!(service = %self.name, instance = %t.inst.id, error = %e, "upstream try failed");
+                    let connect = matches!(e, upstream::SendError::Connect(_));
                     // A connect failure sent nothing, so any replayable request may go again;
                     // after that only idempotent ones.
-                    let retry_ok = replayable && (kind == ErrorKind::Connect || idempotent);
-                    last_err = Some(if kind == ErrorKind::Connect {
+                    let retry_ok = replayable && (connect || idempotent);
+                    last_err = Some(if connect {
                         ProxyError::Upstream("upstream connect failed")
                     } else {
                         ProxyError::Upstream("upstream closed the connection")
@@ -342,11 +316,8 @@ impl Service {
                     }
                 }
                 Err(_) => {
-                    drop(busy);
-                    inst.metrics.errors[ErrorKind::Timeout as usize].inc();
-                    self.pool.record_result(&inst, false, answered);
                     last_err = Some(ProxyError::Timeout);
-                    if !(replayable && idempotent) || now_nanos() >= deadline {
+                    if !(replayable && idempotent) || tries.past_deadline() {
                         break;
                     }
                 }
@@ -356,12 +327,29 @@ impl Service {
     }
 }
 
-/// Retry bookkeeping shared by both request paths: instances already tried and the
-/// snapshot they were picked from.
+/// Retry bookkeeping shared by both request paths: instances already tried, the snapshot
+/// they were picked from, and the request's time limits.
 pub(crate) struct Tries {
     tried: [usize; 10],
     snapshot: Arc<Snapshot>,
     start: u64,
+    deadline: u64,
+    per_try: Duration,
+}
+
+/// One try: its instance (counted in flight on it), when it started and how long it may take.
+pub(crate) struct Try {
+    pub(crate) inst: Arc<Instance>,
+    pub(crate) busy: InFlight,
+    pub(crate) started: u64,
+    pub(crate) timeout: Duration,
+}
+
+impl Tries {
+    /// Whether the request's time is up.
+    pub(crate) fn past_deadline(&self) -> bool {
+        now_nanos() >= self.deadline
+    }
 }
 
 impl Service {
@@ -376,32 +364,77 @@ impl Service {
             tried: [usize::MAX; 10],
             snapshot: self.pool.snapshot_full(),
             start,
+            deadline: start + cfg.timeouts.request.0.as_nanos() as u64,
+            per_try: cfg.timeouts.per_try.0,
         }
     }
 
-    /// The instance for try number `attempt` (counted in flight on it) and the time the try
-    /// starts; `None` when a retry finds the budget spent or no untried instance is left.
+    /// Try number `attempt`: `Ok(None)` when a retry finds the budget spent or no untried
+    /// instance is left, `Err(Timeout)` when the request's time is up.
     pub(crate) fn next_try(
         &self,
         t: &mut Tries,
         attempt: u32,
         cfg: &ServiceConfig,
         key: Option<&[u8]>,
-    ) -> Option<(Arc<Instance>, InFlight, u64)> {
+    ) -> Result<Option<Try>, ProxyError> {
         if attempt > 0 {
             if !self
                 .budget
                 .try_withdraw(cfg.retries.budget_min_per_second, now_nanos())
             {
                 self.metrics.retry_budget_exhausted.inc();
-                return None;
+                return Ok(None);
             }
             self.metrics.retries.inc();
         }
         let now = if attempt == 0 { t.start } else { now_nanos() };
-        let (idx, inst, busy) = self.pick_live(&mut t.snapshot, &mut t.tried, key, now)?;
+        let Some((idx, inst, busy)) = self.pick_live(&mut t.snapshot, &mut t.tried, key, now)
+        else {
+            return Ok(None);
+        };
         t.tried[attempt as usize] = idx;
-        Some((inst, busy, now))
+        let remaining = t.deadline.saturating_sub(now);
+        if remaining == 0 {
+            return Err(ProxyError::Timeout);
+        }
+        Ok(Some(Try {
+            inst,
+            busy,
+            started: now,
+            timeout: t.per_try.min(Duration::from_nanos(remaining)),
+        }))
+    }
+
+    /// Records how a try ended at `answered`: the latency sample, the status or error count,
+    /// passive health, and for an answer the request's time to response headers.
+    pub(crate) fn end_try(
+        &self,
+        tries: &Tries,
+        t: &mut Try,
+        answered: u64,
+        outcome: Result<u16, ErrorKind>,
+    ) {
+        // A failed try is a slow one as far as latency-aware balancing is concerned: a
+        // refused connect must not make an instance look fast.
+        let penalty = (t.timeout.as_nanos() as u64).min(5_000_000_000);
+        t.busy.headers_received(match outcome {
+            Ok(_) => answered,
+            Err(_) => answered.max(t.started + penalty),
+        });
+        match outcome {
+            Ok(status) => {
+                t.inst.metrics.codes.inc(status);
+                self.pool.record_result(&t.inst, status < 500, answered);
+                self.metrics
+                    .duration
+                    .observe_nanos(answered.saturating_sub(tries.start));
+            }
+            Err(kind) => {
+                t.inst.metrics.errors[kind as usize].inc();
+                self.pool.record_result(&t.inst, false, answered);
+            }
+        }
     }
 
     /// Picks an instance not yet tried and counts the request in flight on it. A pick from a
@@ -576,11 +609,9 @@ async fn prepare_body(
     }
 }
 
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
+/// Methods a retry may resend after the request went out.
+pub(crate) fn is_idempotent(m: &str) -> bool {
+    matches!(m, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE")
 }
 
 fn is_upgrade(h: &HeaderMap) -> bool {
@@ -691,19 +722,25 @@ fn forward_headers(
     h
 }
 
-fn hash_key(k: &HashKey, h: &HeaderMap, peer: SocketAddr) -> Option<Vec<u8>> {
-    let ip = || match peer.ip() {
-        IpAddr::V4(v) => v.octets().to_vec(),
-        IpAddr::V6(v) => v.octets().to_vec(),
-    };
-    match k {
-        HashKey::ClientIp => Some(ip()),
-        HashKey::Header(name) => Some(
-            h.get(name)
-                .map(|v| v.as_bytes().to_vec())
-                .unwrap_or_else(ip),
-        ),
+/// The balancing key for ip-hash / consistent-hash (none for other algorithms): the
+/// configured header's first value, looked up by `header`, else the client IP.
+pub(crate) fn hash_key<'a>(
+    cfg: &ServiceConfig,
+    peer: SocketAddr,
+    header: impl FnOnce(&str) -> Option<&'a [u8]>,
+) -> Option<Vec<u8>> {
+    if !matches!(cfg.balance, Algorithm::IpHash | Algorithm::ConsistentHash) {
+        return None;
     }
+    let from_header = match &cfg.hash_key {
+        HashKey::ClientIp => None,
+        HashKey::Header(name) => header(name.as_str()),
+    };
+    Some(match (from_header, peer.ip()) {
+        (Some(v), _) => v.to_vec(),
+        (None, IpAddr::V4(v)) => v.octets().to_vec(),
+        (None, IpAddr::V6(v)) => v.octets().to_vec(),
+    })
 }
 
 /// A response body that keeps its instance counted as in flight until the body ends or is

@@ -176,7 +176,7 @@ async fn serve_conn(
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.timeouts.header_read.0)
         .max_headers(cfg.limits.max_headers)
-        .max_buf_size(cfg.limits.max_header_bytes.max(8192) + cfg.limits.max_request_line);
+        .max_buf_size(cfg.limits.max_head_bytes());
     builder
         .http2()
         .timer(TokioTimer::new())
