@@ -168,10 +168,7 @@ impl Service {
                     self.pool.add(&id, b.addr, b.weight, false);
                 }
                 Some(prev) if prev.weight != b.weight => {
-                    // Drain first in the pool's eyes (the id frees up), add at once, then
-                    // wait for the old one's requests in the background.
-                    prev.set_draining();
-                    self.pool.add(&id, b.addr, b.weight, false);
+                    self.pool.replace(&prev, b.weight);
                     let pool = self.pool.clone();
                     tokio::spawn(async move {
                         pool.remove_drained(prev, drain).await;
