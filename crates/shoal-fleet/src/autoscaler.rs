@@ -18,7 +18,6 @@ use crate::config::Autoscale;
 use crate::config::FleetSpec;
 use crate::process::Phase;
 use crate::provider::Provider;
-use crate::recommend::{recommend, Recommendation};
 
 /// The policy in force; concrete so the predictive history can be saved.
 enum Live {
@@ -52,9 +51,6 @@ struct Sampler {
     cpu: SecondWindow,
     /// Per-second latency histogram deltas, for windowed percentiles.
     latency: VecDeque<(f64, Vec<u64>)>,
-    /// Per-instance CPU cores, per second, for the size recommendation.
-    cpu_cores: VecDeque<f64>,
-    peak_memory: u64,
     /// (time, request count) at the previous observation: demand is measured from it.
     demand_mark: Option<(f64, u64)>,
 }
@@ -201,8 +197,6 @@ impl Autoscaler {
                 in_flight: SecondWindow::new(WINDOW_SPAN),
                 cpu: SecondWindow::new(WINDOW_SPAN),
                 latency: VecDeque::new(),
-                cpu_cores: VecDeque::new(),
-                peak_memory: 0,
                 demand_mark: None,
             }),
             decisions: Mutex::new(VecDeque::new()),
@@ -247,7 +241,12 @@ impl Autoscaler {
         let mut s = self.sampler.lock().expect("sampler lock");
         let t = s.start.elapsed().as_secs_f64();
         let requests = self.service.metrics.requests.get();
-        let hist = self.service.metrics.duration.cumulative().to_vec();
+        // Cumulative counts per bucket plus the total as the +Inf bucket: requests slower
+        // than the last bound must still weigh on the quantiles.
+        let duration = &self.service.metrics.duration;
+        let mut hist = duration.cumulative().to_vec();
+        let total = duration.count().max(hist.last().copied().unwrap_or(0));
+        hist.push(total);
         let usage = self.fleet.sample_usage();
         let members = self.service.pool.members();
         let in_flight: u64 = members.iter().map(|i| i.in_flight()).sum();
@@ -273,19 +272,15 @@ impl Autoscaler {
             {
                 s.latency.pop_front();
             }
+            let allotment = self.fleet.cpu_allotment().unwrap_or(self.cpu_allotment);
             let mut utils = Vec::new();
             for (id, phase, u) in &usage {
                 if let Some(prev) = s.last_cpu.get(id) {
                     let cores = (u.cpu_seconds - prev).max(0.0) / dt;
                     if *phase == Phase::Ready {
-                        utils.push(cores / self.cpu_allotment);
+                        utils.push(cores / allotment);
                     }
-                    s.cpu_cores.push_back(cores);
                 }
-                s.peak_memory = s.peak_memory.max(u.memory_bytes);
-            }
-            while s.cpu_cores.len() > 20_000 {
-                s.cpu_cores.pop_front();
             }
             if !utils.is_empty() {
                 let mean = utils.iter().sum::<f64>() / utils.len() as f64;
@@ -456,12 +451,6 @@ impl Autoscaler {
         self.last.lock().expect("last lock").clone()
     }
 
-    pub fn recommendation(&self) -> Option<Recommendation> {
-        let s = self.sampler.lock().expect("sampler lock");
-        let samples: Vec<f64> = s.cpu_cores.iter().copied().collect();
-        recommend(&samples, s.peak_memory)
-    }
-
     pub fn forecast(&self) -> serde_json::Value {
         match &*self.policy.lock().expect("policy lock") {
             Live::Predictive(p) => {
@@ -521,5 +510,11 @@ mod tests {
         c[7] = 10; // ≤ 100 ms
         assert_eq!(quantile_from_buckets(&c, 0.5), Some(0.0025));
         assert_eq!(quantile_from_buckets(&c, 0.95), Some(0.1));
+        // Requests over the last bound (+Inf) count: a pile-up of slow requests raises p95.
+        c[LATENCY_BUCKETS.len()] = 50;
+        assert_eq!(
+            quantile_from_buckets(&c, 0.95),
+            Some(LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1] * 2.0)
+        );
     }
 }
