@@ -9,7 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shoal_proxy::metrics::{Exposition, LATENCY_BUCKETS};
 use shoal_proxy::proxy::Service;
-use shoal_scale::predictive::{History, PredictiveConfig, PredictiveMode, PredictivePolicy};
+use shoal_scale::predictive::{
+    FitResult, History, PredictiveConfig, PredictiveMode, PredictivePolicy,
+};
 use shoal_scale::reactive::{BurstConfig, RatePolicy, ReactiveConfig, ReactivePolicy};
 use shoal_scale::windows::SecondWindow;
 use shoal_scale::{Decision, MetricKind, MetricSample, Observation, Policy, PolicyParams};
@@ -89,6 +91,10 @@ pub struct Autoscaler {
     counts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     history_file: PathBuf,
     cpu_allotment: f64,
+    /// A forecast fit finished on a blocking thread, waiting to be swapped in.
+    fitted: Arc<Mutex<Option<FitResult>>>,
+    fitting: Arc<std::sync::atomic::AtomicBool>,
+    pub fits: shoal_proxy::metrics::Counter,
 }
 
 impl Autoscaler {
@@ -178,6 +184,9 @@ impl Autoscaler {
                     },
                     None => PredictivePolicy::new(name, pc).map_err(|e| e.to_string())?,
                 };
+                let mut p = p;
+                // Refits run on a blocking thread; decisions never wait for one.
+                p.set_deferred_fits(true);
                 Live::Predictive(Box::new(p))
             }
         };
@@ -203,6 +212,9 @@ impl Autoscaler {
             last: Mutex::new(None),
             counts: Mutex::new(BTreeMap::new()),
             history_file,
+            fitted: Arc::new(Mutex::new(None)),
+            fitting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            fits: Default::default(),
         }))
     }
 
@@ -390,7 +402,41 @@ impl Autoscaler {
     /// One evaluation: observe, decide, apply, record.
     pub fn evaluate(&self) -> Decision {
         let obs = self.observe();
-        let d = self.policy.lock().expect("policy lock").evaluate(&obs);
+        let (d, job) = {
+            let mut policy = self.policy.lock().expect("policy lock");
+            if let Live::Predictive(p) = &mut *policy {
+                if let Some(r) = self.fitted.lock().expect("fit lock").take() {
+                    p.install_fit(r);
+                }
+            }
+            let d = policy.evaluate(&obs);
+            let job = match &mut *policy {
+                Live::Predictive(p) => p.take_fit_job(),
+                Live::Reactive(_) => None,
+            };
+            (d, job)
+        };
+        // One fit at a time, off the runtime; the model in force decides meanwhile.
+        if let Some(job) = job {
+            use std::sync::atomic::Ordering;
+            if !self.fitting.swap(true, Ordering::AcqRel) {
+                let (slot, busy) = (self.fitted.clone(), self.fitting.clone());
+                self.fits.inc();
+                let spawned = tokio::runtime::Handle::try_current().map(|h| {
+                    h.spawn_blocking(move || {
+                        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run())) {
+                            Ok(r) => *slot.lock().expect("fit lock") = Some(r),
+                            Err(_) => tracing::error!("forecast fit panicked; keeping the current model"),
+                        }
+                        busy.store(false, Ordering::Release);
+                    })
+                });
+                if spawned.is_err() {
+                    tracing::warn!("no runtime for the forecast fit; skipped");
+                    self.fitting.store(false, Ordering::Release);
+                }
+            }
+        }
         if d.desired != obs.current_desired {
             self.fleet.scale(d.desired);
         }
