@@ -426,7 +426,9 @@ impl Autoscaler {
                     h.spawn_blocking(move || {
                         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run())) {
                             Ok(r) => *slot.lock().expect("fit lock") = Some(r),
-                            Err(_) => tracing::error!("forecast fit panicked; keeping the current model"),
+                            Err(_) => {
+                                tracing::error!("forecast fit panicked; keeping the current model")
+                            }
                         }
                         busy.store(false, Ordering::Release);
                     })

@@ -73,7 +73,8 @@ pub fn run_token() -> String {
 }
 
 fn write(path: &Path, value: &str) -> Result<(), String> {
-    std::fs::write(path, value).map_err(|e| format!("cannot write {value:?} to {}: {e}", path.display()))
+    std::fs::write(path, value)
+        .map_err(|e| format!("cannot write {value:?} to {}: {e}", path.display()))
 }
 
 impl Cgroups {
@@ -89,7 +90,9 @@ impl Cgroups {
         let base = Self::prepare(service);
         match &base {
             Err(e) => tracing::warn!(service, reason = %e, "resource limits NOT enforced"),
-            Ok(l) => tracing::info!(service, layout = ?l, "resource limits enforced through cgroups"),
+            Ok(l) => {
+                tracing::info!(service, layout = ?l, "resource limits enforced through cgroups")
+            }
         }
         Cgroups {
             base,
@@ -130,7 +133,11 @@ impl Cgroups {
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             // Probe that limits can be written here (a read-only or foreign tree fails now,
             // visibly, rather than at each start).
-            let probe = if ctl == "cpu" { "cpu.cfs_quota_us" } else { "memory.limit_in_bytes" };
+            let probe = if ctl == "cpu" {
+                "cpu.cfs_quota_us"
+            } else {
+                "memory.limit_in_bytes"
+            };
             let current = std::fs::read_to_string(dir.join(probe))
                 .map_err(|e| format!("cannot read {}: {e}", dir.join(probe).display()))?;
             write(&dir.join(probe), current.trim())?;
@@ -197,7 +204,9 @@ impl Cgroups {
             Ok(Layout::V1 { cpu, memory }) => vec![cpu.clone(), memory.clone()],
             Err(_) => Vec::new(),
         };
-        svc.iter().filter_map(|d| d.parent().map(Path::to_path_buf)).collect()
+        svc.iter()
+            .filter_map(|d| d.parent().map(Path::to_path_buf))
+            .collect()
     }
 
     /// Sets the size for new instances.
@@ -224,9 +233,15 @@ impl InstanceCgroup {
         let quota = cores.map(|c| ((c * CPU_PERIOD_US as f64).round() as u64).max(1000));
         if self.v2 {
             let q = quota.map_or("max".to_string(), |q| q.to_string());
-            write(&self.cpu_dir().join("cpu.max"), &format!("{q} {CPU_PERIOD_US}"))
+            write(
+                &self.cpu_dir().join("cpu.max"),
+                &format!("{q} {CPU_PERIOD_US}"),
+            )
         } else {
-            write(&self.cpu_dir().join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+            write(
+                &self.cpu_dir().join("cpu.cfs_period_us"),
+                &CPU_PERIOD_US.to_string(),
+            )?;
             let q = quota.map_or("-1".to_string(), |q| q.to_string());
             write(&self.cpu_dir().join("cpu.cfs_quota_us"), &q)
         }
@@ -239,6 +254,17 @@ impl InstanceCgroup {
             ("memory.limit_in_bytes", "-1")
         };
         let v = bytes.map_or(unlimited.to_string(), |b| b.to_string());
+        // v1 with swap accounting: memory+swap must be limited too, or the instance swaps
+        // past its limit; it may never be below the memory limit, so the order depends on
+        // the direction (the failing order is simply retried the other way).
+        let memsw = self.memory_dir().join("memory.memsw.limit_in_bytes");
+        if !self.v2 && memsw.exists() {
+            if write(&memsw, &v).is_ok() {
+                return write(&self.memory_dir().join(file), &v);
+            }
+            write(&self.memory_dir().join(file), &v)?;
+            return write(&memsw, &v);
+        }
         write(&self.memory_dir().join(file), &v)?;
         if self.v2 {
             // No swap: a limit the instance can swap past is not a limit (best effort; the
@@ -258,7 +284,8 @@ impl InstanceCgroup {
                 let p: f64 = w.next()?.parse().ok()?;
                 Some(q / p)
             });
-            let mem = read(self.memory_dir().join("memory.max")).and_then(|s| s.trim().parse().ok());
+            let mem =
+                read(self.memory_dir().join("memory.max")).and_then(|s| s.trim().parse().ok());
             (cpu, mem)
         } else {
             let q: Option<i64> =
@@ -302,7 +329,11 @@ impl InstanceCgroup {
     /// caller's SIGKILL exit stands in, see `process.rs`).
     pub fn oom_kills(&self) -> OomCounters {
         let dir = self.memory_dir();
-        let file = if self.v2 { "memory.events" } else { "memory.oom_control" };
+        let file = if self.v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
         let kills = std::fs::read_to_string(dir.join(file))
             .ok()
             .and_then(|s| stat_value(&s, "oom_kill"));
@@ -391,7 +422,10 @@ mod tests {
         let events = "low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\n";
         assert_eq!(stat_value(events, "oom_kill"), Some(2));
         assert_eq!(stat_value(events, "oom"), Some(3));
-        assert_eq!(stat_value("oom_kill_disable 0\nunder_oom 0\n", "oom_kill"), None);
+        assert_eq!(
+            stat_value("oom_kill_disable 0\nunder_oom 0\n", "oom_kill"),
+            None
+        );
     }
 
     #[test]

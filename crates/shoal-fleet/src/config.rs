@@ -412,7 +412,8 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                 .clone()
                 .try_into()
                 .map_err(|e| table_error(&loc, text, name, "resources", e))?;
-            let ferr = |key: &str, msg: String| field_error(&loc, text, name, "resources", key, msg);
+            let ferr =
+                |key: &str, msg: String| field_error(&loc, text, name, "resources", key, msg);
             let cores = |key: &str, v: Option<f64>| -> Result<Option<f64>, ConfigError> {
                 match v {
                     Some(c) if !(c > 0.0 && c <= 1024.0) => {
@@ -461,7 +462,10 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                 return Err(ferr("min_cpu", "min_cpu is greater than max_cpu".into()));
             }
             if res.memory_bounds.0 > res.memory_bounds.1 {
-                return Err(ferr("min_memory", "min_memory is greater than max_memory".into()));
+                return Err(ferr(
+                    "min_memory",
+                    "min_memory is greater than max_memory".into(),
+                ));
             }
             if mode == VerticalMode::Auto && cpu.is_none() && memory_bytes.is_none() {
                 return Err(ferr(
@@ -675,12 +679,21 @@ mod tests {
         assert_eq!(s.resources.mode, VerticalMode::Auto);
         assert_eq!(s.resources.memory_bounds, (16 << 20, 1 << 30));
         assert_eq!(s.resources.cooldown, Duration::from_secs(10));
-        let e = spec(&format!("{BASE}{fleet}[services.web.resources]\ncpu = 1\nmode = \"sometimes\"\n")).unwrap_err();
+        let e = spec(&format!(
+            "{BASE}{fleet}[services.web.resources]\ncpu = 1\nmode = \"sometimes\"\n"
+        ))
+        .unwrap_err();
         assert_eq!(e.field, "services.web.resources.mode", "{e}");
         assert_eq!(e.line, 7, "{e}");
-        let e = spec(&format!("{BASE}{fleet}[services.web.resources]\nmode = \"auto\"\n")).unwrap_err();
+        let e = spec(&format!(
+            "{BASE}{fleet}[services.web.resources]\nmode = \"auto\"\n"
+        ))
+        .unwrap_err();
         assert!(e.message.contains("starting size"), "{e}");
-        let e = spec(&format!("{BASE}{fleet}[services.web.resources]\ncpu = 1\nmin_cpu = 2\nmax_cpu = 1.5\n")).unwrap_err();
+        let e = spec(&format!(
+            "{BASE}{fleet}[services.web.resources]\ncpu = 1\nmin_cpu = 2\nmax_cpu = 1.5\n"
+        ))
+        .unwrap_err();
         assert_eq!(e.field, "services.web.resources.min_cpu", "{e}");
     }
 

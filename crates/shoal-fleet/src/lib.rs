@@ -52,9 +52,8 @@ impl Fleets {
         // Before any instance starts: stop what a previous run left, start the watchdog.
         let registry = if specs.iter().any(|s| s.fleet.provider == "process") {
             Some(Arc::new(
-                supervise::Registry::open(&config.data_dir).map_err(|e| {
-                    format!("data_dir {}: {e}", config.data_dir.display())
-                })?,
+                supervise::Registry::open(&config.data_dir)
+                    .map_err(|e| format!("data_dir {}: {e}", config.data_dir.display()))?,
             ))
         } else {
             None

@@ -67,8 +67,11 @@ pub(crate) struct State {
     last_error: Option<String>,
     shutting_down: bool,
     /// The last usage sample: (when, samples), shared by the autoscaler and the vertical loop.
-    last_sample: Option<(Instant, Vec<(String, Phase, Usage)>)>,
+    last_sample: Option<(Instant, Vec<Sample>)>,
 }
+
+/// One instance's usage sample: (id, phase, usage).
+pub type Sample = (String, Phase, Usage);
 
 /// Counters of fleet events.
 #[derive(Debug, Default)]

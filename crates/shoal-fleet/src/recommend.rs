@@ -244,13 +244,19 @@ mod tests {
         let d = decide(cur, &rec(0.3, 80 * MIB), &cfg(), 0.0, None);
         assert_eq!(
             d,
-            vec![("memory", 64.0 * MIB as f64, 80.0 * MIB as f64), ("cpu", 1.0, 0.3)]
+            vec![
+                ("memory", 64.0 * MIB as f64, 80.0 * MIB as f64),
+                ("cpu", 1.0, 0.3)
+            ]
         );
         // Bounds clamp.
         let d = decide(cur, &rec(8.0, 900 * MIB), &cfg(), 0.0, None);
         assert_eq!(
             d,
-            vec![("memory", 64.0 * MIB as f64, 256.0 * MIB as f64), ("cpu", 1.0, 2.0)]
+            vec![
+                ("memory", 64.0 * MIB as f64, 256.0 * MIB as f64),
+                ("cpu", 1.0, 2.0)
+            ]
         );
         // Cool-down.
         assert!(decide(cur, &rec(8.0, 900 * MIB), &cfg(), 30.0, Some(0.0)).is_empty());

@@ -10,8 +10,8 @@
 //!   and then execs the command, keeping the pid);
 //! - shoal records its live instances (pid = process group id, start time, cgroup) in
 //!   `DATA_DIR/run/instances.json` on every start and stop;
-//! - a watchdog (`shoal _watchdog FILE`) in its own process group holds the read end of a
-//!   pipe whose write end only shoal has. When shoal exits for any reason, SIGKILL
+//! - a watchdog (`shoal _watchdog FILE`) in its own process group holds one end of a
+//!   socket pair whose other end only shoal has. When shoal exits for any reason, SIGKILL
 //!   included, the kernel closes it; the watchdog reads EOF, kills every recorded process
 //!   group and cgroup, removes the run's cgroups and exits;
 //! - at start, shoal does the same for whatever a previous run left in the file (a run
@@ -77,8 +77,9 @@ pub(crate) fn self_exe() -> Option<&'static PathBuf> {
 pub struct Registry {
     file: PathBuf,
     state: Mutex<RunFile>,
-    /// The pipe's write end (its only holder); dropping it (exit) wakes the watchdog.
-    _lifeline: Option<std::io::PipeWriter>,
+    /// Our end of a socket pair whose other end is the watchdog's stdin. Only shoal holds it
+    /// (close-on-exec, so no instance inherits it): shoal's exit is the watchdog's EOF.
+    _lifeline: Option<std::os::unix::net::UnixStream>,
     watchdog: Mutex<Option<std::process::Child>>,
 }
 
@@ -121,11 +122,11 @@ impl Registry {
         let Some(exe) = self_exe() else {
             return Ok(reg);
         };
-        let (reader, writer) = std::io::pipe()?;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let child = std::process::Command::new(exe)
             .arg("_watchdog")
             .arg(&reg.file)
-            .stdin(Stdio::from(reader))
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             // Its own group: a terminal's Ctrl-C (which shoal handles by draining) must not
@@ -134,7 +135,7 @@ impl Registry {
             .spawn()?;
         tracing::debug!(pid = child.id(), "watchdog started");
         Ok(Registry {
-            _lifeline: Some(writer),
+            _lifeline: Some(ours),
             watchdog: Mutex::new(Some(child)),
             ..reg
         })
@@ -205,7 +206,12 @@ impl Registry {
 
     /// After a clean shutdown: removes the run's cgroups and lets the watchdog go.
     pub fn close(&self) {
-        let roots = self.state.lock().expect("registry lock").cgroup_roots.clone();
+        let roots = self
+            .state
+            .lock()
+            .expect("registry lock")
+            .cgroup_roots
+            .clone();
         for r in roots {
             crate::cgroup::remove_tree(&r);
         }
@@ -280,7 +286,12 @@ pub fn stop_all(run: &RunFile) -> usize {
 /// still records.
 pub fn watchdog_main(file: &Path) -> std::io::Result<()> {
     // Signals meant for shoal's terminal or group are not for the watchdog.
-    for s in [Signal::SIGINT, Signal::SIGHUP, Signal::SIGTERM, Signal::SIGPIPE] {
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGTERM,
+        Signal::SIGPIPE,
+    ] {
         let _ = ignore(s);
     }
     let mut stdin = std::io::stdin().lock();
@@ -296,7 +307,10 @@ pub fn watchdog_main(file: &Path) -> std::io::Result<()> {
     if let Some(run) = read_run_file(file) {
         let n = stop_all(&run);
         if n > 0 {
-            eprintln!("shoal watchdog: shoal (pid {}) is gone; stopped {n} instance(s)", run.shoal_pid);
+            eprintln!(
+                "shoal watchdog: shoal (pid {}) is gone; stopped {n} instance(s)",
+                run.shoal_pid
+            );
         }
         // Nothing left to stop: the next start need not look again.
         let empty = RunFile {

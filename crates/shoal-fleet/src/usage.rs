@@ -160,7 +160,10 @@ mod tests {
     fn parses_stat_with_odd_command_names() {
         let stat = "1234 (my (odd) cmd) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 7 3 20 0 1 0 100 1000 300 18446744073709551615";
         let s = parse_stat(stat).unwrap();
-        assert_eq!((s.ppid, s.pgid, s.ticks, s.start, s.rss_pages), (1, 1234, 310, 100, 300));
+        assert_eq!(
+            (s.ppid, s.pgid, s.ticks, s.start, s.rss_pages),
+            (1, 1234, 310, 100, 300)
+        );
     }
 
     #[test]
@@ -173,7 +176,10 @@ mod tests {
     #[test]
     fn tree_usage_counts_children() {
         let mut sh = std::process::Command::new("sh")
-            .args(["-c", "sh -c 'i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; sleep 30' & wait"])
+            .args([
+                "-c",
+                "sh -c 'i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; sleep 30' & wait",
+            ])
             .spawn()
             .unwrap();
         let root = sh.id();
@@ -190,9 +196,15 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         for p in ProcTable::scan().tree(root) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         let _ = sh.wait();
-        assert!(seen.2 >= 2 && seen.1 > seen.0 + 0.05, "own, tree cpu, tree size: {seen:?}");
+        assert!(
+            seen.2 >= 2 && seen.1 > seen.0 + 0.05,
+            "own, tree cpu, tree size: {seen:?}"
+        );
     }
 }

@@ -266,7 +266,9 @@ impl ProcessFleet {
                     applied_to,
                 });
             }
-            None => tracing::error!(service = %self.spec.service, max = self.spec.resources.memory_bounds.1, "OOM kill at the max_memory bound: cannot grow"),
+            None => {
+                tracing::error!(service = %self.spec.service, max = self.spec.resources.memory_bounds.1, "OOM kill at the max_memory bound: cannot grow")
+            }
         }
     }
 

@@ -260,7 +260,10 @@ async fn handle(
                 let mut held = state.held.lock().expect("held lock");
                 held.push(vec![1u8; (mb as usize) << 20]);
                 let total: usize = held.iter().map(Vec::len).sum();
-                json(StatusCode::OK, &serde_json::json!({ "held_mb": total >> 20 }))
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "held_mb": total >> 20 }),
+                )
             }
             Err(e) => text(StatusCode::BAD_REQUEST, e),
         },

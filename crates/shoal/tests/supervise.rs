@@ -142,7 +142,10 @@ fn sigkill_of_shoal_leaves_no_instance_and_a_restart_serves_at_once() {
     assert!(t.elapsed() < Duration::from_secs(10));
     let after = instances(admin);
     for (id, _, _) in &after {
-        assert!(!before.iter().any(|b| &b.0 == id), "id {id} reused: {after:?}");
+        assert!(
+            !before.iter().any(|b| &b.0 == id),
+            "id {id} reused: {after:?}"
+        );
     }
 }
 
@@ -172,14 +175,25 @@ fn a_restart_stops_what_a_previous_run_left() {
         "without the watchdog the instances outlive shoal (the case this test covers)"
     );
     let recorded: Value = serde_json::from_slice(&std::fs::read(&run_file).unwrap()).unwrap();
-    assert_eq!(recorded["instances"].as_array().unwrap().len(), 3, "{recorded}");
+    assert_eq!(
+        recorded["instances"].as_array().unwrap().len(),
+        3,
+        "{recorded}"
+    );
 
     let _shoal = start(dir.path(), listen, listen2, admin);
     for i in &before {
-        assert!(group_members(i.1).is_empty(), "{} survived the restart", i.0);
+        assert!(
+            group_members(i.1).is_empty(),
+            "{} survived the restart",
+            i.0
+        );
     }
     let log = std::fs::read_to_string(dir.path().join("shoal.log")).unwrap();
-    assert!(log.contains("stopped instances a previous run left behind"), "{log}");
+    assert!(
+        log.contains("stopped instances a previous run left behind"),
+        "{log}"
+    );
 }
 
 /// SIGTERM drains; a second SIGTERM during the drain stops shoal and its instances at once.

@@ -54,7 +54,10 @@ fn demo_size_is_enforced() {
     assert_eq!(p["memory_limit_bytes"], 256 * MIB, "{p}");
     assert_eq!(p["cpu_limit"], 1.0, "{p}");
     let (_, m) = get(admin, "/metrics");
-    assert!(m.contains("shoal_resources_enforced{service=\"demo\"} 1"), "{m}");
+    assert!(
+        m.contains("shoal_resources_enforced{service=\"demo\"} 1"),
+        "{m}"
+    );
 }
 
 /// `auto` raises the memory limit of a live instance that keeps growing towards it: same
@@ -92,7 +95,10 @@ fn auto_raises_memory_in_place_before_an_oom_kill() {
     assert_eq!(p["pid"], pid, "resized in place, not restarted: {p}");
     assert!(p["memory_limit_bytes"].as_u64().unwrap() > 130 * MIB, "{p}");
     let (_, m) = get(admin, "/metrics");
-    assert!(m.contains("shoal_oom_kills_total{service=\"demo\"} 0"), "{m}");
+    assert!(
+        m.contains("shoal_oom_kills_total{service=\"demo\"} 0"),
+        "{m}"
+    );
     assert!(
         m.contains("shoal_resize_decisions_total{service=\"demo\",resource=\"memory\",direction=\"up\",reason=\"recommendation\"}"),
         "{m}"
@@ -106,9 +112,9 @@ fn auto_raises_memory_in_place_before_an_oom_kill() {
 /// An OOM kill is detected and counted, and the replacement starts with a larger limit.
 #[test]
 fn an_oom_kill_raises_the_next_size() {
-    let Some((_shoal, _dir, listen, admin)) = start(
-        "cpu = 1.0\nmemory = \"64MiB\"\nmode = \"auto\"\nmax_memory = \"512MiB\"",
-    ) else {
+    let Some((_shoal, _dir, listen, admin)) =
+        start("cpu = 1.0\nmemory = \"64MiB\"\nmode = \"auto\"\nmax_memory = \"512MiB\"")
+    else {
         return;
     };
     let first = process(admin);
@@ -121,7 +127,10 @@ fn an_oom_kill_raises_the_next_size() {
     let p = process(admin);
     assert_eq!(p["memory_limit_bytes"], 96 * MIB, "64 MiB × 1.5: {p}");
     let (_, m) = get(admin, "/metrics");
-    assert!(m.contains("shoal_oom_kills_total{service=\"demo\"} 1"), "{m}");
+    assert!(
+        m.contains("shoal_oom_kills_total{service=\"demo\"} 1"),
+        "{m}"
+    );
     let d = api_json(admin, "/api/services/demo/decisions");
     assert_eq!(d["resizes"][0]["reason"], "oom_kill", "{d}");
     let status = api(admin)["fleet"]["last_error"].clone();
