@@ -11,9 +11,10 @@
 //! - shoal records its live instances (pid = process group id, start time, cgroup) in
 //!   `DATA_DIR/run/instances.json` on every start and stop;
 //! - a watchdog (`shoal _watchdog FILE`) in its own process group holds one end of a
-//!   socket pair whose other end only shoal has. When shoal exits for any reason, SIGKILL
-//!   included, the kernel closes it; the watchdog reads EOF, kills every recorded process
-//!   group and cgroup, removes the run's cgroups and exits;
+//!   socket pair whose other end only shoal has; shoal sends it the record on every change
+//!   (so it does not depend on the file surviving). When shoal exits for any reason,
+//!   SIGKILL included, the kernel closes the socket; the watchdog reads EOF, kills every
+//!   recorded process group and cgroup, removes the run's cgroups and exits;
 //! - at start, shoal does the same for whatever a previous run left in the file (a run
 //!   whose watchdog was killed too).
 //!
@@ -79,7 +80,7 @@ pub struct Registry {
     state: Mutex<RunFile>,
     /// Our end of a socket pair whose other end is the watchdog's stdin. Only shoal holds it
     /// (close-on-exec, so no instance inherits it): shoal's exit is the watchdog's EOF.
-    _lifeline: Option<std::os::unix::net::UnixStream>,
+    lifeline: Mutex<Option<std::os::unix::net::UnixStream>>,
     watchdog: Mutex<Option<std::process::Child>>,
 }
 
@@ -115,7 +116,7 @@ impl Registry {
         let reg = Registry {
             file,
             state: Mutex::new(state),
-            _lifeline: None,
+            lifeline: Mutex::new(None),
             watchdog: Mutex::new(None),
         };
         reg.save();
@@ -134,11 +135,15 @@ impl Registry {
             .process_group(0)
             .spawn()?;
         tracing::debug!(pid = child.id(), "watchdog started");
-        Ok(Registry {
-            _lifeline: Some(ours),
+        // A stopped (SIGSTOP) watchdog must not stall the fleet.
+        ours.set_write_timeout(Some(Duration::from_secs(1)))?;
+        let reg = Registry {
+            lifeline: Mutex::new(Some(ours)),
             watchdog: Mutex::new(Some(child)),
             ..reg
-        })
+        };
+        reg.save();
+        Ok(reg)
     }
 
     pub fn add(&self, r: Record) {
@@ -183,15 +188,28 @@ impl Registry {
             .unwrap_or(0)
     }
 
+    /// Writes the record to the run file and sends it to the watchdog (one JSON line).
     fn save(&self) {
         let s = self.state.lock().expect("registry lock");
+        let Ok(mut json) = serde_json::to_vec(&*s) else {
+            return;
+        };
         let r = (|| -> std::io::Result<()> {
             let tmp = self.file.with_extension("json.tmp");
-            std::fs::write(&tmp, serde_json::to_vec(&*s)?)?;
+            std::fs::write(&tmp, &json)?;
             std::fs::rename(&tmp, &self.file)
         })();
         if let Err(e) = r {
-            tracing::error!(file = %self.file.display(), error = %e, "cannot record instances; they may outlive a crash of shoal");
+            tracing::error!(file = %self.file.display(), error = %e, "cannot record instances; a restart may not find what a crash left");
+        }
+        json.push(b'\n');
+        let mut lifeline = self.lifeline.lock().expect("lifeline lock");
+        if let Some(sock) = lifeline.as_mut() {
+            use std::io::Write;
+            if let Err(e) = sock.write_all(&json) {
+                tracing::error!(error = %e, "watchdog unreachable; instances may outlive a crash of shoal");
+                *lifeline = None;
+            }
         }
     }
 
@@ -294,25 +312,42 @@ pub fn watchdog_main(file: &Path) -> std::io::Result<()> {
     ] {
         let _ = ignore(s);
     }
+    // Each line is the whole record; the last complete one is what shoal left running.
+    let mut last: Option<RunFile> = None;
     let mut stdin = std::io::stdin().lock();
-    let mut buf = [0u8; 64];
+    let mut pending = Vec::new();
+    let mut buf = [0u8; 8192];
     loop {
         match stdin.read(&mut buf) {
             Ok(0) => break,
-            Ok(_) => continue,
+            Ok(n) => {
+                pending.extend_from_slice(&buf[..n]);
+                while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=i).collect();
+                    if let Ok(r) = serde_json::from_slice::<RunFile>(&line) {
+                        last = Some(r);
+                    }
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         }
     }
-    if let Some(run) = read_run_file(file) {
-        let n = stop_all(&run);
-        if n > 0 {
-            eprintln!(
-                "shoal watchdog: shoal (pid {}) is gone; stopped {n} instance(s)",
-                run.shoal_pid
-            );
-        }
-        // Nothing left to stop: the next start need not look again.
+    // The file too (it may hold a start whose message was cut off by the kill).
+    let mut n = 0;
+    let from_file = read_run_file(file);
+    let pid = last
+        .as_ref()
+        .or(from_file.as_ref())
+        .map_or(0, |r| r.shoal_pid);
+    for run in [last.as_ref(), from_file.as_ref()].into_iter().flatten() {
+        n += stop_all(run);
+    }
+    if n > 0 {
+        eprintln!("shoal watchdog: shoal (pid {pid}) is gone; stopped {n} instance(s)");
+    }
+    // Nothing left to stop: the next start need not look again.
+    if let Some(run) = from_file {
         let empty = RunFile {
             instances: Vec::new(),
             cgroup_roots: Vec::new(),
@@ -325,8 +360,6 @@ pub fn watchdog_main(file: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Blocks `sig` (a blocked signal stays pending and harmless; blocking needs no handler and
-/// so no `unsafe`).
 fn ignore(sig: Signal) -> nix::Result<()> {
     let mut set = nix::sys::signal::SigSet::empty();
     set.add(sig);
