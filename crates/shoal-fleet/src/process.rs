@@ -234,12 +234,14 @@ impl ProcessFleet {
             .backoff_until
             .map(|u| u.saturating_duration_since(Instant::now()).as_secs_f64())
             .filter(|d| *d > 0.0);
+        let mut resources = self.cgroups.describe();
+        resources["mode"] = serde_json::to_value(self.spec.resources.mode).unwrap_or_default();
         serde_json::json!({
             "state": if backoff.is_some() { "backoff" } else if s.failures > 0 { "recovering" } else { "ok" },
             "consecutive_failures": s.failures,
             "backoff_secs": backoff,
             "last_error": s.last_error,
-            "resources": self.cgroups.describe(),
+            "resources": resources,
         })
     }
 
