@@ -378,3 +378,56 @@ pub fn exec_main(join: &[PathBuf], program: &str, args: &[String]) -> std::io::E
     }
     std::process::Command::new(program).args(args).exec()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_continue_after_the_highest_logged() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Registry::last_id(dir.path(), "web"), 0);
+        for f in [
+            "web-3.log",
+            "web-12.log",
+            "web-x.log",
+            "api-40.log",
+            "web-7.txt",
+        ] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        assert_eq!(Registry::last_id(dir.path(), "web"), 12);
+        assert_eq!(Registry::last_id(dir.path(), "api"), 40);
+    }
+
+    /// A record whose process is gone, or whose pid now belongs to another process, is
+    /// never signalled.
+    #[test]
+    fn stale_records_hit_nothing() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let start = start_ticks(pid).unwrap();
+        let record = |start| Record {
+            service: "web".into(),
+            id: "web-1".into(),
+            pid,
+            start,
+            cgroup: None,
+        };
+        let run = |r| RunFile {
+            instances: vec![r],
+            ..RunFile::default()
+        };
+        // Same pid, other start time: a reused pid. Left alone.
+        assert_eq!(stop_all(&run(record(start + 1))), 0);
+        assert!(child.try_wait().unwrap().is_none());
+        // The recorded process: killed with its group.
+        assert_eq!(stop_all(&run(record(start))), 1);
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+    }
+}
