@@ -113,7 +113,12 @@ impl ProcessFleet {
             return;
         };
         let current = self.cgroups.size();
-        let changes = decide(current, &rec, &self.spec.resources, t, v.last_change);
+        let mut changes = decide(current, &rec, &self.spec.resources, t, v.last_change);
+        // A horizontal CPU target and in-place CPU resizing would fight over the same
+        // signal (the VPA-with-HPA problem): then only memory is resized.
+        if self.cpu_scaled_horizontally() {
+            changes.retain(|(resource, _, _)| *resource != "cpu");
+        }
         for (resource, from, to) in changes {
             let mut size = self.cgroups.size();
             let detail = if resource == "memory" {
@@ -145,6 +150,14 @@ impl ProcessFleet {
                 applied_to,
             });
         }
+    }
+
+    fn cpu_scaled_horizontally(&self) -> bool {
+        self.spec.autoscale.as_ref().is_some_and(|a| {
+            a.targets
+                .iter()
+                .any(|t| t.kind == shoal_scale::MetricKind::Cpu)
+        })
     }
 
     /// Writes `size` to every live instance's cgroup and makes it the size of new ones.

@@ -116,6 +116,13 @@ fn sigkill_of_shoal_leaves_no_instance_and_a_restart_serves_at_once() {
     wait_until(5, "the sh -c child", || group_members(wrapped.1).len() >= 2);
     let members: Vec<u32> = before.iter().flat_map(|i| group_members(i.1)).collect();
     assert!(members.len() >= 4, "{members:?}");
+    // Its CPU is the tree's: the forked server burns it, not the sh the pid belongs to.
+    let (status, _) = get(listen2, "/work?cpu_ms=300");
+    assert_eq!(status, 200);
+    wait_until(5, "the wrapped instance's CPU", || {
+        let v = api_json(admin, "/api/services/wrapped");
+        v["processes"][0]["cpu_seconds"].as_f64().unwrap() >= 0.25
+    });
 
     // The watchdog holds its own copy of the record: losing the file (a deleted data_dir)
     // must not matter.
