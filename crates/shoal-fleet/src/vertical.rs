@@ -234,14 +234,19 @@ impl ProcessFleet {
             // Older v1 kernels: hitting the limit and dying by SIGKILL.
             None => (killed && c.failcnt.unwrap_or(0) > 0) as u64,
         };
-        if new == 0 {
-            return String::new();
+        if new > 0 {
+            if let Some(p) = self.state.lock().expect("fleet lock").instances.get_mut(id) {
+                p.ooms_seen += new;
+            }
+            self.on_oom(id, new);
         }
-        if let Some(p) = self.state.lock().expect("fleet lock").instances.get_mut(id) {
-            p.ooms_seen += new;
+        // The per-second watch may have counted this kill already; the note still belongs
+        // to the exit.
+        if new > 0 || (killed && c.kills.unwrap_or(0) > 0) {
+            " (OOM-killed: memory limit reached)".into()
+        } else {
+            String::new()
         }
-        self.on_oom(id, new);
-        " (OOM-killed: memory limit reached)".into()
     }
 
     /// Counts the kill and, in `auto` mode, raises the memory size at once (no cool-down:

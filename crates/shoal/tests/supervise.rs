@@ -97,6 +97,8 @@ fn all_ready(admin: u16) -> bool {
 
 fn start(dir: &Path, listen: u16, listen2: u16, admin: u16) -> Proc {
     let (shoal, _) = run_shoal(dir, &config(listen, listen2, admin), listen);
+    // The admin listener opens after the fleets start (and after any leftovers are stopped).
+    wait_port(admin, 20);
     wait_until(30, "three ready instances", || all_ready(admin));
     shoal
 }

@@ -28,6 +28,7 @@ fn start(resources: &str) -> Option<(tempfile::TempDir, Proc, u16, u16)> {
         ),
     );
     let (shoal, _) = run_shoal(dir.path(), &cfg, listen);
+    wait_port(admin, 20);
     wait_until(20, "one ready instance", || ready(&api(admin)) == 1);
     let res = &api(admin)["fleet"]["resources"];
     if res["enforced"] != true {
@@ -57,6 +58,7 @@ fn the_demo_size_is_enforced() {
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{listen}"))
         .replace("127.0.0.1:9900", &format!("127.0.0.1:{admin}"));
     let (_shoal, _) = run_shoal(dir.path(), &cfg, listen);
+    wait_port(admin, 20);
     wait_until(20, "one ready instance", || ready(&api(admin)) == 1);
     let res = api(admin)["fleet"]["resources"].clone();
     if res["enforced"] != true {
