@@ -530,6 +530,17 @@ async fn read_small_body(mut body: Incoming, timeout: Duration) -> Result<Bytes,
     }
 }
 
+/// Whether a stream that just returned `Pending` has now waited `timeout` without progress:
+/// the timer is armed at the first wait and dropped (by the caller) at the next progress.
+pub(crate) fn stalled(
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+) -> bool {
+    let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+    t.as_mut().poll(cx).is_ready()
+}
+
 const FAULT_BODY: u8 = 1;
 const FAULT_TIMEOUT: u8 = 2;
 
@@ -573,16 +584,11 @@ impl Body for ClientStream {
             }
             Poll::Pending => {
                 let timeout = self.timeout;
-                let timer = self
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        self.fault.store(FAULT_TIMEOUT, Ordering::Release);
-                        Poll::Ready(Some(Err("request body read timed out".into())))
-                    }
-                    Poll::Pending => Poll::Pending,
+                if !stalled(&mut self.timer, timeout, cx) {
+                    return Poll::Pending;
                 }
+                self.fault.store(FAULT_TIMEOUT, Ordering::Release);
+                Poll::Ready(Some(Err("request body read timed out".into())))
             }
         }
     }
@@ -652,16 +658,11 @@ impl Body for Tracked {
             }
             Poll::Pending => {
                 let timeout = self.read_timeout;
-                let timer = self
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        self.finish(false);
-                        Poll::Ready(Some(Err("upstream response body timed out".into())))
-                    }
-                    Poll::Pending => Poll::Pending,
+                if !stalled(&mut self.timer, timeout, cx) {
+                    return Poll::Pending;
                 }
+                self.finish(false);
+                Poll::Ready(Some(Err("upstream response body timed out".into())))
             }
         }
     }
