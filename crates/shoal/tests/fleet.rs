@@ -107,7 +107,7 @@ fn demo_config_step_settles_at_what_it_needs() {
         "{cfg}"
     );
     assert!(!cfg.contains("\".shoal\""), "{cfg}");
-    let (_shoal, _) = run_shoal(dir.path(), &cfg, listen);
+    let (mut shoal, _) = run_shoal(dir.path(), &cfg, listen);
     wait_until(20, "first instance", || ready(&api(admin)) == 1);
     let url = format!("http://127.0.0.1:{listen}/work?cpu_ms=20&sleep_ms=5");
     let loader = std::thread::spawn(move || load(&url, 60, 45));
@@ -123,13 +123,16 @@ fn demo_config_step_settles_at_what_it_needs() {
     }
     let report = loader.join().unwrap();
     let (_, decisions) = get(admin, "/api/services/demo/decisions");
-    assert_eq!(report["errors"]["total"], 0, "{report}");
+    // Stop shoal (and its instances) before judging, so a failure leaves nothing behind.
+    shoal.signal("TERM");
+    assert!(shoal.wait_exit(30).is_some(), "shoal did not stop");
+    eprintln!("demo step: peak {peak}, settled {late:?}");
     assert!(peak <= 3, "peak {peak}: {decisions}");
     assert!(
         !late.is_empty() && late.iter().all(|d| (1..=3).contains(d)),
         "settled {late:?}: {decisions}"
     );
-    eprintln!("demo step: peak {peak}, settled {late:?}");
+    assert_eq!(report["errors"]["total"], 0, "{report}");
 }
 
 /// A killed instance is replaced while idempotent GETs see no failure.
