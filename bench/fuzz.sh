@@ -20,7 +20,7 @@ trap 'rm -f "$log"' EXIT
 cargo test --release -q -p shoal-proxy --lib --no-run
 start=$(date +%s%N)
 set +e
-cargo test --release -q -p shoal-proxy --lib h1::fuzz:: -- --test-threads=2 >"$log" 2>&1
+cargo test --release -q -p shoal-proxy --lib h1::fuzz:: -- --test-threads=2 --nocapture >"$log" 2>&1
 rc=$?
 set -e
 ms=$((($(date +%s%N) - start) / 1000000))
