@@ -24,9 +24,11 @@ cargo test --release -q -p shoal-proxy --lib h1::fuzz:: -- --test-threads=2 --no
 rc=$?
 set -e
 ms=$((($(date +%s%N) - start) / 1000000))
-grep -E '^fuzz |^test result:|panicked|FAILED|failed' "$log" || true
-read -r inputs panics < <(awk '/^fuzz .*: [0-9]+ inputs, [0-9]+ panics/ { n += $3; p += $5 }
-  END { print n + 0, p + 0 }' "$log")
+# Test progress dots may precede a line: match the counts anywhere.
+counts=$(grep -aoE 'fuzz [a-z_]+: [0-9]+ (inputs, [0-9]+ panics|of [0-9]+ heads planned)' "$log" || true)
+echo "$counts"
+grep -aE 'test result:|panicked|FAILED|failed' "$log" || true
+read -r inputs panics < <(awk '/inputs,/ { n += $3; p += $5 } END { print n + 0, p + 0 }' <<<"$counts")
 printf 'inputs run: %d (%d targets x %d cases), panics found: %d, time: %d.%01d s\n' \
   "$inputs" "$TARGETS" "$SHOAL_FUZZ_CASES" "$panics" $((ms / 1000)) $((ms % 1000 / 100))
 if [ "$rc" -ne 0 ] || [ "$panics" -ne 0 ] || [ "$inputs" -lt "$TOTAL" ]; then

@@ -99,7 +99,8 @@ fn check_response(
     }
     // End-to-end headers reach the client in order, unless the response's Connection
     // names them.
-    let framing = ["connection", "content-length", "transfer-encoding"];
+    // Framing (and Host, like on requests) is never named away.
+    let framing = ["connection", "content-length", "transfer-encoding", "host"];
     let kept: Vec<_> = h
         .headers
         .iter()
