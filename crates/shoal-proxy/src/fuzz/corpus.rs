@@ -26,7 +26,7 @@ fn fast(raw: &[u8], v: &Variant) -> String {
         Parsed::Ready(_) => format!("ready\n{}", String::from_utf8(out).unwrap()),
         Parsed::Partial => "partial".into(),
         Parsed::Handover => "handover".into(),
-        Parsed::Reject(e) => format!("reject {}", e.status().as_u16()),
+        Parsed::Reject(e, _) => format!("reject {}", e.status().as_u16()),
     }
 }
 
@@ -52,6 +52,7 @@ fn general(
         port: PORT,
         prefix: None,
         via: b"1.1 shoal",
+        traceparent: &super::TRACE,
     };
     let mut out = Vec::new();
     hygiene::forward_headers(&facts, it, &v.cfg, &origin, |n, parts| {

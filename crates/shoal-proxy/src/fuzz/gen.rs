@@ -81,6 +81,7 @@ pub(super) const NAMES: &[&str] = &[
     "Cookie",
     "Set-Cookie",
     "Via",
+    "traceparent",
     "",
 ];
 

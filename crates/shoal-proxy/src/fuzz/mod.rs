@@ -86,6 +86,8 @@ fn peer() -> SocketAddr {
 }
 const PEER_IP: &str = "10.1.2.3";
 const PORT: u16 = 8080;
+/// The trace context the shared rules are given for the hop.
+const TRACE: [u8; 55] = *b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
 /// A parsed HTTP/1 message head: (name, value) pairs, and the head's length.
 struct Head {

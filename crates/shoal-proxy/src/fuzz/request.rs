@@ -12,6 +12,7 @@ use proptest::test_runner::TestCaseError;
 use shoal_balance::Algorithm;
 
 use super::gen;
+use super::TRACE;
 use super::{
     is_subsequence, parse_head, peer, plausible_authority, run, FORWARDING, HOP, PEER_IP, PORT,
 };
@@ -93,12 +94,14 @@ pub(super) fn variants() -> Vec<Variant> {
 
 /// Headers shoal itself sets upstream (so they may appear although the client named them).
 fn set_by_shoal(n: &str) -> bool {
-    FORWARDING.contains(&n) || ["via", "host", "content-length"].contains(&n)
+    FORWARDING.contains(&n) || ["via", "host", "content-length", "traceparent"].contains(&n)
 }
 
 /// Headers the rules treat specially; all others are end-to-end and must get through.
 fn special(n: &str) -> bool {
-    HOP.contains(&n) || FORWARDING.contains(&n) || ["host", "content-length", "expect"].contains(&n)
+    HOP.contains(&n)
+        || FORWARDING.contains(&n)
+        || ["host", "content-length", "expect", "traceparent"].contains(&n)
 }
 
 type Pairs = Vec<(String, Vec<u8>)>;
@@ -153,6 +156,8 @@ pub(super) fn check_forwarded(
             _ => prop_assert!(found.is_empty(), "hop-by-hop {} forwarded", h),
         }
     }
+    // The client's trace context is replaced by this hop's.
+    prop_assert_eq!(values(out, "traceparent").len(), 1);
     let expect = values(out, "expect");
     prop_assert_eq!(expect.len(), usize::from(x.expect));
     let named: Vec<String> = connection_tokens(input)
@@ -241,7 +246,7 @@ fn check_plan(raw: &[u8], v: &Variant) -> Result<bool, TestCaseError> {
             return Ok(false);
         }
         Parsed::Handover => return Ok(false),
-        Parsed::Reject(e) => {
+        Parsed::Reject(e, _) => {
             let s = e.status().as_u16();
             prop_assert!((400..500).contains(&s), "reject with {}", s);
             return Ok(false);
@@ -444,6 +449,7 @@ fn inspect_and_forward_headers_properties() {
                 port: PORT,
                 prefix: None,
                 via: b"1.1 shoal",
+                traceparent: &TRACE,
             };
             let mut out: Pairs = Vec::new();
             hygiene::forward_headers(&facts, it, &v.cfg, &origin, |n, parts| {
