@@ -172,13 +172,13 @@ async fn connection_task(inner: Arc<Inner>) {
                 }
                 inner.live.store(None);
                 if inner.closed.load(Ordering::Relaxed) {
-                    let _ = live.conn.close(200, "shutdown".into()).await;
+                    close(&live, 200, "shutdown").await;
                     break;
                 }
                 tracing::warn!(queue = %inner.cfg.queue, "rabbitmq connection lost");
                 inner.state.set(BrokerState::Disconnected);
                 inner.state.fail();
-                let _ = live.conn.close(320, "reconnecting".into()).await;
+                close(&live, 320, "reconnecting").await;
             }
             Err(e) => {
                 inner.state.set(BrokerState::Disconnected);
@@ -190,6 +190,11 @@ async fn connection_task(inner: Arc<Inner>) {
     }
     inner.state.set(BrokerState::Disconnected);
     inner.up.notify_waiters();
+}
+
+/// Closes a connection, not waiting long for a peer that may be gone.
+async fn close(l: &Live, code: u16, why: &str) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), l.conn.close(code, why.into())).await;
 }
 
 fn healthy(l: &Live) -> bool {
@@ -374,7 +379,7 @@ impl Broker for AmqpBroker {
             self.inner.closed.store(true, Ordering::Relaxed);
             self.inner.broken.notify_one();
             if let Some(live) = self.inner.live.swap(None) {
-                let _ = live.conn.close(200, "shutdown".into()).await;
+                close(&live, 200, "shutdown").await;
             }
             self.inner.up.notify_waiters();
         })

@@ -22,7 +22,6 @@ use rdkafka::consumer::{
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
@@ -73,26 +72,41 @@ struct Ctx {
     tracker: Arc<Mutex<OffsetTracker>>,
 }
 
-fn up(stats: &Statistics) -> bool {
-    stats.brokers.values().any(|b| b.state == "UP")
+/// Reads the parts of librdkafka's statistics JSON used here, loosely: any broker `UP`, and
+/// per partition of `topic` (high watermark, committed, log start). Typed parsing of the whole
+/// document is avoided on purpose: brokers that fill some fields differently must not cost
+/// the lag figure.
+fn parse_stats(raw: &[u8], topic: &str) -> Option<(bool, Option<Lag>)> {
+    let v: serde_json::Value = serde_json::from_slice(raw).ok()?;
+    let up = v["brokers"]
+        .as_object()
+        .is_some_and(|b| b.values().any(|b| b["state"] == "UP"));
+    let lag = v["topics"][topic]["partitions"].as_object().map(|parts| {
+        parts
+            .iter()
+            .filter_map(|(p, s)| {
+                let p: i32 = p.parse().ok().filter(|p| *p >= 0)?;
+                let f = |k: &str| s[k].as_i64().unwrap_or(-1001);
+                Some((p, (f("hi_offset"), f("committed_offset"), f("lo_offset"))))
+            })
+            .collect::<Lag>()
+    });
+    Some((up, lag))
 }
 
 impl ClientContext for Ctx {
-    fn stats(&self, stats: Statistics) {
-        self.state.set(if up(&stats) {
+    fn stats_raw(&self, raw: &[u8]) {
+        let Some((up, lag)) = parse_stats(raw, &self.topic) else {
+            tracing::warn!(topic = %self.topic, "unreadable kafka statistics");
+            return;
+        };
+        self.state.set(if up {
             BrokerState::Connected
         } else {
             BrokerState::Disconnected
         });
-        let parts = stats.topics.get(&self.topic).map(|t| {
-            t.partitions
-                .iter()
-                .filter(|(p, _)| **p >= 0)
-                .map(|(p, s)| (*p, (s.hi_offset, s.committed_offset, s.lo_offset)))
-                .collect::<Lag>()
-        });
         if let Ok(mut l) = self.lag.lock() {
-            *l = parts;
+            *l = lag;
         }
     }
 
@@ -173,7 +187,7 @@ impl KafkaBroker {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", ms(cfg.session_timeout))
             .set("heartbeat.interval.ms", ms(cfg.session_timeout / 3))
-            .set("statistics.interval.ms", "1000")
+            .set("statistics.interval.ms", "500")
             .set("reconnect.backoff.max.ms", "5000")
             .create_with_context(Ctx {
                 topic: cfg.topic.clone(),
@@ -344,16 +358,10 @@ impl Broker for KafkaBroker {
             let lag = lag.filter(|l| !l.is_empty()).ok_or_else(|| {
                 QueueError::Broker("kafka: no partition statistics yet".into())
             })?;
-            let mut total = 0u64;
-            for (hi, committed, lo) in lag.values().copied() {
-                if hi < 0 {
-                    return Err(QueueError::Broker("kafka: high watermark unknown yet".into()));
-                }
-                // Nothing committed yet: the group starts at the log start (earliest).
-                let from = if committed >= 0 { committed } else { lo.max(0) };
-                total += (hi - from).max(0) as u64;
+            if lag.values().all(|(hi, _, _)| *hi < 0) {
+                return Err(QueueError::Broker("kafka: no high watermark yet".into()));
             }
-            Ok(total)
+            Ok(lag.values().map(|&(hi, c, lo)| partition_lag(hi, c, lo)).sum())
         })
     }
 
@@ -367,6 +375,16 @@ impl Broker for KafkaBroker {
             self.shared.consumer.unsubscribe();
         })
     }
+}
+
+/// One partition's lag. A partition not fetched yet (no high watermark) counts 0; nothing
+/// committed yet means the group starts at the log start (`auto.offset.reset=earliest`).
+fn partition_lag(hi: i64, committed: i64, lo: i64) -> u64 {
+    if hi < 0 {
+        return 0;
+    }
+    let from = if committed >= 0 { committed } else { lo.max(0) };
+    (hi - from).max(0) as u64
 }
 
 struct KafkaSettle {
@@ -395,5 +413,30 @@ impl Settle for KafkaSettle {
             self.shared.produce(&dlq, &key, &job, Some(headers)).await?;
             self.shared.commit(self.partition, self.offset)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_inputs_from_statistics_json() {
+        let raw = br#"{"brokers": {"127.0.0.1:9092/1": {"state": "UP"}},
+            "topics": {"jobs": {"partitions": {
+                "0": {"hi_offset": 10, "committed_offset": 4, "lo_offset": 0},
+                "1": {"hi_offset": 3, "committed_offset": -1001, "lo_offset": 0},
+                "-1": {"hi_offset": -1001}}}}}"#;
+        let (up, lag) = parse_stats(raw, "jobs").unwrap();
+        assert!(up);
+        let lag = lag.unwrap();
+        assert_eq!(lag.len(), 2);
+        assert_eq!(lag[&0], (10, 4, 0));
+        assert_eq!(lag[&1], (3, -1001, 0));
+        let total: u64 = lag.values().map(|&(h, c, l)| partition_lag(h, c, l)).sum();
+        assert_eq!(total, 6 + 3);
+        assert_eq!(partition_lag(-1001, -1001, -1), 0);
+        let (up, lag) = parse_stats(br#"{"brokers": {"b": {"state": "DOWN"}}}"#, "jobs").unwrap();
+        assert!(!up && lag.is_none());
     }
 }

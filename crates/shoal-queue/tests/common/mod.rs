@@ -47,13 +47,15 @@ impl Proc {
         self.child.id()
     }
 
-    /// Sends `sig` to the process group.
+    /// Sends `sig` to the process group (the child leads its own group).
     pub fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(format!("-{}", self.child.id()))
-            .stderr(Stdio::null())
-            .status();
+        use nix::sys::signal::{killpg, Signal};
+        use nix::unistd::Pid;
+        let sig = if sig == "KILL" { Signal::SIGKILL } else { Signal::SIGTERM };
+        let pgid = self.child.id() as i32;
+        if pgid > 1 {
+            let _ = killpg(Pid::from_raw(pgid), sig);
+        }
     }
 
     /// SIGTERM, wait up to `grace`, then SIGKILL the group.
@@ -184,11 +186,11 @@ impl Rabbit {
         );
         self.node = Some(node);
         // Ready when AMQP answers (the port opens once the broker can take connections).
-        assert!(
-            wait_tcp(self.port, Duration::from_secs(60)),
-            "rabbitmq did not start; see {}",
-            d.join("node.out").display()
-        );
+        // Boot takes ~5 s on an idle 2-core machine, much longer while it compiles.
+        if !wait_tcp(self.port, Duration::from_secs(180)) {
+            let out = std::fs::read_to_string(d.join("node.out")).unwrap_or_default();
+            panic!("rabbitmq did not start:\n{out}");
+        }
     }
 
     /// Stops the node cleanly (durable queues and persistent messages stay on disk).
@@ -374,6 +376,11 @@ impl Stack {
         workers: Arc<WorkerSet>,
         cfg: DispatcherConfig,
     ) -> Stack {
+        // RUST_LOG=shoal_queue=debug shows what the stack does.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let store: Arc<dyn Store> =
             Arc::new(RedbStore::open(store_path, Duration::from_secs(3600)).unwrap());
         let metrics = QueueMetrics::new();

@@ -49,7 +49,9 @@ where
     assert_eq!(resp.headers()["content-type"], "application/json");
     assert_eq!(s1.submitter.handle_job("0123456789abcdef0123456789abcdef").await.status(), 404);
     assert_eq!(s1.metrics.done.get(), 1);
+    eprintln!("e2e: first job done");
     s1.shutdown().await;
+    eprintln!("e2e: first shoal stopped");
 
     // Submitted while no dispatcher runs, then shoal stops.
     let s2 = Stack::new(make().await, &store, workers.clone(), dispatcher_config());
@@ -58,9 +60,11 @@ where
     let id2 = id2.unwrap();
     assert_eq!(s2.submitter.handle_job(&id2).await.status(), 202, "pending");
     s2.shutdown().await;
+    eprintln!("e2e: second shoal stopped");
 
     // The next shoal finishes it; the first result survived.
     let mut s3 = Stack::new(make().await, &store, workers.clone(), dispatcher_config());
+    eprintln!("e2e: third shoal up");
     assert_eq!(s3.submitter.handle_job(&id2).await.status(), 202, "still pending");
     s3.start_dispatcher();
     let rec = s3.wait_final(&id2, Duration::from_secs(60)).await;
