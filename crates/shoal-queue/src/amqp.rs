@@ -120,7 +120,10 @@ async fn connect(cfg: &AmqpConfig) -> Result<Live, lapin::Error> {
     let conn = Connection::connect(&cfg.url, ConnectionProperties::default()).await?;
     let publish = conn.create_channel().await?;
     let mut args = FieldTable::default();
-    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
     args.insert(
         "x-dead-letter-routing-key".into(),
         AMQPValue::LongString(cfg.dlq().as_str().into()),

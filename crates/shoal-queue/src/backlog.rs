@@ -115,7 +115,11 @@ impl BacklogPolicy {
             forecast_rps: None,
         };
         let Some(backlog) = i.backlog else {
-            return decide(cur, Reason::MissingMetrics, "backlog unknown: holding".into());
+            return decide(
+                cur,
+                Reason::MissingMetrics,
+                "backlog unknown: holding".into(),
+            );
         };
         let b = backlog as f64;
         let active = b > p.activation;
@@ -140,12 +144,19 @@ impl BacklogPolicy {
                 return decide(
                     0,
                     Reason::Steady,
-                    format!("idle at zero: backlog {backlog} <= activation {}", p.activation),
+                    format!(
+                        "idle at zero: backlog {backlog} <= activation {}",
+                        p.activation
+                    ),
                 );
             }
             self.recs.clear();
             self.recs.push_back((i.now_secs, clamped));
-            let reason = if wanted > p.max { Reason::AtMax } else { Reason::TargetTracking };
+            let reason = if wanted > p.max {
+                Reason::AtMax
+            } else {
+                Reason::TargetTracking
+            };
             return decide(
                 clamped,
                 reason,
@@ -181,7 +192,11 @@ impl BacklogPolicy {
             self.recs.pop_front();
         }
         let stable = self.recs.iter().map(|(_, r)| *r).max().unwrap_or(clamped);
-        let desired = if clamped >= cur { clamped } else { stable.min(cur) };
+        let desired = if clamped >= cur {
+            clamped
+        } else {
+            stable.min(cur)
+        };
         let detail = format!(
             "backlog {backlog}, target {}/instance → ceil = {wanted}, recommend {clamped}",
             p.target_per_instance
@@ -338,10 +353,7 @@ mod tests {
 
     #[test]
     fn tolerance_and_min() {
-        let mut p = BacklogPolicy::new(BacklogParams {
-            min: 2,
-            ..params()
-        });
+        let mut p = BacklogPolicy::new(BacklogParams { min: 2, ..params() });
         let d = p.evaluate(input(0.0, Some(31), 3));
         assert_eq!((d.desired, d.reason), (3, Reason::Steady), "within 10%");
         let mut p = BacklogPolicy::new(BacklogParams {
@@ -350,6 +362,10 @@ mod tests {
             ..params()
         });
         let d = p.evaluate(input(0.0, Some(0), 3));
-        assert_eq!((d.desired, d.reason), (2, Reason::AtMin), "min > 0 never goes to zero");
+        assert_eq!(
+            (d.desired, d.reason),
+            (2, Reason::AtMin),
+            "min > 0 never goes to zero"
+        );
     }
 }

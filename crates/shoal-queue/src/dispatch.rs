@@ -140,8 +140,12 @@ impl WorkerSet {
                 break;
             }
         }
-        self.members
-            .rcu(|cur| cur.iter().filter(|x| x.id != id).cloned().collect::<Vec<_>>());
+        self.members.rcu(|cur| {
+            cur.iter()
+                .filter(|x| x.id != id)
+                .cloned()
+                .collect::<Vec<_>>()
+        });
         self.changed.notify_waiters();
         m.in_flight.load(Ordering::Acquire)
     }
@@ -563,12 +567,17 @@ mod tests {
         w.add("b", addr(2));
         assert!(w.pick(None).is_none(), "nobody ready");
         w.ready("a");
-        assert_eq!(w.pick(Some(addr(1))).unwrap().addr(), addr(1), "only choice");
+        assert_eq!(
+            w.pick(Some(addr(1))).unwrap().addr(),
+            addr(1),
+            "only choice"
+        );
         w.ready("b");
         for _ in 0..4 {
             assert_eq!(w.pick(Some(addr(1))).unwrap().addr(), addr(2));
         }
-        let seen: std::collections::HashSet<_> = (0..4).map(|_| w.pick(None).unwrap().addr()).collect();
+        let seen: std::collections::HashSet<_> =
+            (0..4).map(|_| w.pick(None).unwrap().addr()).collect();
         assert_eq!(seen.len(), 2);
         let l = w.pick(Some(addr(2))).unwrap();
         w.failed(&l);

@@ -285,12 +285,10 @@ impl Shared {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.cfg.topic, partition, Offset::Offset(next))
             .map_err(|e| QueueError::Broker(e.to_string()))?;
-        self.consumer
-            .commit(&tpl, CommitMode::Async)
-            .map_err(|e| {
-                self.state.fail();
-                QueueError::Broker(format!("kafka commit: {e}"))
-            })
+        self.consumer.commit(&tpl, CommitMode::Async).map_err(|e| {
+            self.state.fail();
+            QueueError::Broker(format!("kafka commit: {e}"))
+        })
     }
 }
 
@@ -354,14 +352,24 @@ impl Broker for KafkaBroker {
 
     fn backlog(&self) -> BoxFuture<'_, Result<u64, QueueError>> {
         Box::pin(async move {
-            let lag = self.shared.consumer.context().lag.lock().ok().and_then(|l| l.clone());
-            let lag = lag.filter(|l| !l.is_empty()).ok_or_else(|| {
-                QueueError::Broker("kafka: no partition statistics yet".into())
-            })?;
+            let lag = self
+                .shared
+                .consumer
+                .context()
+                .lag
+                .lock()
+                .ok()
+                .and_then(|l| l.clone());
+            let lag = lag
+                .filter(|l| !l.is_empty())
+                .ok_or_else(|| QueueError::Broker("kafka: no partition statistics yet".into()))?;
             if lag.values().all(|(hi, _, _)| *hi < 0) {
                 return Err(QueueError::Broker("kafka: no high watermark yet".into()));
             }
-            Ok(lag.values().map(|&(hi, c, lo)| partition_lag(hi, c, lo)).sum())
+            Ok(lag
+                .values()
+                .map(|&(hi, c, lo)| partition_lag(hi, c, lo))
+                .sum())
         })
     }
 

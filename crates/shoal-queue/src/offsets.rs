@@ -110,7 +110,10 @@ mod tests {
                 let i = (rnd() as usize) % open.len();
                 let o = open.swap_remove(i);
                 if let Some(c) = t.done(3, o) {
-                    assert!(open.iter().all(|&u| u >= c), "committed {c} with {open:?} open");
+                    assert!(
+                        open.iter().all(|&u| u >= c),
+                        "committed {c} with {open:?} open"
+                    );
                     assert!(c > last);
                     last = c;
                 }

@@ -187,8 +187,9 @@ impl Store for RedbStore {
             let existing = {
                 let mut t = w.open_table(KEYS).map_err(se)?;
                 let existing = match t.get(key.as_str()).map_err(se)? {
-                    Some(old) => live(old.value(), now_ms())
-                        .map(|b| String::from_utf8_lossy(b).into_owned()),
+                    Some(old) => {
+                        live(old.value(), now_ms()).map(|b| String::from_utf8_lossy(b).into_owned())
+                    }
                     None => None,
                 };
                 if existing.is_none() {

@@ -14,7 +14,10 @@ use shoal_queue::kafka::{KafkaBroker, KafkaConfig};
 use shoal_queue::Broker;
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn pct(sorted: &[u64], q: f64) -> u64 {
@@ -29,7 +32,9 @@ async fn run(broker: Arc<dyn Broker>, label: &str) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("exec.log");
     let workers = WorkerSet::new();
-    let procs: Vec<Worker> = (0..nworkers).map(|i| Worker::start(&format!("w{i}"), &log)).collect();
+    let procs: Vec<Worker> = (0..nworkers)
+        .map(|i| Worker::start(&format!("w{i}"), &log))
+        .collect();
     for w in &procs {
         workers.add(&w.id, w.addr);
         workers.ready(&w.id);
@@ -67,7 +72,11 @@ async fn run(broker: Arc<dyn Broker>, label: &str) {
     let mut lat = vec![];
     for id in &ids {
         match s.wait_final(id, Duration::from_secs(600)).await {
-            JobRecord::Done { submitted_ms, finished_ms, .. } => lat.push(finished_ms - submitted_ms),
+            JobRecord::Done {
+                submitted_ms,
+                finished_ms,
+                ..
+            } => lat.push(finished_ms - submitted_ms),
             other => panic!("{other:?}"),
         }
     }

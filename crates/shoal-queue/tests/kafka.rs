@@ -66,7 +66,12 @@ async fn kafka_broker_down_refuses() {
     let mut t = Tansu::start();
     let dir = tempfile::tempdir().unwrap();
     let broker = connect(t.addr(), "o")().await;
-    let s = Stack::new(broker, &dir.path().join("j.redb"), WorkerSet::new(), dispatcher_config());
+    let s = Stack::new(
+        broker,
+        &dir.path().join("j.redb"),
+        WorkerSet::new(),
+        dispatcher_config(),
+    );
     let (st, _) = s.post("/async/work", "up", None).await;
     assert_eq!(st, 202);
     t.stop_node();

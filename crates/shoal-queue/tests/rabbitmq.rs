@@ -11,14 +11,20 @@ use shoal_queue::dispatch::WorkerSet;
 use shoal_queue::job::JobRecord;
 use shoal_queue::Broker;
 
-fn connect(url: String, queue: &'static str) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Arc<dyn Broker>>>> {
+fn connect(
+    url: String,
+    queue: &'static str,
+) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Arc<dyn Broker>>>> {
     move || {
         let url = url.clone();
         Box::pin(async move {
             let mut cfg = AmqpConfig::new(&url, queue);
             cfg.prefetch = dispatcher_config().concurrency as u16;
             let b = AmqpBroker::start(cfg);
-            assert!(b.wait_connected(Duration::from_secs(60)).await, "rabbitmq connection");
+            assert!(
+                b.wait_connected(Duration::from_secs(60)).await,
+                "rabbitmq connection"
+            );
             Arc::new(b) as Arc<dyn Broker>
         })
     }
@@ -67,7 +73,12 @@ async fn rabbitmq_broker_outage() {
     let log = dir.path().join("exec.log");
     let workers = WorkerSet::new();
     let broker = connect(r.url(), "o")().await;
-    let mut s = Stack::new(broker.clone(), &dir.path().join("j.redb"), workers.clone(), dispatcher_config());
+    let mut s = Stack::new(
+        broker.clone(),
+        &dir.path().join("j.redb"),
+        workers.clone(),
+        dispatcher_config(),
+    );
     s.start_dispatcher();
     // No worker yet: the job stays queued.
     let (st, before) = s.post("/async/work", "before", None).await;
@@ -82,9 +93,14 @@ async fn rabbitmq_broker_outage() {
         assert_eq!(st, 503);
         refused += 1;
     }
-    let resp = s.submitter.handle_submit(
-        http::Request::post("/async/work").body(http_body_util::Full::new(bytes::Bytes::new())).unwrap(),
-    ).await;
+    let resp = s
+        .submitter
+        .handle_submit(
+            http::Request::post("/async/work")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await;
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.headers()["retry-after"], "1");
     assert_eq!(s.metrics.rejected.get(), refused + 1);
@@ -104,7 +120,10 @@ async fn rabbitmq_broker_outage() {
     workers.add(&w.id, w.addr);
     workers.ready(&w.id);
     for id in [&before, &after] {
-        assert!(matches!(s.wait_final(id, Duration::from_secs(60)).await, JobRecord::Done { .. }));
+        assert!(matches!(
+            s.wait_final(id, Duration::from_secs(60)).await,
+            JobRecord::Done { .. }
+        ));
     }
     s.shutdown().await;
 }

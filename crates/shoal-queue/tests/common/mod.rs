@@ -51,7 +51,11 @@ impl Proc {
     pub fn signal(&self, sig: &str) {
         use nix::sys::signal::{killpg, Signal};
         use nix::unistd::Pid;
-        let sig = if sig == "KILL" { Signal::SIGKILL } else { Signal::SIGTERM };
+        let sig = if sig == "KILL" {
+            Signal::SIGKILL
+        } else {
+            Signal::SIGTERM
+        };
         let pgid = self.child.id() as i32;
         if pgid > 1 {
             let _ = killpg(Pid::from_raw(pgid), sig);
@@ -154,11 +158,19 @@ impl Rabbit {
             self.epmd = Some(Proc::spawn(
                 "epmd",
                 Command::new("epmd")
-                    .args(["-port", &self.epmd_port.to_string(), "-address", "127.0.0.1"])
+                    .args([
+                        "-port",
+                        &self.epmd_port.to_string(),
+                        "-address",
+                        "127.0.0.1",
+                    ])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null()),
             ));
-            assert!(wait_tcp(self.epmd_port, Duration::from_secs(5)), "epmd did not start");
+            assert!(
+                wait_tcp(self.epmd_port, Duration::from_secs(5)),
+                "epmd did not start"
+            );
         }
         let name = format!("shoal{}@localhost", self.port);
         let node = Proc::spawn(
@@ -264,7 +276,10 @@ impl Tansu {
                 .stdout(log.try_clone().unwrap())
                 .stderr(log),
         ));
-        assert!(wait_tcp(self.port, Duration::from_secs(10)), "tansu did not start");
+        assert!(
+            wait_tcp(self.port, Duration::from_secs(10)),
+            "tansu did not start"
+        );
     }
 
     pub fn addr(&self) -> String {
@@ -338,7 +353,10 @@ impl Worker {
                 .arg(log)
                 .stdout(Stdio::null()),
         );
-        assert!(wait_tcp(port, Duration::from_secs(10)), "worker did not start");
+        assert!(
+            wait_tcp(port, Duration::from_secs(10)),
+            "worker did not start"
+        );
         Worker {
             id: id.to_string(),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),

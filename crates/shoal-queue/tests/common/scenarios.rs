@@ -43,11 +43,20 @@ where
     let rec = s1.wait_final(&id1, Duration::from_secs(60)).await;
     let body = body_of(&rec);
     assert!(body.contains("\"body\": \"hello\""), "{body}");
-    assert!(body.contains(&id1) && body.contains("/async/work?n=1"), "{body}");
+    assert!(
+        body.contains(&id1) && body.contains("/async/work?n=1"),
+        "{body}"
+    );
     let resp = s1.submitter.handle_job(&id1).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/json");
-    assert_eq!(s1.submitter.handle_job("0123456789abcdef0123456789abcdef").await.status(), 404);
+    assert_eq!(
+        s1.submitter
+            .handle_job("0123456789abcdef0123456789abcdef")
+            .await
+            .status(),
+        404
+    );
     assert_eq!(s1.metrics.done.get(), 1);
     eprintln!("e2e: first job done");
     s1.shutdown().await;
@@ -65,7 +74,11 @@ where
     // The next shoal finishes it; the first result survived.
     let mut s3 = Stack::new(make().await, &store, workers.clone(), dispatcher_config());
     eprintln!("e2e: third shoal up");
-    assert_eq!(s3.submitter.handle_job(&id2).await.status(), 202, "still pending");
+    assert_eq!(
+        s3.submitter.handle_job(&id2).await.status(),
+        202,
+        "still pending"
+    );
     s3.start_dispatcher();
     let rec = s3.wait_final(&id2, Duration::from_secs(60)).await;
     assert!(body_of(&rec).contains("second"));
@@ -74,7 +87,11 @@ where
     tokio::time::sleep(Duration::from_millis(500)).await;
     let runs = executions(&log);
     assert_eq!(runs.get(&id1), Some(&1), "job 1 ran once: {runs:?}");
-    assert_eq!(s3.metrics.done.get(), 1, "only job 2 done by the third shoal");
+    assert_eq!(
+        s3.metrics.done.get(),
+        1,
+        "only job 2 done by the third shoal"
+    );
     s3.shutdown().await;
 }
 
@@ -89,7 +106,12 @@ where
     let workers = WorkerSet::new();
     workers.add(&w.id, w.addr);
     workers.ready(&w.id);
-    let mut s = Stack::new(make().await, &dir.join("j.redb"), workers, dispatcher_config());
+    let mut s = Stack::new(
+        make().await,
+        &dir.join("j.redb"),
+        workers,
+        dispatcher_config(),
+    );
     s.start_dispatcher();
 
     let (st_a, a) = s.post("/async/work", "x", Some("order-17")).await;
@@ -114,8 +136,12 @@ where
     }
     assert_eq!(s.submitter.handle_job(&f).await.status(), 502);
     assert_eq!(s.metrics.dead_lettered.get(), 1);
-    assert_eq!(executions(&log)[&f], dispatcher_config().max_attempts as usize);
-    s.wait_final(a.as_deref().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(
+        executions(&log)[&f],
+        dispatcher_config().max_attempts as usize
+    );
+    s.wait_final(a.as_deref().unwrap(), Duration::from_secs(30))
+        .await;
     s.shutdown().await;
 }
 
@@ -136,7 +162,12 @@ where
         workers.add(&w.id, w.addr);
         workers.ready(&w.id);
     }
-    let mut s = Stack::new(make().await, &dir.join("j.redb"), workers.clone(), dispatcher_config());
+    let mut s = Stack::new(
+        make().await,
+        &dir.join("j.redb"),
+        workers.clone(),
+        dispatcher_config(),
+    );
     s.start_dispatcher();
     let started = Instant::now();
     let sub = s.submitter.clone();
@@ -147,12 +178,21 @@ where
             for i in 0..50 {
                 let sub = sub.clone();
                 batch.spawn(async move {
-                    let req = http::Request::post(format!("/async/work?sleep_ms=20&n={}", chunk * 50 + i))
-                        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"payload")))
-                        .unwrap();
+                    let req = http::Request::post(format!(
+                        "/async/work?sleep_ms=20&n={}",
+                        chunk * 50 + i
+                    ))
+                    .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                        b"payload",
+                    )))
+                    .unwrap();
                     let r = sub.handle_submit(req).await;
                     assert_eq!(r.status(), 202);
-                    r.headers()["location"].to_str().unwrap().trim_start_matches("/jobs/").to_string()
+                    r.headers()["location"]
+                        .to_str()
+                        .unwrap()
+                        .trim_start_matches("/jobs/")
+                        .to_string()
                 });
             }
             while let Some(id) = batch.join_next().await {
@@ -191,7 +231,10 @@ where
     assert!(ids.iter().all(|id| runs.contains_key(id)));
     let dup_exec: usize = runs.values().map(|n| n - 1).sum();
     assert_eq!(s.metrics.done.get() as usize, N);
-    assert!(s.metrics.failed_attempts.get() >= 1, "the kills cut running attempts");
+    assert!(
+        s.metrics.failed_attempts.get() >= 1,
+        "the kills cut running attempts"
+    );
     let dups = s.metrics.duplicated.get();
     s.shutdown().await;
     (dup_exec, dups, elapsed)
@@ -235,7 +278,9 @@ where
         if now > 2.0 && !submitted {
             submitted = true;
             for i in 0..150 {
-                let (st, id) = s.post(&format!("/async/work?sleep_ms=100&i={i}"), "", None).await;
+                let (st, id) = s
+                    .post(&format!("/async/work?sleep_ms=100&i={i}"), "", None)
+                    .await;
                 assert_eq!(st, 202);
                 ids.push(id.unwrap());
             }
