@@ -30,7 +30,14 @@ async fn redis_store_semantics() {
     let _redis = Proc::spawn(
         "redis-server",
         Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
             .current_dir(dir.path())
             .stdout(Stdio::null()),
     );
@@ -46,7 +53,10 @@ async fn redis_store_semantics() {
     let id = shoal_queue::job::new_id();
     assert_eq!(s.get(&id).await.unwrap(), None);
     s.put_pending(&id, 1).await.unwrap();
-    assert_eq!(s.get(&id).await.unwrap(), Some(JobRecord::Pending { submitted_ms: 1 }));
+    assert_eq!(
+        s.get(&id).await.unwrap(),
+        Some(JobRecord::Pending { submitted_ms: 1 })
+    );
     assert!(s.finish(&id, &done(200)).await.unwrap());
     assert!(!s.finish(&id, &done(500)).await.unwrap(), "a duplicate");
     assert_eq!(s.get(&id).await.unwrap(), Some(done(200)));
