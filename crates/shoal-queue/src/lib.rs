@@ -10,6 +10,13 @@
 //!   functions and as HTTP handlers;
 //! - [`dispatch`]: consume → call a worker → store → ack, with retries and dead-lettering;
 //! - [`backlog`]: the pure scaling policy and the backlog sampler.
+//!
+//! Wiring (what the binary does for a route with an `async` table): build one broker
+//! ([`amqp::AmqpBroker::start`] or [`kafka::KafkaBroker::start`]) and one [`Store`] per
+//! queue; a [`Submitter`] answers the route (`handle_submit`) and `GET /jobs/{id}`
+//! (`handle_job`); a [`WorkerSet`] is the worker fleet's `shoal_fleet::Membership`; a
+//! [`Dispatcher`] runs on it; [`backlog::run_scaler`] sizes the fleet's `Provider`;
+//! [`metrics::QueueCollector`] joins the admin `/metrics`.
 #![forbid(unsafe_code)]
 
 pub mod amqp;
