@@ -610,6 +610,127 @@ mod tests {
         assert_eq!(w.remove("a", Duration::from_secs(5)).await, 1);
     }
 
+    /// A broker fed by the test; settlements are recorded.
+    struct FakeBroker {
+        rx: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Delivery>>,
+        state: crate::broker::ConnState,
+    }
+
+    struct FakeSettle(Arc<std::sync::Mutex<Vec<&'static str>>>);
+
+    impl crate::broker::Settle for FakeSettle {
+        fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), crate::QueueError>> {
+            self.0.lock().unwrap().push("ack");
+            Box::pin(async { Ok(()) })
+        }
+        fn dead_letter(
+            self: Box<Self>,
+            _job: Vec<u8>,
+            _error: String,
+        ) -> BoxFuture<'static, Result<(), crate::QueueError>> {
+            self.0.lock().unwrap().push("dead_letter");
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    impl Broker for FakeBroker {
+        fn kind(&self) -> &'static str {
+            "fake"
+        }
+        fn queue(&self) -> &str {
+            "q"
+        }
+        fn publish<'a>(
+            &'a self,
+            _job: &'a Envelope,
+        ) -> BoxFuture<'a, Result<(), crate::QueueError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn next(&self) -> BoxFuture<'_, Result<Delivery, crate::QueueError>> {
+            Box::pin(async {
+                self.rx
+                    .lock()
+                    .await
+                    .recv()
+                    .await
+                    .ok_or_else(|| crate::QueueError::Broker("closed".into()))
+            })
+        }
+        fn backlog(&self) -> BoxFuture<'_, Result<u64, crate::QueueError>> {
+            Box::pin(async { Ok(0) })
+        }
+        fn state(&self) -> &crate::broker::ConnState {
+            &self.state
+        }
+        fn shutdown(&self) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    /// A redelivered job whose result is stored is acknowledged without running again and
+    /// counted; an undecodable message is dead-lettered, not retried forever.
+    #[tokio::test]
+    async fn redelivery_of_a_finished_job_is_a_counted_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            crate::store::RedbStore::open(&dir.path().join("j.redb"), Duration::from_secs(60))
+                .unwrap(),
+        );
+        let env = Envelope {
+            id: crate::job::new_id(),
+            submitted_ms: 1,
+            request: crate::job::JobRequest {
+                method: "POST".into(),
+                path_and_query: "/w".into(),
+                headers: vec![],
+                body: Bytes::new(),
+            },
+        };
+        let done = JobRecord::Done {
+            submitted_ms: 1,
+            finished_ms: 2,
+            attempts: 1,
+            response: StoredResponse {
+                status: 200,
+                headers: vec![],
+                body: Bytes::from_static(b"r"),
+            },
+        };
+        assert!(store.finish(&env.id, &done).await.unwrap());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let settled = Arc::new(std::sync::Mutex::new(vec![]));
+        for payload in [env.encode(), b"garbage".to_vec()] {
+            tx.send(Delivery {
+                payload,
+                redelivered: true,
+                settle: Box::new(FakeSettle(settled.clone())),
+            })
+            .unwrap();
+        }
+        drop(tx);
+        let metrics = QueueMetrics::new();
+        // No workers at all: running the job would wait forever.
+        let d = Dispatcher::new(
+            Arc::new(FakeBroker {
+                rx: tokio::sync::Mutex::new(rx),
+                state: Default::default(),
+            }),
+            store,
+            WorkerSet::new(),
+            metrics.clone(),
+            DispatcherConfig::default(),
+        );
+        tokio::time::timeout(Duration::from_secs(10), d.run())
+            .await
+            .expect("dispatcher ends when the broker closes");
+        let mut s = settled.lock().unwrap().clone();
+        s.sort();
+        assert_eq!(s, ["ack", "dead_letter"]);
+        assert_eq!(metrics.duplicated.get(), 1);
+        assert_eq!(metrics.done.get(), 0);
+        assert_eq!(metrics.errors.get(), 1, "the undecodable message");
+    }
+
     #[test]
     fn retry_backoff_doubles_to_the_cap() {
         let c = DispatcherConfig {
