@@ -134,6 +134,23 @@ impl Collector for Fleets {
                 &[("service", m.provider.service())],
                 m.provider.desired() as f64,
             );
+            // A static fleet has no bounds to reach (its size is its backend list).
+            if m.provider.kind() != "static" {
+                let (min, max) = m.provider.bounds();
+                let l = [("service", m.provider.service())];
+                e.gauge(
+                    "shoal_min_instances",
+                    "The fleet's configured minimum.",
+                    &l,
+                    min as f64,
+                );
+                e.gauge(
+                    "shoal_max_instances",
+                    "The fleet's configured maximum.",
+                    &l,
+                    max as f64,
+                );
+            }
             m.provider.collect(e);
             if let Some(a) = &m.autoscaler {
                 a.collect(e);
