@@ -10,6 +10,7 @@ pub mod autoscaler;
 pub mod cgroup;
 pub mod config;
 pub mod process;
+pub mod promsource;
 pub mod provider;
 pub mod recommend;
 pub mod usage;
@@ -175,6 +176,11 @@ impl ApiExtension for Fleets {
                 "policy": a.map(|a| a.cfg.policy.clone()),
                 "last_decision": a.and_then(|a| a.last_decision()),
                 "recommendation": a.and_then(|a| a.recommendation()),
+                "prometheus": a.and_then(|a| a.prometheus()).map(|p| json!({
+                    "query": p.spec.query,
+                    "value": p.value(std::time::Instant::now()),
+                    "error": p.last_error(),
+                })),
             })),
             "decisions" => {
                 Some(json!({ "decisions": a.map(|a| a.decisions()).unwrap_or_default() }))
