@@ -33,6 +33,8 @@ pub use provider::{Membership, Provider, StaticFleet};
 pub struct Managed {
     pub provider: Arc<dyn Provider>,
     pub autoscaler: Option<Arc<Autoscaler>>,
+    /// Per-instance limits, as configured.
+    pub resources: config::Resources,
 }
 
 /// Every fleet of a shoal process; plugs into the admin API and `/metrics`.
@@ -58,6 +60,7 @@ impl Fleets {
                 managed.push(Managed {
                     provider,
                     autoscaler: None,
+                    resources: spec.resources,
                 });
                 continue;
             }
@@ -76,6 +79,7 @@ impl Fleets {
             managed.push(Managed {
                 provider: fleet,
                 autoscaler,
+                resources: spec.resources,
             });
         }
         let fleets = Arc::new(Fleets { managed, stop });
@@ -151,6 +155,22 @@ impl Collector for Fleets {
                     &l,
                     max as f64,
                 );
+                if let Some(cpu) = m.resources.cpu {
+                    e.gauge(
+                        "shoal_instance_cpu_limit_cores",
+                        "CPU cores each instance may use.",
+                        &l,
+                        cpu,
+                    );
+                }
+                if let Some(mem) = m.resources.memory_bytes {
+                    e.gauge(
+                        "shoal_instance_memory_limit_bytes",
+                        "Memory each instance may use.",
+                        &l,
+                        mem as f64,
+                    );
+                }
             }
             m.provider.collect(e);
             if let Some(a) = &m.autoscaler {

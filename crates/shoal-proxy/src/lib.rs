@@ -10,6 +10,7 @@ pub mod app;
 pub mod config;
 mod h1;
 pub mod health;
+pub mod history;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
