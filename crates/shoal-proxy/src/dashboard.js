@@ -117,7 +117,7 @@ function instanceTable(name){
   const memMax = mlim || Math.max(1, ...rows.map(r=>r.mem||0));
   const bar = (v, max) => { const f = v==null?0:Math.min(1, v/max);
     return `<span class="track"><span class="bar${f>0.9?" hot":""}" style="width:${(f*100).toFixed(0)}%"></span></span>`; };
-  let h = `<table><tr><th>instance</th><th>state</th><th>req/s</th><th>in flight</th><th>CPU${lim?" / "+fmt.n(lim):""}</th><th>memory${mlim?" / "+fmt.bytes(mlim):""}</th></tr>`;
+  let h = `<table><tr><th>instance</th><th>state</th><th class="n">req/s</th><th class="n">in flight</th><th>CPU${lim?" / "+fmt.n(lim):""}</th><th>memory${mlim?" / "+fmt.bytes(mlim):""}</th></tr>`;
   for(const r of shown){
     h += `<tr><td>${esc(r.id)}</td><td class="${r.healthy?esc(r.state):"bad"}">${esc(r.state)}${r.healthy?"":" (unhealthy)"}</td>` +
       `<td class="n">${fmt.n(r.rps)}</td><td class="n">${fmt.int(r.in_flight)}</td>` +

@@ -243,10 +243,12 @@ impl Tracker {
             let svc = s.label("service").to_string();
             match s.name.as_str() {
                 "shoal_requests_total" => {
-                    *sums
-                        .entry((svc.clone(), "req", class(s.label("code")).into()))
-                        .or_default() += s.value;
+                    // A rate per series, then summed: a removed instance's series must not
+                    // read as a counter reset of the service's total.
                     let inst = s.label("instance");
+                    *sums
+                        .entry((svc.clone(), "req", format!("{}\u{0}{inst}", s.label("code"))))
+                        .or_default() += s.value;
                     if !inst.is_empty() {
                         *sums.entry((svc, "inst_req", inst.to_string())).or_default() += s.value;
                     }
@@ -323,8 +325,11 @@ impl Tracker {
         let mut inst_rates: BTreeMap<(String, String), (Option<f64>, Option<f64>)> =
             BTreeMap::new();
         let mut cache: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        let mut seen = std::collections::HashSet::new();
         for ((svc, what, key), v) in sums {
-            let r = self.rate(format!("{svc}\u{0}{what}\u{0}{key}"), v, dt);
+            let k = format!("{svc}\u{0}{what}\u{0}{key}");
+            seen.insert(k.clone());
+            let r = self.rate(k, v, dt);
             match what {
                 "req" => {
                     let p = point.services.entry(svc).or_default();
@@ -398,16 +403,8 @@ impl Tracker {
             p.mem_max = live.filter_map(|r| r.mem).reduce(f64::max);
             self.instances.insert(svc.clone(), rows);
         }
-        // Forget counters of instances that are gone, so the map does not grow with churn.
-        if self.prev.counters.len() > 4 * (samples.len() + 16) {
-            let live: std::collections::HashSet<String> = samples
-                .iter()
-                .map(|s| format!("{}\u{0}", s.label("service")))
-                .collect();
-            self.prev
-                .counters
-                .retain(|k, _| live.iter().any(|p| k.starts_with(p.as_str())));
-        }
+        // Forget series that are gone (instances come and go).
+        self.prev.counters.retain(|k, _| seen.contains(k));
         self.points.push_back(point);
         while self.points.front().is_some_and(|p| t - p.t > SPAN_SECS) {
             self.points.pop_front();
@@ -597,6 +594,22 @@ mod tests {
         // A counter reset (restart) counts from zero, not negative.
         let p = tr.ingest(103.0, &expo(10, 0, 10, 0, 0.1), &states).clone();
         assert!(p.services["web"].rps >= 0.0);
+    }
+
+    #[test]
+    fn a_removed_instance_is_not_a_counter_reset() {
+        let mut tr = Tracker::default();
+        let states = BTreeMap::new();
+        let two = parse_exposition(
+            "shoal_requests_total{service=\"web\",instance=\"a\",code=\"200\"} 1000\n\
+             shoal_requests_total{service=\"web\",instance=\"b\",code=\"200\"} 5000\n",
+        );
+        let one = parse_exposition(
+            "shoal_requests_total{service=\"web\",instance=\"a\",code=\"200\"} 1010\n",
+        );
+        tr.ingest(0.0, &two, &states);
+        let p = tr.ingest(1.0, &one, &states).clone();
+        assert_eq!(p.services["web"].rps, 10.0);
     }
 
     #[test]
