@@ -247,7 +247,11 @@ impl Tracker {
                     // read as a counter reset of the service's total.
                     let inst = s.label("instance");
                     *sums
-                        .entry((svc.clone(), "req", format!("{}\u{0}{inst}", s.label("code"))))
+                        .entry((
+                            svc.clone(),
+                            "req",
+                            format!("{}\u{0}{inst}", s.label("code")),
+                        ))
                         .or_default() += s.value;
                     if !inst.is_empty() {
                         *sums.entry((svc, "inst_req", inst.to_string())).or_default() += s.value;

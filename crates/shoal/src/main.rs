@@ -1,6 +1,7 @@
 //! The `shoal` command: thin wiring of the workspace crates behind a clap CLI.
 #![forbid(unsafe_code)]
 
+mod plot;
 mod serve;
 mod simulate;
 mod status;
