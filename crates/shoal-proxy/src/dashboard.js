@@ -31,10 +31,14 @@ function chart(canvas, xs, series, f, opts){
   if(opts.max!=null) hi = Math.max(hi, opts.max);
   if(!isFinite(hi)){ hi = 1; lo = 0; }
   if(hi===lo) hi = lo + (lo===0 ? 1 : Math.abs(lo)*0.1);
-  hi += (hi-lo)*0.08;
+  // Round ticks: a step of 1, 2, 2.5 or 5 × 10^k, the top on a step.
+  const raw = (hi-lo)/3, mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  const step = [1,2,2.5,5,10].map(m=>m*mag).find(s=>s>=raw) || raw;
+  lo = Math.floor(lo/step)*step; hi = Math.max(lo+step, Math.ceil(hi*1.0001/step)*step);
+  const ticks = Math.round((hi-lo)/step);
   const X = t => L + (t-t0)/span*pw, Y = v => T + ph - (v-lo)/(hi-lo)*ph;
   g.font = "10px system-ui,sans-serif"; g.fillStyle = "#8a94a3"; g.strokeStyle = "#edf0f3"; g.lineWidth = 1;
-  for(let i=0;i<=3;i++){ const v = lo + (hi-lo)*i/3, y = Math.round(Y(v))+.5;
+  for(let i=0;i<=ticks;i++){ const v = lo + step*i, y = Math.round(Y(v))+.5;
     g.beginPath(); g.moveTo(L,y); g.lineTo(L+pw,y); g.stroke();
     g.textAlign="right"; g.fillText(f(v), L-4, y+3); }
   g.textAlign = "center";
@@ -169,6 +173,7 @@ function render(){
       const card = sec.querySelector(`[data-panel="${pid}"]`); if(!card) continue;
       const cv = card.querySelector("canvas"), em = card.querySelector(".empty");
       const has = series.some(s=>s.ys.some(y=>y!=null));
+      card.classList.toggle("compact", !has && !!emptyMsg);
       if(!has && emptyMsg){ cv.hidden = true; em.hidden = false; em.textContent = emptyMsg; cv.dataset.points = 0; card.querySelector(".legend").innerHTML=""; continue; }
       cv.hidden = false; em.hidden = true;
       chart(cv, xs, series, f, opts);
@@ -181,13 +186,14 @@ function render(){
   const queues = new Set(); for(const p of points) for(const q in (p.queues||{})) queues.add(q);
   let qs = document.getElementById("queues");
   if(!qs){ qs = document.createElement("section"); qs.id = "queues"; qs.className = "svc";
-    qs.innerHTML = `<h2>queues</h2><div class="grid"><div class="card" data-panel="queue"><h3>Queue depth</h3><div class="legend"></div><canvas></canvas><div class="empty">no queues</div></div></div>`;
+    qs.innerHTML = `<h2>queues</h2><div class="grid"><div class="card compact" data-panel="queue"><h3>Queue depth</h3><div class="legend"></div><canvas></canvas><div class="empty">no queues</div></div></div>`;
     root.appendChild(qs); }
   const qc = qs.querySelector("canvas"), qe = qs.querySelector(".empty");
   if(queues.size){
     const pal = Object.values(C), series = [...queues].sort().map((q,i)=>({label:q, color:pal[i%pal.length], ys:points.map(p=>p.queues&&p.queues[q]!=null?p.queues[q]:null)}));
+    qs.querySelector(".card").classList.remove("compact");
     qc.hidden = false; qe.hidden = true; chart(qc, xs, series, fmt.int); qs.querySelector(".legend").innerHTML = legend(series, fmt.int);
-  } else { qc.hidden = true; qe.hidden = false; qc.dataset.points = 0; }
+  } else { qc.hidden = true; qe.hidden = false; qc.dataset.points = 0; qs.querySelector(".card").classList.add("compact"); }
   document.getElementById("clock").textContent = xs.length ? new Date(xs[xs.length-1]*1000).toLocaleTimeString() : "";
 }
 
