@@ -189,6 +189,8 @@ struct Prev {
     latency: HashMap<String, VecDeque<(f64, Vec<f64>)>>,
 }
 
+type ByInstance<T> = BTreeMap<(String, String), T>;
+
 /// Turns successive expositions into points. Pure: time and input are arguments.
 #[derive(Default)]
 pub struct Tracker {
@@ -237,8 +239,8 @@ impl Tracker {
         // Sums per key before rates: several samples feed one counter (codes, instances).
         let mut sums: BTreeMap<(String, &str, String), f64> = BTreeMap::new();
         let mut buckets: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-        let mut inst_gauges: BTreeMap<(String, String), (Option<f64>, Option<f64>, f64)> =
-            BTreeMap::new();
+        // (memory, in flight) and (req/s, CPU cores) per (service, instance).
+        let mut inst_gauges: ByInstance<(Option<f64>, f64)> = BTreeMap::new();
         for s in samples {
             let svc = s.label("service").to_string();
             match s.name.as_str() {
@@ -304,7 +306,7 @@ impl Tracker {
                     inst_gauges
                         .entry((svc, s.label("instance").to_string()))
                         .or_default()
-                        .2 = s.value;
+                        .1 = s.value;
                 }
                 "shoal_cache_requests_total" => {
                     let hit = matches!(s.label("result"), "hit" | "stale" | "revalidated");
@@ -326,8 +328,7 @@ impl Tracker {
                 _ => {}
             }
         }
-        let mut inst_rates: BTreeMap<(String, String), (Option<f64>, Option<f64>)> =
-            BTreeMap::new();
+        let mut inst_rates: ByInstance<(Option<f64>, Option<f64>)> = BTreeMap::new();
         let mut cache: BTreeMap<String, (f64, f64)> = BTreeMap::new();
         let mut seen = std::collections::HashSet::new();
         for ((svc, what, key), v) in sums {
@@ -385,7 +386,7 @@ impl Tracker {
             let mut rows = Vec::with_capacity(list.len());
             for (id, state, healthy) in list {
                 let k = (svc.clone(), id.clone());
-                let (mem, _, in_flight) = inst_gauges.get(&k).copied().unwrap_or_default();
+                let (mem, in_flight) = inst_gauges.get(&k).copied().unwrap_or_default();
                 let (rps, cpu) = inst_rates.get(&k).copied().unwrap_or_default();
                 rows.push(InstanceNow {
                     id: id.clone(),
