@@ -618,6 +618,42 @@ mod tests {
     }
 
     #[test]
+    fn two_hundred_instances_keep_the_page_small() {
+        // 200 instances for 15 minutes: the history holds aggregates, the table only now.
+        let ids: Vec<String> = (0..200).map(|i| format!("web-{i}")).collect();
+        let states = BTreeMap::from([(
+            "web".to_string(),
+            ids.iter()
+                .map(|i| (i.clone(), "ready".to_string(), true))
+                .collect::<Vec<_>>(),
+        )]);
+        let mut tr = Tracker::default();
+        for t in 0..920 {
+            let mut text = String::new();
+            for (n, id) in ids.iter().enumerate() {
+                text.push_str(&format!(
+                    "shoal_requests_total{{service=\"web\",instance=\"{id}\",code=\"200\"}} {}\n\
+                     shoal_instance_cpu_seconds_total{{service=\"web\",instance=\"{id}\"}} {}\n\
+                     shoal_instance_memory_bytes{{service=\"web\",instance=\"{id}\"}} 1e8\n",
+                    t * (n + 1),
+                    t as f64 * 0.5
+                ));
+            }
+            tr.ingest(t as f64, &parse_exposition(&text), &states);
+        }
+        let last = tr.points.back().unwrap();
+        assert_eq!(last.services["web"].rps, (1..=200).sum::<usize>() as f64);
+        assert_eq!(last.services["web"].cpu_max, Some(0.5));
+        assert_eq!(tr.instances["web"].len(), 200);
+        let history = serde_json::to_string(&tr.points).unwrap();
+        let table = serde_json::to_string(&tr.instances).unwrap();
+        assert!(history.len() < 600_000, "history {} bytes", history.len());
+        assert!(table.len() < 40_000, "table {} bytes", table.len());
+        // Counters of live series only: by code, per instance, CPU.
+        assert_eq!(tr.prev.counters.len(), 600);
+    }
+
+    #[test]
     fn history_keeps_fifteen_minutes() {
         let mut tr = Tracker::default();
         let states = BTreeMap::new();
