@@ -364,6 +364,9 @@ pub struct RawService {
     /// Upgrade protocols tunneled besides WebSocket (`h2c` is never tunneled).
     #[serde(default)]
     pub allowed_upgrades: Vec<String>,
+    /// One log line per request on this listener (target `shoal::access`).
+    #[serde(default)]
+    pub access_log: bool,
     /// Balance algorithm (see `shoal proxy --help`).
     #[serde(default = "default_algo")]
     pub balance: AlgoName,
@@ -500,6 +503,7 @@ pub struct ServiceConfig {
     pub trusted_proxies: Vec<Cidr>,
     pub allow_underscore_headers: bool,
     pub allowed_upgrades: Vec<String>,
+    pub access_log: bool,
     pub balance: Algorithm,
     pub hash_key: HashKey,
     pub backends: Vec<BackendSpec>,
@@ -523,6 +527,7 @@ impl ServiceConfig {
             trusted_proxies: Vec::new(),
             allow_underscore_headers: false,
             allowed_upgrades: Vec::new(),
+            access_log: false,
             balance,
             hash_key: HashKey::ClientIp,
             backends: Vec::new(),
@@ -889,6 +894,7 @@ impl Config {
                 trusted_proxies: s.trusted_proxies,
                 allow_underscore_headers: s.allow_underscore_headers,
                 allowed_upgrades: s.allowed_upgrades,
+                access_log: s.access_log,
                 balance: s.balance.0,
                 hash_key: s.hash_key,
                 backends,

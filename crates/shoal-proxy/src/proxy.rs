@@ -233,11 +233,37 @@ impl Service {
         port: u16,
     ) -> Result<Response<ClientBody>, Infallible> {
         let start = now_nanos();
-        match self.proxy(req, peer, peer_ip, port, start).await {
+        let log = self.config.load().access_log.then(|| {
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            Box::new((req.method().to_string(), path.to_string()))
+        });
+        match self
+            .proxy(req, peer, peer_ip, port, start, log.clone())
+            .await
+        {
             Ok(r) => Ok(r),
             Err((svc, e)) => {
                 let svc = svc.unwrap_or(self);
-                svc.metrics.local.inc(e.status().as_u16());
+                let status = e.status().as_u16();
+                svc.metrics.local.inc(status);
+                if let Some(l) = log {
+                    let now = now_nanos();
+                    crate::access::Entry {
+                        service: &svc.name,
+                        instance: "-",
+                        client: peer.ip(),
+                        method: &l.0,
+                        path: &l.1,
+                        status,
+                        bytes: 0,
+                        headers_ms: crate::access::ms(start, now),
+                        total_ms: crate::access::ms(start, now),
+                        tries: 0,
+                        trace: b"-",
+                        cache: "-",
+                    }
+                    .emit();
+                }
                 Ok(e.into_response())
             }
         }
@@ -251,6 +277,7 @@ impl Service {
         peer_ip: HeaderValue,
         port: u16,
         start: u64,
+        log: Option<Box<(String, String)>>,
     ) -> Result<Response<ClientBody>, (Option<Arc<Service>>, ProxyError)> {
         let lcfg = self.config.load();
         let (mut parts, body) = req.into_parts();
@@ -287,7 +314,8 @@ impl Service {
         let fail = |e| (Some(svc.clone()), e);
         let cfg = svc.config.load_full();
 
-        let mut headers = HeaderMap::with_capacity(parts.headers.len() + 6);
+        let mut headers = HeaderMap::with_capacity(parts.headers.len() + 8);
+        let trace = hygiene::trace_context(facts.traceparent);
         let origin = Origin {
             peer_ip: peer_ip.as_bytes(),
             port,
@@ -297,6 +325,7 @@ impl Service {
             } else {
                 b"1.1 shoal"
             },
+            traceparent: &trace,
         };
         hygiene::forward_headers(&facts, pairs, &lcfg, &origin, |n, v| {
             let v = if v.len() == 1 {
@@ -436,12 +465,27 @@ impl Service {
                     response_hygiene(&mut rparts.headers);
                     // The instance stays counted as busy (drain, least-connections) until the
                     // body ends; the latency sample is the time to response headers.
+                    let access = log.map(|l| {
+                        Box::new(AccessRecord {
+                            service: svc.name.clone(),
+                            instance: t.inst.id.clone(),
+                            client: peer.ip(),
+                            request: *l,
+                            status: status.as_u16(),
+                            bytes: 0,
+                            start,
+                            headers_at: now_nanos(),
+                            tries: attempt + 1,
+                            trace,
+                        })
+                    });
                     let body = Tracked {
                         inner: rbody,
                         busy: Some(t.busy),
                         conn: Some(conn),
                         read_timeout: cfg.timeouts.upstream_read.0,
                         timer: None,
+                        access,
                     };
                     return Ok(Response::from_parts(rparts, Either::Left(body)));
                 }
@@ -530,6 +574,17 @@ async fn read_small_body(mut body: Incoming, timeout: Duration) -> Result<Bytes,
     }
 }
 
+/// Whether a stream that just returned `Pending` has now waited `timeout` without progress:
+/// the timer is armed at the first wait and dropped (by the caller) at the next progress.
+pub(crate) fn stalled(
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+) -> bool {
+    let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+    t.as_mut().poll(cx).is_ready()
+}
+
 const FAULT_BODY: u8 = 1;
 const FAULT_TIMEOUT: u8 = 2;
 
@@ -573,16 +628,11 @@ impl Body for ClientStream {
             }
             Poll::Pending => {
                 let timeout = self.timeout;
-                let timer = self
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        self.fault.store(FAULT_TIMEOUT, Ordering::Release);
-                        Poll::Ready(Some(Err("request body read timed out".into())))
-                    }
-                    Poll::Pending => Poll::Pending,
+                if !stalled(&mut self.timer, timeout, cx) {
+                    return Poll::Pending;
                 }
+                self.fault.store(FAULT_TIMEOUT, Ordering::Release);
+                Poll::Ready(Some(Err("request body read timed out".into())))
             }
         }
     }
@@ -606,10 +656,44 @@ pub struct Tracked {
     conn: Option<hyper::client::conn::http1::SendRequest<UpstreamBody>>,
     read_timeout: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The access-log line, written when the body ends (only when the listener logs).
+    access: Option<Box<AccessRecord>>,
+}
+
+/// An access-log line in the making, for a response still streaming.
+struct AccessRecord {
+    service: String,
+    instance: String,
+    client: std::net::IpAddr,
+    /// Method and target.
+    request: (String, String),
+    status: u16,
+    bytes: u64,
+    start: u64,
+    headers_at: u64,
+    tries: u32,
+    trace: [u8; 55],
 }
 
 impl Tracked {
     fn finish(&mut self, complete: bool) {
+        if let Some(a) = self.access.take() {
+            crate::access::Entry {
+                service: &a.service,
+                instance: &a.instance,
+                client: a.client,
+                method: &a.request.0,
+                path: &a.request.1,
+                status: a.status,
+                bytes: a.bytes,
+                headers_ms: crate::access::ms(a.start, a.headers_at),
+                total_ms: crate::access::ms(a.start, now_nanos()),
+                tries: a.tries,
+                trace: &a.trace,
+                cache: "-",
+            }
+            .emit();
+        }
         if let Some(busy) = self.busy.take() {
             if let (true, Some(c)) = (complete, self.conn.take()) {
                 busy.inst().idle.put(c);
@@ -648,20 +732,18 @@ impl Body for Tracked {
             }
             Poll::Ready(Some(Ok(f))) => {
                 self.timer = None;
+                if let (Some(a), Some(d)) = (self.access.as_mut(), f.data_ref()) {
+                    a.bytes += d.len() as u64;
+                }
                 Poll::Ready(Some(Ok(f)))
             }
             Poll::Pending => {
                 let timeout = self.read_timeout;
-                let timer = self
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        self.finish(false);
-                        Poll::Ready(Some(Err("upstream response body timed out".into())))
-                    }
-                    Poll::Pending => Poll::Pending,
+                if !stalled(&mut self.timer, timeout, cx) {
+                    return Poll::Pending;
                 }
+                self.finish(false);
+                Poll::Ready(Some(Err("upstream response body timed out".into())))
             }
         }
     }

@@ -277,6 +277,29 @@ pub struct PredictivePolicy {
     recent: VecDeque<(f64, u32)>,
     poor: bool,
     last_wall: Option<f64>,
+    /// Fits run elsewhere (see [`PredictivePolicy::take_fit_job`]) rather than inline.
+    deferred_fits: bool,
+    fit_job: Option<FitJob>,
+}
+
+/// A model fit to run off the decision path (the live autoscaler runs it on a blocking
+/// thread); [`PredictivePolicy::install_fit`] takes its result.
+#[derive(Debug, Clone)]
+pub struct FitJob {
+    values: Vec<Option<f64>>,
+    start_bucket: i64,
+    opts: FitOptions,
+}
+
+/// The outcome of a [`FitJob`].
+#[derive(Debug, Clone)]
+pub struct FitResult(Option<SeasonalModel>);
+
+impl FitJob {
+    /// The fit itself (MSTL over up to the whole history: CPU-heavy).
+    pub fn run(self) -> FitResult {
+        FitResult(forecast::fit(&self.values, self.start_bucket, &self.opts))
+    }
 }
 
 impl PredictivePolicy {
@@ -313,6 +336,8 @@ impl PredictivePolicy {
             recent: VecDeque::new(),
             poor: false,
             last_wall: None,
+            deferred_fits: false,
+            fit_job: None,
         })
     }
 
@@ -452,7 +477,28 @@ impl PredictivePolicy {
         self.poor = n >= window / 4 && model > self.config.max_error_ratio * naive;
     }
 
+    /// From now on `evaluate` does not fit inline: a due fit waits in
+    /// [`take_fit_job`](Self::take_fit_job) and the current model stays in force until
+    /// [`install_fit`](Self::install_fit) swaps the new one in.
+    pub fn set_deferred_fits(&mut self, on: bool) {
+        self.deferred_fits = on;
+    }
+
+    /// The fit that became due at the last evaluation, if any.
+    pub fn take_fit_job(&mut self) -> Option<FitJob> {
+        self.fit_job.take()
+    }
+
     fn refit(&mut self, now_bucket: i64) {
+        let job = self.make_fit_job(now_bucket);
+        if self.deferred_fits {
+            self.fit_job = Some(job);
+        } else {
+            self.install_fit(job.run());
+        }
+    }
+
+    fn make_fit_job(&mut self, now_bucket: i64) -> FitJob {
         let values: Vec<Option<f64>> = self.values.iter().copied().collect();
         let base = match self.config.season_secs {
             Some(season) => FitOptions::for_season(self.config.bucket_secs, season),
@@ -469,7 +515,16 @@ impl PredictivePolicy {
             ..base
         };
         self.last_fit_bucket = now_bucket;
-        let Some(model) = forecast::fit(&values, self.start_bucket, &opts) else {
+        FitJob {
+            values,
+            start_bucket: self.start_bucket,
+            opts,
+        }
+    }
+
+    /// Swaps in a finished fit (a failed one keeps the current model).
+    pub fn install_fit(&mut self, result: FitResult) {
+        let Some(model) = result.0 else {
             return;
         };
         // Headroom: quantiles of live out-of-sample errors once a day of them
@@ -903,6 +958,26 @@ mod tests {
         let points = q.forecast(t);
         assert!(points.len() >= 48 * 60, "{}", points.len());
         assert!(points.iter().all(|f| f.upper_rps >= f.rps));
+    }
+
+    /// Deferred fits: `evaluate` never fits; the job runs elsewhere and is swapped in.
+    #[test]
+    fn deferred_fits_run_outside_evaluate() {
+        let trace = synthetic(11, 2);
+        let model = FleetModel::new(0.1, 120.0);
+        let config = PredictiveConfig::for_params(&params(), PredictiveMode::ForecastAndScale);
+        let mut p = PredictivePolicy::new("predictive", config).unwrap();
+        p.set_deferred_fits(true);
+        let mut jobs = Vec::new();
+        simulate(&trace, &mut p, &model, |_| {});
+        // Nothing was fitted inline; the due fit waits.
+        assert!(p.model_summary().is_none());
+        jobs.extend(p.take_fit_job());
+        assert_eq!(jobs.len(), 1, "one fit due at the end");
+        assert!(p.take_fit_job().is_none());
+        let result = jobs.pop().unwrap().run();
+        p.install_fit(result);
+        assert!(p.model_summary().is_some());
     }
 
     #[test]
