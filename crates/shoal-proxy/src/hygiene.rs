@@ -771,7 +771,7 @@ mod tests {
             b"garbage",
         ] {
             let t = trace_context(Some(bad));
-            assert_ne!(&t[3..35], &bad.get(3..35).unwrap_or(b"")[..]);
+            assert_ne!(&t[3..35], bad.get(3..35).unwrap_or(b""));
             assert!(trace_context(None)[3..35].iter().any(|&c| c != b'0'));
         }
         let (a, b) = (trace_context(None), trace_context(None));
