@@ -121,22 +121,23 @@ fn prometheus_scrapes_shoal_and_answers_every_dashboard_query() {
     let rules = deploy().join("prometheus/alerts.yml");
     let prom = Prometheus::start(dir.path(), admin, Some(&rules));
     let url = format!("http://127.0.0.1:{listen}/work?cpu_ms=1&sleep_ms=1");
-    let loader = std::thread::spawn(move || load(&url, 50, 6));
-    wait_until(30, "requests scraped", || {
+    // Load long enough for several scrapes to see the counters grow, even on a busy machine.
+    let loader = std::thread::spawn(move || load(&url, 50, 15));
+    wait_until(40, "requests scraped", || {
         prom.value(r#"sum(shoal_requests_total{service="demo",code="200"})"#)
             .is_some_and(|v| v > 50.0)
     });
-    loader.join().unwrap();
     assert_eq!(prom.value(r#"up{job="shoal"}"#), Some(1.0));
     assert_eq!(
         prom.value(r#"shoal_max_instances{service="demo"}"#),
         Some(3.0)
     );
-    // A rate needs two scrapes after the load: wait for one that sees traffic.
-    wait_until(20, "a request rate", || {
+    // A rate needs two scrapes that saw traffic.
+    wait_until(40, "a request rate", || {
         prom.value(r#"sum(rate(shoal_requests_total{service="demo"}[1m]))"#)
             .is_some_and(|v| v > 1.0)
     });
+    loader.join().unwrap();
     let rule_groups = get(prom.port, "/api/v1/rules").1;
     assert!(
         rule_groups.contains("ShoalLatencySLOFastBurn"),
