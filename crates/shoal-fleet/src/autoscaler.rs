@@ -49,7 +49,9 @@ struct Sampler {
     rps: SecondWindow,
     /// Total requests in flight.
     in_flight: SecondWindow,
-    /// Mean CPU utilization of ready instances (fraction of their allotment).
+    /// Total CPU utilization of ready instances (sum of fractions of their allotment):
+    /// a total, so the per-instance value is the window's mean over the ready count
+    /// *now*, and instances added since do not compound the next decision.
     cpu: SecondWindow,
     /// Per-second latency histogram deltas, for windowed percentiles.
     latency: VecDeque<(f64, Vec<u64>)>,
@@ -307,8 +309,7 @@ impl Autoscaler {
                 }
             }
             if !utils.is_empty() {
-                let mean = utils.iter().sum::<f64>() / utils.len() as f64;
-                s.cpu.add(t, mean);
+                s.cpu.add(t, utils.iter().sum::<f64>());
             }
         }
         s.last_cpu = usage
@@ -369,7 +370,10 @@ impl Autoscaler {
                         per_instance(s.in_flight.mean(t, stable)),
                         per_instance(s.in_flight.mean(t, panic)),
                     ),
-                    MetricKind::Cpu => (s.cpu.mean(t, stable), s.cpu.mean(t, panic)),
+                    MetricKind::Cpu => (
+                        per_instance(s.cpu.mean(t, stable)),
+                        per_instance(s.cpu.mean(t, panic)),
+                    ),
                     MetricKind::LatencyP95 => (latency_p95(stable), latency_p95(panic)),
                     // The query's own range sets its window; no burst reading from it.
                     MetricKind::Prometheus => (

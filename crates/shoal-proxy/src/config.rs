@@ -628,11 +628,18 @@ impl<'a> Locator<'a> {
         }
         let t = line.trim();
         if t.starts_with('[') {
-            return t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            let header = t.trim_matches(|c| c == '[' || c == ']').trim();
+            if !header.is_empty() {
+                return header.to_string();
+            }
         }
-        let key = t.split('=').next().unwrap_or("").trim();
+        // A comment or a line that is not `key = value` names no key.
+        let key = t.split(['=', '#']).next().unwrap_or("").trim();
+        let key_char = |c: char| c.is_alphanumeric() || "_-.\"' ".contains(c);
+        let key = if key.chars().all(key_char) { key } else { "" };
         match (table.is_empty(), key.is_empty()) {
-            (true, _) => key.to_string(),
+            (true, true) => "(top level)".to_string(),
+            (true, false) => key.to_string(),
             (false, true) => table,
             (false, false) => format!("{table}.{key}"),
         }
@@ -652,7 +659,11 @@ impl<'a> Locator<'a> {
             } else {
                 String::new()
             },
-            message: e.message().trim().to_string(),
+            message: match e.message().trim() {
+                // Some syntax errors (e.g. a control character in a comment) carry no text.
+                "" => "invalid TOML syntax".to_string(),
+                m => m.to_string(),
+            },
         }
     }
 }

@@ -1081,6 +1081,11 @@ impl AsyncWrite for Rewind {
     }
 }
 
+/// Property tests of the planners and the chunk tracker (they are private to this module).
+#[cfg(test)]
+#[path = "fuzz/mod.rs"]
+mod fuzz;
+
 #[cfg(test)]
 mod tests {
     use super::*;

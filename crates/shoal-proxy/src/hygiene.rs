@@ -188,6 +188,7 @@ where
     let mut len: Option<u64> = None;
     let mut te: Option<&[u8]> = None;
     let mut close = line.minor == Some(0);
+    let mut asked_close = false;
     let mut upgrade_req: Option<&[u8]> = None;
     let mut upgrade_token = false;
     let mut expect = false;
@@ -222,8 +223,10 @@ where
                 for t in tokens(v) {
                     if t.eq_ignore_ascii_case(b"close") {
                         close = true;
+                        asked_close = true;
                     } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                        if line.minor == Some(0) {
+                        // Lifts HTTP/1.0's default only: `close` wins in any order.
+                        if line.minor == Some(0) && !asked_close {
                             close = false;
                         }
                     } else if t.eq_ignore_ascii_case(b"upgrade") {
