@@ -5,14 +5,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
+# promtool and prometheus: deploy/ checks and the Prometheus scaling source; chromium: the
+# dashboard's browser test.
 command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
 # Queue tests: a private RabbitMQ node (with its epmd) and Redis as a result store.
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && command -v epmd >/dev/null 2>&1 || need_pkgs+=(rabbitmq-server)
 command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
+command -v prometheus >/dev/null 2>&1 || need_pkgs+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  # sort -u: prometheus may be listed twice.
+  mapfile -t need_pkgs < <(printf '%s\n' "${need_pkgs[@]}" | sort -u)
   apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
 

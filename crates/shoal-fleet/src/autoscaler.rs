@@ -93,6 +93,8 @@ pub struct Autoscaler {
     counts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     history_file: PathBuf,
     cpu_allotment: f64,
+    /// The `prometheus` target's source, polled on its own task.
+    prometheus: Option<Arc<crate::promsource::PromSource>>,
     /// A forecast fit finished on a blocking thread, waiting to be swapped in.
     fitted: Arc<Mutex<Option<FitResult>>>,
     fitting: Arc<std::sync::atomic::AtomicBool>,
@@ -193,6 +195,13 @@ impl Autoscaler {
             }
         };
         Ok(Arc::new(Autoscaler {
+            prometheus: cfg.prometheus.clone().map(|p| {
+                Arc::new(crate::promsource::PromSource::new(
+                    &spec.service,
+                    p,
+                    cfg.interval,
+                ))
+            }),
             cpu_allotment: spec.resources.cpu.unwrap_or(1.0),
             service,
             fleet,
@@ -228,6 +237,9 @@ impl Autoscaler {
         let mut next_sample = Instant::now();
         let mut next_eval = Instant::now() + self.cfg.interval;
         let mut last_save = Instant::now();
+        if let Some(p) = &self.prometheus {
+            tokio::spawn(p.clone().run(stop.clone()));
+        }
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -363,6 +375,15 @@ impl Autoscaler {
                         per_instance(s.cpu.mean(t, panic)),
                     ),
                     MetricKind::LatencyP95 => (latency_p95(stable), latency_p95(panic)),
+                    // The query's own range sets its window; no burst reading from it.
+                    MetricKind::Prometheus => (
+                        per_instance(
+                            self.prometheus
+                                .as_ref()
+                                .and_then(|p| p.value(Instant::now())),
+                        ),
+                        None,
+                    ),
                 };
                 MetricSample {
                     kind: tg.kind,
@@ -499,6 +520,11 @@ impl Autoscaler {
             .collect()
     }
 
+    /// The external Prometheus source, if a target uses one.
+    pub fn prometheus(&self) -> Option<&crate::promsource::PromSource> {
+        self.prometheus.as_deref()
+    }
+
     pub fn last_decision(&self) -> Option<Decision> {
         self.last.lock().expect("last lock").clone()
     }
@@ -523,6 +549,9 @@ impl Autoscaler {
 
     pub fn collect(&self, e: &mut Exposition) {
         let svc = self.fleet.service();
+        if let Some(p) = &self.prometheus {
+            p.collect(e);
+        }
         for ((dir, reason), n) in self.counts.lock().expect("counts lock").iter() {
             e.counter(
                 "shoal_scaling_decisions_total",

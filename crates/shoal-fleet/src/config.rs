@@ -127,6 +127,15 @@ pub struct Resources {
 struct RawTarget {
     metric: String,
     target: f64,
+    /// `metric = "prometheus"`: the PromQL query (one value: the fleet's total).
+    #[serde(default)]
+    query: Option<String>,
+    /// `metric = "prometheus"`: `http://HOST:PORT[/PATH]` of the server.
+    #[serde(default)]
+    server: Option<String>,
+    /// `metric = "prometheus"`: a query unanswered by then counts as failed (default 2 s).
+    #[serde(default)]
+    timeout: Option<Dur>,
 }
 
 /// `[services.NAME.autoscale]`.
@@ -237,6 +246,8 @@ pub struct Autoscale {
     pub history_bucket: Option<Duration>,
     /// The predictive policy's seasonal "day"; `None`: 24 h.
     pub season: Option<Duration>,
+    /// The `prometheus` target's query, if there is one.
+    pub prometheus: Option<crate::promsource::PromSpec>,
 }
 
 /// Everything the fleet needs for one service.
@@ -498,16 +509,30 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                 ));
             }
             let mut targets = Vec::new();
+            let mut prometheus = None;
             for t in &a.targets {
                 let kind = match t.metric.as_str() {
                     "cpu" => MetricKind::Cpu,
                     "rps" => MetricKind::Rps,
                     "in_flight" | "in-flight" => MetricKind::InFlight,
                     "latency_p95" | "latency-p95" => MetricKind::LatencyP95,
+                    "prometheus" => MetricKind::Prometheus,
                     other => {
-                        return Err(field_error(&loc, text, name, "autoscale", "targets", format!("unknown metric {other:?} (valid: cpu, rps, in_flight, latency_p95)")));
+                        return Err(field_error(&loc, text, name, "autoscale", "targets", format!("unknown metric {other:?} (valid: cpu, rps, in_flight, latency_p95, prometheus)")));
                     }
                 };
+                let bad = |msg: String| field_error(&loc, text, name, "autoscale", "targets", msg);
+                if kind == MetricKind::Prometheus {
+                    prometheus = Some(prom_spec(t).map_err(bad)?);
+                } else if t.query.is_some() || t.server.is_some() || t.timeout.is_some() {
+                    return Err(bad(format!(
+                        "query, server and timeout belong to metric = \"prometheus\", not {:?}",
+                        t.metric
+                    )));
+                }
+                if targets.iter().any(|x: &MetricTarget| x.kind == kind) {
+                    return Err(bad(format!("metric {:?} is listed twice", t.metric)));
+                }
                 if !(t.target > 0.0 && t.target.is_finite()) {
                     return Err(field_error(
                         &loc,
@@ -600,6 +625,7 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                 min_history: a.min_history.map(|d| d.0),
                 history_bucket: a.history_bucket.map(|d| d.0),
                 season: a.season.map(|d| d.0),
+                prometheus,
             })
         }
     };
@@ -611,6 +637,31 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
         data_dir: config.data_dir.clone(),
         drain_timeout: svc.timeouts.drain.0,
     }))
+}
+
+/// The query of a `metric = "prometheus"` target.
+fn prom_spec(t: &RawTarget) -> Result<crate::promsource::PromSpec, String> {
+    let query = t
+        .query
+        .as_deref()
+        .map(str::trim)
+        .filter(|q| !q.is_empty())
+        .ok_or("metric \"prometheus\" needs a query")?;
+    let server = t
+        .server
+        .as_deref()
+        .ok_or("metric \"prometheus\" needs a server (http://HOST:PORT)")?;
+    let (authority, prefix) = crate::promsource::PromSpec::parse_server(server)?;
+    let timeout = t.timeout.map_or(Duration::from_secs(2), |d| d.0);
+    if timeout.is_zero() || timeout > Duration::from_secs(60) {
+        return Err("timeout must be between 1ms and 60s".into());
+    }
+    Ok(crate::promsource::PromSpec {
+        authority,
+        prefix,
+        query: query.to_string(),
+        timeout,
+    })
 }
 
 /// Validates every fleet of a config (used by `shoal check` and at start).
@@ -753,5 +804,32 @@ mod tests {
         .unwrap_err();
         assert!(e.message.contains("cannot start"), "{e}");
         assert_eq!(e.line, 4, "{e}");
+    }
+
+    #[test]
+    fn prometheus_targets_need_a_query_and_an_http_server() {
+        let fleet = "[services.web.fleet]\ncommand = \"shoal demo-service\"\nmax = 4\n[services.web.autoscale]\n";
+        let s = spec(&format!("{BASE}{fleet}targets = [{{ metric = \"prometheus\", server = \"http://127.0.0.1:9090/prom\", query = \"sum(queue_length)\", target = 20, timeout = \"500ms\" }}]\n"))
+            .unwrap()
+            .unwrap();
+        let a = s.autoscale.unwrap();
+        assert_eq!(a.targets[0].kind, MetricKind::Prometheus);
+        let p = a.prometheus.unwrap();
+        assert_eq!(p.authority, "127.0.0.1:9090");
+        assert_eq!(p.prefix, "/prom");
+        assert_eq!(p.query, "sum(queue_length)");
+        assert_eq!(p.timeout, Duration::from_millis(500));
+        for (target, why) in [
+            ("{ metric = \"prometheus\", server = \"http://p:9090\", target = 1 }", "needs a query"),
+            ("{ metric = \"prometheus\", query = \"up\", target = 1 }", "needs a server"),
+            ("{ metric = \"prometheus\", server = \"https://p:9090\", query = \"up\", target = 1 }", "https"),
+            ("{ metric = \"cpu\", query = \"up\", target = 1 }", "belong to metric"),
+            ("{ metric = \"rps\", target = 1 }, { metric = \"rps\", target = 2 }", "twice"),
+        ] {
+            let e = spec(&format!("{BASE}{fleet}targets = [{target}]\n")).unwrap_err();
+            assert_eq!(e.field, "services.web.autoscale.targets", "{e}");
+            assert_eq!(e.line, 7, "{e}");
+            assert!(e.message.contains(why), "{why}: {e}");
+        }
     }
 }

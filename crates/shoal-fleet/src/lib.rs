@@ -10,6 +10,7 @@ pub mod autoscaler;
 pub mod cgroup;
 pub mod config;
 pub mod process;
+pub mod promsource;
 pub mod provider;
 pub mod recommend;
 pub mod supervise;
@@ -34,6 +35,8 @@ pub use provider::{Membership, Provider, StaticFleet};
 pub struct Managed {
     pub provider: Arc<dyn Provider>,
     pub autoscaler: Option<Arc<Autoscaler>>,
+    /// Per-instance limits, as configured.
+    pub resources: config::Resources,
 }
 
 /// Every fleet of a shoal process; plugs into the admin API and `/metrics`.
@@ -69,6 +72,7 @@ impl Fleets {
                 managed.push(Managed {
                     provider,
                     autoscaler: None,
+                    resources: spec.resources,
                 });
                 continue;
             }
@@ -89,6 +93,7 @@ impl Fleets {
             managed.push(Managed {
                 provider: fleet,
                 autoscaler,
+                resources: spec.resources,
             });
         }
         let fleets = Arc::new(Fleets {
@@ -177,6 +182,39 @@ impl Collector for Fleets {
                 &[("service", m.provider.service())],
                 m.provider.desired() as f64,
             );
+            // A static fleet has no bounds to reach (its size is its backend list).
+            if m.provider.kind() != "static" {
+                let (min, max) = m.provider.bounds();
+                let l = [("service", m.provider.service())];
+                e.gauge(
+                    "shoal_min_instances",
+                    "The fleet's configured minimum.",
+                    &l,
+                    min as f64,
+                );
+                e.gauge(
+                    "shoal_max_instances",
+                    "The fleet's configured maximum.",
+                    &l,
+                    max as f64,
+                );
+                if let Some(cpu) = m.resources.cpu {
+                    e.gauge(
+                        "shoal_instance_cpu_limit_cores",
+                        "CPU cores each instance may use.",
+                        &l,
+                        cpu,
+                    );
+                }
+                if let Some(mem) = m.resources.memory_bytes {
+                    e.gauge(
+                        "shoal_instance_memory_limit_bytes",
+                        "Memory each instance may use.",
+                        &l,
+                        mem as f64,
+                    );
+                }
+            }
             m.provider.collect(e);
             if let Some(a) = &m.autoscaler {
                 a.collect(e);
@@ -201,6 +239,11 @@ impl ApiExtension for Fleets {
                 "policy": a.map(|a| a.cfg.policy.clone()),
                 "last_decision": a.and_then(|a| a.last_decision()),
                 "recommendation": m.provider.recommendation(),
+                "prometheus": a.and_then(|a| a.prometheus()).map(|p| json!({
+                    "query": p.spec.query,
+                    "value": p.value(std::time::Instant::now()),
+                    "error": p.last_error(),
+                })),
             })),
             "decisions" => Some(json!({
                 "decisions": a.map(|a| a.decisions()).unwrap_or_default(),

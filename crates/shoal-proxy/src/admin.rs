@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -18,8 +18,96 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::app::App;
+use crate::history::{Dashboard, MAX_STREAMS};
 
 const DASHBOARD: &str = include_str!("dashboard.html");
+const DASHBOARD_JS: &str = include_str!("dashboard.js");
+
+/// A response body: a whole one, or the dashboard's event stream.
+type AdminBody = Either<Full<Bytes>, EventStream>;
+
+/// Server-Sent Events from the dashboard's broadcast, one per open page.
+pub struct EventStream {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    _slot: StreamSlot,
+}
+
+/// Releases a stream slot when the page goes away.
+struct StreamSlot(Arc<Dashboard>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0
+            .streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl http_body::Body for EventStream {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|o| o.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+/// `GET /api/dashboard/stream`: the history at once (`init`), then a `point` every second.
+/// A page that falls behind gets a fresh `init` instead of a gap.
+fn event_stream(dash: &Arc<Dashboard>) -> Response<AdminBody> {
+    use std::sync::atomic::Ordering;
+    if dash.streams.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
+        dash.streams.fetch_sub(1, Ordering::Relaxed);
+        return whole(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many dashboard streams open",
+        ));
+    }
+    let slot = StreamSlot(dash.clone());
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let mut events = dash.events.subscribe();
+    let d = dash.clone();
+    tokio::spawn(async move {
+        // Tells the browser how soon to reconnect after a drop.
+        let first = format!("retry: 2000\n{}", d.init_event());
+        if tx.send(Bytes::from(first)).await.is_err() {
+            return;
+        }
+        loop {
+            let msg = match events.recv().await {
+                Ok(m) => m,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => d.init_event(),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            if tx.send(Bytes::from(msg.to_string())).await.is_err() {
+                return; // the page went away
+            }
+        }
+    });
+    let mut r = Response::new(Either::Right(EventStream { rx, _slot: slot }));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+fn whole(r: Response<Full<Bytes>>) -> Response<AdminBody> {
+    r.map(Either::Left)
+}
 
 /// Binds the admin listener; serves until `stop` flips. Returns the bound address.
 pub async fn serve(
@@ -29,6 +117,8 @@ pub async fn serve(
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    let dash = Arc::new(Dashboard::default());
+    tokio::spawn(dash.clone().run(app.clone(), stop.clone()));
     tokio::spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
@@ -42,9 +132,37 @@ pub async fn serve(
                 },
                 _ = crate::server::stopped(&mut stop) => return,
             };
-            let app = app.clone();
+            let (app, dash) = (app.clone(), dash.clone());
             tokio::spawn(async move {
-                let svc = service_fn(move |req| handle(app.clone(), req));
+                let svc = service_fn(move |req| {
+                    let (app, dash) = (app.clone(), dash.clone());
+                    async move {
+                        let r = match (req.method(), req.uri().path()) {
+                            (&Method::GET, "/api/dashboard/stream") => event_stream(&dash),
+                            (&Method::GET, "/api/dashboard/history") => whole(respond(
+                                StatusCode::OK,
+                                "application/json",
+                                dash.history_json(),
+                            )),
+                            // The history rides in the page: the first paint has charts.
+                            (&Method::GET, "/") => whole(respond(
+                                StatusCode::OK,
+                                "text/html; charset=utf-8",
+                                DASHBOARD.replace(
+                                    "__SHOAL_HISTORY__",
+                                    &dash.history_json().replace("</", "<\\/"),
+                                ),
+                            )),
+                            (&Method::GET, "/dashboard.js") => whole(respond(
+                                StatusCode::OK,
+                                "text/javascript; charset=utf-8",
+                                DASHBOARD_JS,
+                            )),
+                            _ => whole(handle(app, req).await?),
+                        };
+                        Ok::<_, Infallible>(r)
+                    }
+                });
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
@@ -140,7 +258,6 @@ async fn handle(
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let method = req.method().clone();
     let resp = match (&method, segs.as_slice()) {
-        (&Method::GET, []) => respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
         (&Method::GET, ["metrics"]) => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",

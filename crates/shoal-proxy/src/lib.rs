@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 mod h1;
 pub mod health;
+pub mod history;
 pub mod hygiene;
 pub mod metrics;
 pub mod pool;

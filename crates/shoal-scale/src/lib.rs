@@ -62,6 +62,8 @@ pub enum MetricKind {
     InFlight,
     /// 95th percentile latency in seconds.
     LatencyP95,
+    /// An external Prometheus query's value (the fleet's total) divided among ready instances.
+    Prometheus,
 }
 
 impl MetricKind {
@@ -72,6 +74,7 @@ impl MetricKind {
             MetricKind::Rps => "rps",
             MetricKind::InFlight => "in_flight",
             MetricKind::LatencyP95 => "latency_p95",
+            MetricKind::Prometheus => "prometheus",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The `shoal` command: thin wiring of the workspace crates behind a clap CLI.
 #![forbid(unsafe_code)]
 
+mod plot;
 mod serve;
 mod simulate;
 mod status;
@@ -57,6 +58,9 @@ enum Command {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+        /// Redraw every SECONDS (default 1) until interrupted, with per-instance req/s.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "1", conflicts_with = "json")]
+        watch: Option<f64>,
     },
     /// Open-loop load generator: constant arrival rate, latency from the intended send time.
     Load {
@@ -145,7 +149,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         },
-        Command::Status { admin, json } => status::run(admin, json),
+        Command::Status { admin, json, watch } => status::run(admin, json, watch),
         Command::Simulate(args) => simulate::run(args),
         Command::Proxy(args) => serve::run_quick(args),
         Command::DemoService { listen } => serve::run_demo(listen),

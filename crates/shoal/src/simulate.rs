@@ -71,9 +71,17 @@ pub struct SimulateArgs {
     /// Print JSON (one object, or an array for several policies).
     #[arg(long)]
     pub json: bool,
-    /// Write an SVG plot of demand, ready capacity and forecast over time.
+    /// Write an SVG plot: demand against ready capacity with violations shaded, over the
+    /// instances (ready, starting); the whole trace and a window (`--from`/`--to`, else the
+    /// day with the most violation). With `--sweep`: the trade-off curves and the oracle.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Start of the plot's window, from the trace's start (e.g. "36h", "2d", "5400").
+    #[arg(long, value_name = "DURATION", requires = "plot", value_parser = duration_secs)]
+    pub from: Option<f64>,
+    /// End of the plot's window (default: a day after `--from`).
+    #[arg(long, value_name = "DURATION", requires = "plot", value_parser = duration_secs)]
+    pub to: Option<f64>,
     /// Print each policy's trade-off curve (violation time vs instance-hours) as
     /// the target utilization varies.
     #[arg(long)]
@@ -114,8 +122,11 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     let mut model = FleetModel::new(capacity, startup);
     model.interval_secs = args.interval;
     model.start_epoch_secs = args.start_epoch;
-    if args.plot.is_some() {
-        model.series_points = 4000;
+    if args.plot.is_some() && !args.sweep {
+        // A point per evaluation: the plot reduces them per pixel keeping the extremes.
+        let duration =
+            trace.t.last().copied().unwrap_or(0.0) - trace.t.first().copied().unwrap_or(0.0);
+        model.series_points = (duration / args.interval.max(1e-3)).clamp(1.0, 2e6) as usize;
     }
     let policies: Vec<String> = match (args.policies.is_empty(), args.sweep) {
         (false, _) => args.policies.clone(),
@@ -131,7 +142,14 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         print_backtest(&trace, startup, args.interval);
     }
     if args.sweep {
-        return sweep(&trace, &policies, &params, &model, args.json);
+        return sweep(
+            &trace,
+            &policies,
+            &params,
+            &model,
+            args.json,
+            args.plot.as_deref(),
+        );
     }
 
     let mut reports = Vec::new();
@@ -148,7 +166,17 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         reports.push(report);
     }
     if let Some(path) = &args.plot {
-        plot(path, &reports).with_context(|| format!("writing {}", path.display()))?;
+        let window = match (args.from, args.to) {
+            (None, None) => None,
+            (from, to) => {
+                let from = from.unwrap_or(0.0);
+                let to = to.unwrap_or(from + 86400.0);
+                anyhow::ensure!(to > from, "--to must be after --from");
+                Some(from..to)
+            }
+        };
+        crate::plot::timeline(path, &reports, capacity, window)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if args.json {
         let out = if reports.len() == 1 {
@@ -270,6 +298,7 @@ fn sweep(
     params: &PolicyParams,
     model: &FleetModel,
     json: bool,
+    plot: Option<&Path>,
 ) -> anyhow::Result<()> {
     let mut curves: Vec<(String, Vec<(f64, SimReport)>)> = Vec::new();
     for name in policies {
@@ -284,6 +313,12 @@ fn sweep(
             curve.push((u, report));
         }
         curves.push((name.clone(), curve));
+    }
+    if let Some(path) = plot {
+        let mut oracle = build("oracle", params, trace)?;
+        let o = run_one(trace, oracle.as_mut(), model, "oracle");
+        crate::plot::tradeoff(path, &curves, Some(&o))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if json {
         let out: Vec<_> = curves
@@ -370,76 +405,7 @@ fn interpolate(pts: &[(f64, f64)], x: f64) -> Option<f64> {
     Some(last.1)
 }
 
-fn plot(path: &Path, reports: &[SimReport]) -> anyhow::Result<()> {
-    use plotters::prelude::*;
-    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plot: {e}");
-    let Some(first) = reports.first() else {
-        return Ok(());
-    };
-    let hours = first.duration_secs / 3600.0;
-    let ymax = reports
-        .iter()
-        .flat_map(|r| r.series.iter())
-        .map(|p| p.demand_rps.max(p.ready_capacity_rps))
-        .fold(0.0f64, f64::max)
-        .max(1e-6)
-        * 1.05;
-    let root = SVGBackend::new(path, (1600, 600)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "shoal simulate: demand, ready capacity and forecast",
-            ("sans-serif", 20),
-        )
-        .margin(10)
-        .x_label_area_size(35)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..hours.max(1e-6), 0f64..ymax)
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("hours")
-        .y_desc("requests/s")
-        .draw()
-        .map_err(|e| err(&e))?;
-    let demand = first.series.iter().map(|p| (p.t / 3600.0, p.demand_rps));
-    chart
-        .draw_series(LineSeries::new(demand, BLACK.mix(0.6)))
-        .map_err(|e| err(&e))?
-        .label("demand")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-    let palette = [BLUE, RED, GREEN, MAGENTA, CYAN];
-    for (i, r) in reports.iter().enumerate() {
-        let color = palette[i % palette.len()];
-        let cap = r
-            .series
-            .iter()
-            .map(|p| (p.t / 3600.0, p.ready_capacity_rps));
-        chart
-            .draw_series(LineSeries::new(cap, color))
-            .map_err(|e| err(&e))?
-            .label(format!("{} ready capacity", r.policy))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        if r.series.iter().any(|p| p.forecast_rps.is_some()) {
-            let fc = r
-                .series
-                .iter()
-                .filter_map(|p| p.forecast_rps.map(|f| (p.t / 3600.0, f)));
-            let style = color.mix(0.5);
-            chart
-                .draw_series(LineSeries::new(fc, style))
-                .map_err(|e| err(&e))?
-                .label(format!("{} forecast", r.policy))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
-        }
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+/// A duration from the trace's start, in seconds ("36h", "2d", "90m", "5400").
+fn duration_secs(s: &str) -> Result<f64, String> {
+    shoal_proxy::config::parse_duration(s).map(|d| d.as_secs_f64())
 }
