@@ -1,0 +1,35 @@
+//! shoal's shared HTTP cache (RFC 9111, with RFC 5861 stale extensions and RFC 9211
+//! `Cache-Status`).
+//!
+//! - [`policy`] and [`directives`]: the rules, pure functions over `http` types with an
+//!   injected `now` — storability, freshness, `Age`, `Vary`, validation and 304 merging,
+//!   conditional requests answered from cache, request directives, invalidation.
+//! - [`memory`] (moka, byte-weighted) and [`redis_tier`] (shared, optional, never blocking a
+//!   request): the tiers, behind [`CacheStore`].
+//! - [`coalesce`]: one origin fetch per URL at a time; hit-for-pass for uncacheable URLs.
+//! - [`Cache`]: one route's request phase — [`Cache::lookup`] → [`Lookup`], then
+//!   [`Cache::response`] → [`Outcome`] for the origin's answer.
+//!
+//! Why not the `http-cache-semantics` crate: it models one stored response per policy object
+//! and answers "is it fresh / what headers to send", but leaves out what a shared cache in
+//! front of many clients needs here — `Vary` variants under one key, `stale-while-revalidate`
+//! and `stale-if-error` as serving decisions, `only-if-cached`, answering the client's own
+//! conditionals, must-understand, §4.4 invalidation, surrogate keys and `Cache-Status` — and
+//! it reads the wall clock through `SystemTime` arguments but keeps its own serialised state
+//! that would have to be stored beside ours in Redis. Writing the rules directly keeps one
+//! stored form, one place per RFC section, and tests named after those sections.
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod coalesce;
+pub mod directives;
+pub mod memory;
+pub mod metrics;
+pub mod object;
+pub mod policy;
+pub mod redis_tier;
+
+pub use cache::{Cache, CacheConfig, CacheStore, Fetch, Lookup, Outcome, Request, Store, STATUS_NAME};
+pub use metrics::{CacheCounters, Outcome as CacheResult, StoreStats};
+pub use policy::PolicyConfig;
+pub use redis_tier::{RedisConfig, RedisTierError};
