@@ -552,7 +552,7 @@ impl Cache {
                 policy::merge_not_modified(cfg, &stale, headers, fetch.request_time, now);
             self.insert_variant(&fetch.key, merged.clone(), now);
             self.counters.inc(Count::Revalidated);
-            let mut cs = CacheStatus::fwd("stale");
+            let mut cs = CacheStatus::fwd(fetch.fwd);
             cs.fwd_status = Some(304);
             cs.stored = true;
             cs.ttl = Some(merged.ttl(now));
