@@ -72,6 +72,11 @@ impl CacheStore {
         self.coalescer.in_flight()
     }
 
+    /// Requests waiting on another request's fetch.
+    pub fn waiting(&self) -> usize {
+        self.coalescer.waiting()
+    }
+
     /// Purges one URL (every variant, GET and HEAD) from both tiers. `url` is absolute:
     /// `http://host/path?query`.
     pub async fn purge_url(&self, url: &str) -> Result<u64, RedisTierError> {
@@ -473,7 +478,7 @@ impl Cache {
                 }
                 Join::Follower(rx) => {
                     waited = true;
-                    if !Coalescer::wait(rx, self.cfg.coalesce_wait).await {
+                    if !self.store.coalescer.wait(rx, self.cfg.coalesce_wait).await {
                         fetch.detail = Some("coalesce-timeout");
                         self.counters.inc(Count::Miss);
                         return Lookup::Miss(fetch);
@@ -587,7 +592,7 @@ impl Cache {
             if !request_side {
                 self.pass_for_a_while(&fetch, now);
             }
-            cs.detail = Some(why.as_str());
+            cs.detail = cs.detail.or(Some(why.as_str()));
             cs.append_to(STATUS_NAME, headers);
             return Outcome::Forward(None);
         }
@@ -599,7 +604,7 @@ impl Cache {
         if too_large {
             self.store.too_large.fetch_add(1, Ordering::Relaxed);
             self.pass_for_a_while(&fetch, now);
-            cs.detail = Some("too-large");
+            cs.detail = cs.detail.or(Some("too-large"));
             cs.append_to(STATUS_NAME, headers);
             return Outcome::Forward(None);
         }

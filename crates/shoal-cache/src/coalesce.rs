@@ -1,6 +1,7 @@
 //! Request coalescing: one origin fetch per key at a time, plus "hit-for-pass" memory.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -11,6 +12,7 @@ pub struct Coalescer {
     flights: Mutex<HashMap<Arc<str>, watch::Receiver<()>>>,
     // Values are the injected-clock time until which the key is passed straight through.
     hit_for_pass: moka::sync::Cache<Arc<str>, SystemTime>,
+    waiting: AtomicUsize,
 }
 
 /// The outcome of joining a key's flight.
@@ -44,6 +46,7 @@ impl Coalescer {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(3_600))
                 .build(),
+            waiting: AtomicUsize::new(0),
         })
     }
 
@@ -70,13 +73,21 @@ impl Coalescer {
     }
 
     /// Waits for the leader to finish, at most `limit`; false on timeout.
-    pub async fn wait(mut rx: watch::Receiver<()>, limit: Duration) -> bool {
+    pub async fn wait(&self, mut rx: watch::Receiver<()>, limit: Duration) -> bool {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
         // `changed` errs once the sender is gone: that is the leader finishing.
-        tokio::time::timeout(limit, async {
+        let done = tokio::time::timeout(limit, async {
             while rx.changed().await.is_ok() {}
         })
         .await
-        .is_ok()
+        .is_ok();
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        done
+    }
+
+    /// Requests waiting for another one's fetch right now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     pub fn in_flight(&self) -> usize {
