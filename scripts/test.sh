@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 need_pkgs=()
 command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
+command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -38,7 +38,11 @@ impl CacheStore {
         policy: &PolicyConfig,
     ) -> Result<Arc<Self>, RedisTierError> {
         let redis = match redis {
-            Some(r) => Some(RedisTier::new(r, policy.clone())?),
+            Some(r) => {
+                let t = RedisTier::new(r, policy.clone())?;
+                t.warm_up();
+                Some(t)
+            }
             None => None,
         };
         Ok(Arc::new(CacheStore {

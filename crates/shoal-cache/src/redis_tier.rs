@@ -76,6 +76,13 @@ impl RedisTier {
         }))
     }
 
+    /// Starts connecting now (when called inside a tokio runtime) rather than on first use.
+    pub fn warm_up(self: &Arc<Self>) {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.start_connect();
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.base.elapsed().as_millis() as u64
     }
