@@ -158,7 +158,11 @@ fn url_key(url: &str) -> String {
             };
             if pq.is_empty() {
                 // A bare origin as a prefix means "everything on it".
-                format!("{}://{}", scheme.to_ascii_lowercase(), auth.to_ascii_lowercase())
+                format!(
+                    "{}://{}",
+                    scheme.to_ascii_lowercase(),
+                    auth.to_ascii_lowercase()
+                )
             } else {
                 policy::primary_key(&scheme.to_ascii_lowercase(), auth, pq)
             }
@@ -405,8 +409,11 @@ impl Cache {
                 };
             }
         }
-        let key: Arc<str> =
-            Arc::from(policy::primary_key(req.scheme, req.authority, req.path_and_query));
+        let key: Arc<str> = Arc::from(policy::primary_key(
+            req.scheme,
+            req.authority,
+            req.path_and_query,
+        ));
         let qcc = CacheControl::parse(req.headers, true);
         let mut waited = false;
         loop {
@@ -450,7 +457,13 @@ impl Cache {
             }
             if qcc.only_if_cached {
                 self.counters.inc(Count::Miss);
-                let cs = CacheStatus::fwd(fwd).with_detail("only-if-cached");
+                let cs = CacheStatus {
+                    ttl: variant.as_ref().map(|v| v.ttl(now)),
+                    ..CacheStatus::fwd(fwd)
+                }
+                .with_detail("only-if-cached");
+                // Nothing went forward: the member carries no `fwd`.
+                let cs = CacheStatus { fwd: None, ..cs };
                 return Lookup::Hit {
                     response: policy::gateway_timeout(STATUS_NAME, &cs),
                     refresh: None,
@@ -466,6 +479,10 @@ impl Cache {
             if self.store.coalescer.is_hit_for_pass(&key, now) {
                 fetch.detail = Some("hit-for-pass");
                 fetch.fwd = "bypass";
+                // Nothing will be stored for the client's validators to be answered from:
+                // let the origin answer them.
+                fetch.strip_client_conditionals = false;
+                fetch.client_conditional = false;
                 self.counters.inc(Count::Bypass);
                 return Lookup::Miss(fetch);
             }
@@ -551,14 +568,16 @@ impl Cache {
         let cfg = &self.cfg.policy;
         let req = |f: &Fetch| (f.method.clone(), f.req_headers.clone());
         if status == StatusCode::NOT_MODIFIED && !fetch.validators.is_empty() {
-            let stale = fetch.stale.clone().expect("validators come from a stored object");
+            let stale = fetch
+                .stale
+                .clone()
+                .expect("validators come from a stored object");
             if !policy::not_modified_matches(&stale, headers) {
                 fetch.validators.clear();
                 fetch.stale = None;
                 return Outcome::Refetch(fetch);
             }
-            let merged =
-                policy::merge_not_modified(cfg, &stale, headers, fetch.request_time, now);
+            let merged = policy::merge_not_modified(cfg, &stale, headers, fetch.request_time, now);
             self.insert_variant(&fetch.key, merged.clone(), now);
             self.counters.inc(Count::Revalidated);
             let mut cs = CacheStatus::fwd(fetch.fwd);
@@ -617,7 +636,11 @@ impl Cache {
         let not_modified = fetch.client_conditional.then(|| {
             let probe = StoredResponse {
                 status,
-                headers: policy::storable_headers(headers, &CacheControl::parse(headers, false), cfg),
+                headers: policy::storable_headers(
+                    headers,
+                    &CacheControl::parse(headers, false),
+                    cfg,
+                ),
                 body: Bytes::new(),
                 request_time: now,
                 response_time: now,
@@ -627,7 +650,14 @@ impl Cache {
                 meta: policy::compute_meta(cfg, status, headers),
             };
             policy::client_not_modified(&probe, &fetch.req_headers).then(|| {
-                policy::serve(&probe, &fetch.method, &fetch.req_headers, now, STATUS_NAME, &cs)
+                policy::serve(
+                    &probe,
+                    &fetch.method,
+                    &fetch.req_headers,
+                    now,
+                    STATUS_NAME,
+                    &cs,
+                )
             })
         });
         let store = Store {

@@ -76,11 +76,9 @@ impl Coalescer {
     pub async fn wait(&self, mut rx: watch::Receiver<()>, limit: Duration) -> bool {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         // `changed` errs once the sender is gone: that is the leader finishing.
-        let done = tokio::time::timeout(limit, async {
-            while rx.changed().await.is_ok() {}
-        })
-        .await
-        .is_ok();
+        let done = tokio::time::timeout(limit, async { while rx.changed().await.is_ok() {} })
+            .await
+            .is_ok();
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         done
     }

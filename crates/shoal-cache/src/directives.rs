@@ -79,14 +79,12 @@ impl CacheControl {
             "must-revalidate" => self.must_revalidate = true,
             "proxy-revalidate" => self.proxy_revalidate = true,
             "must-understand" => self.must_understand = true,
-            "max-stale" => {
-                if self.max_stale.is_none() {
-                    // An invalid value is ignored rather than allowing unbounded staleness.
-                    self.max_stale = match arg {
-                        None => Some(None),
-                        Some(a) => parse_delta(&a).map(Some),
-                    };
-                }
+            // An invalid value is ignored rather than allowing unbounded staleness.
+            "max-stale" if self.max_stale.is_none() => {
+                self.max_stale = match arg {
+                    None => Some(None),
+                    Some(a) => parse_delta(&a).map(Some),
+                };
             }
             "min-fresh" => set_first(&mut self.min_fresh, delta(arg)),
             "only-if-cached" => self.only_if_cached = true,

@@ -29,7 +29,9 @@ pub mod object;
 pub mod policy;
 pub mod redis_tier;
 
-pub use cache::{Cache, CacheConfig, CacheStore, Fetch, Lookup, Outcome, Request, Store, STATUS_NAME};
+pub use cache::{
+    Cache, CacheConfig, CacheStore, Fetch, Lookup, Outcome, Request, Store, STATUS_NAME,
+};
 pub use metrics::{CacheCounters, Outcome as CacheResult, StoreStats};
 pub use policy::PolicyConfig;
 pub use redis_tier::{RedisConfig, RedisTierError};

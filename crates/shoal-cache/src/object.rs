@@ -254,7 +254,10 @@ mod tests {
         req.insert("accept-encoding", HeaderValue::from_static("gzip"));
         let mut resp = HeaderMap::new();
         resp.insert("cache-control", HeaderValue::from_static("max-age=60"));
-        resp.insert("vary", HeaderValue::from_static("Accept-Encoding, X-Absent"));
+        resp.insert(
+            "vary",
+            HeaderValue::from_static("Accept-Encoding, X-Absent"),
+        );
         resp.insert("etag", HeaderValue::from_static("\"v1\""));
         resp.insert("surrogate-key", HeaderValue::from_static("a b"));
         resp.append("x-multi", HeaderValue::from_static("1"));

@@ -209,8 +209,13 @@ pub fn to_stored(
     check_storable(cfg, method, req_headers, status, resp_headers)?;
     let rcc = CacheControl::parse(resp_headers, false);
     let mut headers = storable_headers(resp_headers, &rcc, cfg);
-    if !headers.contains_key(header::DATE) {
-        // A cache with a clock adds Date to a response that lacks it (RFC 9110 §6.6.1).
+    if headers
+        .get(header::DATE)
+        .and_then(parse_http_date)
+        .is_none()
+    {
+        // A cache with a clock adds Date to a response that lacks one, or replaces an
+        // invalid one, with the time of receipt (RFC 9110 §6.6.1).
         headers.insert(header::DATE, http_date(response_time));
     }
     let age_value = resp_headers
@@ -282,11 +287,10 @@ pub fn check_storable(
     {
         return Err(NotStorable::Authorization);
     }
-    if resp_headers
-        .get_all(header::VARY)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|f| f.trim() == "*")))
-    {
+    if resp_headers.get_all(header::VARY).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|f| f.trim() == "*"))
+    }) {
         return Err(NotStorable::VaryStar);
     }
     if !cfg.store_set_cookie && resp_headers.contains_key(header::SET_COOKIE) {
@@ -660,7 +664,7 @@ fn etag_strip_weak(b: &[u8]) -> &[u8] {
 /// Evaluates the client's own `If-None-Match` / `If-Modified-Since` against a stored
 /// response (§4.3.2, RFC 9110 §13.1): true when a 304 answers it.
 pub fn client_not_modified(stored: &StoredResponse, req_headers: &HeaderMap) -> bool {
-    if !(stored.status == StatusCode::OK) {
+    if stored.status != StatusCode::OK {
         return false;
     }
     let inm: Vec<&HeaderValue> = req_headers.get_all(header::IF_NONE_MATCH).iter().collect();
@@ -811,10 +815,8 @@ pub fn serve(
 pub fn gateway_timeout(status_name: &str, cache_status: &CacheStatus) -> http::Response<Bytes> {
     let mut resp = http::Response::new(Bytes::from_static(b"not cached\n"));
     *resp.status_mut() = StatusCode::GATEWAY_TIMEOUT;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     resp.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(11u32));
     cache_status.append_to(status_name, resp.headers_mut());

@@ -134,7 +134,12 @@ impl RedisTier {
         let n = self.errors.fetch_add(1, Ordering::Relaxed) + 1;
         // Log the first failure of an outage and then every 100th, not every request.
         if self.conn.lock().unwrap().take().is_some() || n % 100 == 1 {
-            tracing::warn!(op, error = err, errors = n, "cache: Redis failed; memory tier only");
+            tracing::warn!(
+                op,
+                error = err,
+                errors = n,
+                "cache: Redis failed; memory tier only"
+            );
         }
         let until = self.now_ms() + self.cfg.backoff.as_millis() as u64;
         self.off_until_ms.store(until, Ordering::Relaxed);
@@ -153,11 +158,8 @@ impl RedisTier {
     pub async fn get(self: &Arc<Self>, key: &str) -> Option<Entry> {
         let mut c = self.conn()?;
         let cmd = redis::cmd("GET").arg(obj_key(key)).clone();
-        let r = tokio::time::timeout(
-            self.cfg.timeout,
-            cmd.query_async::<Option<Vec<u8>>>(&mut c),
-        )
-        .await;
+        let r = tokio::time::timeout(self.cfg.timeout, cmd.query_async::<Option<Vec<u8>>>(&mut c))
+            .await;
         let bytes = match r {
             Ok(Ok(b)) => b?,
             Ok(Err(e)) => {
@@ -188,7 +190,12 @@ impl RedisTier {
         let ms = keep.as_millis().max(1) as u64;
         let mut pipe = redis::pipe();
         let k = obj_key(key);
-        pipe.cmd("SET").arg(&k).arg(value).arg("PX").arg(ms).ignore();
+        pipe.cmd("SET")
+            .arg(&k)
+            .arg(value)
+            .arg("PX")
+            .arg(ms)
+            .ignore();
         for tag in entry.surrogate_keys() {
             let t = format!("{TAG_PREFIX}{tag}");
             pipe.cmd("SADD").arg(&t).arg(key).ignore();
@@ -210,9 +217,9 @@ impl RedisTier {
     /// Deletes one URL's object.
     pub async fn remove(self: &Arc<Self>, key: &str) -> Result<u64, RedisTierError> {
         let k = obj_key(key);
-        self.admin(move |mut c| async move {
-            redis::cmd("DEL").arg(k).query_async::<u64>(&mut c).await
-        })
+        self.admin(
+            move |mut c| async move { redis::cmd("DEL").arg(k).query_async::<u64>(&mut c).await },
+        )
         .await
     }
 
@@ -327,6 +334,9 @@ fn glob_escape(s: &str) -> String {
 mod tests {
     #[test]
     fn glob_escape_makes_prefixes_literal() {
-        assert_eq!(super::glob_escape("http://a/x?[1]*"), "http://a/x\\?\\[1\\]\\*");
+        assert_eq!(
+            super::glob_escape("http://a/x?[1]*"),
+            "http://a/x\\?\\[1\\]\\*"
+        );
     }
 }

@@ -77,14 +77,20 @@ fn spawn_gets(
             let (cache, clock, origin) = (cache.clone(), clock.clone(), origin.clone());
             tokio::spawn(async move {
                 let h = HeaderMap::new();
-                cache.handle(&request_parts(&h), clock.fun(), origin).await.unwrap()
+                cache
+                    .handle(&request_parts(&h), clock.fun(), origin)
+                    .await
+                    .unwrap()
             })
         })
         .collect()
 }
 
 fn new_cache(cfg: CacheConfig) -> Arc<Cache> {
-    Cache::new(CacheStore::new(64 << 20, None, &PolicyConfig::default()).unwrap(), cfg)
+    Cache::new(
+        CacheStore::new(64 << 20, None, &PolicyConfig::default()).unwrap(),
+        cfg,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,8 +131,12 @@ async fn uncacheable_answer_releases_waiters_at_once_and_later_requests_never_wa
                 let wait = async {
                     match n {
                         0 => drop(first.acquire().await.unwrap()),
-                        1..=99 => drop(round1.wait().await),
-                        _ => drop(round2.wait().await),
+                        1..=99 => {
+                            round1.wait().await;
+                        }
+                        _ => {
+                            round2.wait().await;
+                        }
                     }
                 };
                 tokio::time::timeout(Duration::from_secs(10), wait)
@@ -148,7 +158,11 @@ async fn uncacheable_answer_releases_waiters_at_once_and_later_requests_never_wa
     let tasks = spawn_gets(&cache, &clock, origin, 100);
     for t in tasks {
         let r = t.await.unwrap();
-        assert!(cache_status(&r).contains("hit-for-pass"), "{}", cache_status(&r));
+        assert!(
+            cache_status(&r).contains("hit-for-pass"),
+            "{}",
+            cache_status(&r)
+        );
     }
     assert_eq!(calls.load(Ordering::SeqCst), 200);
 }
@@ -160,9 +174,14 @@ async fn hit_for_pass_ends_and_a_storable_answer_ends_it_early() {
     assert!(cache_status(&h.get("/a", &[]).await).contains("hit-for-pass"));
     h.clock.advance(121);
     let c = h.get("/a", &[]).await;
-    assert!(!cache_status(&c).contains("hit-for-pass"), "{}", cache_status(&c));
+    assert!(
+        !cache_status(&c).contains("hit-for-pass"),
+        "{}",
+        cache_status(&c)
+    );
     // The URL becomes cacheable: the pass is forgotten at once.
-    h.origin.set(|_, _, _| Ok(resp(200, &[("cache-control", "max-age=60")], "y")));
+    h.origin
+        .set(|_, _, _| Ok(resp(200, &[("cache-control", "max-age=60")], "y")));
     h.get("/a", &[]).await;
     let e = h.get("/a", &[]).await;
     assert_eq!(e.body(), "y");
@@ -171,7 +190,10 @@ async fn hit_for_pass_ends_and_a_storable_answer_ends_it_early() {
 
 #[tokio::test(start_paused = true)]
 async fn waiting_on_a_stuck_fetch_is_bounded() {
-    let cfg = CacheConfig { coalesce_wait: Duration::from_secs(2), ..Default::default() };
+    let cfg = CacheConfig {
+        coalesce_wait: Duration::from_secs(2),
+        ..Default::default()
+    };
     let cache = new_cache(cfg);
     let clock = Clock::new();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -192,7 +214,11 @@ async fn waiting_on_a_stuck_fetch_is_bounded() {
     let started = tokio::time::Instant::now();
     for t in tasks {
         let r = t.await.unwrap();
-        assert!(cache_status(&r).contains("coalesce-timeout"), "{}", cache_status(&r));
+        assert!(
+            cache_status(&r).contains("coalesce-timeout"),
+            "{}",
+            cache_status(&r)
+        );
     }
     assert!(started.elapsed() >= Duration::from_secs(2));
     assert!(started.elapsed() < Duration::from_secs(3));
@@ -203,7 +229,9 @@ async fn waiting_on_a_stuck_fetch_is_bounded() {
 #[tokio::test]
 async fn purge_by_url_prefix_and_surrogate_key() {
     let h = Harness::new(Origin::new(|_, req, _| {
-        let lang = req.get("accept-language").map(|v| v.to_str().unwrap().to_string());
+        let lang = req
+            .get("accept-language")
+            .map(|v| v.to_str().unwrap().to_string());
         Ok(resp(
             200,
             &[
@@ -228,7 +256,10 @@ async fn purge_by_url_prefix_and_surrogate_key() {
     h.get("/p/2", &[]).await;
     assert_eq!(h.origin.calls(), 6);
     // Prefix.
-    assert_eq!(store.purge_prefix("http://example.test/p/").await.unwrap(), 2);
+    assert_eq!(
+        store.purge_prefix("http://example.test/p/").await.unwrap(),
+        2
+    );
     h.get("/q/1", &[]).await;
     assert_eq!(h.origin.calls(), 6);
     h.get("/p/2", &[]).await;
@@ -260,7 +291,10 @@ async fn memory_tier_is_bounded_by_bytes_and_counts_evictions() {
             path_and_query: &path,
             headers: &h,
         };
-        cache.handle(&req, clock.fun(), origin.call()).await.unwrap();
+        cache
+            .handle(&req, clock.fun(), origin.call())
+            .await
+            .unwrap();
     }
     store.sync();
     let s = store.stats();

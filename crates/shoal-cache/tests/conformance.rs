@@ -16,7 +16,11 @@ async fn rfc9111_3_fresh_response_is_stored_and_reused() {
     let h = Harness::new(Origin::fixed(200, &[CC60], "body"));
     let a = h.get("/a", &[]).await;
     assert_eq!(a.body(), "body");
-    assert!(cache_status(&a).contains("fwd=uri-miss"), "{}", cache_status(&a));
+    assert!(
+        cache_status(&a).contains("fwd=uri-miss"),
+        "{}",
+        cache_status(&a)
+    );
     assert!(cache_status(&a).contains("stored"));
     h.clock.advance(30);
     let b = h.get("/a", &[]).await;
@@ -30,9 +34,17 @@ async fn rfc9111_3_fresh_response_is_stored_and_reused() {
 
 #[tokio::test]
 async fn rfc9111_3_response_no_store_is_not_stored() {
-    let h = Harness::new(Origin::fixed(200, &[("cache-control", "no-store, max-age=60")], "x"));
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("cache-control", "no-store, max-age=60")],
+        "x",
+    ));
     let a = h.get("/a", &[]).await;
-    assert!(cache_status(&a).contains("detail=no-store"), "{}", cache_status(&a));
+    assert!(
+        cache_status(&a).contains("detail=no-store"),
+        "{}",
+        cache_status(&a)
+    );
     h.get("/a", &[]).await;
     assert_eq!(h.origin.calls(), 2);
 }
@@ -50,7 +62,11 @@ async fn rfc9111_5_2_1_5_request_no_store_is_not_stored() {
 
 #[tokio::test]
 async fn rfc9111_5_2_2_7_private_is_not_stored_by_a_shared_cache() {
-    let h = Harness::new(Origin::fixed(200, &[("cache-control", "private, max-age=60")], "x"));
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("cache-control", "private, max-age=60")],
+        "x",
+    ));
     h.get("/a", &[]).await;
     h.get("/a", &[]).await;
     assert_eq!(h.origin.calls(), 2);
@@ -68,7 +84,11 @@ async fn rfc9111_5_2_2_7_private_with_field_names_stores_without_those_fields() 
         "x",
     ));
     let first = h.get("/a", &[]).await;
-    assert_eq!(hdr(&first, "x-user"), Some("alice"), "the miss forwards the origin's fields");
+    assert_eq!(
+        hdr(&first, "x-user"),
+        Some("alice"),
+        "the miss forwards the origin's fields"
+    );
     let b = h.get("/a", &[]).await;
     assert_eq!(h.origin.calls(), 1);
     assert_eq!(hdr(&b, "x-user"), None);
@@ -79,7 +99,10 @@ async fn rfc9111_5_2_2_7_private_with_field_names_stores_without_those_fields() 
 async fn rfc9111_5_2_2_4_no_cache_with_field_names_reuses_without_those_fields() {
     let h = Harness::new(Origin::fixed(
         200,
-        &[("cache-control", "no-cache=\"x-secret\", max-age=60"), ("x-secret", "s")],
+        &[
+            ("cache-control", "no-cache=\"x-secret\", max-age=60"),
+            ("x-secret", "s"),
+        ],
         "x",
     ));
     h.get("/a", &[]).await;
@@ -94,15 +117,29 @@ async fn rfc9111_5_2_2_4_unqualified_no_cache_validates_every_reuse() {
         if req.get("if-none-match").is_some_and(|v| v == "\"e1\"") {
             return Ok(resp(304, &[("etag", "\"e1\"")], ""));
         }
-        Ok(resp(200, &[("cache-control", "no-cache, max-age=60"), ("etag", "\"e1\"")], "body"))
+        Ok(resp(
+            200,
+            &[
+                ("cache-control", "no-cache, max-age=60"),
+                ("etag", "\"e1\""),
+            ],
+            "body",
+        ))
     }));
     h.get("/a", &[]).await;
     let b = h.get("/a", &[]).await;
     assert_eq!(h.origin.calls(), 2);
-    assert_eq!(h.origin.last_request().1.get("if-none-match").unwrap(), "\"e1\"");
+    assert_eq!(
+        h.origin.last_request().1.get("if-none-match").unwrap(),
+        "\"e1\""
+    );
     assert_eq!(b.status(), 200);
     assert_eq!(b.body(), "body");
-    assert!(cache_status(&b).contains("fwd-status=304"), "{}", cache_status(&b));
+    assert!(
+        cache_status(&b).contains("fwd-status=304"),
+        "{}",
+        cache_status(&b)
+    );
     assert_eq!(h.cache.counters().get(CacheResult::Revalidated), 1);
 }
 
@@ -118,7 +155,11 @@ async fn rfc9111_3_only_get_responses_are_stored() {
 #[tokio::test]
 async fn rfc9111_3_status_without_explicit_freshness_needs_heuristic_cacheability() {
     // 302 is not heuristically cacheable: not stored without explicit freshness...
-    let h = Harness::new(Origin::fixed(302, &[("location", "/b"), ("last-modified", &date(-1000))], ""));
+    let h = Harness::new(Origin::fixed(
+        302,
+        &[("location", "/b"), ("last-modified", &date(-1000))],
+        "",
+    ));
     h.get("/a", &[]).await;
     h.get("/a", &[]).await;
     assert_eq!(h.origin.calls(), 2);
@@ -131,7 +172,11 @@ async fn rfc9111_3_status_without_explicit_freshness_needs_heuristic_cacheabilit
 
 #[tokio::test]
 async fn rfc9111_3_partial_content_is_not_stored_and_ranges_bypass() {
-    let h = Harness::new(Origin::fixed(206, &[CC60, ("content-range", "bytes 0-0/10")], "x"));
+    let h = Harness::new(Origin::fixed(
+        206,
+        &[CC60, ("content-range", "bytes 0-0/10")],
+        "x",
+    ));
     h.get("/a", &[]).await;
     h.get("/a", &[]).await;
     assert_eq!(h.origin.calls(), 2);
@@ -170,7 +215,11 @@ async fn rfc9111_3_5_authorization_needs_public_s_maxage_or_must_revalidate() {
     h.get("/a", &auth).await;
     h.get("/a", &auth).await;
     assert_eq!(h.origin.calls(), 2);
-    for cc in ["public, max-age=60", "s-maxage=60", "must-revalidate, max-age=60"] {
+    for cc in [
+        "public, max-age=60",
+        "s-maxage=60",
+        "must-revalidate, max-age=60",
+    ] {
         let h = Harness::new(Origin::fixed(200, &[("cache-control", cc)], "x"));
         h.get("/a", &auth).await;
         h.get("/a", &auth).await;
@@ -180,7 +229,11 @@ async fn rfc9111_3_5_authorization_needs_public_s_maxage_or_must_revalidate() {
 
 #[tokio::test]
 async fn rfc9111_4_2_1_s_maxage_wins_over_max_age() {
-    let h = Harness::new(Origin::fixed(200, &[("cache-control", "max-age=10, s-maxage=100")], "x"));
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("cache-control", "max-age=10, s-maxage=100")],
+        "x",
+    ));
     h.get("/a", &[]).await;
     h.clock.advance(50);
     h.get("/a", &[]).await;
@@ -194,7 +247,11 @@ async fn rfc9111_4_2_1_s_maxage_wins_over_max_age() {
 async fn rfc9111_4_2_1_max_age_wins_over_expires() {
     let h = Harness::new(Origin::fixed(
         200,
-        &[("cache-control", "max-age=100"), ("date", &date(0)), ("expires", &date(10))],
+        &[
+            ("cache-control", "max-age=100"),
+            ("date", &date(0)),
+            ("expires", &date(10)),
+        ],
         "x",
     ));
     h.get("/a", &[]).await;
@@ -205,7 +262,11 @@ async fn rfc9111_4_2_1_max_age_wins_over_expires() {
 
 #[tokio::test]
 async fn rfc9111_4_2_1_expires_minus_date_is_the_lifetime() {
-    let h = Harness::new(Origin::fixed(200, &[("date", &date(0)), ("expires", &date(30))], "x"));
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("date", &date(0)), ("expires", &date(30))],
+        "x",
+    ));
     h.get("/a", &[]).await;
     h.clock.advance(29);
     h.get("/a", &[]).await;
@@ -248,7 +309,11 @@ async fn rfc9111_4_2_2_heuristic_freshness_is_a_fraction_of_last_modified_age() 
 async fn rfc9111_4_2_2_no_heuristic_freshness_when_status_is_not_heuristically_cacheable() {
     let h = Harness::new(Origin::fixed(
         307,
-        &[("date", &date(0)), ("last-modified", &date(-1000)), ("location", "/x")],
+        &[
+            ("date", &date(0)),
+            ("last-modified", &date(-1000)),
+            ("location", "/x"),
+        ],
         "",
     ));
     h.get("/a", &[]).await;
@@ -292,7 +357,9 @@ async fn rfc9111_4_2_3_age_counts_apparent_age_and_response_delay() {
 #[tokio::test]
 async fn rfc9111_4_1_vary_keeps_one_variant_per_request_value() {
     let h = Harness::new(Origin::new(|_, req, _| {
-        let lang = req.get("accept-language").map(|v| v.to_str().unwrap().to_string());
+        let lang = req
+            .get("accept-language")
+            .map(|v| v.to_str().unwrap().to_string());
         let body = match lang.as_deref() {
             Some("de") => "hallo",
             Some(_) => "hello",
@@ -300,14 +367,30 @@ async fn rfc9111_4_1_vary_keeps_one_variant_per_request_value() {
         };
         Ok(resp(200, &[CC60, ("vary", "Accept-Language")], body))
     }));
-    assert_eq!(h.get("/a", &[("accept-language", "de")]).await.body(), "hallo");
-    assert_eq!(h.get("/a", &[("accept-language", "en")]).await.body(), "hello");
+    assert_eq!(
+        h.get("/a", &[("accept-language", "de")]).await.body(),
+        "hallo"
+    );
+    assert_eq!(
+        h.get("/a", &[("accept-language", "en")]).await.body(),
+        "hello"
+    );
     let none = h.get("/a", &[]).await;
     assert_eq!(none.body(), "default");
-    assert!(cache_status(&none).contains("fwd=vary-miss"), "{}", cache_status(&none));
+    assert!(
+        cache_status(&none).contains("fwd=vary-miss"),
+        "{}",
+        cache_status(&none)
+    );
     assert_eq!(h.origin.calls(), 3);
-    assert_eq!(h.get("/a", &[("accept-language", "de")]).await.body(), "hallo");
-    assert_eq!(h.get("/a", &[("accept-language", "en")]).await.body(), "hello");
+    assert_eq!(
+        h.get("/a", &[("accept-language", "de")]).await.body(),
+        "hallo"
+    );
+    assert_eq!(
+        h.get("/a", &[("accept-language", "en")]).await.body(),
+        "hello"
+    );
     assert_eq!(h.get("/a", &[]).await.body(), "default");
     assert_eq!(h.origin.calls(), 3);
 }
@@ -327,11 +410,25 @@ async fn rfc9111_4_3_1_stale_object_is_validated_with_its_validators() {
     let h = Harness::new(Origin::new(move |_, req, _| {
         if req.get("if-none-match").is_some() {
             assert_eq!(req.get("if-modified-since").unwrap(), lm2.as_str());
-            return Ok(resp(304, &[("etag", "\"v1\""), ("cache-control", "max-age=60"), ("x-new", "2")], ""));
+            return Ok(resp(
+                304,
+                &[
+                    ("etag", "\"v1\""),
+                    ("cache-control", "max-age=60"),
+                    ("x-new", "2"),
+                ],
+                "",
+            ));
         }
         Ok(resp(
             200,
-            &[("cache-control", "max-age=10"), ("etag", "\"v1\""), ("last-modified", &lm2), ("x-new", "1"), ("content-length", "4")],
+            &[
+                ("cache-control", "max-age=10"),
+                ("etag", "\"v1\""),
+                ("last-modified", &lm2),
+                ("x-new", "1"),
+                ("content-length", "4"),
+            ],
             "body",
         ))
     }));
@@ -359,7 +456,11 @@ async fn rfc9111_4_3_4_a_304_for_another_etag_does_not_update_and_refetches() {
             return Ok(resp(304, &[("etag", "\"other\"")], ""));
         }
         let body = if n == 0 { "old" } else { "new" };
-        Ok(resp(200, &[("cache-control", "max-age=10"), ("etag", "\"v1\"")], body))
+        Ok(resp(
+            200,
+            &[("cache-control", "max-age=10"), ("etag", "\"v1\"")],
+            body,
+        ))
     }));
     h.get("/a", &[]).await;
     h.clock.advance(11);
@@ -372,7 +473,11 @@ async fn rfc9111_4_3_4_a_304_for_another_etag_does_not_update_and_refetches() {
 
 #[tokio::test]
 async fn rfc9111_4_3_2_client_if_none_match_is_answered_from_cache() {
-    let h = Harness::new(Origin::fixed(200, &[CC60, ("etag", "\"v1\""), ("content-type", "text/plain")], "body"));
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[CC60, ("etag", "\"v1\""), ("content-type", "text/plain")],
+        "body",
+    ));
     h.get("/a", &[]).await;
     let b = h.get("/a", &[("if-none-match", "\"zzz\", W/\"v1\"")]).await;
     assert_eq!(b.status(), 304);
@@ -380,23 +485,43 @@ async fn rfc9111_4_3_2_client_if_none_match_is_answered_from_cache() {
     assert_eq!(hdr(&b, "etag"), Some("\"v1\""));
     assert_eq!(hdr(&b, "content-type"), None);
     let c = h.get("/a", &[("if-none-match", "\"zzz\"")]).await;
-    assert_eq!((c.status().as_u16(), c.body().as_ref()), (200, &b"body"[..]));
+    assert_eq!(
+        (c.status().as_u16(), c.body().as_ref()),
+        (200, &b"body"[..])
+    );
     assert_eq!(h.origin.calls(), 1);
 }
 
 #[tokio::test]
 async fn rfc9111_4_3_2_client_if_modified_since_is_answered_from_cache() {
-    let h = Harness::new(Origin::fixed(200, &[CC60, ("last-modified", &date(-100))], "body"));
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[CC60, ("last-modified", &date(-100))],
+        "body",
+    ));
     h.get("/a", &[]).await;
-    assert_eq!(h.get("/a", &[("if-modified-since", &date(-50))]).await.status(), 304);
-    assert_eq!(h.get("/a", &[("if-modified-since", &date(-150))]).await.status(), 200);
+    assert_eq!(
+        h.get("/a", &[("if-modified-since", &date(-50))])
+            .await
+            .status(),
+        304
+    );
+    assert_eq!(
+        h.get("/a", &[("if-modified-since", &date(-150))])
+            .await
+            .status(),
+        200
+    );
     assert_eq!(h.origin.calls(), 1);
 }
 
 #[tokio::test]
 async fn rfc9111_4_3_2_conditional_miss_fetches_in_full_then_answers_304() {
     let h = Harness::new(Origin::new(|_, req, _| {
-        assert!(req.get("if-none-match").is_none(), "the cache needs the full response");
+        assert!(
+            req.get("if-none-match").is_none(),
+            "the cache needs the full response"
+        );
         Ok(resp(200, &[CC60, ("etag", "\"v1\"")], "body"))
     }));
     let a = h.get("/a", &[("if-none-match", "\"v1\"")]).await;
@@ -417,15 +542,26 @@ async fn rfc9111_5_2_1_4_request_no_cache_forces_validation() {
     h.get("/a", &[]).await;
     let b = h.get("/a", &[("cache-control", "no-cache")]).await;
     assert_eq!(h.origin.calls(), 2);
-    assert!(cache_status(&b).contains("fwd=request"), "{}", cache_status(&b));
+    assert!(
+        cache_status(&b).contains("fwd=request"),
+        "{}",
+        cache_status(&b)
+    );
     h.get("/a", &[("pragma", "no-cache")]).await;
-    assert_eq!(h.origin.calls(), 3, "Pragma: no-cache without Cache-Control counts");
+    assert_eq!(
+        h.origin.calls(),
+        3,
+        "Pragma: no-cache without Cache-Control counts"
+    );
 }
 
 #[tokio::test]
 async fn rfc9111_5_2_1_4_operator_can_ignore_request_no_cache() {
     let cfg = CacheConfig {
-        policy: PolicyConfig { ignore_request_no_cache: true, ..Default::default() },
+        policy: PolicyConfig {
+            ignore_request_no_cache: true,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let h = Harness::with(Origin::fixed(200, &[CC60], "x"), cfg);
@@ -468,13 +604,21 @@ async fn rfc9111_5_2_1_2_request_max_stale_accepts_stale_responses() {
     assert_eq!(h.origin.calls(), 2);
     h.clock.advance(1000);
     h.get("/a", &[("cache-control", "max-stale")]).await;
-    assert_eq!(h.origin.calls(), 2, "max-stale without a value accepts any staleness");
+    assert_eq!(
+        h.origin.calls(),
+        2,
+        "max-stale without a value accepts any staleness"
+    );
     assert_eq!(h.cache.counters().get(CacheResult::Stale), 2);
 }
 
 #[tokio::test]
 async fn rfc9111_5_2_2_2_must_revalidate_is_never_served_stale() {
-    for cc in ["max-age=10, must-revalidate", "max-age=10, proxy-revalidate", "s-maxage=10"] {
+    for cc in [
+        "max-age=10, must-revalidate",
+        "max-age=10, proxy-revalidate",
+        "s-maxage=10",
+    ] {
         let h = Harness::new(Origin::fixed(200, &[("cache-control", cc)], "x"));
         h.get("/a", &[]).await;
         h.clock.advance(15);
@@ -500,11 +644,19 @@ async fn rfc9111_5_2_1_7_only_if_cached_answers_504_without_a_stored_response() 
 
 #[tokio::test]
 async fn rfc9111_5_2_2_3_must_understand_overrides_no_store_for_known_statuses() {
-    let h = Harness::new(Origin::fixed(200, &[("cache-control", "must-understand, no-store, max-age=60")], "x"));
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("cache-control", "must-understand, no-store, max-age=60")],
+        "x",
+    ));
     h.get("/a", &[]).await;
     h.get("/a", &[]).await;
     assert_eq!(h.origin.calls(), 1);
-    let h = Harness::new(Origin::fixed(299, &[("cache-control", "must-understand, no-store, max-age=60")], "x"));
+    let h = Harness::new(Origin::fixed(
+        299,
+        &[("cache-control", "must-understand, no-store, max-age=60")],
+        "x",
+    ));
     h.get("/a", &[]).await;
     h.get("/a", &[]).await;
     assert_eq!(h.origin.calls(), 2);
@@ -513,13 +665,24 @@ async fn rfc9111_5_2_2_3_must_understand_overrides_no_store_for_known_statuses()
 #[tokio::test]
 async fn rfc5861_3_stale_while_revalidate_serves_stale_and_refreshes_once() {
     let h = Harness::new(Origin::new(|_, _, n| {
-        Ok(resp(200, &[("cache-control", "max-age=10, stale-while-revalidate=60")], if n == 0 { "v0" } else { "v1" }))
+        Ok(resp(
+            200,
+            &[("cache-control", "max-age=10, stale-while-revalidate=60")],
+            if n == 0 { "v0" } else { "v1" },
+        ))
     }));
     h.get("/a", &[]).await;
     h.clock.advance(15);
     let (b, c) = tokio::join!(h.get("/a", &[]), h.get("/a", &[]));
-    assert_eq!((b.body().as_ref(), c.body().as_ref()), (&b"v0"[..], &b"v0"[..]));
-    assert!(cache_status(&b).contains("detail=stale-while-revalidate"), "{}", cache_status(&b));
+    assert_eq!(
+        (b.body().as_ref(), c.body().as_ref()),
+        (&b"v0"[..], &b"v0"[..])
+    );
+    assert!(
+        cache_status(&b).contains("detail=stale-while-revalidate"),
+        "{}",
+        cache_status(&b)
+    );
     // Let the background refresh run.
     for _ in 0..20 {
         tokio::task::yield_now().await;
@@ -536,13 +699,24 @@ async fn rfc5861_3_stale_while_revalidate_serves_stale_and_refreshes_once() {
 
 #[tokio::test]
 async fn rfc5861_4_stale_if_error_serves_stale_on_5xx_and_unreachable_origin() {
-    let h = Harness::new(Origin::fixed(200, &[("cache-control", "max-age=10, stale-if-error=60")], "good"));
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("cache-control", "max-age=10, stale-if-error=60")],
+        "good",
+    ));
     h.get("/a", &[]).await;
     h.clock.advance(20);
     h.origin.set(|_, _, _| Ok(resp(503, &[], "down")));
     let b = h.get("/a", &[]).await;
-    assert_eq!((b.status().as_u16(), b.body().as_ref()), (200, &b"good"[..]));
-    assert!(cache_status(&b).contains("fwd-status=503"), "{}", cache_status(&b));
+    assert_eq!(
+        (b.status().as_u16(), b.body().as_ref()),
+        (200, &b"good"[..])
+    );
+    assert!(
+        cache_status(&b).contains("fwd-status=503"),
+        "{}",
+        cache_status(&b)
+    );
     h.origin.set(|_, _, _| Err("connection refused".into()));
     let c = h.get("/a", &[]).await;
     assert_eq!(c.body(), "good");
@@ -551,7 +725,11 @@ async fn rfc5861_4_stale_if_error_serves_stale_on_5xx_and_unreachable_origin() {
     h.origin.set(|_, _, _| Ok(resp(503, &[], "down")));
     assert_eq!(h.get("/a", &[]).await.status(), 503);
     // 404 is not an error stale-if-error covers.
-    let h = Harness::new(Origin::fixed(200, &[("cache-control", "max-age=10, stale-if-error=60")], "good"));
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("cache-control", "max-age=10, stale-if-error=60")],
+        "good",
+    ));
     h.get("/a", &[]).await;
     h.clock.advance(20);
     h.origin.set(|_, _, _| Ok(resp(404, &[], "gone")));
@@ -560,12 +738,21 @@ async fn rfc5861_4_stale_if_error_serves_stale_on_5xx_and_unreachable_origin() {
 
 #[tokio::test]
 async fn rfc5861_4_request_stale_if_error() {
-    let h = Harness::new(Origin::fixed(200, &[("cache-control", "max-age=10")], "good"));
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("cache-control", "max-age=10")],
+        "good",
+    ));
     h.get("/a", &[]).await;
     h.clock.advance(20);
     h.origin.set(|_, _, _| Ok(resp(500, &[], "bad")));
     assert_eq!(h.get("/a", &[]).await.status(), 500);
-    assert_eq!(h.get("/a", &[("cache-control", "stale-if-error=30")]).await.status(), 200);
+    assert_eq!(
+        h.get("/a", &[("cache-control", "stale-if-error=30")])
+            .await
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -574,7 +761,10 @@ async fn rfc9111_4_4_unsafe_methods_invalidate_the_target_and_same_origin_locati
         if m == Method::POST {
             return Ok(resp(
                 201,
-                &[("location", "/b"), ("content-location", "http://other.test/c")],
+                &[
+                    ("location", "/b"),
+                    ("content-location", "http://other.test/c"),
+                ],
                 "",
             ));
         }
@@ -625,13 +815,24 @@ async fn rfc9110_9_3_2_head_is_answered_from_a_stored_get() {
 
 #[tokio::test]
 async fn rfc9211_cache_status_is_appended_after_upstream_members() {
-    let h = Harness::new(Origin::fixed(200, &[CC60, ("cache-status", "origin-cache; hit")], "x"));
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[CC60, ("cache-status", "origin-cache; hit")],
+        "x",
+    ));
     let a = h.get("/a", &[]).await;
-    assert_eq!(cache_status(&a), "origin-cache; hit, shoal; fwd=uri-miss; fwd-status=200; stored");
+    assert_eq!(
+        cache_status(&a),
+        "origin-cache; hit, shoal; fwd=uri-miss; fwd-status=200; stored"
+    );
     let b = h.get("/a", &[]).await;
     assert_eq!(cache_status(&b), "origin-cache; hit, shoal; hit; ttl=60");
     let c = h.send(Method::PUT, "/a", &[]).await;
-    assert_eq!(cache_status(&c), "origin-cache; hit", "bypassed requests are the proxy's to mark");
+    assert_eq!(
+        cache_status(&c),
+        "origin-cache; hit",
+        "bypassed requests are the proxy's to mark"
+    );
 }
 
 #[tokio::test]
@@ -642,7 +843,10 @@ async fn cache_set_cookie_responses_are_not_stored_unless_configured() {
     h.get("/a", &[]).await;
     assert_eq!(h.origin.calls(), 2);
     let cfg = CacheConfig {
-        policy: PolicyConfig { store_set_cookie: true, ..Default::default() },
+        policy: PolicyConfig {
+            store_set_cookie: true,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let h = Harness::with(origin(), cfg);
@@ -653,13 +857,23 @@ async fn cache_set_cookie_responses_are_not_stored_unless_configured() {
 
 #[tokio::test]
 async fn cache_bodies_over_the_object_limit_stream_through_uncached() {
-    let cfg = CacheConfig { max_object_size: 8, ..Default::default() };
-    let h = Harness::with(Origin::fixed(200, &[CC60, ("content-length", "10")], "0123456789"), cfg.clone());
+    let cfg = CacheConfig {
+        max_object_size: 8,
+        ..Default::default()
+    };
+    let h = Harness::with(
+        Origin::fixed(200, &[CC60, ("content-length", "10")], "0123456789"),
+        cfg.clone(),
+    );
     h.get("/a", &[]).await;
     let b = h.get("/a", &[]).await;
     assert_eq!(b.body(), "0123456789");
     assert_eq!(h.origin.calls(), 2);
-    assert!(cache_status(&b).contains("fwd=bypass"), "{}", cache_status(&b));
+    assert!(
+        cache_status(&b).contains("fwd=bypass"),
+        "{}",
+        cache_status(&b)
+    );
     // Unknown length, found too large while buffering.
     let h = Harness::with(Origin::fixed(200, &[CC60], "0123456789"), cfg);
     h.get("/a", &[]).await;
@@ -671,7 +885,11 @@ async fn cache_bodies_over_the_object_limit_stream_through_uncached() {
 #[tokio::test]
 async fn cache_default_ttl_and_max_ttl_are_operator_overrides() {
     let cfg = CacheConfig {
-        policy: PolicyConfig { default_ttl: Duration::from_secs(30), max_ttl: Duration::from_secs(100), ..Default::default() },
+        policy: PolicyConfig {
+            default_ttl: Duration::from_secs(30),
+            max_ttl: Duration::from_secs(100),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let h = Harness::with(Origin::fixed(200, &[], "x"), cfg.clone());
@@ -679,7 +897,10 @@ async fn cache_default_ttl_and_max_ttl_are_operator_overrides() {
     h.clock.advance(29);
     h.get("/a", &[]).await;
     assert_eq!(h.origin.calls(), 1);
-    let h = Harness::with(Origin::fixed(200, &[("cache-control", "max-age=1000")], "x"), cfg);
+    let h = Harness::with(
+        Origin::fixed(200, &[("cache-control", "max-age=1000")], "x"),
+        cfg,
+    );
     h.get("/a", &[]).await;
     h.clock.advance(101);
     h.get("/a", &[]).await;

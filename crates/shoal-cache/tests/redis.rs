@@ -19,7 +19,11 @@ struct RedisServer {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl RedisServer {
@@ -30,7 +34,11 @@ impl RedisServer {
             free_port()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut s = RedisServer { child: None, port: free_port(), dir };
+        let mut s = RedisServer {
+            child: None,
+            port: free_port(),
+            dir,
+        };
         s.spawn();
         s
     }
@@ -109,7 +117,12 @@ fn shoal(redis: &RedisServer) -> Arc<Cache> {
     Cache::new(store, CacheConfig::default())
 }
 
-async fn get(cache: &Arc<Cache>, clock: &Clock, origin: &Origin, path: &str) -> http::Response<bytes::Bytes> {
+async fn get(
+    cache: &Arc<Cache>,
+    clock: &Clock,
+    origin: &Origin,
+    path: &str,
+) -> http::Response<bytes::Bytes> {
     let h = HeaderMap::new();
     let req = Request {
         method: &Method::GET,
@@ -118,18 +131,31 @@ async fn get(cache: &Arc<Cache>, clock: &Clock, origin: &Origin, path: &str) -> 
         path_and_query: path,
         headers: &h,
     };
-    cache.handle(&req, clock.fun(), origin.call()).await.unwrap()
+    cache
+        .handle(&req, clock.fun(), origin.call())
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_shoal_processes_share_objects_through_redis() {
     let redis = RedisServer::start();
     let (a, b) = (shoal(&redis), shoal(&redis));
-    until("connected", || a.store().stats().redis_connected && b.store().stats().redis_connected).await;
-    let origin = Origin::fixed(200, &[("cache-control", "max-age=60"), ("etag", "\"1\"")], "shared");
+    until("connected", || {
+        a.store().stats().redis_connected && b.store().stats().redis_connected
+    })
+    .await;
+    let origin = Origin::fixed(
+        200,
+        &[("cache-control", "max-age=60"), ("etag", "\"1\"")],
+        "shared",
+    );
     let clock = Clock::new();
     assert_eq!(get(&a, &clock, &origin, "/s").await.body(), "shared");
-    until("stored in Redis", || exists(redis.port, "http://example.test/s")).await;
+    until("stored in Redis", || {
+        exists(redis.port, "http://example.test/s")
+    })
+    .await;
     clock.advance(5);
     let r = get(&b, &clock, &origin, "/s").await;
     assert_eq!(r.body(), "shared");
@@ -189,16 +215,35 @@ async fn purges_reach_the_shared_tier() {
     let (a, b) = (shoal(&redis), shoal(&redis));
     until("connected", || a.store().stats().redis_connected).await;
     let origin = Origin::new(|_, _, _| {
-        Ok(resp(200, &[("cache-control", "max-age=600"), ("surrogate-key", "grp")], "v"))
+        Ok(resp(
+            200,
+            &[("cache-control", "max-age=600"), ("surrogate-key", "grp")],
+            "v",
+        ))
     });
     let clock = Clock::new();
     for p in ["/u/1", "/u/2", "/v/1", "/w/1"] {
         get(&a, &clock, &origin, p).await;
-        until("stored", || exists(redis.port, &format!("http://example.test{p}"))).await;
+        until("stored", || {
+            exists(redis.port, &format!("http://example.test{p}"))
+        })
+        .await;
     }
-    assert_eq!(a.store().purge_url("http://example.test/w/1").await.unwrap(), 1);
+    assert_eq!(
+        a.store()
+            .purge_url("http://example.test/w/1")
+            .await
+            .unwrap(),
+        1
+    );
     assert!(!exists(redis.port, "http://example.test/w/1"));
-    assert_eq!(a.store().purge_prefix("http://example.test/u/").await.unwrap(), 2);
+    assert_eq!(
+        a.store()
+            .purge_prefix("http://example.test/u/")
+            .await
+            .unwrap(),
+        2
+    );
     assert!(!exists(redis.port, "http://example.test/u/1"));
     assert!(!exists(redis.port, "http://example.test/u/2"));
     assert!(exists(redis.port, "http://example.test/v/1"));
@@ -215,7 +260,11 @@ async fn unreadable_or_foreign_objects_are_misses() {
     let redis = RedisServer::start();
     let cache = shoal(&redis);
     until("connected", || cache.store().stats().redis_connected).await;
-    redis_cmd(redis.port, &["SET", "shoal:cache:http://example.test/j", "junk"]).unwrap();
+    redis_cmd(
+        redis.port,
+        &["SET", "shoal:cache:http://example.test/j", "junk"],
+    )
+    .unwrap();
     let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "fresh");
     let clock = Clock::new();
     assert_eq!(get(&cache, &clock, &origin, "/j").await.body(), "fresh");
@@ -240,5 +289,10 @@ async fn redis_down_from_the_start_degrades_to_memory() {
     }
     assert_eq!(origin.calls(), 1);
     until("error counted", || cache.store().stats().redis_errors > 0).await;
-    assert!(CacheStore::new(1, Some(RedisConfig::new("nonsense://")), &PolicyConfig::default()).is_err());
+    assert!(CacheStore::new(
+        1,
+        Some(RedisConfig::new("nonsense://")),
+        &PolicyConfig::default()
+    )
+    .is_err());
 }

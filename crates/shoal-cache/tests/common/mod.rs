@@ -76,7 +76,12 @@ impl Origin {
         self.calls.load(Ordering::SeqCst)
     }
     pub fn last_request(&self) -> (Method, HeaderMap) {
-        self.seen.lock().unwrap().last().cloned().expect("origin was called")
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("origin was called")
     }
     pub fn call(
         &self,
