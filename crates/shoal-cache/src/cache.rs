@@ -76,6 +76,10 @@ impl CacheStore {
         self.coalescer.in_flight()
     }
 
+    pub(crate) fn memory_get(&self, key: &str) -> Option<Arc<crate::memory::MemEntry>> {
+        self.memory.get(key)
+    }
+
     /// Requests waiting on another request's fetch.
     pub fn waiting(&self) -> usize {
         self.coalescer.waiting()
@@ -648,6 +652,7 @@ impl Cache {
                 vary: Vec::new(),
                 surrogate_keys: Vec::new(),
                 meta: policy::compute_meta(cfg, status, headers),
+                h1: Default::default(),
             };
             policy::client_not_modified(&probe, &fetch.req_headers).then(|| {
                 policy::serve(

@@ -7,6 +7,7 @@
 //! - [`memory`] (moka, byte-weighted) and [`redis_tier`] (shared, optional, never blocking a
 //!   request): the tiers, behind [`CacheStore`].
 //! - [`coalesce`]: one origin fetch per URL at a time; hit-for-pass for uncacheable URLs.
+//! - [`fast`]: fresh hits for the HTTP/1.1 fast path, from memory, with a pre-rendered head.
 //! - [`Cache`]: one route's request phase — [`Cache::lookup`] → [`Lookup`], then
 //!   [`Cache::response`] → [`Outcome`] for the origin's answer.
 //!
@@ -23,6 +24,7 @@
 pub mod cache;
 pub mod coalesce;
 pub mod directives;
+pub mod fast;
 pub mod memory;
 pub mod metrics;
 pub mod object;
@@ -32,6 +34,7 @@ pub mod redis_tier;
 pub use cache::{
     Cache, CacheConfig, CacheStore, Fetch, Lookup, Outcome, Request, Store, STATUS_NAME,
 };
+pub use fast::FastHit;
 pub use metrics::{CacheCounters, Outcome as CacheResult, StoreStats};
 pub use policy::PolicyConfig;
 pub use redis_tier::{RedisConfig, RedisTierError};

@@ -182,6 +182,7 @@ pub fn decode(b: &[u8], cfg: &PolicyConfig) -> Result<Entry, DecodeError> {
             vary,
             surrogate_keys,
             meta,
+            h1: Default::default(),
         }));
     }
     if r.i != b.len() || variants.is_empty() {

@@ -146,6 +146,8 @@ pub struct StoredResponse {
     /// Purge tags from `Surrogate-Key` (removed from the served headers).
     pub surrogate_keys: Vec<String>,
     pub meta: Meta,
+    /// The HTTP/1.1 head for fast-path hits, rendered on first use.
+    pub h1: std::sync::OnceLock<crate::fast::H1Head>,
 }
 
 /// Everything derived from the stored headers, computed once at store/merge/decode time.
@@ -225,6 +227,10 @@ pub fn to_stored(
         .unwrap_or(0);
     let vary = vary_values(resp_headers, req_headers).ok_or(NotStorable::VaryStar)?;
     let surrogate_keys = take_surrogate_keys(&mut headers);
+    if status != StatusCode::NO_CONTENT {
+        // The stored body is complete: its length frames it, however it arrived.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
     let meta = compute_meta(cfg, status, &headers);
     let s = StoredResponse {
         status,
@@ -236,6 +242,7 @@ pub fn to_stored(
         vary,
         surrogate_keys,
         meta,
+        h1: Default::default(),
     };
     // Useless to keep: never fresh, no way to validate, no stale window.
     if s.meta.lifetime == 0
@@ -386,11 +393,16 @@ pub fn vary_values(
 /// All lines of a field joined by ", " with whitespace around members removed (§4.1 allows
 /// such normalisation), or `None` when absent.
 fn normalized_field(h: &HeaderMap, name: &HeaderName) -> Option<String> {
-    let mut it = h.get_all(name).iter().peekable();
+    normalize_values(h.get_all(name).iter().map(|v| v.as_bytes()))
+}
+
+/// [`normalized_field`] over raw field values (the fast path's parsed headers).
+pub(crate) fn normalize_values<'a>(vals: impl Iterator<Item = &'a [u8]>) -> Option<String> {
+    let mut it = vals.peekable();
     it.peek()?;
     let mut parts = Vec::new();
     for v in it {
-        let s = String::from_utf8_lossy(v.as_bytes()).into_owned();
+        let s = String::from_utf8_lossy(v);
         for p in s.split(',') {
             let p = p.split_whitespace().collect::<Vec<_>>().join(" ");
             if !p.is_empty() {
@@ -654,6 +666,7 @@ pub fn merge_not_modified(
         vary: stored.vary.clone(),
         surrogate_keys: keys,
         meta,
+        h1: Default::default(),
     }
 }
 

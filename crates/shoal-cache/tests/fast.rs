@@ -1,0 +1,129 @@
+//! Fresh hits for the HTTP/1.1 fast path.
+
+mod common;
+
+use common::*;
+use http::Method;
+
+fn parse_head(buf: &[u8]) -> (u16, Vec<(String, String)>, usize) {
+    let mut hs = [httparse::EMPTY_HEADER; 32];
+    let mut r = httparse::Response::new(&mut hs);
+    let n = match r.parse(buf).unwrap() {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => panic!("incomplete head"),
+    };
+    let headers = r
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8(h.value.to_vec()).unwrap(),
+            )
+        })
+        .collect();
+    (r.code.unwrap(), headers, n)
+}
+
+fn get<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    h.iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+#[tokio::test]
+async fn fresh_hits_are_written_from_a_prerendered_head() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("cache-control", "max-age=60"),
+            ("vary", "accept-encoding"),
+            ("transfer-encoding", "chunked"),
+            ("cache-status", "up; hit"),
+        ],
+        "hello",
+    ));
+    h.get("/f", &[("accept-encoding", "gzip")]).await;
+    h.clock.advance(7);
+    let req = [httparse::Header {
+        name: "Accept-Encoding",
+        value: b"gzip",
+    }];
+    let hit = h
+        .cache
+        .fast_hit(
+            &Method::GET,
+            "http",
+            "example.test",
+            "/f",
+            &req,
+            h.clock.now(),
+        )
+        .expect("fresh hit");
+    let mut out = Vec::new();
+    hit.write_head(&mut out);
+    let (code, headers, n) = parse_head(&out);
+    assert_eq!((code, n), (200, out.len()));
+    assert_eq!(get(&headers, "content-length"), Some("5"));
+    assert_eq!(get(&headers, "transfer-encoding"), None);
+    assert_eq!(get(&headers, "age"), Some("7"));
+    assert_eq!(
+        get(&headers, "cache-status"),
+        Some("up; hit, shoal; hit; ttl=53")
+    );
+    assert_eq!(hit.body, "hello");
+    // The same head serves the next hit; HEAD gets no body.
+    let head = h
+        .cache
+        .fast_hit(
+            &Method::HEAD,
+            "http",
+            "example.test",
+            "/f",
+            &req,
+            h.clock.now(),
+        )
+        .unwrap();
+    assert!(head.body.is_empty());
+    assert_eq!(h.cache.counters().get(shoal_cache::CacheResult::Hit), 2);
+}
+
+#[tokio::test]
+async fn anything_but_a_plain_fresh_hit_takes_the_general_path() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("cache-control", "max-age=60"),
+            ("vary", "accept-encoding"),
+            ("etag", "\"1\""),
+        ],
+        "hello",
+    ));
+    h.get("/f", &[]).await;
+    let now = h.clock.now();
+    let fast = |hs: &[httparse::Header<'_>], m: Method, now| {
+        h.cache
+            .fast_hit(&m, "http", "example.test", "/f", hs, now)
+            .is_some()
+    };
+    assert!(fast(&[], Method::GET, now));
+    let other_variant = [httparse::Header {
+        name: "accept-encoding",
+        value: b"br",
+    }];
+    assert!(!fast(&other_variant, Method::GET, now));
+    for (n, v) in [
+        ("cache-control", &b"no-cache"[..]),
+        ("if-none-match", b"\"1\""),
+        ("range", b"bytes=0-1"),
+        ("pragma", b"no-cache"),
+    ] {
+        assert!(
+            !fast(&[httparse::Header { name: n, value: v }], Method::GET, now),
+            "{n}"
+        );
+    }
+    assert!(!fast(&[], Method::POST, now));
+    h.clock.advance(61);
+    assert!(!fast(&[], Method::GET, h.clock.now()), "stale");
+}
