@@ -291,8 +291,9 @@ pub enum Outcome {
     Refetch(Fetch),
 }
 
-/// A storable response whose body is on its way. Dropping it without `finish` (body too
-/// large, upstream error) releases waiters and remembers the URL as hit-for-pass.
+/// A storable response whose body is on its way. Call [`Store::finish`] with the whole body,
+/// or [`Store::too_large`] once it passes [`Store::max_body`]; dropping it (upstream failed
+/// mid-body) stores nothing and lets the waiters go to the origin.
 pub struct Store {
     cache: Arc<Cache>,
     fetch: Option<Fetch>,
@@ -305,6 +306,15 @@ impl Store {
     /// The most body bytes that may be buffered; past it, drop the `Store`.
     pub fn max_body(&self) -> usize {
         self.cache.cfg.max_object_size
+    }
+
+    /// The body outgrew [`Store::max_body`]: counted, and the URL is passed through (not
+    /// coalesced) for a while, like any other uncacheable one.
+    pub fn too_large(mut self) {
+        if let Some(f) = self.fetch.take() {
+            self.cache.store.too_large.fetch_add(1, Ordering::Relaxed);
+            self.cache.pass_for_a_while(&f, self.response_time);
+        }
     }
 
     /// Stores the complete body. Returns false if it was not stored (too large).
@@ -337,15 +347,6 @@ impl Store {
             Err(_) => false,
         }
         // `fetch` (and its flight guard) drops here, after the object is visible.
-    }
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        if let Some(f) = self.fetch.take() {
-            self.cache.store.too_large.fetch_add(1, Ordering::Relaxed);
-            self.cache.pass_for_a_while(&f, self.response_time);
-        }
     }
 }
 

@@ -35,6 +35,6 @@ pub use cache::{
     Cache, CacheConfig, CacheStore, Fetch, Lookup, Outcome, Request, Store, STATUS_NAME,
 };
 pub use fast::FastHit;
-pub use metrics::{CacheCounters, Outcome as CacheResult, StoreStats};
+pub use metrics::{CacheCounters, Outcome as CacheResult, Sample, StoreStats};
 pub use policy::PolicyConfig;
 pub use redis_tier::{RedisConfig, RedisTierError};
