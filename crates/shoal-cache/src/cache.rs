@@ -175,6 +175,14 @@ fn url_key(url: &str) -> String {
     }
 }
 
+/// Adds `Cache-Status: shoal; fwd=bypass; fwd-status=N` to a response the cache let through
+/// untouched ([`Lookup::Bypass`]), so every response of a cached route says what the cache did.
+pub fn mark_bypass(status: StatusCode, headers: &mut HeaderMap) {
+    let mut cs = CacheStatus::fwd("bypass");
+    cs.fwd_status = Some(status.as_u16());
+    cs.append_to(STATUS_NAME, headers);
+}
+
 /// Per-route settings.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
@@ -758,10 +766,11 @@ impl Cache {
             }
             Lookup::Miss(f) => self.fetch_with(f, req.headers, now, origin).await,
             Lookup::Bypass { unsafe_method } => {
-                let resp = origin(req.method.clone(), req.headers.clone()).await?;
+                let mut resp = origin(req.method.clone(), req.headers.clone()).await?;
                 if unsafe_method {
                     self.invalidate_after(req, resp.status(), resp.headers());
                 }
+                mark_bypass(resp.status(), resp.headers_mut());
                 Ok(resp)
             }
         }

@@ -32,7 +32,8 @@ pub mod policy;
 pub mod redis_tier;
 
 pub use cache::{
-    Cache, CacheConfig, CacheStore, Fetch, Lookup, Outcome, Request, Store, STATUS_NAME,
+    mark_bypass, Cache, CacheConfig, CacheStore, Fetch, Lookup, Outcome, Request, Store,
+    STATUS_NAME,
 };
 pub use fast::FastHit;
 pub use metrics::{CacheCounters, Outcome as CacheResult, Sample, StoreStats};

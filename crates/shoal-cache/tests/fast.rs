@@ -127,3 +127,67 @@ async fn anything_but_a_plain_fresh_hit_takes_the_general_path() {
     h.clock.advance(61);
     assert!(!fast(&[], Method::GET, h.clock.now()), "stale");
 }
+
+/// The streaming use a proxy makes of the phase: headers first, body teed into the store.
+#[tokio::test]
+async fn streaming_phase_stores_after_the_body_and_releases_waiters() {
+    use shoal_cache::{Lookup, Outcome, Request};
+    let h = Harness::new(Origin::fixed(200, &[], ""));
+    let hm = headers(&[("if-none-match", "\"v1\"")]);
+    let req = Request {
+        method: &Method::GET,
+        scheme: "http",
+        authority: "example.test",
+        path_and_query: "/s",
+        headers: &hm,
+    };
+    let now = h.clock.now();
+    let Lookup::Miss(fetch) = h.cache.lookup(&req, now).await else {
+        panic!("cold lookup must miss");
+    };
+    let mut upstream = hm.clone();
+    fetch.prepare(&mut upstream);
+    assert!(upstream.get("if-none-match").is_none());
+    assert_eq!(h.cache.store().in_flight(), 1);
+    let mut resp_headers = headers(&[("cache-control", "max-age=60"), ("etag", "\"v1\"")]);
+    // The client's validator matches the new response: it gets a 304, the body is stored.
+    let Outcome::NotModified(r, Some(store)) =
+        h.cache
+            .response(fetch, http::StatusCode::OK, &mut resp_headers, now)
+    else {
+        panic!("expected a 304 for the client and a store");
+    };
+    assert_eq!(r.status(), 304);
+    assert_eq!(h.cache.store().in_flight(), 1, "waiters wait for the body");
+    assert!(store.max_body() >= 4);
+    assert!(store.finish(bytes::Bytes::from_static(b"body")));
+    assert_eq!(h.cache.store().in_flight(), 0);
+    let hit = h.get("/s", &[]).await;
+    assert_eq!(
+        (hit.status().as_u16(), hit.body().as_ref()),
+        (200, &b"body"[..])
+    );
+    assert_eq!(h.origin.calls(), 0);
+
+    // A body that outgrows the limit: counted, and the URL is passed through for a while.
+    let req = Request {
+        path_and_query: "/big",
+        ..req
+    };
+    let Lookup::Miss(fetch) = h.cache.lookup(&req, now).await else {
+        panic!()
+    };
+    let mut rh = headers(&[("cache-control", "max-age=60")]);
+    let Outcome::Forward(Some(store)) = h.cache.response(fetch, http::StatusCode::OK, &mut rh, now)
+    else {
+        panic!("expected a store");
+    };
+    store.too_large();
+    assert_eq!(h.cache.store().stats().too_large, 1);
+    let again = h.get("/big", &[]).await;
+    assert!(
+        cache_status(&again).contains("hit-for-pass"),
+        "{}",
+        cache_status(&again)
+    );
+}
