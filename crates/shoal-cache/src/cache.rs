@@ -601,7 +601,8 @@ impl Cache {
             return Outcome::Serve(policy::serve(&merged, &m, &h, now, STATUS_NAME, &cs));
         }
         if let Some(stale) = &fetch.stale {
-            if policy::is_error_status(status) && policy::stale_if_error_ok(stale, &fetch.qcc, now)
+            if policy::is_error_status(status)
+                && policy::stale_if_error_ok(&self.cfg.policy, stale, &fetch.qcc, now)
             {
                 self.counters.inc(Count::Stale);
                 let mut cs = CacheStatus::hit(stale.ttl(now)).with_detail("stale-if-error");
@@ -692,7 +693,7 @@ impl Cache {
     /// under `stale-if-error`. `None`: answer with the proxy's own error.
     pub fn origin_error(&self, fetch: Fetch, now: SystemTime) -> Option<http::Response<Bytes>> {
         let stale = fetch.stale.as_ref()?;
-        if !policy::stale_if_error_ok(stale, &fetch.qcc, now) {
+        if !policy::stale_if_error_ok(&self.cfg.policy, stale, &fetch.qcc, now) {
             return None;
         }
         self.counters.inc(Count::Stale);

@@ -27,7 +27,12 @@ pub struct PolicyConfig {
     pub heuristic_max: Duration,
     /// How long a stale object that can be revalidated is kept after its stale windows.
     pub keep: Duration,
-    /// Store responses carrying `Set-Cookie` (off: they are usually per user).
+    /// How long a stale object may stand in when the origin fails and the response did not
+    /// say (`stale-if-error` applied by default, like Varnish's grace; 0: only when told).
+    pub stale_if_error: Duration,
+    /// Store responses carrying `Set-Cookie`. RFC 9111 allows it (origins mark per-user
+    /// responses `private` or `no-cache="Set-Cookie"`); turn it off to pass such responses
+    /// through as Varnish and NGINX do by default.
     pub store_set_cookie: bool,
 }
 
@@ -41,7 +46,8 @@ impl Default for PolicyConfig {
             heuristic_fraction: 0.1,
             heuristic_max: Duration::from_secs(86_400),
             keep: Duration::from_secs(3_600),
-            store_set_cookie: false,
+            store_set_cookie: true,
+            stale_if_error: Duration::ZERO,
         }
     }
 }
@@ -493,6 +499,7 @@ impl StoredResponse {
             self.meta
                 .stale_while_revalidate
                 .max(self.meta.stale_if_error)
+                .max(cfg.stale_if_error.as_secs())
         };
         let keep = if self.meta.etag.is_some() || self.meta.last_modified.is_some() {
             cfg.keep.as_secs()
@@ -572,12 +579,25 @@ pub fn reuse(
     Reuse::Validate
 }
 
-/// Whether `stale-if-error` (response or request directive, RFC 5861 §4) lets `stored` stand
-/// in for an origin error now.
-pub fn stale_if_error_ok(stored: &StoredResponse, qcc: &CacheControl, now: SystemTime) -> bool {
+/// Whether `stale-if-error` (request or response directive, RFC 5861 §4) or the operator's
+/// default window lets `stored` stand in for an origin error now. The operator's window never
+/// overrides `must-revalidate`, `proxy-revalidate`, `s-maxage` or `no-cache` (§4.2.4).
+pub fn stale_if_error_ok(
+    cfg: &PolicyConfig,
+    stored: &StoredResponse,
+    qcc: &CacheControl,
+    now: SystemTime,
+) -> bool {
     let staleness = (-stored.ttl(now)).max(0) as u64;
-    let window = qcc.stale_if_error.unwrap_or(stored.meta.stale_if_error);
-    staleness <= window && window > 0
+    let explicit = qcc
+        .stale_if_error
+        .or((stored.meta.stale_if_error > 0).then_some(stored.meta.stale_if_error));
+    let window = match explicit {
+        Some(w) => w,
+        None if stored.meta.no_stale || stored.meta.no_cache => 0,
+        None => cfg.stale_if_error.as_secs(),
+    };
+    window > 0 && staleness <= window
 }
 
 /// An origin outcome that `stale-if-error` covers: 500, 502, 503, 504.

@@ -737,6 +737,28 @@ async fn rfc5861_4_stale_if_error_serves_stale_on_5xx_and_unreachable_origin() {
 }
 
 #[tokio::test]
+async fn rfc9111_4_2_4_operator_stale_on_error_window_respects_must_revalidate() {
+    let cfg = CacheConfig {
+        policy: PolicyConfig {
+            stale_if_error: Duration::from_secs(300),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    for (cc, served_stale) in [("max-age=10", true), ("max-age=10, must-revalidate", false)] {
+        let h = Harness::with(
+            Origin::fixed(200, &[("cache-control", cc)], "good"),
+            cfg.clone(),
+        );
+        h.get("/a", &[]).await;
+        h.clock.advance(20);
+        h.origin.set(|_, _, _| Err("connection reset".into()));
+        let r = h.get("/a", &[]).await;
+        assert_eq!(r.status() == 200, served_stale, "{cc}: {}", r.status());
+    }
+}
+
+#[tokio::test]
 async fn rfc5861_4_request_stale_if_error() {
     let h = Harness::new(Origin::fixed(
         200,
@@ -835,15 +857,16 @@ async fn rfc9211_cache_status_is_appended_after_upstream_members() {
 }
 
 #[tokio::test]
-async fn cache_set_cookie_responses_are_not_stored_unless_configured() {
+async fn cache_set_cookie_responses_are_stored_unless_the_operator_says_no() {
     let origin = || Origin::fixed(200, &[CC60, ("set-cookie", "s=1")], "x");
     let h = Harness::new(origin());
     h.get("/a", &[]).await;
-    h.get("/a", &[]).await;
-    assert_eq!(h.origin.calls(), 2);
+    let b = h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+    assert_eq!(hdr(&b, "set-cookie"), Some("s=1"));
     let cfg = CacheConfig {
         policy: PolicyConfig {
-            store_set_cookie: true,
+            store_set_cookie: false,
             ..Default::default()
         },
         ..Default::default()
@@ -851,7 +874,7 @@ async fn cache_set_cookie_responses_are_not_stored_unless_configured() {
     let h = Harness::with(origin(), cfg);
     h.get("/a", &[]).await;
     h.get("/a", &[]).await;
-    assert_eq!(h.origin.calls(), 1);
+    assert_eq!(h.origin.calls(), 2);
 }
 
 #[tokio::test]
