@@ -68,6 +68,17 @@ impl RedisServer {
         }
     }
 
+    /// SIGSTOP / SIGCONT: a Redis that accepts connections but does not answer.
+    fn pause(&self, stop: bool) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        let sig = if stop { "-STOP" } else { "-CONT" };
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
@@ -295,4 +306,39 @@ async fn redis_down_from_the_start_degrades_to_memory() {
         &PolicyConfig::default()
     )
     .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_costs_requests_at_most_its_timeout() {
+    let redis = RedisServer::start();
+    let cache = shoal(&redis);
+    until("connected", || cache.store().stats().redis_connected).await;
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=600")], "ok");
+    let clock = Clock::new();
+    redis.pause(true);
+    let mut slowest = Duration::ZERO;
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_millis(2500) {
+        let t = Instant::now();
+        let r = get(&cache, &clock, &origin, &format!("/h/{}", n % 50)).await;
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(r.status(), 200);
+        n += 1;
+    }
+    // Lookups give up after 50 ms; after a failure the tier is skipped for a second.
+    assert!(slowest < Duration::from_millis(300), "slowest {slowest:?}");
+    assert!(n > 100, "only {n} requests in 2.5 s");
+    assert!(cache.store().stats().redis_errors > 0);
+    redis.pause(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for i in 0.. {
+        let path = format!("/resumed/{i}");
+        get(&cache, &clock, &origin, &path).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if exists(redis.port, &format!("http://example.test{path}")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the tier was not used again");
+    }
 }
