@@ -615,6 +615,19 @@ impl Cache {
         let mut cs = CacheStatus::fwd(fetch.fwd);
         cs.fwd_status = Some(status.as_u16());
         cs.detail = fetch.detail;
+        if fetch.method == Method::HEAD && status == StatusCode::OK {
+            // A HEAD answer freshens the stored GET it describes (§4.3.5).
+            if let Some(stale) = fetch
+                .stale
+                .as_ref()
+                .filter(|s| policy::head_matches(s, headers))
+            {
+                let merged =
+                    policy::merge_not_modified(cfg, stale, headers, fetch.request_time, now);
+                self.insert_variant(&fetch.key, merged, now);
+                cs.stored = true;
+            }
+        }
         if !fetch.store_allowed {
             cs.append_to(STATUS_NAME, headers);
             return Outcome::Forward(None);

@@ -690,6 +690,29 @@ pub fn merge_not_modified(
     }
 }
 
+/// Whether a `200` answer to `HEAD` describes `stored` (§4.3.5): the same `Content-Length`
+/// where both have one, and a matching strong `ETag`, else `Last-Modified`, else no
+/// validators on either side.
+pub fn head_matches(stored: &StoredResponse, resp_headers: &HeaderMap) -> bool {
+    let cl = |h: &HeaderMap| h.get(header::CONTENT_LENGTH).cloned();
+    if let (Some(a), Some(b)) = (cl(&stored.headers), cl(resp_headers)) {
+        if a != b {
+            return false;
+        }
+    }
+    match (&stored.meta.etag, resp_headers.get(header::ETAG)) {
+        (Some(old), Some(new)) => {
+            return !old.as_bytes().starts_with(b"W/") && old == new;
+        }
+        (None, None) => {}
+        _ => return false,
+    }
+    let new_lm = resp_headers
+        .get(header::LAST_MODIFIED)
+        .and_then(parse_http_date);
+    stored.meta.last_modified == new_lm
+}
+
 fn etag_strip_weak(b: &[u8]) -> &[u8] {
     b.strip_prefix(b"W/").unwrap_or(b)
 }

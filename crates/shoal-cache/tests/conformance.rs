@@ -836,6 +836,65 @@ async fn rfc9110_9_3_2_head_is_answered_from_a_stored_get() {
 }
 
 #[tokio::test]
+async fn rfc9111_4_3_5_head_response_freshens_the_stored_get() {
+    let h = Harness::new(Origin::new(|m, _, _| {
+        if m == Method::HEAD {
+            return Ok(resp(
+                200,
+                &[
+                    ("cache-control", "max-age=1000"),
+                    ("etag", "\"v1\""),
+                    ("x-a", "2"),
+                ],
+                "",
+            ));
+        }
+        Ok(resp(
+            200,
+            &[
+                ("cache-control", "max-age=10"),
+                ("etag", "\"v1\""),
+                ("x-a", "1"),
+            ],
+            "body",
+        ))
+    }));
+    h.get("/a", &[]).await;
+    h.clock.advance(20);
+    let head = h.send(Method::HEAD, "/a", &[]).await;
+    assert_eq!(h.origin.last_request().0, Method::HEAD);
+    assert!(head.body().is_empty());
+    let b = h.get("/a", &[]).await;
+    assert_eq!(
+        h.origin.calls(),
+        2,
+        "the GET was answered from the freshened object"
+    );
+    assert_eq!(
+        (hdr(&b, "x-a"), b.body().as_ref()),
+        (Some("2"), &b"body"[..])
+    );
+    // A HEAD answer for another representation (other ETag) does not touch it.
+    h.clock.advance(2000);
+    h.origin.set(|_, _, _| {
+        Ok(resp(
+            200,
+            &[("cache-control", "max-age=1000"), ("etag", "\"v2\"")],
+            "",
+        ))
+    });
+    h.send(Method::HEAD, "/a", &[]).await;
+    h.origin.set(|_, _, _| {
+        Ok(resp(
+            200,
+            &[("cache-control", "max-age=1000"), ("etag", "\"v2\"")],
+            "new",
+        ))
+    });
+    assert_eq!(h.get("/a", &[]).await.body(), "new");
+}
+
+#[tokio::test]
 async fn rfc9211_cache_status_is_appended_after_upstream_members() {
     let h = Harness::new(Origin::fixed(
         200,
