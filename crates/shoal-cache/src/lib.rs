@@ -11,6 +11,52 @@
 //! - [`Cache`]: one route's request phase — [`Cache::lookup`] → [`Lookup`], then
 //!   [`Cache::response`] → [`Outcome`] for the origin's answer.
 //!
+//! # Calling it from a proxy
+//!
+//! One [`CacheStore`] per process (memory size, optional Redis), one [`Cache`] per route
+//! (its [`CacheConfig`]). Per request, with `now` from the caller's clock:
+//!
+//! 1. HTTP/1.1 fast path: [`Cache::fast_hit`] → write [`FastHit::write_head`] and the body;
+//!    `None` → go on as usual.
+//! 2. [`Cache::lookup`] → [`Lookup::Hit`] (send it; spawn the `refresh` fetch if present),
+//!    [`Lookup::Bypass`] (forward; [`mark_bypass`] the response; for unsafe methods call
+//!    [`Cache::invalidate_after`]), or [`Lookup::Miss`]: apply [`Fetch::prepare`] to the
+//!    upstream request headers and send it.
+//! 3. Origin unreachable → [`Cache::origin_error`] (a stale stand-in, or the proxy's error).
+//!    Response head in → [`Cache::response`] → [`Outcome`]: serve from cache, forward (teeing
+//!    the body into the [`Store`]), send a 304, or refetch.
+//!
+//! [`Cache::handle`] does all of this for a buffered origin:
+//!
+//! ```
+//! # use std::time::SystemTime;
+//! # use bytes::Bytes;
+//! # use http::{HeaderMap, Method, Response};
+//! use shoal_cache::{Cache, CacheConfig, CacheStore, PolicyConfig, Request};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let store = CacheStore::new(64 << 20, None, &PolicyConfig::default()).unwrap();
+//! let cache = Cache::new(store, CacheConfig::default());
+//! let headers = HeaderMap::new();
+//! let req = Request {
+//!     method: &Method::GET,
+//!     scheme: "http",
+//!     authority: "example.test",
+//!     path_and_query: "/",
+//!     headers: &headers,
+//! };
+//! let origin = |_m: Method, _h: HeaderMap| async {
+//!     let mut r = Response::new(Bytes::from_static(b"hi"));
+//!     r.headers_mut().insert("cache-control", "max-age=60".parse().unwrap());
+//!     Ok::<_, std::io::Error>(r)
+//! };
+//! let first = cache.handle(&req, SystemTime::now, origin).await.unwrap();
+//! let second = cache.handle(&req, SystemTime::now, origin).await.unwrap();
+//! assert_eq!(second.headers()["cache-status"], "shoal; hit; ttl=60");
+//! # let _ = first;
+//! # }
+//! ```
+//!
 //! Why not the `http-cache-semantics` crate: it models one stored response per policy object
 //! and answers "is it fresh / what headers to send", but leaves out what a shared cache in
 //! front of many clients needs here — `Vary` variants under one key, `stale-while-revalidate`
