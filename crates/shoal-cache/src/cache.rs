@@ -257,6 +257,8 @@ pub struct Fetch {
     detail: Option<&'static str>,
     store_allowed: bool,
     background: bool,
+    /// What the request counts as unless the cache serves it after all (304, stale).
+    result: Count,
 }
 
 impl Fetch {
@@ -486,7 +488,6 @@ impl Cache {
             if *req.method == Method::HEAD {
                 // A HEAD response cannot fill the cache; never make GETs wait on it.
                 fetch.store_allowed = false;
-                self.counters.inc(Count::Miss);
                 return Lookup::Miss(fetch);
             }
             if self.store.coalescer.is_hit_for_pass(&key, now) {
@@ -496,25 +497,22 @@ impl Cache {
                 // let the origin answer them.
                 fetch.strip_client_conditionals = false;
                 fetch.client_conditional = false;
-                self.counters.inc(Count::Bypass);
+                fetch.result = Count::Bypass;
                 return Lookup::Miss(fetch);
             }
             if waited {
                 // Woken, yet nothing usable: go to the origin without waiting again.
-                self.counters.inc(Count::Miss);
                 return Lookup::Miss(fetch);
             }
             match self.store.coalescer.join(&key) {
                 Join::Leader(g) => {
                     fetch.guard = Some(g);
-                    self.counters.inc(Count::Miss);
                     return Lookup::Miss(fetch);
                 }
                 Join::Follower(rx) => {
                     waited = true;
                     if !self.store.coalescer.wait(rx, self.cfg.coalesce_wait).await {
                         fetch.detail = Some("coalesce-timeout");
-                        self.counters.inc(Count::Miss);
                         return Lookup::Miss(fetch);
                     }
                 }
@@ -566,6 +564,7 @@ impl Cache {
             detail: None,
             store_allowed: *req.method == Method::GET,
             background: false,
+            result: Count::Miss,
         }
     }
 
@@ -592,7 +591,7 @@ impl Cache {
             }
             let merged = policy::merge_not_modified(cfg, &stale, headers, fetch.request_time, now);
             self.insert_variant(&fetch.key, merged.clone(), now);
-            self.counters.inc(Count::Revalidated);
+            self.count(&fetch, Count::Revalidated);
             let mut cs = CacheStatus::fwd(fetch.fwd);
             cs.fwd_status = Some(304);
             cs.stored = true;
@@ -604,7 +603,7 @@ impl Cache {
             if policy::is_error_status(status)
                 && policy::stale_if_error_ok(&self.cfg.policy, stale, &fetch.qcc, now)
             {
-                self.counters.inc(Count::Stale);
+                self.count(&fetch, Count::Stale);
                 let mut cs = CacheStatus::hit(stale.ttl(now)).with_detail("stale-if-error");
                 cs.fwd = Some("stale");
                 cs.fwd_status = Some(status.as_u16());
@@ -612,6 +611,7 @@ impl Cache {
                 return Outcome::Serve(policy::serve(stale, &m, &h, now, STATUS_NAME, &cs));
             }
         }
+        self.count(&fetch, fetch.result);
         let mut cs = CacheStatus::fwd(fetch.fwd);
         cs.fwd_status = Some(status.as_u16());
         cs.detail = fetch.detail;
@@ -705,11 +705,15 @@ impl Cache {
     /// The origin could not be reached (connect error, timeout): a stale object may stand in
     /// under `stale-if-error`. `None`: answer with the proxy's own error.
     pub fn origin_error(&self, fetch: Fetch, now: SystemTime) -> Option<http::Response<Bytes>> {
-        let stale = fetch.stale.as_ref()?;
-        if !policy::stale_if_error_ok(&self.cfg.policy, stale, &fetch.qcc, now) {
+        let Some(stale) = fetch
+            .stale
+            .as_ref()
+            .filter(|s| policy::stale_if_error_ok(&self.cfg.policy, s, &fetch.qcc, now))
+        else {
+            self.count(&fetch, fetch.result);
             return None;
-        }
-        self.counters.inc(Count::Stale);
+        };
+        self.count(&fetch, Count::Stale);
         let mut cs = CacheStatus::hit(stale.ttl(now)).with_detail("stale-if-error");
         cs.fwd = Some("stale");
         Some(policy::serve(
@@ -734,6 +738,13 @@ impl Cache {
             headers,
         ) {
             self.store.remove_local_and_remote(&key);
+        }
+    }
+
+    /// Counts a fetched request once; background refreshes are not client requests.
+    fn count(&self, fetch: &Fetch, result: Count) {
+        if !fetch.background {
+            self.counters.inc(result);
         }
     }
 

@@ -987,3 +987,37 @@ async fn cache_default_ttl_and_max_ttl_are_operator_overrides() {
     h.get("/a", &[]).await;
     assert_eq!(h.origin.calls(), 2);
 }
+
+#[tokio::test]
+async fn cache_counts_each_request_once_by_result() {
+    let h = Harness::new(Origin::new(|m, req, _| {
+        if m == Method::POST {
+            return Ok(resp(200, &[], ""));
+        }
+        if req.get("if-none-match").is_some() {
+            return Ok(resp(304, &[("etag", "\"v\"")], ""));
+        }
+        Ok(resp(
+            200,
+            &[
+                ("cache-control", "max-age=10, stale-while-revalidate=5"),
+                ("etag", "\"v\""),
+            ],
+            "x",
+        ))
+    }));
+    h.get("/a", &[]).await; // miss
+    h.get("/a", &[]).await; // hit
+    h.clock.advance(12);
+    h.get("/a", &[]).await; // stale (and one background refresh, not counted)
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    h.clock.advance(30);
+    h.get("/a", &[]).await; // revalidated
+    h.send(Method::POST, "/b", &[]).await; // bypass
+    let c = h.cache.counters();
+    let got: Vec<u64> = CacheResult::ALL.iter().map(|&r| c.get(r)).collect();
+    // hit, miss, stale, revalidated, bypass
+    assert_eq!(got, [1, 1, 1, 1, 1]);
+}
