@@ -42,13 +42,16 @@ pub type ReloadHook = Box<dyn Fn(&Config) + Send + Sync>;
 
 struct Running {
     service: Arc<Service>,
-    listener: Listener,
+    /// None for a service reached only through routes.
+    listener: Option<Listener>,
     health_stop: watch::Sender<bool>,
 }
 
 /// All services of one shoal process.
 pub struct App {
     services: Mutex<BTreeMap<String, Running>>,
+    /// Reloads run one at a time, start to finish.
+    reload_lock: tokio::sync::Mutex<()>,
     /// The file reload re-reads; None in quick mode.
     pub config_path: Option<PathBuf>,
     pub admin_token: Option<String>,
@@ -60,6 +63,31 @@ pub struct App {
     on_reload: Mutex<Option<ReloadHook>>,
     /// Extra validation of a reloaded config (tables other crates own).
     validator: Mutex<Option<Validator>>,
+}
+
+/// Why a config could not be applied (the running one stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Bind(#[from] StartError),
+}
+
+async fn bind(name: &str, addr: SocketAddr, svc: &Arc<Service>) -> Result<Listener, StartError> {
+    server::bind(addr, svc.clone())
+        .await
+        .map_err(|source| StartError::Bind {
+            service: name.to_string(),
+            addr,
+            source,
+        })
+}
+
+fn existing_addr(services: &Mutex<BTreeMap<String, Running>>, name: &str) -> Option<SocketAddr> {
+    services
+        .lock()
+        .expect("lock")
+        .get(name)
+        .and_then(|r| r.listener.as_ref().map(|l| l.addr))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +106,7 @@ impl App {
         let admin_token = admin_token.filter(|t| !t.trim().is_empty());
         Arc::new(App {
             services: Mutex::new(BTreeMap::new()),
+            reload_lock: tokio::sync::Mutex::new(()),
             config_path,
             admin_token,
             collectors: Mutex::new(Vec::new()),
@@ -105,30 +134,65 @@ impl App {
         *self.on_reload.lock().expect("lock") = Some(f);
     }
 
-    /// Starts a service: binds its listener and its health loop.
+    /// Starts one service: binds its listener (if it has one) and its health loop.
     pub async fn start_service(&self, cfg: ServiceConfig) -> Result<Arc<Service>, StartError> {
         let name = cfg.name.clone();
-        let addr = cfg.listen;
+        let listen = cfg.listen;
         let service = Service::new(cfg);
-        let listener = server::bind(addr, service.clone())
-            .await
-            .map_err(|source| StartError::Bind {
-                service: name.clone(),
-                addr,
-                source,
-            })?;
+        let listener = match listen {
+            Some(addr) => Some(bind(&name, addr, &service).await?),
+            None => None,
+        };
+        self.register(service.clone(), listener);
+        self.rebuild_routes();
+        Ok(service)
+    }
+
+    fn register(&self, service: Arc<Service>, listener: Option<Listener>) {
         let (health_stop, rx) = watch::channel(false);
         tokio::spawn(crate::health::run(service.clone(), rx));
-        tracing::info!(service = %name, listen = %listener.addr, "service listening");
+        match &listener {
+            Some(l) => {
+                tracing::info!(service = %service.name, listen = %l.addr, "service listening")
+            }
+            None => {
+                tracing::info!(service = %service.name, "service started (reached through routes)")
+            }
+        }
         self.services.lock().expect("lock").insert(
-            name,
+            service.name.clone(),
             Running {
-                service: service.clone(),
+                service,
                 listener,
                 health_stop,
             },
         );
-        Ok(service)
+    }
+
+    /// Rebuilds every listener's route table from the running services' configs.
+    fn rebuild_routes(&self) {
+        let services = self.services.lock().expect("lock");
+        for r in services.values() {
+            let cfg = r.service.config.load();
+            if cfg.routes.is_empty() {
+                r.service.routes.store(None);
+                continue;
+            }
+            let routes = cfg
+                .routes
+                .iter()
+                .filter_map(|rc| {
+                    let target = services.get(&rc.service)?.service.clone();
+                    Some(crate::route::Route {
+                        config: rc.clone(),
+                        target,
+                    })
+                })
+                .collect();
+            r.service
+                .routes
+                .store(Some(Arc::new(crate::route::RouteTable::new(routes))));
+        }
     }
 
     pub fn service(&self, name: &str) -> Option<Arc<Service>> {
@@ -154,15 +218,14 @@ impl App {
             .lock()
             .expect("lock")
             .get(name)
-            .map(|r| r.listener.addr)
+            .and_then(|r| r.listener.as_ref().map(|l| l.addr))
     }
 
-    /// Starts every service of `config`.
+    /// Starts every service of `config`; if any listener cannot bind, none is left running.
     pub async fn start(&self, config: &Config) -> Result<(), StartError> {
-        for s in &config.services {
-            self.start_service(s.clone()).await?;
-        }
-        Ok(())
+        self.apply(config).await.map_err(|e| match e {
+            ApplyError::Bind(b) => b,
+        })
     }
 
     /// Re-reads the config file and applies it; an invalid file is refused and the running
@@ -171,6 +234,7 @@ impl App {
         let Some(path) = &self.config_path else {
             return Err("no config file to reload (quick mode)".into());
         };
+        let _one = self.reload_lock.lock().await;
         let checked = Config::load(path).map_err(|e| e.to_string()).and_then(|c| {
             match self.validator.lock().expect("lock").as_ref() {
                 Some(v) => v(&c).map(|()| c),
@@ -185,9 +249,11 @@ impl App {
                 return Err(e);
             }
         };
-        self.apply(&config)
-            .await
-            .inspect_err(|_| self.reload_failures.inc())?;
+        if let Err(e) = self.apply_locked(&config).await {
+            self.reload_failures.inc();
+            tracing::error!(error = %e, "reload refused; keeping the running config");
+            return Err(e.to_string());
+        }
         self.reloads.inc();
         if let Some(f) = self.on_reload.lock().expect("lock").as_ref() {
             f(&config);
@@ -196,52 +262,99 @@ impl App {
         Ok(())
     }
 
-    /// Applies a validated config: changed services are reconfigured in place (listener
-    /// rebound only if its address changed), new ones started, removed ones stopped gracefully.
-    pub async fn apply(&self, config: &Config) -> Result<(), String> {
-        let current: Vec<String> = self
-            .services
-            .lock()
-            .expect("lock")
-            .keys()
-            .cloned()
-            .collect();
+    /// Applies a validated config as one transaction: every listener the new config needs
+    /// is bound first; if one cannot be, nothing changes. Then changed services are
+    /// reconfigured in place, new ones started, removed ones stopped gracefully, and the
+    /// route tables rebuilt.
+    pub async fn apply(&self, config: &Config) -> Result<(), ApplyError> {
+        let _one = self.reload_lock.lock().await;
+        self.apply_locked(config).await
+    }
+
+    async fn apply_locked(&self, config: &Config) -> Result<(), ApplyError> {
+        crate::proxy::set_buffer_memory(config.buffer_memory);
+        // Phase 1: bind (nothing running is touched yet).
+        let mut fresh: Vec<(ServiceConfig, Arc<Service>, bool)> = Vec::new();
+        let mut bound: Vec<(String, Listener)> = Vec::new();
+        let mut fail = None;
         for s in &config.services {
             let existing = self
                 .services
                 .lock()
                 .expect("lock")
                 .get(&s.name)
-                .map(|r| (r.service.clone(), r.listener.addr));
-            match existing {
-                Some((svc, addr)) => {
-                    let old_listen = svc.config.load().listen;
-                    svc.reconfigure(s.clone());
-                    if old_listen != s.listen && addr != s.listen {
-                        let l = server::bind(s.listen, svc.clone()).await.map_err(|e| {
-                            format!("service {}: cannot listen on {}: {e}", s.name, s.listen)
-                        })?;
-                        if let Some(r) = self.services.lock().expect("lock").get_mut(&s.name) {
-                            let old = std::mem::replace(&mut r.listener, l);
-                            let _ = old.stop.send(true);
-                        }
+                .map(|r| (r.service.clone(), r.listener.as_ref().map(|l| l.addr)));
+            let (svc, is_new) = match existing {
+                Some((svc, _)) => (svc, false),
+                None => (Service::new(s.clone()), true),
+            };
+            let current_addr = existing_addr(&self.services, &s.name);
+            let old_listen = if is_new {
+                None
+            } else {
+                svc.config.load().listen
+            };
+            let needs_bind = match (s.listen, current_addr) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                // Same configured address (port 0 included): the bound listener stays.
+                (Some(a), Some(cur)) => Some(a) != old_listen && a != cur,
+            };
+            if needs_bind {
+                let addr = s.listen.expect("checked above");
+                match bind(&s.name, addr, &svc).await {
+                    Ok(l) => bound.push((s.name.clone(), l)),
+                    Err(e) => {
+                        fail = Some(e);
+                        break;
                     }
                 }
-                None => {
-                    self.start_service(s.clone())
-                        .await
-                        .map_err(|e| e.to_string())?;
+            }
+            fresh.push((s.clone(), svc, is_new));
+        }
+        if let Some(e) = fail {
+            for (_, l) in bound {
+                let _ = l.stop.send(true);
+            }
+            return Err(ApplyError::Bind(e));
+        }
+        // Phase 2: commit.
+        for (cfg, svc, is_new) in fresh {
+            let listener = bound
+                .iter()
+                .position(|(n, _)| *n == cfg.name)
+                .map(|i| bound.swap_remove(i).1);
+            if is_new {
+                self.register(svc, listener);
+                continue;
+            }
+            let unlisten = cfg.listen.is_none();
+            svc.reconfigure(cfg);
+            let mut services = self.services.lock().expect("lock");
+            if let Some(r) = services.get_mut(&svc.name) {
+                if listener.is_some() || unlisten {
+                    if let Some(old) = std::mem::replace(&mut r.listener, listener) {
+                        let _ = old.stop.send(true);
+                    }
                 }
             }
         }
-        for name in current {
-            if !config.services.iter().any(|s| s.name == name) {
-                if let Some(r) = self.services.lock().expect("lock").remove(&name) {
-                    let _ = r.listener.stop.send(true);
-                    let _ = r.health_stop.send(true);
-                    tracing::info!(service = %name, "service removed");
-                }
+        let removed: Vec<Running> = {
+            let mut services = self.services.lock().expect("lock");
+            let gone: Vec<String> = services
+                .keys()
+                .filter(|n| !config.services.iter().any(|s| &s.name == *n))
+                .cloned()
+                .collect();
+            gone.iter().filter_map(|n| services.remove(n)).collect()
+        };
+        self.rebuild_routes();
+        for r in removed {
+            if let Some(l) = &r.listener {
+                let _ = l.stop.send(true);
             }
+            let _ = r.health_stop.send(true);
+            tracing::info!(service = %r.service.name, "service removed");
         }
         Ok(())
     }
@@ -252,11 +365,17 @@ impl App {
         let running: Vec<(Arc<crate::server::Connections>, String)> = {
             let s = self.services.lock().expect("lock");
             for r in s.values() {
-                let _ = r.listener.stop.send(true);
+                if let Some(l) = &r.listener {
+                    let _ = l.stop.send(true);
+                }
                 let _ = r.health_stop.send(true);
             }
             s.values()
-                .map(|r| (r.listener.conns.clone(), r.service.name.clone()))
+                .filter_map(|r| {
+                    r.listener
+                        .as_ref()
+                        .map(|l| (l.conns.clone(), r.service.name.clone()))
+                })
                 .collect()
         };
         let mut left = 0;
@@ -301,6 +420,12 @@ impl App {
                 "Time from request start to response headers.",
                 &[("service", s)],
                 &svc.metrics.duration,
+            );
+            e.counter(
+                "shoal_client_errors_total",
+                "Requests the client broke (malformed or cut-short body, too slow); never counted against an instance.",
+                &[("service", s)],
+                svc.metrics.client_errors.get(),
             );
             e.counter(
                 "shoal_retries_total",
@@ -378,6 +503,12 @@ impl App {
                 }
             }
         }
+        e.gauge(
+            "shoal_buffered_request_bytes",
+            "Request bodies held in memory for retries, across services.",
+            &[],
+            crate::proxy::buffered_bytes() as f64,
+        );
         e.counter(
             "shoal_config_reloads_total",
             "Successful config reloads.",

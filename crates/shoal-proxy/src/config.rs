@@ -15,6 +15,8 @@ use serde::Deserialize;
 use shoal_balance::Algorithm;
 use toml::Spanned;
 
+pub use crate::hygiene::Cidr;
+
 /// A configuration error: where it is and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -258,6 +260,15 @@ pub struct TimeoutConfig {
     pub idle: Dur,
     /// Longest wait for a draining instance's in-flight requests.
     pub drain: Dur,
+    /// Longest pause between two reads of a client's request body (→ 408).
+    pub body_read: Dur,
+    /// Longest pause between two reads of an instance's response body (→ connection closed).
+    pub upstream_read: Dur,
+    /// A client that takes no response bytes for this long is disconnected.
+    pub client_write: Dur,
+    /// Idle upstream keep-alive connections are closed after this (shorter than common
+    /// backend keep-alive timeouts, so shoal never reuses one the instance is closing).
+    pub upstream_idle: Dur,
 }
 
 impl Default for TimeoutConfig {
@@ -269,6 +280,10 @@ impl Default for TimeoutConfig {
             header_read: Dur(Duration::from_secs(10)),
             idle: Dur(Duration::from_secs(60)),
             drain: Dur(Duration::from_secs(30)),
+            body_read: Dur(Duration::from_secs(30)),
+            upstream_read: Dur(Duration::from_secs(60)),
+            client_write: Dur(Duration::from_secs(30)),
+            upstream_idle: Dur(Duration::from_secs(4)),
         }
     }
 }
@@ -307,6 +322,8 @@ pub struct LimitConfig {
     pub max_headers: usize,
     /// Largest request head in bytes (→ 431).
     pub max_header_bytes: usize,
+    /// Concurrent streams per HTTP/2 client connection.
+    pub max_h2_streams: u32,
 }
 
 impl LimitConfig {
@@ -324,6 +341,7 @@ impl Default for LimitConfig {
             max_request_line: 8 * 1024,
             max_headers: 100,
             max_header_bytes: 64 * 1024,
+            max_h2_streams: 100,
         }
     }
 }
@@ -331,8 +349,21 @@ impl Default for LimitConfig {
 /// One service as written in the file.
 #[derive(Debug, Clone, Deserialize)]
 pub struct RawService {
-    /// Client-facing listen address.
-    pub listen: SocketAddr,
+    /// Client-facing listen address; a service without one is reached through routes.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Routes by host, path prefix and method; absent: everything goes to this service.
+    #[serde(default)]
+    pub routes: Option<Spanned<Vec<RawRoute>>>,
+    /// Peers whose `X-Forwarded-*` / `Forwarded` headers are kept and appended to (CIDRs).
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
+    /// Forward request headers whose names contain `_` (dropped by default, as NGINX does).
+    #[serde(default)]
+    pub allow_underscore_headers: bool,
+    /// Upgrade protocols tunneled besides WebSocket (`h2c` is never tunneled).
+    #[serde(default)]
+    pub allowed_upgrades: Vec<String>,
     /// Balance algorithm (see `shoal proxy --help`).
     #[serde(default = "default_algo")]
     pub balance: AlgoName,
@@ -358,6 +389,54 @@ pub struct RawService {
     pub limits: LimitConfig,
     /// Extra, section-specific tables (fleet, autoscale, ...) are parsed by their owners.
     #[serde(flatten)]
+    pub extra: BTreeMap<String, toml::Value>,
+}
+
+/// One route as written in the file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawRoute {
+    /// Host to match: `api.example.com`, `*.example.com`, or absent for any.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Path prefix to match, on a segment boundary (`/api` matches `/api/x`, not `/apix`).
+    #[serde(default = "root")]
+    pub prefix: String,
+    /// Methods to match; absent or empty for any.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// The service (upstream pool) to send to; absent: the listening service itself.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Remove the prefix before forwarding (`/api/users` → `/users`).
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Replace the prefix with this before forwarding (`/api/users` → `/v2/users`).
+    #[serde(default)]
+    pub rewrite: Option<String>,
+    /// Per-route tables owned by other parts of shoal (`cache`, `async`).
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, toml::Value>,
+}
+
+fn root() -> String {
+    "/".into()
+}
+
+/// Per-route tables owned by other parts of shoal.
+pub const ROUTE_EXTRA_TABLES: &[&str] = &["cache", "async"];
+
+/// A validated route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    /// Lowercase host, `*.suffix` for a wildcard, None for any.
+    pub host: Option<String>,
+    pub prefix: String,
+    /// Uppercase method names; empty for any.
+    pub methods: Vec<String>,
+    /// Target service name.
+    pub service: String,
+    /// What replaces the matched prefix (None keeps the path as it is).
+    pub replace: Option<String>,
     pub extra: BTreeMap<String, toml::Value>,
 }
 
@@ -404,6 +483,9 @@ struct RawConfig {
     data_dir: Option<PathBuf>,
     #[serde(default)]
     admin: AdminConfig,
+    /// Memory all buffered (retriable) request bodies may use together, e.g. "64MiB".
+    #[serde(default)]
+    buffer_memory: Option<Spanned<String>>,
     #[serde(default)]
     services: BTreeMap<String, RawService>,
 }
@@ -412,7 +494,12 @@ struct RawConfig {
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
     pub name: String,
-    pub listen: SocketAddr,
+    pub listen: Option<SocketAddr>,
+    /// Empty: every request to this service's listener goes to the service itself.
+    pub routes: Vec<RouteConfig>,
+    pub trusted_proxies: Vec<Cidr>,
+    pub allow_underscore_headers: bool,
+    pub allowed_upgrades: Vec<String>,
     pub balance: Algorithm,
     pub hash_key: HashKey,
     pub backends: Vec<BackendSpec>,
@@ -431,7 +518,11 @@ impl ServiceConfig {
     pub fn quick(name: &str, listen: SocketAddr, balance: Algorithm) -> Self {
         ServiceConfig {
             name: name.to_string(),
-            listen,
+            listen: Some(listen),
+            routes: Vec::new(),
+            trusted_proxies: Vec::new(),
+            allow_underscore_headers: false,
+            allowed_upgrades: Vec::new(),
             balance,
             hash_key: HashKey::ClientIp,
             backends: Vec::new(),
@@ -454,8 +545,13 @@ pub struct Config {
     pub threads: Option<usize>,
     pub data_dir: PathBuf,
     pub admin: AdminConfig,
+    /// Budget for buffered request bodies, shared by every service.
+    pub buffer_memory: u64,
     pub services: Vec<ServiceConfig>,
 }
+
+/// Default [`Config::buffer_memory`].
+pub const DEFAULT_BUFFER_MEMORY: u64 = 64 << 20;
 
 /// Offset of the line starting with `key` inside the table whose header is `header`
 /// (or of the header itself), for errors found after parsing.
@@ -589,6 +685,7 @@ impl Config {
         }
         let mut listens: Vec<(SocketAddr, String)> = vec![(raw.admin.listen, "admin".into())];
         let mut services = Vec::new();
+        let known: Vec<String> = services_map.keys().cloned().collect();
         for (name, s) in services_map {
             let field = |f: &str| format!("services.{name}.{f}");
             if !name
@@ -601,18 +698,120 @@ impl Config {
                     "service names use [A-Za-z0-9_-] only",
                 ));
             }
-            if let Some((_, other)) = listens
-                .iter()
-                .find(|(a, _)| *a == s.listen && s.listen.port() != 0)
-            {
-                let off = text.find(&s.listen.to_string()).unwrap_or(0);
-                return Err(loc.error(
-                    off..off,
-                    &field("listen"),
-                    format!("address {} is already used by {other}", s.listen),
-                ));
+            if let Some(listen) = s.listen {
+                if let Some((_, other)) = listens
+                    .iter()
+                    .find(|(a, _)| *a == listen && listen.port() != 0)
+                {
+                    let off = text.find(&listen.to_string()).unwrap_or(0);
+                    return Err(loc.error(
+                        off..off,
+                        &field("listen"),
+                        format!("address {listen} is already used by {other}"),
+                    ));
+                }
+                listens.push((listen, format!("services.{name}")));
             }
-            listens.push((s.listen, format!("services.{name}")));
+            let routes_span = s.routes.as_ref().map_or(0..0, |r| r.span());
+            let mut routes = Vec::new();
+            for (i, r) in s
+                .routes
+                .map(|r| r.into_inner())
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+            {
+                let rfield = |f: &str| format!("services.{name}.routes[{i}].{f}");
+                // The i-th `[[services.NAME.routes]]` header, for errors inside it.
+                let header = format!("[[services.{name}.routes]]");
+                let at = text
+                    .match_indices(&header)
+                    .nth(i)
+                    .map_or(routes_span.start, |(o, _)| o);
+                let key_at = |k: &str| {
+                    let o = key_offset(&text[at..], &header, k) + at;
+                    o..o
+                };
+                if s.listen.is_none() {
+                    return Err(loc.error(
+                        at..at,
+                        &format!("services.{name}.routes"),
+                        "routes belong to a service with `listen`",
+                    ));
+                }
+                if !r.prefix.starts_with('/') {
+                    return Err(loc.error(
+                        key_at("prefix"),
+                        &rfield("prefix"),
+                        "must start with '/'",
+                    ));
+                }
+                if let Some(w) = &r.rewrite {
+                    if !w.starts_with('/') {
+                        return Err(loc.error(
+                            key_at("rewrite"),
+                            &rfield("rewrite"),
+                            "must start with '/'",
+                        ));
+                    }
+                    if r.strip_prefix {
+                        return Err(loc.error(
+                            key_at("rewrite"),
+                            &rfield("rewrite"),
+                            "use either strip_prefix or rewrite",
+                        ));
+                    }
+                }
+                if let Some(h) = &r.host {
+                    let bare = h.strip_prefix("*.").unwrap_or(h);
+                    if bare.is_empty()
+                        || bare.contains('*')
+                        || !crate::hygiene::valid_authority(bare.as_bytes())
+                    {
+                        return Err(loc.error(
+                            key_at("host"),
+                            &rfield("host"),
+                            format!("invalid host {h:?} (use e.g. \"api.example.com\" or \"*.example.com\")"),
+                        ));
+                    }
+                }
+                for m in &r.methods {
+                    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                        return Err(loc.error(
+                            key_at("methods"),
+                            &rfield("methods"),
+                            format!("invalid method {m:?}"),
+                        ));
+                    }
+                }
+                if let Some(k) = r
+                    .extra
+                    .keys()
+                    .find(|k| !ROUTE_EXTRA_TABLES.contains(&k.as_str()))
+                {
+                    return Err(loc.error(key_at(k), &rfield(k), format!("unknown field `{k}`")));
+                }
+                let target = r.service.clone().unwrap_or_else(|| name.clone());
+                if !known.contains(&target) {
+                    return Err(loc.error(
+                        key_at("service"),
+                        &rfield("service"),
+                        format!("no service named {target:?}"),
+                    ));
+                }
+                routes.push(RouteConfig {
+                    host: r.host.map(|h| h.to_ascii_lowercase()),
+                    prefix: r.prefix,
+                    methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+                    service: target,
+                    replace: if r.strip_prefix {
+                        Some(String::new())
+                    } else {
+                        r.rewrite
+                    },
+                    extra: r.extra,
+                });
+            }
             if let Some(k) = s.extra.keys().find(|k| !EXTRA_TABLES.contains(&k.as_str())) {
                 let off = text
                     .find(&format!("{k} "))
@@ -652,6 +851,10 @@ impl Config {
                 ("header_read", t.header_read),
                 ("idle", t.idle),
                 ("connect", t.connect),
+                ("body_read", t.body_read),
+                ("upstream_read", t.upstream_read),
+                ("client_write", t.client_write),
+                ("upstream_idle", t.upstream_idle),
             ] {
                 if d.0.is_zero() {
                     let off = key_offset(text, &format!("[services.{name}.timeouts]"), key);
@@ -682,6 +885,10 @@ impl Config {
             services.push(ServiceConfig {
                 name,
                 listen: s.listen,
+                routes,
+                trusted_proxies: s.trusted_proxies,
+                allow_underscore_headers: s.allow_underscore_headers,
+                allowed_upgrades: s.allowed_upgrades,
                 balance: s.balance.0,
                 hash_key: s.hash_key,
                 backends,
@@ -694,6 +901,12 @@ impl Config {
                 extra: s.extra,
             });
         }
+        let buffer_memory = match &raw.buffer_memory {
+            Some(b) => {
+                parse_size(b.get_ref()).map_err(|e| loc.error(b.span(), "buffer_memory", e))?
+            }
+            None => DEFAULT_BUFFER_MEMORY,
+        };
         let base = path.parent().unwrap_or(Path::new("."));
         let data_dir = raw
             .data_dir
@@ -705,6 +918,7 @@ impl Config {
             threads: raw.threads.map(|t| t.into_inner()),
             data_dir,
             admin: raw.admin,
+            buffer_memory,
             services,
         })
     }

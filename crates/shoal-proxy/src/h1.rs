@@ -2,13 +2,15 @@
 //!
 //! Plain keep-alive requests are parsed, checked and forwarded on the client connection's own
 //! task over raw pooled upstream sockets: no header maps, no body channels, no second task
-//! per upstream connection. It only takes what it can forward exactly as the general path
-//! would. Anything else — the HTTP/2 preface, HTTP/1.0, `Upgrade`, `Expect`, a request
-//! `Transfer-Encoding`, a body over [`REPLAY_LIMIT`], a head that does not parse or breaks a
-//! limit, `Connection` options naming other headers — hands the connection, with the bytes
-//! read so far, to the hyper path ([`crate::server`]), which answers, rejects or tunnels it.
-//! So the fast path never rejects a request itself, and every 4xx shape stays in one place.
+//! per upstream connection. Every head goes through the same phases as on the general path —
+//! [`hygiene::inspect`] (a verdict, e.g. 400, is answered here with the same bytes),
+//! [`Service::route`], [`hygiene::forward_headers`] — fed the header slices `httparse` found.
+//! What it does not forward itself — the HTTP/2 preface, HTTP/1.0, `Upgrade`, `Expect`, a
+//! request `Transfer-Encoding`, a body over [`REPLAY_LIMIT`] or past the body memory budget,
+//! absolute-form or unusual targets, a head that does not parse or is over the read buffer —
+//! hands the connection, with the bytes read so far, to the hyper path ([`crate::server`]).
 
+use std::future::Future;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,8 +24,11 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::ServiceConfig;
+use crate::hygiene::{self, classify, parse_len, tokens, BodyKind, Line, Name, Origin};
 use crate::pool::{instant_at, now_nanos, ErrorKind, Instance};
-use crate::proxy::{hash_key, is_idempotent, InFlight, ProxyError, Service, REPLAY_LIMIT};
+use crate::proxy::{
+    hash_key, is_idempotent, BufferPermit, InFlight, ProxyError, Service, REPLAY_LIMIT,
+};
 
 /// Header slots parsed at once; a request with more goes to the general path.
 const MAX_PARSE_HEADERS: usize = 128;
@@ -41,7 +46,7 @@ pub(crate) enum End {
     Handover(BytesMut),
 }
 
-/// What the request head says, once checked.
+/// What the request head says, once checked and routed.
 struct Plan {
     head_len: usize,
     body_len: usize,
@@ -49,65 +54,18 @@ struct Plan {
     idempotent: bool,
     close: bool,
     key: Option<Vec<u8>>,
+    /// The route's service; None: the listening service.
+    target: Option<Arc<Service>>,
+    /// The body's share of the buffer budget, held until the exchange ends.
+    _permit: Option<BufferPermit>,
 }
 
 enum Parsed {
     Ready(Plan),
     Partial,
     Handover,
-}
-
-/// Header names the fast path treats specially; everything else is copied through.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Name {
-    Host,
-    ContentLength,
-    TransferEncoding,
-    Connection,
-    /// Hop-by-hop: dropped.
-    Hop,
-    /// Needs the general path (`Upgrade`, `Expect`).
-    Special,
-    Xff,
-    /// `X-Forwarded-Proto` / `-Host`: replaced by shoal's own.
-    Replaced,
-    Other,
-}
-
-fn classify(n: &[u8]) -> Name {
-    let is = |s: &str| n.eq_ignore_ascii_case(s.as_bytes());
-    match n.len() {
-        4 if is("host") => Name::Host,
-        14 if is("content-length") => Name::ContentLength,
-        17 if is("transfer-encoding") => Name::TransferEncoding,
-        10 if is("connection") => Name::Connection,
-        10 if is("keep-alive") => Name::Hop,
-        16 if is("proxy-connection") => Name::Hop,
-        2 if is("te") => Name::Hop,
-        7 if is("trailer") => Name::Hop,
-        7 if is("upgrade") => Name::Special,
-        6 if is("expect") => Name::Special,
-        19 if is("proxy-authorization") => Name::Hop,
-        18 if is("proxy-authenticate") => Name::Hop,
-        15 if is("x-forwarded-for") => Name::Xff,
-        17 if is("x-forwarded-proto") => Name::Replaced,
-        16 if is("x-forwarded-host") => Name::Replaced,
-        _ => Name::Other,
-    }
-}
-
-/// Comma-separated tokens of a header value, trimmed.
-fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
-    v.split(|&b| b == b',').map(|t| t.trim_ascii())
-}
-
-/// A strict decimal Content-Length.
-fn parse_len(v: &[u8]) -> Option<u64> {
-    let v = v.trim_ascii();
-    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(v.iter().fold(0u64, |a, &d| a * 10 + u64::from(d - b'0')))
+    /// Refused by a hygiene rule or no route: answered with this.
+    Reject(ProxyError),
 }
 
 /// RFC 3986 path and query characters. Anything else (fragments, `<>"{}|\^\``, non-ASCII)
@@ -123,13 +81,15 @@ fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Parses and checks a request head in `buf`; when it can be forwarded, writes the upstream
-/// head (hop-by-hop headers dropped, `X-Forwarded-*` and `Via` added) to `out`.
+/// Parses, checks and routes a request head in `buf`; when it can be forwarded here, writes
+/// the upstream head to `out`. `svc` is the listening service.
 fn plan_request(
     buf: &[u8],
+    svc: &Service,
     cfg: &ServiceConfig,
     peer: SocketAddr,
     peer_ip: &[u8],
+    port: u16,
     out: &mut Vec<u8>,
 ) -> Parsed {
     let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_PARSE_HEADERS];
@@ -146,77 +106,68 @@ fn plan_request(
     let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
         return Parsed::Handover;
     };
-    let head_bytes: usize = req
-        .headers
-        .iter()
-        .map(|h| h.name.len() + h.value.len() + 4)
-        .sum();
     if !path.starts_with('/')
         || !path.bytes().all(plain_target_byte)
-        || path.len() > cfg.limits.max_request_line
-        || req.headers.len() > cfg.limits.max_headers
-        || head_bytes > cfg.limits.max_header_bytes
         || head_len > cfg.limits.max_head_bytes()
-        || method == "CONNECT"
     {
         return Parsed::Handover;
     }
+    let pairs = || req.headers.iter().map(|h| (h.name.as_bytes(), h.value));
+    let line = Line {
+        method,
+        target_len: path.len(),
+        target_authority: None,
+        minor: Some(1),
+    };
+    let facts = match hygiene::inspect(&line, pairs(), cfg, peer.ip()) {
+        Ok(f) => f,
+        Err(e) => return Parsed::Reject(e),
+    };
+    let body_len = match facts.body {
+        BodyKind::None => 0,
+        BodyKind::Length(n) if n <= REPLAY_LIMIT => n,
+        _ => return Parsed::Handover,
+    };
+    if facts.upgrade.is_some() || facts.expect {
+        return Parsed::Handover;
+    }
+    let Some(permit) = BufferPermit::take(body_len) else {
+        // Past the memory budget: the general path streams it.
+        return Parsed::Handover;
+    };
+    let routed = match svc.route(facts.authority, method, path) {
+        Ok(r) => r,
+        Err(e) => return Parsed::Reject(e),
+    };
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(routed.path.as_deref().unwrap_or(path).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut host: Option<&[u8]> = None;
-    let mut body_len = None;
-    let mut close = false;
-    let mut xff: Vec<&[u8]> = Vec::new();
-    for h in req.headers.iter() {
-        let name = h.name.as_bytes();
-        match classify(name) {
-            Name::Host => {
-                if host.is_some() {
-                    return Parsed::Handover;
-                }
-                host = Some(h.value);
-                put(out, name, h.value);
-            }
-            Name::ContentLength => match (body_len, parse_len(h.value)) {
-                (None, Some(n)) if n <= REPLAY_LIMIT => {
-                    body_len = Some(n as usize);
-                    put(out, name, h.value);
-                }
-                _ => return Parsed::Handover,
-            },
-            Name::TransferEncoding | Name::Special => return Parsed::Handover,
-            Name::Connection => {
-                for t in tokens(h.value) {
-                    if t.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if !(t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive")) {
-                        // Names other headers as hop-by-hop: the general path strips them.
-                        return Parsed::Handover;
-                    }
-                }
-            }
-            Name::Hop | Name::Replaced => {}
-            // Earlier hops first, in order; the peer is appended below.
-            Name::Xff => xff.push(h.value),
-            Name::Other => put(out, name, h.value),
-        }
-    }
-    let Some(host) = host else {
-        return Parsed::Handover;
+    let origin = Origin {
+        peer_ip,
+        port,
+        prefix: routed.prefix.as_deref(),
+        via: b"1.1 shoal",
     };
-    out.extend_from_slice(b"x-forwarded-for: ");
-    for v in xff {
-        out.extend_from_slice(v);
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(peer_ip);
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
-    put(out, b"x-forwarded-host", host);
-    out.extend_from_slice(b"via: 1.1 shoal\r\n\r\n");
-    let key = hash_key(cfg, peer, |name| {
+    hygiene::forward_headers(&facts, pairs, cfg, &origin, |n, v| {
+        out.extend_from_slice(n);
+        out.extend_from_slice(b": ");
+        for p in v {
+            out.extend_from_slice(p);
+        }
+        out.extend_from_slice(b"\r\n");
+    });
+    out.extend_from_slice(b"\r\n");
+    let target_cfg;
+    let tcfg = match &routed.target {
+        Some(t) => {
+            target_cfg = t.config.load();
+            &**target_cfg
+        }
+        None => cfg,
+    };
+    let key = hash_key(tcfg, peer, |name| {
         req.headers
             .iter()
             .find(|h| h.name.eq_ignore_ascii_case(name))
@@ -224,11 +175,13 @@ fn plan_request(
     });
     Parsed::Ready(Plan {
         head_len,
-        body_len: body_len.unwrap_or(0),
+        body_len: body_len as usize,
         head_method: method == "HEAD",
         idempotent: is_idempotent(method),
-        close,
+        close: facts.close,
         key,
+        target: routed.target,
+        _permit: Some(permit),
     })
 }
 
@@ -281,6 +234,9 @@ fn plan_response(
     let (Some(version), Some(status)) = (resp.version, resp.code) else {
         return RespParsed::Bad("upstream sent an invalid response");
     };
+    if !hygiene::valid_status(status) {
+        return RespParsed::Bad("upstream sent an invalid response");
+    }
     if (100..200).contains(&status) {
         return if status == 101 {
             RespParsed::Bad("upstream switched protocols unasked")
@@ -336,15 +292,15 @@ fn plan_response(
         reusable = false;
         Framing::Close
     };
-    let named = |n: &[u8]| {
-        other_options
-            && resp
-                .headers
+    let mut named: Vec<&[u8]> = Vec::new();
+    if other_options {
+        named.extend(
+            resp.headers
                 .iter()
                 .filter(|h| classify(h.name.as_bytes()) == Name::Connection)
-                .flat_map(|h| tokens(h.value))
-                .any(|t| t.eq_ignore_ascii_case(n))
-    };
+                .flat_map(|h| tokens(h.value)),
+        );
+    }
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     // httparse guarantees three digits.
@@ -359,11 +315,10 @@ fn plan_response(
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         let keep = match classify(name) {
-            Name::Connection | Name::Hop | Name::Special => false,
             // The body goes out with the framing it came with.
             Name::TransferEncoding => framing != Framing::Empty,
             Name::ContentLength => !has_te,
-            _ => !named(name),
+            _ => hygiene::response_header_kept(name, &named),
         };
         if keep {
             put(out, name, h.value);
@@ -489,25 +444,6 @@ impl BodyLeft {
     }
 }
 
-/// Writes shoal's own error response, as `ProxyError::into_response` shapes it.
-fn write_error(out: &mut Vec<u8>, e: &ProxyError, close: bool) {
-    let msg = e.message();
-    let status = e.status();
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ");
-    out.extend_from_slice((msg.len() + 1).to_string().as_bytes());
-    if close {
-        out.extend_from_slice(b"\r\nconnection: close");
-    }
-    out.extend_from_slice(b"\r\n\r\n");
-    out.extend_from_slice(msg.as_bytes());
-    out.push(b'\n');
-}
-
 /// Why one try failed.
 enum TryError {
     Connect(std::io::Error),
@@ -528,9 +464,12 @@ struct Answer {
 /// One client connection on the fast path.
 pub(crate) struct Conn<'a> {
     stream: &'a mut TcpStream,
+    /// The listening service (routes, client-side limits and timeouts).
     svc: &'a Arc<Service>,
     peer: SocketAddr,
     peer_ip: &'a [u8],
+    /// The listener's port, for `X-Forwarded-Port`.
+    port: u16,
     rbuf: BytesMut,
     /// The request as it goes upstream.
     req: Vec<u8>,
@@ -554,12 +493,14 @@ impl<'a> Conn<'a> {
         svc: &'a Arc<Service>,
         peer: SocketAddr,
         peer_ip: &'a [u8],
+        port: u16,
     ) -> Self {
         Conn {
             stream,
             svc,
             peer,
             peer_ip,
+            port,
             rbuf: BytesMut::new(),
             req: Vec::new(),
             bufs: Bufs {
@@ -587,10 +528,24 @@ impl<'a> Conn<'a> {
             let mut head_deadline = None;
             let plan = loop {
                 if !self.rbuf.is_empty() {
-                    match plan_request(&self.rbuf, &cfg, self.peer, self.peer_ip, &mut self.req) {
+                    let parsed = plan_request(
+                        &self.rbuf,
+                        self.svc,
+                        &cfg,
+                        self.peer,
+                        self.peer_ip,
+                        self.port,
+                        &mut self.req,
+                    );
+                    match parsed {
                         Parsed::Ready(p) => break p,
                         Parsed::Handover => return End::Handover(self.rbuf),
                         Parsed::Partial => {}
+                        Parsed::Reject(e) => {
+                            // The head is not understood well enough to find the next one.
+                            self.answer(&e, true, &cfg).await;
+                            return End::Closed;
+                        }
                     }
                 }
                 self.rbuf.reserve(READ_CHUNK);
@@ -632,16 +587,17 @@ impl<'a> Conn<'a> {
             let start = now_nanos();
             // A small body is read whole, so a failed try can resend it.
             let total = plan.head_len + plan.body_len;
-            if self.rbuf.len() < total {
-                let deadline = tokio::time::Instant::now() + cfg.timeouts.request.0;
-                while self.rbuf.len() < total {
-                    self.rbuf.reserve(total - self.rbuf.len());
-                    match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf))
-                        .await
-                    {
-                        Ok(Ok(n)) if n > 0 => {}
-                        _ => return End::Closed,
+            while self.rbuf.len() < total {
+                self.rbuf.reserve(total - self.rbuf.len());
+                let read = self.stream.read_buf(&mut self.rbuf);
+                match tokio::time::timeout(cfg.timeouts.body_read.0, read).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    // A client that stalls mid-body is told so (as NGINX's client_body_timeout).
+                    Err(_) => {
+                        self.answer(&ProxyError::RequestTimeout, true, &cfg).await;
+                        return End::Closed;
                     }
+                    _ => return End::Closed,
                 }
             }
             self.req.extend_from_slice(&self.rbuf[plan.head_len..total]);
@@ -653,29 +609,45 @@ impl<'a> Conn<'a> {
         }
     }
 
+    /// Answers with shoal's own error, counted on the listening service.
+    async fn answer(&mut self, e: &ProxyError, close: bool, lcfg: &ServiceConfig) -> bool {
+        self.svc.metrics.local.inc(e.status().as_u16());
+        if e.closes() {
+            self.svc.metrics.client_errors.inc();
+        }
+        e.write(&mut self.bufs.out, close);
+        write_client(self.stream, &self.bufs.out, lcfg.timeouts.client_write.0).await
+            && !(close || e.closes())
+    }
+
     /// Forwards one request (its upstream bytes in `self.req`) and relays the response.
-    /// Returns whether the client connection can take another request.
-    async fn exchange(&mut self, plan: &Plan, cfg: &ServiceConfig, start: u64) -> bool {
-        let svc = self.svc;
+    /// Returns whether the client connection can take another request. `lcfg` is the
+    /// listening service's config; the route's service runs the tries.
+    async fn exchange(&mut self, plan: &Plan, lcfg: &ServiceConfig, start: u64) -> bool {
+        let svc = plan.target.as_ref().unwrap_or(self.svc).clone();
+        let cfg = svc.config.load_full();
         svc.metrics.requests.inc();
         let request = std::mem::take(&mut self.req);
-        let result = self.forward(&request, plan, cfg, start).await;
+        let result = self.forward(&svc, &request, plan, &cfg, start).await;
         self.req = request;
+        let write_limit = lcfg.timeouts.client_write.0;
         match result {
             Ok((answer, busy)) => {
-                self.relay(answer, busy, plan.close, cfg.timeouts.idle.0)
-                    .await
+                self.relay(
+                    answer,
+                    busy,
+                    plan.close,
+                    cfg.timeouts.upstream_read.0,
+                    write_limit,
+                )
+                .await
             }
             Err(None) => false,
             Err(Some(e)) => {
-                let status = e.status().as_u16();
-                svc.metrics.local.inc(status);
+                svc.metrics.local.inc(e.status().as_u16());
                 self.last_active = now_nanos();
-                svc.metrics
-                    .duration
-                    .observe_nanos(self.last_active.saturating_sub(start));
-                write_error(&mut self.bufs.out, &e, plan.close);
-                write_client(self.stream, &self.bufs.out, cfg.timeouts.idle.0).await
+                e.write(&mut self.bufs.out, plan.close);
+                write_client(self.stream, &self.bufs.out, write_limit).await && !e.closes()
             }
         }
     }
@@ -684,12 +656,12 @@ impl<'a> Conn<'a> {
     /// `Service::proxy`: budgeted, idempotent or unsent requests only).
     async fn forward(
         &mut self,
+        svc: &Arc<Service>,
         request: &[u8],
         plan: &Plan,
         cfg: &ServiceConfig,
         start: u64,
     ) -> Result<(Answer, InFlight), Option<ProxyError>> {
-        let svc = self.svc;
         let mut tries = svc.begin_tries(cfg, start);
         let mut last_err = None;
         for attempt in 0..cfg.retries.attempts {
@@ -714,6 +686,7 @@ impl<'a> Conn<'a> {
                     request,
                     plan,
                     cfg.timeouts.connect.0,
+                    cfg.timeouts.upstream_idle.0,
                 );
                 tokio::pin!(attempt_fut);
                 loop {
@@ -762,7 +735,7 @@ impl<'a> Conn<'a> {
                 Ok(Err(TryError::Bad(m))) => (ErrorKind::Reset, ProxyError::Upstream(m)),
                 Err(()) => (ErrorKind::Timeout, ProxyError::Timeout),
             };
-            svc.end_try(&tries, &mut t, answered, Err(outcome));
+            svc.end_try(&tries, &mut t, answered, Err(Some(outcome)));
             last_err = Some(err);
             // Nothing was sent after a connect failure; otherwise only idempotent requests
             // go again.
@@ -776,7 +749,14 @@ impl<'a> Conn<'a> {
     /// Sends the response head (in `self.bufs.out`) and body to the client. The instance stays
     /// counted in flight until the body is through; the upstream connection goes back to the
     /// pool only after a complete, well-delimited body.
-    async fn relay(&mut self, answer: Answer, busy: InFlight, close: bool, idle: Duration) -> bool {
+    async fn relay(
+        &mut self,
+        answer: Answer,
+        busy: InFlight,
+        close: bool,
+        read_limit: Duration,
+        write_limit: Duration,
+    ) -> bool {
         let Answer { mut up, plan } = answer;
         let mut left = match plan.framing {
             Framing::Empty => BodyLeft::Length(0),
@@ -792,14 +772,14 @@ impl<'a> Conn<'a> {
         // Bytes past the end of the response: the instance broke framing.
         let mut clean = n == self.bufs.ubuf.len();
         self.bufs.out.extend_from_slice(&self.bufs.ubuf[..n]);
-        if !write_client(self.stream, &self.bufs.out, idle).await {
+        if !write_client(self.stream, &self.bufs.out, write_limit).await {
             return false;
         }
         let streamed = !done;
         while !done {
             self.bufs.ubuf.clear();
             self.bufs.ubuf.reserve(READ_CHUNK);
-            match tokio::time::timeout(idle, up.read_buf(&mut self.bufs.ubuf)).await {
+            match tokio::time::timeout(read_limit, up.read_buf(&mut self.bufs.ubuf)).await {
                 Ok(Ok(0)) if matches!(left, BodyLeft::Close) => break,
                 Ok(Ok(k)) if k > 0 => {}
                 // The instance failed mid-body: the client cannot be told but by a close.
@@ -810,7 +790,7 @@ impl<'a> Conn<'a> {
                 Err(()) => return false,
             };
             clean = n == self.bufs.ubuf.len();
-            if !write_client(self.stream, &self.bufs.ubuf[..n], idle).await {
+            if !write_client(self.stream, &self.bufs.ubuf[..n], write_limit).await {
                 return false;
             }
         }
@@ -833,16 +813,20 @@ async fn try_instance(
     request: &[u8],
     plan: &Plan,
     connect_timeout: Duration,
+    max_idle: Duration,
 ) -> Result<Answer, TryError> {
     let mut pooled_ok = true;
     loop {
         // An idle connection that went readable has been closed by the instance or holds
-        // stray bytes: it is dropped, never written to. Checking is free when no event came
-        // (readiness was cleared by the last, short read of the previous response).
-        let reused = if pooled_ok { inst.idle.pop_raw() } else { None };
+        // stray bytes: it is dropped, never written to (a real MSG_PEEK, see `upstream::alive`).
+        let reused = if pooled_ok {
+            inst.idle.pop_raw(max_idle)
+        } else {
+            None
+        };
         let was_reused = reused.is_some();
         let mut up = match reused {
-            Some(s) if !alive(&s) => continue,
+            Some(s) if !crate::upstream::alive(&s) => continue,
             Some(s) => s,
             None => crate::upstream::connect_tcp(inst.addr, connect_timeout)
                 .await
@@ -916,21 +900,51 @@ async fn write_client(stream: &mut TcpStream, buf: &[u8], limit: Duration) -> bo
     )
 }
 
-/// Whether an idle upstream socket is still open (no EOF or stray bytes pending).
-fn alive(s: &TcpStream) -> bool {
-    let mut b = [0u8; 1];
-    matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-}
-
-/// A client stream with bytes already read put back in front, for the general path.
+/// A client stream with bytes already read put back in front, for the general path. A
+/// client that takes no bytes for `write_limit` while a write waits is disconnected, so a
+/// reader that stops cannot hold an instance's response (and its in-flight slot) forever.
 pub(crate) struct Rewind {
     pre: BytesMut,
     inner: TcpStream,
+    write_limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Rewind {
-    pub(crate) fn new(pre: BytesMut, inner: TcpStream) -> Self {
-        Rewind { pre, inner }
+    pub(crate) fn new(pre: BytesMut, inner: TcpStream, write_limit: Duration) -> Self {
+        Rewind {
+            pre,
+            inner,
+            write_limit,
+            stalled: None,
+        }
+    }
+
+    /// Maps a write's poll result through the stall timer.
+    fn watch<T>(
+        &mut self,
+        r: Poll<std::io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<T>> {
+        match r {
+            Poll::Pending => {
+                let limit = self.write_limit;
+                let t = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match t.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "client stopped reading",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
     }
 }
 
@@ -956,7 +970,8 @@ impl AsyncWrite for Rewind {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(r, cx)
     }
 
     fn poll_write_vectored(
@@ -964,7 +979,8 @@ impl AsyncWrite for Rewind {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(r, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -972,7 +988,8 @@ impl AsyncWrite for Rewind {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(r, cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -996,10 +1013,12 @@ mod tests {
 
     fn plan(raw: &[u8], cfg: &ServiceConfig) -> (Option<Plan>, String) {
         let mut out = Vec::new();
-        match plan_request(raw, cfg, peer(), b"10.1.2.3", &mut out) {
+        let svc = Service::new(cfg.clone());
+        match plan_request(raw, &svc, cfg, peer(), b"10.1.2.3", 8080, &mut out) {
             Parsed::Ready(p) => (Some(p), String::from_utf8(out).unwrap()),
             Parsed::Partial => (None, "partial".into()),
             Parsed::Handover => (None, "handover".into()),
+            Parsed::Reject(e) => (None, format!("reject {}", e.status().as_u16())),
         }
     }
 
@@ -1013,12 +1032,22 @@ mod tests {
         let p = p.unwrap();
         assert_eq!(p.head_len, raw.len() - 4);
         assert!(p.idempotent && !p.close && !p.head_method);
+        // Client forwarding headers are dropped (the peer is not a trusted proxy).
         assert_eq!(
             out,
-            "GET /a?b HTTP/1.1\r\nHost: example.com\r\nX-Kept: 1\r\n\
-             x-forwarded-for: 1.1.1.1, 2.2.2.2, 10.1.2.3\r\nx-forwarded-proto: http\r\n\
-             x-forwarded-host: example.com\r\nvia: 1.1 shoal\r\n\r\n"
+            "GET /a?b HTTP/1.1\r\nhost: example.com\r\nX-Kept: 1\r\n\
+             x-forwarded-for: 10.1.2.3\r\nx-forwarded-proto: http\r\n\
+             x-forwarded-host: example.com\r\nx-forwarded-port: 8080\r\n\
+             forwarded: for=10.1.2.3;host=\"example.com\";proto=http\r\nvia: 1.1 shoal\r\n\r\n"
         );
+        let mut trusting = cfg();
+        trusting.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
+        let (_, out) = plan(raw, &trusting);
+        assert!(
+            out.contains("x-forwarded-for: 1.1.1.1, 2.2.2.2, 10.1.2.3\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("X-Forwarded-Proto: https\r\n"), "{out}");
     }
 
     #[test]
@@ -1027,23 +1056,17 @@ mod tests {
         for raw in [
             &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
             b"GET / HTTP/1.0\r\nHost: x\r\n\r\n",
-            b"GET / HTTP/1.1\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
             b"GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
-            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +1\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 65537\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: x-secret\r\nX-Secret: 1\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nX-Bad : 1\r\n\r\n",
             b"GET /a<b> HTTP/1.1\r\nHost: x\r\n\r\n",
             b"GET /a?q=\"x\" HTTP/1.1\r\nHost: x\r\n\r\n",
             b"GET /a#frag HTTP/1.1\r\nHost: x\r\n\r\n",
             b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n",
-            b"CONNECT /x HTTP/1.1\r\nHost: x\r\n\r\n",
         ] {
             assert_eq!(
                 plan(raw, &c).1,
@@ -1052,14 +1075,40 @@ mod tests {
                 String::from_utf8_lossy(raw)
             );
         }
+        // The hygiene verdicts both paths share are answered here.
+        for (raw, status) in [
+            (&b"GET / HTTP/1.1\r\n\r\n"[..], 400),
+            (b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a, b\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: \r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +1\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            (b"CONNECT /x HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        ] {
+            assert_eq!(
+                plan(raw, &c).1,
+                format!("reject {status}"),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        // `Connection` options naming other headers are stripped here too; never Host.
+        let (p, out) = plan(
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close, x-secret, Host\r\nX-Secret: 1\r\n\r\n",
+            &c,
+        );
+        assert!(p.unwrap().close);
+        assert!(!out.to_ascii_lowercase().contains("x-secret"), "{out}");
+        assert!(out.contains("host: x\r\n"), "{out}");
         let mut small = cfg();
         small.limits.max_headers = 2;
         let (_, out) = plan(b"GET / HTTP/1.1\r\nHost: x\r\nA: 1\r\nB: 2\r\n\r\n", &small);
-        assert_eq!(out, "handover");
+        assert_eq!(out, "reject 431");
         small.limits.max_request_line = 4;
         assert_eq!(
             plan(b"GET /abcd HTTP/1.1\r\nHost: x\r\n\r\n", &small).1,
-            "handover"
+            "reject 414"
         );
         // An endless head is handed over once past the limits, for 414/431 there.
         let mut endless = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
@@ -1238,13 +1287,13 @@ mod tests {
     #[test]
     fn error_responses_match_the_general_path() {
         let mut out = Vec::new();
-        write_error(&mut out, &ProxyError::NoInstance, false);
+        ProxyError::NoInstance.write(&mut out, false);
         assert_eq!(
             String::from_utf8(out.clone()).unwrap(),
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
              content-length: 22\r\n\r\nno instance available\n"
         );
-        write_error(&mut out, &ProxyError::Timeout, true);
+        ProxyError::Timeout.write(&mut out, true);
         assert!(String::from_utf8(out)
             .unwrap()
             .contains("connection: close\r\n"));

@@ -50,6 +50,9 @@ pub async fn run(service: Arc<Service>, mut stop: watch::Receiver<bool>) {
             _ = crate::server::stopped(&mut stop) => return,
         }
         service.pool.tick();
+        for inst in service.pool.members() {
+            inst.idle.expire(cfg.timeouts.upstream_idle.0);
+        }
         let Some(h) = cfg.health.clone() else {
             continue;
         };

@@ -8,12 +8,16 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod error;
 mod h1;
 pub mod health;
+pub mod hygiene;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod route;
 pub mod server;
+mod tries;
 pub mod upstream;
 
 pub use app::App;

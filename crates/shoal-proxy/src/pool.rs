@@ -101,7 +101,7 @@ pub struct Instance {
     healthy: AtomicBool,
     ever_healthy: AtomicBool,
     /// Readiness is its owner's call (`mark_ready`), not the pool's health checks'.
-    owner_gated: bool,
+    pub(crate) owner_gated: bool,
     health: Mutex<Option<ActiveHealth>>,
     outlier: Mutex<Outlier>,
     /// Consecutive failed results, mirrored from the outlier detector for a lock-free fast path.
@@ -119,6 +119,11 @@ impl Instance {
             1 => State::Ready,
             _ => State::Draining,
         }
+    }
+
+    /// Marks it draining (the caller rebuilds the snapshot).
+    pub(crate) fn set_draining(&self) {
+        self.set_state(State::Draining);
     }
 
     fn set_state(&self, s: State) {

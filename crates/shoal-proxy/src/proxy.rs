@@ -1,114 +1,115 @@
-//! The request path: hygiene checks, instance selection, forwarding with retries, upgrades.
+//! A service and its general request path (hyper: HTTP/1.x hand-overs and h2c).
 //!
-//! Errors become HTTP responses in exactly one place, [`ProxyError::into_response`].
+//! Every request, on either path, goes through the same phases in this order:
+//! 1. **admit** — connection and head limits (`server.rs`, [`crate::hygiene::inspect`]);
+//! 2. **hygiene** — RFC 9110/9112 checks and the upstream header set ([`crate::hygiene`]);
+//! 3. **route** — host/path/method → target service, path rewrite ([`Service::route`]);
+//! 4. **try** — pick an instance, send, retry within budget ([`crate::tries`]);
+//! 5. **respond** — response hygiene ([`crate::hygiene::response_header_kept`]), relay;
+//! 6. **log** — metrics recorded by [`Service::end_try`] and the body guards.
+//!
+//! Errors become responses in one place, [`ProxyError`].
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::config::{HashKey, ServiceConfig};
+use crate::config::ServiceConfig;
+pub use crate::error::ProxyError;
+use crate::hygiene::{self, BodyKind, Line, Origin};
 use crate::metrics::{CodeCounters, Counter, Histogram};
-use crate::pool::{now_nanos, ErrorKind, Instance, Pool, PoolSettings, Snapshot, State};
+use crate::pool::{now_nanos, ErrorKind, Pool, PoolSettings};
+use crate::route::RouteTable;
+pub(crate) use crate::tries::{hash_key, is_idempotent};
+pub use crate::tries::{InFlight, RetryBudget};
 use crate::upstream;
-use shoal_balance::Algorithm;
 
-/// Body sent upstream: buffered (replayable, so retriable) or streamed.
-pub type UpstreamBody = Either<Full<Bytes>, Incoming>;
+/// Body sent upstream: buffered (replayable, so retriable) or streamed from the client.
+pub type UpstreamBody = Either<Full<Bytes>, ClientStream>;
 /// Body sent to the client.
 pub type ClientBody = Either<Tracked, Full<Bytes>>;
 
 /// Requests with a known body up to this size are buffered so that a retry can resend them.
 pub(crate) const REPLAY_LIMIT: u64 = 64 * 1024;
 
+/// Bytes of request bodies buffered right now, across every service, and the cap on it.
+static BUFFERED: AtomicU64 = AtomicU64::new(0);
+static BUFFER_LIMIT: AtomicU64 = AtomicU64::new(crate::config::DEFAULT_BUFFER_MEMORY);
+
+/// Sets the memory budget for buffered request bodies (`buffer_memory`).
+pub fn set_buffer_memory(bytes: u64) {
+    BUFFER_LIMIT.store(bytes, Ordering::Relaxed);
+}
+
+/// Bytes of request bodies buffered right now.
+pub fn buffered_bytes() -> u64 {
+    BUFFERED.load(Ordering::Relaxed)
+}
+
+/// A share of the body budget, returned on drop. Past the budget a body is streamed instead,
+/// so that request gets no retry but memory stays bounded.
+pub(crate) struct BufferPermit(u64);
+
+impl BufferPermit {
+    pub(crate) fn take(n: u64) -> Option<BufferPermit> {
+        if n == 0 {
+            return Some(BufferPermit(0));
+        }
+        let limit = BUFFER_LIMIT.load(Ordering::Relaxed);
+        BUFFERED
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                (b + n <= limit).then_some(b + n)
+            })
+            .ok()
+            .map(|_| BufferPermit(n))
+    }
+}
+
+impl Drop for BufferPermit {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            BUFFERED.fetch_sub(self.0, Ordering::AcqRel);
+        }
+    }
+}
+
 /// Per-service counters that are not per instance.
 #[derive(Debug, Default)]
 pub struct ServiceMetrics {
-    /// Time from request start to response headers.
+    /// Time from request start to response headers, for answers from an instance.
     pub duration: Histogram,
     /// Responses shoal produced itself (no instance involved): 4xx rejects, 502/503/504.
     pub local: CodeCounters,
     pub retries: Counter,
     pub retry_budget_exhausted: Counter,
     pub requests: Counter,
+    /// Tries the client broke (malformed or cut-short body, too slow): never an instance's fault.
+    pub client_errors: Counter,
 }
 
-/// Retry budget (linkerd/Envoy-style): each request deposits `percent`/100 of a token into a
-/// bucket that decays over ~10 s (so only recent traffic counts), a floor bucket refills at
-/// `min_per_sec` (holding at most one second's worth), and a retry takes one token.
-#[derive(Debug)]
-pub struct RetryBudget {
-    state: Mutex<BudgetState>,
-}
-
-#[derive(Debug)]
-struct BudgetState {
-    ratio: f64,
-    floor: f64,
-    last: u64,
-}
-
-impl RetryBudget {
-    pub fn new(now: u64) -> Self {
-        RetryBudget {
-            state: Mutex::new(BudgetState {
-                ratio: 0.0,
-                floor: 0.0,
-                last: now,
-            }),
-        }
-    }
-
-    fn advance(s: &mut BudgetState, min_per_sec: f64, now: u64) {
-        let dt = now.saturating_sub(s.last) as f64 / 1e9;
-        // Under load this runs per request; decaying once a millisecond is plenty.
-        if dt > 1e-3 {
-            s.last = now;
-            s.ratio *= (-dt / 10.0).exp();
-            s.floor = (s.floor + dt * min_per_sec).min(min_per_sec.max(1.0));
-        }
-    }
-
-    pub fn deposit(&self, percent: f64, min_per_sec: f64, now: u64) {
-        let mut s = self.state.lock().expect("budget lock");
-        Self::advance(&mut s, min_per_sec, now);
-        s.ratio += percent / 100.0;
-    }
-
-    /// Takes one retry token at `now` if there is one.
-    pub fn try_withdraw(&self, min_per_sec: f64, now: u64) -> bool {
-        let mut s = self.state.lock().expect("budget lock");
-        Self::advance(&mut s, min_per_sec, now);
-        // The epsilon absorbs float error in sums like 10 × 0.2.
-        if s.floor >= 1.0 - 1e-9 {
-            s.floor -= 1.0;
-        } else if s.ratio >= 1.0 - 1e-9 {
-            s.ratio -= 1.0;
-        } else {
-            return false;
-        }
-        true
-    }
-}
-
-/// A proxied service: its settings, pool and counters.
+/// A proxied service: its settings, pool and counters, and (when it listens) its routes.
 pub struct Service {
     pub name: String,
     pub pool: Arc<Pool>,
     pub config: ArcSwap<ServiceConfig>,
     pub metrics: ServiceMetrics,
     pub budget: RetryBudget,
+    /// The listener's route table; None sends everything to this service.
+    pub routes: ArcSwapOption<RouteTable>,
 }
 
 /// Pool settings derived from a service config.
@@ -119,6 +120,16 @@ pub fn pool_settings(cfg: &ServiceConfig) -> PoolSettings {
         outlier: cfg.outlier.clone(),
         active_health: cfg.health.as_ref().map(|h| (h.rise, h.fall)),
     }
+}
+
+/// Where the route phase sends a request.
+pub(crate) struct Routed {
+    /// None: the listening service itself.
+    pub target: Option<Arc<Service>>,
+    /// The rewritten path and query, if the route rewrites.
+    pub path: Option<String>,
+    /// The prefix the route replaced, for `X-Forwarded-Prefix`.
+    pub prefix: Option<String>,
 }
 
 impl Service {
@@ -133,114 +144,227 @@ impl Service {
             config: ArcSwap::from_pointee(cfg),
             metrics: ServiceMetrics::default(),
             budget: RetryBudget::new(now_nanos()),
+            routes: ArcSwapOption::empty(),
         })
     }
 
-    /// Applies a reloaded config: settings now, static backends diffed (new ones added,
-    /// missing ones drained then removed in the background).
+    /// Applies a reloaded config: settings now, static backends brought to the configured
+    /// set. Compared with the pool's live members (not the previous config), so quick
+    /// successive reloads converge whatever the timing. A changed weight adds the new
+    /// instance before the old one drains, so a one-backend service never goes empty.
     pub fn reconfigure(self: &Arc<Self>, cfg: ServiceConfig) {
         let old = self.config.load_full();
         self.pool.set_settings(pool_settings(&cfg));
         let drain = cfg.timeouts.drain.0;
+        let live = |addr: SocketAddr| {
+            self.pool.members().into_iter().find(|i| {
+                i.addr == addr && i.state() != crate::pool::State::Draining && !i.owner_gated
+            })
+        };
         for b in &cfg.backends {
             let id = b.addr.to_string();
-            match old.backends.iter().find(|o| o.addr == b.addr) {
+            match live(b.addr) {
                 None => {
                     self.pool.add(&id, b.addr, b.weight, false);
                 }
-                // A new weight: a fresh instance takes over (slow start applies) while the old
-                // one drains, so nothing in flight is cut.
-                Some(o) if o.weight != b.weight => {
-                    if let Some(prev) = self.pool.drain(&id) {
-                        self.pool.add(&id, b.addr, b.weight, false);
-                        let pool = self.pool.clone();
-                        tokio::spawn(async move {
-                            pool.remove_drained(prev, drain).await;
-                        });
-                    }
+                Some(prev) if prev.weight != b.weight => {
+                    // Drain first in the pool's eyes (the id frees up), add at once, then
+                    // wait for the old one's requests in the background.
+                    prev.set_draining();
+                    self.pool.add(&id, b.addr, b.weight, false);
+                    let pool = self.pool.clone();
+                    tokio::spawn(async move {
+                        pool.remove_drained(prev, drain).await;
+                    });
                 }
                 Some(_) => {}
             }
         }
-        for o in &old.backends {
-            if !cfg.backends.iter().any(|b| b.addr == o.addr) {
+        // Static members no longer configured (fleet members are the fleet's business).
+        let was_static = |addr: SocketAddr| old.backends.iter().any(|o| o.addr == addr);
+        for inst in self.pool.members() {
+            if inst.owner_gated || inst.state() == crate::pool::State::Draining {
+                continue;
+            }
+            if was_static(inst.addr) && !cfg.backends.iter().any(|b| b.addr == inst.addr) {
+                inst.set_draining();
                 let pool = self.pool.clone();
-                let id = o.addr.to_string();
                 tokio::spawn(async move {
-                    pool.remove(&id, drain).await;
+                    pool.remove_drained(inst, drain).await;
                 });
             }
         }
+        self.pool.rebuild();
         self.config.store(Arc::new(cfg));
     }
 
-    /// Handles one client request; never fails (errors are responses).
-    /// `peer_ip` is the client address as a header value, formatted once per connection.
+    /// The route phase: where a request for `host` and `path` goes, or `NotFound`.
+    pub(crate) fn route(
+        &self,
+        host: Option<&[u8]>,
+        method: &str,
+        path: &str,
+    ) -> Result<Routed, ProxyError> {
+        let table = self.routes.load();
+        let Some(table) = table.as_ref() else {
+            return Ok(Routed {
+                target: None,
+                path: None,
+                prefix: None,
+            });
+        };
+        let m = table.find(host, method, path).ok_or(ProxyError::NotFound)?;
+        let prefix = m
+            .path
+            .as_ref()
+            .map(|_| m.route.config.prefix.trim_end_matches('/').to_string())
+            .filter(|p| !p.is_empty());
+        Ok(Routed {
+            target: Some(m.route.target.clone()),
+            path: m.path,
+            prefix,
+        })
+    }
+
+    /// Handles one client request on this (listening) service; never fails (errors are
+    /// responses). `peer_ip` is the client address as a header value.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
         peer_ip: HeaderValue,
+        port: u16,
     ) -> Result<Response<ClientBody>, Infallible> {
         let start = now_nanos();
-        self.metrics.requests.inc();
-        // Proxied responses record their duration where the clock is read anyway.
-        match self.proxy(req, peer, peer_ip, start).await {
+        match self.proxy(req, peer, peer_ip, port, start).await {
             Ok(r) => Ok(r),
-            Err(e) => {
-                let r = e.into_response();
-                self.metrics.local.inc(r.status().as_u16());
-                self.metrics
-                    .duration
-                    .observe_nanos(now_nanos().saturating_sub(start));
-                Ok(r)
+            Err((svc, e)) => {
+                let svc = svc.unwrap_or(self);
+                svc.metrics.local.inc(e.status().as_u16());
+                Ok(e.into_response())
             }
         }
     }
 
+    /// Phases 2–5 for the general path. An error names the service it is counted on.
     async fn proxy(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         peer: SocketAddr,
         peer_ip: HeaderValue,
+        port: u16,
         start: u64,
-    ) -> Result<Response<ClientBody>, ProxyError> {
-        let cfg = self.config.load();
-        check_request(&req, &cfg)?;
-        let upgrade = is_upgrade(req.headers());
-        let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (parts, body) = req.into_parts();
-        let idempotent = is_idempotent(parts.method.as_str());
+    ) -> Result<Response<ClientBody>, (Option<Arc<Service>>, ProxyError)> {
+        let lcfg = self.config.load();
+        let (mut parts, body) = req.into_parts();
+        let path_and_query = parts.uri.path_and_query().map_or(
+            if parts.method == http::Method::OPTIONS {
+                "*"
+            } else {
+                "/"
+            },
+            |p| p.as_str(),
+        );
+        let line = Line {
+            method: parts.method.as_str(),
+            target_len: path_and_query.len(),
+            target_authority: parts.uri.authority().map(|a| a.as_str().as_bytes()),
+            minor: match parts.version {
+                Version::HTTP_10 | Version::HTTP_09 => Some(0),
+                Version::HTTP_11 => Some(1),
+                _ => None,
+            },
+        };
+        let pairs = || {
+            parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()))
+        };
+        let facts = hygiene::inspect(&line, pairs(), &lcfg, peer.ip()).map_err(|e| (None, e))?;
+        let routed = self
+            .route(facts.authority, line.method, path_and_query)
+            .map_err(|e| (None, e))?;
+        let svc = routed.target.as_ref().unwrap_or(self).clone();
+        svc.metrics.requests.inc();
+        let fail = |e| (Some(svc.clone()), e);
+        let cfg = svc.config.load_full();
+
+        let mut headers = HeaderMap::with_capacity(parts.headers.len() + 6);
+        let origin = Origin {
+            peer_ip: peer_ip.as_bytes(),
+            port,
+            prefix: routed.prefix.as_deref(),
+            via: if parts.version == Version::HTTP_2 {
+                b"2 shoal"
+            } else {
+                b"1.1 shoal"
+            },
+        };
+        hygiene::forward_headers(&facts, pairs, &lcfg, &origin, |n, v| {
+            let v = if v.len() == 1 {
+                HeaderValue::from_bytes(v[0])
+            } else {
+                HeaderValue::from_bytes(&v.concat())
+            };
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n), v) {
+                headers.append(n, v);
+            }
+        });
+        let upgrade = facts.upgrade.map(<[u8]>::to_vec);
+        let body_kind = facts.body;
         let key = hash_key(&cfg, peer, |name| {
             parts.headers.get(name).map(|v| v.as_bytes())
         });
-        let content_length = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.trim().parse::<u64>().ok());
-        let mut headers =
-            forward_headers(parts.headers, &parts.uri, parts.version, peer_ip, upgrade);
-        let path = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let target = match routed.path {
+            Some(p) => Uri::try_from(p)
+                .map_err(|_| fail(ProxyError::BadRequest("invalid request target")))?,
+            None => Uri::try_from(path_and_query)
+                .map_err(|_| fail(ProxyError::BadRequest("invalid request target")))?,
+        };
+        drop(facts);
+        let on_upgrade = if upgrade.is_some() {
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        } else {
+            None
+        };
+        let idempotent = is_idempotent(parts.method.as_str());
 
-        // Buffer small bodies so a failed try can be resent; stream the rest (one try).
-        let (buffered, mut stream) = match prepare_body(body, content_length).await? {
-            Either::Left(b) => (Some(b), None),
-            Either::Right(s) => (None, Some(s)),
+        // Buffer small bodies (within the memory budget) so a failed try can be resent;
+        // stream the rest (one try).
+        let fault = Arc::new(AtomicU8::new(0));
+        let body_read = lcfg.timeouts.body_read.0;
+        let (buffered, mut stream, _permit) = match body_kind {
+            BodyKind::None => (Some(Bytes::new()), None, None),
+            BodyKind::Length(n) if n <= REPLAY_LIMIT => match BufferPermit::take(n) {
+                Some(p) => {
+                    let b = read_small_body(body, body_read).await.map_err(fail)?;
+                    (Some(b), None, Some(p))
+                }
+                None => (
+                    None,
+                    Some(ClientStream::new(body, body_read, fault.clone())),
+                    None,
+                ),
+            },
+            _ => (
+                None,
+                Some(ClientStream::new(body, body_read, fault.clone())),
+                None,
+            ),
         };
         let replayable = buffered.is_some();
 
         let attempts = if replayable { cfg.retries.attempts } else { 1 };
         let connect_timeout = cfg.timeouts.connect.0;
-        let target = Uri::from(path);
-        let mut tries = self.begin_tries(&cfg, start);
+        let idle_timeout = cfg.timeouts.upstream_idle.0;
+        let mut tries = svc.begin_tries(&cfg, start);
         let mut last_err = None;
         for attempt in 0..attempts {
-            let Some(mut t) = self.next_try(&mut tries, attempt, &cfg, key.as_deref())? else {
+            let Some(mut t) = svc
+                .next_try(&mut tries, attempt, &cfg, key.as_deref())
+                .map_err(fail)?
+            else {
                 break;
             };
             let mut up = Request::new(match stream.take() {
@@ -262,19 +386,44 @@ impl Service {
             }
             *up.headers_mut() = hdrs;
 
-            let sending = upstream::send(&t.inst.idle, t.inst.addr, connect_timeout, up);
+            let sending =
+                upstream::send(&t.inst.idle, t.inst.addr, connect_timeout, idle_timeout, up);
             let result = tokio::time::timeout(t.timeout, sending).await;
+            let client_fault = fault.load(Ordering::Acquire);
             let outcome = match &result {
+                _ if client_fault != 0 => Err(None),
+                Ok(Ok((resp, _))) if !hygiene::valid_status(resp.status().as_u16()) => {
+                    Err(Some(ErrorKind::Reset))
+                }
                 Ok(Ok((resp, _))) => Ok(resp.status().as_u16()),
-                Ok(Err(upstream::SendError::Connect(_))) => Err(ErrorKind::Connect),
-                Ok(Err(upstream::SendError::Reset(_))) => Err(ErrorKind::Reset),
-                Err(_) => Err(ErrorKind::Timeout),
+                Ok(Err(upstream::SendError::Connect(_))) => Err(Some(ErrorKind::Connect)),
+                Ok(Err(upstream::SendError::Reset(_))) => Err(Some(ErrorKind::Reset)),
+                Err(_) => Err(Some(ErrorKind::Timeout)),
             };
-            self.end_try(&tries, &mut t, now_nanos(), outcome);
+            svc.end_try(&tries, &mut t, now_nanos(), outcome);
+            if client_fault != 0 {
+                // The client broke its own request: its fault, whatever the instance did.
+                return Err(fail(if client_fault == FAULT_TIMEOUT {
+                    ProxyError::RequestTimeout
+                } else {
+                    ProxyError::BadRequest("request body malformed or cut short")
+                }));
+            }
             match result {
                 Ok(Ok((mut resp, conn))) => {
                     let status = resp.status();
-                    if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (on_upgrade, status) {
+                    if !hygiene::valid_status(status.as_u16()) {
+                        last_err = Some(ProxyError::Upstream("upstream sent an invalid response"));
+                        break;
+                    }
+                    if status == StatusCode::SWITCHING_PROTOCOLS {
+                        // Only the protocol that was asked for, and only if one was.
+                        let asked = upgrade_matches(upgrade.as_deref(), resp.headers());
+                        let Some(down) = on_upgrade.filter(|_| asked) else {
+                            last_err =
+                                Some(ProxyError::Upstream("upstream switched protocols unasked"));
+                            break;
+                        };
                         let up = hyper::upgrade::on(&mut resp);
                         let hold = parts
                             .extensions
@@ -287,21 +436,20 @@ impl Service {
                         ));
                     }
                     let (mut rparts, rbody) = resp.into_parts();
-                    strip_hop_by_hop(&mut rparts.headers);
-                    rparts
-                        .headers
-                        .append(header::VIA, HeaderValue::from_static("1.1 shoal"));
+                    response_hygiene(&mut rparts.headers);
                     // The instance stays counted as busy (drain, least-connections) until the
                     // body ends; the latency sample is the time to response headers.
                     let body = Tracked {
                         inner: rbody,
                         busy: Some(t.busy),
                         conn: Some(conn),
+                        read_timeout: cfg.timeouts.upstream_read.0,
+                        timer: None,
                     };
                     return Ok(Response::from_parts(rparts, Either::Left(body)));
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(service = %self.name, instance = %t.inst.id, error = %e, "upstream try failed");
+                    tracing::debug!(service = %svc.name, instance = %t.inst.id, error = %e, "upstream try failed");
                     let connect = matches!(e, upstream::SendError::Connect(_));
                     // A connect failure sent nothing, so any replayable request may go again;
                     // after that only idempotent ones.
@@ -323,147 +471,217 @@ impl Service {
                 }
             }
         }
-        Err(last_err.unwrap_or(ProxyError::NoInstance))
+        Err(fail(last_err.unwrap_or(ProxyError::NoInstance)))
     }
 }
 
-/// Retry bookkeeping shared by both request paths: instances already tried, the snapshot
-/// they were picked from, and the request's time limits.
-pub(crate) struct Tries {
-    tried: [usize; 10],
-    snapshot: Arc<Snapshot>,
-    start: u64,
-    deadline: u64,
-    per_try: Duration,
+/// Whether a 101's `Upgrade` names the protocol the request asked for (after hygiene).
+fn upgrade_matches(asked: Option<&[u8]>, resp: &HeaderMap) -> bool {
+    let (Some(asked), Some(got)) = (asked, resp.get(header::UPGRADE)) else {
+        return false;
+    };
+    let name = |p: &[u8]| {
+        p.split(|&b| b == b'/')
+            .next()
+            .unwrap_or(p)
+            .to_ascii_lowercase()
+    };
+    hygiene::tokens(got.as_bytes()).any(|g| name(asked) == name(g))
 }
 
-/// One try: its instance (counted in flight on it), when it started and how long it may take.
-pub(crate) struct Try {
-    pub(crate) inst: Arc<Instance>,
-    pub(crate) busy: InFlight,
-    pub(crate) started: u64,
-    pub(crate) timeout: Duration,
+/// Response hygiene for the general path: the same rule the fast path applies per header.
+fn response_hygiene(h: &mut HeaderMap) {
+    let named: Vec<Vec<u8>> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| hygiene::tokens(v.as_bytes()).map(<[u8]>::to_vec))
+        .filter(|t| !t.is_empty())
+        .collect();
+    let named_refs: Vec<&[u8]> = named.iter().map(Vec::as_slice).collect();
+    let drop: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| {
+            !hygiene::response_header_kept(k.as_str().as_bytes(), &named_refs)
+                || *k == header::TRANSFER_ENCODING
+        })
+        .cloned()
+        .collect();
+    for k in drop {
+        h.remove(k);
+    }
+    h.append(header::VIA, HeaderValue::from_static("1.1 shoal"));
 }
 
-impl Tries {
-    /// Whether the request's time is up.
-    pub(crate) fn past_deadline(&self) -> bool {
-        now_nanos() >= self.deadline
+/// Reads a small body whole, each read within `timeout`: the client's fault (400/408) if it
+/// ends early or stalls.
+async fn read_small_body(mut body: Incoming, timeout: Duration) -> Result<Bytes, ProxyError> {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match tokio::time::timeout(timeout, body.frame()).await {
+            Err(_) => return Err(ProxyError::RequestTimeout),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(_))) => return Err(ProxyError::BadRequest("request body ended early")),
+            Ok(Some(Ok(f))) => {
+                if let Ok(d) = f.into_data() {
+                    if (buf.len() + d.len()) as u64 > REPLAY_LIMIT {
+                        return Err(ProxyError::BadRequest("request body longer than declared"));
+                    }
+                    buf.extend_from_slice(&d);
+                }
+            }
+        }
     }
 }
 
-impl Service {
-    /// Starts a request's tries: its deposit into the retry budget.
-    pub(crate) fn begin_tries(&self, cfg: &ServiceConfig, start: u64) -> Tries {
-        self.budget.deposit(
-            cfg.retries.budget_percent,
-            cfg.retries.budget_min_per_second,
-            start,
-        );
-        Tries {
-            tried: [usize::MAX; 10],
-            snapshot: self.pool.snapshot_full(),
-            start,
-            deadline: start + cfg.timeouts.request.0.as_nanos() as u64,
-            per_try: cfg.timeouts.per_try.0,
+const FAULT_BODY: u8 = 1;
+const FAULT_TIMEOUT: u8 = 2;
+
+/// A streamed request body. A framing error, an early end or a pause longer than the
+/// body-read timeout is recorded as the client's fault, so the failed try that follows is
+/// not blamed on the instance.
+pub struct ClientStream {
+    inner: Incoming,
+    timeout: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    fault: Arc<AtomicU8>,
+}
+
+impl ClientStream {
+    fn new(inner: Incoming, timeout: Duration, fault: Arc<AtomicU8>) -> Self {
+        ClientStream {
+            inner,
+            timeout,
+            timer: None,
+            fault,
         }
     }
+}
 
-    /// Try number `attempt`: `Ok(None)` when a retry finds the budget spent or no untried
-    /// instance is left, `Err(Timeout)` when the request's time is up.
-    pub(crate) fn next_try(
-        &self,
-        t: &mut Tries,
-        attempt: u32,
-        cfg: &ServiceConfig,
-        key: Option<&[u8]>,
-    ) -> Result<Option<Try>, ProxyError> {
-        if attempt > 0 {
-            if !self
-                .budget
-                .try_withdraw(cfg.retries.budget_min_per_second, now_nanos())
-            {
-                self.metrics.retry_budget_exhausted.inc();
-                return Ok(None);
-            }
-            self.metrics.retries.inc();
-        }
-        let now = if attempt == 0 { t.start } else { now_nanos() };
-        let Some((idx, inst, busy)) = self.pick_live(&mut t.snapshot, &mut t.tried, key, now)
-        else {
-            return Ok(None);
-        };
-        t.tried[attempt as usize] = idx;
-        let remaining = t.deadline.saturating_sub(now);
-        if remaining == 0 {
-            return Err(ProxyError::Timeout);
-        }
-        Ok(Some(Try {
-            inst,
-            busy,
-            started: now,
-            timeout: t.per_try.min(Duration::from_nanos(remaining)),
-        }))
-    }
+impl Body for ClientStream {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
-    /// Records how a try ended at `answered`: the latency sample, the status or error count,
-    /// passive health, and for an answer the request's time to response headers.
-    pub(crate) fn end_try(
-        &self,
-        tries: &Tries,
-        t: &mut Try,
-        answered: u64,
-        outcome: Result<u16, ErrorKind>,
-    ) {
-        // A failed try is a slow one as far as latency-aware balancing is concerned: a
-        // refused connect must not make an instance look fast.
-        let penalty = (t.timeout.as_nanos() as u64).min(5_000_000_000);
-        t.busy.headers_received(match outcome {
-            Ok(_) => answered,
-            Err(_) => answered.max(t.started + penalty),
-        });
-        match outcome {
-            Ok(status) => {
-                t.inst.metrics.codes.inc(status);
-                self.pool.record_result(&t.inst, status < 500, answered);
-                self.metrics
-                    .duration
-                    .observe_nanos(answered.saturating_sub(tries.start));
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                self.fault.store(FAULT_BODY, Ordering::Release);
+                Poll::Ready(Some(Err(e.into())))
             }
-            Err(kind) => {
-                t.inst.metrics.errors[kind as usize].inc();
-                self.pool.record_result(&t.inst, false, answered);
+            Poll::Ready(r) => {
+                self.timer = None;
+                Poll::Ready(r.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let timeout = self.timeout;
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        self.fault.store(FAULT_TIMEOUT, Ordering::Release);
+                        Poll::Ready(Some(Err("request body read timed out".into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
             }
         }
     }
 
-    /// Picks an instance not yet tried and counts the request in flight on it. A pick from a
-    /// snapshot that predates the instance's drain is retried on the current snapshot, so a
-    /// draining instance never gets a new request after `Pool::remove` saw it idle.
-    fn pick_live(
-        &self,
-        snapshot: &mut Arc<Snapshot>,
-        tried: &mut [usize; 10],
-        key: Option<&[u8]>,
-        now: u64,
-    ) -> Option<(usize, Arc<Instance>, InFlight)> {
-        for _ in 0..3 {
-            let t = *tried;
-            let idx = snapshot.selector.pick(key, now, &|i| t.contains(&i))?;
-            let inst = snapshot.instances[idx].clone();
-            let busy = InFlight::start(inst.clone(), now);
-            // Pairs with the fence in `Pool::remove`.
-            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            if inst.state() != State::Draining {
-                return Some((idx, inst, busy));
-            }
-            drop(busy);
-            *snapshot = self.pool.snapshot_full();
-            // Indexes of the old snapshot mean nothing in the new one.
-            *tried = [usize::MAX; 10];
-        }
-        None
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
     }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that keeps its instance counted as in flight until the body ends or is
+/// dropped (drain waits for it; least-connections sees it). An instance that pauses longer
+/// than the upstream-read timeout mid-body ends the response.
+pub struct Tracked {
+    inner: Incoming,
+    busy: Option<InFlight>,
+    /// The upstream connection, returned to its instance's idle list once the body is read.
+    conn: Option<hyper::client::conn::http1::SendRequest<UpstreamBody>>,
+    read_timeout: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Tracked {
+    fn finish(&mut self, complete: bool) {
+        if let Some(busy) = self.busy.take() {
+            if let (true, Some(c)) = (complete, self.conn.take()) {
+                busy.inst().idle.put(c);
+            }
+        }
+        // An unfinished body leaves the connection mid-response: dropping it closes it.
+        self.conn = None;
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // A body the server never polled (empty, HEAD) is complete as well.
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match r {
+            Poll::Ready(None) => {
+                self.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.finish(false);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(Some(Ok(f))) => {
+                self.timer = None;
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Pending => {
+                let timeout = self.read_timeout;
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        self.finish(false);
+                        Poll::Ready(Some(Err("upstream response body timed out".into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The client address as a header value (built once per connection).
+pub fn peer_header(peer: SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&peer.ip().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// Copies bytes both ways once client and instance both switched protocols.
@@ -482,419 +700,5 @@ async fn tunnel(
             }
         }
         Err(e) => tracing::warn!(error = %e, "upgrade failed"),
-    }
-}
-
-/// Errors shoal answers itself.
-#[derive(Debug)]
-pub enum ProxyError {
-    BadRequest(&'static str),
-    UriTooLong,
-    HeadersTooLarge,
-    PayloadTooLarge,
-    NoInstance,
-    Upstream(&'static str),
-    Timeout,
-}
-
-impl ProxyError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
-            ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ProxyError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::NoInstance => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-        }
-    }
-
-    /// The short plain-text body of the error response.
-    pub fn message(&self) -> &'static str {
-        match self {
-            ProxyError::BadRequest(m) => m,
-            ProxyError::UriTooLong => "request target too long",
-            ProxyError::HeadersTooLarge => "request header fields too large",
-            ProxyError::PayloadTooLarge => "payload too large",
-            ProxyError::NoInstance => "no instance available",
-            ProxyError::Upstream(m) => m,
-            ProxyError::Timeout => "upstream timed out",
-        }
-    }
-
-    /// The one place errors become responses (the fast path writes the same bytes in
-    /// `h1::write_error`).
-    pub fn into_response(self) -> Response<ClientBody> {
-        let msg = self.message();
-        let status = self.status();
-        let mut r = Response::new(Either::Right(Full::new(Bytes::from(format!("{msg}\n")))));
-        *r.status_mut() = status;
-        let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        if status == StatusCode::BAD_REQUEST {
-            // After a framing error the connection's byte stream cannot be trusted.
-            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        r
-    }
-}
-
-/// Request-smuggling and limit checks; nothing that fails them reaches an instance.
-fn check_request<B>(req: &Request<B>, cfg: &ServiceConfig) -> Result<(), ProxyError> {
-    let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
-    if target_len > cfg.limits.max_request_line {
-        return Err(ProxyError::UriTooLong);
-    }
-    let h = req.headers();
-    // The read buffer bounds the head only roughly (it also holds the request line), so the
-    // header block limit is checked exactly here.
-    let head_bytes: usize = h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
-    if h.len() > cfg.limits.max_headers || head_bytes > cfg.limits.max_header_bytes {
-        return Err(ProxyError::HeadersTooLarge);
-    }
-    let mut te = h.get_all(header::TRANSFER_ENCODING).iter();
-    if let Some(v) = te.next() {
-        // Only a single, plain `chunked` is forwarded: stacked codings are how smuggling starts.
-        if te.next().is_some() || !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
-            return Err(ProxyError::BadRequest("unsupported transfer-encoding"));
-        }
-        if h.contains_key(header::CONTENT_LENGTH) {
-            return Err(ProxyError::BadRequest(
-                "both content-length and transfer-encoding",
-            ));
-        }
-    }
-    let mut cl = h.get_all(header::CONTENT_LENGTH).iter();
-    if let Some(first) = cl.next() {
-        if cl.any(|v| v != first)
-            || first
-                .to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .is_none()
-        {
-            return Err(ProxyError::BadRequest("invalid content-length"));
-        }
-    }
-    if req.version() == Version::HTTP_11 && !h.contains_key(header::HOST) {
-        return Err(ProxyError::BadRequest("missing host header"));
-    }
-    if h.get_all(header::HOST).iter().nth(1).is_some() {
-        return Err(ProxyError::BadRequest("duplicate host header"));
-    }
-    Ok(())
-}
-
-/// Small bodies of known length come back buffered (left), others as the stream (right).
-async fn prepare_body(
-    body: Incoming,
-    len: Option<u64>,
-) -> Result<Either<Bytes, Incoming>, ProxyError> {
-    if body.is_end_stream() {
-        return Ok(Either::Left(Bytes::new()));
-    }
-    match len {
-        Some(n) if n <= REPLAY_LIMIT => {
-            let collected = Limited::new(body, REPLAY_LIMIT as usize)
-                .collect()
-                .await
-                .map_err(|_| ProxyError::BadRequest("request body ended early"))?;
-            Ok(Either::Left(collected.to_bytes()))
-        }
-        _ => Ok(Either::Right(body)),
-    }
-}
-
-/// Methods a retry may resend after the request went out.
-pub(crate) fn is_idempotent(m: &str) -> bool {
-    matches!(m, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE")
-}
-
-fn is_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE)
-        && h.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-        })
-}
-
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-];
-
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names beats ten hash lookups.
-    if !h
-        .keys()
-        .any(|k| HOP_BY_HOP.contains(k) || k == header::PROXY_AUTHENTICATE)
-    {
-        return;
-    }
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in &HOP_BY_HOP {
-        h.remove(n);
-    }
-    h.remove(header::PROXY_AUTHENTICATE);
-}
-
-/// The client address as a header value (built once per connection).
-pub fn peer_header(peer: SocketAddr) -> HeaderValue {
-    HeaderValue::from_str(&peer.ip().to_string())
-        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
-}
-
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-/// The headers sent upstream: hop-by-hop removed, then `X-Forwarded-*` and `Via` added.
-fn forward_headers(
-    mut h: HeaderMap,
-    uri: &Uri,
-    version: Version,
-    peer_ip: HeaderValue,
-    upgrade: bool,
-) -> HeaderMap {
-    let up_proto = upgrade.then(|| h.get(header::UPGRADE).cloned()).flatten();
-    strip_hop_by_hop(&mut h);
-    if let Some(p) = up_proto {
-        h.insert(header::UPGRADE, p);
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-    // Earlier hops in order (several header lines are one list), then the peer.
-    let xff = if h.contains_key(X_FORWARDED_FOR) {
-        let mut v = Vec::new();
-        for prev in h.get_all(X_FORWARDED_FOR) {
-            v.extend_from_slice(prev.as_bytes());
-            v.extend_from_slice(b", ");
-        }
-        v.extend_from_slice(peer_ip.as_bytes());
-        HeaderValue::from_bytes(&v).unwrap_or(peer_ip)
-    } else {
-        peer_ip
-    };
-    h.insert(X_FORWARDED_FOR, xff);
-    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    // HTTP/2 carries the host in :authority; HTTP/1.1 instances need it as Host.
-    match h.get(header::HOST).cloned() {
-        Some(host) => {
-            h.insert(X_FORWARDED_HOST, host);
-        }
-        None => {
-            if let Some(host) = uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                h.insert(X_FORWARDED_HOST, host.clone());
-                h.insert(header::HOST, host);
-            }
-        }
-    }
-    let via = if version == Version::HTTP_2 {
-        "2 shoal"
-    } else {
-        "1.1 shoal"
-    };
-    h.append(header::VIA, HeaderValue::from_static(via));
-    h
-}
-
-/// The balancing key for ip-hash / consistent-hash (none for other algorithms): the
-/// configured header's first value, looked up by `header`, else the client IP.
-pub(crate) fn hash_key<'a>(
-    cfg: &ServiceConfig,
-    peer: SocketAddr,
-    header: impl FnOnce(&str) -> Option<&'a [u8]>,
-) -> Option<Vec<u8>> {
-    if !matches!(cfg.balance, Algorithm::IpHash | Algorithm::ConsistentHash) {
-        return None;
-    }
-    let from_header = match &cfg.hash_key {
-        HashKey::ClientIp => None,
-        HashKey::Header(name) => header(name.as_str()),
-    };
-    Some(match (from_header, peer.ip()) {
-        (Some(v), _) => v.to_vec(),
-        (None, IpAddr::V4(v)) => v.octets().to_vec(),
-        (None, IpAddr::V6(v)) => v.octets().to_vec(),
-    })
-}
-
-/// A response body that keeps its instance counted as in flight until the body ends or is
-/// dropped (drain waits for it; least-connections sees it).
-pub struct Tracked {
-    inner: Incoming,
-    busy: Option<InFlight>,
-    /// The upstream connection, returned to its instance's idle list once the body is read.
-    conn: Option<hyper::client::conn::http1::SendRequest<UpstreamBody>>,
-}
-
-impl Tracked {
-    fn finish(&mut self, complete: bool) {
-        if let Some(busy) = self.busy.take() {
-            if let (true, Some(c)) = (complete, self.conn.take()) {
-                busy.inst.idle.put(c);
-            }
-        }
-        // An unfinished body leaves the connection mid-response: dropping it closes it.
-        self.conn = None;
-    }
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        // A body the server never polled (empty, HEAD) is complete as well.
-        let complete = self.inner.is_end_stream();
-        self.finish(complete);
-    }
-}
-
-/// One request in flight to an instance: `Load::start` now, `Load::finish` on drop with the
-/// time to response headers (or the time until the drop, if headers never came).
-pub struct InFlight {
-    inst: Arc<Instance>,
-    sent: u64,
-    rtt: Option<u64>,
-}
-
-impl InFlight {
-    pub(crate) fn start(inst: Arc<Instance>, now: u64) -> Self {
-        inst.load.start();
-        InFlight {
-            inst,
-            sent: now,
-            rtt: None,
-        }
-    }
-
-    pub(crate) fn inst(&self) -> &Arc<Instance> {
-        &self.inst
-    }
-
-    /// Records the latency sample at `now`.
-    pub(crate) fn headers_received(&mut self, now: u64) {
-        self.rtt = Some(now.saturating_sub(self.sent));
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        // The sample is the time to response headers; the clock is read again only for
-        // tries that never got headers.
-        let (rtt, at) = match self.rtt {
-            Some(rtt) => (rtt, self.sent + rtt),
-            None => {
-                let now = now_nanos();
-                (now.saturating_sub(self.sent), now)
-            }
-        };
-        self.inst.load.finish(rtt, at);
-    }
-}
-
-impl Body for Tracked {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(None) => self.finish(true),
-            Poll::Ready(Some(Err(_))) => self.finish(false),
-            _ => {}
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn strips_connection_named_headers() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
-        h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
-        h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
-        h.insert(header::HOST, HeaderValue::from_static("example.com"));
-        let out = forward_headers(
-            h,
-            &Uri::from_static("/"),
-            Version::HTTP_11,
-            peer_header(peer),
-            false,
-        );
-        assert!(out.get("x-secret").is_none());
-        assert!(out.get("keep-alive").is_none());
-        assert!(out.get(header::CONNECTION).is_none());
-        assert_eq!(out["x-kept"], "1");
-        assert_eq!(out["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.1.2.3");
-        assert_eq!(out["x-forwarded-host"], "example.com");
-        assert_eq!(out[header::VIA], "1.1 shoal");
-    }
-
-    #[test]
-    fn retry_budget_limits_retries() {
-        let t0 = 1_000_000_000;
-        let b = RetryBudget::new(t0);
-        // No deposits and no time passed: the floor rate has not refilled anything yet.
-        assert!(!b.try_withdraw(0.0, t0));
-        for _ in 0..10 {
-            b.deposit(20.0, 0.0, t0);
-        }
-        // 10 requests at 20% → 2 retries.
-        assert!(b.try_withdraw(0.0, t0));
-        assert!(b.try_withdraw(0.0, t0));
-        assert!(!b.try_withdraw(0.0, t0));
-        // The floor: 10 per second, at most one second banked.
-        let t1 = t0 + 500_000_000;
-        for _ in 0..5 {
-            assert!(b.try_withdraw(10.0, t1));
-        }
-        assert!(!b.try_withdraw(10.0, t1));
-        let t2 = t1 + 60_000_000_000;
-        assert_eq!((0..20).filter(|_| b.try_withdraw(10.0, t2)).count(), 10);
     }
 }

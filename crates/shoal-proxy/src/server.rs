@@ -107,12 +107,19 @@ pub async fn bind(addr: SocketAddr, service: Arc<Service>) -> std::io::Result<Li
     let addr = listener.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);
     let conns = Arc::new(Connections::default());
-    tokio::spawn(accept_loop(listener, service, stop_rx, conns.clone()));
+    tokio::spawn(accept_loop(
+        listener,
+        addr.port(),
+        service,
+        stop_rx,
+        conns.clone(),
+    ));
     Ok(Listener { addr, stop, conns })
 }
 
 async fn accept_loop(
     listener: TcpListener,
+    port: u16,
     service: Arc<Service>,
     mut stop: watch::Receiver<bool>,
     conns: Arc<Connections>,
@@ -147,7 +154,7 @@ async fn accept_loop(
             // An upgraded connection outlives this task (its tunnel takes the slot): it keeps
             // counting against max_connections and shutdown still waits for it.
             let slot = Arc::new(ConnSlot(Mutex::new(Some((permit, guard)))));
-            serve_conn(stream, peer, svc, stop, slot).await;
+            serve_conn(stream, peer, port, svc, stop, slot).await;
         });
     }
     tracing::info!(service = %service.name, "listener stopped");
@@ -156,6 +163,7 @@ async fn accept_loop(
 async fn serve_conn(
     mut stream: tokio::net::TcpStream,
     peer: SocketAddr,
+    port: u16,
     svc: Arc<Service>,
     mut stop: watch::Receiver<bool>,
     slot: Arc<ConnSlot>,
@@ -163,23 +171,28 @@ async fn serve_conn(
     let peer_ip = crate::proxy::peer_header(peer);
     // Plain HTTP/1.1 keep-alive traffic stays on the fast path; the first request it cannot
     // take moves the connection, with the bytes read so far, to hyper for good.
-    let conn = crate::h1::Conn::new(&mut stream, &svc, peer, peer_ip.as_bytes());
+    let conn = crate::h1::Conn::new(&mut stream, &svc, peer, peer_ip.as_bytes(), port);
     let pre = match conn.serve(&mut stop).await {
         crate::h1::End::Closed => return,
         crate::h1::End::Handover(pre) => pre,
     };
-    let stream = crate::h1::Rewind::new(pre, stream);
     let cfg = svc.config.load_full();
+    let stream = crate::h1::Rewind::new(pre, stream, cfg.timeouts.client_write.0);
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // One HTTP/1.x request per handed-over connection: every request head on a connection
+    // is then read raw by the fast path first, where all of hygiene sees it (hyper drops a
+    // Content-Length that comes with Transfer-Encoding before anyone can refuse it).
     builder
         .http1()
         .timer(TokioTimer::new())
+        .keep_alive(false)
         .header_read_timeout(cfg.timeouts.header_read.0)
         .max_headers(cfg.limits.max_headers)
         .max_buf_size(cfg.limits.max_head_bytes());
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.limits.max_h2_streams)
         .max_header_list_size(cfg.limits.max_header_bytes as u32);
     let idle = cfg.timeouts.idle.0;
     // Last activity and requests in flight on this connection, for the idle timeout.
@@ -193,7 +206,7 @@ async fn serve_conn(
         }
         let peer_ip = peer_ip.clone();
         async move {
-            let r = svc.handle(req, peer, peer_ip).await;
+            let r = svc.handle(req, peer, peer_ip, port).await;
             drop(busy);
             r
         }

@@ -16,34 +16,53 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::pool::now_nanos;
 use crate::proxy::UpstreamBody;
 
 /// Most idle connections kept per instance; more are closed when returned.
 const MAX_IDLE: usize = 512;
 
 /// Idle keep-alive connections to one instance: hyper client connections for the general
-/// path, plain sockets for the HTTP/1.1 fast path (`crate::h1`).
+/// path, plain sockets for the HTTP/1.1 fast path (`crate::h1`). Each remembers when it went
+/// idle: past `timeouts.upstream_idle` it is closed rather than reused, because the instance
+/// may be closing it at that very moment (its own keep-alive timeout).
 #[derive(Debug, Default)]
 pub struct Idle {
-    conns: Mutex<Vec<SendRequest<UpstreamBody>>>,
-    raw: Mutex<Vec<TcpStream>>,
+    conns: Mutex<Vec<(SendRequest<UpstreamBody>, u64)>>,
+    raw: Mutex<Vec<(TcpStream, u64)>>,
 }
 
 impl Idle {
-    /// A socket whose last response was read to the end, if any.
-    pub(crate) fn pop_raw(&self) -> Option<TcpStream> {
-        self.raw.lock().expect("idle lock").pop()
+    /// A socket whose last response was read to the end and that went idle less than
+    /// `max_idle` ago, if any. Older ones are closed.
+    pub(crate) fn pop_raw(&self, max_idle: Duration) -> Option<TcpStream> {
+        let since = now_nanos().saturating_sub(max_idle.as_nanos() as u64);
+        let mut v = self.raw.lock().expect("idle lock");
+        // The newest is at the end; the oldest expire first.
+        let (s, at) = v.pop()?;
+        if at < since {
+            v.clear();
+            return None;
+        }
+        Some(s)
     }
 
     pub(crate) fn put_raw(&self, s: TcpStream) {
         let mut v = self.raw.lock().expect("idle lock");
         if v.len() < MAX_IDLE {
-            v.push(s);
+            v.push((s, now_nanos()));
         }
     }
 
-    fn pop(&self) -> Option<SendRequest<UpstreamBody>> {
-        self.conns.lock().expect("idle lock").pop()
+    fn pop(&self, max_idle: Duration) -> Option<SendRequest<UpstreamBody>> {
+        let since = now_nanos().saturating_sub(max_idle.as_nanos() as u64);
+        let mut v = self.conns.lock().expect("idle lock");
+        let (c, at) = v.pop()?;
+        if at < since {
+            v.clear();
+            return None;
+        }
+        Some(c)
     }
 
     /// Returns a connection whose previous response is complete.
@@ -53,8 +72,34 @@ impl Idle {
         }
         let mut v = self.conns.lock().expect("idle lock");
         if v.len() < MAX_IDLE {
-            v.push(c);
+            v.push((c, now_nanos()));
         }
+    }
+
+    /// Closes connections idle for longer than `max_idle` (called periodically, so idle
+    /// sockets do not linger on either side). Returns how many were closed.
+    pub fn expire(&self, max_idle: Duration) -> usize {
+        let since = now_nanos().saturating_sub(max_idle.as_nanos() as u64);
+        let mut n = 0;
+        {
+            let mut v = self.raw.lock().expect("idle lock");
+            let before = v.len();
+            v.retain(|(_, at)| *at >= since);
+            n += before - v.len();
+        }
+        let mut v = self.conns.lock().expect("idle lock");
+        let before = v.len();
+        v.retain(|(c, at)| *at >= since && !c.is_closed());
+        n + before - v.len()
+    }
+
+    /// Idle connections kept right now (both kinds).
+    pub fn len(&self) -> usize {
+        self.raw.lock().expect("idle lock").len() + self.conns.lock().expect("idle lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Closes every idle connection (instance removed).
@@ -62,6 +107,13 @@ impl Idle {
         self.conns.lock().expect("idle lock").clear();
         self.raw.lock().expect("idle lock").clear();
     }
+}
+
+/// Whether an idle upstream socket is still open with nothing pending: a real `MSG_PEEK`
+/// (not cached readiness), so a FIN the runtime has not polled yet is seen too.
+pub(crate) fn alive(s: &TcpStream) -> bool {
+    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(socket2::SockRef::from(s).peek(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// Why a try failed.
@@ -122,9 +174,10 @@ pub async fn send(
     idle: &Idle,
     addr: SocketAddr,
     connect_timeout: Duration,
+    max_idle: Duration,
     mut req: Request<UpstreamBody>,
 ) -> Result<(Response<Incoming>, SendRequest<UpstreamBody>), SendError> {
-    while let Some(mut c) = idle.pop() {
+    while let Some(mut c) = idle.pop(max_idle) {
         // Only a connection that can take a request right now: one still finishing an
         // earlier exchange (e.g. an early response while the request body was uploading)
         // could stall this request for its whole timeout. It is closed instead.

@@ -34,6 +34,10 @@ pub struct Backend {
     pub body_bytes: AtomicU64,
     /// Connections accepted.
     pub conns: AtomicUsize,
+    /// 101 answers given.
+    pub upgrades: AtomicUsize,
+    /// Method, target and headers of the last request, as received.
+    pub last: std::sync::Mutex<String>,
     kill: watch::Sender<bool>,
 }
 
@@ -49,6 +53,8 @@ impl Backend {
             status: AtomicU16::new(200),
             delay_ms: AtomicU64::new(0),
             body_bytes: AtomicU64::new(0),
+            upgrades: AtomicUsize::new(0),
+            last: std::sync::Mutex::new(String::new()),
             conns: AtomicUsize::new(0),
             kill,
         });
@@ -105,7 +111,14 @@ impl Backend {
                 .unwrap_or(1000);
         }
         if path == "/ws" {
-            // Echo upgrade: answer 101 and echo bytes on the upgraded stream.
+            // Echo upgrade: answer 101 (to whatever was asked, or nothing) and echo bytes on
+            // the upgraded stream. A lenient backend: it upgrades even unasked.
+            let asked = req
+                .headers()
+                .get("upgrade")
+                .cloned()
+                .unwrap_or(http::HeaderValue::from_static("echo"));
+            self.upgrades.fetch_add(1, Ordering::SeqCst);
             let on = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
                 if let Ok(up) = on.await {
@@ -121,13 +134,14 @@ impl Backend {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             let r = Response::builder()
                 .status(101)
-                .header("upgrade", "echo")
+                .header("upgrade", asked)
                 .header("connection", "upgrade")
                 .body(Full::new(Bytes::new()))
                 .unwrap();
             return Ok(r);
         }
         let headers = format!("{:?}", req.headers());
+        *self.last.lock().unwrap() = format!("{} {}\n{headers}", req.method(), req.uri());
         // Consume the body chunk by chunk (counting, never buffering it whole).
         let mut body = req.into_body();
         let mut n = 0u64;

@@ -1,0 +1,101 @@
+//! Errors shoal answers itself, and the one place they become responses (both paths).
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use crate::proxy::ClientBody;
+
+/// Errors shoal answers itself. Client-side ones (4xx) never count against an instance.
+#[derive(Debug)]
+pub enum ProxyError {
+    BadRequest(&'static str),
+    NotFound,
+    MethodNotAllowed,
+    RequestTimeout,
+    UriTooLong,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    NoInstance,
+    Upstream(&'static str),
+    Timeout,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotFound => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
+            ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::NoInstance => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The short plain-text body of the error response.
+    pub fn message(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(m) => m,
+            ProxyError::NotFound => "no route for this request",
+            ProxyError::MethodNotAllowed => "method not allowed",
+            ProxyError::RequestTimeout => "request body timed out",
+            ProxyError::UriTooLong => "request target too long",
+            ProxyError::HeadersTooLarge => "request header fields too large",
+            ProxyError::PayloadTooLarge => "payload too large",
+            ProxyError::NoInstance => "no instance available",
+            ProxyError::Upstream(m) => m,
+            ProxyError::Timeout => "upstream timed out",
+        }
+    }
+
+    /// After these the connection's byte stream cannot be trusted (or the client is too
+    /// slow to keep): the answer closes it.
+    pub fn closes(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest(_) | ProxyError::RequestTimeout | ProxyError::PayloadTooLarge
+        )
+    }
+
+    /// The response for the general path.
+    pub fn into_response(self) -> Response<ClientBody> {
+        let msg = self.message();
+        let status = self.status();
+        let mut r = Response::new(Either::Right(Full::new(Bytes::from(format!("{msg}\n")))));
+        *r.status_mut() = status;
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if self.closes() {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
+    }
+
+    /// The same response as bytes, for the fast path.
+    pub(crate) fn write(&self, out: &mut Vec<u8>, close: bool) {
+        let msg = self.message();
+        let status = self.status();
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ");
+        out.extend_from_slice((msg.len() + 1).to_string().as_bytes());
+        if close || self.closes() {
+            out.extend_from_slice(b"\r\nconnection: close");
+        }
+        out.extend_from_slice(b"\r\n\r\n");
+        out.extend_from_slice(msg.as_bytes());
+        out.push(b'\n');
+    }
+}
