@@ -184,7 +184,7 @@ pub fn mark_bypass(status: StatusCode, headers: &mut HeaderMap) {
 }
 
 /// Per-route settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CacheConfig {
     pub policy: PolicyConfig,
     /// Largest body stored; bigger or unknown-length bodies stream through.

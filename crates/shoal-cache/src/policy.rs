@@ -10,7 +10,7 @@ use http::{HeaderMap, Method, StatusCode};
 use crate::directives::CacheControl;
 
 /// Operator settings for one route's cache.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PolicyConfig {
     /// Ignore request `no-cache`/`Pragma: no-cache` (clients forcing a refetch), as caches in
     /// front of an origin often must.
