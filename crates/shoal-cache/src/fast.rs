@@ -66,8 +66,9 @@ pub struct FastHit {
 }
 
 impl FastHit {
-    /// Appends the complete response head, blank line included.
-    pub fn write_head(&self, out: &mut Vec<u8>) {
+    /// Appends the complete response head, blank line included; `close` adds
+    /// `Connection: close` (the client asked for it).
+    pub fn write_head(&self, out: &mut Vec<u8>, close: bool) {
         out.extend_from_slice(&self.head.head);
         out.extend_from_slice(b"age: ");
         out.extend_from_slice(self.age.to_string().as_bytes());
@@ -79,6 +80,9 @@ impl FastHit {
         out.extend_from_slice(STATUS_NAME.as_bytes());
         out.extend_from_slice(b"; hit; ttl=");
         out.extend_from_slice(self.ttl.to_string().as_bytes());
+        if close {
+            out.extend_from_slice(b"\r\nconnection: close");
+        }
         out.extend_from_slice(b"\r\n\r\n");
     }
 }

@@ -61,7 +61,7 @@ async fn fresh_hits_are_written_from_a_prerendered_head() {
         )
         .expect("fresh hit");
     let mut out = Vec::new();
-    hit.write_head(&mut out);
+    hit.write_head(&mut out, false);
     let (code, headers, n) = parse_head(&out);
     assert_eq!((code, n), (200, out.len()));
     assert_eq!(get(&headers, "content-length"), Some("5"));
@@ -72,6 +72,9 @@ async fn fresh_hits_are_written_from_a_prerendered_head() {
         Some("up; hit, shoal; hit; ttl=53")
     );
     assert_eq!(hit.body, "hello");
+    let mut closing = Vec::new();
+    hit.write_head(&mut closing, true);
+    assert_eq!(get(&parse_head(&closing).1, "connection"), Some("close"));
     // The same head serves the next hit; HEAD gets no body.
     let head = h
         .cache
