@@ -59,6 +59,7 @@ fn render(v: &StoredResponse) -> H1Head {
 #[derive(Debug, Clone)]
 pub struct FastHit {
     head: H1Head,
+    pub status: u16,
     pub age: u64,
     pub ttl: i64,
     /// The body to send; empty for HEAD.
@@ -127,6 +128,7 @@ impl Cache {
         self.counters().inc(Count::Hit);
         Some(FastHit {
             head: v.h1.get_or_init(|| render(v)).clone(),
+            status: v.status.as_u16(),
             age: v.current_age(now),
             ttl: v.ttl(now),
             body: if *method == Method::HEAD {
