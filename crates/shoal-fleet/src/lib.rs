@@ -100,6 +100,16 @@ impl Fleets {
                 return;
             }
         };
+        // A service gone from the config takes its fleet with it: drained, then stopped.
+        for m in &self.managed {
+            let service = m.provider.service().to_string();
+            if m.provider.kind() == "process" && !config.services.iter().any(|s| s.name == service)
+            {
+                tracing::info!(service = %service, "service removed: draining and stopping its fleet");
+                let provider = m.provider.clone();
+                tokio::spawn(async move { provider.shutdown(Duration::from_secs(60)).await });
+            }
+        }
         for spec in specs {
             match self.get(&spec.service) {
                 Some(m) => {

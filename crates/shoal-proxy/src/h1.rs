@@ -10,7 +10,6 @@
 //! absolute-form or unusual targets, a head that does not parse or is over the read buffer —
 //! hands the connection, with the bytes read so far, to the hyper path ([`crate::server`]).
 
-use std::future::Future;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -929,16 +928,13 @@ impl Rewind {
         match r {
             Poll::Pending => {
                 let limit = self.write_limit;
-                let t = self
-                    .stalled
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                match t.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "client stopped reading",
-                    ))),
-                    Poll::Pending => Poll::Pending,
+                if !crate::proxy::stalled(&mut self.stalled, limit, cx) {
+                    return Poll::Pending;
                 }
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client stopped reading",
+                )))
             }
             ready => {
                 self.stalled = None;

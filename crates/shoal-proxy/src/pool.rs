@@ -277,16 +277,31 @@ impl Pool {
             weight,
             gate && self.settings().active_health.is_some(),
             false,
+            None,
         )
     }
 
     /// Adds an instance in `Starting` (no traffic) until [`Pool::mark_ready`] or, with active
     /// checks, `rise` passing probes.
     pub fn add_starting(&self, id: &str, addr: SocketAddr, weight: u32) -> Option<Arc<Instance>> {
-        self.add_instance(id, addr, weight, true, true)
+        self.add_instance(id, addr, weight, true, true, None)
     }
 
-    /// `owner_gated`: the caller (a fleet) decides readiness with `mark_ready`.
+    /// Replaces `prev` by a new instance at `addr` with `weight` (a reload changed it): the
+    /// new one is published before `prev` starts draining, so there is no moment without
+    /// an instance. Returns the new one; the caller waits for `prev` with `remove_drained`.
+    pub fn replace(&self, prev: &Arc<Instance>, weight: u32) -> Option<Arc<Instance>> {
+        let new = self.add_instance(&prev.id, prev.addr, weight, false, false, Some(prev))?;
+        if prev.state() != State::Draining {
+            prev.set_state(State::Draining);
+            tracing::info!(service = %self.service, instance = %prev.id, "draining (replaced)");
+            self.rebuild();
+        }
+        Some(new)
+    }
+
+    /// `owner_gated`: the caller (a fleet) decides readiness with `mark_ready`. `replacing`:
+    /// an instance with the same id that this one takes over from.
     fn add_instance(
         &self,
         id: &str,
@@ -294,6 +309,7 @@ impl Pool {
         weight: u32,
         gated: bool,
         owner_gated: bool,
+        replacing: Option<&Arc<Instance>>,
     ) -> Option<Arc<Instance>> {
         let settings = self.settings();
         let now = now_nanos();
@@ -328,7 +344,11 @@ impl Pool {
             let mut m = self.members.lock().expect("members lock");
             // A draining instance may still hold the id (re-added on reload): the new one
             // lives beside it until the old one is gone.
-            if m.iter().any(|i| i.id == id && i.state() != State::Draining) {
+            if m.iter().any(|i| {
+                i.id == id
+                    && i.state() != State::Draining
+                    && !replacing.is_some_and(|r| Arc::ptr_eq(r, i))
+            }) {
                 return None;
             }
             m.push(inst.clone());

@@ -168,10 +168,7 @@ impl Service {
                     self.pool.add(&id, b.addr, b.weight, false);
                 }
                 Some(prev) if prev.weight != b.weight => {
-                    // Drain first in the pool's eyes (the id frees up), add at once, then
-                    // wait for the old one's requests in the background.
-                    prev.set_draining();
-                    self.pool.add(&id, b.addr, b.weight, false);
+                    self.pool.replace(&prev, b.weight);
                     let pool = self.pool.clone();
                     tokio::spawn(async move {
                         pool.remove_drained(prev, drain).await;
@@ -533,6 +530,17 @@ async fn read_small_body(mut body: Incoming, timeout: Duration) -> Result<Bytes,
     }
 }
 
+/// Whether a stream that just returned `Pending` has now waited `timeout` without progress:
+/// the timer is armed at the first wait and dropped (by the caller) at the next progress.
+pub(crate) fn stalled(
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+) -> bool {
+    let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+    t.as_mut().poll(cx).is_ready()
+}
+
 const FAULT_BODY: u8 = 1;
 const FAULT_TIMEOUT: u8 = 2;
 
@@ -576,16 +584,11 @@ impl Body for ClientStream {
             }
             Poll::Pending => {
                 let timeout = self.timeout;
-                let timer = self
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        self.fault.store(FAULT_TIMEOUT, Ordering::Release);
-                        Poll::Ready(Some(Err("request body read timed out".into())))
-                    }
-                    Poll::Pending => Poll::Pending,
+                if !stalled(&mut self.timer, timeout, cx) {
+                    return Poll::Pending;
                 }
+                self.fault.store(FAULT_TIMEOUT, Ordering::Release);
+                Poll::Ready(Some(Err("request body read timed out".into())))
             }
         }
     }
@@ -655,16 +658,11 @@ impl Body for Tracked {
             }
             Poll::Pending => {
                 let timeout = self.read_timeout;
-                let timer = self
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        self.finish(false);
-                        Poll::Ready(Some(Err("upstream response body timed out".into())))
-                    }
-                    Poll::Pending => Poll::Pending,
+                if !stalled(&mut self.timer, timeout, cx) {
+                    return Poll::Pending;
                 }
+                self.finish(false);
+                Poll::Ready(Some(Err("upstream response body timed out".into())))
             }
         }
     }
