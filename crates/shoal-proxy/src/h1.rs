@@ -65,6 +65,13 @@ enum Parsed {
     Handover,
     /// Refused by a hygiene rule or no route: answered with this.
     Reject(ProxyError),
+    /// A fresh cache hit: answered from memory, the head this long.
+    Hit {
+        head_len: usize,
+        hit: shoal_cache::FastHit,
+        close: bool,
+        target: Option<Arc<Service>>,
+    },
 }
 
 /// RFC 3986 path and query characters. Anything else (fragments, `<>"{}|\^\``, non-ASCII)
@@ -138,6 +145,26 @@ fn plan_request(
         Ok(r) => r,
         Err(e) => return Parsed::Reject(e),
     };
+    if let Some(cache) = &routed.cache {
+        let m = match method {
+            "GET" => Some(&http::Method::GET),
+            "HEAD" => Some(&http::Method::HEAD),
+            _ => None,
+        };
+        if let (Some(m), Some(host), 0) = (m, crate::cache::host_str(facts.authority), body_len) {
+            let now = std::time::SystemTime::now();
+            if let Some(hit) = cache.fast_hit(m, "http", host, path, req.headers, now) {
+                return Parsed::Hit {
+                    head_len,
+                    hit,
+                    close: facts.close,
+                    target: routed.target,
+                };
+            }
+        }
+        // Misses, validation, coalescing and unsafe methods take the general path's phase.
+        return Parsed::Handover;
+    }
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
@@ -538,6 +565,28 @@ impl<'a> Conn<'a> {
                     );
                     match parsed {
                         Parsed::Ready(p) => break p,
+                        Parsed::Hit {
+                            head_len,
+                            hit,
+                            close,
+                            target,
+                        } => {
+                            self.rbuf.advance(head_len);
+                            let svc = target.as_ref().unwrap_or(self.svc);
+                            svc.metrics.requests.inc();
+                            svc.metrics.local.inc(hit.status);
+                            self.bufs.out.clear();
+                            hit.write_head(&mut self.bufs.out, close);
+                            self.bufs.out.extend_from_slice(&hit.body);
+                            let limit = cfg.timeouts.client_write.0;
+                            let written = write_client(self.stream, &self.bufs.out, limit).await;
+                            self.last_active = now_nanos();
+                            if !written || close {
+                                return End::Closed;
+                            }
+                            head_deadline = None;
+                            continue;
+                        }
                         Parsed::Handover => return End::Handover(self.rbuf),
                         Parsed::Partial => {}
                         Parsed::Reject(e) => {
@@ -1015,6 +1064,7 @@ mod tests {
             Parsed::Partial => (None, "partial".into()),
             Parsed::Handover => (None, "handover".into()),
             Parsed::Reject(e) => (None, format!("reject {}", e.status().as_u16())),
+            Parsed::Hit { .. } => (None, "hit".into()),
         }
     }
 

@@ -6,6 +6,9 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod cache;
+/// The cache crate, for the binary to configure stores with.
+pub use shoal_cache;
 pub mod app;
 pub mod config;
 pub mod error;

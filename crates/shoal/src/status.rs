@@ -115,12 +115,63 @@ pub fn render(v: &Value) -> String {
     o
 }
 
+/// One line on the cache store, from `/api/cache` (absent when no cache is configured).
+pub fn render_cache(c: &Value) -> String {
+    let redis = if c["redis_configured"].as_bool() != Some(true) {
+        "no redis".to_string()
+    } else {
+        format!(
+            "redis {} ({} errors)",
+            if c["redis_connected"].as_bool() == Some(true) {
+                "up"
+            } else {
+                "DOWN: memory only"
+            },
+            c["redis_errors"]
+        )
+    };
+    format!(
+        "cache: {} of {} in memory, {} objects, {} evictions, {redis}\n",
+        mib(c["memory_bytes"].as_f64().unwrap_or(0.0)),
+        mib(c["memory_capacity_bytes"].as_f64().unwrap_or(0.0)),
+        c["objects"],
+        c["evictions"],
+    )
+}
+
 pub fn run(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
     let v = fetch(admin, "/api/services")?;
+    // Older servers and cache-less configs answer 404: no cache line then.
+    let cache = fetch(admin, "/api/cache").ok();
     if json {
+        let mut v = v;
+        if let (Some(obj), Some(c)) = (v.as_object_mut(), cache) {
+            obj.insert("cache".into(), c);
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", render(&v));
+        if let Some(c) = &cache {
+            print!("{}", render_cache(c));
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn cache_line_says_when_redis_is_down() {
+        let c = json!({
+            "memory_bytes": 1048576, "memory_capacity_bytes": 67108864, "objects": 12,
+            "evictions": 0, "redis_configured": true, "redis_connected": false, "redis_errors": 7
+        });
+        let line = super::render_cache(&c);
+        assert_eq!(
+            line,
+            "cache: 1.0MiB of 64.0MiB in memory, 12 objects, 0 evictions, redis DOWN: memory only (7 errors)\n"
+        );
+    }
 }
