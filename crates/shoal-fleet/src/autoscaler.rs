@@ -9,7 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shoal_proxy::metrics::{Exposition, LATENCY_BUCKETS};
 use shoal_proxy::proxy::Service;
-use shoal_scale::predictive::{History, PredictiveConfig, PredictiveMode, PredictivePolicy};
+use shoal_scale::predictive::{
+    FitResult, History, PredictiveConfig, PredictiveMode, PredictivePolicy,
+};
 use shoal_scale::reactive::{BurstConfig, RatePolicy, ReactiveConfig, ReactivePolicy};
 use shoal_scale::windows::SecondWindow;
 use shoal_scale::{Decision, MetricKind, MetricSample, Observation, Policy, PolicyParams};
@@ -18,7 +20,6 @@ use crate::config::Autoscale;
 use crate::config::FleetSpec;
 use crate::process::Phase;
 use crate::provider::Provider;
-use crate::recommend::{recommend, Recommendation};
 
 /// The policy in force; concrete so the predictive history can be saved.
 enum Live {
@@ -48,13 +49,12 @@ struct Sampler {
     rps: SecondWindow,
     /// Total requests in flight.
     in_flight: SecondWindow,
-    /// Mean CPU utilization of ready instances (fraction of their allotment).
+    /// Total CPU utilization of ready instances (sum of fractions of their allotment):
+    /// a total, so the per-instance value is the window's mean over the ready count
+    /// *now*, and instances added since do not compound the next decision.
     cpu: SecondWindow,
     /// Per-second latency histogram deltas, for windowed percentiles.
     latency: VecDeque<(f64, Vec<u64>)>,
-    /// Per-instance CPU cores, per second, for the size recommendation.
-    cpu_cores: VecDeque<f64>,
-    peak_memory: u64,
     /// (time, request count) at the previous observation: demand is measured from it.
     demand_mark: Option<(f64, u64)>,
 }
@@ -93,6 +93,10 @@ pub struct Autoscaler {
     counts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     history_file: PathBuf,
     cpu_allotment: f64,
+    /// A forecast fit finished on a blocking thread, waiting to be swapped in.
+    fitted: Arc<Mutex<Option<FitResult>>>,
+    fitting: Arc<std::sync::atomic::AtomicBool>,
+    pub fits: shoal_proxy::metrics::Counter,
 }
 
 impl Autoscaler {
@@ -182,6 +186,9 @@ impl Autoscaler {
                     },
                     None => PredictivePolicy::new(name, pc).map_err(|e| e.to_string())?,
                 };
+                let mut p = p;
+                // Refits run on a blocking thread; decisions never wait for one.
+                p.set_deferred_fits(true);
                 Live::Predictive(Box::new(p))
             }
         };
@@ -201,14 +208,15 @@ impl Autoscaler {
                 in_flight: SecondWindow::new(WINDOW_SPAN),
                 cpu: SecondWindow::new(WINDOW_SPAN),
                 latency: VecDeque::new(),
-                cpu_cores: VecDeque::new(),
-                peak_memory: 0,
                 demand_mark: None,
             }),
             decisions: Mutex::new(VecDeque::new()),
             last: Mutex::new(None),
             counts: Mutex::new(BTreeMap::new()),
             history_file,
+            fitted: Arc::new(Mutex::new(None)),
+            fitting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            fits: Default::default(),
         }))
     }
 
@@ -247,7 +255,12 @@ impl Autoscaler {
         let mut s = self.sampler.lock().expect("sampler lock");
         let t = s.start.elapsed().as_secs_f64();
         let requests = self.service.metrics.requests.get();
-        let hist = self.service.metrics.duration.cumulative().to_vec();
+        // Cumulative counts per bucket plus the total as the +Inf bucket: requests slower
+        // than the last bound must still weigh on the quantiles.
+        let duration = &self.service.metrics.duration;
+        let mut hist = duration.cumulative().to_vec();
+        let total = duration.count().max(hist.last().copied().unwrap_or(0));
+        hist.push(total);
         let usage = self.fleet.sample_usage();
         let members = self.service.pool.members();
         let in_flight: u64 = members.iter().map(|i| i.in_flight()).sum();
@@ -273,23 +286,18 @@ impl Autoscaler {
             {
                 s.latency.pop_front();
             }
+            let allotment = self.fleet.cpu_allotment().unwrap_or(self.cpu_allotment);
             let mut utils = Vec::new();
             for (id, phase, u) in &usage {
                 if let Some(prev) = s.last_cpu.get(id) {
                     let cores = (u.cpu_seconds - prev).max(0.0) / dt;
                     if *phase == Phase::Ready {
-                        utils.push(cores / self.cpu_allotment);
+                        utils.push(cores / allotment);
                     }
-                    s.cpu_cores.push_back(cores);
                 }
-                s.peak_memory = s.peak_memory.max(u.memory_bytes);
-            }
-            while s.cpu_cores.len() > 20_000 {
-                s.cpu_cores.pop_front();
             }
             if !utils.is_empty() {
-                let mean = utils.iter().sum::<f64>() / utils.len() as f64;
-                s.cpu.add(t, mean);
+                s.cpu.add(t, utils.iter().sum::<f64>());
             }
         }
         s.last_cpu = usage
@@ -350,7 +358,10 @@ impl Autoscaler {
                         per_instance(s.in_flight.mean(t, stable)),
                         per_instance(s.in_flight.mean(t, panic)),
                     ),
-                    MetricKind::Cpu => (s.cpu.mean(t, stable), s.cpu.mean(t, panic)),
+                    MetricKind::Cpu => (
+                        per_instance(s.cpu.mean(t, stable)),
+                        per_instance(s.cpu.mean(t, panic)),
+                    ),
                     MetricKind::LatencyP95 => (latency_p95(stable), latency_p95(panic)),
                 };
                 MetricSample {
@@ -395,7 +406,43 @@ impl Autoscaler {
     /// One evaluation: observe, decide, apply, record.
     pub fn evaluate(&self) -> Decision {
         let obs = self.observe();
-        let d = self.policy.lock().expect("policy lock").evaluate(&obs);
+        let (d, job) = {
+            let mut policy = self.policy.lock().expect("policy lock");
+            if let Live::Predictive(p) = &mut *policy {
+                if let Some(r) = self.fitted.lock().expect("fit lock").take() {
+                    p.install_fit(r);
+                }
+            }
+            let d = policy.evaluate(&obs);
+            let job = match &mut *policy {
+                Live::Predictive(p) => p.take_fit_job(),
+                Live::Reactive(_) => None,
+            };
+            (d, job)
+        };
+        // One fit at a time, off the runtime; the model in force decides meanwhile.
+        if let Some(job) = job {
+            use std::sync::atomic::Ordering;
+            if !self.fitting.swap(true, Ordering::AcqRel) {
+                let (slot, busy) = (self.fitted.clone(), self.fitting.clone());
+                self.fits.inc();
+                let spawned = tokio::runtime::Handle::try_current().map(|h| {
+                    h.spawn_blocking(move || {
+                        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run())) {
+                            Ok(r) => *slot.lock().expect("fit lock") = Some(r),
+                            Err(_) => {
+                                tracing::error!("forecast fit panicked; keeping the current model")
+                            }
+                        }
+                        busy.store(false, Ordering::Release);
+                    })
+                });
+                if spawned.is_err() {
+                    tracing::warn!("no runtime for the forecast fit; skipped");
+                    self.fitting.store(false, Ordering::Release);
+                }
+            }
+        }
         if d.desired != obs.current_desired {
             self.fleet.scale(d.desired);
         }
@@ -454,12 +501,6 @@ impl Autoscaler {
 
     pub fn last_decision(&self) -> Option<Decision> {
         self.last.lock().expect("last lock").clone()
-    }
-
-    pub fn recommendation(&self) -> Option<Recommendation> {
-        let s = self.sampler.lock().expect("sampler lock");
-        let samples: Vec<f64> = s.cpu_cores.iter().copied().collect();
-        recommend(&samples, s.peak_memory)
     }
 
     pub fn forecast(&self) -> serde_json::Value {
@@ -521,5 +562,11 @@ mod tests {
         c[7] = 10; // ≤ 100 ms
         assert_eq!(quantile_from_buckets(&c, 0.5), Some(0.0025));
         assert_eq!(quantile_from_buckets(&c, 0.95), Some(0.1));
+        // Requests over the last bound (+Inf) count: a pile-up of slow requests raises p95.
+        c[LATENCY_BUCKETS.len()] = 50;
+        assert_eq!(
+            quantile_from_buckets(&c, 0.95),
+            Some(LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1] * 2.0)
+        );
     }
 }

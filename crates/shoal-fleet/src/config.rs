@@ -77,7 +77,8 @@ fn default_grace() -> Dur {
     Dur(Duration::from_secs(10))
 }
 
-/// `[services.NAME.resources]`: per-instance limits (cgroup v2 where writable).
+/// `[services.NAME.resources]`: per-instance limits (cgroup v2 or v1 where writable) and
+/// vertical scaling.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResourcesRaw {
@@ -85,6 +86,27 @@ pub struct ResourcesRaw {
     pub cpu: Option<f64>,
     /// Memory, e.g. "256MiB".
     pub memory: Option<String>,
+    /// `off`, `recommend` (default) or `auto`.
+    pub mode: Option<String>,
+    pub min_cpu: Option<f64>,
+    pub max_cpu: Option<f64>,
+    pub min_memory: Option<String>,
+    pub max_memory: Option<String>,
+    /// Least time between two in-place resizes (an OOM kill does not wait for it).
+    pub cooldown: Option<Dur>,
+}
+
+/// What vertical scaling does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerticalMode {
+    /// No recommendation, no change.
+    Off,
+    /// Recommend a size (API, `shoal status`); limits stay as configured.
+    #[default]
+    Recommend,
+    /// Apply the recommendation in place, within the bounds, after the cool-down.
+    Auto,
 }
 
 /// Validated resources.
@@ -92,6 +114,11 @@ pub struct ResourcesRaw {
 pub struct Resources {
     pub cpu: Option<f64>,
     pub memory_bytes: Option<u64>,
+    pub mode: VerticalMode,
+    /// Bounds of automatic sizing: CPU cores and memory bytes.
+    pub cpu_bounds: (f64, f64),
+    pub memory_bounds: (u64, u64),
+    pub cooldown: Duration,
 }
 
 /// One metric target as written: `{ metric = "cpu", target = 0.7 }`.
@@ -268,6 +295,26 @@ fn field_error(
     loc.error(off..off, &format!("services.{service}.{table}.{key}"), msg)
 }
 
+/// Bounds default to a quarter and four times the configured size (VPA has none; unbounded
+/// in-place growth on a shared host is a foot-gun), the cool-down to 5 minutes.
+fn resources_defaults(
+    cpu: Option<f64>,
+    memory_bytes: Option<u64>,
+    mode: VerticalMode,
+    cooldown: Option<Duration>,
+) -> Resources {
+    let c = cpu.unwrap_or(1.0);
+    let m = memory_bytes.unwrap_or(256 << 20);
+    Resources {
+        cpu,
+        memory_bytes,
+        mode,
+        cpu_bounds: ((c / 4.0).max(0.01), c * 4.0),
+        memory_bounds: ((m / 4).max(4 << 20), m.saturating_mul(4)),
+        cooldown: cooldown.unwrap_or(Duration::from_secs(300)),
+    }
+}
+
 /// Extracts and validates the fleet of `svc`, if it has one.
 pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSpec>, ConfigError> {
     let loc = config.locator();
@@ -359,35 +406,74 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
         }
     }
     let resources = match svc.extra.get("resources") {
-        None => Resources::default(),
+        None => resources_defaults(None, None, VerticalMode::Recommend, None),
         Some(v) => {
             let r: ResourcesRaw = v
                 .clone()
                 .try_into()
                 .map_err(|e| table_error(&loc, text, name, "resources", e))?;
-            if let Some(c) = r.cpu {
-                if !(c > 0.0 && c <= 1024.0) {
-                    return Err(field_error(
-                        &loc,
-                        text,
-                        name,
-                        "resources",
-                        "cpu",
-                        "must be a positive number of cores".into(),
-                    ));
+            let ferr =
+                |key: &str, msg: String| field_error(&loc, text, name, "resources", key, msg);
+            let cores = |key: &str, v: Option<f64>| -> Result<Option<f64>, ConfigError> {
+                match v {
+                    Some(c) if !(c > 0.0 && c <= 1024.0) => {
+                        Err(ferr(key, "must be a positive number of cores".into()))
+                    }
+                    v => Ok(v),
                 }
-            }
-            let memory_bytes = match &r.memory {
-                Some(m) => Some(
-                    parse_size(m)
-                        .map_err(|e| field_error(&loc, text, name, "resources", "memory", e))?,
-                ),
-                None => None,
             };
-            Resources {
-                cpu: r.cpu,
-                memory_bytes,
+            let bytes = |key: &str, v: &Option<String>| -> Result<Option<u64>, ConfigError> {
+                match v {
+                    Some(m) => match parse_size(m) {
+                        Ok(b) if b < 4 << 20 => Err(ferr(key, "must be at least 4MiB".into())),
+                        Ok(b) => Ok(Some(b)),
+                        Err(e) => Err(ferr(key, e)),
+                    },
+                    None => Ok(None),
+                }
+            };
+            let cpu = cores("cpu", r.cpu)?;
+            let memory_bytes = bytes("memory", &r.memory)?;
+            let mode = match r.mode.as_deref() {
+                None | Some("recommend") => VerticalMode::Recommend,
+                Some("off") => VerticalMode::Off,
+                Some("auto") => VerticalMode::Auto,
+                Some(other) => {
+                    return Err(ferr(
+                        "mode",
+                        format!("unknown mode {other:?} (use \"off\", \"recommend\" or \"auto\")"),
+                    ))
+                }
+            };
+            let mut res = resources_defaults(cpu, memory_bytes, mode, r.cooldown.map(|d| d.0));
+            if let Some(c) = cores("min_cpu", r.min_cpu)? {
+                res.cpu_bounds.0 = c;
             }
+            if let Some(c) = cores("max_cpu", r.max_cpu)? {
+                res.cpu_bounds.1 = c;
+            }
+            if let Some(m) = bytes("min_memory", &r.min_memory)? {
+                res.memory_bounds.0 = m;
+            }
+            if let Some(m) = bytes("max_memory", &r.max_memory)? {
+                res.memory_bounds.1 = m;
+            }
+            if res.cpu_bounds.0 > res.cpu_bounds.1 {
+                return Err(ferr("min_cpu", "min_cpu is greater than max_cpu".into()));
+            }
+            if res.memory_bounds.0 > res.memory_bounds.1 {
+                return Err(ferr(
+                    "min_memory",
+                    "min_memory is greater than max_memory".into(),
+                ));
+            }
+            if mode == VerticalMode::Auto && cpu.is_none() && memory_bytes.is_none() {
+                return Err(ferr(
+                    "mode",
+                    "auto needs a starting size: set cpu and/or memory".into(),
+                ));
+            }
+            res
         }
     };
     let autoscale = match svc.extra.get("autoscale") {
@@ -577,9 +663,38 @@ mod tests {
         .unwrap();
         assert_eq!(s.fleet.max, 8);
         assert_eq!(s.resources.memory_bytes, Some(256 << 20));
+        assert_eq!(s.resources.mode, VerticalMode::Recommend);
+        assert_eq!(s.resources.memory_bounds, (64 << 20, 1 << 30));
         let a = s.autoscale.unwrap();
         assert_eq!(a.targets.len(), 2);
         assert_eq!(a.schedule.len(), 1);
+    }
+
+    #[test]
+    fn vertical_settings_are_checked() {
+        let fleet = "[services.web.fleet]\ncommand = \"shoal demo-service\"\n";
+        let s = spec(&format!("{BASE}{fleet}[services.web.resources]\nmemory = \"64MiB\"\nmode = \"auto\"\nmax_memory = \"1GiB\"\ncooldown = \"10s\"\n"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.resources.mode, VerticalMode::Auto);
+        assert_eq!(s.resources.memory_bounds, (16 << 20, 1 << 30));
+        assert_eq!(s.resources.cooldown, Duration::from_secs(10));
+        let e = spec(&format!(
+            "{BASE}{fleet}[services.web.resources]\ncpu = 1\nmode = \"sometimes\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "services.web.resources.mode", "{e}");
+        assert_eq!(e.line, 7, "{e}");
+        let e = spec(&format!(
+            "{BASE}{fleet}[services.web.resources]\nmode = \"auto\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("starting size"), "{e}");
+        let e = spec(&format!(
+            "{BASE}{fleet}[services.web.resources]\ncpu = 1\nmin_cpu = 2\nmax_cpu = 1.5\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "services.web.resources.min_cpu", "{e}");
     }
 
     #[test]

@@ -12,7 +12,9 @@ pub mod config;
 pub mod process;
 pub mod provider;
 pub mod recommend;
+pub mod supervise;
 pub mod usage;
+pub mod vertical;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +40,7 @@ pub struct Managed {
 pub struct Fleets {
     pub managed: Vec<Managed>,
     stop: watch::Sender<bool>,
+    registry: Option<Arc<supervise::Registry>>,
 }
 
 impl Fleets {
@@ -46,6 +49,15 @@ impl Fleets {
         let specs = fleet_specs(config).map_err(|e| e.to_string())?;
         let (stop, stop_rx) = watch::channel(false);
         let mut managed = Vec::new();
+        // Before any instance starts: stop what a previous run left, start the watchdog.
+        let registry = if specs.iter().any(|s| s.fleet.provider == "process") {
+            Some(Arc::new(
+                supervise::Registry::open(&config.data_dir)
+                    .map_err(|e| format!("data_dir {}: {e}", config.data_dir.display()))?,
+            ))
+        } else {
+            None
+        };
         for spec in specs {
             let service = app
                 .service(&spec.service)
@@ -61,9 +73,11 @@ impl Fleets {
                 continue;
             }
             let autoscale = spec.autoscale.clone();
-            let fleet =
-                ProcessFleet::new(spec.clone(), service.pool.clone()).map_err(|e| e.to_string())?;
+            let registry = registry.clone().expect("registry for process fleets");
+            let fleet = ProcessFleet::new(spec.clone(), service.pool.clone(), registry)
+                .map_err(|e| e.to_string())?;
             tokio::spawn(fleet.clone().run());
+            tokio::spawn(fleet.clone().run_vertical());
             let autoscaler = match autoscale {
                 Some(cfg) => {
                     let a = Autoscaler::new(service, fleet.clone(), &spec, cfg)?;
@@ -77,7 +91,11 @@ impl Fleets {
                 autoscaler,
             });
         }
-        let fleets = Arc::new(Fleets { managed, stop });
+        let fleets = Arc::new(Fleets {
+            managed,
+            stop,
+            registry,
+        });
         app.add_collector(fleets.clone());
         app.add_extension(fleets.clone());
         Ok(fleets)
@@ -132,6 +150,21 @@ impl Fleets {
         for m in &self.managed {
             m.provider.shutdown(deadline).await;
         }
+        if let Some(r) = &self.registry {
+            r.close();
+        }
+    }
+}
+
+impl Fleets {
+    /// Stops every instance at once (SIGKILL to each process group and cgroup), no drain:
+    /// the answer to a second SIGTERM/SIGINT.
+    pub fn kill_now(&self) {
+        let _ = self.stop.send(true);
+        if let Some(r) = &self.registry {
+            r.kill_all();
+            r.close();
+        }
     }
 }
 
@@ -167,11 +200,12 @@ impl ApiExtension for Fleets {
                 "processes": m.provider.status().get("processes").cloned().unwrap_or_default(),
                 "policy": a.map(|a| a.cfg.policy.clone()),
                 "last_decision": a.and_then(|a| a.last_decision()),
-                "recommendation": a.and_then(|a| a.recommendation()),
+                "recommendation": m.provider.recommendation(),
             })),
-            "decisions" => {
-                Some(json!({ "decisions": a.map(|a| a.decisions()).unwrap_or_default() }))
-            }
+            "decisions" => Some(json!({
+                "decisions": a.map(|a| a.decisions()).unwrap_or_default(),
+                "resizes": m.provider.resizes(),
+            })),
             "forecast" => a.map(|a| a.forecast()),
             _ => None,
         }

@@ -4,9 +4,11 @@
 //! has a supervisor task that owns its child: it probes the new instance until its first
 //! passing health check (only then does the pool route to it), watches for crashes, and
 //! stops it without losing requests: drain (no new requests) → in-flight reaches 0 or the
-//! drain timeout → SIGTERM → grace → SIGKILL. Failed starts and crashes back off
-//! exponentially (1 s doubling to 60 s), so a command that keeps crashing is a visible
-//! state, not a busy loop.
+//! drain timeout → SIGTERM → grace → SIGKILL, each signal to the instance's whole process
+//! group (and its cgroup), so what an `sh -c` wrapper or a pre-forking server started goes
+//! too. Failed starts and crashes back off exponentially (1 s doubling to 60 s), so a
+//! command that keeps crashing is a visible state, not a busy loop. Instances are recorded
+//! in the run file (see `supervise`) so none outlives shoal.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,17 +17,18 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
 use shoal_proxy::metrics::{Counter, Exposition};
 use tokio::process::{Child, Command};
 use tokio::sync::{watch, Notify};
 
-use crate::cgroup::Cgroups;
+use crate::cgroup::{Cgroups, InstanceCgroup, Size};
 use crate::config::FleetSpec;
 use crate::provider::{BoxFuture, Member, Membership, Provider};
-use crate::usage::{read_usage, Usage};
+use crate::supervise::{Record, Registry};
+use crate::usage::{start_ticks, ProcTable, Usage};
 
 /// Where an instance is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -37,30 +40,38 @@ pub enum Phase {
 }
 
 #[derive(Debug)]
-struct Proc {
+pub(crate) struct Proc {
     port: u16,
-    pid: Option<u32>,
+    pub(crate) pid: Option<u32>,
     phase: Phase,
     started: Instant,
     ready_at: Option<Instant>,
     stop: watch::Sender<bool>,
     usage: Usage,
+    pub(crate) cgroup: Option<InstanceCgroup>,
+    /// OOM kills seen in its cgroup so far.
+    pub(crate) ooms_seen: u64,
 }
 
 #[derive(Debug, Default)]
-struct State {
+pub(crate) struct State {
     desired: u32,
     /// Bounds in force (the config's, updated on reload).
     min: u32,
     max: u32,
-    instances: BTreeMap<String, Proc>,
+    pub(crate) instances: BTreeMap<String, Proc>,
     next_id: u64,
     failures: u32,
     backoff_until: Option<Instant>,
     last_failure: Option<Instant>,
     last_error: Option<String>,
     shutting_down: bool,
+    /// The last usage sample: (when, samples), shared by the autoscaler and the vertical loop.
+    last_sample: Option<(Instant, Vec<Sample>)>,
 }
+
+/// One instance's usage sample: (id, phase, usage).
+pub type Sample = (String, Phase, Usage);
 
 /// Counters of fleet events.
 #[derive(Debug, Default)]
@@ -70,6 +81,8 @@ pub struct FleetMetrics {
     pub failed_starts: Counter,
     pub stops: Counter,
     pub forced_kills: Counter,
+    pub oom_kills: Counter,
+    pub resize_failures: Counter,
 }
 
 /// A snapshot of one instance for the API and the autoscaler.
@@ -82,6 +95,9 @@ pub struct InstanceView {
     pub uptime_secs: f64,
     pub cpu_seconds: f64,
     pub memory_bytes: u64,
+    /// CPU cores and memory bytes the kernel enforces now (None: unlimited/not enforced).
+    pub cpu_limit: Option<f64>,
+    pub memory_limit_bytes: Option<u64>,
 }
 
 /// The process provider of one service.
@@ -90,11 +106,13 @@ pub struct ProcessFleet {
     pool: Arc<dyn Membership>,
     program: PathBuf,
     args: Vec<String>,
-    state: Mutex<State>,
+    pub(crate) state: Mutex<State>,
     wake: Notify,
     pub metrics: FleetMetrics,
     pub cgroups: Cgroups,
     logs: PathBuf,
+    registry: Arc<Registry>,
+    pub(crate) vertical: Mutex<crate::vertical::VerticalState>,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -109,7 +127,11 @@ fn backoff(failures: u32) -> Duration {
 
 impl ProcessFleet {
     /// Builds the fleet; `run` starts it.
-    pub fn new(spec: FleetSpec, pool: Arc<dyn Membership>) -> std::io::Result<Arc<ProcessFleet>> {
+    pub fn new(
+        spec: FleetSpec,
+        pool: Arc<dyn Membership>,
+        registry: Arc<Registry>,
+    ) -> std::io::Result<Arc<ProcessFleet>> {
         let words = spec.fleet.command.words();
         let (program, args) = match words.split_first() {
             Some((p, a)) if p == "shoal" => (std::env::current_exe()?, a.to_vec()),
@@ -128,7 +150,19 @@ impl ProcessFleet {
         };
         let logs = spec.data_dir.join("logs").join(&spec.service);
         std::fs::create_dir_all(&logs)?;
-        let cgroups = Cgroups::setup(&spec.service, spec.resources);
+        let cgroups = Cgroups::setup(
+            &spec.service,
+            Size {
+                cpu: spec.resources.cpu,
+                memory_bytes: spec.resources.memory_bytes,
+            },
+        );
+        for root in cgroups.run_dirs() {
+            registry.add_cgroup_root(root);
+        }
+        // Ids continue after the last one any previous run used: no run reuses another's
+        // log file or cgroup.
+        let next_id = Registry::last_id(&logs, &spec.service);
         let desired = spec.fleet.min;
         Ok(Arc::new(ProcessFleet {
             pool,
@@ -138,12 +172,15 @@ impl ProcessFleet {
                 desired,
                 min: spec.fleet.min,
                 max: spec.fleet.max,
+                next_id,
                 ..State::default()
             }),
             wake: Notify::new(),
             metrics: FleetMetrics::default(),
             cgroups,
             logs,
+            registry,
+            vertical: Mutex::new(crate::vertical::VerticalState::new()),
             spec,
         }))
     }
@@ -184,6 +221,8 @@ impl ProcessFleet {
                 uptime_secs: p.started.elapsed().as_secs_f64(),
                 cpu_seconds: p.usage.cpu_seconds,
                 memory_bytes: p.usage.memory_bytes,
+                cpu_limit: p.cgroup.as_ref().and_then(|c| c.limits().0),
+                memory_limit_bytes: p.cgroup.as_ref().and_then(|c| c.limits().1),
             })
             .collect()
     }
@@ -195,28 +234,57 @@ impl ProcessFleet {
             .backoff_until
             .map(|u| u.saturating_duration_since(Instant::now()).as_secs_f64())
             .filter(|d| *d > 0.0);
+        let mut resources = self.cgroups.describe();
+        resources["mode"] = serde_json::to_value(self.spec.resources.mode).unwrap_or_default();
         serde_json::json!({
             "state": if backoff.is_some() { "backoff" } else if s.failures > 0 { "recovering" } else { "ok" },
             "consecutive_failures": s.failures,
             "backoff_secs": backoff,
             "last_error": s.last_error,
-            "resources": self.cgroups.describe(),
+            "resources": resources,
         })
     }
 
-    /// Re-reads CPU and RSS of every live instance from `/proc`; returns the fresh samples
-    /// of ready instances as (id, cpu seconds total, memory bytes).
+    /// Re-reads CPU and memory of every live instance: CPU summed over its process tree,
+    /// memory as its cgroup's working set where it has one, else the tree's resident size.
+    /// Samples younger than half a second are shared (the autoscaler and the vertical loop
+    /// both ask each second).
     pub fn sample_usage(&self) -> Vec<(String, Phase, Usage)> {
-        let mut s = self.state.lock().expect("fleet lock");
-        let mut out = Vec::new();
-        for (id, p) in s.instances.iter_mut() {
-            if let Some(pid) = p.pid {
-                if let Some(u) = read_usage(pid) {
-                    p.usage = u;
-                    out.push((id.clone(), p.phase, u));
+        {
+            let s = self.state.lock().expect("fleet lock");
+            if let Some((at, v)) = &s.last_sample {
+                if at.elapsed() < Duration::from_millis(500) {
+                    return v.clone();
                 }
             }
         }
+        let pids: Vec<(String, u32, Option<InstanceCgroup>)> = {
+            let s = self.state.lock().expect("fleet lock");
+            s.instances
+                .iter()
+                .filter_map(|(id, p)| Some((id.clone(), p.pid?, p.cgroup.clone())))
+                .collect()
+        };
+        // The scan reads /proc without the fleet lock held.
+        let table = ProcTable::scan();
+        let mut fresh = Vec::new();
+        for (id, pid, cg) in pids {
+            if let Some(mut u) = table.usage(pid) {
+                if let Some(ws) = cg.as_ref().and_then(|c| c.memory_working_set()) {
+                    u.memory_bytes = ws;
+                }
+                fresh.push((id, u));
+            }
+        }
+        let mut s = self.state.lock().expect("fleet lock");
+        let mut out = Vec::new();
+        for (id, u) in fresh {
+            if let Some(p) = s.instances.get_mut(&id) {
+                p.usage = u;
+                out.push((id, p.phase, u));
+            }
+        }
+        s.last_sample = Some((Instant::now(), out.clone()));
         out
     }
 
@@ -343,18 +411,50 @@ impl ProcessFleet {
                 (Stdio::null(), Stdio::null())
             }
         };
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args)
-            .envs(&self.spec.fleet.env)
+        let cgroup = match self.cgroups.create(&id) {
+            Some(Ok(cg)) => Some(cg),
+            Some(Err(e)) => {
+                // Limits that cannot be applied are visible and counted, not fatal.
+                tracing::warn!(service = %self.spec.service, instance = %id, error = %e, "cannot apply resource limits");
+                self.metrics.resize_failures.inc();
+                None
+            }
+            None => None,
+        };
+        let helper = crate::supervise::self_exe();
+        let mut cmd = match (&cgroup, helper) {
+            // Join the cgroup before the command runs, so all it forks is inside.
+            (Some(cg), Some(exe)) => {
+                let mut c = Command::new(exe);
+                c.arg("_exec");
+                for f in cg.procs_files() {
+                    c.arg("--join").arg(f);
+                }
+                c.arg("--").arg(&self.program).args(&self.args);
+                c
+            }
+            _ => {
+                let mut c = Command::new(&self.program);
+                c.args(&self.args);
+                c
+            }
+        };
+        cmd.envs(&self.spec.fleet.env)
             .env("PORT", port.to_string())
             .env("SHOAL_INSTANCE", &id)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
+            // Its own process group: stopped as a group, and a terminal's Ctrl-C reaches
+            // shoal (which drains) rather than the instances directly.
+            .process_group(0)
             .kill_on_drop(true);
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
+                if let Some(cg) = &cgroup {
+                    cg.remove();
+                }
                 self.fail(
                     format!("cannot start {}: {e}", self.program.display()),
                     false,
@@ -364,7 +464,20 @@ impl ProcessFleet {
         };
         let pid = child.id();
         if let Some(pid) = pid {
-            self.cgroups.attach(&id, pid);
+            if let (Some(cg), None) = (&cgroup, helper) {
+                for f in cg.procs_files() {
+                    if let Err(e) = std::fs::write(&f, pid.to_string()) {
+                        tracing::warn!(instance = %id, error = %e, "cannot join cgroup");
+                    }
+                }
+            }
+            self.registry.add(Record {
+                service: self.spec.service.clone(),
+                id: id.clone(),
+                pid,
+                start: start_ticks(pid).unwrap_or(0),
+                cgroup: cgroup.clone(),
+            });
         }
         let (stop, stop_rx) = watch::channel(false);
         self.state.lock().expect("fleet lock").instances.insert(
@@ -377,6 +490,8 @@ impl ProcessFleet {
                 ready_at: None,
                 stop,
                 usage: Usage::default(),
+                cgroup,
+                ooms_seen: 0,
             },
         );
         self.metrics.starts.inc();
@@ -400,7 +515,8 @@ impl ProcessFleet {
         let ready = loop {
             tokio::select! {
                 status = child.wait() => {
-                    self.fail(format!("instance {id} exited during startup: {}", status.map_or_else(|e| e.to_string(), |s| s.to_string())), false);
+                    let oom = self.check_oom(&id, status.as_ref().ok());
+                    self.fail(format!("instance {id} exited during startup: {}{oom}", status.map_or_else(|e| e.to_string(), |s| s.to_string())), false);
                     self.forget(&id).await;
                     return;
                 }
@@ -411,6 +527,7 @@ impl ProcessFleet {
                     }
                     if tokio::time::Instant::now() > startup_deadline {
                         self.fail(format!("instance {id} not healthy within {:?}", self.spec.fleet.startup_timeout.0), false);
+                        self.signal_group(&id, child.id(), Signal::SIGKILL);
                         let _ = child.start_kill();
                         let _ = child.wait().await;
                         self.forget(&id).await;
@@ -436,7 +553,8 @@ impl ProcessFleet {
             tracing::info!(service = %self.spec.service, instance = %id, "instance passed its first health check");
             tokio::select! {
                 status = child.wait() => {
-                    self.fail(format!("instance {id} crashed: {}", status.map_or_else(|e| e.to_string(), |s| s.to_string())), true);
+                    let oom = self.check_oom(&id, status.as_ref().ok());
+                    self.fail(format!("instance {id} crashed: {}{oom}", status.map_or_else(|e| e.to_string(), |s| s.to_string())), true);
                     self.forget(&id).await;
                     self.wake.notify_one();
                     return;
@@ -446,15 +564,14 @@ impl ProcessFleet {
         }
         // Stop without losing requests: drain first, then signal.
         let left = self.pool.remove(&id, self.spec.drain_timeout).await;
-        if let Some(pid) = child.id() {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-        }
+        self.signal_group(&id, child.id(), Signal::SIGTERM);
         if tokio::time::timeout(self.spec.fleet.stop_grace.0, child.wait())
             .await
             .is_err()
         {
             tracing::warn!(service = %self.spec.service, instance = %id, "no exit after SIGTERM: SIGKILL");
             self.metrics.forced_kills.inc();
+            self.signal_group(&id, child.id(), Signal::SIGKILL);
             let _ = child.start_kill();
             let _ = child.wait().await;
         }
@@ -463,9 +580,46 @@ impl ProcessFleet {
         self.forget(&id).await;
     }
 
+    /// Signals the instance's process group (its pid is the group id) and, for SIGKILL,
+    /// everything in its cgroup.
+    fn signal_group(&self, id: &str, pid: Option<u32>, sig: Signal) {
+        if let Some(pid) = pid {
+            let _ = killpg(Pid::from_raw(pid as i32), sig);
+        }
+        if sig == Signal::SIGKILL {
+            if let Some(cg) = self.cgroup_of(id) {
+                cg.kill_all();
+            }
+        }
+    }
+
+    fn cgroup_of(&self, id: &str) -> Option<InstanceCgroup> {
+        let s = self.state.lock().expect("fleet lock");
+        s.instances.get(id).and_then(|p| p.cgroup.clone())
+    }
+
+    /// After the instance's main process exited: nothing it started may stay behind (a
+    /// straggler would hold its port or memory); then its cgroup goes.
     async fn forget(&self, id: &str) {
         self.pool.remove(id, Duration::ZERO).await;
-        self.cgroups.release(id);
+        let (pid, cg) = {
+            let s = self.state.lock().expect("fleet lock");
+            s.instances
+                .get(id)
+                .map_or((None, None), |p| (p.pid, p.cgroup.clone()))
+        };
+        if let Some(pid) = pid {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        if let Some(cg) = cg {
+            cg.kill_all();
+            let until = Instant::now() + Duration::from_secs(2);
+            while !cg.pids().is_empty() && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            cg.remove();
+        }
+        self.registry.remove(&self.spec.service, id);
         self.state.lock().expect("fleet lock").instances.remove(id);
         self.wake.notify_one();
     }
@@ -488,8 +642,13 @@ impl ProcessFleet {
         }
     }
 
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.state.lock().expect("fleet lock").shutting_down
+    }
+
     /// Adds this fleet's samples to `/metrics`.
     pub fn collect(&self, e: &mut Exposition) {
+        self.collect_vertical(e);
         let svc = self.spec.service.as_str();
         for v in self.instances() {
             let l = [("service", svc), ("instance", v.id.as_str())];
@@ -550,7 +709,7 @@ impl ProcessFleet {
         );
         e.gauge(
             "shoal_resources_enforced",
-            "1 when CPU/memory limits are enforced through cgroup v2.",
+            "1 when CPU/memory limits are enforced through cgroups (v2 or v1).",
             &[("service", svc)],
             self.cgroups.enforced() as u8 as f64,
         );
@@ -607,6 +766,15 @@ impl Provider for ProcessFleet {
     }
     fn collect(&self, e: &mut Exposition) {
         ProcessFleet::collect(self, e)
+    }
+    fn cpu_allotment(&self) -> Option<f64> {
+        self.cgroups.size().cpu
+    }
+    fn recommendation(&self) -> Option<crate::recommend::Recommendation> {
+        ProcessFleet::recommendation(self)
+    }
+    fn resizes(&self) -> Vec<crate::recommend::Resize> {
+        ProcessFleet::resizes(self)
     }
     fn shutdown(&self, deadline: Duration) -> BoxFuture<'_, ()> {
         Box::pin(ProcessFleet::shutdown(self, deadline))

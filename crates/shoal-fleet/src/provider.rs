@@ -77,6 +77,18 @@ pub trait Provider: Send + Sync {
     /// Provider health and per-member details for the API.
     fn status(&self) -> Value;
     fn collect(&self, e: &mut Exposition);
+    /// CPU cores each instance is allotted now (the denominator of CPU utilization).
+    fn cpu_allotment(&self) -> Option<f64> {
+        None
+    }
+    /// The per-instance size recommendation, where the provider sees usage.
+    fn recommendation(&self) -> Option<crate::recommend::Recommendation> {
+        None
+    }
+    /// In-place size changes made so far, oldest first.
+    fn resizes(&self) -> Vec<crate::recommend::Resize> {
+        Vec::new()
+    }
     /// Drains and stops every member it runs.
     fn shutdown(&self, deadline: Duration) -> BoxFuture<'_, ()>;
 }

@@ -364,6 +364,9 @@ pub struct RawService {
     /// Upgrade protocols tunneled besides WebSocket (`h2c` is never tunneled).
     #[serde(default)]
     pub allowed_upgrades: Vec<String>,
+    /// One log line per request on this listener (target `shoal::access`).
+    #[serde(default)]
+    pub access_log: bool,
     /// Balance algorithm (see `shoal proxy --help`).
     #[serde(default = "default_algo")]
     pub balance: AlgoName,
@@ -526,6 +529,7 @@ pub struct ServiceConfig {
     pub trusted_proxies: Vec<Cidr>,
     pub allow_underscore_headers: bool,
     pub allowed_upgrades: Vec<String>,
+    pub access_log: bool,
     pub balance: Algorithm,
     pub hash_key: HashKey,
     pub backends: Vec<BackendSpec>,
@@ -551,6 +555,7 @@ impl ServiceConfig {
             trusted_proxies: Vec::new(),
             allow_underscore_headers: false,
             allowed_upgrades: Vec::new(),
+            access_log: false,
             balance,
             hash_key: HashKey::ClientIp,
             backends: Vec::new(),
@@ -654,11 +659,18 @@ impl<'a> Locator<'a> {
         }
         let t = line.trim();
         if t.starts_with('[') {
-            return t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            let header = t.trim_matches(|c| c == '[' || c == ']').trim();
+            if !header.is_empty() {
+                return header.to_string();
+            }
         }
-        let key = t.split('=').next().unwrap_or("").trim();
+        // A comment or a line that is not `key = value` names no key.
+        let key = t.split(['=', '#']).next().unwrap_or("").trim();
+        let key_char = |c: char| c.is_alphanumeric() || "_-.\"' ".contains(c);
+        let key = if key.chars().all(key_char) { key } else { "" };
         match (table.is_empty(), key.is_empty()) {
-            (true, _) => key.to_string(),
+            (true, true) => "(top level)".to_string(),
+            (true, false) => key.to_string(),
             (false, true) => table,
             (false, false) => format!("{table}.{key}"),
         }
@@ -678,7 +690,11 @@ impl<'a> Locator<'a> {
             } else {
                 String::new()
             },
-            message: e.message().trim().to_string(),
+            message: match e.message().trim() {
+                // Some syntax errors (e.g. a control character in a comment) carry no text.
+                "" => "invalid TOML syntax".to_string(),
+                m => m.to_string(),
+            },
         }
     }
 }
@@ -949,6 +965,7 @@ impl Config {
                 trusted_proxies: s.trusted_proxies,
                 allow_underscore_headers: s.allow_underscore_headers,
                 allowed_upgrades: s.allowed_upgrades,
+                access_log: s.access_log,
                 balance: s.balance.0,
                 hash_key: s.hash_key,
                 backends,

@@ -57,14 +57,19 @@ struct Plan {
     target: Option<Arc<Service>>,
     /// The body's share of the buffer budget, held until the exchange ends.
     _permit: Option<BufferPermit>,
+    /// The `traceparent` sent upstream.
+    trace: [u8; 55],
+    /// Method and target, kept only for the access log.
+    log: Option<Box<(String, String)>>,
 }
 
 enum Parsed {
     Ready(Plan),
     Partial,
     Handover,
-    /// Refused by a hygiene rule or no route: answered with this.
-    Reject(ProxyError),
+    /// Refused by a hygiene rule or no route: answered with this (method and target kept
+    /// for the access log).
+    Reject(ProxyError, Option<Box<(String, String)>>),
     /// A fresh cache hit: answered from memory, the head this long.
     Hit {
         head_len: usize,
@@ -125,9 +130,13 @@ fn plan_request(
         target_authority: None,
         minor: Some(1),
     };
+    let log = || {
+        cfg.access_log
+            .then(|| Box::new((method.to_string(), path.to_string())))
+    };
     let facts = match hygiene::inspect(&line, pairs(), cfg, peer.ip()) {
         Ok(f) => f,
-        Err(e) => return Parsed::Reject(e),
+        Err(e) => return Parsed::Reject(e, log()),
     };
     let body_len = match facts.body {
         BodyKind::None => 0,
@@ -143,7 +152,7 @@ fn plan_request(
     };
     let routed = match svc.route(facts.authority, method, path) {
         Ok(r) => r,
-        Err(e) => return Parsed::Reject(e),
+        Err(e) => return Parsed::Reject(e, log()),
     };
     if let Some(cache) = &routed.cache {
         let m = match method {
@@ -165,6 +174,7 @@ fn plan_request(
         // Misses, validation, coalescing and unsafe methods take the general path's phase.
         return Parsed::Handover;
     }
+    let trace = hygiene::trace_context(facts.traceparent);
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
@@ -175,6 +185,7 @@ fn plan_request(
         port,
         prefix: routed.prefix.as_deref(),
         via: b"1.1 shoal",
+        traceparent: &trace,
     };
     hygiene::forward_headers(&facts, pairs, cfg, &origin, |n, v| {
         out.extend_from_slice(n);
@@ -208,6 +219,8 @@ fn plan_request(
         key,
         target: routed.target,
         _permit: Some(permit),
+        trace,
+        log: log(),
     })
 }
 
@@ -503,6 +516,9 @@ pub(crate) struct Conn<'a> {
     try_timer: Pin<Box<tokio::time::Sleep>>,
     /// When the connection last did something (the idle timeout counts from here).
     last_active: u64,
+    /// Tries the last request took, and response body bytes relayed (access log).
+    tries_made: u32,
+    body_bytes: u64,
 }
 
 /// Buffers for the upstream side of one exchange.
@@ -535,6 +551,8 @@ impl<'a> Conn<'a> {
             },
             try_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             last_active: now_nanos(),
+            tries_made: 0,
+            body_bytes: 0,
         }
     }
 
@@ -589,8 +607,14 @@ impl<'a> Conn<'a> {
                         }
                         Parsed::Handover => return End::Handover(self.rbuf),
                         Parsed::Partial => {}
-                        Parsed::Reject(e) => {
+                        Parsed::Reject(e, log) => {
                             // The head is not understood well enough to find the next one.
+                            if let Some(l) = log {
+                                let now = now_nanos();
+                                let status = e.status().as_u16();
+                                let times = (now, now, now);
+                                self.log(&l, &self.svc.name, "-", status, 0, times, 0, b"-");
+                            }
                             self.answer(&e, true, &cfg).await;
                             return End::Closed;
                         }
@@ -681,23 +705,83 @@ impl<'a> Conn<'a> {
         let write_limit = lcfg.timeouts.client_write.0;
         match result {
             Ok((answer, busy)) => {
-                self.relay(
-                    answer,
-                    busy,
-                    plan.close,
-                    cfg.timeouts.upstream_read.0,
-                    write_limit,
-                )
-                .await
+                let status = answer.plan.status;
+                let headers_at = self.last_active;
+                let inst = plan.log.as_ref().map(|_| busy.inst().id.clone());
+                self.body_bytes = 0;
+                let read_limit = cfg.timeouts.upstream_read.0;
+                let keep = self
+                    .relay(answer, busy, plan.close, read_limit, write_limit)
+                    .await;
+                if let (Some(l), Some(inst)) = (&plan.log, inst) {
+                    let times = (start, headers_at, now_nanos());
+                    let (tries, bytes) = (self.tries_made, self.body_bytes);
+                    self.log(
+                        l,
+                        &svc.name,
+                        &inst,
+                        status,
+                        bytes,
+                        times,
+                        tries,
+                        &plan.trace,
+                    );
+                }
+                keep
             }
             Err(None) => false,
             Err(Some(e)) => {
                 svc.metrics.local.inc(e.status().as_u16());
                 self.last_active = now_nanos();
+                if let Some(l) = &plan.log {
+                    let times = (start, self.last_active, self.last_active);
+                    let status = e.status().as_u16();
+                    self.log(
+                        l,
+                        &svc.name,
+                        "-",
+                        status,
+                        0,
+                        times,
+                        self.tries_made,
+                        &plan.trace,
+                    );
+                }
                 e.write(&mut self.bufs.out, plan.close);
                 write_client(self.stream, &self.bufs.out, write_limit).await && !e.closes()
             }
         }
+    }
+
+    /// Writes one access-log line (only called when the listener logs). `times`: request
+    /// start, response headers, end.
+    #[allow(clippy::too_many_arguments)]
+    fn log(
+        &self,
+        l: &(String, String),
+        service: &str,
+        instance: &str,
+        status: u16,
+        bytes: u64,
+        times: (u64, u64, u64),
+        tries: u32,
+        trace: &[u8],
+    ) {
+        crate::access::Entry {
+            service,
+            instance,
+            client: self.peer.ip(),
+            method: &l.0,
+            path: &l.1,
+            status,
+            bytes,
+            headers_ms: crate::access::ms(times.0, times.1),
+            total_ms: crate::access::ms(times.0, times.2),
+            tries,
+            trace,
+            cache: "-",
+        }
+        .emit();
     }
 
     /// Tries instances until one answers with a response head (retries as in
@@ -712,6 +796,7 @@ impl<'a> Conn<'a> {
     ) -> Result<(Answer, InFlight), Option<ProxyError>> {
         let mut tries = svc.begin_tries(cfg, start);
         let mut last_err = None;
+        self.tries_made = 0;
         for attempt in 0..cfg.retries.attempts {
             let Some(mut t) = svc
                 .next_try(&mut tries, attempt, cfg, plan.key.as_deref())
@@ -764,6 +849,7 @@ impl<'a> Conn<'a> {
             };
             let answered = now_nanos();
             self.last_active = answered;
+            self.tries_made = attempt + 1;
             let (outcome, err) = match result {
                 Ok(Ok(answer)) => {
                     svc.end_try(&tries, &mut t, answered, Ok(answer.plan.status));
@@ -823,6 +909,7 @@ impl<'a> Conn<'a> {
         if !write_client(self.stream, &self.bufs.out, write_limit).await {
             return false;
         }
+        self.body_bytes += n as u64;
         let streamed = !done;
         while !done {
             self.bufs.ubuf.clear();
@@ -841,6 +928,7 @@ impl<'a> Conn<'a> {
             if !write_client(self.stream, &self.bufs.ubuf[..n], write_limit).await {
                 return false;
             }
+            self.body_bytes += n as u64;
         }
         if streamed {
             self.last_active = now_nanos();
@@ -1042,6 +1130,11 @@ impl AsyncWrite for Rewind {
     }
 }
 
+/// Property tests of the planners and the chunk tracker (they are private to this module).
+#[cfg(test)]
+#[path = "fuzz/mod.rs"]
+mod fuzz;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1063,7 +1156,7 @@ mod tests {
             Parsed::Ready(p) => (Some(p), String::from_utf8(out).unwrap()),
             Parsed::Partial => (None, "partial".into()),
             Parsed::Handover => (None, "handover".into()),
-            Parsed::Reject(e) => (None, format!("reject {}", e.status().as_u16())),
+            Parsed::Reject(e, _) => (None, format!("reject {}", e.status().as_u16())),
             Parsed::Hit { .. } => (None, "hit".into()),
         }
     }
@@ -1081,10 +1174,14 @@ mod tests {
         // Client forwarding headers are dropped (the peer is not a trusted proxy).
         assert_eq!(
             out,
-            "GET /a?b HTTP/1.1\r\nhost: example.com\r\nX-Kept: 1\r\n\
+            format!(
+                "GET /a?b HTTP/1.1\r\nhost: example.com\r\nX-Kept: 1\r\n\
              x-forwarded-for: 10.1.2.3\r\nx-forwarded-proto: http\r\n\
              x-forwarded-host: example.com\r\nx-forwarded-port: 8080\r\n\
-             forwarded: for=10.1.2.3;host=\"example.com\";proto=http\r\nvia: 1.1 shoal\r\n\r\n"
+             forwarded: for=10.1.2.3;host=\"example.com\";proto=http\r\nvia: 1.1 shoal\r\n\
+             traceparent: {}\r\n\r\n",
+                String::from_utf8_lossy(&p.trace)
+            )
         );
         let mut trusting = cfg();
         trusting.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];

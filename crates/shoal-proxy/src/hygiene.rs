@@ -26,6 +26,8 @@ pub(crate) enum Name {
     /// `X-Forwarded-Proto/Host/Port/Prefix`, `X-Real-IP`: set by shoal, client copies dropped
     /// unless the peer is a trusted proxy.
     ForwardInfo,
+    /// W3C `traceparent`: replaced by shoal's hop (same trace, new parent id).
+    TraceParent,
     Other,
 }
 
@@ -52,6 +54,7 @@ pub(crate) fn classify(n: &[u8]) -> Name {
         16 if is("x-forwarded-port") => Name::ForwardInfo,
         18 if is("x-forwarded-prefix") => Name::ForwardInfo,
         9 if is("x-real-ip") => Name::ForwardInfo,
+        11 if is("traceparent") => Name::TraceParent,
         _ => Name::Other,
     }
 }
@@ -140,6 +143,8 @@ pub(crate) struct Facts<'a> {
     pub named: Vec<&'a [u8]>,
     /// Whether the peer is a trusted proxy whose forwarding headers are kept.
     pub trusted: bool,
+    /// The client's `traceparent`, if it sent one.
+    pub traceparent: Option<&'a [u8]>,
 }
 
 impl Facts<'_> {
@@ -183,10 +188,12 @@ where
     let mut len: Option<u64> = None;
     let mut te: Option<&[u8]> = None;
     let mut close = line.minor == Some(0);
+    let mut asked_close = false;
     let mut upgrade_req: Option<&[u8]> = None;
     let mut upgrade_token = false;
     let mut expect = false;
     let mut named = Vec::new();
+    let mut traceparent = None;
     for (n, v) in headers {
         count += 1;
         bytes += n.len() + v.len() + 4;
@@ -216,8 +223,10 @@ where
                 for t in tokens(v) {
                     if t.eq_ignore_ascii_case(b"close") {
                         close = true;
+                        asked_close = true;
                     } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                        if line.minor == Some(0) {
+                        // Lifts HTTP/1.0's default only: `close` wins in any order.
+                        if line.minor == Some(0) && !asked_close {
                             close = false;
                         }
                     } else if t.eq_ignore_ascii_case(b"upgrade") {
@@ -229,6 +238,7 @@ where
             }
             Name::Upgrade => upgrade_req = Some(v),
             Name::Expect => expect = true,
+            Name::TraceParent => traceparent = Some(v),
             _ => {}
         }
     }
@@ -275,6 +285,7 @@ where
         expect,
         named,
         trusted: cfg.trusted_proxies.iter().any(|c| c.contains(peer)),
+        traceparent,
     })
 }
 
@@ -286,6 +297,8 @@ pub(crate) struct Origin<'a> {
     /// A prefix the route stripped, for `X-Forwarded-Prefix`.
     pub prefix: Option<&'a str>,
     pub via: &'static [u8],
+    /// The `traceparent` for this hop ([`trace_context`]).
+    pub traceparent: &'a [u8],
 }
 
 /// Writes the headers that go upstream through `put(name, value parts)` (the parts of one
@@ -310,7 +323,7 @@ pub(crate) fn forward_headers<'a, I>(
         let keep = match classify(n) {
             // Framing and routing headers are never "named" away (`Connection: close, Host`).
             Name::Host | Name::TransferEncoding | Name::Connection | Name::Hop => false,
-            Name::Upgrade | Name::Expect => false,
+            Name::Upgrade | Name::Expect | Name::TraceParent => false,
             Name::ContentLength => true,
             Name::XForwardedFor | Name::Forwarded => false,
             Name::ForwardInfo => {
@@ -404,6 +417,70 @@ pub(crate) fn forward_headers<'a, I>(
         put(b"forwarded", &own);
     }
     put(b"via", &[o.via]);
+    put(b"traceparent", &[o.traceparent]);
+}
+
+/// A W3C trace context (`traceparent`) for the hop to the instance: the client's trace id
+/// and flags with a new parent id, or a new sampled trace when the client sent none or an
+/// invalid one.
+pub(crate) fn trace_context(incoming: Option<&[u8]>) -> [u8; 55] {
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    let hex = |b: &[u8]| {
+        b.iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+    };
+    let zero = |b: &[u8]| b.iter().all(|&c| c == b'0');
+    let valid = incoming.map(<[u8]>::trim_ascii).filter(|v| {
+        v.len() == 55
+            && v.starts_with(b"00-")
+            && v[35] == b'-'
+            && v[52] == b'-'
+            && hex(&v[3..35])
+            && hex(&v[36..52])
+            && hex(&v[53..55])
+            && !zero(&v[3..35])
+            && !zero(&v[36..52])
+    });
+    match valid {
+        Some(v) => {
+            out[3..35].copy_from_slice(&v[3..35]);
+            out[53..55].copy_from_slice(&v[53..55]);
+        }
+        None => {
+            put_hex(&mut out[3..19], random_u64());
+            put_hex(&mut out[19..35], random_u64());
+        }
+    }
+    put_hex(&mut out[36..52], random_u64());
+    out
+}
+
+fn put_hex(out: &mut [u8], v: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = DIGITS[((v >> (60 - 4 * i)) & 0xf) as usize];
+    }
+}
+
+/// A non-zero random id (xorshift64*, per thread, seeded from the clock and the thread):
+/// ids only, nothing a policy decides by.
+fn random_u64() -> u64 {
+    use std::cell::Cell;
+    thread_local!(static STATE: Cell<u64> = Cell::new({
+        let local = 0u8;
+        let seed = crate::pool::now_nanos()
+            ^ (std::ptr::addr_of!(local) as u64).rotate_left(32)
+            ^ u64::from(std::process::id()) << 17;
+        seed | 1
+    }));
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D).max(1)
+    })
 }
 
 /// `n` in decimal, written into `buf`.
@@ -424,9 +501,12 @@ fn decimal(mut n: u16, buf: &mut [u8; 5]) -> &[u8] {
 pub(crate) fn response_header_kept(n: &[u8], named: &[&[u8]]) -> bool {
     match classify(n) {
         Name::Connection | Name::Hop | Name::Upgrade => false,
-        Name::Other | Name::ForwardInfo | Name::XForwardedFor | Name::Forwarded | Name::Expect => {
-            !named.iter().any(|x| x.eq_ignore_ascii_case(n))
-        }
+        Name::Other
+        | Name::ForwardInfo
+        | Name::XForwardedFor
+        | Name::Forwarded
+        | Name::Expect
+        | Name::TraceParent => !named.iter().any(|x| x.eq_ignore_ascii_case(n)),
         Name::Host | Name::ContentLength | Name::TransferEncoding => true,
     }
 }
@@ -537,6 +617,7 @@ mod tests {
             port: 8080,
             prefix: None,
             via: b"1.1 shoal",
+            traceparent: b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         };
         forward_headers(&facts, it, c, &o, |n, v| {
             out.push((
@@ -677,6 +758,27 @@ mod tests {
             get("forwarded"),
             ["for=6.6.6.6;proto=https, for=10.0.0.1;host=\"a.example\";proto=http"]
         );
+    }
+
+    #[test]
+    fn trace_context_continues_or_starts_a_trace() {
+        let inc = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let t = trace_context(Some(inc));
+        assert_eq!(&t[..36], &inc[..36], "same trace id");
+        assert_ne!(&t[36..52], &inc[36..52], "a new parent id");
+        assert_eq!(&t[52..], b"-01");
+        for bad in [
+            &b"00-00000000000000000000000000000000-b7ad6b7169203331-01"[..],
+            b"00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            b"01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            b"garbage",
+        ] {
+            let t = trace_context(Some(bad));
+            assert_ne!(&t[3..35], bad.get(3..35).unwrap_or(b""));
+            assert!(trace_context(None)[3..35].iter().any(|&c| c != b'0'));
+        }
+        let (a, b) = (trace_context(None), trace_context(None));
+        assert_ne!(a, b);
     }
 
     #[test]

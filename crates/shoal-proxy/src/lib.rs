@@ -5,6 +5,7 @@
 //! immutable pool snapshot (`ArcSwap`) and updates only atomics.
 #![forbid(unsafe_code)]
 
+mod access;
 pub mod admin;
 pub mod cache;
 /// The cache crate, for the binary to configure stores with.

@@ -240,11 +240,37 @@ impl Service {
         port: u16,
     ) -> Result<Response<ClientBody>, Infallible> {
         let start = now_nanos();
-        match self.proxy(req, peer, peer_ip, port, start).await {
+        let log = self.config.load().access_log.then(|| {
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            Box::new((req.method().to_string(), path.to_string()))
+        });
+        match self
+            .proxy(req, peer, peer_ip, port, start, log.clone())
+            .await
+        {
             Ok(r) => Ok(r),
             Err((svc, e)) => {
                 let svc = svc.unwrap_or(self);
-                svc.metrics.local.inc(e.status().as_u16());
+                let status = e.status().as_u16();
+                svc.metrics.local.inc(status);
+                if let Some(l) = log {
+                    let now = now_nanos();
+                    crate::access::Entry {
+                        service: &svc.name,
+                        instance: "-",
+                        client: peer.ip(),
+                        method: &l.0,
+                        path: &l.1,
+                        status,
+                        bytes: 0,
+                        headers_ms: crate::access::ms(start, now),
+                        total_ms: crate::access::ms(start, now),
+                        tries: 0,
+                        trace: b"-",
+                        cache: "-",
+                    }
+                    .emit();
+                }
                 Ok(e.into_response())
             }
         }
@@ -258,6 +284,7 @@ impl Service {
         peer_ip: HeaderValue,
         port: u16,
         start: u64,
+        log: Option<Box<(String, String)>>,
     ) -> Result<Response<ClientBody>, (Option<Arc<Service>>, ProxyError)> {
         let lcfg = self.config.load();
         let (mut parts, body) = req.into_parts();
@@ -294,7 +321,8 @@ impl Service {
         let fail = |e| (Some(svc.clone()), e);
         let cfg = svc.config.load_full();
 
-        let mut headers = HeaderMap::with_capacity(parts.headers.len() + 6);
+        let mut headers = HeaderMap::with_capacity(parts.headers.len() + 8);
+        let trace = hygiene::trace_context(facts.traceparent);
         let origin = Origin {
             peer_ip: peer_ip.as_bytes(),
             port,
@@ -304,6 +332,7 @@ impl Service {
             } else {
                 b"1.1 shoal"
             },
+            traceparent: &trace,
         };
         hygiene::forward_headers(&facts, pairs, &lcfg, &origin, |n, v| {
             let v = if v.len() == 1 {
@@ -484,12 +513,27 @@ impl Service {
                     response_hygiene(&mut rparts.headers);
                     // The instance stays counted as busy (drain, least-connections) until the
                     // body ends; the latency sample is the time to response headers.
+                    let access = log.map(|l| {
+                        Box::new(AccessRecord {
+                            service: svc.name.clone(),
+                            instance: t.inst.id.clone(),
+                            client: peer.ip(),
+                            request: *l,
+                            status: status.as_u16(),
+                            bytes: 0,
+                            start,
+                            headers_at: now_nanos(),
+                            tries: attempt + 1,
+                            trace,
+                        })
+                    });
                     let body = Tracked {
                         inner: rbody,
                         busy: Some(t.busy),
                         conn: Some(conn),
                         read_timeout: cfg.timeouts.upstream_read.0,
                         timer: None,
+                        access,
                     };
                     if let (Some(c), Some(f)) = (&cache, fetch.take()) {
                         match crate::cache::after_response(c, f, rparts, body).await {
@@ -757,10 +801,44 @@ pub struct Tracked {
     conn: Option<hyper::client::conn::http1::SendRequest<UpstreamBody>>,
     read_timeout: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The access-log line, written when the body ends (only when the listener logs).
+    access: Option<Box<AccessRecord>>,
+}
+
+/// An access-log line in the making, for a response still streaming.
+struct AccessRecord {
+    service: String,
+    instance: String,
+    client: std::net::IpAddr,
+    /// Method and target.
+    request: (String, String),
+    status: u16,
+    bytes: u64,
+    start: u64,
+    headers_at: u64,
+    tries: u32,
+    trace: [u8; 55],
 }
 
 impl Tracked {
     fn finish(&mut self, complete: bool) {
+        if let Some(a) = self.access.take() {
+            crate::access::Entry {
+                service: &a.service,
+                instance: &a.instance,
+                client: a.client,
+                method: &a.request.0,
+                path: &a.request.1,
+                status: a.status,
+                bytes: a.bytes,
+                headers_ms: crate::access::ms(a.start, a.headers_at),
+                total_ms: crate::access::ms(a.start, now_nanos()),
+                tries: a.tries,
+                trace: &a.trace,
+                cache: "-",
+            }
+            .emit();
+        }
         if let Some(busy) = self.busy.take() {
             if let (true, Some(c)) = (complete, self.conn.take()) {
                 busy.inst().idle.put(c);
@@ -799,6 +877,9 @@ impl Body for Tracked {
             }
             Poll::Ready(Some(Ok(f))) => {
                 self.timer = None;
+                if let (Some(a), Some(d)) = (self.access.as_mut(), f.data_ref()) {
+                    a.bytes += d.len() as u64;
+                }
                 Poll::Ready(Some(Ok(f)))
             }
             Poll::Pending => {

@@ -415,3 +415,37 @@ async fn idle_upstream_connections_expire() {
         "a new connection after expiry"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_context_is_propagated_or_started() {
+    let a = Backend::start("a").await;
+    let p = start_proxy(service_config(&[&a], "round-robin")).await;
+    let incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let header = format!("traceparent: {incoming}");
+    for path in PATHS {
+        let resp = raw(
+            p.addr,
+            &request(path, "POST / HTTP/1.1", &["Host: x", &header]),
+        )
+        .await;
+        assert_eq!(status(&resp), 200, "{path:?}: {resp}");
+        let got = last(&a);
+        // Same trace, shoal's own parent id: exactly one traceparent reaches the instance.
+        assert_eq!(got.matches("traceparent").count(), 1, "{path:?}: {got}");
+        assert!(
+            got.contains("00-0af7651916cd43dd8448eb211c80319c-"),
+            "{path:?}: {got}"
+        );
+        assert!(!got.contains("b7ad6b7169203331"), "{path:?}: {got}");
+        // None sent: one is created.
+        let resp = raw(p.addr, &request(path, "POST / HTTP/1.1", &["Host: x"])).await;
+        assert_eq!(status(&resp), 200, "{path:?}: {resp}");
+        let got = last(&a);
+        let at = got.find("\"traceparent\": \"").expect("a traceparent") + 16;
+        let tp = &got[at..at + 55];
+        assert!(
+            tp.starts_with("00-") && tp.ends_with("-01"),
+            "{path:?}: {tp}"
+        );
+    }
+}

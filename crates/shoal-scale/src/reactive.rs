@@ -8,8 +8,15 @@
 //! stabilization window (default 300 s). Missing metrics never cause a scale-down.
 //!
 //! Burst mode: when the panic-window (6 s) recommendation is at least `threshold`
-//! (2×) the ready count, scale up at once (no rate limit) and never scale down until
-//! `duration_secs` (60 s) after the last such reading.
+//! (2×) the instances already launched (ready or starting), scale up at once to
+//! that recommendation (no rate limit) and never scale down until `duration_secs`
+//! (60 s) after the last such reading.
+//!
+//! **No overshoot**: the metrics must be window averages of the *total* over ready
+//! instances divided by the ready count now (demand per instance), never averages
+//! of per-instance values taken when fewer instances were ready; then
+//! `ready × value / target` is demand over target, which does not grow with the
+//! instances that an earlier decision added, and a step needing N settles at N.
 
 use std::collections::VecDeque;
 
@@ -255,9 +262,12 @@ impl ReactivePolicy {
             };
         }
 
-        // Burst mode.
+        // Burst mode. Instances already launched (starting, or ready since the
+        // window filled) count as capacity: the panic recommendation is a total
+        // (demand over target), so comparing it with `current` rather than `ready`
+        // keeps successive evaluations from compounding on the same overload.
         if let Some(burst) = self.config.burst {
-            if f64::from(panic_best) >= burst.threshold * f64::from(ready) {
+            if f64::from(panic_best) >= burst.threshold * f64::from(current.max(ready)) {
                 self.burst_until = now + burst.duration_secs;
             }
             if self.bursting(now) {
@@ -653,6 +663,83 @@ mod tests {
         assert!(p.bursting(60.9));
         let d = p.evaluate(&obs(61.0, 16, 0, Some(0.1)));
         assert_eq!(d.reason, Reason::Stabilized, "{}", d.detail);
+    }
+
+    /// A fleet of one-core instances ready 50 ms after launch, evaluated every
+    /// second on an injected clock; the observation is built as the live autoscaler
+    /// builds it: the window mean of the total CPU of ready instances (each saturates
+    /// at one core) over the ready count now. Returns every desired count.
+    fn step_run(burst: bool, demand_cores: f64, secs: u32) -> Vec<u32> {
+        let config = ReactiveConfig {
+            targets: vec![MetricTarget {
+                kind: MetricKind::Cpu,
+                target: 0.6,
+            }],
+            max: 8,
+            scale_down_stabilization_secs: 60.0,
+            burst: burst.then(BurstConfig::default),
+            ..ReactiveConfig::default()
+        };
+        let mut p = ReactivePolicy::new("r", config).unwrap();
+        let mut cpu = crate::windows::SecondWindow::new(60);
+        let (mut ready, mut desired) = (1u32, 1u32);
+        let mut seen = Vec::new();
+        for s in 0..secs {
+            let t = f64::from(s);
+            // Idle for 30 s, then the step.
+            let demand = if s < 30 { 0.05 } else { demand_cores };
+            cpu.add(t, demand.min(f64::from(ready)));
+            let per = |v: Option<f64>| v.map(|x| x / f64::from(ready));
+            let o = Observation {
+                now_secs: t + 0.5,
+                wall_epoch_secs: t + 0.5,
+                ready,
+                starting: desired - ready,
+                current_desired: desired,
+                metrics: vec![MetricSample {
+                    kind: MetricKind::Cpu,
+                    stable: per(cpu.mean(t, 20)),
+                    panic: per(cpu.mean(t, 6)),
+                }],
+                demand_rps: None,
+            };
+            desired = p.evaluate(&o).desired;
+            // Launched instances are ready before the next evaluation.
+            ready = desired;
+            seen.push(desired);
+        }
+        seen
+    }
+
+    #[test]
+    fn a_step_settles_at_what_it_needs_in_stable_and_burst_mode() {
+        // 1.2 cores at a 0.6 target need 2; 2.7 cores need 5.
+        for (demand, need) in [(1.2, 2u32), (2.7, 5)] {
+            for burst in [false, true] {
+                let seen = step_run(burst, demand, 150);
+                let peak = *seen.iter().max().unwrap();
+                let settled = &seen[110..];
+                assert!(
+                    peak <= need + 1,
+                    "burst {burst}, {demand} cores: peak {peak}, need {need}: {seen:?}"
+                );
+                assert!(
+                    settled.iter().all(|&d| d.abs_diff(need) <= 1)
+                        && *settled.last().unwrap() == need,
+                    "burst {burst}, {demand} cores: settled {settled:?}, need {need}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn burst_mode_reacts_within_seconds_and_sizes_from_demand() {
+        let seen = step_run(true, 2.7, 40);
+        // The step starts at 30 s: burst mode launches within 5 evaluations, at once
+        // to a count sized from demand, never to max.
+        let first = seen[30..].iter().position(|&d| d > 1).expect("scaled up");
+        assert!(first <= 5, "{seen:?}");
+        assert!(seen.iter().all(|&d| d <= 6), "{seen:?}");
     }
 
     #[test]

@@ -217,10 +217,14 @@ pub struct SyntheticSpec {
     /// Noise: standard deviation of a row's rate is `noise × sqrt(rate)` (a Poisson
     /// count over one minute has about 0.13).
     pub noise: f64,
-    /// Mean number of spikes per day (each ×1.5–3 for 5–40 min).
+    /// Mean number of spikes per day (each × `spike_factor` for 5–40 min).
     pub spikes_per_day: f64,
+    /// Range of a spike's peak factor (default ×1.5–3).
+    pub spike_factor: (f64, f64),
     /// Mean number of persistent level shifts (×0.7–1.4) per week.
     pub shifts_per_week: f64,
+    /// Steady growth of the level, fraction per day (0.05: +5% a day, compounded).
+    pub growth_per_day: f64,
 }
 
 impl Default for SyntheticSpec {
@@ -233,8 +237,53 @@ impl Default for SyntheticSpec {
             weekend_factor: 0.6,
             noise: 0.25,
             spikes_per_day: 1.0,
+            spike_factor: (1.5, 3.0),
             shifts_per_week: 1.0,
+            growth_per_day: 0.0,
         }
+    }
+}
+
+/// The named shapes of [`SyntheticSpec::shape`].
+pub const SHAPES: &[&str] = &["default", "growth", "flash", "weekly", "noise", "flat"];
+
+impl SyntheticSpec {
+    /// A named shape over `days` days: `default` (daily and weekly cycles, noise,
+    /// a spike a day, level shifts), `growth` (the default growing 5% a day),
+    /// `flash` (flash crowds: four ×2–6 spikes a day over a weak daily cycle),
+    /// `weekly` (weekday/weekend only, no daily cycle), `noise` (the default with
+    /// four times the noise), `flat` (no seasonality at all: level, noise, spikes
+    /// and shifts only).
+    pub fn shape(name: &str, days: u32) -> Option<Self> {
+        let base = Self {
+            days,
+            ..Self::default()
+        };
+        Some(match name {
+            "default" => base,
+            "growth" => Self {
+                growth_per_day: 0.05,
+                ..base
+            },
+            "flash" => Self {
+                daily_amplitude: 0.3,
+                spikes_per_day: 4.0,
+                spike_factor: (2.0, 6.0),
+                ..base
+            },
+            "weekly" => Self {
+                daily_amplitude: 0.0,
+                weekend_factor: 0.5,
+                ..base
+            },
+            "noise" => Self { noise: 1.0, ..base },
+            "flat" => Self {
+                daily_amplitude: 0.0,
+                weekend_factor: 1.0,
+                ..base
+            },
+            _ => return None,
+        })
     }
 }
 
@@ -281,7 +330,8 @@ pub fn synthetic_with(seed: u64, spec: &SyntheticSpec) -> Trace {
             if t >= total {
                 break;
             }
-            spikes.push((t, rng.range(300.0, 2400.0), rng.range(1.5, 3.0)));
+            let (lo, hi) = spec.spike_factor;
+            spikes.push((t, rng.range(300.0, 2400.0), rng.range(lo, hi)));
         }
     }
 
@@ -317,7 +367,8 @@ pub fn synthetic_with(seed: u64, spec: &SyntheticSpec) -> Trace {
                 spike *= 1.0 + (f - 1.0) * rise * decay;
             }
         }
-        let rate = (spec.base_rps * level * daily.max(0.05) * weekly * spike).max(0.0);
+        let growth = (spec.growth_per_day * t / 86_400.0).exp();
+        let rate = (spec.base_rps * level * growth * daily.max(0.05) * weekly * spike).max(0.0);
         let noisy = (rate + spec.noise * rate.sqrt() * rng.normal()).max(0.0);
         trace.t.push(t);
         trace.rps.push((noisy * 1000.0).round() / 1000.0);

@@ -7,6 +7,7 @@
 //!   slow start).
 //! - `GET /stats`: `{requests, before_ready}`: requests served, and how many of them arrived
 //!   before the instance reported healthy (a correct balancer keeps that at 0).
+//! - `GET /alloc?mb=N`: allocate and touch N MiB more and hold it; `GET /free` lets go.
 //! - `/echo`: 200 with JSON describing the request (method, URI, headers, body).
 //! - `/slow?ms=N`: wait N ms, then 200.
 //! - `/status/{code}`: answer with that status (200–599).
@@ -46,6 +47,8 @@ pub const MAX_CPU_MS: u64 = 60_000;
 pub const MAX_SLEEP_MS: u64 = 3_600_000;
 /// Largest accepted `/bytes?n=`.
 pub const MAX_BYTES: u64 = 1 << 32;
+/// Largest accepted `/alloc?mb=` per request.
+pub const MAX_ALLOC_MB: u64 = 4096;
 /// Largest request body `/echo` reads.
 const MAX_ECHO_BODY: usize = 16 << 20;
 
@@ -137,6 +140,7 @@ where
         healthy_seen: AtomicBool::new(false),
         requests: AtomicU64::new(0),
         before_ready: AtomicU64::new(0),
+        held: std::sync::Mutex::new(Vec::new()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
@@ -192,6 +196,8 @@ struct State {
     healthy_seen: AtomicBool,
     requests: AtomicU64,
     before_ready: AtomicU64,
+    /// Memory held by `/alloc` until `/free`.
+    held: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
 async fn serve_conn(stream: TcpStream, state: Arc<State>, mut stop: watch::Receiver<bool>) {
@@ -247,6 +253,24 @@ async fn handle(
         ),
         "/work" => work(&state, query).await,
         "/echo" => echo(req).await,
+        // Grows the instance's memory by N MiB (pages touched, so resident) and holds it:
+        // for vertical scaling and OOM handling.
+        "/alloc" => match query_u64(query, "mb", MAX_ALLOC_MB) {
+            Ok(mb) => {
+                let mut held = state.held.lock().expect("held lock");
+                held.push(vec![1u8; (mb as usize) << 20]);
+                let total: usize = held.iter().map(Vec::len).sum();
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "held_mb": total >> 20 }),
+                )
+            }
+            Err(e) => text(StatusCode::BAD_REQUEST, e),
+        },
+        "/free" => {
+            state.held.lock().expect("held lock").clear();
+            json(StatusCode::OK, &serde_json::json!({ "held_mb": 0 }))
+        }
         "/slow" => match query_u64(query, "ms", MAX_SLEEP_MS) {
             Ok(ms) => {
                 tokio::time::sleep(Duration::from_millis(ms)).await;

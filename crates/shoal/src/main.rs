@@ -21,6 +21,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// (internal) Stops a run's instances once shoal exits: EOF on stdin.
+    #[command(name = "_watchdog", hide = true)]
+    Watchdog { run_file: PathBuf },
+    /// (internal) Joins cgroups (`--join .../cgroup.procs`), then execs the command.
+    #[command(name = "_exec", hide = true)]
+    Exec {
+        #[arg(long = "join")]
+        join: Vec<PathBuf>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Run everything a TOML config describes.
     Run {
         #[arg(long, short)]
@@ -116,6 +127,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Watchdog { run_file } => {
+            shoal_fleet::supervise::watchdog_main(&run_file).map_err(anyhow::Error::from)
+        }
+        Command::Exec { join, command } => {
+            let e = shoal_fleet::supervise::exec_main(&join, &command[0], &command[1..]);
+            Err(anyhow::anyhow!("cannot run {}: {e}", command[0]))
+        }
         Command::Run { config, threads } => serve::run_config(&config, threads),
         Command::Check { config } => match serve::load_config(&config) {
             Ok(c) => {

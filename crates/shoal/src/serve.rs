@@ -106,7 +106,8 @@ pub fn run_quick(args: ProxyArgs) -> anyhow::Result<()> {
             app.set_cache_store(CacheStore::new(bytes, redis, &PolicyConfig::default())?);
         }
         app.start_service(svc).await?;
-        serve_until_signal(app, args.admin, Duration::from_secs(30)).await
+        serve_until_signal(app, args.admin, Duration::from_secs(30)).await?;
+        Ok(())
     })
 }
 
@@ -132,6 +133,9 @@ pub fn run_config(path: &Path, threads: Option<usize>) -> anyhow::Result<()> {
                 .map_err(|e| e.to_string())
         }));
         app.start(&config).await?;
+        // Instances join their cgroups through `shoal _exec`; a watchdog stops them if
+        // shoal dies.
+        shoal_fleet::supervise::enable_helpers();
         let fleets = shoal_fleet::Fleets::start(&app, &config).map_err(|e| anyhow::anyhow!(e))?;
         let on_reload = fleets.clone();
         app.set_on_reload(Box::new(move |c| on_reload.reload(c)));
@@ -141,9 +145,20 @@ pub fn run_config(path: &Path, threads: Option<usize>) -> anyhow::Result<()> {
             .map(|s| s.timeouts.drain.0)
             .max()
             .unwrap_or(Duration::from_secs(30));
-        serve_until_signal(app, config.admin.listen, deadline).await?;
-        // Clients are drained; now drain and stop the instances.
-        fleets.shutdown(deadline + Duration::from_secs(15)).await;
+        let forced = serve_until_signal(app, config.admin.listen, deadline).await?;
+        if forced {
+            fleets.kill_now();
+            return Ok(());
+        }
+        // Clients are drained; now drain and stop the instances. A second SIGTERM/SIGINT
+        // meanwhile stops them at once (SIGKILL to each instance's group and cgroup).
+        tokio::select! {
+            _ = fleets.shutdown(deadline + Duration::from_secs(15)) => {}
+            _ = second_signal() => {
+                tracing::warn!("second signal: stopping instances now");
+                fleets.kill_now();
+            }
+        }
         Ok(())
     })
 }
@@ -164,13 +179,28 @@ pub fn run_demo(listen: Option<SocketAddr>) -> anyhow::Result<()> {
     })
 }
 
+/// Resolves on the next SIGTERM or SIGINT.
+async fn second_signal() {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
 /// Serves the admin listener and waits for signals: SIGHUP reloads, SIGTERM/SIGINT stop
-/// accepting and drain in-flight requests up to `deadline`, then return.
+/// accepting and drain in-flight requests up to `deadline`, then return. A second
+/// SIGTERM/SIGINT cuts the drain short; returns whether that happened.
 async fn serve_until_signal(
     app: Arc<App>,
     admin: SocketAddr,
     deadline: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let (admin_stop, rx) = watch::channel(false);
     let admin_addr = shoal_proxy::admin::serve(admin, app.clone(), rx)
         .await
@@ -192,10 +222,17 @@ async fn serve_until_signal(
     }
     tracing::info!(
         deadline_s = deadline.as_secs_f64(),
-        "shutting down: draining in-flight requests"
+        "shutting down: draining in-flight requests (signal again to stop at once)"
     );
-    let left = app.shutdown(deadline).await;
+    // A second SIGTERM/SIGINT cuts the drain short.
+    let (left, forced) = tokio::select! {
+        left = app.shutdown(deadline) => (left, false),
+        _ = second_signal() => {
+            tracing::warn!("second signal: stopping without draining");
+            (0, true)
+        }
+    };
     let _ = admin_stop.send(true);
     tracing::info!(left, "stopped");
-    Ok(())
+    Ok(forced)
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use shoal_scale::schedule::ScheduleRule;
 use shoal_scale::sim::{simulate, FleetModel, OraclePolicy, SimReport};
-use shoal_scale::trace::{parse_csv, synthetic, Trace};
+use shoal_scale::trace::{parse_csv, synthetic_with, SyntheticSpec, Trace, SHAPES};
 use shoal_scale::{policy_by_name, Policy, PolicyParams};
 
 /// Arguments of `shoal simulate`.
@@ -27,6 +27,15 @@ pub struct SimulateArgs {
     /// Days of synthetic trace.
     #[arg(long, value_name = "N", default_value_t = 28)]
     pub days: u32,
+    /// Shape of the synthetic trace: default, growth, flash (flash crowds), weekly
+    /// (no daily cycle), noise (heavy noise), flat (no seasonality at all).
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "default",
+        requires = "synthetic"
+    )]
+    pub shape: String,
     /// Write the trace (e.g. the synthetic one) as CSV to this file.
     #[arg(long, value_name = "FILE")]
     pub write_trace: Option<PathBuf>,
@@ -156,7 +165,14 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
 
 fn load_trace(args: &SimulateArgs) -> anyhow::Result<Trace> {
     if let Some(seed) = args.synthetic {
-        return Ok(synthetic(seed, args.days));
+        let Some(spec) = SyntheticSpec::shape(&args.shape, args.days) else {
+            bail!(
+                "unknown --shape `{}` (known: {})",
+                args.shape,
+                SHAPES.join(", ")
+            );
+        };
+        return Ok(synthetic_with(seed, &spec));
     }
     let Some(path) = &args.trace else {
         bail!("give --trace CSV or --synthetic SEED");

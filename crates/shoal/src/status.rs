@@ -68,6 +68,26 @@ pub fn render(v: &Value) -> String {
                 d["detail"].as_str().unwrap_or("")
             );
         }
+        let res = &s["fleet"]["resources"];
+        if res.is_object() && (!res["cpu"].is_null() || !res["memory_bytes"].is_null()) {
+            let cpu = res["cpu"]
+                .as_f64()
+                .map_or("unlimited".into(), |c| format!("{c:.2}"));
+            let mem = res["memory_bytes"].as_f64().map_or("unlimited".into(), mib);
+            let enforced = if res["enforced"] == true {
+                format!(
+                    "enforced (cgroup {})",
+                    res["cgroup"].as_str().unwrap_or("?")
+                )
+            } else {
+                format!("NOT enforced: {}", res["reason"].as_str().unwrap_or("?"))
+            };
+            let _ = writeln!(
+                o,
+                "  size per instance: cpu {cpu}, memory {mem}, {enforced}, mode {}",
+                res["mode"].as_str().unwrap_or("-")
+            );
+        }
         if let Some(r) = s.get("recommendation").filter(|r| !r.is_null()) {
             let _ = writeln!(
                 o,

@@ -83,6 +83,58 @@ scale_down_stabilization = "5s""#,
     );
 }
 
+/// The demo config (examples/shoal.toml: CPU target 0.6, max 8) under ~1.2 cores of
+/// demand (60 requests/s of 20 ms CPU) settles at the 2 instances that needs (±1),
+/// never climbing toward its max, and no request fails.
+#[test]
+fn demo_config_step_settles_at_what_it_needs() {
+    let dir = tempdir();
+    let (listen, admin) = (free_port(), free_port());
+    let demo = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/shoal.toml"
+    ))
+    .unwrap();
+    let cfg = demo
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{listen}"))
+        .replace("127.0.0.1:9900", &format!("127.0.0.1:{admin}"))
+        .replace(
+            "data_dir = \".shoal\"",
+            &format!("data_dir = {:?}", dir.path().join("data")),
+        );
+    assert!(
+        cfg.contains(&format!(":{listen}\"")) && cfg.contains(&format!(":{admin}\"")),
+        "{cfg}"
+    );
+    assert!(!cfg.contains("\".shoal\""), "{cfg}");
+    let (mut shoal, _) = run_shoal(dir.path(), &cfg, listen);
+    wait_until(20, "first instance", || ready(&api(admin)) == 1);
+    let url = format!("http://127.0.0.1:{listen}/work?cpu_ms=20&sleep_ms=5");
+    let loader = std::thread::spawn(move || load(&url, 60, 45));
+    let step = Instant::now();
+    let (mut peak, mut late) = (0u64, Vec::new());
+    while !loader.is_finished() {
+        let desired = api(admin)["desired"].as_u64().unwrap();
+        peak = peak.max(desired);
+        if step.elapsed() > Duration::from_secs(30) {
+            late.push(desired);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let report = loader.join().unwrap();
+    let (_, decisions) = get(admin, "/api/services/demo/decisions");
+    // Stop shoal (and its instances) before judging, so a failure leaves nothing behind.
+    shoal.signal("TERM");
+    assert!(shoal.wait_exit(30).is_some(), "shoal did not stop");
+    eprintln!("demo step: peak {peak}, settled {late:?}");
+    assert!(peak <= 3, "peak {peak}: {decisions}");
+    assert!(
+        !late.is_empty() && late.iter().all(|d| (1..=3).contains(d)),
+        "settled {late:?}: {decisions}"
+    );
+    assert_eq!(report["errors"]["total"], 0, "{report}");
+}
+
 /// A killed instance is replaced while idempotent GETs see no failure.
 #[test]
 fn killed_instance_is_replaced_without_failed_gets() {
