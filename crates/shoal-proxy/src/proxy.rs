@@ -513,7 +513,8 @@ impl Service {
                     response_hygiene(&mut rparts.headers);
                     // The instance stays counted as busy (drain, least-connections) until the
                     // body ends; the latency sample is the time to response headers.
-                    let access = log.map(|l| {
+                    // Cloned: a cache refetch can take this loop once more.
+                    let access = log.clone().map(|l| {
                         Box::new(AccessRecord {
                             service: svc.name.clone(),
                             instance: t.inst.id.clone(),
@@ -651,6 +652,7 @@ impl Service {
             conn: Some(conn),
             read_timeout: cfg.timeouts.upstream_read.0,
             timer: None,
+            access: None,
         };
         let bytes = body
             .collect()
