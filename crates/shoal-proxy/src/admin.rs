@@ -348,6 +348,23 @@ async fn handle(
                 Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e),
             },
         },
+        (&Method::POST, ["api", "cache", "purge"]) => match authorized(&app, &req) {
+            Err(r) => r,
+            Ok(()) => match read_json::<Value>(req).await {
+                Err(r) => r,
+                Ok(body) => match app.cache_purge(&body).await {
+                    Ok(v) => json_resp(StatusCode::OK, &v),
+                    Err((code, e)) => error(
+                        StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
+                        &e,
+                    ),
+                },
+            },
+        },
+        (&Method::GET, ["api", "cache"]) => match app.cache_status() {
+            Some(v) => json_resp(StatusCode::OK, &v),
+            None => error(StatusCode::NOT_FOUND, "no cache is configured"),
+        },
         (&Method::POST, ["api", ..]) => match authorized(&app, &req) {
             Err(r) => r,
             Ok(()) => match read_json::<Value>(req).await {

@@ -63,6 +63,11 @@ pub struct App {
     on_reload: Mutex<Option<ReloadHook>>,
     /// Extra validation of a reloaded config (tables other crates own).
     validator: Mutex<Option<Validator>>,
+    /// The store every cache phase uses (`[cache]`, the quick-mode flags, or a default).
+    cache_store: Mutex<Option<Arc<shoal_cache::CacheStore>>>,
+    /// Cache phases by owner (`service` or `service\0listener#route`), kept across reloads
+    /// while their settings do not change, so their counters carry on.
+    caches: Mutex<BTreeMap<String, Arc<shoal_cache::Cache>>>,
 }
 
 /// Why a config could not be applied (the running one stays).
@@ -115,6 +120,8 @@ impl App {
             reload_failures: Default::default(),
             on_reload: Mutex::new(None),
             validator: Mutex::new(None),
+            cache_store: Mutex::new(None),
+            caches: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -124,6 +131,90 @@ impl App {
 
     pub fn add_extension(&self, x: Arc<dyn ApiExtension>) {
         self.extensions.lock().expect("lock").push(x);
+    }
+
+    /// Sets the cache store (before services start); the quick-mode flags use this.
+    pub fn set_cache_store(&self, s: Arc<shoal_cache::CacheStore>) {
+        *self.cache_store.lock().expect("lock") = Some(s);
+    }
+
+    pub fn cache_store(&self) -> Option<Arc<shoal_cache::CacheStore>> {
+        self.cache_store.lock().expect("lock").clone()
+    }
+
+    /// The cache phase for `owner` with `cfg`: the running one if its settings are the same.
+    fn cache_for(
+        &self,
+        owner: String,
+        cfg: &Option<shoal_cache::CacheConfig>,
+    ) -> Option<Arc<shoal_cache::Cache>> {
+        let cfg = cfg.as_ref()?;
+        let mut caches = self.caches.lock().expect("lock");
+        if let Some(c) = caches.get(&owner).filter(|c| c.config() == cfg) {
+            return Some(c.clone());
+        }
+        let store = self
+            .cache_store
+            .lock()
+            .expect("lock")
+            .get_or_insert_with(|| {
+                tracing::info!(
+                    bytes = crate::config::DEFAULT_CACHE_MEMORY,
+                    "cache: memory tier with the default size"
+                );
+                shoal_cache::CacheStore::new(crate::config::DEFAULT_CACHE_MEMORY, None, &cfg.policy)
+                    .expect("no Redis URL to check")
+            })
+            .clone();
+        let c = shoal_cache::Cache::new(store, cfg.clone());
+        caches.insert(owner, c.clone());
+        Some(c)
+    }
+
+    /// Purges from the cache: `{"url": ...}`, `{"prefix": ...}` or `{"surrogate_key": ...}`.
+    pub async fn cache_purge(&self, body: &Value) -> Result<Value, (u16, String)> {
+        let store = self
+            .cache_store()
+            .ok_or((404, "no cache is configured".to_string()))?;
+        let arg = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_string);
+        let r = if let Some(u) = arg("url") {
+            store.purge_url(&u).await
+        } else if let Some(p) = arg("prefix") {
+            store.purge_prefix(&p).await
+        } else if let Some(t) = arg("surrogate_key") {
+            store.purge_surrogate_key(&t).await
+        } else {
+            return Err((400, "give one of url, prefix, surrogate_key".into()));
+        };
+        r.map(|n| json!({ "purged": n }))
+            .map_err(|e| (502, format!("purged from memory only: {e}")))
+    }
+
+    /// The cache's figures for `/api/cache` and `shoal status`.
+    pub fn cache_status(&self) -> Option<Value> {
+        let store = self.cache_store()?;
+        let s = store.stats();
+        let mut results = BTreeMap::<String, BTreeMap<&str, u64>>::new();
+        for (owner, c) in self.caches.lock().expect("lock").iter() {
+            let svc = owner.split('\0').next().unwrap_or(owner).to_string();
+            for r in shoal_cache::CacheResult::ALL {
+                *results
+                    .entry(svc.clone())
+                    .or_default()
+                    .entry(r.as_str())
+                    .or_default() += c.counters().get(r);
+            }
+        }
+        Some(json!({
+            "memory_bytes": s.memory_bytes,
+            "memory_capacity_bytes": s.memory_capacity_bytes,
+            "objects": s.memory_objects,
+            "evictions": s.evictions,
+            "redis_configured": s.redis_configured,
+            "redis_connected": s.redis_connected,
+            "redis_errors": s.redis_errors,
+            "requests": results,
+        }))
     }
 
     pub fn set_validator(&self, f: Validator) {
@@ -174,6 +265,9 @@ impl App {
         let services = self.services.lock().expect("lock");
         for r in services.values() {
             let cfg = r.service.config.load();
+            r.service
+                .cache
+                .store(self.cache_for(r.service.name.clone(), &cfg.cache));
             if cfg.routes.is_empty() {
                 r.service.routes.store(None);
                 continue;
@@ -181,11 +275,14 @@ impl App {
             let routes = cfg
                 .routes
                 .iter()
-                .filter_map(|rc| {
+                .enumerate()
+                .filter_map(|(i, rc)| {
                     let target = services.get(&rc.service)?.service.clone();
+                    let owner = format!("{}\0{}#{i}", rc.service, r.service.name);
                     Some(crate::route::Route {
                         config: rc.clone(),
                         target,
+                        cache: self.cache_for(owner, &rc.cache),
                     })
                 })
                 .collect();
@@ -273,6 +370,16 @@ impl App {
 
     async fn apply_locked(&self, config: &Config) -> Result<(), ApplyError> {
         crate::proxy::set_buffer_memory(config.buffer_memory);
+        if let Some(c) = &config.cache {
+            let mut store = self.cache_store.lock().expect("lock");
+            if store.is_none() {
+                let redis = c.redis.clone().map(shoal_cache::RedisConfig::new);
+                match shoal_cache::CacheStore::new(c.memory, redis, &Default::default()) {
+                    Ok(s) => *store = Some(s),
+                    Err(e) => tracing::error!(error = %e, "cache: store not created"),
+                }
+            }
+        }
         // Phase 1: bind (nothing running is touched yet).
         let mut fresh: Vec<(ServiceConfig, Arc<Service>, bool)> = Vec::new();
         let mut bound: Vec<(String, Listener)> = Vec::new();
@@ -521,6 +628,35 @@ impl App {
             &[],
             self.reload_failures.get(),
         );
+        if let Some(store) = self.cache_store() {
+            e.declare(
+                "shoal_cache_requests_total",
+                "Requests that passed a cache, by result.",
+                Kind::Counter,
+            );
+            let mut by = BTreeMap::<(String, &str), u64>::new();
+            for (owner, c) in self.caches.lock().expect("lock").iter() {
+                let svc = owner.split('\0').next().unwrap_or(owner).to_string();
+                for r in shoal_cache::CacheResult::ALL {
+                    *by.entry((svc.clone(), r.as_str())).or_default() += c.counters().get(r);
+                }
+            }
+            for ((svc, result), n) in by {
+                e.counter(
+                    "shoal_cache_requests_total",
+                    "Requests that passed a cache, by result.",
+                    &[("service", &svc), ("result", result)],
+                    n,
+                );
+            }
+            for s in store.stats().samples() {
+                if s.counter {
+                    e.counter(s.name, s.help, &[], s.value as u64);
+                } else {
+                    e.gauge(s.name, s.help, &[], s.value);
+                }
+            }
+        }
         for c in self.collectors.lock().expect("lock").iter() {
             c.collect(&mut e);
         }

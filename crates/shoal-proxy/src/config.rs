@@ -440,11 +440,13 @@ pub struct RouteConfig {
     pub service: String,
     /// What replaces the matched prefix (None keeps the path as it is).
     pub replace: Option<String>,
+    /// The route's cache settings (its `cache` table), if it caches.
+    pub cache: Option<shoal_cache::CacheConfig>,
     pub extra: BTreeMap<String, toml::Value>,
 }
 
 /// Per-service tables owned by other parts of shoal (fleet, autoscaler).
-pub const EXTRA_TABLES: &[&str] = &["fleet", "autoscale", "resources"];
+pub const EXTRA_TABLES: &[&str] = &["fleet", "autoscale", "resources", "cache"];
 
 fn default_algo() -> AlgoName {
     AlgoName(Algorithm::RoundRobin)
@@ -489,9 +491,33 @@ struct RawConfig {
     /// Memory all buffered (retriable) request bodies may use together, e.g. "64MiB".
     #[serde(default)]
     buffer_memory: Option<Spanned<String>>,
+    /// The cache store every `cache` table uses: `memory = "256MiB"`, `redis = "redis://..."`.
+    #[serde(default)]
+    cache: Option<RawCacheStore>,
     #[serde(default)]
     services: BTreeMap<String, RawService>,
 }
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCacheStore {
+    #[serde(default)]
+    memory: Option<Spanned<String>>,
+    #[serde(default)]
+    redis: Option<Spanned<String>>,
+}
+
+/// The process-wide cache store (`[cache]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheStoreConfig {
+    /// Bytes the memory tier may hold.
+    pub memory: u64,
+    /// The shared Redis tier, if any.
+    pub redis: Option<String>,
+}
+
+/// Memory tier size when `[cache]` does not say.
+pub const DEFAULT_CACHE_MEMORY: u64 = 64 << 20;
 
 /// A validated service.
 #[derive(Debug, Clone)]
@@ -513,6 +539,8 @@ pub struct ServiceConfig {
     pub timeouts: TimeoutConfig,
     pub retries: RetryConfig,
     pub limits: LimitConfig,
+    /// The service's own cache settings (its `cache` table), for requests it serves itself.
+    pub cache: Option<shoal_cache::CacheConfig>,
     /// Tables this crate does not own (`fleet`, `autoscale`, ...), with their source.
     pub extra: BTreeMap<String, toml::Value>,
 }
@@ -537,6 +565,7 @@ impl ServiceConfig {
             timeouts: TimeoutConfig::default(),
             retries: RetryConfig::default(),
             limits: LimitConfig::default(),
+            cache: None,
             extra: BTreeMap::new(),
         }
     }
@@ -552,6 +581,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Budget for buffered request bodies, shared by every service.
     pub buffer_memory: u64,
+    /// `[cache]`, if present.
+    pub cache: Option<CacheStoreConfig>,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -807,6 +838,17 @@ impl Config {
                 {
                     return Err(loc.error(key_at(k), &rfield(k), format!("unknown field `{k}`")));
                 }
+                let cache = match r.extra.get("cache") {
+                    Some(v) => Some(crate::cache::cache_settings(v).map_err(|(k, m)| {
+                        let f = if k.is_empty() {
+                            "cache".to_string()
+                        } else {
+                            format!("cache.{k}")
+                        };
+                        loc.error(key_at("cache"), &rfield(&f), m)
+                    })?),
+                    None => None,
+                };
                 let target = r.service.clone().unwrap_or_else(|| name.clone());
                 if !known.contains(&target) {
                     return Err(loc.error(
@@ -825,6 +867,7 @@ impl Config {
                     } else {
                         r.rewrite
                     },
+                    cache,
                     extra: r.extra,
                 });
             }
@@ -835,6 +878,23 @@ impl Config {
                     .unwrap_or(0);
                 return Err(loc.error(off..off, &field(k), format!("unknown field `{k}`")));
             }
+            let cache = match s.extra.get("cache") {
+                Some(v) => Some(crate::cache::cache_settings(v).map_err(|(k, m)| {
+                    let header = format!("[services.{name}.cache]");
+                    let off = if k.is_empty() {
+                        text.find(&header).unwrap_or(0)
+                    } else {
+                        key_offset(text, &header, &k)
+                    };
+                    let f = if k.is_empty() {
+                        "cache".to_string()
+                    } else {
+                        format!("cache.{k}")
+                    };
+                    loc.error(off..off, &field(&f), m)
+                })?),
+                None => None,
+            };
             let backends_span = s.backends.as_ref().map_or(0..0, |b| b.span());
             let backends = s.backends.map(|b| b.into_inner()).unwrap_or_default();
             for b in &backends {
@@ -915,6 +975,7 @@ impl Config {
                 timeouts: s.timeouts,
                 retries,
                 limits: s.limits,
+                cache,
                 extra: s.extra,
             });
         }
@@ -923,6 +984,27 @@ impl Config {
                 parse_size(b.get_ref()).map_err(|e| loc.error(b.span(), "buffer_memory", e))?
             }
             None => DEFAULT_BUFFER_MEMORY,
+        };
+        let cache = match &raw.cache {
+            None => None,
+            Some(c) => Some(CacheStoreConfig {
+                memory: match &c.memory {
+                    Some(m) => parse_size(m.get_ref())
+                        .map_err(|e| loc.error(m.span(), "cache.memory", e))?,
+                    None => DEFAULT_CACHE_MEMORY,
+                },
+                redis: match &c.redis {
+                    Some(u)
+                        if !(u.get_ref().starts_with("redis://")
+                            || u.get_ref().starts_with("rediss://")
+                            || u.get_ref().starts_with("unix://")) =>
+                    {
+                        return Err(loc.error(u.span(), "cache.redis", "expected a redis:// URL"));
+                    }
+                    Some(u) => Some(u.get_ref().clone()),
+                    None => None,
+                },
+            }),
         };
         let base = path.parent().unwrap_or(Path::new("."));
         let data_dir = raw
@@ -936,6 +1018,7 @@ impl Config {
             data_dir,
             admin: raw.admin,
             buffer_memory,
+            cache,
             services,
         })
     }

@@ -70,6 +70,13 @@ enum Parsed {
     /// Refused by a hygiene rule or no route: answered with this (method and target kept
     /// for the access log).
     Reject(ProxyError, Option<Box<(String, String)>>),
+    /// A fresh cache hit: answered from memory, the head this long.
+    Hit {
+        head_len: usize,
+        hit: shoal_cache::FastHit,
+        close: bool,
+        target: Option<Arc<Service>>,
+    },
 }
 
 /// RFC 3986 path and query characters. Anything else (fragments, `<>"{}|\^\``, non-ASCII)
@@ -147,6 +154,26 @@ fn plan_request(
         Ok(r) => r,
         Err(e) => return Parsed::Reject(e, log()),
     };
+    if let Some(cache) = &routed.cache {
+        let m = match method {
+            "GET" => Some(&http::Method::GET),
+            "HEAD" => Some(&http::Method::HEAD),
+            _ => None,
+        };
+        if let (Some(m), Some(host), 0) = (m, crate::cache::host_str(facts.authority), body_len) {
+            let now = std::time::SystemTime::now();
+            if let Some(hit) = cache.fast_hit(m, "http", host, path, req.headers, now) {
+                return Parsed::Hit {
+                    head_len,
+                    hit,
+                    close: facts.close,
+                    target: routed.target,
+                };
+            }
+        }
+        // Misses, validation, coalescing and unsafe methods take the general path's phase.
+        return Parsed::Handover;
+    }
     let trace = hygiene::trace_context(facts.traceparent);
     out.clear();
     out.extend_from_slice(method.as_bytes());
@@ -556,6 +583,28 @@ impl<'a> Conn<'a> {
                     );
                     match parsed {
                         Parsed::Ready(p) => break p,
+                        Parsed::Hit {
+                            head_len,
+                            hit,
+                            close,
+                            target,
+                        } => {
+                            self.rbuf.advance(head_len);
+                            let svc = target.as_ref().unwrap_or(self.svc);
+                            svc.metrics.requests.inc();
+                            svc.metrics.local.inc(hit.status);
+                            self.bufs.out.clear();
+                            hit.write_head(&mut self.bufs.out, close);
+                            self.bufs.out.extend_from_slice(&hit.body);
+                            let limit = cfg.timeouts.client_write.0;
+                            let written = write_client(self.stream, &self.bufs.out, limit).await;
+                            self.last_active = now_nanos();
+                            if !written || close {
+                                return End::Closed;
+                            }
+                            head_deadline = None;
+                            continue;
+                        }
                         Parsed::Handover => return End::Handover(self.rbuf),
                         Parsed::Partial => {}
                         Parsed::Reject(e, log) => {
@@ -1108,6 +1157,7 @@ mod tests {
             Parsed::Partial => (None, "partial".into()),
             Parsed::Handover => (None, "handover".into()),
             Parsed::Reject(e, _) => (None, format!("reject {}", e.status().as_u16())),
+            Parsed::Hit { .. } => (None, "hit".into()),
         }
     }
 

@@ -7,6 +7,9 @@
 
 mod access;
 pub mod admin;
+pub mod cache;
+/// The cache crate, for the binary to configure stores with.
+pub use shoal_cache;
 pub mod app;
 pub mod config;
 pub mod error;

@@ -110,6 +110,8 @@ pub struct Service {
     pub budget: RetryBudget,
     /// The listener's route table; None sends everything to this service.
     pub routes: ArcSwapOption<RouteTable>,
+    /// The cache phase for requests this service serves without a route.
+    pub cache: ArcSwapOption<shoal_cache::Cache>,
 }
 
 /// Pool settings derived from a service config.
@@ -130,6 +132,8 @@ pub(crate) struct Routed {
     pub path: Option<String>,
     /// The prefix the route replaced, for `X-Forwarded-Prefix`.
     pub prefix: Option<String>,
+    /// The cache phase that applies (the route's, or the service's own without routes).
+    pub cache: Option<Arc<shoal_cache::Cache>>,
 }
 
 impl Service {
@@ -145,6 +149,7 @@ impl Service {
             metrics: ServiceMetrics::default(),
             budget: RetryBudget::new(now_nanos()),
             routes: ArcSwapOption::empty(),
+            cache: ArcSwapOption::empty(),
         })
     }
 
@@ -208,6 +213,7 @@ impl Service {
                 target: None,
                 path: None,
                 prefix: None,
+                cache: self.cache.load_full(),
             });
         };
         let m = table.find(host, method, path).ok_or(ProxyError::NotFound)?;
@@ -220,6 +226,7 @@ impl Service {
             target: Some(m.route.target.clone()),
             path: m.path,
             prefix,
+            cache: m.route.cache.clone(),
         })
     }
 
@@ -348,6 +355,47 @@ impl Service {
             None => Uri::try_from(path_and_query)
                 .map_err(|_| fail(ProxyError::BadRequest("invalid request target")))?,
         };
+        // The cache phase: answer from cache, or plan the fetch (validators to add).
+        let cache = routed.cache.clone();
+        let cache_host = crate::cache::host_str(facts.authority).map(str::to_string);
+        let mut fetch = None;
+        let mut passed = None;
+        if let (Some(c), Some(host)) = (&cache, &cache_host) {
+            let creq = shoal_cache::Request {
+                method: &parts.method,
+                scheme: "http",
+                authority: host,
+                path_and_query,
+                headers: &parts.headers,
+            };
+            match c.lookup(&creq, std::time::SystemTime::now()).await {
+                shoal_cache::Lookup::Hit { response, refresh } => {
+                    if let Some(f) = refresh {
+                        let mut h = headers.clone();
+                        if !h.contains_key(header::HOST) {
+                            if let Ok(v) = HeaderValue::from_str(host) {
+                                h.insert(header::HOST, v);
+                            }
+                        }
+                        crate::cache::spawn_refresh(
+                            svc.clone(),
+                            c.clone(),
+                            f,
+                            target.clone(),
+                            h,
+                            key.clone(),
+                        );
+                    }
+                    svc.metrics.local.inc(response.status().as_u16());
+                    return Ok(crate::cache::full(response));
+                }
+                shoal_cache::Lookup::Miss(f) => {
+                    f.prepare(&mut headers);
+                    fetch = Some(f);
+                }
+                shoal_cache::Lookup::Bypass { unsafe_method } => passed = Some(unsafe_method),
+            }
+        }
         drop(facts);
         let on_upgrade = if upgrade.is_some() {
             parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
@@ -465,7 +513,8 @@ impl Service {
                     response_hygiene(&mut rparts.headers);
                     // The instance stays counted as busy (drain, least-connections) until the
                     // body ends; the latency sample is the time to response headers.
-                    let access = log.map(|l| {
+                    // Cloned: a cache refetch can take this loop once more.
+                    let access = log.clone().map(|l| {
                         Box::new(AccessRecord {
                             service: svc.name.clone(),
                             instance: t.inst.id.clone(),
@@ -487,6 +536,42 @@ impl Service {
                         timer: None,
                         access,
                     };
+                    if let (Some(c), Some(f)) = (&cache, fetch.take()) {
+                        match crate::cache::after_response(c, f, rparts, body).await {
+                            crate::cache::After::Respond(r) => return Ok(r),
+                            crate::cache::After::Fail(e) => return Err(fail(e)),
+                            crate::cache::After::Refetch(f) => {
+                                // The 304 was for another representation: once more, unconditional.
+                                f.prepare(&mut headers);
+                                fetch = Some(f);
+                                last_err = Some(ProxyError::Upstream(
+                                    "upstream answered 304 for another representation",
+                                ));
+                                if attempt + 1 < attempts {
+                                    continue;
+                                }
+                                break;
+                            }
+                        }
+                    }
+                    if let (Some(c), Some(unsafe_method), Some(host)) =
+                        (&cache, passed, &cache_host)
+                    {
+                        if unsafe_method {
+                            let creq = shoal_cache::Request {
+                                method: &parts.method,
+                                scheme: "http",
+                                authority: host,
+                                path_and_query: parts
+                                    .uri
+                                    .path_and_query()
+                                    .map_or("/", |p| p.as_str()),
+                                headers: &parts.headers,
+                            };
+                            c.invalidate_after(&creq, rparts.status, &rparts.headers);
+                        }
+                        crate::cache::mark_bypass(&mut rparts);
+                    }
                     return Ok(Response::from_parts(rparts, Either::Left(body)));
                 }
                 Ok(Err(e)) => {
@@ -512,7 +597,69 @@ impl Service {
                 }
             }
         }
+        // Origin unreachable: a stale object may stand in (stale-if-error).
+        if let (Some(c), Some(f)) = (&cache, fetch) {
+            if let Some(r) = c.origin_error(f, std::time::SystemTime::now()) {
+                svc.metrics.local.inc(r.status().as_u16());
+                return Ok(crate::cache::full(r));
+            }
+        }
         Err(fail(last_err.unwrap_or(ProxyError::NoInstance)))
+    }
+
+    /// One try with a bodyless request, the response read whole: background cache refreshes.
+    pub(crate) async fn fetch_whole(
+        self: &Arc<Self>,
+        method: http::Method,
+        target: Uri,
+        headers: HeaderMap,
+        key: Option<&[u8]>,
+    ) -> Result<Response<Bytes>, ProxyError> {
+        let cfg = self.config.load_full();
+        let mut tries = self.begin_tries(&cfg, now_nanos());
+        let Some(mut t) = self.next_try(&mut tries, 0, &cfg, key)? else {
+            return Err(ProxyError::NoInstance);
+        };
+        let mut up = Request::new(Either::Left(Full::new(Bytes::new())));
+        *up.method_mut() = method;
+        *up.uri_mut() = target;
+        *up.headers_mut() = headers;
+        let sending = upstream::send(
+            &t.inst.idle,
+            t.inst.addr,
+            cfg.timeouts.connect.0,
+            cfg.timeouts.upstream_idle.0,
+            up,
+        );
+        let result = tokio::time::timeout(t.timeout, sending).await;
+        let outcome = match &result {
+            Ok(Ok((resp, _))) => Ok(resp.status().as_u16()),
+            Ok(Err(upstream::SendError::Connect(_))) => Err(Some(ErrorKind::Connect)),
+            Ok(Err(upstream::SendError::Reset(_))) => Err(Some(ErrorKind::Reset)),
+            Err(_) => Err(Some(ErrorKind::Timeout)),
+        };
+        self.end_try(&tries, &mut t, now_nanos(), outcome);
+        let (resp, conn) = match result {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => return Err(ProxyError::Upstream("upstream connect failed")),
+            Err(_) => return Err(ProxyError::Timeout),
+        };
+        let (mut parts, body) = resp.into_parts();
+        response_hygiene(&mut parts.headers);
+        let body = Tracked {
+            inner: body,
+            busy: Some(t.busy),
+            conn: Some(conn),
+            read_timeout: cfg.timeouts.upstream_read.0,
+            timer: None,
+            access: None,
+        };
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|_| ProxyError::Upstream("upstream response body failed"))?
+            .to_bytes();
+        Ok(Response::from_parts(parts, bytes))
     }
 }
 

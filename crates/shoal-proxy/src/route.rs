@@ -14,6 +14,8 @@ use crate::proxy::Service;
 pub struct Route {
     pub config: RouteConfig,
     pub target: Arc<Service>,
+    /// The route's cache phase, if its config has a `cache` table.
+    pub cache: Option<Arc<shoal_cache::Cache>>,
 }
 
 /// The routes of one listener, in matching order.
@@ -148,6 +150,7 @@ mod tests {
                 methods: methods.iter().map(|m| m.to_string()).collect(),
                 service: to.into(),
                 replace: replace.map(str::to_string),
+                cache: None,
                 extra: BTreeMap::new(),
             },
             target: Service::new(ServiceConfig::quick(
@@ -155,6 +158,7 @@ mod tests {
                 "127.0.0.1:0".parse().unwrap(),
                 Algorithm::RoundRobin,
             )),
+            cache: None,
         }
     }
 

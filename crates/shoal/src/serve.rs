@@ -40,6 +40,16 @@ pub struct ProxyArgs {
     /// Ramp new and recovered instances over this window, e.g. 10s.
     #[arg(long, value_parser = parse_duration)]
     slow_start: Option<Duration>,
+    /// Cache responses (RFC 9111) in a memory tier of this size, e.g. 64MiB.
+    #[arg(long, value_parser = parse_cache_size)]
+    cache_memory: Option<u64>,
+    /// Share the cache through Redis, e.g. redis://127.0.0.1:6379/ (needs --cache-memory).
+    #[arg(long, requires = "cache_memory")]
+    cache_redis: Option<String>,
+}
+
+fn parse_cache_size(s: &str) -> Result<u64, String> {
+    shoal_proxy::config::parse_size(s)
 }
 
 fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
@@ -84,9 +94,17 @@ pub fn run_quick(args: ProxyArgs) -> anyhow::Result<()> {
     if let Some(s) = args.slow_start {
         svc.slow_start = s;
     }
+    if args.cache_memory.is_some() {
+        svc.cache = Some(shoal_proxy::shoal_cache::CacheConfig::default());
+    }
     let rt = runtime(args.threads)?;
     rt.block_on(async move {
         let app = App::new(None, args.admin_token);
+        if let Some(bytes) = args.cache_memory {
+            use shoal_proxy::shoal_cache::{CacheStore, PolicyConfig, RedisConfig};
+            let redis = args.cache_redis.map(RedisConfig::new);
+            app.set_cache_store(CacheStore::new(bytes, redis, &PolicyConfig::default())?);
+        }
         app.start_service(svc).await?;
         serve_until_signal(app, args.admin, Duration::from_secs(30)).await?;
         Ok(())

@@ -290,6 +290,30 @@ pub fn render(v: &Value, max: Option<usize>, prev: Option<&mut Counts>) -> Strin
     o
 }
 
+/// One line on the cache store, from `/api/cache` (absent when no cache is configured).
+pub fn render_cache(c: &Value) -> String {
+    let redis = if c["redis_configured"].as_bool() != Some(true) {
+        "no redis".to_string()
+    } else {
+        format!(
+            "redis {} ({} errors)",
+            if c["redis_connected"].as_bool() == Some(true) {
+                "up"
+            } else {
+                "DOWN: memory only"
+            },
+            c["redis_errors"]
+        )
+    };
+    format!(
+        "cache: {} of {} in memory, {} objects, {} evictions, {redis}\n",
+        mib(c["memory_bytes"].as_f64().unwrap_or(0.0)),
+        mib(c["memory_capacity_bytes"].as_f64().unwrap_or(0.0)),
+        c["objects"],
+        c["evictions"],
+    )
+}
+
 /// The terminal's width: `COLUMNS`, else `stty size` on the controlling terminal; None when
 /// there is no terminal (output to a pipe is not cut).
 fn terminal_width() -> Option<usize> {
@@ -314,11 +338,20 @@ fn terminal_width() -> Option<usize> {
 pub fn run(admin: SocketAddr, json: bool, watch: Option<f64>) -> anyhow::Result<()> {
     let Some(every) = watch else {
         let v = fetch(admin, "/api/services")?;
+        // Cache-less configs (and older servers) answer 404: no cache line then.
+        let cache = fetch(admin, "/api/cache").ok();
         if json {
+            let mut v = v;
+            if let (Some(obj), Some(c)) = (v.as_object_mut(), cache) {
+                obj.insert("cache".into(), c);
+            }
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
             print!("{}", render(&v, terminal_width().filter(|_| tty), None));
+            if let Some(c) = &cache {
+                print!("{}", render_cache(c));
+            }
         }
         return Ok(());
     };
@@ -438,5 +471,18 @@ mod tests {
         let second = render(&v(60), Some(100), Some(&mut c));
         let row = second.lines().find(|l| l.contains("w1")).unwrap();
         assert!(row.contains("50.0"), "{second}");
+    }
+
+    #[test]
+    fn cache_line_says_when_redis_is_down() {
+        let c = serde_json::json!({
+            "memory_bytes": 1048576, "memory_capacity_bytes": 67108864, "objects": 12,
+            "evictions": 0, "redis_configured": true, "redis_connected": false, "redis_errors": 7
+        });
+        let line = super::render_cache(&c);
+        assert_eq!(
+            line,
+            "cache: 1.0MiB of 64.0MiB in memory, 12 objects, 0 evictions, redis DOWN: memory only (7 errors)\n"
+        );
     }
 }

@@ -27,6 +27,7 @@ fn fast(raw: &[u8], v: &Variant) -> String {
         Parsed::Partial => "partial".into(),
         Parsed::Handover => "handover".into(),
         Parsed::Reject(e, _) => format!("reject {}", e.status().as_u16()),
+        Parsed::Hit { .. } => "hit".into(),
     }
 }
 

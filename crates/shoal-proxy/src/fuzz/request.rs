@@ -65,9 +65,11 @@ pub(super) fn variants() -> Vec<Variant> {
             methods: methods.iter().map(|m| m.to_string()).collect(),
             service: to.into(),
             replace,
+            cache: None,
             extra: BTreeMap::new(),
         },
         target: Service::new(quick(to)),
+        cache: None,
     };
     let cfg = quick("web");
     let svc = Service::new(cfg.clone());
@@ -252,6 +254,8 @@ fn check_plan(raw: &[u8], v: &Variant) -> Result<bool, TestCaseError> {
             return Ok(false);
         }
         Parsed::Ready(plan) => plan,
+        // No route in these variants caches.
+        Parsed::Hit { .. } => return Err(TestCaseError::fail("a cache hit without a cache")),
     };
     let Ok(Some(inp)) = input else {
         return Err(TestCaseError::fail("ready, but the head does not parse"));

@@ -170,9 +170,11 @@ fn route_find_matches_the_model() {
                         methods: methods.iter().map(|m| m.to_string()).collect(),
                         service: format!("s{i}"),
                         replace: replace.map(str::to_string),
+                        cache: None,
                         extra: BTreeMap::new(),
                     },
                     target: Arc::clone(&target),
+                    cache: None,
                 })
                 .collect();
             let configs: Vec<RouteConfig> = routes.iter().map(|r| r.config.clone()).collect();

@@ -1,0 +1,241 @@
+//! `Cache-Control` parsing (RFC 9111 §5.2) for requests and responses.
+
+use http::header::{CACHE_CONTROL, PRAGMA};
+use http::HeaderMap;
+
+/// Largest delta-seconds value honoured (RFC 9111 §1.2.2: 2^31).
+pub const DELTA_MAX: u64 = 1 << 31;
+
+/// The directives shoal understands. Absent directives are `None`/`false`; for the ones that
+/// take an optional field list (`no-cache`, `private`), `Some(vec![])` is the unqualified form.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheControl {
+    pub no_store: bool,
+    pub no_cache: Option<Vec<String>>,
+    pub private: Option<Vec<String>>,
+    pub public: bool,
+    pub max_age: Option<u64>,
+    pub s_maxage: Option<u64>,
+    pub must_revalidate: bool,
+    pub proxy_revalidate: bool,
+    pub must_understand: bool,
+    /// `max-stale` without a value accepts any staleness (`Some(None)`).
+    pub max_stale: Option<Option<u64>>,
+    pub min_fresh: Option<u64>,
+    pub only_if_cached: bool,
+    pub stale_while_revalidate: Option<u64>,
+    pub stale_if_error: Option<u64>,
+}
+
+impl CacheControl {
+    /// Parses every `Cache-Control` field line of `headers` as one list. For requests without
+    /// `Cache-Control`, `Pragma: no-cache` counts as `no-cache` (RFC 9111 §5.4).
+    pub fn parse(headers: &HeaderMap, request: bool) -> Self {
+        let mut cc = CacheControl::default();
+        let mut any = false;
+        for v in headers.get_all(CACHE_CONTROL) {
+            any = true;
+            let Ok(s) = v.to_str() else { continue };
+            for (name, arg) in split_directives(s) {
+                cc.apply(&name, arg);
+            }
+        }
+        if request && !any {
+            let pragma_no_cache = headers.get_all(PRAGMA).iter().any(|v| {
+                v.to_str().is_ok_and(|s| {
+                    s.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("no-cache"))
+                })
+            });
+            if pragma_no_cache {
+                cc.no_cache = Some(Vec::new());
+            }
+        }
+        cc
+    }
+
+    fn apply(&mut self, name: &str, arg: Option<String>) {
+        // The first occurrence of a directive wins (RFC 9111 §4.2.1).
+        match name {
+            "no-store" => self.no_store = true,
+            "no-cache" => {
+                if self.no_cache.is_none() {
+                    self.no_cache = Some(field_list(arg));
+                } else if let (Some(list), None) = (&mut self.no_cache, &arg) {
+                    // Unqualified anywhere makes it unqualified.
+                    list.clear();
+                }
+            }
+            "private" => {
+                if self.private.is_none() {
+                    self.private = Some(field_list(arg));
+                } else if let (Some(list), None) = (&mut self.private, &arg) {
+                    list.clear();
+                }
+            }
+            "public" => self.public = true,
+            "max-age" => set_first(&mut self.max_age, delta(arg)),
+            "s-maxage" => set_first(&mut self.s_maxage, delta(arg)),
+            "must-revalidate" => self.must_revalidate = true,
+            "proxy-revalidate" => self.proxy_revalidate = true,
+            "must-understand" => self.must_understand = true,
+            // An invalid value is ignored rather than allowing unbounded staleness.
+            "max-stale" if self.max_stale.is_none() => {
+                self.max_stale = match arg {
+                    None => Some(None),
+                    Some(a) => parse_delta(&a).map(Some),
+                };
+            }
+            "min-fresh" => set_first(&mut self.min_fresh, delta(arg)),
+            "only-if-cached" => self.only_if_cached = true,
+            "stale-while-revalidate" => {
+                if let Some(a) = arg.as_deref().and_then(parse_delta) {
+                    set_first(&mut self.stale_while_revalidate, Some(a));
+                }
+            }
+            "stale-if-error" => {
+                if let Some(a) = arg.as_deref().and_then(parse_delta) {
+                    set_first(&mut self.stale_if_error, Some(a));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Unqualified `no-cache`.
+    pub fn no_cache_all(&self) -> bool {
+        self.no_cache.as_ref().is_some_and(|l| l.is_empty())
+    }
+
+    /// Unqualified `private`.
+    pub fn private_all(&self) -> bool {
+        self.private.as_ref().is_some_and(|l| l.is_empty())
+    }
+}
+
+fn set_first(slot: &mut Option<u64>, v: Option<u64>) {
+    if slot.is_none() {
+        *slot = v;
+    }
+}
+
+/// A directive whose value must be delta-seconds: an invalid or missing value counts as 0,
+/// which errs on the side of staleness (RFC 9111 §4.2.1, §1.2.2).
+fn delta(arg: Option<String>) -> Option<u64> {
+    Some(arg.as_deref().and_then(parse_delta).unwrap_or(0))
+}
+
+/// delta-seconds: digits only, saturating at 2^31.
+pub fn parse_delta(s: &str) -> Option<u64> {
+    let s = s.trim();
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits = s.trim_start_matches('0');
+    if digits.len() > 10 {
+        return Some(DELTA_MAX);
+    }
+    Some(digits.parse::<u64>().unwrap_or(0).min(DELTA_MAX))
+}
+
+fn field_list(arg: Option<String>) -> Vec<String> {
+    arg.map(|a| {
+        a.split(',')
+            .map(|f| f.trim().to_ascii_lowercase())
+            .filter(|f| !f.is_empty())
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// Splits `a, b=1, c="x, y"` into lower-cased names and unquoted arguments.
+pub fn split_directives(s: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        while i < b.len() && (b[i] == b',' || b[i] == b' ' || b[i] == b'\t') {
+            i += 1;
+        }
+        let start = i;
+        while i < b.len() && b[i] != b'=' && b[i] != b',' {
+            i += 1;
+        }
+        let name = s[start..i].trim().to_ascii_lowercase();
+        let mut arg = None;
+        if i < b.len() && b[i] == b'=' {
+            i += 1;
+            while i < b.len() && (b[i] == b' ' || b[i] == b'\t') {
+                i += 1;
+            }
+            if i < b.len() && b[i] == b'"' {
+                i += 1;
+                let mut v = String::new();
+                while i < b.len() && b[i] != b'"' {
+                    if b[i] == b'\\' && i + 1 < b.len() {
+                        i += 1;
+                    }
+                    v.push(b[i] as char);
+                    i += 1;
+                }
+                i += 1; // closing quote
+                while i < b.len() && b[i] != b',' {
+                    i += 1;
+                }
+                arg = Some(v);
+            } else {
+                let vs = i;
+                while i < b.len() && b[i] != b',' {
+                    i += 1;
+                }
+                arg = Some(s[vs..i].trim().to_string());
+            }
+        }
+        if !name.is_empty() {
+            out.push((name, arg));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn cc(v: &str) -> CacheControl {
+        let mut h = HeaderMap::new();
+        h.insert(CACHE_CONTROL, HeaderValue::from_str(v).unwrap());
+        CacheControl::parse(&h, false)
+    }
+
+    #[test]
+    fn parses_values_lists_and_quotes() {
+        let c = cc("public, max-age=60, s-maxage=\"30\", no-cache=\"Set-Cookie, X-A\"");
+        assert!(c.public);
+        assert_eq!(c.max_age, Some(60));
+        assert_eq!(c.s_maxage, Some(30));
+        assert_eq!(c.no_cache, Some(vec!["set-cookie".into(), "x-a".into()]));
+        assert!(!c.no_cache_all());
+    }
+
+    #[test]
+    fn invalid_max_age_is_zero_and_first_wins() {
+        assert_eq!(cc("max-age=abc").max_age, Some(0));
+        assert_eq!(cc("max-age=10, max-age=99").max_age, Some(10));
+        assert_eq!(cc("max-age=99999999999999").max_age, Some(DELTA_MAX));
+        assert_eq!(cc("max-stale").max_stale, Some(None));
+        assert_eq!(cc("max-stale=5").max_stale, Some(Some(5)));
+        assert_eq!(cc("max-stale=x").max_stale, None);
+    }
+
+    #[test]
+    fn pragma_no_cache_only_without_cache_control() {
+        let mut h = HeaderMap::new();
+        h.insert(PRAGMA, HeaderValue::from_static("no-cache"));
+        assert!(CacheControl::parse(&h, true).no_cache_all());
+        assert!(CacheControl::parse(&h, false).no_cache.is_none());
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("max-age=5"));
+        assert!(CacheControl::parse(&h, true).no_cache.is_none());
+    }
+}

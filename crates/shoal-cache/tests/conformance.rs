@@ -1,0 +1,1023 @@
+//! One or more tests per RFC 9111 / RFC 5861 / RFC 9211 rule, against a scripted origin with
+//! an injected clock. Test names carry the section.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::Method;
+use shoal_cache::{CacheConfig, CacheResult, PolicyConfig};
+
+const CC60: (&str, &str) = ("cache-control", "max-age=60");
+
+#[tokio::test]
+async fn rfc9111_3_fresh_response_is_stored_and_reused() {
+    let h = Harness::new(Origin::fixed(200, &[CC60], "body"));
+    let a = h.get("/a", &[]).await;
+    assert_eq!(a.body(), "body");
+    assert!(
+        cache_status(&a).contains("fwd=uri-miss"),
+        "{}",
+        cache_status(&a)
+    );
+    assert!(cache_status(&a).contains("stored"));
+    h.clock.advance(30);
+    let b = h.get("/a", &[]).await;
+    assert_eq!(b.body(), "body");
+    assert_eq!(h.origin.calls(), 1);
+    assert_eq!(hdr(&b, "age"), Some("30"));
+    assert_eq!(cache_status(&b), "shoal; hit; ttl=30");
+    assert_eq!(h.cache.counters().get(CacheResult::Hit), 1);
+    assert_eq!(h.cache.counters().get(CacheResult::Miss), 1);
+}
+
+#[tokio::test]
+async fn rfc9111_3_response_no_store_is_not_stored() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("cache-control", "no-store, max-age=60")],
+        "x",
+    ));
+    let a = h.get("/a", &[]).await;
+    assert!(
+        cache_status(&a).contains("detail=no-store"),
+        "{}",
+        cache_status(&a)
+    );
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn rfc9111_5_2_1_5_request_no_store_is_not_stored() {
+    let h = Harness::new(Origin::fixed(200, &[CC60], "x"));
+    h.get("/a", &[("cache-control", "no-store")]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+    // Request-side reasons leave no hit-for-pass behind: the second one was stored.
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn rfc9111_5_2_2_7_private_is_not_stored_by_a_shared_cache() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("cache-control", "private, max-age=60")],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn rfc9111_5_2_2_7_private_with_field_names_stores_without_those_fields() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("cache-control", "private=\"x-user\", max-age=60"),
+            ("x-user", "alice"),
+            ("x-other", "kept"),
+        ],
+        "x",
+    ));
+    let first = h.get("/a", &[]).await;
+    assert_eq!(
+        hdr(&first, "x-user"),
+        Some("alice"),
+        "the miss forwards the origin's fields"
+    );
+    let b = h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+    assert_eq!(hdr(&b, "x-user"), None);
+    assert_eq!(hdr(&b, "x-other"), Some("kept"));
+}
+
+#[tokio::test]
+async fn rfc9111_5_2_2_4_no_cache_with_field_names_reuses_without_those_fields() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("cache-control", "no-cache=\"x-secret\", max-age=60"),
+            ("x-secret", "s"),
+        ],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    let b = h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+    assert_eq!(hdr(&b, "x-secret"), None);
+}
+
+#[tokio::test]
+async fn rfc9111_5_2_2_4_unqualified_no_cache_validates_every_reuse() {
+    let h = Harness::new(Origin::new(|_, req, _| {
+        if req.get("if-none-match").is_some_and(|v| v == "\"e1\"") {
+            return Ok(resp(304, &[("etag", "\"e1\"")], ""));
+        }
+        Ok(resp(
+            200,
+            &[
+                ("cache-control", "no-cache, max-age=60"),
+                ("etag", "\"e1\""),
+            ],
+            "body",
+        ))
+    }));
+    h.get("/a", &[]).await;
+    let b = h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+    assert_eq!(
+        h.origin.last_request().1.get("if-none-match").unwrap(),
+        "\"e1\""
+    );
+    assert_eq!(b.status(), 200);
+    assert_eq!(b.body(), "body");
+    assert!(
+        cache_status(&b).contains("fwd-status=304"),
+        "{}",
+        cache_status(&b)
+    );
+    assert_eq!(h.cache.counters().get(CacheResult::Revalidated), 1);
+}
+
+#[tokio::test]
+async fn rfc9111_3_only_get_responses_are_stored() {
+    let h = Harness::new(Origin::fixed(200, &[CC60], "x"));
+    h.send(Method::POST, "/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+    assert_eq!(h.cache.counters().get(CacheResult::Bypass), 1);
+}
+
+#[tokio::test]
+async fn rfc9111_3_status_without_explicit_freshness_needs_heuristic_cacheability() {
+    // 302 is not heuristically cacheable: not stored without explicit freshness...
+    let h = Harness::new(Origin::fixed(
+        302,
+        &[("location", "/b"), ("last-modified", &date(-1000))],
+        "",
+    ));
+    h.get("/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+    // ...but stored with it.
+    let h = Harness::new(Origin::fixed(302, &[("location", "/b"), CC60], ""));
+    h.get("/a", &[]).await;
+    let b = h.get("/a", &[]).await;
+    assert_eq!((h.origin.calls(), b.status().as_u16()), (1, 302));
+}
+
+#[tokio::test]
+async fn rfc9111_3_partial_content_is_not_stored_and_ranges_bypass() {
+    let h = Harness::new(Origin::fixed(
+        206,
+        &[CC60, ("content-range", "bytes 0-0/10")],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+    let h = Harness::new(Origin::fixed(200, &[CC60], "0123456789"));
+    h.get("/a", &[]).await;
+    h.get("/a", &[("range", "bytes=0-1")]).await;
+    assert_eq!(h.origin.calls(), 2, "a range request goes to the origin");
+}
+
+#[tokio::test]
+async fn rfc9111_3_1_hop_by_hop_fields_are_not_stored() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            CC60,
+            ("connection", "x-conn-only"),
+            ("x-conn-only", "1"),
+            ("keep-alive", "timeout=5"),
+            ("x-end-to-end", "1"),
+        ],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    let b = h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+    for f in ["connection", "x-conn-only", "keep-alive"] {
+        assert_eq!(hdr(&b, f), None, "{f} served from cache");
+    }
+    assert_eq!(hdr(&b, "x-end-to-end"), Some("1"));
+}
+
+#[tokio::test]
+async fn rfc9111_3_5_authorization_needs_public_s_maxage_or_must_revalidate() {
+    let auth = [("authorization", "Bearer t")];
+    let h = Harness::new(Origin::fixed(200, &[CC60], "x"));
+    h.get("/a", &auth).await;
+    h.get("/a", &auth).await;
+    assert_eq!(h.origin.calls(), 2);
+    for cc in [
+        "public, max-age=60",
+        "s-maxage=60",
+        "must-revalidate, max-age=60",
+    ] {
+        let h = Harness::new(Origin::fixed(200, &[("cache-control", cc)], "x"));
+        h.get("/a", &auth).await;
+        h.get("/a", &auth).await;
+        assert_eq!(h.origin.calls(), 1, "{cc}");
+    }
+}
+
+#[tokio::test]
+async fn rfc9111_4_2_1_s_maxage_wins_over_max_age() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("cache-control", "max-age=10, s-maxage=100")],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    h.clock.advance(50);
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+    h.clock.advance(51);
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn rfc9111_4_2_1_max_age_wins_over_expires() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("cache-control", "max-age=100"),
+            ("date", &date(0)),
+            ("expires", &date(10)),
+        ],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    h.clock.advance(50);
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+}
+
+#[tokio::test]
+async fn rfc9111_4_2_1_expires_minus_date_is_the_lifetime() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("date", &date(0)), ("expires", &date(30))],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    h.clock.advance(29);
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+    h.clock.advance(2);
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn rfc9111_4_2_1_invalid_expires_means_stale() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("date", &date(0)), ("expires", "0"), ("etag", "\"v\"")],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn rfc9111_4_2_2_heuristic_freshness_is_a_fraction_of_last_modified_age() {
+    // Modified 1000 s before Date: 10% gives 100 s.
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("date", &date(0)), ("last-modified", &date(-1000))],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    h.clock.advance(99);
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+    h.clock.advance(2);
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn rfc9111_4_2_2_no_heuristic_freshness_when_status_is_not_heuristically_cacheable() {
+    let h = Harness::new(Origin::fixed(
+        307,
+        &[
+            ("date", &date(0)),
+            ("last-modified", &date(-1000)),
+            ("location", "/x"),
+        ],
+        "",
+    ));
+    h.get("/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn rfc9111_4_2_3_age_counts_upstream_age_and_resident_time() {
+    let h = Harness::new(Origin::fixed(200, &[CC60, ("age", "20")], "x"));
+    h.get("/a", &[]).await;
+    h.clock.advance(10);
+    let b = h.get("/a", &[]).await;
+    assert_eq!(hdr(&b, "age"), Some("30"));
+    h.clock.advance(31);
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2, "stale after 60 s of total age");
+}
+
+#[tokio::test]
+async fn rfc9111_4_2_3_age_counts_apparent_age_and_response_delay() {
+    // Date 40 s before the response arrived: apparent age 40.
+    let h = Harness::new(Origin::fixed(200, &[CC60, ("date", &date(-40))], "x"));
+    h.get("/a", &[]).await;
+    let b = h.get("/a", &[]).await;
+    assert_eq!(hdr(&b, "age"), Some("40"));
+    // The origin takes 5 s to answer: the delay adds to the upstream Age.
+    let clock = Clock::new();
+    let c2 = clock.clone();
+    let origin = Origin::new(move |_, _, _| {
+        c2.advance(5);
+        Ok(resp(200, &[CC60, ("age", "3"), ("date", &date(5))], "x"))
+    });
+    let mut h = Harness::new(origin);
+    h.clock = clock;
+    h.get("/a", &[]).await;
+    let b = h.get("/a", &[]).await;
+    assert_eq!(hdr(&b, "age"), Some("8"));
+}
+
+#[tokio::test]
+async fn rfc9111_4_1_vary_keeps_one_variant_per_request_value() {
+    let h = Harness::new(Origin::new(|_, req, _| {
+        let lang = req
+            .get("accept-language")
+            .map(|v| v.to_str().unwrap().to_string());
+        let body = match lang.as_deref() {
+            Some("de") => "hallo",
+            Some(_) => "hello",
+            None => "default",
+        };
+        Ok(resp(200, &[CC60, ("vary", "Accept-Language")], body))
+    }));
+    assert_eq!(
+        h.get("/a", &[("accept-language", "de")]).await.body(),
+        "hallo"
+    );
+    assert_eq!(
+        h.get("/a", &[("accept-language", "en")]).await.body(),
+        "hello"
+    );
+    let none = h.get("/a", &[]).await;
+    assert_eq!(none.body(), "default");
+    assert!(
+        cache_status(&none).contains("fwd=vary-miss"),
+        "{}",
+        cache_status(&none)
+    );
+    assert_eq!(h.origin.calls(), 3);
+    assert_eq!(
+        h.get("/a", &[("accept-language", "de")]).await.body(),
+        "hallo"
+    );
+    assert_eq!(
+        h.get("/a", &[("accept-language", "en")]).await.body(),
+        "hello"
+    );
+    assert_eq!(h.get("/a", &[]).await.body(), "default");
+    assert_eq!(h.origin.calls(), 3);
+}
+
+#[tokio::test]
+async fn rfc9111_4_1_vary_star_never_matches() {
+    let h = Harness::new(Origin::fixed(200, &[CC60, ("vary", "*")], "x"));
+    h.get("/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn rfc9111_4_3_1_stale_object_is_validated_with_its_validators() {
+    let lm = date(-3600);
+    let lm2 = lm.clone();
+    let h = Harness::new(Origin::new(move |_, req, _| {
+        if req.get("if-none-match").is_some() {
+            assert_eq!(req.get("if-modified-since").unwrap(), lm2.as_str());
+            return Ok(resp(
+                304,
+                &[
+                    ("etag", "\"v1\""),
+                    ("cache-control", "max-age=60"),
+                    ("x-new", "2"),
+                ],
+                "",
+            ));
+        }
+        Ok(resp(
+            200,
+            &[
+                ("cache-control", "max-age=10"),
+                ("etag", "\"v1\""),
+                ("last-modified", &lm2),
+                ("x-new", "1"),
+                ("content-length", "4"),
+            ],
+            "body",
+        ))
+    }));
+    h.get("/a", &[]).await;
+    h.clock.advance(11);
+    let b = h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+    assert_eq!(b.status(), 200);
+    assert_eq!(b.body(), "body");
+    // §3.2: the 304's fields replace the stored ones; Content-Length stays.
+    assert_eq!(hdr(&b, "x-new"), Some("2"));
+    assert_eq!(hdr(&b, "content-length"), Some("4"));
+    assert_eq!(hdr(&b, "last-modified"), Some(lm.as_str()));
+    // The new freshness (max-age=60 from the 304) counts from the validation.
+    h.clock.advance(50);
+    let c = h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+    assert_eq!(hdr(&c, "age"), Some("50"));
+}
+
+#[tokio::test]
+async fn rfc9111_4_3_4_a_304_for_another_etag_does_not_update_and_refetches() {
+    let h = Harness::new(Origin::new(|_, req, n| {
+        if req.get("if-none-match").is_some() {
+            return Ok(resp(304, &[("etag", "\"other\"")], ""));
+        }
+        let body = if n == 0 { "old" } else { "new" };
+        Ok(resp(
+            200,
+            &[("cache-control", "max-age=10"), ("etag", "\"v1\"")],
+            body,
+        ))
+    }));
+    h.get("/a", &[]).await;
+    h.clock.advance(11);
+    let b = h.get("/a", &[]).await;
+    assert_eq!(b.status(), 200);
+    assert_eq!(b.body(), "new");
+    assert_eq!(h.origin.calls(), 3);
+    assert!(h.origin.last_request().1.get("if-none-match").is_none());
+}
+
+#[tokio::test]
+async fn rfc9111_4_3_2_client_if_none_match_is_answered_from_cache() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[CC60, ("etag", "\"v1\""), ("content-type", "text/plain")],
+        "body",
+    ));
+    h.get("/a", &[]).await;
+    let b = h.get("/a", &[("if-none-match", "\"zzz\", W/\"v1\"")]).await;
+    assert_eq!(b.status(), 304);
+    assert!(b.body().is_empty());
+    assert_eq!(hdr(&b, "etag"), Some("\"v1\""));
+    assert_eq!(hdr(&b, "content-type"), None);
+    let c = h.get("/a", &[("if-none-match", "\"zzz\"")]).await;
+    assert_eq!(
+        (c.status().as_u16(), c.body().as_ref()),
+        (200, &b"body"[..])
+    );
+    assert_eq!(h.origin.calls(), 1);
+}
+
+#[tokio::test]
+async fn rfc9111_4_3_2_client_if_modified_since_is_answered_from_cache() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[CC60, ("last-modified", &date(-100))],
+        "body",
+    ));
+    h.get("/a", &[]).await;
+    assert_eq!(
+        h.get("/a", &[("if-modified-since", &date(-50))])
+            .await
+            .status(),
+        304
+    );
+    assert_eq!(
+        h.get("/a", &[("if-modified-since", &date(-150))])
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(h.origin.calls(), 1);
+}
+
+#[tokio::test]
+async fn rfc9111_4_3_2_conditional_miss_fetches_in_full_then_answers_304() {
+    let h = Harness::new(Origin::new(|_, req, _| {
+        assert!(
+            req.get("if-none-match").is_none(),
+            "the cache needs the full response"
+        );
+        Ok(resp(200, &[CC60, ("etag", "\"v1\"")], "body"))
+    }));
+    let a = h.get("/a", &[("if-none-match", "\"v1\"")]).await;
+    assert_eq!(a.status(), 304);
+    let b = h.get("/a", &[]).await;
+    assert_eq!((b.status().as_u16(), h.origin.calls()), (200, 1));
+    assert_eq!(b.body(), "body");
+}
+
+#[tokio::test]
+async fn rfc9111_5_2_1_4_request_no_cache_forces_validation() {
+    let h = Harness::new(Origin::new(|_, req, _| {
+        if req.get("if-none-match").is_some() {
+            return Ok(resp(304, &[("etag", "\"v1\"")], ""));
+        }
+        Ok(resp(200, &[CC60, ("etag", "\"v1\"")], "body"))
+    }));
+    h.get("/a", &[]).await;
+    let b = h.get("/a", &[("cache-control", "no-cache")]).await;
+    assert_eq!(h.origin.calls(), 2);
+    assert!(
+        cache_status(&b).contains("fwd=request"),
+        "{}",
+        cache_status(&b)
+    );
+    h.get("/a", &[("pragma", "no-cache")]).await;
+    assert_eq!(
+        h.origin.calls(),
+        3,
+        "Pragma: no-cache without Cache-Control counts"
+    );
+}
+
+#[tokio::test]
+async fn rfc9111_5_2_1_4_operator_can_ignore_request_no_cache() {
+    let cfg = CacheConfig {
+        policy: PolicyConfig {
+            ignore_request_no_cache: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let h = Harness::with(Origin::fixed(200, &[CC60], "x"), cfg);
+    h.get("/a", &[]).await;
+    h.get("/a", &[("cache-control", "no-cache")]).await;
+    assert_eq!(h.origin.calls(), 1);
+}
+
+#[tokio::test]
+async fn rfc9111_5_2_1_1_request_max_age_limits_the_age_accepted() {
+    let h = Harness::new(Origin::fixed(200, &[CC60], "x"));
+    h.get("/a", &[]).await;
+    h.clock.advance(20);
+    h.get("/a", &[("cache-control", "max-age=30")]).await;
+    assert_eq!(h.origin.calls(), 1);
+    h.get("/a", &[("cache-control", "max-age=10")]).await;
+    assert_eq!(h.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn rfc9111_5_2_1_3_request_min_fresh_needs_that_much_freshness_left() {
+    let h = Harness::new(Origin::fixed(200, &[CC60], "x"));
+    h.get("/a", &[]).await;
+    h.clock.advance(40);
+    h.get("/a", &[("cache-control", "min-fresh=10")]).await;
+    assert_eq!(h.origin.calls(), 1);
+    h.get("/a", &[("cache-control", "min-fresh=30")]).await;
+    assert_eq!(h.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn rfc9111_5_2_1_2_request_max_stale_accepts_stale_responses() {
+    let h = Harness::new(Origin::fixed(200, &[("cache-control", "max-age=10")], "x"));
+    h.get("/a", &[]).await;
+    h.clock.advance(15);
+    let b = h.get("/a", &[("cache-control", "max-stale=10")]).await;
+    assert_eq!(h.origin.calls(), 1);
+    assert!(cache_status(&b).contains("ttl=-5"), "{}", cache_status(&b));
+    h.get("/a", &[("cache-control", "max-stale=2")]).await;
+    assert_eq!(h.origin.calls(), 2);
+    h.clock.advance(1000);
+    h.get("/a", &[("cache-control", "max-stale")]).await;
+    assert_eq!(
+        h.origin.calls(),
+        2,
+        "max-stale without a value accepts any staleness"
+    );
+    assert_eq!(h.cache.counters().get(CacheResult::Stale), 2);
+}
+
+#[tokio::test]
+async fn rfc9111_5_2_2_2_must_revalidate_is_never_served_stale() {
+    for cc in [
+        "max-age=10, must-revalidate",
+        "max-age=10, proxy-revalidate",
+        "s-maxage=10",
+    ] {
+        let h = Harness::new(Origin::fixed(200, &[("cache-control", cc)], "x"));
+        h.get("/a", &[]).await;
+        h.clock.advance(15);
+        h.get("/a", &[("cache-control", "max-stale=100")]).await;
+        assert_eq!(h.origin.calls(), 2, "{cc}");
+    }
+}
+
+#[tokio::test]
+async fn rfc9111_5_2_1_7_only_if_cached_answers_504_without_a_stored_response() {
+    let h = Harness::new(Origin::fixed(200, &[("cache-control", "max-age=10")], "x"));
+    let a = h.get("/a", &[("cache-control", "only-if-cached")]).await;
+    assert_eq!(a.status(), 504);
+    assert_eq!(h.origin.calls(), 0);
+    h.get("/a", &[]).await;
+    let b = h.get("/a", &[("cache-control", "only-if-cached")]).await;
+    assert_eq!(b.status(), 200);
+    h.clock.advance(20);
+    let c = h.get("/a", &[("cache-control", "only-if-cached")]).await;
+    assert_eq!(c.status(), 504, "stale and not allowed stale");
+    assert_eq!(h.origin.calls(), 1);
+}
+
+#[tokio::test]
+async fn rfc9111_5_2_2_3_must_understand_overrides_no_store_for_known_statuses() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("cache-control", "must-understand, no-store, max-age=60")],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+    let h = Harness::new(Origin::fixed(
+        299,
+        &[("cache-control", "must-understand, no-store, max-age=60")],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn rfc5861_3_stale_while_revalidate_serves_stale_and_refreshes_once() {
+    let h = Harness::new(Origin::new(|_, _, n| {
+        Ok(resp(
+            200,
+            &[("cache-control", "max-age=10, stale-while-revalidate=60")],
+            if n == 0 { "v0" } else { "v1" },
+        ))
+    }));
+    h.get("/a", &[]).await;
+    h.clock.advance(15);
+    let (b, c) = tokio::join!(h.get("/a", &[]), h.get("/a", &[]));
+    assert_eq!(
+        (b.body().as_ref(), c.body().as_ref()),
+        (&b"v0"[..], &b"v0"[..])
+    );
+    assert!(
+        cache_status(&b).contains("detail=stale-while-revalidate"),
+        "{}",
+        cache_status(&b)
+    );
+    // Let the background refresh run.
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(h.origin.calls(), 2, "exactly one background refresh");
+    let d = h.get("/a", &[]).await;
+    assert_eq!(d.body(), "v1");
+    assert_eq!(h.origin.calls(), 2);
+    // Past the window: a synchronous fetch.
+    h.clock.advance(100);
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 3);
+}
+
+#[tokio::test]
+async fn rfc5861_4_stale_if_error_serves_stale_on_5xx_and_unreachable_origin() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("cache-control", "max-age=10, stale-if-error=60")],
+        "good",
+    ));
+    h.get("/a", &[]).await;
+    h.clock.advance(20);
+    h.origin.set(|_, _, _| Ok(resp(503, &[], "down")));
+    let b = h.get("/a", &[]).await;
+    assert_eq!(
+        (b.status().as_u16(), b.body().as_ref()),
+        (200, &b"good"[..])
+    );
+    assert!(
+        cache_status(&b).contains("fwd-status=503"),
+        "{}",
+        cache_status(&b)
+    );
+    h.origin.set(|_, _, _| Err("connection refused".into()));
+    let c = h.get("/a", &[]).await;
+    assert_eq!(c.body(), "good");
+    // Beyond the window the error goes through.
+    h.clock.advance(60);
+    h.origin.set(|_, _, _| Ok(resp(503, &[], "down")));
+    assert_eq!(h.get("/a", &[]).await.status(), 503);
+    // 404 is not an error stale-if-error covers.
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("cache-control", "max-age=10, stale-if-error=60")],
+        "good",
+    ));
+    h.get("/a", &[]).await;
+    h.clock.advance(20);
+    h.origin.set(|_, _, _| Ok(resp(404, &[], "gone")));
+    assert_eq!(h.get("/a", &[]).await.status(), 404);
+}
+
+#[tokio::test]
+async fn rfc9111_4_2_4_operator_stale_on_error_window_respects_must_revalidate() {
+    let cfg = CacheConfig {
+        policy: PolicyConfig {
+            stale_if_error: Duration::from_secs(300),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    for (cc, served_stale) in [("max-age=10", true), ("max-age=10, must-revalidate", false)] {
+        let h = Harness::with(
+            Origin::fixed(200, &[("cache-control", cc)], "good"),
+            cfg.clone(),
+        );
+        h.get("/a", &[]).await;
+        h.clock.advance(20);
+        h.origin.set(|_, _, _| Err("connection reset".into()));
+        let r = h.get("/a", &[]).await;
+        assert_eq!(r.status() == 200, served_stale, "{cc}: {}", r.status());
+    }
+}
+
+#[tokio::test]
+async fn rfc5861_4_request_stale_if_error() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("cache-control", "max-age=10")],
+        "good",
+    ));
+    h.get("/a", &[]).await;
+    h.clock.advance(20);
+    h.origin.set(|_, _, _| Ok(resp(500, &[], "bad")));
+    assert_eq!(h.get("/a", &[]).await.status(), 500);
+    assert_eq!(
+        h.get("/a", &[("cache-control", "stale-if-error=30")])
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn rfc9111_4_4_unsafe_methods_invalidate_the_target_and_same_origin_locations() {
+    let h = Harness::new(Origin::new(|m, _, _| {
+        if m == Method::POST {
+            return Ok(resp(
+                201,
+                &[
+                    ("location", "/b"),
+                    ("content-location", "http://other.test/c"),
+                ],
+                "",
+            ));
+        }
+        Ok(resp(200, &[CC60], "x"))
+    }));
+    for p in ["/a", "/b", "/c"] {
+        h.get(p, &[]).await;
+    }
+    assert_eq!(h.origin.calls(), 3);
+    h.send(Method::POST, "/a", &[]).await;
+    h.get("/a", &[]).await;
+    h.get("/b", &[]).await;
+    h.get("/c", &[]).await;
+    // /a and /b refetched, /c (the other host's path) still cached.
+    assert_eq!(h.origin.calls(), 4 + 2);
+}
+
+#[tokio::test]
+async fn rfc9111_4_4_failed_unsafe_requests_do_not_invalidate() {
+    let h = Harness::new(Origin::new(|m, _, _| {
+        if m == Method::DELETE {
+            return Ok(resp(500, &[], ""));
+        }
+        Ok(resp(200, &[CC60], "x"))
+    }));
+    h.get("/a", &[]).await;
+    h.send(Method::DELETE, "/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn rfc9110_9_3_2_head_is_answered_from_a_stored_get() {
+    let h = Harness::new(Origin::fixed(200, &[CC60, ("content-length", "4")], "body"));
+    h.get("/a", &[]).await;
+    let b = h.send(Method::HEAD, "/a", &[]).await;
+    assert_eq!(b.status(), 200);
+    assert!(b.body().is_empty());
+    assert_eq!(hdr(&b, "content-length"), Some("4"));
+    assert_eq!(h.origin.calls(), 1);
+    // A HEAD miss goes through as HEAD and stores nothing.
+    let h = Harness::new(Origin::fixed(200, &[CC60], ""));
+    h.send(Method::HEAD, "/a", &[]).await;
+    assert_eq!(h.origin.last_request().0, Method::HEAD);
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn rfc9111_4_3_5_head_response_freshens_the_stored_get() {
+    let h = Harness::new(Origin::new(|m, _, _| {
+        if m == Method::HEAD {
+            return Ok(resp(
+                200,
+                &[
+                    ("cache-control", "max-age=1000"),
+                    ("etag", "\"v1\""),
+                    ("x-a", "2"),
+                ],
+                "",
+            ));
+        }
+        Ok(resp(
+            200,
+            &[
+                ("cache-control", "max-age=10"),
+                ("etag", "\"v1\""),
+                ("x-a", "1"),
+            ],
+            "body",
+        ))
+    }));
+    h.get("/a", &[]).await;
+    h.clock.advance(20);
+    let head = h.send(Method::HEAD, "/a", &[]).await;
+    assert_eq!(h.origin.last_request().0, Method::HEAD);
+    assert!(head.body().is_empty());
+    let b = h.get("/a", &[]).await;
+    assert_eq!(
+        h.origin.calls(),
+        2,
+        "the GET was answered from the freshened object"
+    );
+    assert_eq!(
+        (hdr(&b, "x-a"), b.body().as_ref()),
+        (Some("2"), &b"body"[..])
+    );
+    // A HEAD answer for another representation (other ETag) does not touch it.
+    h.clock.advance(2000);
+    h.origin.set(|_, _, _| {
+        Ok(resp(
+            200,
+            &[("cache-control", "max-age=1000"), ("etag", "\"v2\"")],
+            "",
+        ))
+    });
+    h.send(Method::HEAD, "/a", &[]).await;
+    h.origin.set(|_, _, _| {
+        Ok(resp(
+            200,
+            &[("cache-control", "max-age=1000"), ("etag", "\"v2\"")],
+            "new",
+        ))
+    });
+    assert_eq!(h.get("/a", &[]).await.body(), "new");
+}
+
+#[tokio::test]
+async fn rfc9211_cache_status_is_appended_after_upstream_members() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[CC60, ("cache-status", "origin-cache; hit")],
+        "x",
+    ));
+    let a = h.get("/a", &[]).await;
+    assert_eq!(
+        cache_status(&a),
+        "origin-cache; hit, shoal; fwd=uri-miss; fwd-status=200; stored"
+    );
+    let b = h.get("/a", &[]).await;
+    assert_eq!(cache_status(&b), "origin-cache; hit, shoal; hit; ttl=60");
+    let c = h.send(Method::PUT, "/a", &[]).await;
+    assert_eq!(
+        cache_status(&c),
+        "origin-cache; hit, shoal; fwd=bypass; fwd-status=200"
+    );
+}
+
+#[tokio::test]
+async fn cache_set_cookie_responses_are_stored_unless_the_operator_says_no() {
+    let origin = || Origin::fixed(200, &[CC60, ("set-cookie", "s=1")], "x");
+    let h = Harness::new(origin());
+    h.get("/a", &[]).await;
+    let b = h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+    assert_eq!(hdr(&b, "set-cookie"), Some("s=1"));
+    let cfg = CacheConfig {
+        policy: PolicyConfig {
+            store_set_cookie: false,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let h = Harness::with(origin(), cfg);
+    h.get("/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn cache_bodies_over_the_object_limit_stream_through_uncached() {
+    let cfg = CacheConfig {
+        max_object_size: 8,
+        ..Default::default()
+    };
+    let h = Harness::with(
+        Origin::fixed(200, &[CC60, ("content-length", "10")], "0123456789"),
+        cfg.clone(),
+    );
+    h.get("/a", &[]).await;
+    let b = h.get("/a", &[]).await;
+    assert_eq!(b.body(), "0123456789");
+    assert_eq!(h.origin.calls(), 2);
+    assert!(
+        cache_status(&b).contains("fwd=bypass"),
+        "{}",
+        cache_status(&b)
+    );
+    // Unknown length, found too large while buffering.
+    let h = Harness::with(Origin::fixed(200, &[CC60], "0123456789"), cfg);
+    h.get("/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+    assert!(h.cache.store().stats().too_large >= 1);
+}
+
+#[tokio::test]
+async fn cache_default_ttl_and_max_ttl_are_operator_overrides() {
+    let cfg = CacheConfig {
+        policy: PolicyConfig {
+            default_ttl: Duration::from_secs(30),
+            max_ttl: Duration::from_secs(100),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let h = Harness::with(Origin::fixed(200, &[], "x"), cfg.clone());
+    h.get("/a", &[]).await;
+    h.clock.advance(29);
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+    let h = Harness::with(
+        Origin::fixed(200, &[("cache-control", "max-age=1000")], "x"),
+        cfg,
+    );
+    h.get("/a", &[]).await;
+    h.clock.advance(101);
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn cache_counts_each_request_once_by_result() {
+    let h = Harness::new(Origin::new(|m, req, _| {
+        if m == Method::POST {
+            return Ok(resp(200, &[], ""));
+        }
+        if req.get("if-none-match").is_some() {
+            return Ok(resp(304, &[("etag", "\"v\"")], ""));
+        }
+        Ok(resp(
+            200,
+            &[
+                ("cache-control", "max-age=10, stale-while-revalidate=5"),
+                ("etag", "\"v\""),
+            ],
+            "x",
+        ))
+    }));
+    h.get("/a", &[]).await; // miss
+    h.get("/a", &[]).await; // hit
+    h.clock.advance(12);
+    h.get("/a", &[]).await; // stale (and one background refresh, not counted)
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    h.clock.advance(30);
+    h.get("/a", &[]).await; // revalidated
+    h.send(Method::POST, "/b", &[]).await; // bypass
+    let c = h.cache.counters();
+    let got: Vec<u64> = CacheResult::ALL.iter().map(|&r| c.get(r)).collect();
+    // hit, miss, stale, revalidated, bypass
+    assert_eq!(got, [1, 1, 1, 1, 1]);
+}

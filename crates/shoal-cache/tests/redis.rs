@@ -1,0 +1,344 @@
+//! The Redis tier against a real `redis-server` started per test on a free port in a temp dir.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::{HeaderMap, Method};
+use shoal_cache::{Cache, CacheConfig, CacheStore, PolicyConfig, RedisConfig, Request};
+
+struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "shoal-cache-redis-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = RedisServer {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found: scripts/test.sh installs it (apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis_cmd(self.port, &["PING"]).as_deref() != Some("+PONG") {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP / SIGCONT: a Redis that accepts connections but does not answer.
+    fn pause(&self, stop: bool) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        let sig = if stop { "-STOP" } else { "-CONT" };
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One inline command over a plain socket; the first reply line (test-side checks only).
+fn redis_cmd(port: u16, args: &[&str]) -> Option<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut cmd = format!("*{}\r\n", args.len());
+    for a in args {
+        cmd.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
+    }
+    s.write_all(cmd.as_bytes()).ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    Some(line.trim_end().to_string())
+}
+
+fn exists(port: u16, url: &str) -> bool {
+    redis_cmd(port, &["EXISTS", &format!("shoal:cache:{url}")]).as_deref() == Some(":1")
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn shoal(redis: &RedisServer) -> Arc<Cache> {
+    let store = CacheStore::new(
+        16 << 20,
+        Some(RedisConfig::new(redis.url())),
+        &PolicyConfig::default(),
+    )
+    .unwrap();
+    Cache::new(store, CacheConfig::default())
+}
+
+async fn get(
+    cache: &Arc<Cache>,
+    clock: &Clock,
+    origin: &Origin,
+    path: &str,
+) -> http::Response<bytes::Bytes> {
+    let h = HeaderMap::new();
+    let req = Request {
+        method: &Method::GET,
+        scheme: "http",
+        authority: "example.test",
+        path_and_query: path,
+        headers: &h,
+    };
+    cache
+        .handle(&req, clock.fun(), origin.call())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_shoal_processes_share_objects_through_redis() {
+    let redis = RedisServer::start();
+    let (a, b) = (shoal(&redis), shoal(&redis));
+    until("connected", || {
+        a.store().stats().redis_connected && b.store().stats().redis_connected
+    })
+    .await;
+    let origin = Origin::fixed(
+        200,
+        &[("cache-control", "max-age=60"), ("etag", "\"1\"")],
+        "shared",
+    );
+    let clock = Clock::new();
+    assert_eq!(get(&a, &clock, &origin, "/s").await.body(), "shared");
+    until("stored in Redis", || {
+        exists(redis.port, "http://example.test/s")
+    })
+    .await;
+    clock.advance(5);
+    let r = get(&b, &clock, &origin, "/s").await;
+    assert_eq!(r.body(), "shared");
+    assert_eq!(origin.calls(), 1, "the second process answered from Redis");
+    assert_eq!(cache_status(&r), "shoal; hit; ttl=55");
+    assert_eq!(hdr(&r, "age"), Some("5"));
+    // The Redis key expires with the object (freshness + keep time for a validatable one).
+    let ttl: i64 = redis_cmd(redis.port, &["PTTL", "shoal:cache:http://example.test/s"])
+        .unwrap()
+        .trim_start_matches(':')
+        .parse()
+        .unwrap();
+    assert!(ttl > 60_000 && ttl <= (60 + 3600) * 1000, "pttl {ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_load_fails_no_request_and_is_used_again_once_back() {
+    let mut redis = RedisServer::start();
+    let cache = shoal(&redis);
+    until("connected", || cache.store().stats().redis_connected).await;
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=600")], "ok");
+    let clock = Clock::new();
+    let mut slowest = Duration::ZERO;
+    for i in 0..600 {
+        if i == 200 {
+            redis.kill();
+        }
+        let t = Instant::now();
+        let r = get(&cache, &clock, &origin, &format!("/k/{}", i % 300)).await;
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.body(), "ok");
+    }
+    let s = cache.store().stats();
+    assert!(s.redis_errors > 0, "{s:?}");
+    assert!(!s.redis_connected, "{s:?}");
+    // No request waited on the dead Redis for more than a few timeouts.
+    assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
+    // Redis comes back on the same address: the tier reconnects without a restart.
+    redis.spawn();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in 0.. {
+        let path = format!("/after/{n}");
+        assert_eq!(get(&cache, &clock, &origin, &path).await.status(), 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if exists(redis.port, &format!("http://example.test{path}")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the tier was not used again");
+    }
+    assert!(cache.store().stats().redis_connected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_reach_the_shared_tier() {
+    let redis = RedisServer::start();
+    let (a, b) = (shoal(&redis), shoal(&redis));
+    until("connected", || a.store().stats().redis_connected).await;
+    let origin = Origin::new(|_, _, _| {
+        Ok(resp(
+            200,
+            &[("cache-control", "max-age=600"), ("surrogate-key", "grp")],
+            "v",
+        ))
+    });
+    let clock = Clock::new();
+    for p in ["/u/1", "/u/2", "/v/1", "/w/1"] {
+        get(&a, &clock, &origin, p).await;
+        until("stored", || {
+            exists(redis.port, &format!("http://example.test{p}"))
+        })
+        .await;
+    }
+    assert_eq!(
+        a.store()
+            .purge_url("http://example.test/w/1")
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(!exists(redis.port, "http://example.test/w/1"));
+    assert_eq!(
+        a.store()
+            .purge_prefix("http://example.test/u/")
+            .await
+            .unwrap(),
+        2
+    );
+    assert!(!exists(redis.port, "http://example.test/u/1"));
+    assert!(!exists(redis.port, "http://example.test/u/2"));
+    assert!(exists(redis.port, "http://example.test/v/1"));
+    // Purging by tag through the other process clears Redis for everyone.
+    assert_eq!(b.store().purge_surrogate_key("grp").await.unwrap(), 1);
+    assert!(!exists(redis.port, "http://example.test/v/1"));
+    let before = origin.calls();
+    get(&b, &clock, &origin, "/v/1").await;
+    assert_eq!(origin.calls(), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_or_foreign_objects_are_misses() {
+    let redis = RedisServer::start();
+    let cache = shoal(&redis);
+    until("connected", || cache.store().stats().redis_connected).await;
+    redis_cmd(
+        redis.port,
+        &["SET", "shoal:cache:http://example.test/j", "junk"],
+    )
+    .unwrap();
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "fresh");
+    let clock = Clock::new();
+    assert_eq!(get(&cache, &clock, &origin, "/j").await.body(), "fresh");
+    assert_eq!(origin.calls(), 1);
+    assert!(cache.store().stats().redis_errors >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_from_the_start_degrades_to_memory() {
+    let port = free_port();
+    let store = CacheStore::new(
+        16 << 20,
+        Some(RedisConfig::new(format!("redis://127.0.0.1:{port}/"))),
+        &PolicyConfig::default(),
+    )
+    .unwrap();
+    let cache = Cache::new(store, CacheConfig::default());
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "m");
+    let clock = Clock::new();
+    for _ in 0..3 {
+        assert_eq!(get(&cache, &clock, &origin, "/m").await.body(), "m");
+    }
+    assert_eq!(origin.calls(), 1);
+    until("error counted", || cache.store().stats().redis_errors > 0).await;
+    assert!(CacheStore::new(
+        1,
+        Some(RedisConfig::new("nonsense://")),
+        &PolicyConfig::default()
+    )
+    .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_costs_requests_at_most_its_timeout() {
+    let redis = RedisServer::start();
+    let cache = shoal(&redis);
+    until("connected", || cache.store().stats().redis_connected).await;
+    let origin = Origin::fixed(200, &[("cache-control", "max-age=600")], "ok");
+    let clock = Clock::new();
+    redis.pause(true);
+    let mut slowest = Duration::ZERO;
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_millis(2500) {
+        let t = Instant::now();
+        let r = get(&cache, &clock, &origin, &format!("/h/{}", n % 50)).await;
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(r.status(), 200);
+        n += 1;
+    }
+    // Lookups give up after 50 ms; after a failure the tier is skipped for a second.
+    assert!(slowest < Duration::from_millis(300), "slowest {slowest:?}");
+    assert!(n > 100, "only {n} requests in 2.5 s");
+    assert!(cache.store().stats().redis_errors > 0);
+    redis.pause(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for i in 0.. {
+        let path = format!("/resumed/{i}");
+        get(&cache, &clock, &origin, &path).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if exists(redis.port, &format!("http://example.test{path}")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the tier was not used again");
+    }
+}

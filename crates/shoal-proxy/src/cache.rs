@@ -1,0 +1,262 @@
+//! The cache phase: shoal-cache wired into both request paths. Settings come from `cache`
+//! tables (per service or per route) over one process-wide store (`[cache]` or the quick-mode
+//! flags); storable bodies of known length are read whole and stored, everything else
+//! streams through; stale-while-revalidate refreshes run as background fetches.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap};
+use http::{Method, Response, Uri};
+use http_body_util::{BodyExt, Either, Full};
+use serde::Deserialize;
+use shoal_cache::{Cache, CacheConfig, Fetch, Outcome, PolicyConfig};
+use std::sync::Arc;
+
+use crate::config::{parse_size, Dur};
+use crate::error::ProxyError;
+use crate::proxy::{ClientBody, Service, Tracked};
+
+/// A `cache` table of a service or route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheTable {
+    /// Largest body stored, e.g. "1MiB"; bigger ones (and bodies of unknown length) stream
+    /// through uncached.
+    pub max_object_size: String,
+    /// Freshness for responses with neither explicit freshness nor `Last-Modified` (0: none).
+    pub default_ttl: Dur,
+    /// Cap on any freshness lifetime (0: none).
+    pub max_ttl: Dur,
+    /// Serve a stale object this long when the origin fails and it did not say
+    /// (`stale-if-error` by default; never overrides `must-revalidate`).
+    pub stale_if_error: Dur,
+    /// How long objects that can be revalidated are kept after they go stale.
+    pub keep: Dur,
+    /// Ignore request `Cache-Control: no-cache` / `Pragma: no-cache` from clients.
+    pub ignore_no_cache: bool,
+    /// Store responses marked `private` anyway.
+    pub ignore_private: bool,
+    /// Store responses that set cookies (RFC 9111 allows it; off passes them through).
+    pub store_set_cookie: bool,
+    /// How long a request waits for another one fetching the same URL.
+    pub coalesce_wait: Dur,
+    /// How long a URL found uncacheable is passed straight through (no coalescing).
+    pub hit_for_pass: Dur,
+}
+
+impl Default for CacheTable {
+    fn default() -> Self {
+        let c = CacheConfig::default();
+        CacheTable {
+            max_object_size: "1MiB".into(),
+            default_ttl: Dur(c.policy.default_ttl),
+            max_ttl: Dur(c.policy.max_ttl),
+            stale_if_error: Dur(c.policy.stale_if_error),
+            keep: Dur(c.policy.keep),
+            ignore_no_cache: c.policy.ignore_request_no_cache,
+            ignore_private: c.policy.ignore_private,
+            store_set_cookie: c.policy.store_set_cookie,
+            coalesce_wait: Dur(c.coalesce_wait),
+            hit_for_pass: Dur(c.hit_for_pass),
+        }
+    }
+}
+
+/// Checks a `cache` table; an error names the key.
+pub fn cache_settings(v: &toml::Value) -> Result<CacheConfig, (String, String)> {
+    let t: CacheTable = v
+        .clone()
+        .try_into()
+        .map_err(|e: toml::de::Error| (String::new(), e.message().trim().to_string()))?;
+    let max = parse_size(&t.max_object_size).map_err(|e| ("max_object_size".into(), e))?;
+    if max == 0 || max > 1 << 30 {
+        return Err((
+            "max_object_size".into(),
+            "must be between 1 byte and 1GiB".into(),
+        ));
+    }
+    Ok(CacheConfig {
+        policy: PolicyConfig {
+            ignore_request_no_cache: t.ignore_no_cache,
+            ignore_private: t.ignore_private,
+            default_ttl: t.default_ttl.0,
+            max_ttl: t.max_ttl.0,
+            keep: t.keep.0,
+            store_set_cookie: t.store_set_cookie,
+            stale_if_error: t.stale_if_error.0,
+            ..PolicyConfig::default()
+        },
+        max_object_size: max as usize,
+        coalesce_wait: t.coalesce_wait.0,
+        hit_for_pass: t.hit_for_pass.0,
+    })
+}
+
+/// A response served from cache, as the general path sends it.
+pub(crate) fn full(r: Response<Bytes>) -> Response<ClientBody> {
+    r.map(|b| Either::Right(Full::new(b)))
+}
+
+/// What the general path does after the origin's response head.
+pub(crate) enum After {
+    Respond(Response<ClientBody>),
+    Refetch(Fetch),
+    Fail(ProxyError),
+}
+
+/// Runs the origin's response through the cache: served from cache (304 merged, stale on
+/// error), stored (a known length within the object limit is read whole first), or streamed.
+pub(crate) async fn after_response(
+    cache: &Arc<Cache>,
+    fetch: Fetch,
+    mut parts: http::response::Parts,
+    body: Tracked,
+) -> After {
+    match cache.response(fetch, parts.status, &mut parts.headers, SystemTime::now()) {
+        Outcome::Serve(r) => After::Respond(full(r)),
+        Outcome::Forward(None) => After::Respond(Response::from_parts(parts, Either::Left(body))),
+        Outcome::Forward(Some(store)) => {
+            match read_if_small(&parts.headers, body, store.max_body()).await {
+                Read::Whole(bytes) => {
+                    store.finish(bytes.clone());
+                    After::Respond(Response::from_parts(parts, Either::Right(Full::new(bytes))))
+                }
+                Read::TooLarge(body) => {
+                    store.too_large();
+                    After::Respond(Response::from_parts(parts, Either::Left(body)))
+                }
+                // Unknown length: not stored (the waiters go to the origin themselves).
+                Read::Unknown(body) => {
+                    After::Respond(Response::from_parts(parts, Either::Left(body)))
+                }
+                Read::Failed => After::Fail(ProxyError::Upstream("upstream response body failed")),
+            }
+        }
+        Outcome::NotModified(r, store) => {
+            if let Some(store) = store {
+                if let Read::Whole(b) = read_if_small(&parts.headers, body, store.max_body()).await
+                {
+                    store.finish(b);
+                }
+            }
+            After::Respond(full(r))
+        }
+        Outcome::Refetch(f) => After::Refetch(f),
+    }
+}
+
+enum Read {
+    Whole(Bytes),
+    TooLarge(Tracked),
+    Unknown(Tracked),
+    Failed,
+}
+
+async fn read_if_small(h: &HeaderMap, body: Tracked, max: usize) -> Read {
+    let len = h
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok());
+    match len {
+        Some(n) if n <= max as u64 => match body.collect().await {
+            // Tracked enforces the upstream read timeout per frame.
+            Ok(c) => Read::Whole(c.to_bytes()),
+            Err(_) => Read::Failed,
+        },
+        Some(_) => Read::TooLarge(body),
+        None => Read::Unknown(body),
+    }
+}
+
+/// Refreshes a stale-while-revalidate object in the background: one try on the service,
+/// the answer stored (or merged) and nothing sent anywhere.
+pub(crate) fn spawn_refresh(
+    svc: Arc<Service>,
+    cache: Arc<Cache>,
+    fetch: Fetch,
+    target: Uri,
+    headers: HeaderMap,
+    key: Option<Vec<u8>>,
+) {
+    tokio::spawn(async move {
+        let origin = |m: Method, h: HeaderMap| {
+            let (svc, target, key) = (svc.clone(), target.clone(), key.clone());
+            async move { svc.fetch_whole(m, target, h, key.as_deref()).await }
+        };
+        if let Err(e) = cache
+            .fetch_with(fetch, &headers, SystemTime::now, origin)
+            .await
+        {
+            tracing::debug!(service = %svc.name, error = ?e, "cache: background refresh failed");
+        }
+    });
+}
+
+/// `Cache-Status` for a request that passed a cached route untouched.
+pub(crate) fn mark_bypass(parts: &mut http::response::Parts) {
+    shoal_cache::mark_bypass(parts.status, &mut parts.headers);
+}
+
+/// The authority a cache key uses (Host or absolute-form), as text.
+pub(crate) fn host_str(authority: Option<&[u8]>) -> Option<&str> {
+    authority.and_then(|a| std::str::from_utf8(a).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::path::Path;
+    use std::time::Duration;
+
+    fn parse(t: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::parse(Path::new("shoal.toml"), t)
+    }
+
+    #[test]
+    fn cache_tables_per_service_and_route_with_a_store() {
+        let c = parse(
+            "[cache]\nmemory = \"32MiB\"\nredis = \"redis://127.0.0.1:6379/\"\n\
+             [services.web]\nlisten = \"127.0.0.1:8080\"\nbackends = [\"127.0.0.1:9001\"]\n\
+             [services.web.cache]\nmax_object_size = \"64KiB\"\ndefault_ttl = \"30s\"\n\
+             [[services.web.routes]]\nprefix = \"/static\"\n\
+             [services.web.routes.cache]\nignore_no_cache = true\nstale_if_error = \"5m\"\n\
+             [[services.web.routes]]\nprefix = \"/api\"\n",
+        )
+        .unwrap();
+        let store = c.cache.as_ref().unwrap();
+        assert_eq!(store.memory, 32 << 20);
+        assert_eq!(store.redis.as_deref(), Some("redis://127.0.0.1:6379/"));
+        let web = &c.services[0];
+        let own = web.cache.as_ref().unwrap();
+        assert_eq!(own.max_object_size, 64 << 10);
+        assert_eq!(own.policy.default_ttl, Duration::from_secs(30));
+        let r = web.routes[0].cache.as_ref().unwrap();
+        assert!(r.policy.ignore_request_no_cache);
+        assert_eq!(r.policy.stale_if_error, Duration::from_secs(300));
+        assert!(web.routes[1].cache.is_none());
+    }
+
+    #[test]
+    fn cache_errors_name_file_line_and_field() {
+        let e = parse(
+            "[services.web]\nlisten = \"127.0.0.1:8080\"\n[services.web.cache]\nttl = \"1s\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "services.web.cache", "{e}");
+        assert!(e.message.contains("ttl"), "{e}");
+        let e = parse(
+            "[services.web]\nlisten = \"127.0.0.1:8080\"\n[services.web.cache]\ndefault_ttl = \"1s\"\nmax_object_size = \"lots\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (5, "services.web.cache.max_object_size"),
+            "{e}"
+        );
+        let e =
+            parse("[cache]\nredis = \"localhost\"\n[services.web]\nlisten = \"127.0.0.1:8080\"\n")
+                .unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (2, "cache.redis"), "{e}");
+    }
+}

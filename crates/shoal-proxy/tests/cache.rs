@@ -1,0 +1,239 @@
+//! The cache phase end to end: a scripted origin behind a real proxy, both request paths.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use shoal_proxy::shoal_cache::{CacheConfig, CacheStore, PolicyConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An origin whose answers depend on the path: `/fresh` (max-age=60, ETag), `/slow` (the
+/// same after 300 ms), `/private` (no-store), `/tagged` (Surrogate-Key). Counts per path.
+struct Origin {
+    addr: SocketAddr,
+    calls: AtomicUsize,
+}
+
+async fn origin() -> Arc<Origin> {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let o = Arc::new(Origin {
+        addr: l.local_addr().unwrap(),
+        calls: AtomicUsize::new(0),
+    });
+    let o2 = o.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let o = o2.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let o = o.clone();
+                    async move {
+                        let n = o.calls.fetch_add(1, Ordering::SeqCst);
+                        let path = req.uri().path().to_string();
+                        let mut r = Response::builder();
+                        let body = match path.as_str() {
+                            "/slow" => {
+                                tokio::time::sleep(Duration::from_millis(300)).await;
+                                r = r.header("cache-control", "max-age=60");
+                                format!("slow {n}")
+                            }
+                            "/private" => {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                r = r.header("cache-control", "no-store");
+                                format!("private {n}")
+                            }
+                            "/tagged" => {
+                                r = r
+                                    .header("cache-control", "max-age=60")
+                                    .header("surrogate-key", "t1");
+                                format!("tagged {n}")
+                            }
+                            _ => {
+                                r = r
+                                    .header("cache-control", "max-age=60")
+                                    .header("etag", "\"e1\"");
+                                format!("fresh {n}")
+                            }
+                        };
+                        Ok::<_, Infallible>(r.body(Full::new(Bytes::from(body))).unwrap())
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    o
+}
+
+async fn cached_proxy(o: &Origin) -> Proxy {
+    let mut cfg = shoal_proxy::config::ServiceConfig::quick(
+        "test",
+        "127.0.0.1:0".parse().unwrap(),
+        "round-robin".parse().unwrap(),
+    );
+    cfg.backends.push(shoal_proxy::config::BackendSpec {
+        addr: o.addr,
+        weight: 1,
+    });
+    cfg.cache = Some(CacheConfig::default());
+    let app = shoal_proxy::App::new(None, Some("secret".into()));
+    app.set_cache_store(CacheStore::new(16 << 20, None, &PolicyConfig::default()).unwrap());
+    let service = app.start_service(cfg).await.unwrap();
+    let addr = app.listen_addr("test").unwrap();
+    Proxy { app, service, addr }
+}
+
+/// One request on a fresh connection; the whole response as text.
+async fn exchange(addr: SocketAddr, req: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn header<'a>(resp: &'a str, name: &str) -> Option<&'a str> {
+    resp.lines()
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        })
+        .map(|(_, v)| v.trim())
+}
+
+#[tokio::test]
+async fn fresh_hits_are_served_from_cache_on_both_paths() {
+    let o = origin().await;
+    let p = cached_proxy(&o).await;
+    let get = "GET /fresh HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n";
+    let miss = exchange(p.addr, get).await;
+    assert!(miss.starts_with("HTTP/1.1 200"), "{miss}");
+    assert!(
+        header(&miss, "cache-status")
+            .unwrap()
+            .contains("fwd=uri-miss"),
+        "{miss}"
+    );
+    // Fast path (plain HTTP/1.1 GET).
+    let hit = exchange(p.addr, get).await;
+    assert!(hit.ends_with("fresh 0"), "{hit}");
+    assert!(
+        header(&hit, "cache-status")
+            .unwrap()
+            .starts_with("shoal; hit"),
+        "{hit}"
+    );
+    assert_eq!(header(&hit, "content-length"), Some("7"));
+    assert!(header(&hit, "age").is_some());
+    // General path (HTTP/1.0 is handed over) answers from the same object.
+    let hit10 = exchange(p.addr, "GET /fresh HTTP/1.0\r\nHost: site.test\r\n\r\n").await;
+    assert!(hit10.ends_with("fresh 0"), "{hit10}");
+    // A client validator gets a 304 from cache.
+    let nm = exchange(
+        p.addr,
+        "GET /fresh HTTP/1.1\r\nHost: site.test\r\nIf-None-Match: \"e1\"\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(nm.starts_with("HTTP/1.1 304"), "{nm}");
+    assert_eq!(o.calls.load(Ordering::SeqCst), 1);
+    let m = p.app.render_metrics();
+    assert!(
+        m.contains("shoal_cache_requests_total{service=\"test\",result=\"hit\"} 3"),
+        "{m}"
+    );
+    assert!(
+        m.contains("shoal_cache_requests_total{service=\"test\",result=\"miss\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_requests_make_one_origin_request_and_uncacheable_ones_do_not_wait() {
+    let o = origin().await;
+    let p = cached_proxy(&o).await;
+    let c = client();
+    let run = |path: &'static str, n: usize| {
+        let c = c.clone();
+        let addr = p.addr;
+        async move {
+            let tasks: Vec<_> = (0..n)
+                .map(|_| {
+                    let c = c.clone();
+                    tokio::spawn(async move { get(&c, addr, path).await })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        }
+    };
+    let answers = run("/slow", 100).await;
+    assert!(
+        answers.iter().all(|(s, b)| *s == 200 && b == "slow 0"),
+        "{answers:?}"
+    );
+    assert_eq!(o.calls.load(Ordering::SeqCst), 1);
+    // Uncacheable: the first answer releases everyone; all 100 reach the origin.
+    let before = o.calls.load(Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let answers = run("/private", 100).await;
+    assert!(answers.iter().all(|(s, _)| *s == 200));
+    assert_eq!(o.calls.load(Ordering::SeqCst) - before, 100);
+    // Serialised, 100 × 50 ms would take 5 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn purge_by_url_and_surrogate_key_through_the_app() {
+    let o = origin().await;
+    let p = cached_proxy(&o).await;
+    let c = client();
+    for path in ["/fresh", "/tagged", "/fresh", "/tagged"] {
+        let (s, _) = get_with(&c, p.addr, path, &[("host", "site.test")]).await;
+        assert_eq!(s, 200);
+    }
+    assert_eq!(o.calls.load(Ordering::SeqCst), 2);
+    let r = p
+        .app
+        .cache_purge(&json!({ "url": "http://site.test/fresh" }))
+        .await
+        .unwrap();
+    assert_eq!(r["purged"], 1);
+    let r = p
+        .app
+        .cache_purge(&json!({ "surrogate_key": "t1" }))
+        .await
+        .unwrap();
+    assert_eq!(r["purged"], 1);
+    for path in ["/fresh", "/tagged"] {
+        get_with(&c, p.addr, path, &[("host", "site.test")]).await;
+    }
+    assert_eq!(o.calls.load(Ordering::SeqCst), 4);
+    assert_eq!(p.app.cache_purge(&json!({})).await.unwrap_err().0, 400);
+    let status = p.app.cache_status().unwrap();
+    assert_eq!(status["requests"]["test"]["hit"], 2);
+    let _ = p.service;
+}
