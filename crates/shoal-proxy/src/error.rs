@@ -11,6 +11,9 @@ use crate::proxy::ClientBody;
 #[derive(Debug)]
 pub enum ProxyError {
     BadRequest(&'static str),
+    /// The client broke its request body (malformed framing, early end, longer than
+    /// declared): 400, and counted as a client error, never against an instance.
+    BodyFault(&'static str),
     NotFound,
     MethodNotAllowed,
     RequestTimeout,
@@ -25,7 +28,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::BodyFault(_) => StatusCode::BAD_REQUEST,
             ProxyError::NotFound => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -41,7 +44,7 @@ impl ProxyError {
     /// The short plain-text body of the error response.
     pub fn message(&self) -> &'static str {
         match self {
-            ProxyError::BadRequest(m) => m,
+            ProxyError::BadRequest(m) | ProxyError::BodyFault(m) => m,
             ProxyError::NotFound => "no route for this request",
             ProxyError::MethodNotAllowed => "method not allowed",
             ProxyError::RequestTimeout => "request body timed out",
@@ -59,8 +62,16 @@ impl ProxyError {
     pub fn closes(&self) -> bool {
         matches!(
             self,
-            ProxyError::BadRequest(_) | ProxyError::RequestTimeout | ProxyError::PayloadTooLarge
+            ProxyError::BadRequest(_)
+                | ProxyError::BodyFault(_)
+                | ProxyError::RequestTimeout
+                | ProxyError::PayloadTooLarge
         )
+    }
+
+    /// A request body the client broke or stalled: `shoal_client_errors_total`.
+    pub fn client_fault(&self) -> bool {
+        matches!(self, ProxyError::BodyFault(_) | ProxyError::RequestTimeout)
     }
 
     /// The response for the general path.

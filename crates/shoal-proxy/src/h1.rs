@@ -669,7 +669,12 @@ impl<'a> Conn<'a> {
                         self.answer(&ProxyError::RequestTimeout, true, &cfg).await;
                         return End::Closed;
                     }
-                    _ => return End::Closed,
+                    // Gone mid-body: nobody to answer, but the same client error as on the
+                    // general path.
+                    _ => {
+                        self.svc.metrics.client_errors.inc();
+                        return End::Closed;
+                    }
                 }
             }
             self.req.extend_from_slice(&self.rbuf[plan.head_len..total]);
@@ -684,7 +689,7 @@ impl<'a> Conn<'a> {
     /// Answers with shoal's own error, counted on the listening service.
     async fn answer(&mut self, e: &ProxyError, close: bool, lcfg: &ServiceConfig) -> bool {
         self.svc.metrics.local.inc(e.status().as_u16());
-        if e.closes() {
+        if e.client_fault() {
             self.svc.metrics.client_errors.inc();
         }
         e.write(&mut self.bufs.out, close);

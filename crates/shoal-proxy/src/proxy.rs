@@ -253,6 +253,9 @@ impl Service {
                 let svc = svc.unwrap_or(self);
                 let status = e.status().as_u16();
                 svc.metrics.local.inc(status);
+                if e.client_fault() {
+                    svc.metrics.client_errors.inc();
+                }
                 if let Some(l) = log {
                     let now = now_nanos();
                     crate::access::Entry {
@@ -480,7 +483,7 @@ impl Service {
                 return Err(fail(if client_fault == FAULT_TIMEOUT {
                     ProxyError::RequestTimeout
                 } else {
-                    ProxyError::BadRequest("request body malformed or cut short")
+                    ProxyError::BodyFault("request body malformed or cut short")
                 }));
             }
             match result {
@@ -708,11 +711,11 @@ async fn read_small_body(mut body: Incoming, timeout: Duration) -> Result<Bytes,
         match tokio::time::timeout(timeout, body.frame()).await {
             Err(_) => return Err(ProxyError::RequestTimeout),
             Ok(None) => return Ok(buf.freeze()),
-            Ok(Some(Err(_))) => return Err(ProxyError::BadRequest("request body ended early")),
+            Ok(Some(Err(_))) => return Err(ProxyError::BodyFault("request body ended early")),
             Ok(Some(Ok(f))) => {
                 if let Ok(d) = f.into_data() {
                     if (buf.len() + d.len()) as u64 > REPLAY_LIMIT {
-                        return Err(ProxyError::BadRequest("request body longer than declared"));
+                        return Err(ProxyError::BodyFault("request body longer than declared"));
                     }
                     buf.extend_from_slice(&d);
                 }

@@ -162,7 +162,7 @@ impl Service {
     ) {
         let outcome = match outcome {
             Err(None) => {
-                self.metrics.client_errors.inc();
+                // Counted as a client error where the answer is made.
                 t.busy.headers_received(answered);
                 return;
             }

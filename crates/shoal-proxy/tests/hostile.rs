@@ -73,7 +73,7 @@ async fn h2c_upgrade_is_never_tunneled() {
         assert_eq!(status(&resp), 200, "{path:?}: {resp}");
         assert!(!last(&a).contains("h2c"));
     }
-    // WebSocket still works (proxy.rs tests the tunnel itself).
+    // The origin did upgrade (unasked) both times: shoal refused to relay it.
     assert_eq!(a.upgrades.load(Ordering::SeqCst), 2);
 }
 
