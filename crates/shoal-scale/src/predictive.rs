@@ -12,16 +12,21 @@
 //! where `upper(b)` is the point forecast plus the `q` quantile of the model's own
 //! recent out-of-sample errors at the startup horizon, taken in its
 //! variance-stabilized space and by forecast level: headroom comes from measured
-//! uncertainty rather than a fixed target (the point forecast at the target
-//! utilization is only a floor). Scale-down follows the forecast, held for
+//! uncertainty rather than a fixed target. The floor under it is square-root
+//! staffing on the point forecast ([`staffing`]): relatively more headroom for
+//! small fleets, where one minute's noise is a large share of capacity, and less
+//! for large ones, where a fixed target utilization wastes most. Short bursts far
+//! above the forecast that come in clusters hold capacity for the highest demand
+//! seen ([`Bursts`]). Scale-down follows the forecast, held for
 //! `scale_down_delay_secs` (ski rental: relaunching would cost a startup time).
 //! The reactive policy runs underneath at full utilization as a safety net, and
 //! the larger answer wins, so surprises are still handled.
 //!
 //! **Budget**: the reactive policy also runs in shadow on a virtual fleet of its
-//! own; `q` adapts slowly so that this policy spends at most `budget` × the
-//! instance-time reactive would, and puts that capacity where the forecast is
-//! least certain. (With a fixed `q`, a trace with little noise would be
+//! own; `q` and the staffing headroom adapt slowly so that this policy spends at
+//! most `budget` × the instance-time reactive would (over four weeks, so savings on
+//! large fleets pay for headroom on small ones), and puts that capacity where the
+//! forecast is least certain. (With a fixed `q`, a trace with little noise would be
 //! over-provisioned and a noisy one under-provisioned relative to reactive.)
 //!
 //! **Guard**: the shadow fleet also scores the objective itself. While this policy
@@ -49,6 +54,71 @@ const GUARD_WINDOW_SECS: f64 = 7.0 * 86_400.0;
 
 /// Time scale of the budget controller, seconds.
 const BUDGET_GAIN_SECS: f64 = 6.0 * 3600.0;
+
+/// Bounds of the budget's multiplier on the staffing headroom.
+const STAFFING_RANGE: (f64, f64) = (0.25, 1.5);
+
+/// Demand over this multiple of the forecast's upper bound is a burst.
+const BURST_FACTOR: f64 = 1.5;
+/// A burst back under the upper bound within this fraction of the hold time is a
+/// short one (5 min of an hour's hold)...
+const BURST_SHORT: f64 = 1.0 / 12.0;
+/// ...and a burst within this fraction of it after a short one starts a hold.
+const BURST_CLUSTER: f64 = 0.5;
+
+/// Square-root staffing on the forecast `point` (requests/s): a relative part for
+/// the forecast's error, which grows with the level, and a part in √(level) for the
+/// request noise, which dominates small fleets (the Halfin–Whitt rule). `headroom` is
+/// the reactive target's (1/u − 1), so the two agree at about a hundred instances'
+/// worth of demand; below it this buys more headroom than a fixed target, above it
+/// less. `k` is the budget's multiplier.
+fn staffing(point: f64, capacity_rps: f64, headroom: f64, k: f64) -> f64 {
+    let point = point.max(0.0);
+    point + k * headroom * (0.58 * point + 2.33 * (point * capacity_rps).sqrt())
+}
+
+/// Clusters of short bursts far above the forecast (e.g. crawlers, retries storms,
+/// news links): one short burst predicts another soon after, while a long one (a flash
+/// crowd) is the reactive safety net's to follow. After a short burst (back under the
+/// upper bound within 1/12 of `burst_hold_secs`), a second burst within half of it
+/// holds the highest demand seen as a capacity floor for `burst_hold_secs`.
+#[derive(Debug, Clone, Default)]
+struct Bursts {
+    /// The burst under way: (start, highest demand).
+    current: Option<(f64, f64)>,
+    /// The last short burst: (end, highest demand).
+    last_short: Option<(f64, f64)>,
+    /// The floor in force: (until, requests/s).
+    hold: Option<(f64, f64)>,
+}
+
+impl Bursts {
+    /// Demand `d` at `now` against the forecast's upper bound `upper`.
+    fn observe(&mut self, now: f64, d: f64, upper: f64, hold_secs: f64) {
+        if d > BURST_FACTOR * upper {
+            let held = self.floor(now).unwrap_or(0.0);
+            let cur = self.current.get_or_insert((now, d));
+            cur.1 = cur.1.max(d);
+            let clustered = self
+                .last_short
+                .filter(|&(end, _)| end >= now - BURST_CLUSTER * hold_secs);
+            if let (Some((_, before)), true) = (clustered, hold_secs > 0.0) {
+                self.hold = Some((now + hold_secs, held.max(before).max(cur.1)));
+            }
+        } else if d <= upper {
+            if let Some((start, high)) = self.current.take() {
+                if now - start <= BURST_SHORT * hold_secs {
+                    self.last_short = Some((now, high));
+                }
+            }
+        }
+    }
+
+    /// The capacity floor (requests/s) at `now`, while a hold lasts.
+    fn floor(&self, now: f64) -> Option<f64> {
+        self.hold.filter(|&(until, _)| until > now).map(|h| h.1)
+    }
+}
 
 /// Whether the forecast acts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +196,10 @@ pub struct PredictiveConfig {
     pub budget: Option<f64>,
     /// Time constant of the budget's spending average, seconds.
     pub budget_window_secs: f64,
+    /// After a short burst far above the forecast (see [`Bursts`]), a second one within
+    /// half an hour holds capacity for the highest demand seen for this long, seconds;
+    /// 0 turns it off. Bursts the seasonality cannot see come in clusters.
+    pub burst_hold_secs: f64,
 }
 
 impl Default for PredictiveConfig {
@@ -159,7 +233,8 @@ impl PredictiveConfig {
             scale_down_delay_secs: params.startup_secs.max(300.0),
             target_utilization: Some(params.target_utilization),
             budget: Some(0.99),
-            budget_window_secs: 86_400.0,
+            burst_hold_secs: 3600.0,
+            budget_window_secs: 28.0 * 86_400.0,
         }
     }
 
@@ -170,6 +245,7 @@ impl PredictiveConfig {
         self.season_secs = Some(season_secs);
         self.min_history_secs = season_secs;
         self.refit_secs = season_secs / 4.0;
+        self.burst_hold_secs = season_secs / 24.0;
         self
     }
 
@@ -222,6 +298,11 @@ impl PredictiveConfig {
             self.safety_target_scale > 0.0,
             "safety_target_scale",
             "must be > 0",
+        )?;
+        check(
+            self.burst_hold_secs >= 0.0 && self.burst_hold_secs.is_finite(),
+            "burst_hold_secs",
+            "must be ≥ 0",
         )?;
         check(
             self.safety_stabilization_secs >= 0.0,
@@ -299,6 +380,10 @@ pub struct PredictivePolicy {
     /// Fits run elsewhere (see [`PredictivePolicy::take_fit_job`]) rather than inline.
     deferred_fits: bool,
     fit_job: Option<FitJob>,
+    /// Clusters of short bursts the forecast did not see.
+    bursts: Bursts,
+    /// Multiplier of the square-root staffing headroom, adapted to the budget.
+    staffing: f64,
 }
 
 /// A model fit to run off the decision path (the live autoscaler runs it on a blocking
@@ -363,6 +448,8 @@ impl PredictivePolicy {
             last_wall: None,
             deferred_fits: false,
             fit_job: None,
+            bursts: Bursts::default(),
+            staffing: 1.0,
         })
     }
 
@@ -611,9 +698,6 @@ impl PredictivePolicy {
         let reactive = self
             .shadow_fleet
             .step(obs, &mut self.shadow, self.config.startup_secs);
-        let decay = (-dt / self.config.budget_window_secs).exp();
-        self.spend.0 = self.spend.0 * decay + f64::from(own) * dt;
-        self.spend.1 = self.spend.1 * decay + f64::from(reactive) * dt;
         // Score both fleets on the objective itself: did the demand since the
         // previous evaluation exceed the capacity each had ready then?
         let cap = self.config.capacity_rps;
@@ -626,6 +710,15 @@ impl PredictivePolicy {
             f64::from(obs.ready) * cap,
             f64::from(self.shadow_fleet.ready) * cap,
         ));
+        // A burst hold is insurance bought on evidence, not drift of the forecast's
+        // headroom: it is not charged to the budget, which would otherwise starve the
+        // headroom for a day after it.
+        if self.bursts.floor(obs.now_secs).is_some() {
+            return;
+        }
+        let decay = (-dt / self.config.budget_window_secs).exp();
+        self.spend.0 = self.spend.0 * decay + f64::from(own) * dt;
+        self.spend.1 = self.spend.1 * decay + f64::from(reactive) * dt;
         if self.spend.1 <= 0.0 {
             return;
         }
@@ -634,6 +727,14 @@ impl PredictivePolicy {
         // enough that q stays steady over a day.
         let tail = (1.0 - self.quantile) * ((ratio - budget) * dt / BUDGET_GAIN_SECS).exp();
         self.quantile = 1.0 - tail.clamp(0.001, 0.1);
+        // The staffing headroom follows the same controller (it is most of the spend
+        // wherever the forecast is good), but not under the guard, where the spend is
+        // reactive's own.
+        if self.guarded() {
+            return;
+        }
+        self.staffing = (self.staffing * ((budget - ratio) * dt / BUDGET_GAIN_SECS).exp())
+            .clamp(STAFFING_RANGE.0, STAFFING_RANGE.1);
     }
 
     /// The forecast from now (`wall_epoch_secs`) for the configured horizon, one
@@ -708,17 +809,32 @@ impl Policy for PredictivePolicy {
         reactive.forecast_rps = Some(model.point(ahead));
         let last = self.bucket_of(obs.wall_epoch_secs + cfg.startup_secs + cfg.interval_secs);
         let (mut peak, mut peak_b) = (0.0f64, now_bucket);
-        let floor = match cfg.target_utilization {
-            Some(u) if !guarded => 1.0 / u,
-            _ => 0.0,
-        };
         for b in now_bucket..=last {
             let point = model.point(b);
+            let fl = match cfg.target_utilization {
+                Some(u) if !guarded => {
+                    staffing(point, cfg.capacity_rps, 1.0 / u - 1.0, self.staffing)
+                }
+                _ => 0.0,
+            };
             let u = model
                 .upper(b, self.headroom.at(point, self.quantile))
-                .max(point * floor);
+                .max(fl);
             if u > peak {
                 (peak, peak_b) = (u, b);
+            }
+        }
+        if let Some(d) = obs.demand_rps {
+            let up = model.upper(
+                now_bucket,
+                self.headroom.at(model.point(now_bucket), self.quantile),
+            );
+            self.bursts
+                .observe(obs.now_secs, d, up, cfg.burst_hold_secs);
+        }
+        if let Some(held) = self.bursts.floor(obs.now_secs) {
+            if held > peak {
+                (peak, peak_b) = (held, now_bucket);
             }
         }
         let need = (peak / cfg.capacity_rps - 1e-9).ceil().max(0.0) as u32;
@@ -942,6 +1058,57 @@ impl VirtualFleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Feeds one demand value per minute against a flat upper bound of 10.
+    fn bursts_over(demand: &[f64]) -> Vec<Option<f64>> {
+        let mut b = Bursts::default();
+        demand
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| {
+                let now = i as f64 * 60.0;
+                b.observe(now, d, 10.0, 3600.0);
+                b.floor(now)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_second_short_burst_holds_the_highest_demand_for_the_hold_time() {
+        // Short burst at minute 2 (2 min), back to normal, another at minute 10.
+        let mut d = vec![8.0; 90];
+        d[2] = 30.0;
+        d[3] = 40.0;
+        d[10] = 25.0;
+        let f = bursts_over(&d);
+        assert_eq!(f[9], None, "one burst alone holds nothing");
+        assert_eq!(f[10], Some(40.0));
+        assert_eq!(f[69], Some(40.0), "held an hour after the second burst");
+        assert_eq!(f[70], None);
+    }
+
+    #[test]
+    fn a_long_burst_is_no_cluster() {
+        // A flash crowd of 20 minutes, then another burst soon after: the first was
+        // not short, so nothing is held.
+        let mut d = vec![8.0; 60];
+        for x in &mut d[2..22] {
+            *x = 30.0;
+        }
+        d[30] = 30.0;
+        assert!(bursts_over(&d).iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn staffing_gives_small_fleets_more_headroom_and_large_ones_less() {
+        let h = 1.0 / 0.7 - 1.0;
+        // One instance's worth of demand: more than the 0.7 target's 1.43 instances.
+        assert!(staffing(10.0, 10.0, h, 1.0) / 10.0 > 2.0);
+        // A thousand instances' worth: less than the target's 1,429.
+        let big = staffing(10_000.0, 10.0, h, 1.0) / 10.0;
+        assert!(big > 1_000.0 && big < 1_300.0, "{big}");
+        assert_eq!(staffing(0.0, 10.0, h, 1.0), 0.0);
+    }
     use crate::sim::{simulate, FleetModel};
     use crate::trace::synthetic;
     use crate::{policy_by_name, MetricKind, MetricSample};
@@ -1115,9 +1282,12 @@ mod tests {
             }
             desired = d.desired;
             ready = desired - launches.iter().map(|l| l.1).sum::<u32>().min(desired);
-            at.push((t, desired, d.reason));
+            at.push((t, desired, d.reason, d.detail));
         }
         let desired_at = |t: f64| at[t as usize].1;
+        let brief = |r: &[(f64, u32, Reason, String)]| -> Vec<(f64, u32)> {
+            r.iter().map(|a| (a.0, a.1)).collect()
+        };
         assert!(p.model_summary().is_some());
         for season in [3.0, 4.0] {
             let busy = season * 60.0 + 30.0;
@@ -1125,7 +1295,7 @@ mod tests {
                 desired_at(busy - 2.0) >= 3,
                 "season {season}: {} two seconds before the busy phase: {:?}",
                 desired_at(busy - 2.0),
-                &at[(busy - 10.0) as usize..busy as usize]
+                brief(&at[(busy - 10.0) as usize..busy as usize])
             );
             assert_eq!(desired_at(busy - 15.0), 1, "season {season}: quiet");
             assert!(desired_at(busy + 15.0) >= 3, "season {season}: busy");
@@ -1134,7 +1304,12 @@ mod tests {
             .iter()
             .find(|a| a.1 >= 3)
             .expect("scaled up before the busy phase");
-        assert_eq!(first_up.2, Reason::Predictive);
+        // The forecast's call (bounded by max = 4 when it asks for more).
+        assert!(
+            matches!(first_up.2, Reason::Predictive | Reason::AtMax)
+                && first_up.3.contains("forecast upper"),
+            "{first_up:?}"
+        );
     }
 
     /// Wraps the policy and checks, at every evaluation where the forecast is
