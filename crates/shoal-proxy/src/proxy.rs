@@ -538,6 +538,7 @@ impl Service {
                         read_timeout: cfg.timeouts.upstream_read.0,
                         timer: None,
                         access,
+                        tee: None,
                     };
                     if let (Some(c), Some(f)) = (&cache, fetch.take()) {
                         match crate::cache::after_response(c, f, rparts, body).await {
@@ -656,6 +657,7 @@ impl Service {
             read_timeout: cfg.timeouts.upstream_read.0,
             timer: None,
             access: None,
+            tee: None,
         };
         let bytes = body
             .collect()
@@ -808,6 +810,8 @@ pub struct Tracked {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The access-log line, written when the body ends (only when the listener logs).
     access: Option<Box<AccessRecord>>,
+    /// A copy of the body for the cache, stored once the body ends whole.
+    tee: Option<Box<crate::cache::Tee>>,
 }
 
 /// An access-log line in the making, for a response still streaming.
@@ -826,7 +830,18 @@ struct AccessRecord {
 }
 
 impl Tracked {
+    /// Copies the body into `tee` as it streams (see [`crate::cache::Tee`]).
+    pub(crate) fn tee(&mut self, tee: crate::cache::Tee) {
+        self.tee = Some(Box::new(tee));
+    }
+
     fn finish(&mut self, complete: bool) {
+        // Stored only if the whole body came; dropped, it releases the coalesced waiters.
+        if let Some(t) = self.tee.take() {
+            if complete {
+                t.finish();
+            }
+        }
         if let Some(a) = self.access.take() {
             crate::access::Entry {
                 service: &a.service,
@@ -884,6 +899,11 @@ impl Body for Tracked {
                 self.timer = None;
                 if let (Some(a), Some(d)) = (self.access.as_mut(), f.data_ref()) {
                     a.bytes += d.len() as u64;
+                }
+                if let (Some(t), Some(d)) = (self.tee.as_mut(), f.data_ref()) {
+                    if !t.push(d) {
+                        self.tee = None;
+                    }
                 }
                 Poll::Ready(Some(Ok(f)))
             }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -21,10 +21,26 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// An origin whose answers depend on the path: `/fresh` (max-age=60, ETag), `/slow` (the
-/// same after 300 ms), `/private` (no-store), `/tagged` (Surrogate-Key). Counts per path.
+/// same after 300 ms), `/private` (no-store), `/tagged` (Surrogate-Key), `/chunked` (30
+/// bytes in 3 chunks after 200 ms) and `/chunked-big` (1.5 MiB in 3 chunks), both without a
+/// length. Counts requests.
 struct Origin {
     addr: SocketAddr,
     calls: AtomicUsize,
+}
+
+/// A body of known frames and no declared length: hyper sends it chunked.
+struct Chunks(std::collections::VecDeque<Bytes>);
+
+impl hyper::body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(hyper::body::Frame::data(b))))
+    }
 }
 
 async fn origin() -> Arc<Origin> {
@@ -45,7 +61,20 @@ async fn origin() -> Arc<Origin> {
                         let n = o.calls.fetch_add(1, Ordering::SeqCst);
                         let path = req.uri().path().to_string();
                         let mut r = Response::builder();
+                        let chunks = |n: usize, size: usize| {
+                            let parts = (0..n).map(|i| Bytes::from(vec![b'a' + i as u8; size]));
+                            Either::Right(Chunks(parts.collect()))
+                        };
                         let body = match path.as_str() {
+                            "/chunked" => {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                let r = r.header("cache-control", "max-age=60");
+                                return Ok(r.body(chunks(3, 10)).unwrap());
+                            }
+                            "/chunked-big" => {
+                                let r = r.header("cache-control", "max-age=60");
+                                return Ok(r.body(chunks(3, 512 << 10)).unwrap());
+                            }
                             "/slow" => {
                                 tokio::time::sleep(Duration::from_millis(300)).await;
                                 r = r.header("cache-control", "max-age=60");
@@ -69,7 +98,9 @@ async fn origin() -> Arc<Origin> {
                                 format!("fresh {n}")
                             }
                         };
-                        Ok::<_, Infallible>(r.body(Full::new(Bytes::from(body))).unwrap())
+                        Ok::<_, Infallible>(
+                            r.body(Either::Left(Full::new(Bytes::from(body)))).unwrap(),
+                        )
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -236,4 +267,45 @@ async fn purge_by_url_and_surrogate_key_through_the_app() {
     let status = p.app.cache_status().unwrap();
     assert_eq!(status["requests"]["test"]["hit"], 2);
     let _ = p.service;
+}
+
+const SITE: &[(&str, &str)] = &[("host", "site.test")];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9112_7_1_chunked_responses_are_stored_within_the_object_limit() {
+    let o = origin().await;
+    let p = cached_proxy(&o).await;
+    let c = client();
+    let want = format!("{}{}{}", "a".repeat(10), "b".repeat(10), "c".repeat(10));
+    // Concurrent misses wait for the one chunked fetch and get the stored object.
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let c = c.clone();
+            let addr = p.addr;
+            tokio::spawn(async move { get_with(&c, addr, "/chunked", SITE).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), (200, want.clone()));
+    }
+    assert_eq!(o.calls.load(Ordering::SeqCst), 1);
+    // Stored with a length: the fast path answers it.
+    let hit = exchange(
+        p.addr,
+        "GET /chunked HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(hit.ends_with(&want), "{hit}");
+    assert_eq!(header(&hit, "content-length"), Some("30"), "{hit}");
+    assert!(header(&hit, "transfer-encoding").is_none(), "{hit}");
+    assert_eq!(o.calls.load(Ordering::SeqCst), 1);
+
+    // Past max_object_size (1 MiB): streamed whole to the client, copy given up, not stored.
+    for round in 1..=2 {
+        let (s, body) = get_with(&c, p.addr, "/chunked-big", SITE).await;
+        assert_eq!((s, body.len()), (200, 3 * (512 << 10)));
+        assert!(body.ends_with('c'));
+        assert_eq!(o.calls.load(Ordering::SeqCst), 1 + round);
+    }
+    assert!(p.app.cache_store().unwrap().stats().too_large >= 1);
 }
