@@ -1284,3 +1284,69 @@ async fn rfc9111_4_2_1_expires_age_and_date_are_served_as_stored_plus_age() {
     assert_eq!(hdr(&r, "date"), Some(d.as_str()));
     assert_eq!(hdr(&r, "expires"), Some(e.as_str()));
 }
+
+#[tokio::test]
+async fn rfc9110_13_2_2_if_none_match_wins_over_if_modified_since_and_matches_any_listed_tag() {
+    let (d, lm) = (date(0), date(-5000));
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("cache-control", "max-age=100000"),
+            ("date", &d),
+            ("etag", "\"abcdef\""),
+            ("last-modified", &lm),
+        ],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    // If-Modified-Since alone (before Last-Modified) would say "modified".
+    let before_lm = date(-6000);
+    let r = h
+        .get(
+            "/a",
+            &[
+                ("if-none-match", "\"abcdef\""),
+                ("if-modified-since", &before_lm),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), 304);
+    assert_eq!(
+        hdr(&r, "etag"),
+        Some("\"abcdef\""),
+        "a 304 carries the ETag"
+    );
+    let r = h
+        .get("/a", &[("if-none-match", "\"1234\", \"abcdef\", \"5678\"")])
+        .await;
+    assert_eq!(r.status(), 304);
+    let r = h.get("/a", &[("if-none-match", "\"1234\"")]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(h.origin.calls(), 1);
+}
+
+#[tokio::test]
+async fn rfc9111_4_3_1_a_variant_for_other_vary_values_is_not_used_to_validate() {
+    let d = date(0);
+    let e = date(1);
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("date", &d),
+            ("expires", &e),
+            ("etag", "\"abcdef\""),
+            ("vary", "Abc"),
+        ],
+        "x",
+    ));
+    h.get("/a", &[("abc", "123")]).await;
+    h.clock.advance(5);
+    h.get("/a", &[("abc", "456")]).await;
+    let (_, sent) = h.origin.last_request();
+    assert!(sent.get("if-none-match").is_none(), "{sent:?}");
+    // The matching variant, stale, is validated with its ETag and the Vary field sent along.
+    h.get("/a", &[("abc", "123")]).await;
+    let (_, sent) = h.origin.last_request();
+    assert_eq!(sent["if-none-match"], "\"abcdef\"");
+    assert_eq!(sent["abc"], "123");
+}
