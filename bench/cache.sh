@@ -9,8 +9,12 @@
 # object size; medians and the ratios shoal/NGINX and shoal/Varnish are printed, and the
 # origin's access count shows every target answered from cache.
 #
-# Usage: bench/cache.sh     (ROUNDS=5 DURATION=10 by default; SIZES="1k 100k";
-#        TARGETS="nginx varnish shoal")
+# SIZES=pass measures misses instead: /pass (1 KiB) is `no-store`, so every request goes
+# through the cache phase to the origin (hit-for-pass after the first).
+#
+# Usage: bench/cache.sh     (ROUNDS=5 DURATION=10 by default; SIZES="1k 100k", or "pass";
+#        TARGETS="nginx varnish shoal", add "base" with SHOAL_BASE=path-to-another-build;
+#        SHOAL_BIN to measure another build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-5}
@@ -36,14 +40,15 @@ wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/n
 ORIGIN=$(free_port); P_SHOAL=$(free_port); P_NGINX=$(free_port); P_VARNISH=$(free_port); ADMIN=$(free_port)
 mkdir -p "$work/www" "$work/no" "$work/np" "$work/nc" "$work/varnish"
 python3 -c 'import sys, random
-for name, n in (("1k", 1024), ("100k", 102400)):
+for name, n in (("1k", 1024), ("100k", 102400), ("pass", 1024)):
     open(sys.argv[1] + "/" + name, "w").write("".join(random.choice("abcdefghij") for _ in range(n)))' "$work/www"
 cat >"$work/origin.conf" <<EOF
 worker_processes 1; daemon off; pid $work/no/pid; error_log $work/no/error.log;
 events { worker_connections 4096; }
 http { access_log $work/no/access.log; client_body_temp_path $work/no; proxy_temp_path $work/no; fastcgi_temp_path $work/no; uwsgi_temp_path $work/no; scgi_temp_path $work/no;
   keepalive_requests 1000000; default_type text/plain;
-  server { listen 127.0.0.1:$ORIGIN; root $work/www; add_header Cache-Control "max-age=3600"; } }
+  server { listen 127.0.0.1:$ORIGIN; root $work/www; add_header Cache-Control "max-age=3600";
+    location = /pass { add_header Cache-Control "no-store"; } } }
 EOF
 cat >"$work/nginx-cache.conf" <<EOF
 worker_processes 1; daemon off; pid $work/np/pid; error_log $work/np/error.log;
@@ -67,12 +72,19 @@ taskset -c 1 varnishd -F -j none -n "$work/varnish" -a 127.0.0.1:$P_VARNISH -f "
   -s malloc,256m -p thread_pools=1 -p thread_pool_min=50 -p thread_pool_max=200 >/dev/null 2>&1 & pids+=($!)
 RUST_LOG=warn taskset -c 1 "$SHOAL" proxy --threads 1 --listen 127.0.0.1:$P_SHOAL \
   --backend 127.0.0.1:$ORIGIN --admin 127.0.0.1:$ADMIN --cache-memory 256MiB & pids+=($!)
+# SHOAL_BASE=path: a second shoal build (e.g. before a change) as target `base`, same flags.
+P_BASE=$(free_port)
+if [ -n "${SHOAL_BASE:-}" ]; then
+  RUST_LOG=warn taskset -c 1 "$SHOAL_BASE" proxy --threads 1 --listen 127.0.0.1:$P_BASE \
+    --backend 127.0.0.1:$ORIGIN --admin 127.0.0.1:$(free_port) --cache-memory 256MiB & pids+=($!)
+  wait_port "$P_BASE"
+fi
 for p in $ORIGIN $P_SHOAL $P_NGINX $P_VARNISH; do wait_port "$p"; done
 
 declare -A RPS P99
 read -r -a targets <<<"${TARGETS:-nginx varnish shoal}"
 read -r -a sizes <<<"${SIZES:-1k 100k}"
-port_of() { case $1 in nginx) echo $P_NGINX;; varnish) echo $P_VARNISH;; shoal) echo $P_SHOAL;; esac; }
+port_of() { case $1 in nginx) echo $P_NGINX;; varnish) echo $P_VARNISH;; shoal) echo $P_SHOAL;; base) echo $P_BASE;; esac; }
 to_ms() { python3 -c 'import sys,re; v=sys.argv[1]; m=re.match(r"([\d.]+)(us|ms|s)",v); n=float(m.group(1)); print({"us":n/1000,"ms":n,"s":n*1000}[m.group(2)])' "$1"; }
 for s in "${sizes[@]}"; do for t in "${targets[@]}"; do
   curl -sf -o /dev/null "http://127.0.0.1:$(port_of $t)/$s"
@@ -106,6 +118,7 @@ for s in "${sizes[@]}"; do
   S=$(median <<<"${RPS[shoal/$s]:-0}")
   [ -n "${RPS[nginx/$s]:-}" ] && printf '%s: shoal/NGINX %.2f (target >= 1.2 for 1k)' "$s" "$(echo "$S / $(median <<<"${RPS[nginx/$s]}")" | bc -l)"
   [ -n "${RPS[varnish/$s]:-}" ] && printf '   shoal/Varnish %.2f' "$(echo "$S / $(median <<<"${RPS[varnish/$s]}")" | bc -l)"
+  [ -n "${RPS[base/$s]:-}" ] && printf '   shoal/base %.2f' "$(echo "$S / $(median <<<"${RPS[base/$s]}")" | bc -l)"
   echo
 done
-echo "origin requests during the measured rounds: $((after - before)) (0: every target answered from cache)"
+echo "origin requests during the measured rounds: $((after - before)) (0: every target answered from cache; /pass always reaches it)"

@@ -161,12 +161,21 @@ pub fn split_directives(s: &str) -> Vec<(String, Option<String>)> {
         while i < b.len() && b[i] != b'=' && b[i] != b',' {
             i += 1;
         }
-        let name = s[start..i].trim().to_ascii_lowercase();
+        let raw_name = &s[start..i];
+        let name = raw_name.trim().to_ascii_lowercase();
         let mut arg = None;
         if i < b.len() && b[i] == b'=' {
             i += 1;
-            while i < b.len() && (b[i] == b' ' || b[i] == b'\t') {
-                i += 1;
+            // `name = value` is not the directive syntax (no whitespace around `=`): the
+            // value is kept invalid, so a delta-seconds directive counts as 0.
+            let spaced = raw_name.ends_with([' ', '\t'])
+                || b.get(i).is_some_and(|&c| c == b' ' || c == b'\t');
+            if spaced {
+                while i < b.len() && b[i] != b',' {
+                    i += 1;
+                }
+                out.push((name, Some(String::from("invalid"))));
+                continue;
             }
             if i < b.len() && b[i] == b'"' {
                 i += 1;

@@ -68,8 +68,9 @@ fn understood(status: StatusCode) -> bool {
     )
 }
 
-/// Headers that describe a connection, not a resource: never stored (§3.1).
-const HOP_BY_HOP: [&str; 9] = [
+/// Headers that describe a connection (or a proxy's authentication), not a resource: never
+/// stored (§3.1).
+const HOP_BY_HOP: [&str; 10] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -77,6 +78,7 @@ const HOP_BY_HOP: [&str; 9] = [
     "transfer-encoding",
     "upgrade",
     "proxy-authenticate",
+    "proxy-authentication-info",
     "proxy-authorization",
     "trailer",
 ];
@@ -226,11 +228,7 @@ pub fn to_stored(
         // invalid one, with the time of receipt (RFC 9110 §6.6.1).
         headers.insert(header::DATE, http_date(response_time));
     }
-    let age_value = resp_headers
-        .get(header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(crate::directives::parse_delta)
-        .unwrap_or(0);
+    let age_value = age_value(resp_headers);
     let vary = vary_values(resp_headers, req_headers).ok_or(NotStorable::VaryStar)?;
     let surrogate_keys = take_surrogate_keys(&mut headers);
     if status != StatusCode::NO_CONTENT {
@@ -365,6 +363,16 @@ fn take_surrogate_keys(h: &mut HeaderMap) -> Vec<String> {
     keys.dedup();
     h.remove(SURROGATE_KEY);
     keys
+}
+
+/// The `Age` a response came with (§5.1): the first member of the first field line (a
+/// parameter after `;` ignored); anything not delta-seconds counts as absent (0).
+pub fn age_value(h: &HeaderMap) -> u64 {
+    h.get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.split([',', ';']).next())
+        .and_then(crate::directives::parse_delta)
+        .unwrap_or(0)
 }
 
 /// The request's values for the response's `Vary` fields; `None` for `Vary: *`.
@@ -670,11 +678,7 @@ pub fn merge_not_modified(
     if !new_keys.is_empty() {
         keys = std::mem::take(&mut new_keys);
     }
-    let age_value = resp_headers
-        .get(header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(crate::directives::parse_delta)
-        .unwrap_or(0);
+    let age_value = age_value(resp_headers);
     let meta = compute_meta(cfg, stored.status, &headers);
     StoredResponse {
         status: stored.status,
@@ -900,6 +904,9 @@ pub fn invalidation_targets(
             if !rest.starts_with('/') {
                 out.push(primary_key(scheme, authority, v));
             }
+        } else if !v.contains(':') {
+            // A relative path: resolved against the request's (RFC 3986 §5.2).
+            out.push(primary_key(scheme, authority, &resolve(path_and_query, v)));
         } else if let Ok(uri) = v.parse::<http::Uri>() {
             // Absolute: same origin only (a different host could be abused to purge others).
             if let (Some(s), Some(a)) = (uri.scheme_str(), uri.authority()) {
@@ -914,13 +921,102 @@ pub fn invalidation_targets(
     out
 }
 
+/// A relative-path reference resolved against `base` (a path and query): merged with the
+/// base's directory, dot segments removed (RFC 3986 §5.2.2–5.2.4).
+fn resolve(base: &str, rel: &str) -> String {
+    let base_path = base.split(['?', '#']).next().unwrap_or("/");
+    let dir = &base_path[..base_path.rfind('/').map_or(0, |i| i + 1)];
+    let (rel_path, query) = match rel.find(['?', '#']) {
+        Some(i) => (&rel[..i], &rel[i..]),
+        None => (rel, ""),
+    };
+    let merged = format!("{dir}{rel_path}");
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = merged.split('/').collect();
+    for (i, seg) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match *seg {
+            ".." => {
+                if out.len() > 1 {
+                    out.pop();
+                }
+                if last {
+                    out.push("");
+                }
+            }
+            "." => {
+                if last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    let mut path = out.join("/");
+    if !path.starts_with('/') {
+        path.insert(0, '/');
+    }
+    let query = query.split('#').next().unwrap_or("");
+    format!("{path}{query}")
+}
+
 /// Whole seconds from `a` to `b`, 0 if `b` is earlier.
 pub fn secs_between(a: SystemTime, b: SystemTime) -> u64 {
     b.duration_since(a).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// An HTTP-date in any of the three formats (RFC 9110 §5.6.7). Case and a weekday that does
+/// not match the date are forgiven (as most caches do); anything else (other zones, missing
+/// comma, extra spaces, one-digit hours, two-digit years outside RFC 850) is invalid.
 pub fn parse_http_date(v: &HeaderValue) -> Option<SystemTime> {
-    httpdate::parse_http_date(v.to_str().ok()?.trim()).ok()
+    let s = v.to_str().ok()?.trim();
+    if let Ok(t) = httpdate::parse_http_date(s) {
+        return Some(t);
+    }
+    // Title-case the names (`GMT` upper), then try each weekday in place of the given one.
+    let mut fixed = String::with_capacity(s.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.eq_ignore_ascii_case("gmt") {
+            out.push_str("GMT");
+        } else {
+            let mut cs = word.chars();
+            if let Some(c) = cs.next() {
+                out.push(c.to_ascii_uppercase());
+                out.extend(cs.map(|c| c.to_ascii_lowercase()));
+            }
+        }
+        word.clear();
+    };
+    for c in s.chars() {
+        if c.is_ascii_alphabetic() {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut fixed);
+            fixed.push(c);
+        }
+    }
+    flush(&mut word, &mut fixed);
+    let day_len = fixed.find([',', ' '])?;
+    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const LONG: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    let long = LONG.iter().any(|d| *d == &fixed[..day_len]);
+    if !long && !DAYS.iter().any(|d| *d == &fixed[..day_len]) {
+        return None;
+    }
+    let rest = &fixed[day_len..];
+    let names = if long { LONG } else { DAYS };
+    names
+        .iter()
+        .find_map(|d| httpdate::parse_http_date(&format!("{d}{rest}")).ok())
 }
 
 pub fn http_date(t: SystemTime) -> HeaderValue {

@@ -1021,3 +1021,332 @@ async fn cache_counts_each_request_once_by_result() {
     // hit, miss, stale, revalidated, bypass
     assert_eq!(got, [1, 1, 1, 1, 1]);
 }
+
+// Cases from the cache-tests suite (cache-tests.fyi), as a shared cache sees them.
+
+/// Stores one response for `/a` with `headers` (and Date now), advances `secs`, asks again:
+/// true if the second answer came from cache.
+async fn reused_after(status: u16, headers: &[(&str, &str)], secs: u64) -> bool {
+    let d = date(0);
+    let mut h: Vec<(&str, &str)> = vec![("date", d.as_str())];
+    h.extend_from_slice(headers);
+    let owned: Vec<(String, String)> = h
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+    let origin = Origin::new(move |_, _, _| {
+        let pairs: Vec<(&str, &str)> = owned
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        Ok(resp(status, &pairs, "x"))
+    });
+    let h = Harness::new(origin);
+    h.get("/a", &[]).await;
+    h.clock.advance(secs);
+    h.get("/a", &[]).await;
+    h.origin.calls() == 1
+}
+
+#[tokio::test]
+async fn rfc9111_5_1_age_uses_the_first_member_of_the_first_line() {
+    let cc = ("cache-control", "max-age=3600");
+    // age-parse-suffix / -prefix / -suffix-twoline / -prefix-twoline / -dup-0.
+    assert!(!reused_after(200, &[cc, ("age", "7200, 0")], 0).await);
+    assert!(reused_after(200, &[cc, ("age", "0, 7200")], 0).await);
+    assert!(!reused_after(200, &[cc, ("age", "7200"), ("age", "0")], 0).await);
+    assert!(reused_after(200, &[cc, ("age", "0"), ("age", "7200")], 0).await);
+    assert!(reused_after(200, &[cc, ("age", "0, 0")], 0).await);
+    // A parameter does not hide the number (age-parse-parameter).
+    assert!(!reused_after(200, &[cc, ("age", "7200;foo=bar")], 0).await);
+}
+
+#[tokio::test]
+async fn rfc9111_5_1_invalid_age_is_ignored_and_huge_age_is_stale() {
+    let cc = ("cache-control", "max-age=3600");
+    for bad in ["abc", "-7200", "7200.0"] {
+        assert!(reused_after(200, &[cc, ("age", bad)], 0).await, "{bad}");
+    }
+    for huge in ["2147483647", "2147483648", "2147483649"] {
+        assert!(!reused_after(200, &[cc, ("age", huge)], 0).await, "{huge}");
+    }
+}
+
+#[tokio::test]
+async fn rfc9111_5_2_cache_control_parsing_quirks() {
+    // Quoted value; max-age inside another directive's quoted string is not max-age.
+    assert!(reused_after(200, &[("cache-control", "max-age=\"3600\"")], 10).await);
+    let quoted = [("cache-control", "extension=\"max-age=3600\", max-age=1")];
+    assert!(!reused_after(200, &quoted, 10).await);
+    let quoted = [("cache-control", "max-age=1, extension=\"max-age=3600\"")];
+    assert!(!reused_after(200, &quoted, 10).await);
+    // Single quotes are not quotes; leading zeros are digits.
+    assert!(!reused_after(200, &[("cache-control", "max-age='3600'")], 10).await);
+    assert!(reused_after(200, &[("cache-control", "max-age=003600")], 10).await);
+    // Duplicates: the first wins, on one line or two.
+    assert!(reused_after(200, &[("cache-control", "max-age=1800, max-age=1")], 10).await);
+    let two = [
+        ("cache-control", "max-age=1800"),
+        ("cache-control", "max-age=1"),
+    ];
+    assert!(reused_after(200, &two, 10).await);
+    // Directive names are case-insensitive.
+    assert!(!reused_after(200, &[("cache-control", "No-StOrE, max-age=60")], 0).await);
+    // Whitespace around `=` is not the delta-seconds syntax: the value is invalid (stale).
+    assert!(!reused_after(200, &[("cache-control", "max-age =3600")], 10).await);
+    assert!(!reused_after(200, &[("cache-control", "max-age= 3600")], 10).await);
+}
+
+#[tokio::test]
+async fn rfc9111_5_3_expires_accepts_the_three_http_date_formats_only() {
+    let future = |v: &'static str| [("expires", v)];
+    for ok in [
+        "Thu, 18 Aug 2050 02:01:18 GMT",
+        "Tue, 19 Jan 2038 14:14:08 GMT",
+        "Sun, 21 Nov 2286 04:46:39 GMT",
+        "Thursday, 18-Aug-50 02:01:18 GMT",
+        "Thu Aug  8 02:01:18 2050",
+    ] {
+        assert!(reused_after(200, &future(ok), 10).await, "{ok}");
+    }
+    for bad in [
+        "Thu, 18 Aug 2050 02:01:18 UTC",
+        "Thu, 18 Aug 2050 02:01:18 AEST",
+        "Thu, 18 Aug 50 02:01:18 GMT",
+        "Thu 18 Aug 2050 02:01:18 GMT",
+        "Thu, 18  Aug  2050 02:01:18 GMT",
+        "Thu, 18-Aug-2050 02:01:18 GMT",
+        "Thu, 18 Aug 2050 02.01.18 GMT",
+        "Thu, 18 Aug 2050 2:01:18 GMT",
+    ] {
+        assert!(!reused_after(200, &future(bad), 10).await, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn rfc9111_3_explicit_freshness_makes_any_final_status_storable() {
+    for status in [
+        200, 203, 204, 299, 301, 302, 303, 307, 308, 400, 404, 410, 499, 500, 502, 503, 504, 599,
+    ] {
+        let fresh = [("cache-control", "max-age=100000")];
+        assert!(reused_after(status, &fresh, 10).await, "{status} fresh");
+        let stale = [
+            ("expires", &*date(-5000)),
+            ("last-modified", &*date(-100000)),
+        ];
+        assert!(!reused_after(status, &stale, 0).await, "{status} stale");
+    }
+    // must-understand: stored despite no-store only for a status shoal understands.
+    let mu = [("cache-control", "max-age=3600, no-store, must-understand")];
+    assert!(reused_after(200, &mu, 0).await);
+    assert!(!reused_after(599, &mu, 0).await);
+}
+
+#[tokio::test]
+async fn rfc9111_3_1_connection_listed_and_proxy_auth_fields_are_not_stored() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("cache-control", "max-age=3600"),
+            ("connection", "a, b"),
+            ("a", "1"),
+            ("b", "2"),
+            ("c", "3"),
+            ("proxy-authenticate", "Basic"),
+            ("proxy-authentication-info", "x"),
+            ("proxy-connection", "keep-alive"),
+            ("set-cookie", "a=b"),
+            ("content-location", "/foo"),
+        ],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    let r = h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+    for gone in [
+        "a",
+        "b",
+        "connection",
+        "proxy-authenticate",
+        "proxy-authentication-info",
+        "proxy-connection",
+    ] {
+        assert_eq!(hdr(&r, gone), None, "{gone}");
+    }
+    assert_eq!(hdr(&r, "c"), Some("3"));
+    assert_eq!(hdr(&r, "set-cookie"), Some("a=b"));
+    assert_eq!(hdr(&r, "content-location"), Some("/foo"));
+}
+
+#[tokio::test]
+async fn rfc9111_3_2_a_304_updates_stored_fields_but_not_content_length() {
+    let h = Harness::new(Origin::new(|_, req, n| {
+        if n == 0 {
+            return Ok(resp(
+                200,
+                &[
+                    ("cache-control", "max-age=2"),
+                    ("etag", "\"e\""),
+                    ("test-header", "A"),
+                    ("content-type", "text/plain"),
+                    ("x-frame-options", "deny"),
+                ],
+                "0123456789",
+            ));
+        }
+        assert_eq!(req["if-none-match"], "\"e\"");
+        Ok(resp(
+            304,
+            &[
+                ("cache-control", "max-age=3600"),
+                ("etag", "\"e\""),
+                ("test-header", "B"),
+                ("content-type", "text/plain;charset=utf-8"),
+                ("x-frame-options", "sameorigin"),
+                ("content-length", "36"),
+            ],
+            "",
+        ))
+    }));
+    h.get("/a", &[]).await;
+    h.clock.advance(5);
+    let v = h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+    let c = h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2, "fresh again for an hour");
+    for r in [&v, &c] {
+        assert_eq!(hdr(r, "test-header"), Some("B"));
+        assert_eq!(hdr(r, "content-type"), Some("text/plain;charset=utf-8"));
+        assert_eq!(hdr(r, "x-frame-options"), Some("sameorigin"));
+        assert_eq!(hdr(r, "content-length"), Some("10"));
+        assert_eq!(r.body(), "0123456789");
+    }
+}
+
+#[tokio::test]
+async fn rfc9111_4_4_relative_location_and_content_location_are_invalidated() {
+    let h = Harness::new(Origin::new(|m, _, _| {
+        if *m != Method::GET {
+            return Ok(resp(
+                200,
+                &[
+                    ("location", "location_target"),
+                    ("content-location", "../up/cl_target?x=1"),
+                ],
+                "",
+            ));
+        }
+        Ok(resp(200, &[CC60], "x"))
+    }));
+    for p in ["/dir/location_target", "/up/cl_target?x=1", "/dir/other"] {
+        h.get(p, &[]).await;
+    }
+    assert_eq!(h.origin.calls(), 3);
+    // M-SEARCH: any method cache-tests calls unsafe invalidates too.
+    let m_search = Method::from_bytes(b"M-SEARCH").unwrap();
+    h.send(m_search, "/dir/page", &[]).await;
+    for p in ["/dir/location_target", "/up/cl_target?x=1", "/dir/other"] {
+        h.get(p, &[]).await;
+    }
+    // Both targets refetched; /dir/other still cached.
+    assert_eq!(h.origin.calls(), 4 + 2);
+}
+
+#[tokio::test]
+async fn rfc9111_4_1_vary_star_anywhere_never_matches() {
+    for vary in [
+        &[("vary", "*, *")][..],
+        &[("vary", ", *")],
+        &[("vary", ""), ("vary", "*")],
+        &[("vary", "Foo, *")],
+    ] {
+        let mut hs = vec![("cache-control", "max-age=5000")];
+        hs.extend_from_slice(vary);
+        assert!(!reused_after(200, &hs, 0).await, "{vary:?}");
+    }
+}
+
+#[tokio::test]
+async fn rfc9111_4_2_1_expires_age_and_date_are_served_as_stored_plus_age() {
+    // other-age-update-expires / other-date-update.
+    let d = date(0);
+    let e = date(30 * 86_400);
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[("date", &d), ("expires", &e), ("age", "30")],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    h.clock.advance(3);
+    let r = h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+    assert_eq!(hdr(&r, "age"), Some("33"));
+    assert_eq!(hdr(&r, "date"), Some(d.as_str()));
+    assert_eq!(hdr(&r, "expires"), Some(e.as_str()));
+}
+
+#[tokio::test]
+async fn rfc9110_13_2_2_if_none_match_wins_over_if_modified_since_and_matches_any_listed_tag() {
+    let (d, lm) = (date(0), date(-5000));
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("cache-control", "max-age=100000"),
+            ("date", &d),
+            ("etag", "\"abcdef\""),
+            ("last-modified", &lm),
+        ],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    // If-Modified-Since alone (before Last-Modified) would say "modified".
+    let before_lm = date(-6000);
+    let r = h
+        .get(
+            "/a",
+            &[
+                ("if-none-match", "\"abcdef\""),
+                ("if-modified-since", &before_lm),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), 304);
+    assert_eq!(
+        hdr(&r, "etag"),
+        Some("\"abcdef\""),
+        "a 304 carries the ETag"
+    );
+    let r = h
+        .get("/a", &[("if-none-match", "\"1234\", \"abcdef\", \"5678\"")])
+        .await;
+    assert_eq!(r.status(), 304);
+    let r = h.get("/a", &[("if-none-match", "\"1234\"")]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(h.origin.calls(), 1);
+}
+
+#[tokio::test]
+async fn rfc9111_4_3_1_a_variant_for_other_vary_values_is_not_used_to_validate() {
+    let d = date(0);
+    let e = date(1);
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("date", &d),
+            ("expires", &e),
+            ("etag", "\"abcdef\""),
+            ("vary", "Abc"),
+        ],
+        "x",
+    ));
+    h.get("/a", &[("abc", "123")]).await;
+    h.clock.advance(5);
+    h.get("/a", &[("abc", "456")]).await;
+    let (_, sent) = h.origin.last_request();
+    assert!(sent.get("if-none-match").is_none(), "{sent:?}");
+    // The matching variant, stale, is validated with its ETag and the Vary field sent along.
+    h.get("/a", &[("abc", "123")]).await;
+    let (_, sent) = h.origin.last_request();
+    assert_eq!(sent["if-none-match"], "\"abcdef\"");
+    assert_eq!(sent["abc"], "123");
+}

@@ -1,7 +1,8 @@
 //! The cache phase: shoal-cache wired into both request paths. Settings come from `cache`
 //! tables (per service or per route) over one process-wide store (`[cache]` or the quick-mode
-//! flags); storable bodies of known length are read whole and stored, everything else
-//! streams through; stale-while-revalidate refreshes run as background fetches.
+//! flags); storable bodies of known length are read whole and stored, bodies of unknown
+//! length are copied as they stream (`Tee`) and stored if they end within the object limit;
+//! stale-while-revalidate refreshes run as background fetches.
 
 use std::time::SystemTime;
 
@@ -10,7 +11,7 @@ use http::header::{self, HeaderMap};
 use http::{Method, Response, Uri};
 use http_body_util::{BodyExt, Either, Full};
 use serde::Deserialize;
-use shoal_cache::{Cache, CacheConfig, Fetch, Outcome, PolicyConfig};
+use shoal_cache::{Cache, CacheConfig, Fetch, Outcome, PolicyConfig, Store};
 use std::sync::Arc;
 
 use crate::config::{parse_size, Dur};
@@ -126,23 +127,81 @@ pub(crate) async fn after_response(
                     store.too_large();
                     After::Respond(Response::from_parts(parts, Either::Left(body)))
                 }
-                // Unknown length: not stored (the waiters go to the origin themselves).
-                Read::Unknown(body) => {
+                // Unknown length (chunked, until close): streamed to the client and copied
+                // for the cache up to the object limit.
+                Read::Unknown(mut body) => {
+                    body.tee(Tee::new(store));
                     After::Respond(Response::from_parts(parts, Either::Left(body)))
                 }
                 Read::Failed => After::Fail(ProxyError::Upstream("upstream response body failed")),
             }
         }
         Outcome::NotModified(r, store) => {
+            // The client gets a 304; the body is only for the cache (read up to the limit).
             if let Some(store) = store {
-                if let Read::Whole(b) = read_if_small(&parts.headers, body, store.max_body()).await
-                {
-                    store.finish(b);
+                match read_if_small(&parts.headers, body, store.max_body()).await {
+                    Read::Whole(b) => {
+                        store.finish(b);
+                    }
+                    Read::Unknown(mut body) => {
+                        body.tee(Tee::new(store));
+                        while let Some(Ok(_)) = body.frame().await {}
+                    }
+                    Read::TooLarge(_) => store.too_large(),
+                    Read::Failed => {}
                 }
             }
             After::Respond(full(r))
         }
         Outcome::Refetch(f) => After::Refetch(f),
+    }
+}
+
+/// A copy of a response body of unknown length on its way to the client, for the cache:
+/// stored when the body ends within the object limit; past the limit the copy stops (the
+/// client's stream goes on) and the URL is passed through for a while.
+pub(crate) struct Tee {
+    store: Option<Store>,
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Tee {
+    pub(crate) fn new(store: Store) -> Self {
+        Tee {
+            store: Some(store),
+            parts: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// Copies one data frame; false once the copy is given up (too large).
+    pub(crate) fn push(&mut self, data: &Bytes) -> bool {
+        let Some(store) = &self.store else {
+            return false;
+        };
+        self.len += data.len();
+        if self.len > store.max_body() {
+            self.parts = Vec::new();
+            if let Some(s) = self.store.take() {
+                s.too_large();
+            }
+            return false;
+        }
+        // `Bytes` clones share the frame's buffer: nothing is copied until `finish`.
+        self.parts.push(data.clone());
+        true
+    }
+
+    /// The body ended whole: store it.
+    pub(crate) fn finish(mut self) {
+        if let Some(s) = self.store.take() {
+            let body = match self.parts.len() {
+                1 => self.parts.pop().unwrap_or_default(),
+                _ => Bytes::from(self.parts.concat()),
+            };
+            s.finish(body);
+        }
     }
 }
 

@@ -95,12 +95,8 @@ impl ProxyError {
     pub(crate) fn write(&self, out: &mut Vec<u8>, close: bool) {
         let msg = self.message();
         let status = self.status();
-        out.clear();
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-        out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ");
+        status_line(out, status);
+        out.extend_from_slice(b"content-type: text/plain; charset=utf-8\r\ncontent-length: ");
         out.extend_from_slice((msg.len() + 1).to_string().as_bytes());
         if close || self.closes() {
             out.extend_from_slice(b"\r\nconnection: close");
@@ -109,4 +105,14 @@ impl ProxyError {
         out.extend_from_slice(msg.as_bytes());
         out.push(b'\n');
     }
+}
+
+/// Clears `out` and writes an HTTP/1.1 status line for `status` (fast-path responses).
+pub(crate) fn status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
 }

@@ -61,6 +61,9 @@ struct Plan {
     trace: [u8; 55],
     /// Method and target, kept only for the access log.
     log: Option<Box<(String, String)>>,
+    /// A cached route's request the fast path does not answer itself (miss, validation,
+    /// coalescing, unsafe method): run through the general path's phases, answered here.
+    general: bool,
 }
 
 enum Parsed {
@@ -171,8 +174,21 @@ fn plan_request(
                 };
             }
         }
-        // Misses, validation, coalescing and unsafe methods take the general path's phase.
-        return Parsed::Handover;
+        // Misses, validation, coalescing and unsafe methods take the general path's phases,
+        // on this connection (kept alive).
+        return Parsed::Ready(Plan {
+            head_len,
+            body_len: body_len as usize,
+            head_method: method == "HEAD",
+            idempotent: is_idempotent(method),
+            close: facts.close,
+            key: None,
+            target: routed.target,
+            _permit: Some(permit),
+            trace: [b'-'; 55],
+            log: None,
+            general: true,
+        });
     }
     let trace = hygiene::trace_context(facts.traceparent);
     out.clear();
@@ -221,6 +237,7 @@ fn plan_request(
         _permit: Some(permit),
         trace,
         log: log(),
+        general: false,
     })
 }
 
@@ -677,6 +694,16 @@ impl<'a> Conn<'a> {
                     }
                 }
             }
+            if plan.general {
+                let Some(req) = general_request(&self.rbuf[..total], plan.head_len) else {
+                    return End::Handover(self.rbuf);
+                };
+                self.rbuf.advance(total);
+                if !self.general(req, &plan, &cfg).await || plan.close {
+                    return End::Closed;
+                }
+                continue;
+            }
             self.req.extend_from_slice(&self.rbuf[plan.head_len..total]);
             self.rbuf.advance(total);
             let keep = self.exchange(&plan, &cfg, start).await;
@@ -684,6 +711,35 @@ impl<'a> Conn<'a> {
                 return End::Closed;
             }
         }
+    }
+
+    /// Runs a request through the general path's phases ([`Service::handle_read`]: the
+    /// cache phase and tries over hyper) and writes the response on this connection.
+    async fn general(
+        &mut self,
+        req: http::Request<bytes::Bytes>,
+        plan: &Plan,
+        lcfg: &ServiceConfig,
+    ) -> bool {
+        let peer_ip = http::HeaderValue::from_bytes(self.peer_ip)
+            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
+        let resp = self
+            .svc
+            .clone()
+            .handle_read(req, self.peer, peer_ip, self.port)
+            .await;
+        let limit = lcfg.timeouts.client_write.0;
+        let keep = write_response(
+            self.stream,
+            resp,
+            plan.head_method,
+            plan.close,
+            limit,
+            &mut self.bufs.out,
+        )
+        .await;
+        self.last_active = now_nanos();
+        keep
     }
 
     /// Answers with shoal's own error, counted on the listening service.
@@ -1023,6 +1079,102 @@ async fn send_and_read_head(
             }
         }
     }
+}
+
+/// The request in `buf` (head of `head_len` bytes, then the whole body) as the general path
+/// takes it; `None` if a header does not fit `http`'s types (the general path's own parser
+/// then decides).
+fn general_request(buf: &[u8], head_len: usize) -> Option<http::Request<bytes::Bytes>> {
+    let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_PARSE_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    req.parse_with_uninit_headers(&buf[..head_len], &mut slots)
+        .ok()?;
+    let mut b = http::Request::builder()
+        .method(req.method?)
+        .uri(req.path?)
+        .version(http::Version::HTTP_11);
+    let headers = b.headers_mut()?;
+    for h in req.headers.iter() {
+        headers.append(
+            http::HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+            http::HeaderValue::from_bytes(h.value).ok()?,
+        );
+    }
+    b.body(bytes::Bytes::copy_from_slice(&buf[head_len..])).ok()
+}
+
+/// Writes a general-path response with HTTP/1.1 framing: its length when known, else
+/// chunked; each body frame as it comes (the head goes with the first). Returns whether the
+/// connection can take another request.
+async fn write_response(
+    stream: &mut TcpStream,
+    resp: http::Response<crate::proxy::ClientBody>,
+    head_method: bool,
+    close: bool,
+    limit: Duration,
+    out: &mut Vec<u8>,
+) -> bool {
+    use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+    use http_body::Body;
+    use http_body_util::BodyExt;
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    let close = close
+        || parts
+            .headers
+            .get_all(CONNECTION)
+            .iter()
+            .any(|v| tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close")));
+    let no_body = head_method || status.is_informational() || status == 204 || status == 304;
+    let len = body.size_hint().exact();
+    crate::error::status_line(out, status);
+    for (n, v) in &parts.headers {
+        // Framing is this connection's (a HEAD or 304 keeps the representation's length).
+        if n == CONNECTION || n == TRANSFER_ENCODING || (n == CONTENT_LENGTH && !no_body) {
+            continue;
+        }
+        put(out, n.as_str().as_bytes(), v.as_bytes());
+    }
+    let chunked = !no_body && len.is_none();
+    if chunked {
+        put(out, b"transfer-encoding", b"chunked");
+    } else if let (false, Some(n)) = (no_body, len) {
+        put(out, b"content-length", n.to_string().as_bytes());
+    }
+    if close {
+        put(out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !no_body {
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                // The instance failed mid-body: only a close tells the client.
+                return false;
+            };
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers are not relayed
+            };
+            if data.is_empty() {
+                continue;
+            }
+            if chunked {
+                out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            }
+            out.extend_from_slice(&data);
+            if chunked {
+                out.extend_from_slice(b"\r\n");
+            }
+            if !write_client(stream, out, limit).await {
+                return false;
+            }
+            out.clear();
+        }
+        if chunked {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+    }
+    drop(body);
+    (out.is_empty() || write_client(stream, out, limit).await) && !close
 }
 
 /// Writes to the client; one that stops reading for the idle timeout is given up on, so it

@@ -38,6 +38,12 @@ pub(crate) use crate::tries::{hash_key, is_idempotent};
 pub use crate::tries::{InFlight, RetryBudget};
 use crate::upstream;
 
+/// A client request's body: hyper's stream, or bytes the fast path has read whole.
+pub(crate) enum ReqBody {
+    Incoming(Incoming),
+    Read(Bytes),
+}
+
 /// Body sent upstream: buffered (replayable, so retriable) or streamed from the client.
 pub type UpstreamBody = Either<Full<Bytes>, ClientStream>;
 /// Body sent to the client.
@@ -239,6 +245,35 @@ impl Service {
         peer_ip: HeaderValue,
         port: u16,
     ) -> Result<Response<ClientBody>, Infallible> {
+        self.handle_any(req.map(ReqBody::Incoming), peer, peer_ip, port)
+            .await
+    }
+
+    /// [`Service::handle`] for a request whose body the fast path has read already (a cached
+    /// route's miss, validation or unsafe method, answered on the fast path's connection).
+    pub(crate) async fn handle_read(
+        self: Arc<Self>,
+        req: Request<Bytes>,
+        peer: SocketAddr,
+        peer_ip: HeaderValue,
+        port: u16,
+    ) -> Response<ClientBody> {
+        match self
+            .handle_any(req.map(ReqBody::Read), peer, peer_ip, port)
+            .await
+        {
+            Ok(r) => r,
+            Err(never) => match never {},
+        }
+    }
+
+    async fn handle_any(
+        self: Arc<Self>,
+        req: Request<ReqBody>,
+        peer: SocketAddr,
+        peer_ip: HeaderValue,
+        port: u16,
+    ) -> Result<Response<ClientBody>, Infallible> {
         let start = now_nanos();
         let log = self.config.load().access_log.then(|| {
             let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -282,7 +317,7 @@ impl Service {
     /// Phases 2–5 for the general path. An error names the service it is counted on.
     async fn proxy(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         peer: SocketAddr,
         peer_ip: HeaderValue,
         port: u16,
@@ -411,20 +446,24 @@ impl Service {
         // stream the rest (one try).
         let fault = Arc::new(AtomicU8::new(0));
         let body_read = lcfg.timeouts.body_read.0;
-        let (buffered, mut stream, _permit) = match body_kind {
-            BodyKind::None => (Some(Bytes::new()), None, None),
-            BodyKind::Length(n) if n <= REPLAY_LIMIT => match BufferPermit::take(n) {
-                Some(p) => {
-                    let b = read_small_body(body, body_read).await.map_err(fail)?;
-                    (Some(b), None, Some(p))
+        let (buffered, mut stream, _permit) = match (body, body_kind) {
+            // Read by the fast path (whose permit covers it) within REPLAY_LIMIT.
+            (ReqBody::Read(b), _) => (Some(b), None, None),
+            (ReqBody::Incoming(_), BodyKind::None) => (Some(Bytes::new()), None, None),
+            (ReqBody::Incoming(body), BodyKind::Length(n)) if n <= REPLAY_LIMIT => {
+                match BufferPermit::take(n) {
+                    Some(p) => {
+                        let b = read_small_body(body, body_read).await.map_err(fail)?;
+                        (Some(b), None, Some(p))
+                    }
+                    None => (
+                        None,
+                        Some(ClientStream::new(body, body_read, fault.clone())),
+                        None,
+                    ),
                 }
-                None => (
-                    None,
-                    Some(ClientStream::new(body, body_read, fault.clone())),
-                    None,
-                ),
-            },
-            _ => (
+            }
+            (ReqBody::Incoming(body), _) => (
                 None,
                 Some(ClientStream::new(body, body_read, fault.clone())),
                 None,
@@ -538,6 +577,7 @@ impl Service {
                         read_timeout: cfg.timeouts.upstream_read.0,
                         timer: None,
                         access,
+                        tee: None,
                     };
                     if let (Some(c), Some(f)) = (&cache, fetch.take()) {
                         match crate::cache::after_response(c, f, rparts, body).await {
@@ -656,6 +696,7 @@ impl Service {
             read_timeout: cfg.timeouts.upstream_read.0,
             timer: None,
             access: None,
+            tee: None,
         };
         let bytes = body
             .collect()
@@ -808,6 +849,8 @@ pub struct Tracked {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The access-log line, written when the body ends (only when the listener logs).
     access: Option<Box<AccessRecord>>,
+    /// A copy of the body for the cache, stored once the body ends whole.
+    tee: Option<Box<crate::cache::Tee>>,
 }
 
 /// An access-log line in the making, for a response still streaming.
@@ -826,7 +869,18 @@ struct AccessRecord {
 }
 
 impl Tracked {
+    /// Copies the body into `tee` as it streams (see [`crate::cache::Tee`]).
+    pub(crate) fn tee(&mut self, tee: crate::cache::Tee) {
+        self.tee = Some(Box::new(tee));
+    }
+
     fn finish(&mut self, complete: bool) {
+        // Stored only if the whole body came; dropped, it releases the coalesced waiters.
+        if let Some(t) = self.tee.take() {
+            if complete {
+                t.finish();
+            }
+        }
         if let Some(a) = self.access.take() {
             crate::access::Entry {
                 service: &a.service,
@@ -884,6 +938,11 @@ impl Body for Tracked {
                 self.timer = None;
                 if let (Some(a), Some(d)) = (self.access.as_mut(), f.data_ref()) {
                     a.bytes += d.len() as u64;
+                }
+                if let (Some(t), Some(d)) = (self.tee.as_mut(), f.data_ref()) {
+                    if !t.push(d) {
+                        self.tee = None;
+                    }
                 }
                 Poll::Ready(Some(Ok(f)))
             }

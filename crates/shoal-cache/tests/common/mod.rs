@@ -1,6 +1,8 @@
 //! A scripted origin and an injected clock for the cache's conformance tests.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
