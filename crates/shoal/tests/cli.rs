@@ -185,6 +185,19 @@ fn metrics_pass_promtool_and_mutations_need_the_token() {
     );
 
     let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    // Prometheus asks for OpenMetrics first and gets it: counters typed by family name, the
+    // samples keep their `_total` names.
+    let accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
+    let (s, om) = http(admin_addr, "GET", "/metrics", &[("Accept", accept)], "");
+    assert_eq!(s, 200);
+    assert!(om.ends_with("# EOF\n"), "{om}");
+    assert!(om.contains("# TYPE shoal_requests counter\n"), "{om}");
+    assert!(
+        om.contains("shoal_requests_total{service=\"web\",instance="),
+        "{om}"
+    );
+    assert!(!metrics.contains("# EOF"), "{metrics}");
+
     let (s, _) = http(
         admin_addr,
         "POST",

@@ -288,6 +288,8 @@ scale_down_stabilization = "1s"
     wait_until(30, "three ready", || {
         ready(&api_json(admin, "/api/services/demo")) == 3
     });
+    let up = r#"shoal_dependency_up{dependency="prometheus"} 1"#;
+    assert!(get(admin, "/metrics").1.contains(up), "{up}");
 
     // The series disappears: the empty answer holds the size rather than reading as zero.
     exporter.set(None);
@@ -329,6 +331,10 @@ scale_down_stabilization = "1s"
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     assert!(connect_errors >= 1.0, "{metrics}");
+    assert!(
+        metrics.contains(r#"shoal_dependency_up{dependency="prometheus"} 0"#),
+        "{metrics}"
+    );
     let decisions = get(admin, "/api/services/demo/decisions").1;
     assert!(decisions.contains("missing_metrics"), "{decisions}");
 }
