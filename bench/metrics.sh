@@ -34,7 +34,8 @@ scrape() { # $1: label, $2: Accept header
   for _ in $(seq "$REQUESTS"); do
     curl -s -o "$work/body" -H "Accept: $2" -w '%{time_total}\n' "127.0.0.1:$ADMIN/metrics" >>"$work/times"
   done
-  local cpu_ms; cpu_ms=$(echo "($(cpu_ticks) - $t0) * 1000 / $(getconf CLK_TCK) / $REQUESTS" | bc -l)
+  local cpu_ms; cpu_ms=$(awk -v a="$t0" -v b="$(cpu_ticks)" -v hz="$(getconf CLK_TCK)" -v n="$REQUESTS" \
+    'BEGIN { print (b - a) * 1000 / hz / n }')
   sort -n "$work/times" | awk -v label="$1" -v cpu="$cpu_ms" -v bytes="$(wc -c <"$work/body")" -v series="$(grep -vc '^#' "$work/body")" \
     '{ t[NR] = $1 } END { printf "%-12s CPU %.2f ms/scrape  wall median %.2f ms  p90 %.2f ms  %d bytes  %d samples\n", label, cpu, t[int(NR/2)+1]*1000, t[int(NR*0.9)]*1000, bytes, series }'
 }
