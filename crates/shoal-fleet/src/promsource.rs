@@ -93,6 +93,16 @@ impl QueryError {
             QueryError::NotFinite(_) => "not_finite",
         }
     }
+    /// True when the server itself failed (unreachable, too slow, 5xx), as opposed to an
+    /// answer about the query (empty, several series, a 4xx for bad PromQL).
+    pub fn server_down(&self) -> bool {
+        match self {
+            QueryError::Connect(_) | QueryError::Timeout(_) => true,
+            QueryError::Status(code, _) => *code >= 500,
+            _ => false,
+        }
+    }
+
     const KINDS: [&'static str; 7] = [
         "connect",
         "timeout",
@@ -236,6 +246,8 @@ pub struct PromSource {
 struct Reading {
     value: Option<(f64, Instant)>,
     error: Option<QueryError>,
+    /// Whether the newest query reached a working server; None before the first.
+    up: Option<bool>,
 }
 
 impl PromSource {
@@ -271,6 +283,7 @@ impl PromSource {
                 *r = Reading {
                     value: Some((v, at)),
                     error: None,
+                    up: Some(true),
                 };
             }
             Err(e) => {
@@ -286,6 +299,7 @@ impl PromSource {
                 }
                 *r = Reading {
                     value: None,
+                    up: Some(!e.server_down()),
                     error: Some(e),
                 };
             }
@@ -324,6 +338,10 @@ impl PromSource {
                 &[("service", svc), ("source", "prometheus"), ("kind", k)],
                 c.get(),
             );
+        }
+        let up = self.last.lock().expect("prometheus reading lock").up;
+        if let Some(up) = up {
+            e.dependency_up("prometheus", up);
         }
         if let Some(v) = self.value(Instant::now()) {
             e.gauge(
@@ -400,6 +418,10 @@ mod tests {
         let s = source();
         let t0 = Instant::now();
         assert_eq!(s.value(t0), None);
+        // Not asked yet: neither up nor down.
+        let mut e = Exposition::default();
+        s.collect(&mut e);
+        assert!(!e.render().contains("shoal_dependency_up{"));
         s.record(t0, Ok(12.0));
         assert_eq!(s.value(t0 + Duration::from_secs(3)), Some(12.0));
         // Two polls plus the timeout without a new reading: stale.
@@ -415,9 +437,27 @@ mod tests {
             text.contains(r#"shoal_autoscale_source_errors_total{service="web",source="prometheus",kind="empty"} 1"#),
             "{text}"
         );
+        // An empty answer is about the query: the server is up.
+        assert!(
+            text.contains(r#"shoal_dependency_up{dependency="prometheus"} 1"#),
+            "{text}"
+        );
         s.record(t0, Ok(3.0));
         assert_eq!(s.value(t0), Some(3.0));
         assert_eq!(s.last_error(), None);
+        for (err, up) in [
+            (QueryError::Connect("refused".into()), 0),
+            (QueryError::Timeout(Duration::from_secs(2)), 0),
+            (QueryError::Status(503, "overloaded".into()), 0),
+            (QueryError::Status(400, "bad_data".into()), 1),
+            (QueryError::Multiple(2), 1),
+        ] {
+            s.record(t0, Err(err.clone()));
+            let mut e = Exposition::default();
+            s.collect(&mut e);
+            let want = format!("shoal_dependency_up{{dependency=\"prometheus\"}} {up}\n");
+            assert!(e.render().contains(&want), "{err:?}: want {want}");
+        }
     }
 
     #[tokio::test]

@@ -258,11 +258,18 @@ async fn handle(
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let method = req.method().clone();
     let resp = match (&method, segs.as_slice()) {
-        (&Method::GET, ["metrics"]) => respond(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            app.render_metrics(),
-        ),
+        (&Method::GET, ["metrics"]) => {
+            let accept = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let format = crate::metrics::Format::negotiate(accept);
+            respond(
+                StatusCode::OK,
+                format.content_type(),
+                app.render_metrics_as(format),
+            )
+        }
         (&Method::GET, ["healthz"]) => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, ["api", "services"]) => {
             let list: Vec<Value> = app

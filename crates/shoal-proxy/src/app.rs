@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::config::{Config, ServiceConfig};
-use crate::metrics::{Exposition, Kind};
+use crate::metrics::{Exposition, Format, Kind};
 use crate::pool::{now_nanos, ErrorKind};
 use crate::proxy::Service;
 use crate::server::{self, Listener};
@@ -499,8 +499,18 @@ impl App {
         left
     }
 
-    /// `/metrics` in the Prometheus text format.
+    /// `/metrics` in the Prometheus text format (0.0.4).
     pub fn render_metrics(&self) -> String {
+        self.collect_metrics().render()
+    }
+
+    /// `/metrics` in `format`.
+    pub fn render_metrics_as(&self, format: Format) -> String {
+        self.collect_metrics().render_as(format)
+    }
+
+    /// Every component's current figures: the services' atomics, then each collector's.
+    pub fn collect_metrics(&self) -> Exposition {
         let mut e = Exposition::default();
         let now = now_nanos();
         e.declare(
@@ -649,7 +659,11 @@ impl App {
                     n,
                 );
             }
-            for s in store.stats().samples() {
+            let stats = store.stats();
+            if stats.redis_configured {
+                e.dependency_up("redis", stats.redis_connected);
+            }
+            for s in stats.samples() {
                 if s.counter {
                     e.counter(s.name, s.help, &[], s.value as u64);
                 } else {
@@ -660,7 +674,7 @@ impl App {
         for c in self.collectors.lock().expect("lock").iter() {
             c.collect(&mut e);
         }
-        e.render()
+        e
     }
 
     /// JSON view of one service, for `/api/services`.

@@ -486,6 +486,9 @@ struct RawConfig {
     /// Where shoal keeps state (history, logs).
     #[serde(default)]
     data_dir: Option<PathBuf>,
+    /// `text` (default) or `json`; `--log-format` overrides it.
+    #[serde(default)]
+    log_format: Option<Spanned<String>>,
     #[serde(default)]
     admin: AdminConfig,
     /// Memory all buffered (retriable) request bodies may use together, e.g. "64MiB".
@@ -571,12 +574,35 @@ impl ServiceConfig {
     }
 }
 
+/// How shoal writes its logs (stderr): human-readable lines or one JSON object per line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!(
+                "unknown log format {s:?}: expected \"text\" or \"json\""
+            )),
+        }
+    }
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub source: PathBuf,
     pub text: String,
     pub threads: Option<usize>,
+    /// `log_format`, if the file sets it (read once at start: logging is set up before).
+    pub log_format: Option<LogFormat>,
     pub data_dir: PathBuf,
     pub admin: AdminConfig,
     /// Budget for buffered request bodies, shared by every service.
@@ -979,6 +1005,14 @@ impl Config {
                 extra: s.extra,
             });
         }
+        let log_format = match &raw.log_format {
+            Some(f) => Some(
+                f.get_ref()
+                    .parse::<LogFormat>()
+                    .map_err(|e| loc.error(f.span(), "log_format", e))?,
+            ),
+            None => None,
+        };
         let buffer_memory = match &raw.buffer_memory {
             Some(b) => {
                 parse_size(b.get_ref()).map_err(|e| loc.error(b.span(), "buffer_memory", e))?
@@ -1015,6 +1049,7 @@ impl Config {
             source: path.to_path_buf(),
             text: text.to_string(),
             threads: raw.threads.map(|t| t.into_inner()),
+            log_format,
             data_dir,
             admin: raw.admin,
             buffer_memory,
@@ -1060,6 +1095,17 @@ mod tests {
                 .starts_with("test.toml:3: services.web.balance:"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        let svc = "[services.web]\nlisten = \"127.0.0.1:8080\"\n";
+        assert_eq!(parse(svc).unwrap().log_format, None);
+        let c = parse(&format!("log_format = \"json\"\n{svc}")).unwrap();
+        assert_eq!(c.log_format, Some(LogFormat::Json));
+        let e = parse(&format!("threads = 2\nlog_format = \"xml\"\n{svc}")).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (2, "log_format"), "{e}");
+        assert!(e.message.contains("\"json\""), "{e}");
     }
 
     #[test]

@@ -182,18 +182,26 @@ function render(){
     sec.querySelector(".inst").innerHTML = instanceTable(name);
     sec.querySelector(".dec").innerHTML = decisionLog(name);
   }
-  // Queues are not per service.
-  const queues = new Set(); for(const p of points) for(const q in (p.queues||{})) queues.add(q);
+  // Queues are not per service: depth, and jobs/s by result.
+  const queues = new Set(), jobs = new Set();
+  for(const p of points){ for(const q in (p.queues||{})) queues.add(q);
+    for(const q in (p.queue_jobs||{})) for(const r in p.queue_jobs[q]) jobs.add(q+"\u0000"+r); }
   let qs = document.getElementById("queues");
   if(!qs){ qs = document.createElement("section"); qs.id = "queues"; qs.className = "svc";
-    qs.innerHTML = `<h2>queues</h2><div class="grid"><div class="card compact" data-panel="queue"><h3>Queue depth</h3><div class="legend"></div><canvas></canvas><div class="empty">no queues</div></div></div>`;
+    const card = (id, title) => `<div class="card compact" data-panel="${id}"><h3>${title}</h3><div class="legend"></div><canvas></canvas><div class="empty">no queues</div></div>`;
+    qs.innerHTML = `<h2>queues</h2><div class="grid">${card("queue", "Queue depth")}${card("jobs", "Jobs / s by result")}</div>`;
     root.appendChild(qs); }
-  const qc = qs.querySelector("canvas"), qe = qs.querySelector(".empty");
-  if(queues.size){
-    const pal = Object.values(C), series = [...queues].sort().map((q,i)=>({label:q, color:pal[i%pal.length], ys:points.map(p=>p.queues&&p.queues[q]!=null?p.queues[q]:null)}));
-    qs.querySelector(".card").classList.remove("compact");
-    qc.hidden = false; qe.hidden = true; chart(qc, xs, series, fmt.int); qs.querySelector(".legend").innerHTML = legend(series, fmt.int);
-  } else { qc.hidden = true; qe.hidden = false; qc.dataset.points = 0; qs.querySelector(".card").classList.add("compact"); }
+  const pal = Object.values(C);
+  const depth = [...queues].sort().map((q,i)=>({label:q, color:pal[i%pal.length], ys:points.map(p=>p.queues&&p.queues[q]!=null?p.queues[q]:null)}));
+  const rate = [...jobs].sort().map((k,i)=>{ const [q, r] = k.split("\u0000");
+    return {label:`${q} ${r}`, color:pal[i%pal.length], width:r==="done"?2:1,
+      ys:points.map(p=>p.queue_jobs&&p.queue_jobs[q]&&p.queue_jobs[q][r]!=null?p.queue_jobs[q][r]:null)}; });
+  for(const [id, series, f] of [["queue", depth, fmt.int], ["jobs", rate, fmt.n]]){
+    const card = qs.querySelector(`[data-panel="${id}"]`), qc = card.querySelector("canvas"), qe = card.querySelector(".empty");
+    if(series.length){ card.classList.remove("compact"); qc.hidden = false; qe.hidden = true;
+      chart(qc, xs, series, f); card.querySelector(".legend").innerHTML = legend(series, f); }
+    else { qc.hidden = true; qe.hidden = false; qc.dataset.points = 0; card.classList.add("compact"); }
+  }
   document.getElementById("clock").textContent = xs.length ? new Date(xs[xs.length-1]*1000).toLocaleTimeString() : "";
 }
 

@@ -167,7 +167,10 @@ pub struct Point {
     /// Unix seconds.
     pub t: f64,
     pub services: BTreeMap<String, ServicePoint>,
+    /// Depth per queue.
     pub queues: BTreeMap<String, f64>,
+    /// Jobs per second per queue and result (accepted, done, dead_lettered, ...).
+    pub queue_jobs: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
 /// An instance now, for the per-instance table.
@@ -319,6 +322,12 @@ impl Tracker {
                         sums.entry((svc, "cache_hit", String::new())).or_default();
                     }
                 }
+                "shoal_queue_jobs_total" => {
+                    let q = s.label("queue").to_string();
+                    *sums
+                        .entry((q, "queue_jobs", s.label("result").to_string()))
+                        .or_default() += s.value;
+                }
                 "shoal_queue_depth" => {
                     *point
                         .queues
@@ -346,6 +355,12 @@ impl Tracker {
                 "cpu" => inst_rates.entry((svc, key)).or_default().1 = r,
                 "cache_all" => cache.entry(svc).or_default().0 = r.unwrap_or(0.0),
                 "cache_hit" => cache.entry(svc).or_default().1 = r.unwrap_or(0.0),
+                // `svc` holds the queue here.
+                "queue_jobs" => {
+                    if let Some(r) = r {
+                        point.queue_jobs.entry(svc).or_default().insert(key, r);
+                    }
+                }
                 _ => {}
             }
         }
@@ -651,6 +666,25 @@ mod tests {
         assert!(table.len() < 40_000, "table {} bytes", table.len());
         // Counters of live series only: by code, per instance, CPU.
         assert_eq!(tr.prev.counters.len(), 600);
+    }
+
+    #[test]
+    fn queue_job_rates_per_result() {
+        let mut tr = Tracker::default();
+        let states = BTreeMap::new();
+        let at = |accepted: u64, done: u64| {
+            parse_exposition(&format!(
+                "shoal_queue_depth{{queue=\"jobs\"}} 7\n\
+                 shoal_queue_jobs_total{{queue=\"jobs\",result=\"accepted\"}} {accepted}\n\
+                 shoal_queue_jobs_total{{queue=\"jobs\",result=\"done\"}} {done}\n"
+            ))
+        };
+        let first = tr.ingest(0.0, &at(100, 90), &states).clone();
+        assert!(first.queue_jobs.is_empty(), "no rate from one sample");
+        let p = tr.ingest(2.0, &at(140, 100), &states).clone();
+        assert_eq!(p.queues["jobs"], 7.0);
+        assert_eq!(p.queue_jobs["jobs"]["accepted"], 20.0);
+        assert_eq!(p.queue_jobs["jobs"]["done"], 5.0);
     }
 
     #[test]

@@ -11,13 +11,41 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use shoal_proxy::config::LogFormat;
 
 /// shoal keeps a fleet of service instances sized to its load.
 #[derive(Parser)]
 #[command(name = "shoal", version, about)]
 struct Cli {
+    /// Log lines on stderr: text, or json (one object per line, fields flattened; the access
+    /// log included). Default: `log_format` of the config, else text.
+    #[arg(long, global = true, env = "SHOAL_LOG_FORMAT", value_parser = parse_log_format)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    s.parse()
+}
+
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`).
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        // Event fields at the top level next to timestamp, level, target and message, so a
+        // log shipper can index `status` or `service` without unwrapping.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -124,12 +152,16 @@ fn run_load(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The config's `log_format` counts for `run`; a config that does not load is reported
+    // by the run itself.
+    let format = cli.log_format.unwrap_or_else(|| match &cli.command {
+        Command::Run { config, .. } => shoal_proxy::Config::load(config)
+            .ok()
+            .and_then(|c| c.log_format)
+            .unwrap_or_default(),
+        _ => LogFormat::default(),
+    });
+    init_logging(format);
     let result = match cli.command {
         Command::Watchdog { run_file } => {
             shoal_fleet::supervise::watchdog_main(&run_file).map_err(anyhow::Error::from)
@@ -164,7 +196,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("shoal: {e:#}");
+            match format {
+                // Every stderr line stays one JSON object.
+                LogFormat::Json => tracing::error!(error = format!("{e:#}"), "shoal failed"),
+                LogFormat::Text => eprintln!("shoal: {e:#}"),
+            }
             ExitCode::from(1)
         }
     }

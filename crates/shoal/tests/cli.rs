@@ -185,6 +185,19 @@ fn metrics_pass_promtool_and_mutations_need_the_token() {
     );
 
     let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    // Prometheus asks for OpenMetrics first and gets it: counters typed by family name, the
+    // samples keep their `_total` names.
+    let accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
+    let (s, om) = http(admin_addr, "GET", "/metrics", &[("Accept", accept)], "");
+    assert_eq!(s, 200);
+    assert!(om.ends_with("# EOF\n"), "{om}");
+    assert!(om.contains("# TYPE shoal_requests counter\n"), "{om}");
+    assert!(
+        om.contains("shoal_requests_total{service=\"web\",instance="),
+        "{om}"
+    );
+    assert!(!metrics.contains("# EOF"), "{metrics}");
+
     let (s, _) = http(
         admin_addr,
         "POST",
@@ -213,4 +226,80 @@ fn metrics_pass_promtool_and_mutations_need_the_token() {
     assert_eq!(get(listen, "/").0, 503, "the only instance is draining");
     let (s, _) = get(admin, "/");
     assert_eq!(s, 200, "dashboard");
+}
+
+/// Every stderr line parsed as one JSON object.
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+#[test]
+fn log_format_json_writes_every_line_as_json_with_the_access_log() {
+    let dir = tempdir();
+    let (_a, pa) = demo(dir.path(), "a");
+    let (listen, admin) = (free_port(), free_port());
+    let cfg = format!(
+        "log_format = \"json\"\n{}",
+        config(listen, admin, &[pa]).replace("balance =", "access_log = true\nbalance =")
+    );
+    let (mut shoal, _) = run_shoal(dir.path(), &cfg, listen);
+    assert_eq!(get(listen, "/work?cpu_ms=1").0, 200);
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = format!("00-{trace}-00f067aa0ba902b7-01");
+    let addr = SocketAddr::from(([127, 0, 0, 1], listen));
+    let (s, _) = http(addr, "GET", "/missing", &[("traceparent", &parent)], "");
+    assert_eq!(s, 404);
+    shoal.signal("TERM");
+    assert_eq!(shoal.wait_exit(10), Some(0));
+    let log = std::fs::read_to_string(dir.path().join("shoal.log")).unwrap();
+    let lines = json_lines(&log);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "service listening" && l["service"] == "web"),
+        "{log}"
+    );
+    let access: Vec<_> = lines
+        .iter()
+        .filter(|l| l["target"] == "shoal::access")
+        .collect();
+    assert_eq!(access.len(), 2, "{log}");
+    let ok = access[0];
+    assert_eq!(ok["status"], 200, "{log}");
+    assert_eq!(ok["service"], "web");
+    assert_eq!(ok["instance"], format!("127.0.0.1:{pa}"));
+    assert_eq!(ok["path"], "/work?cpu_ms=1");
+    assert_eq!(ok["tries"], 1);
+    assert!(ok["total_ms"].as_f64().unwrap() >= ok["headers_ms"].as_f64().unwrap());
+    // The client's trace continues with shoal's own span id.
+    let traced = access[1];
+    assert_eq!(traced["status"], 404);
+    let tp = traced["traceparent"].as_str().unwrap();
+    assert!(
+        tp.starts_with(&format!("00-{trace}-")) && tp != parent,
+        "{tp}"
+    );
+
+    // A failure to start is a JSON line too; an unknown format is refused.
+    let out = Command::new(SHOAL)
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = json_lines(&String::from_utf8_lossy(&out.stderr));
+    assert_eq!(err.len(), 1);
+    assert_eq!(err[0]["level"], "ERROR");
+    assert!(
+        err[0]["error"].as_str().unwrap().contains("missing.toml"),
+        "{err:?}"
+    );
+    let out = Command::new(SHOAL)
+        .args(["--log-format", "xml", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("json"));
 }

@@ -288,6 +288,8 @@ scale_down_stabilization = "1s"
     wait_until(30, "three ready", || {
         ready(&api_json(admin, "/api/services/demo")) == 3
     });
+    let up = r#"shoal_dependency_up{dependency="prometheus"} 1"#;
+    assert!(get(admin, "/metrics").1.contains(up), "{up}");
 
     // The series disappears: the empty answer holds the size rather than reading as zero.
     exporter.set(None);
@@ -329,6 +331,79 @@ scale_down_stabilization = "1s"
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     assert!(connect_errors >= 1.0, "{metrics}");
+    assert!(
+        metrics.contains(r#"shoal_dependency_up{dependency="prometheus"} 0"#),
+        "{metrics}"
+    );
     let decisions = get(admin, "/api/services/demo/decisions").1;
     assert!(decisions.contains("missing_metrics"), "{decisions}");
+}
+
+/// A private `redis-server` (Debian `redis-server`) on a free port in `dir`; killed on drop.
+fn redis_server(dir: &Path, port: u16) -> Proc {
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server (Debian package redis-server) is required");
+    wait_port(port, 10);
+    Proc(child)
+}
+
+fn dependency_up(admin: u16, dependency: &str) -> Option<f64> {
+    let want = format!("shoal_dependency_up{{dependency=\"{dependency}\"}} ");
+    get(admin, "/metrics")
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix(&want).and_then(|v| v.parse().ok()))
+}
+
+/// `shoal_dependency_up{dependency="redis"}` follows the cache's Redis tier through an outage,
+/// while every request is still answered (from the origin: memory tier only).
+#[test]
+fn dependency_up_follows_the_cache_redis_through_an_outage() {
+    let dir = tempdir();
+    let redis_port = free_port();
+    let mut redis = Some(redis_server(dir.path(), redis_port));
+    let (_backend, backend) = demo(dir.path(), "a");
+    let (listen, admin) = (free_port(), free_port());
+    let mut shoal = Proc(
+        Command::new(SHOAL)
+            .args(["proxy", "--threads", "1", "--cache-memory", "1MiB"])
+            .arg(format!("--cache-redis=redis://127.0.0.1:{redis_port}/"))
+            .arg(format!("--listen=127.0.0.1:{listen}"))
+            .arg(format!("--backend=127.0.0.1:{backend}"))
+            .arg(format!("--admin=127.0.0.1:{admin}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("shoal.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(admin, 20);
+    let mut n = 0;
+    let mut request = || {
+        n += 1;
+        // Distinct URLs: each is a memory miss that asks Redis.
+        assert_eq!(get(listen, &format!("/work?cpu_ms=0&n={n}")).0, 200);
+    };
+    wait_until(20, "redis up", || {
+        request();
+        dependency_up(admin, "redis") == Some(1.0)
+    });
+    drop(redis.take());
+    wait_until(20, "redis down", || {
+        request();
+        dependency_up(admin, "redis") == Some(0.0)
+    });
+    redis = Some(redis_server(dir.path(), redis_port));
+    wait_until(30, "redis up again", || {
+        request();
+        dependency_up(admin, "redis") == Some(1.0)
+    });
+    assert!(shoal.0.try_wait().unwrap().is_none(), "shoal exited");
+    drop(redis);
 }
