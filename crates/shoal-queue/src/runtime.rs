@@ -117,7 +117,13 @@ impl Queues {
                 BrokerKind::RabbitMq { url } => {
                     let mut c = AmqpConfig::new(url, &q.queue);
                     c.prefetch = q.concurrency.min(u16::MAX as usize) as u16;
-                    Arc::new(AmqpBroker::start(c))
+                    let b = AmqpBroker::start(c);
+                    // Serving starts connected when the broker is up; when it is not, async
+                    // routes answer 503 until the background reconnect succeeds.
+                    if !b.wait_connected(Duration::from_secs(5)).await {
+                        tracing::warn!(queue = %q.queue, broker = %q.broker, "rabbitmq not reachable yet: submissions get 503 until it is");
+                    }
+                    Arc::new(b)
                 }
                 BrokerKind::Kafka {
                     bootstrap,

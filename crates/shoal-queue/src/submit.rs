@@ -276,7 +276,10 @@ impl Submitter {
                 r
             }
             Ok(Some(JobRecord::Done {
-                response, attempts, ..
+                response,
+                attempts,
+                submitted_ms,
+                finished_ms,
             })) => {
                 let mut r = Response::new(Full::new(response.body));
                 *r.status_mut() =
@@ -291,6 +294,11 @@ impl Submitter {
                     }
                 }
                 h.insert("x-shoal-job-attempts", HeaderValue::from(attempts));
+                // Accepted → result stored, for clients (and bench/queue.sh).
+                h.insert(
+                    "x-shoal-job-latency-ms",
+                    HeaderValue::from(finished_ms.saturating_sub(submitted_ms)),
+                );
                 r
             }
             Ok(Some(JobRecord::Failed {

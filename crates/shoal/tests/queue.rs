@@ -314,7 +314,7 @@ fn rabbitmq_outage_refuses_then_resumes() {
         ),
         listen,
     );
-    let mut accepted = vec![submit(listen, "cpu_ms=1").1.unwrap()];
+    let mut accepted = vec![submit(listen, "cpu_ms=1").1.expect("connected at start")];
     r.stop_node();
     let mut refused = 0;
     wait_until(60, "a 503", || {
@@ -364,4 +364,82 @@ fn rabbitmq_outage_refuses_then_resumes() {
         "0 accepted-but-lost"
     );
     stop(shoal);
+}
+
+/// Jobs end to end through shoal (HTTP submit → broker → demo worker → result store), for
+/// `bench/queue.sh`: prints jobs/s and job latency (accepted → result stored) p50/p99.
+fn bench(broker: Broker, name: &str) {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (jobs, workers, clients) = (env("JOBS", 2000), env("WORKERS", 2), env("SUBMITTERS", 16));
+    let dir = tempdir();
+    let (listen, admin) = (free_port(), free_port());
+    let fleet = format!("min = {workers}\nmax = {workers}\n");
+    let shoal = start(dir.path(), &config(listen, admin, &broker, &fleet), listen);
+    wait_until(60, "workers", || {
+        ready(&api_json(admin, "/api/services/workers")) == workers
+    });
+    let next = Arc::new(AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let ids: Vec<String> = (0..clients)
+        .map(|_| {
+            let next = next.clone();
+            std::thread::spawn(move || {
+                let mut ids = vec![];
+                while next.fetch_add(1, Ordering::SeqCst) < jobs {
+                    ids.push(submit(listen, "cpu_ms=1").1.expect("accepted"));
+                }
+                ids
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let submitted = t0.elapsed();
+    wait_until(600, "every job done", || {
+        jobs_metric(admin, "done") >= jobs as u64
+    });
+    let all_done = t0.elapsed();
+    let mut lat: Vec<u64> = ids
+        .iter()
+        .map(|id| {
+            let (s, head, _) = request(listen, "GET", &format!("/jobs/{id}"), "");
+            assert_eq!(s, 200);
+            head.lines()
+                .find_map(|l| l.strip_prefix("x-shoal-job-latency-ms:"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    lat.sort_unstable();
+    let pct = |q: f64| lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1];
+    println!(
+        "shoal {name}: {jobs} jobs, {workers} workers, {clients} clients: submitted {:.0} jobs/s, end to end {:.0} jobs/s, latency p50 {} ms p99 {} ms",
+        jobs as f64 / submitted.as_secs_f64(),
+        jobs as f64 / all_done.as_secs_f64(),
+        pct(0.5),
+        pct(0.99),
+    );
+    stop(shoal);
+}
+
+#[test]
+#[ignore = "a measurement: run by bench/queue.sh"]
+fn bench_rabbitmq_through_shoal() {
+    let r = Rabbit::start();
+    bench(Broker::Rabbit(r.url()), "rabbitmq");
+}
+
+#[test]
+#[ignore = "a measurement: run by bench/queue.sh"]
+fn bench_kafka_through_shoal() {
+    let t = Tansu::start();
+    bench(Broker::Kafka(t.addr()), "kafka");
 }
