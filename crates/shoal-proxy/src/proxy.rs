@@ -5,12 +5,12 @@
 //! 2. **hygiene** — RFC 9110/9112 checks and the upstream header set ([`crate::hygiene`]);
 //! 3. **route** — host/path/method → target service, path rewrite ([`Service::route`]);
 //!    job URLs (`/jobs/{id}`) on a listener with an async route are answered before it;
-//! 3a. **cache** — answer from cache or plan the fetch ([`crate::cache`]);
-//! 3b. **async** — an async route's request becomes a job: 202 + `Location` once the broker
+//! 4. **cache** — answer from cache or plan the fetch ([`crate::cache`]);
+//! 5. **async** — an async route's request becomes a job: 202 + `Location` once the broker
 //!    confirmed it ([`crate::jobs`]);
-//! 4. **try** — pick an instance, send, retry within budget ([`crate::tries`]);
-//! 5. **respond** — response hygiene ([`crate::hygiene::response_header_kept`]), relay;
-//! 6. **log** — metrics recorded by [`Service::end_try`] and the body guards.
+//! 6. **try** — pick an instance, send, retry within budget ([`crate::tries`]);
+//! 7. **respond** — response hygiene ([`crate::hygiene::response_header_kept`]), relay;
+//! 8. **log** — metrics recorded by [`Service::end_try`] and the body guards.
 //!
 //! Errors become responses in one place, [`ProxyError`].
 

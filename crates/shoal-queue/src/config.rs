@@ -300,7 +300,7 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
             let max_body = match &raw.max_body {
                 None => 1 << 20,
                 Some(s) => match parse_size(s) {
-                    Ok(n) if n >= 1 && n <= 64 << 20 => n as usize,
+                    Ok(n) if (1..=64 << 20).contains(&n) => n as usize,
                     Ok(_) => return Err(err("max_body", "must be between 1B and 64MiB".into())),
                     Err(e) => return Err(err("max_body", e)),
                 },

@@ -225,10 +225,10 @@ impl Queues {
     async fn sample_loop(self: Arc<Self>) {
         loop {
             for q in &self.queues {
-                match tokio::time::timeout(Duration::from_secs(2), q.sampler.sample()).await {
-                    Ok(Some(_)) => q.sampled_at.store(self.now_ms().max(1), Ordering::Relaxed),
-                    // Logged by the sampler; the stale sample makes the scaler hold.
-                    Ok(None) | Err(_) => {}
+                // A failure is logged by the sampler; the stale sample makes the scaler hold.
+                let sample = tokio::time::timeout(Duration::from_secs(2), q.sampler.sample());
+                if let Ok(Some(_)) = sample.await {
+                    q.sampled_at.store(self.now_ms().max(1), Ordering::Relaxed);
                 }
             }
             tokio::select! {
