@@ -141,7 +141,11 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
     for (name, v) in &config.brokers {
         let header = format!("[brokers.{name}]");
         let err = |key: &str, msg: String| {
-            let off = key_offset(text, &header, key);
+            let off = if key.is_empty() {
+                text.find(&header).unwrap_or(0)
+            } else {
+                key_offset(text, &header, key)
+            };
             let f = if key.is_empty() {
                 format!("brokers.{name}")
             } else {
@@ -200,7 +204,11 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
         None => None,
         Some(v) => {
             let err = |key: &str, msg: String| {
-                let off = key_offset(text, "[jobs]", key);
+                let off = if key.is_empty() {
+                    text.find("[jobs]").unwrap_or(0)
+                } else {
+                    key_offset(text, "[jobs]", key)
+                };
                 loc.error(off..off, &format!("jobs.{key}"), msg)
             };
             let raw: RawJobs = v

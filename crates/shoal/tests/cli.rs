@@ -214,3 +214,28 @@ fn metrics_pass_promtool_and_mutations_need_the_token() {
     let (s, _) = get(admin, "/");
     assert_eq!(s, 200, "dashboard");
 }
+
+#[test]
+fn check_validates_async_routes() {
+    let dir = tempdir();
+    let path = dir.path().join("async.toml");
+    std::fs::write(
+        &path,
+        "[brokers.main]\nrabbitmq = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n[services.web]\nlisten = \"127.0.0.1:8080\"\n[[services.web.routes]]\nservice = \"workers\"\nasync = { broker = \"other\" }\n[services.workers]\nbackends = [\"127.0.0.1:9001\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(SHOAL)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:7: services.web.routes[0].async.broker:",
+            path.display()
+        )),
+        "{err}"
+    );
+}
