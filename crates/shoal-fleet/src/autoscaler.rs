@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shoal_proxy::metrics::{Exposition, LATENCY_BUCKETS};
 use shoal_proxy::proxy::Service;
+use shoal_scale::backlog::{BacklogInput, BacklogPolicy};
 use shoal_scale::predictive::{
     FitResult, History, PredictiveConfig, PredictiveMode, PredictivePolicy,
 };
@@ -25,15 +26,33 @@ use crate::provider::Provider;
 enum Live {
     Reactive(Box<ReactivePolicy>),
     Predictive(Box<PredictivePolicy>),
+    /// A worker fleet: sized on the backlog of its queues (it serves no requests).
+    Backlog(Box<BacklogPolicy>),
 }
 
 impl Live {
-    fn evaluate(&mut self, obs: &Observation) -> Decision {
+    fn evaluate(&mut self, obs: &Observation, backlog: Option<u64>) -> Decision {
         match self {
             Live::Reactive(p) => p.evaluate(obs),
             Live::Predictive(p) => p.evaluate(obs),
+            Live::Backlog(p) => p.evaluate(BacklogInput {
+                now_secs: obs.now_secs,
+                wall_epoch_secs: obs.wall_epoch_secs,
+                backlog,
+                ready: obs.ready,
+                starting: obs.starting,
+                current: obs.current_desired,
+            }),
         }
     }
+}
+
+/// Where a worker fleet's backlog comes from: the queues routed to it. Read at each
+/// evaluation, so it must answer at once (a value sampled on its own task).
+pub trait BacklogSource: Send + Sync {
+    /// Jobs waiting or in progress over every queue of the fleet; None when a broker cannot
+    /// say right now (the policy then holds the size).
+    fn backlog(&self) -> Option<u64>;
 }
 
 const WINDOW_SPAN: usize = 900;
@@ -99,6 +118,8 @@ pub struct Autoscaler {
     fitted: Arc<Mutex<Option<FitResult>>>,
     fitting: Arc<std::sync::atomic::AtomicBool>,
     pub fits: shoal_proxy::metrics::Counter,
+    /// The backlog of a worker fleet (`policy = "backlog"`).
+    backlog: Option<Arc<dyn BacklogSource>>,
 }
 
 impl Autoscaler {
@@ -109,6 +130,7 @@ impl Autoscaler {
         fleet: Arc<dyn Provider>,
         spec: &FleetSpec,
         cfg: Autoscale,
+        backlog: Option<Arc<dyn BacklogSource>>,
     ) -> Result<Arc<Autoscaler>, String> {
         let reactive = ReactiveConfig {
             targets: cfg.targets.clone(),
@@ -132,6 +154,19 @@ impl Autoscaler {
             .join("history")
             .join(format!("{}.json", spec.service));
         let policy = match cfg.policy.as_str() {
+            crate::config::BACKLOG_POLICY => {
+                let params = cfg
+                    .backlog
+                    .clone()
+                    .ok_or("backlog policy without parameters")?;
+                if backlog.is_none() {
+                    return Err(format!(
+                        "service {}: policy \"backlog\" needs an async route to this service",
+                        spec.service
+                    ));
+                }
+                Live::Backlog(Box::new(BacklogPolicy::new(params)))
+            }
             "reactive" | "hpa" => Live::Reactive(Box::new(
                 ReactivePolicy::new(&cfg.policy, reactive).map_err(|e| e.to_string())?,
             )),
@@ -226,6 +261,7 @@ impl Autoscaler {
             fitted: Arc::new(Mutex::new(None)),
             fitting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             fits: Default::default(),
+            backlog,
         }))
     }
 
@@ -434,10 +470,11 @@ impl Autoscaler {
                     p.install_fit(r);
                 }
             }
-            let d = policy.evaluate(&obs);
+            let backlog = self.backlog.as_ref().and_then(|b| b.backlog());
+            let d = policy.evaluate(&obs, backlog);
             let job = match &mut *policy {
                 Live::Predictive(p) => p.take_fit_job(),
-                Live::Reactive(_) => None,
+                Live::Reactive(_) | Live::Backlog(_) => None,
             };
             (d, job)
         };
@@ -495,7 +532,7 @@ impl Autoscaler {
     fn save_history(&self) {
         let h = match &*self.policy.lock().expect("policy lock") {
             Live::Predictive(p) => p.history(),
-            Live::Reactive(_) => return,
+            Live::Reactive(_) | Live::Backlog(_) => return,
         };
         let r = (|| -> std::io::Result<()> {
             if let Some(dir) = self.history_file.parent() {
@@ -541,8 +578,8 @@ impl Autoscaler {
                     "forecast": p.forecast(now).into_iter().take(240).collect::<Vec<_>>(),
                 })
             }
-            Live::Reactive(_) => {
-                serde_json::json!({ "forecast": null, "reason": "policy is reactive" })
+            Live::Reactive(_) | Live::Backlog(_) => {
+                serde_json::json!({ "forecast": null, "reason": format!("policy is {}", self.cfg.policy) })
             }
         }
     }

@@ -185,6 +185,12 @@ struct RawAutoscale {
     /// for demos and tests. A whole number of at least 4 history buckets.
     #[serde(default)]
     season: Option<Dur>,
+    /// `policy = "backlog"`: the fleet is active above this backlog (KEDA activation).
+    #[serde(default)]
+    activation: Option<f64>,
+    /// `policy = "backlog"`: idle this long before scaling to zero (KEDA `cooldownPeriod`).
+    #[serde(default)]
+    cooldown: Option<Dur>,
 }
 
 fn default_policy() -> String {
@@ -248,7 +254,12 @@ pub struct Autoscale {
     pub season: Option<Duration>,
     /// The `prometheus` target's query, if there is one.
     pub prometheus: Option<crate::promsource::PromSpec>,
+    /// `policy = "backlog"`: the queue-backlog policy's parameters (bounds from the fleet).
+    pub backlog: Option<shoal_scale::backlog::BacklogParams>,
 }
+
+/// The worker-fleet policy: scales on the backlog of the queues routed to the service.
+pub const BACKLOG_POLICY: &str = shoal_scale::backlog::POLICY_NAME;
 
 /// Everything the fleet needs for one service.
 #[derive(Debug, Clone)]
@@ -494,7 +505,8 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                 .clone()
                 .try_into()
                 .map_err(|e| table_error(&loc, text, name, "autoscale", e))?;
-            if !shoal_scale::POLICY_NAMES.contains(&a.policy.as_str()) {
+            let backlog_policy = a.policy == BACKLOG_POLICY;
+            if !backlog_policy && !shoal_scale::POLICY_NAMES.contains(&a.policy.as_str()) {
                 return Err(field_error(
                     &loc,
                     text,
@@ -502,7 +514,7 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                     "autoscale",
                     "policy",
                     format!(
-                        "unknown policy {:?} (valid: {})",
+                        "unknown policy {:?} (valid: {}, {BACKLOG_POLICY})",
                         a.policy,
                         shoal_scale::POLICY_NAMES.join(", ")
                     ),
@@ -517,11 +529,18 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                     "in_flight" | "in-flight" => MetricKind::InFlight,
                     "latency_p95" | "latency-p95" => MetricKind::LatencyP95,
                     "prometheus" => MetricKind::Prometheus,
+                    // The backlog policy's one metric: jobs per instance.
+                    "backlog" => MetricKind::InFlight,
                     other => {
-                        return Err(field_error(&loc, text, name, "autoscale", "targets", format!("unknown metric {other:?} (valid: cpu, rps, in_flight, latency_p95, prometheus)")));
+                        return Err(field_error(&loc, text, name, "autoscale", "targets", format!("unknown metric {other:?} (valid: cpu, rps, in_flight, latency_p95, prometheus, backlog)")));
                     }
                 };
                 let bad = |msg: String| field_error(&loc, text, name, "autoscale", "targets", msg);
+                if (t.metric == "backlog") != backlog_policy {
+                    return Err(bad(
+                        "metric \"backlog\" goes with policy = \"backlog\", and only it".into(),
+                    ));
+                }
                 if kind == MetricKind::Prometheus {
                     prometheus = Some(prom_spec(t).map_err(bad)?);
                 } else if t.query.is_some() || t.server.is_some() || t.timeout.is_some() {
@@ -548,13 +567,57 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                     target: t.target,
                 });
             }
+            let backlog = if backlog_policy {
+                let target = targets.first().map_or(5.0, |t| t.target);
+                let activation = a.activation.unwrap_or(0.0);
+                if !(activation >= 0.0 && activation.is_finite()) {
+                    return Err(field_error(
+                        &loc,
+                        text,
+                        name,
+                        "autoscale",
+                        "activation",
+                        "must be a number >= 0".into(),
+                    ));
+                }
+                Some(shoal_scale::backlog::BacklogParams {
+                    target_per_instance: target,
+                    activation,
+                    min: fleet.min,
+                    max: fleet.max,
+                    cooldown_secs: a.cooldown.map_or(300.0, |d| d.0.as_secs_f64()),
+                    scale_down_window_secs: a.scale_down_stabilization.0.as_secs_f64(),
+                    tolerance: a.tolerance,
+                })
+            } else {
+                for (key, set) in [
+                    ("activation", a.activation.is_some()),
+                    ("cooldown", a.cooldown.is_some()),
+                ] {
+                    if set {
+                        return Err(field_error(
+                            &loc,
+                            text,
+                            name,
+                            "autoscale",
+                            key,
+                            format!("{key} belongs to policy = \"{BACKLOG_POLICY}\""),
+                        ));
+                    }
+                }
+                None
+            };
             if targets.is_empty() {
                 targets.push(MetricTarget {
                     kind: MetricKind::Cpu,
                     target: 0.7,
                 });
             }
-            if a.policy != "reactive" && a.policy != "hpa" && a.capacity_rps.is_none() {
+            if !backlog_policy
+                && a.policy != "reactive"
+                && a.policy != "hpa"
+                && a.capacity_rps.is_none()
+            {
                 return Err(field_error(
                     &loc,
                     text,
@@ -626,6 +689,7 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                 history_bucket: a.history_bucket.map(|d| d.0),
                 season: a.season.map(|d| d.0),
                 prometheus,
+                backlog,
             })
         }
     };
@@ -756,6 +820,41 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.field, "services.web.fleet.provider", "{e}");
         assert_eq!(e.line, 4, "{e}");
+    }
+
+    #[test]
+    fn backlog_policy_parses_and_stays_apart() {
+        let fleet = "[services.w]\n[services.w.fleet]\ncommand = \"shoal demo-service\"\nmin = 0\nmax = 4\n[services.w.autoscale]\n";
+        let c = Config::parse(Path::new("f.toml"), &format!("{fleet}policy = \"backlog\"\ntargets = [{{ metric = \"backlog\", target = 10 }}]\nactivation = 2\ncooldown = \"30s\"\n")).unwrap();
+        let a = fleet_spec(&c, &c.services[0])
+            .unwrap()
+            .unwrap()
+            .autoscale
+            .unwrap();
+        let b = a.backlog.unwrap();
+        assert_eq!(
+            (b.target_per_instance, b.activation, b.min, b.max),
+            (10.0, 2.0, 0, 4)
+        );
+        assert_eq!(b.cooldown_secs, 30.0);
+        for (extra, field, line) in [
+            (
+                "policy = \"reactive\"\ntargets = [{ metric = \"backlog\", target = 1 }]\n",
+                "targets",
+                8,
+            ),
+            (
+                "policy = \"backlog\"\ntargets = [{ metric = \"cpu\", target = 1 }]\n",
+                "targets",
+                8,
+            ),
+            ("cooldown = \"10s\"\n", "cooldown", 7),
+        ] {
+            let c = Config::parse(Path::new("f.toml"), &format!("{fleet}{extra}")).unwrap();
+            let e = fleet_spec(&c, &c.services[0]).unwrap_err();
+            assert_eq!(e.field, format!("services.w.autoscale.{field}"), "{e}");
+            assert_eq!(e.line, line, "{e}");
+        }
     }
 
     #[test]

@@ -46,9 +46,50 @@ pub struct Fleets {
     registry: Option<Arc<supervise::Registry>>,
 }
 
+/// What other parts of shoal attach to fleets: worker fleets of async routes get their
+/// instances announced to a worker set too, and their backlog for the `backlog` policy.
+#[derive(Default, Clone)]
+pub struct FleetHooks {
+    /// Per service: a membership fed besides the service's pool.
+    pub members: std::collections::BTreeMap<String, Arc<dyn Membership>>,
+    /// Per service: the backlog its `backlog` autoscaler reads.
+    pub backlog: std::collections::BTreeMap<String, Arc<dyn autoscaler::BacklogSource>>,
+}
+
+/// Announces every membership change to the pool and to one more sink; a removal waits for
+/// both drains.
+struct Tee(Arc<dyn Membership>, Arc<dyn Membership>);
+
+impl Membership for Tee {
+    fn add(&self, id: &str, addr: std::net::SocketAddr) {
+        self.0.add(id, addr);
+        self.1.add(id, addr);
+    }
+    fn ready(&self, id: &str) {
+        self.0.ready(id);
+        self.1.ready(id);
+    }
+    fn remove(&self, id: &str, drain: Duration) -> provider::BoxFuture<'_, u64> {
+        let (a, b) = (self.0.remove(id, drain), self.1.remove(id, drain));
+        Box::pin(async move {
+            let (a, b) = tokio::join!(a, b);
+            a + b
+        })
+    }
+}
+
 impl Fleets {
     /// Starts the fleets the config describes, on services `app` already runs.
     pub fn start(app: &Arc<App>, config: &Config) -> Result<Arc<Fleets>, String> {
+        Fleets::start_with(app, config, &FleetHooks::default())
+    }
+
+    /// [`Fleets::start`] with the worker sets and backlogs of async routes attached.
+    pub fn start_with(
+        app: &Arc<App>,
+        config: &Config,
+        hooks: &FleetHooks,
+    ) -> Result<Arc<Fleets>, String> {
         let specs = fleet_specs(config).map_err(|e| e.to_string())?;
         let (stop, stop_rx) = watch::channel(false);
         let mut managed = Vec::new();
@@ -78,13 +119,18 @@ impl Fleets {
             }
             let autoscale = spec.autoscale.clone();
             let registry = registry.clone().expect("registry for process fleets");
-            let fleet = ProcessFleet::new(spec.clone(), service.pool.clone(), registry)
-                .map_err(|e| e.to_string())?;
+            let members: Arc<dyn Membership> = match hooks.members.get(&spec.service) {
+                Some(extra) => Arc::new(Tee(service.pool.clone(), extra.clone())),
+                None => service.pool.clone(),
+            };
+            let fleet =
+                ProcessFleet::new(spec.clone(), members, registry).map_err(|e| e.to_string())?;
             tokio::spawn(fleet.clone().run());
             tokio::spawn(fleet.clone().run_vertical());
             let autoscaler = match autoscale {
                 Some(cfg) => {
-                    let a = Autoscaler::new(service, fleet.clone(), &spec, cfg)?;
+                    let backlog = hooks.backlog.get(&spec.service).cloned();
+                    let a = Autoscaler::new(service, fleet.clone(), &spec, cfg, backlog)?;
                     tokio::spawn(a.clone().run(stop_rx.clone()));
                     Some(a)
                 }

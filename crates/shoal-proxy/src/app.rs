@@ -68,6 +68,8 @@ pub struct App {
     /// Cache phases by owner (`service` or `service\0listener#route`), kept across reloads
     /// while their settings do not change, so their counters carry on.
     caches: Mutex<BTreeMap<String, Arc<shoal_cache::Cache>>>,
+    /// The job system async routes hand their requests to (installed by the binary).
+    jobs: Mutex<Option<Arc<dyn crate::jobs::Jobs>>>,
 }
 
 /// Why a config could not be applied (the running one stays).
@@ -122,6 +124,7 @@ impl App {
             validator: Mutex::new(None),
             cache_store: Mutex::new(None),
             caches: Mutex::new(BTreeMap::new()),
+            jobs: Mutex::new(None),
         })
     }
 
@@ -136,6 +139,13 @@ impl App {
     /// Sets the cache store (before services start); the quick-mode flags use this.
     pub fn set_cache_store(&self, s: Arc<shoal_cache::CacheStore>) {
         *self.cache_store.lock().expect("lock") = Some(s);
+    }
+
+    /// Installs the job system of async routes (before services start; routes pick it up
+    /// whenever they are rebuilt).
+    pub fn set_jobs(&self, j: Arc<dyn crate::jobs::Jobs>) {
+        *self.jobs.lock().expect("lock") = Some(j);
+        self.rebuild_routes();
     }
 
     pub fn cache_store(&self) -> Option<Arc<shoal_cache::CacheStore>> {
@@ -263,6 +273,7 @@ impl App {
     /// Rebuilds every listener's route table from the running services' configs.
     fn rebuild_routes(&self) {
         let services = self.services.lock().expect("lock");
+        let jobs = self.jobs.lock().expect("lock").clone();
         for r in services.values() {
             let cfg = r.service.config.load();
             r.service
@@ -272,23 +283,40 @@ impl App {
                 r.service.routes.store(None);
                 continue;
             }
-            let routes = cfg
+            let routes: Vec<_> = cfg
                 .routes
                 .iter()
                 .enumerate()
                 .filter_map(|(i, rc)| {
                     let target = services.get(&rc.service)?.service.clone();
                     let owner = format!("{}\0{}#{i}", rc.service, r.service.name);
+                    let async_phase = match (rc.extra.contains_key("async"), &jobs) {
+                        (false, _) => crate::route::AsyncPhase::Off,
+                        (true, Some(j)) => j
+                            .sink(rc)
+                            .map_or(crate::route::AsyncPhase::Unavailable, |s| {
+                                crate::route::AsyncPhase::Sink(s)
+                            }),
+                        (true, None) => crate::route::AsyncPhase::Unavailable,
+                    };
                     Some(crate::route::Route {
                         config: rc.clone(),
                         target,
                         cache: self.cache_for(owner, &rc.cache),
+                        jobs: async_phase,
                     })
                 })
                 .collect();
-            r.service
-                .routes
-                .store(Some(Arc::new(crate::route::RouteTable::new(routes))));
+            let mut table = crate::route::RouteTable::new(routes);
+            // A listener with an async route answers its job URLs.
+            if table
+                .routes()
+                .iter()
+                .any(|r| !matches!(r.jobs, crate::route::AsyncPhase::Off))
+            {
+                table.jobs = jobs.clone();
+            }
+            r.service.routes.store(Some(Arc::new(table)));
         }
     }
 

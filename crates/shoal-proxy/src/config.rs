@@ -497,6 +497,12 @@ struct RawConfig {
     /// The cache store every `cache` table uses: `memory = "256MiB"`, `redis = "redis://..."`.
     #[serde(default)]
     cache: Option<RawCacheStore>,
+    /// Message brokers of async routes (`[brokers.NAME]`), validated by their owner.
+    #[serde(default)]
+    brokers: BTreeMap<String, toml::Value>,
+    /// Where job results live (`[jobs]`), validated by its owner.
+    #[serde(default)]
+    jobs: Option<toml::Value>,
     #[serde(default)]
     services: BTreeMap<String, RawService>,
 }
@@ -609,6 +615,10 @@ pub struct Config {
     pub buffer_memory: u64,
     /// `[cache]`, if present.
     pub cache: Option<CacheStoreConfig>,
+    /// `[brokers.NAME]` tables (async routes), as written.
+    pub brokers: BTreeMap<String, toml::Value>,
+    /// The `[jobs]` table (the job result store), as written.
+    pub jobs: Option<toml::Value>,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -1054,6 +1064,8 @@ impl Config {
             admin: raw.admin,
             buffer_memory,
             cache,
+            brokers: raw.brokers,
+            jobs: raw.jobs,
             services,
         })
     }

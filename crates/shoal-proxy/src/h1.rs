@@ -153,10 +153,17 @@ fn plan_request(
         // Past the memory budget: the general path streams it.
         return Parsed::Handover;
     };
+    // Job URLs and async routes are the general path's (their phase runs there).
+    if svc.jobs_for(method, path).is_some() {
+        return Parsed::Handover;
+    }
     let routed = match svc.route(facts.authority, method, path) {
         Ok(r) => r,
         Err(e) => return Parsed::Reject(e, log()),
     };
+    if !matches!(routed.jobs, crate::route::AsyncPhase::Off) {
+        return Parsed::Handover;
+    }
     if let Some(cache) = &routed.cache {
         let m = match method {
             "GET" => Some(&http::Method::GET),

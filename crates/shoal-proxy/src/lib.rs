@@ -17,6 +17,7 @@ mod h1;
 pub mod health;
 pub mod history;
 pub mod hygiene;
+pub mod jobs;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

@@ -4,9 +4,13 @@
 //! 1. **admit** — connection and head limits (`server.rs`, [`crate::hygiene::inspect`]);
 //! 2. **hygiene** — RFC 9110/9112 checks and the upstream header set ([`crate::hygiene`]);
 //! 3. **route** — host/path/method → target service, path rewrite ([`Service::route`]);
-//! 4. **try** — pick an instance, send, retry within budget ([`crate::tries`]);
-//! 5. **respond** — response hygiene ([`crate::hygiene::response_header_kept`]), relay;
-//! 6. **log** — metrics recorded by [`Service::end_try`] and the body guards.
+//!    job URLs (`/jobs/{id}`) on a listener with an async route are answered before it;
+//! 4. **cache** — answer from cache or plan the fetch ([`crate::cache`]);
+//! 5. **async** — an async route's request becomes a job: 202 + `Location` once the broker
+//!    confirmed it ([`crate::jobs`]);
+//! 6. **try** — pick an instance, send, retry within budget ([`crate::tries`]);
+//! 7. **respond** — response hygiene ([`crate::hygiene::response_header_kept`]), relay;
+//! 8. **log** — metrics recorded by [`Service::end_try`] and the body guards.
 //!
 //! Errors become responses in one place, [`ProxyError`].
 
@@ -140,6 +144,8 @@ pub(crate) struct Routed {
     pub prefix: Option<String>,
     /// The cache phase that applies (the route's, or the service's own without routes).
     pub cache: Option<Arc<shoal_cache::Cache>>,
+    /// The async phase of the route.
+    pub jobs: crate::route::AsyncPhase,
 }
 
 impl Service {
@@ -220,6 +226,7 @@ impl Service {
                 path: None,
                 prefix: None,
                 cache: self.cache.load_full(),
+                jobs: crate::route::AsyncPhase::Off,
             });
         };
         let m = table.find(host, method, path).ok_or(ProxyError::NotFound)?;
@@ -233,7 +240,18 @@ impl Service {
             path: m.path,
             prefix,
             cache: m.route.cache.clone(),
+            jobs: m.route.jobs.clone(),
         })
+    }
+
+    /// The job system answering `/jobs/{id}` on this listener, when `path` is a job URL
+    /// there (a listener with an async route answers them before routing).
+    pub(crate) fn jobs_for(&self, method: &str, path: &str) -> Option<Arc<dyn crate::jobs::Jobs>> {
+        if method != "GET" && method != "HEAD" {
+            return None;
+        }
+        crate::jobs::job_id(path)?;
+        self.routes.load().as_ref()?.jobs.clone()
     }
 
     /// Handles one client request on this (listening) service; never fails (errors are
@@ -351,6 +369,14 @@ impl Service {
                 .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()))
         };
         let facts = hygiene::inspect(&line, pairs(), &lcfg, peer.ip()).map_err(|e| (None, e))?;
+        // Job URLs are the listener's own, answered before routing.
+        if let Some(jobs) = self.jobs_for(line.method, path_and_query) {
+            let id = crate::jobs::job_id(path_and_query).unwrap_or_default();
+            self.metrics.requests.inc();
+            let r = jobs.lookup(id).await;
+            self.metrics.local.inc(r.status().as_u16());
+            return Ok(crate::cache::full(r));
+        }
         let routed = self
             .route(facts.authority, line.method, path_and_query)
             .map_err(|e| (None, e))?;
@@ -435,6 +461,51 @@ impl Service {
             }
         }
         drop(facts);
+        // The async phase: the request becomes a job; the client gets the job's URL.
+        match &routed.jobs {
+            crate::route::AsyncPhase::Off => {}
+            crate::route::AsyncPhase::Unavailable => return Err(fail(ProxyError::NoInstance)),
+            crate::route::AsyncPhase::Sink(sink) => {
+                let limit = sink.max_body() as u64;
+                let body = match (body, body_kind) {
+                    (ReqBody::Read(b), _) if b.len() as u64 > limit => {
+                        return Err(fail(ProxyError::PayloadTooLarge))
+                    }
+                    (ReqBody::Read(b), _) => b,
+                    (_, BodyKind::None) => Bytes::new(),
+                    (_, BodyKind::Length(n)) if n > limit => {
+                        return Err(fail(ProxyError::PayloadTooLarge))
+                    }
+                    (ReqBody::Incoming(body), _) => read_body(
+                        body,
+                        lcfg.timeouts.body_read.0,
+                        limit,
+                        ProxyError::PayloadTooLarge,
+                    )
+                    .await
+                    .map_err(fail)?,
+                };
+                let key = parts
+                    .headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let job = crate::jobs::JobRequest {
+                    method: parts.method.as_str().to_string(),
+                    path_and_query: target.to_string(),
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| {
+                            (k.as_str().to_string(), Bytes::copy_from_slice(v.as_bytes()))
+                        })
+                        .collect(),
+                    body,
+                };
+                let r = sink.submit(job, key).await;
+                svc.metrics.local.inc(r.status().as_u16());
+                return Ok(crate::cache::full(r));
+            }
+        }
         let on_upgrade = if upgrade.is_some() {
             parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
         } else {
@@ -453,7 +524,10 @@ impl Service {
             (ReqBody::Incoming(body), BodyKind::Length(n)) if n <= REPLAY_LIMIT => {
                 match BufferPermit::take(n) {
                     Some(p) => {
-                        let b = read_small_body(body, body_read).await.map_err(fail)?;
+                        let over = ProxyError::BodyFault("request body longer than declared");
+                        let b = read_body(body, body_read, REPLAY_LIMIT, over)
+                            .await
+                            .map_err(fail)?;
                         (Some(b), None, Some(p))
                     }
                     None => (
@@ -746,7 +820,13 @@ fn response_hygiene(h: &mut HeaderMap) {
 
 /// Reads a small body whole, each read within `timeout`: the client's fault (400/408) if it
 /// ends early or stalls.
-async fn read_small_body(mut body: Incoming, timeout: Duration) -> Result<Bytes, ProxyError> {
+/// Reads a whole request body of at most `limit` bytes (`over` past it).
+async fn read_body(
+    mut body: Incoming,
+    timeout: Duration,
+    limit: u64,
+    over: ProxyError,
+) -> Result<Bytes, ProxyError> {
     let mut buf = bytes::BytesMut::new();
     loop {
         match tokio::time::timeout(timeout, body.frame()).await {
@@ -755,8 +835,8 @@ async fn read_small_body(mut body: Incoming, timeout: Duration) -> Result<Bytes,
             Ok(Some(Err(_))) => return Err(ProxyError::BodyFault("request body ended early")),
             Ok(Some(Ok(f))) => {
                 if let Ok(d) = f.into_data() {
-                    if (buf.len() + d.len()) as u64 > REPLAY_LIMIT {
-                        return Err(ProxyError::BodyFault("request body longer than declared"));
+                    if (buf.len() + d.len()) as u64 > limit {
+                        return Err(over);
                     }
                     buf.extend_from_slice(&d);
                 }

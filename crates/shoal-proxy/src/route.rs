@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use crate::config::RouteConfig;
+use crate::jobs::{JobSink, Jobs};
 use crate::proxy::Service;
 
 /// One route, resolved to its target service.
@@ -16,12 +17,28 @@ pub struct Route {
     pub target: Arc<Service>,
     /// The route's cache phase, if its config has a `cache` table.
     pub cache: Option<Arc<shoal_cache::Cache>>,
+    /// The route's async phase, if its config has an `async` table.
+    pub jobs: AsyncPhase,
+}
+
+/// What the async phase does with a route's requests.
+#[derive(Clone, Default)]
+pub enum AsyncPhase {
+    /// Not an async route: requests go to an instance.
+    #[default]
+    Off,
+    /// Requests become jobs on this sink.
+    Sink(Arc<dyn JobSink>),
+    /// An async route without a job system to take its jobs: 503, never a synchronous try.
+    Unavailable,
 }
 
 /// The routes of one listener, in matching order.
 #[derive(Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
+    /// Answers `/jobs/{id}` before routing: set when a route is async.
+    pub jobs: Option<Arc<dyn Jobs>>,
 }
 
 /// A request matched to a route: where it goes and the path it goes with.
@@ -92,7 +109,7 @@ impl RouteTable {
                 .then(b.prefix.len().cmp(&a.prefix.len()))
                 .then(b.methods.is_empty().cmp(&a.methods.is_empty()).reverse())
         });
-        RouteTable { routes }
+        RouteTable { routes, jobs: None }
     }
 
     pub fn routes(&self) -> &[Route] {
@@ -159,6 +176,7 @@ mod tests {
                 Algorithm::RoundRobin,
             )),
             cache: None,
+            jobs: Default::default(),
         }
     }
 

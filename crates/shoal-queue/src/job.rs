@@ -8,15 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-/// A request captured for asynchronous execution.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobRequest {
-    pub method: String,
-    /// Path plus `?query` when there is one, as the worker will receive it.
-    pub path_and_query: String,
-    pub headers: Vec<(String, Bytes)>,
-    pub body: Bytes,
-}
+/// A request captured for asynchronous execution (the proxy's async phase builds it).
+pub use shoal_proxy::jobs::JobRequest;
 
 /// A job as published to the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,22 +11,25 @@
 //! - [`dispatch`]: consume → call a worker → store → ack, with retries and dead-lettering;
 //! - [`backlog`]: the pure scaling policy and the backlog sampler.
 //!
-//! Wiring (what the binary does for a route with an `async` table): build one broker
-//! ([`amqp::AmqpBroker::start`] or [`kafka::KafkaBroker::start`]) and one [`Store`] per
-//! queue; a [`Submitter`] answers the route (`handle_submit`) and `GET /jobs/{id}`
-//! (`handle_job`); a [`WorkerSet`] is the worker fleet's `shoal_fleet::Membership`; a
-//! [`Dispatcher`] runs on it; [`backlog::run_scaler`] sizes the fleet's `Provider`;
-//! [`metrics::QueueCollector`] joins the admin `/metrics`.
+//! Wiring ([`runtime::Queues`], from [`config`]'s `[brokers]`, `[jobs]` and route `async`
+//! tables): one broker connection and [`Submitter`] per async route, answering the proxy's
+//! async phase (`shoal_proxy::jobs::Jobs`) and `GET /jobs/{id}`; a [`WorkerSet`] per worker
+//! service, fed by its fleet (`shoal_fleet::FleetHooks`); a [`Dispatcher`] per queue; the
+//! backlog sampled every second for `shoal_queue_depth` and the fleet's `backlog` policy
+//! (`shoal_scale::backlog`, run by the fleet's autoscaler); [`metrics::QueueCollector`] on
+//! the admin `/metrics`.
 #![forbid(unsafe_code)]
 
 pub mod amqp;
 pub mod backlog;
 pub mod broker;
+pub mod config;
 pub mod dispatch;
 pub mod job;
 pub mod kafka;
 pub mod metrics;
 pub mod offsets;
+pub mod runtime;
 pub mod store;
 pub mod submit;
 
@@ -34,6 +37,7 @@ pub use broker::{Broker, BrokerState, Delivery};
 pub use dispatch::{Dispatcher, DispatcherConfig, WorkerSet, Workers};
 pub use job::{Envelope, JobRecord, JobRequest, StoredResponse};
 pub use metrics::QueueMetrics;
+pub use runtime::Queues;
 pub use store::{RedbStore, RedisStore, Store};
 pub use submit::{SubmitConfig, SubmitError, Submitter};
 

@@ -69,6 +69,14 @@ impl RedbStore {
         })
     }
 
+    /// The same file with another TTL (one database per file; queues differ in TTL).
+    pub fn with_ttl(&self, ttl: Duration) -> RedbStore {
+        RedbStore {
+            db: self.db.clone(),
+            ttl,
+        }
+    }
+
     fn expiry(&self) -> u64 {
         now_ms().saturating_add(self.ttl.as_millis() as u64)
     }
@@ -258,6 +266,14 @@ impl RedisStore {
             prefix: prefix.to_string(),
             ttl_secs: ttl.as_secs().max(1),
         })
+    }
+
+    /// The same connection with another TTL.
+    pub fn with_ttl(&self, ttl: Duration) -> RedisStore {
+        RedisStore {
+            ttl_secs: ttl.as_secs().max(1),
+            ..self.clone()
+        }
     }
 
     fn job_key(&self, id: &str) -> String {

@@ -218,7 +218,7 @@ impl Submitter {
             .get("idempotency-key")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let headers = parts
+        let headers: Vec<_> = parts
             .headers
             .iter()
             .filter(|(k, _)| !DROP.contains(&k.as_str()))
@@ -235,7 +235,12 @@ impl Submitter {
             headers,
             body,
         };
-        match self.submit(job, key.as_deref()).await {
+        self.respond(job, key.as_deref()).await
+    }
+
+    /// Submits a captured request and answers 202 with `Location`, 413 or 503.
+    pub async fn respond(&self, job: JobRequest, key: Option<&str>) -> Response<Full<Bytes>> {
+        match self.submit(job, key).await {
             Ok(a) => {
                 let loc = format!("{}{}", self.cfg.jobs_path, a.id);
                 let body = format!(
@@ -271,7 +276,10 @@ impl Submitter {
                 r
             }
             Ok(Some(JobRecord::Done {
-                response, attempts, ..
+                response,
+                attempts,
+                submitted_ms,
+                finished_ms,
             })) => {
                 let mut r = Response::new(Full::new(response.body));
                 *r.status_mut() =
@@ -286,6 +294,11 @@ impl Submitter {
                     }
                 }
                 h.insert("x-shoal-job-attempts", HeaderValue::from(attempts));
+                // Accepted → result stored, for clients (and bench/queue.sh).
+                h.insert(
+                    "x-shoal-job-latency-ms",
+                    HeaderValue::from(finished_ms.saturating_sub(submitted_ms)),
+                );
                 r
             }
             Ok(Some(JobRecord::Failed {

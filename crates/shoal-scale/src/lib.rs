@@ -20,6 +20,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod backlog;
 pub mod forecast;
 pub mod predictive;
 pub mod reactive;

@@ -115,6 +115,7 @@ pub fn run_quick(args: ProxyArgs) -> anyhow::Result<()> {
 pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     let config = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     shoal_fleet::fleet_specs(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    shoal_queue::runtime::validate(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(config)
 }
 
@@ -128,15 +129,24 @@ pub fn run_config(path: &Path, threads: Option<usize>) -> anyhow::Result<()> {
         let app = App::new(Some(path.to_path_buf()), token);
         // A reload must pass the same checks as a start, fleet tables included.
         app.set_validator(Box::new(|c| {
-            shoal_fleet::fleet_specs(c)
+            shoal_fleet::fleet_specs(c).map_err(|e| e.to_string())?;
+            shoal_queue::runtime::validate(c)
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         }));
+        // Async routes hand their requests to the queues: installed before services start.
+        let queues = shoal_queue::Queues::start(&config)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        app.set_jobs(queues.clone());
+        app.add_collector(queues.clone());
+        app.add_extension(queues.clone());
         app.start(&config).await?;
         // Instances join their cgroups through `shoal _exec`; a watchdog stops them if
         // shoal dies.
         shoal_fleet::supervise::enable_helpers();
-        let fleets = shoal_fleet::Fleets::start(&app, &config).map_err(|e| anyhow::anyhow!(e))?;
+        let fleets = shoal_fleet::Fleets::start_with(&app, &config, &queues.fleet_hooks())
+            .map_err(|e| anyhow::anyhow!(e))?;
         let on_reload = fleets.clone();
         app.set_on_reload(Box::new(move |c| on_reload.reload(c)));
         let deadline = config
@@ -150,10 +160,14 @@ pub fn run_config(path: &Path, threads: Option<usize>) -> anyhow::Result<()> {
             fleets.kill_now();
             return Ok(());
         }
-        // Clients are drained; now drain and stop the instances. A second SIGTERM/SIGINT
-        // meanwhile stops them at once (SIGKILL to each instance's group and cgroup).
+        // Clients are drained; now drain and stop the instances (jobs already taken finish
+        // first; unfinished ones stay on the broker). A second SIGTERM/SIGINT meanwhile
+        // stops them at once (SIGKILL to each instance's group and cgroup).
         tokio::select! {
-            _ = fleets.shutdown(deadline + Duration::from_secs(15)) => {}
+            _ = async {
+                queues.shutdown(deadline).await;
+                fleets.shutdown(deadline + Duration::from_secs(15)).await;
+            } => {}
             _ = second_signal() => {
                 tracing::warn!("second signal: stopping instances now");
                 fleets.kill_now();

@@ -314,6 +314,52 @@ pub fn render_cache(c: &Value) -> String {
     )
 }
 
+/// The async queues, from `/api/queues`: depth, broker state, workers, job outcomes. Empty
+/// when there are none.
+pub fn render_queues(v: &Value, max: Option<usize>) -> String {
+    let Some(qs) = v["queues"].as_array().filter(|q| !q.is_empty()) else {
+        return String::new();
+    };
+    let cols = [
+        text("QUEUE", 6),
+        text("BROKER", 6),
+        text("STATE", 6),
+        num("DEPTH"),
+        text("WORKERS", 7),
+        num("DONE"),
+        num("DUPS"),
+        num("DEAD"),
+        num("REFUSED"),
+    ];
+    let n = |x: &Value| x.as_u64().map_or("-".to_string(), |n| n.to_string());
+    let rows: Vec<Vec<String>> = qs
+        .iter()
+        .map(|q| {
+            vec![
+                q["queue"].as_str().unwrap_or("?").to_string(),
+                format!(
+                    "{} ({})",
+                    q["broker"].as_str().unwrap_or("?"),
+                    q["kind"].as_str().unwrap_or("?")
+                ),
+                q["state"].as_str().unwrap_or("?").to_string(),
+                n(&q["depth"]),
+                format!(
+                    "{}: {}/{}",
+                    q["worker_service"].as_str().unwrap_or("?"),
+                    q["workers"]["ready"],
+                    q["workers"]["total"]
+                ),
+                n(&q["jobs"]["done"]),
+                n(&q["jobs"]["duplicated"]),
+                n(&q["jobs"]["dead_lettered"]),
+                n(&q["jobs"]["rejected"]),
+            ]
+        })
+        .collect();
+    format!("queues:\n{}", table(&cols, &rows, 2, max))
+}
+
 /// The terminal's width: `COLUMNS`, else `stty size` on the controlling terminal; None when
 /// there is no terminal (output to a pipe is not cut).
 fn terminal_width() -> Option<usize> {
@@ -352,6 +398,9 @@ pub fn run(admin: SocketAddr, json: bool, watch: Option<f64>) -> anyhow::Result<
             if let Some(c) = &cache {
                 print!("{}", render_cache(c));
             }
+            if let Ok(q) = fetch(admin, "/api/queues") {
+                print!("{}", render_queues(&q, terminal_width().filter(|_| tty)));
+            }
         }
         return Ok(());
     };
@@ -380,6 +429,11 @@ pub fn run(admin: SocketAddr, json: bool, watch: Option<f64>) -> anyhow::Result<
             // Keep watching: shoal may be restarting.
             Err(e) => {
                 let _ = writeln!(frame, "{e:#}\x1b[K");
+            }
+        }
+        if let Ok(q) = fetch(admin, "/api/queues") {
+            for l in render_queues(&q, width).lines() {
+                let _ = writeln!(frame, "{l}\x1b[K");
             }
         }
         frame.push_str("\x1b[J");
@@ -471,6 +525,30 @@ mod tests {
         let second = render(&v(60), Some(100), Some(&mut c));
         let row = second.lines().find(|l| l.contains("w1")).unwrap();
         assert!(row.contains("50.0"), "{second}");
+    }
+
+    #[test]
+    fn queues_show_depth_broker_state_and_workers() {
+        let v = serde_json::json!({"queues": [{
+            "queue": "work", "broker": "rabbit", "kind": "rabbitmq", "state": "disconnected",
+            "depth": null, "worker_service": "workers", "workers": {"ready": 2, "total": 3},
+            "jobs": {"done": 10, "duplicated": 1, "dead_lettered": 0, "rejected": 4}
+        }]});
+        let t = super::render_queues(&v, None);
+        let row = t.lines().find(|l| l.contains("work ")).unwrap();
+        for cell in [
+            "rabbit (rabbitmq)",
+            "disconnected",
+            "workers: 2/3",
+            " 10",
+            " 4",
+        ] {
+            assert!(row.contains(cell), "{cell}: {t}");
+        }
+        assert_eq!(
+            super::render_queues(&serde_json::json!({"queues": []}), None),
+            ""
+        );
     }
 
     #[test]

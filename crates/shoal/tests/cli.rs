@@ -303,3 +303,28 @@ fn log_format_json_writes_every_line_as_json_with_the_access_log() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("json"));
 }
+
+#[test]
+fn check_validates_async_routes() {
+    let dir = tempdir();
+    let path = dir.path().join("async.toml");
+    std::fs::write(
+        &path,
+        "[brokers.main]\nrabbitmq = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n[services.web]\nlisten = \"127.0.0.1:8080\"\n[[services.web.routes]]\nservice = \"workers\"\nasync = { broker = \"other\" }\n[services.workers]\nbackends = [\"127.0.0.1:9001\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(SHOAL)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:7: services.web.routes[0].async.broker:",
+            path.display()
+        )),
+        "{err}"
+    );
+}

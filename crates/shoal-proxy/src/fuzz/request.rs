@@ -70,6 +70,7 @@ pub(super) fn variants() -> Vec<Variant> {
         },
         target: Service::new(quick(to)),
         cache: None,
+        jobs: Default::default(),
     };
     let cfg = quick("web");
     let svc = Service::new(cfg.clone());

@@ -175,6 +175,7 @@ fn route_find_matches_the_model() {
                     },
                     target: Arc::clone(&target),
                     cache: None,
+                    jobs: Default::default(),
                 })
                 .collect();
             let configs: Vec<RouteConfig> = routes.iter().map(|r| r.config.clone()).collect();

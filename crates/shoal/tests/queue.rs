@@ -1,0 +1,457 @@
+//! Async routes through the real `shoal` binary: jobs through RabbitMQ and Kafka (tansu),
+//! worker fleets of demo-service instances, results across restarts, worker kills, backlog
+//! scaling from and to zero, and a broker outage.
+
+mod common;
+
+#[path = "../../shoal-queue/tests/common/brokers.rs"]
+mod brokers;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use brokers::{Rabbit, Tansu};
+use common::*;
+
+/// `[brokers.b]` for RabbitMQ or Kafka.
+enum Broker {
+    Rabbit(String),
+    Kafka(String),
+}
+
+impl Broker {
+    fn table(&self) -> String {
+        match self {
+            Broker::Rabbit(url) => format!("[brokers.b]\nrabbitmq = \"{url}\"\n"),
+            Broker::Kafka(addr) => format!("[brokers.b]\nkafka = \"{addr}\"\npartitions = 2\n"),
+        }
+    }
+}
+
+/// An async route `POST /async/...` → queue `work` → the `workers` fleet (`fleet` tables).
+fn config(listen: u16, admin: u16, broker: &Broker, workers: &str) -> String {
+    format!(
+        r#"[admin]
+listen = "127.0.0.1:{admin}"
+
+{broker}
+[services.web]
+listen = "127.0.0.1:{listen}"
+
+[[services.web.routes]]
+prefix = "/async"
+methods = ["POST"]
+service = "workers"
+strip_prefix = true
+async = {{ queue = "work", max_attempts = 4, max_body = "4KiB", concurrency = 16, attempt_timeout = "10s" }}
+
+[services.workers.fleet]
+command = "shoal demo-service"
+health_path = "/healthz"
+startup_timeout = "20s"
+stop_grace = "2s"
+{workers}
+
+[services.workers.timeouts]
+drain = "10s"
+"#,
+        broker = broker.table()
+    )
+}
+
+const FIXED: &str = "min = 2\nmax = 2\n";
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Full response of one request: (status, headers lowercased, body).
+fn request(port: u16, method: &str, path: &str, body: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr(port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+/// Submits a job; Some(id) on a 202.
+fn submit(port: u16, query: &str) -> (u16, Option<String>) {
+    let (status, head, body) = request(port, "POST", &format!("/async/work?{query}"), "payload");
+    let id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("location: /jobs/"))
+        .map(|s| s.trim().to_string());
+    assert_eq!(status == 202, id.is_some(), "{status} {head} {body}");
+    (status, id)
+}
+
+/// Polls a job until it is no longer pending; returns (status, body).
+fn fetch(port: u16, id: &str, secs: u64) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (status, _, body) = request(port, "GET", &format!("/jobs/{id}"), "");
+        if status != 202 {
+            return (status, body);
+        }
+        assert!(Instant::now() < deadline, "job {id} still pending");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One `shoal_queue_jobs_total{queue="work",result=...}` value.
+fn jobs_metric(admin: u16, result: &str) -> u64 {
+    metric(
+        admin,
+        &format!("shoal_queue_jobs_total{{queue=\"work\",result=\"{result}\"}}"),
+    )
+}
+
+/// The value of the series `series` (name and labels as rendered) on `/metrics`, or 0.
+fn metric(admin: u16, series: &str) -> u64 {
+    let (_, text) = get(admin, "/metrics");
+    let want = format!("{series} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
+fn start(dir: &Path, cfg: &str, listen: u16) -> Proc {
+    run_shoal(dir, cfg, listen).0
+}
+
+fn stop(mut p: Proc) {
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(60), Some(0), "shoal did not stop cleanly");
+}
+
+/// One job end to end, then a second submitted right before a restart: both results are
+/// there after it (redb in data_dir), the second one run before or after the restart.
+fn end_to_end_across_restart(broker: Broker) {
+    let dir = tempdir();
+    let (listen, admin) = (free_port(), free_port());
+    let cfg = config(listen, admin, &broker, "min = 1\nmax = 1\n");
+    let shoal = start(dir.path(), &cfg, listen);
+    let (s, id) = submit(listen, "cpu_ms=1");
+    assert_eq!(s, 202);
+    let id = id.unwrap();
+    let (s, body) = fetch(listen, &id, 60);
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("cpu_ms"), "the demo worker's answer: {body}");
+    assert_eq!(
+        request(listen, "GET", "/jobs/0123456789abcdef0123456789abcdef", "").0,
+        404
+    );
+    let big = "x".repeat(5000);
+    assert_eq!(request(listen, "POST", "/async/work", &big).0, 413);
+    let (_, second) = submit(listen, "sleep_ms=300");
+    stop(shoal);
+
+    let shoal = start(dir.path(), &cfg, listen);
+    assert_eq!(
+        fetch(listen, &id, 10).0,
+        200,
+        "a result survives the restart"
+    );
+    let (s, body) = fetch(listen, &second.unwrap(), 60);
+    assert_eq!(s, 200, "submitted before the restart: {body}");
+    stop(shoal);
+}
+
+#[test]
+fn rabbitmq_job_end_to_end_across_restart() {
+    let r = Rabbit::start();
+    end_to_end_across_restart(Broker::Rabbit(r.url()));
+}
+
+#[test]
+fn kafka_job_end_to_end_across_restart() {
+    let t = Tansu::start();
+    end_to_end_across_restart(Broker::Kafka(t.addr()));
+}
+
+/// 1,000 jobs while two worker processes are SIGKILLed: every job gets its result.
+fn thousand_jobs_with_kills(broker: Broker, name: &str) {
+    let dir = tempdir();
+    let (listen, admin) = (free_port(), free_port());
+    let shoal = start(dir.path(), &config(listen, admin, &broker, FIXED), listen);
+    wait_until(60, "two workers", || {
+        ready(&api_json(admin, "/api/services/workers")) == 2
+    });
+    let t0 = Instant::now();
+    let ids = Arc::new(Mutex::new(Vec::new()));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let senders: Vec<_> = (0..4)
+        .map(|_| {
+            let (ids, sent) = (ids.clone(), sent.clone());
+            std::thread::spawn(move || {
+                while sent.fetch_add(1, Ordering::SeqCst) < 1000 {
+                    let (s, id) = submit(listen, "sleep_ms=20");
+                    assert_eq!(s, 202);
+                    ids.lock().unwrap().push(id.unwrap());
+                }
+            })
+        })
+        .collect();
+    let mut killed = 0;
+    // Kill while jobs run (by finished count: Kafka takes jobs in later than it accepts them).
+    for at in [300, 600] {
+        wait_until(120, "progress", || jobs_metric(admin, "done") >= at);
+        let v = api_json(admin, "/api/services/workers");
+        let pid = v["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|p| p["pid"].as_u64())
+            .expect("a worker pid");
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+        killed += 1;
+    }
+    for s in senders {
+        s.join().unwrap();
+    }
+    let ids = ids.lock().unwrap().clone();
+    assert_eq!(ids.len(), 1000);
+    let mut lost = 0;
+    for id in &ids {
+        if fetch(listen, id, 180).0 != 200 {
+            lost += 1;
+        }
+    }
+    let elapsed = t0.elapsed();
+    let (done, dups) = (jobs_metric(admin, "done"), jobs_metric(admin, "duplicated"));
+    let retried = metric(admin, "shoal_queue_failed_attempts_total{queue=\"work\"}");
+    eprintln!(
+        "{name}: 1000 jobs, {killed} workers SIGKILLed: {lost} lost, {done} done, {retried} attempts cut by the kills and retried, {dups} duplicate deliveries, {:.1}s",
+        elapsed.as_secs_f64()
+    );
+    assert_eq!(lost, 0);
+    assert_eq!(done, 1000, "each job finished once");
+    // Each worker runs several jobs at any moment: a kill cuts some short.
+    assert!(retried >= 1, "the kills hit running jobs");
+    stop(shoal);
+}
+
+#[test]
+fn rabbitmq_thousand_jobs_with_worker_kills() {
+    let r = Rabbit::start();
+    thousand_jobs_with_kills(Broker::Rabbit(r.url()), "rabbitmq");
+}
+
+#[test]
+fn kafka_thousand_jobs_with_worker_kills() {
+    let t = Tansu::start();
+    thousand_jobs_with_kills(Broker::Kafka(t.addr()), "kafka");
+}
+
+/// The worker fleet starts at zero, grows with the backlog, and returns to zero once idle;
+/// the decisions are in the fleet's log with their reasons.
+#[test]
+fn worker_fleet_scales_zero_to_n_to_zero() {
+    let r = Rabbit::start();
+    let dir = tempdir();
+    let (listen, admin) = (free_port(), free_port());
+    let workers = "min = 0\nmax = 3\n[services.workers.autoscale]\npolicy = \"backlog\"\ntargets = [{ metric = \"backlog\", target = 5 }]\ncooldown = \"3s\"\nscale_down_stabilization = \"2s\"\n";
+    let shoal = start(
+        dir.path(),
+        &config(listen, admin, &Broker::Rabbit(r.url()), workers),
+        listen,
+    );
+    let svc = || api_json(admin, "/api/services/workers");
+    wait_until(10, "a first decision", || !svc()["last_decision"].is_null());
+    assert_eq!(svc()["desired"], 0, "idle at zero");
+    let ids: Vec<String> = (0..40)
+        .map(|_| submit(listen, "sleep_ms=250").1.unwrap())
+        .collect();
+    let mut peak = 0;
+    wait_until(60, "scale-out to 3", || {
+        peak = peak.max(svc()["desired"].as_u64().unwrap());
+        peak == 3
+    });
+    for id in &ids {
+        assert_eq!(
+            fetch(listen, id, 120).0,
+            200,
+            "the first jobs waited for a worker"
+        );
+    }
+    wait_until(60, "back to zero", || {
+        let v = svc();
+        v["desired"] == 0 && v["instances"].as_array().is_some_and(|a| a.is_empty())
+    });
+    let log = api_json(admin, "/api/services/workers/decisions");
+    let d = log["decisions"].as_array().unwrap();
+    let dirs: Vec<(&str, &str)> = d
+        .iter()
+        .map(|d| {
+            (
+                d["direction"].as_str().unwrap(),
+                d["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(dirs.iter().any(|(dir, _)| *dir == "up"), "{dirs:?}");
+    assert_eq!(dirs.last().map(|d| d.0), Some("down"), "{dirs:?}");
+    assert!(d.iter().all(|d| d["policy"] == "backlog"), "{log}");
+    stop(shoal);
+}
+
+/// RabbitMQ stopped: submissions get 503 + Retry-After, nothing accepted is lost; RabbitMQ
+/// back: submissions succeed again without restarting shoal.
+#[test]
+fn rabbitmq_outage_refuses_then_resumes() {
+    let mut r = Rabbit::start();
+    let dir = tempdir();
+    let (listen, admin) = (free_port(), free_port());
+    let shoal = start(
+        dir.path(),
+        &config(
+            listen,
+            admin,
+            &Broker::Rabbit(r.url()),
+            "min = 1\nmax = 1\n",
+        ),
+        listen,
+    );
+    let mut accepted = vec![submit(listen, "cpu_ms=1").1.expect("connected at start")];
+    r.stop_node();
+    let mut refused = 0;
+    wait_until(60, "a 503", || {
+        let (status, head, _) = request(listen, "POST", "/async/work", "x");
+        match status {
+            202 => accepted.push(
+                head.lines()
+                    .find_map(|l| l.strip_prefix("location: /jobs/"))
+                    .unwrap()
+                    .trim()
+                    .to_string(),
+            ),
+            503 => {
+                assert!(head.contains("retry-after:"), "{head}");
+                refused += 1;
+            }
+            s => panic!("unexpected {s}"),
+        }
+        refused >= 3
+    });
+    let deps = get(admin, "/metrics").1;
+    assert!(
+        deps.contains("shoal_dependency_up{dependency=\"rabbitmq\"} 0"),
+        "broker down shows"
+    );
+    r.boot();
+    wait_until(60, "submissions accepted again", || {
+        match submit(listen, "cpu_ms=1") {
+            (202, Some(id)) => {
+                accepted.push(id);
+                true
+            }
+            _ => false,
+        }
+    });
+    let mut states = BTreeMap::new();
+    for id in &accepted {
+        *states.entry(fetch(listen, id, 120).0).or_insert(0) += 1;
+    }
+    eprintln!(
+        "outage: {} accepted, {refused} refused, results {states:?}",
+        accepted.len()
+    );
+    assert_eq!(
+        states.get(&200),
+        Some(&accepted.len()),
+        "0 accepted-but-lost"
+    );
+    stop(shoal);
+}
+
+/// Jobs end to end through shoal (HTTP submit → broker → demo worker → result store), for
+/// `bench/queue.sh`: prints jobs/s and job latency (accepted → result stored) p50/p99.
+fn bench(broker: Broker, name: &str) {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (jobs, workers, clients) = (env("JOBS", 2000), env("WORKERS", 2), env("SUBMITTERS", 16));
+    let dir = tempdir();
+    let (listen, admin) = (free_port(), free_port());
+    let fleet = format!("min = {workers}\nmax = {workers}\n");
+    let shoal = start(dir.path(), &config(listen, admin, &broker, &fleet), listen);
+    wait_until(60, "workers", || {
+        ready(&api_json(admin, "/api/services/workers")) == workers
+    });
+    let next = Arc::new(AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let ids: Vec<String> = (0..clients)
+        .map(|_| {
+            let next = next.clone();
+            std::thread::spawn(move || {
+                let mut ids = vec![];
+                while next.fetch_add(1, Ordering::SeqCst) < jobs {
+                    ids.push(submit(listen, "cpu_ms=1").1.expect("accepted"));
+                }
+                ids
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let submitted = t0.elapsed();
+    wait_until(600, "every job done", || {
+        jobs_metric(admin, "done") >= jobs as u64
+    });
+    let all_done = t0.elapsed();
+    let mut lat: Vec<u64> = ids
+        .iter()
+        .map(|id| {
+            let (s, head, _) = request(listen, "GET", &format!("/jobs/{id}"), "");
+            assert_eq!(s, 200);
+            head.lines()
+                .find_map(|l| l.strip_prefix("x-shoal-job-latency-ms:"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    lat.sort_unstable();
+    let pct = |q: f64| lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1];
+    println!(
+        "shoal {name}: {jobs} jobs, {workers} workers, {clients} clients: submitted {:.0} jobs/s, end to end {:.0} jobs/s, latency p50 {} ms p99 {} ms",
+        jobs as f64 / submitted.as_secs_f64(),
+        jobs as f64 / all_done.as_secs_f64(),
+        pct(0.5),
+        pct(0.99),
+    );
+    stop(shoal);
+}
+
+#[test]
+#[ignore = "a measurement: run by bench/queue.sh"]
+fn bench_rabbitmq_through_shoal() {
+    let r = Rabbit::start();
+    bench(Broker::Rabbit(r.url()), "rabbitmq");
+}
+
+#[test]
+#[ignore = "a measurement: run by bench/queue.sh"]
+fn bench_kafka_through_shoal() {
+    let t = Tansu::start();
+    bench(Broker::Kafka(t.addr()), "kafka");
+}
