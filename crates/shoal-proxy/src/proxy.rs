@@ -409,7 +409,14 @@ impl Service {
             }
         });
         let upgrade = facts.upgrade.map(<[u8]>::to_vec);
-        let body_kind = facts.body;
+        let mut body_kind = facts.body;
+        // HTTP/2 (and HTTP/3) frame the body themselves: a request without
+        // Content-Length may still carry one, of a length known only at its end.
+        if body_kind == BodyKind::None
+            && matches!(&body, ReqBody::Incoming(b) if !b.is_end_stream())
+        {
+            body_kind = BodyKind::Chunked;
+        }
         let key = hash_key(&cfg, peer, |name| {
             parts.headers.get(name).map(|v| v.as_bytes())
         });
@@ -467,6 +474,16 @@ impl Service {
             crate::route::AsyncPhase::Unavailable => return Err(fail(ProxyError::NoInstance)),
             crate::route::AsyncPhase::Sink(sink) => {
                 let limit = sink.max_body() as u64;
+                // The job's body is held in memory until the broker confirms: it counts
+                // against the process-wide buffer budget like a retriable body.
+                let want = match body_kind {
+                    BodyKind::Length(n) => n.min(limit),
+                    BodyKind::None => 0,
+                    BodyKind::Chunked => limit,
+                };
+                let Some(_permit) = BufferPermit::take(want) else {
+                    return Err(fail(ProxyError::NoInstance));
+                };
                 let body = match (body, body_kind) {
                     (ReqBody::Read(b), _) if b.len() as u64 > limit => {
                         return Err(fail(ProxyError::PayloadTooLarge))

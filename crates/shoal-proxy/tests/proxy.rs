@@ -405,6 +405,27 @@ async fn h2c_prior_knowledge_and_forwarded_headers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_body_without_content_length_reaches_the_instance() {
+    // HTTP/2 frames the body itself: no Content-Length does not mean no body.
+    let a = Backend::start("a").await;
+    let p = start_proxy(service_config(&[&a], "round-robin")).await;
+    let h2: hyper_util::client::legacy::Client<_, Chunks> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let req = http::Request::post(format!("http://{}/", p.addr))
+        .body(Chunks {
+            left: 3,
+            chunk: bytes::Bytes::from(vec![1u8; 1000]),
+        })
+        .unwrap();
+    assert!(req.headers().get("content-length").is_none());
+    let resp = h2.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(a.body_bytes.load(Ordering::SeqCst), 3000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off() {
     let a = Backend::start("a").await;
     let mut cfg = service_config(&[&a], "round-robin");

@@ -14,7 +14,7 @@ use arc_swap::ArcSwapOption;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
@@ -435,9 +435,24 @@ impl Settle for AmqpSettle {
             let dlq = self.inner.cfg.dlq();
             // Publish (confirmed) first, then ack: a crash between the two leaves a copy in
             // both queues, never in neither.
-            self.inner
+            let published = self
+                .inner
                 .publish_to(&dlq, &job, BasicProperties::default().with_headers(headers))
-                .await?;
+                .await;
+            if let Err(e) = published {
+                // The queue's own dead-letter route (declared with it) takes the job
+                // instead, without the error header: never stranded unacked, never lost.
+                let r = self
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: false,
+                        ..Default::default()
+                    })
+                    .await;
+                self.settled();
+                tracing::warn!(queue = %dlq, error = %e, "dead-letter publish failed; rejected to the queue's dead-letter route");
+                return r.map(|_| ()).map_err(|n| self.inner.broken(&n));
+            }
             let r = self.acker.ack(BasicAckOptions::default()).await;
             self.settled();
             r.map(|_| ()).map_err(|e| self.inner.broken(&e))

@@ -126,6 +126,36 @@ fn offset_in(text: &str, start: usize, key: &str) -> usize {
     start
 }
 
+/// A string key of one of the service's tables (`fleet`, `autoscale`).
+fn table_str<'a>(
+    svc: &'a shoal_proxy::config::ServiceConfig,
+    table: &str,
+    key: &str,
+) -> Option<&'a str> {
+    svc.extra.get(table)?.get(key)?.as_str()
+}
+
+/// Whether shoal starts the service's instances (a `[fleet]` with the process provider,
+/// the default) rather than calling fixed backends.
+pub(crate) fn process_fleet(svc: &shoal_proxy::config::ServiceConfig) -> bool {
+    svc.extra.contains_key("fleet")
+        && table_str(svc, "fleet", "provider").is_none_or(|p| p == "process")
+}
+
+/// Whether the service's fleet scales on the backlog (so it starts from zero on work).
+fn backlog_scaled(svc: &shoal_proxy::config::ServiceConfig) -> bool {
+    table_str(svc, "autoscale", "policy") == Some("backlog")
+}
+
+/// The fleet's `min` (1 when not given, as shoal-fleet's default).
+fn fleet_min(svc: &shoal_proxy::config::ServiceConfig) -> i64 {
+    svc.extra
+        .get("fleet")
+        .and_then(|f| f.get("min"))
+        .and_then(|m| m.as_integer())
+        .unwrap_or(1)
+}
+
 fn queue_name_ok(q: &str) -> bool {
     !q.is_empty()
         && q.len() <= 200
@@ -265,10 +295,8 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
                     format!("invalid queue name {queue:?} (use [A-Za-z0-9._-], at most 200)"),
                 ));
             }
-            if let Some(other) = queues
-                .iter()
-                .find(|q| q.queue == queue && q.broker == broker)
-            {
+            // Unique across brokers too: metrics and idempotency keys are per queue name.
+            if let Some(other) = queues.iter().find(|q| q.queue == queue) {
                 return Err(err(
                     "queue",
                     format!("queue {queue:?} is already used by {}", other.route),
@@ -288,11 +316,27 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
                     ),
                 ));
             }
-            if !worker.extra.contains_key("fleet") && worker.backends.is_empty() {
+            if r.cache.is_some() {
+                return Err(err(
+                    "",
+                    "a route is cached or async, not both: an answer is the job's URL".into(),
+                ));
+            }
+            if process_fleet(worker) && !backlog_scaled(worker) && fleet_min(worker) == 0 {
                 return Err(err(
                     "",
                     format!(
-                        "the worker service {:?} needs a [fleet] or backends",
+                        "the worker service {:?} would never start an instance: give its \
+                         [autoscale] policy = \"backlog\" or its [fleet] min >= 1",
+                        r.service
+                    ),
+                ));
+            }
+            if !process_fleet(worker) && worker.backends.is_empty() {
+                return Err(err(
+                    "",
+                    format!(
+                        "the worker service {:?} needs a process [fleet] or backends",
                         r.service
                     ),
                 ));
@@ -411,6 +455,37 @@ mod tests {
             let e = specs(&text).unwrap_err();
             assert_eq!((e.line, e.field.as_str()), (line, field), "{e}\n{text}");
         }
+    }
+
+    #[test]
+    fn refuses_what_would_strand_or_mix_jobs() {
+        let kafka = "[brokers.k]\nkafka = \"127.0.0.1:9092\"\n";
+        let rabbit = "[brokers.r]\nrabbitmq = \"amqp://127.0.0.1/%2f\"\n";
+        // A process fleet that never starts an instance (min 0, no backlog policy).
+        let idle = "[services.workers]\n[services.workers.fleet]\ncommand = \"shoal demo-service\"\nmin = 0\nmax = 2\n";
+        let e = specs(&format!("{kafka}{}{idle}", route("async = {}"))).unwrap_err();
+        assert!(e.to_string().contains("never start"), "{e}");
+        // The same fleet on the backlog policy starts from zero when work arrives.
+        let scaled = format!("{idle}[services.workers.autoscale]\npolicy = \"backlog\"\n");
+        specs(&format!("{kafka}{}{scaled}", route("async = {}"))).unwrap();
+        // A static fleet's backends are the workers.
+        let fixed = "[services.workers]\nbackends = [\"127.0.0.1:9001\"]\n[services.workers.fleet]\nprovider = \"static\"\n";
+        specs(&format!("{kafka}{}{fixed}", route("async = {}"))).unwrap();
+        // Cached and async at once.
+        let e = specs(&format!(
+            "{kafka}{}{WORKERS}",
+            route("async = {}\ncache = {}")
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
+        // One queue name on two brokers.
+        let two = format!(
+            "{kafka}{rabbit}[services.web]\nlisten = \"127.0.0.1:8080\"\n\
+             [[services.web.routes]]\nprefix = \"/a\"\nservice = \"workers\"\nasync = {{ broker = \"k\", queue = \"q\" }}\n\
+             [[services.web.routes]]\nprefix = \"/b\"\nservice = \"workers\"\nasync = {{ broker = \"r\", queue = \"q\" }}\n{WORKERS}"
+        );
+        let e = specs(&two).unwrap_err();
+        assert!(e.to_string().contains("already used"), "{e}");
     }
 
     #[test]

@@ -370,6 +370,12 @@ impl Dispatcher {
             Ok(Some(rec)) if rec.is_final() => {
                 self.metrics.duplicated.inc();
                 tracing::info!(queue = %q, job = %env.id, "duplicate delivery of a finished job");
+                // A failed job redelivered (its dead-lettering was cut short) still goes
+                // to the dead-letter queue: acking it would drop it from there.
+                if let JobRecord::Failed { error, .. } = rec {
+                    self.settle_dead(d.settle, d.payload, error).await;
+                    return;
+                }
                 if let Err(e) = d.settle.ack().await {
                     self.metrics.errors.inc();
                     tracing::warn!(queue = %q, job = %env.id, error = %e, "ack failed");

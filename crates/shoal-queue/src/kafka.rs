@@ -418,7 +418,18 @@ impl Settle for KafkaSettle {
             });
             let key = Envelope::decode(&job).map(|e| e.id).unwrap_or_default();
             let dlq = self.shared.cfg.dlq();
-            self.shared.produce(&dlq, &key, &job, Some(headers)).await?;
+            // Retried until the broker takes it: the offset stays uncommitted meanwhile,
+            // so neither the job nor the commit point behind it is given up.
+            let mut delay = std::time::Duration::from_millis(200);
+            while let Err(e) = self
+                .shared
+                .produce(&dlq, &key, &job, Some(headers.clone()))
+                .await
+            {
+                tracing::warn!(topic = %dlq, error = %e, "dead-letter publish failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
             self.shared.commit(self.partition, self.offset)
         })
     }

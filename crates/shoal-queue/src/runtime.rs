@@ -147,9 +147,10 @@ impl Queues {
                 .entry(q.worker_service.clone())
                 .or_insert_with(|| {
                     let ws = WorkerSet::new();
-                    // A worker service without a fleet: its static backends are the workers.
+                    // A worker service without a process fleet: its static backends are
+                    // the workers.
                     if let Some(svc) = config.services.iter().find(|s| s.name == q.worker_service) {
-                        if !svc.extra.contains_key("fleet") {
+                        if !crate::config::process_fleet(svc) {
                             for bk in &svc.backends {
                                 let id = bk.addr.to_string();
                                 ws.add(&id, bk.addr);
@@ -224,12 +225,18 @@ impl Queues {
     /// Samples every queue's backlog once a second (`shoal_queue_depth`, the scalers).
     async fn sample_loop(self: Arc<Self>) {
         loop {
-            for q in &self.queues {
+            // All at once: one hung broker must not make every other queue's sample stale.
+            let this = &self;
+            let samples = self.queues.iter().map(|q| async move {
                 // A failure is logged by the sampler; the stale sample makes the scaler hold.
                 let sample = tokio::time::timeout(Duration::from_secs(2), q.sampler.sample());
                 if let Ok(Some(_)) = sample.await {
-                    q.sampled_at.store(self.now_ms().max(1), Ordering::Relaxed);
+                    q.sampled_at.store(this.now_ms().max(1), Ordering::Relaxed);
                 }
+            });
+            tokio::select! {
+                _ = futures_util::future::join_all(samples) => {}
+                _ = self.stop.notified() => return,
             }
             tokio::select! {
                 _ = tokio::time::sleep(SAMPLE_EVERY) => {}
@@ -275,7 +282,8 @@ impl Queues {
 
     /// Stops taking jobs; running ones finish (up to `deadline`); closes broker connections.
     pub async fn shutdown(&self, deadline: Duration) {
-        self.stop.notify_waiters();
+        // A stored permit: the sample loop sees it even if it was not waiting just now.
+        self.stop.notify_one();
         for q in &self.queues {
             q.dispatcher.stop();
         }
@@ -399,12 +407,7 @@ impl Collector for Queues {
             *up.entry(q.kind).or_insert(true) &= connected;
         }
         for (dep, ok) in up {
-            e.gauge(
-                "shoal_dependency_up",
-                "Whether an external dependency is reachable (1) or not (0).",
-                &[("dependency", dep)],
-                f64::from(u8::from(ok)),
-            );
+            e.dependency_up(dep, ok);
         }
     }
 }

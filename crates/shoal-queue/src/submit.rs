@@ -64,6 +64,9 @@ pub struct Submitter {
     store: Arc<dyn Store>,
     metrics: Arc<QueueMetrics>,
     cfg: SubmitConfig,
+    /// Jobs whose publish this process has not seen confirmed yet: a retry with the same
+    /// idempotency key must not be told 202 for a job that may still be refused.
+    unconfirmed: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Request headers that are about the connection, not the job.
@@ -91,6 +94,7 @@ impl Submitter {
             store,
             metrics,
             cfg,
+            unconfirmed: Default::default(),
         }
     }
 
@@ -121,6 +125,11 @@ impl Submitter {
                 Ok(None) => {}
                 Ok(Some(existing)) => {
                     self.forget(&id, None).await;
+                    if self.is_unconfirmed(&existing) {
+                        return Err(self.unavailable(QueueError::Unconfirmed(
+                            "the first submission with this key is not confirmed yet".into(),
+                        )));
+                    }
                     return Ok(Accepted {
                         id: existing,
                         existing: true,
@@ -137,11 +146,15 @@ impl Submitter {
             submitted_ms,
             request: req,
         };
-        if let Err(e) = self.broker.publish(&env).await {
+        self.set_unconfirmed(&id, true);
+        let published = self.broker.publish(&env).await;
+        if let Err(e) = published {
             tracing::warn!(queue = %self.broker.queue(), error = %e, "job not accepted");
             self.forget(&id, key.as_deref()).await;
+            self.set_unconfirmed(&id, false);
             return Err(self.unavailable(e));
         }
+        self.set_unconfirmed(&id, false);
         self.metrics.accepted.inc();
         Ok(Accepted {
             id,
@@ -164,6 +177,20 @@ impl Submitter {
             }
         }
         Err(QueueError::Store("idempotency key contended".into()))
+    }
+
+    fn set_unconfirmed(&self, id: &str, on: bool) {
+        let mut set = self.unconfirmed.lock().unwrap_or_else(|e| e.into_inner());
+        if on {
+            set.insert(id.to_string());
+        } else {
+            set.remove(id);
+        }
+    }
+
+    fn is_unconfirmed(&self, id: &str) -> bool {
+        let set = self.unconfirmed.lock().unwrap_or_else(|e| e.into_inner());
+        set.contains(id)
     }
 
     /// Best-effort cleanup of a submission that was not accepted.
@@ -341,4 +368,101 @@ fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::future::BoxFuture;
+    use std::time::Duration;
+
+    /// A broker whose publishes wait for the test to answer them.
+    struct Gated {
+        answers: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<bool>>,
+        state: crate::broker::ConnState,
+    }
+
+    impl Broker for Gated {
+        fn kind(&self) -> &'static str {
+            "gated"
+        }
+        fn queue(&self) -> &str {
+            "q"
+        }
+        fn publish<'a>(&'a self, _job: &'a Envelope) -> BoxFuture<'a, Result<(), QueueError>> {
+            Box::pin(async {
+                match self.answers.lock().await.recv().await {
+                    Some(true) => Ok(()),
+                    _ => Err(QueueError::Unconfirmed("nack".into())),
+                }
+            })
+        }
+        fn next(&self) -> BoxFuture<'_, Result<crate::broker::Delivery, QueueError>> {
+            Box::pin(std::future::pending())
+        }
+        fn backlog(&self) -> BoxFuture<'_, Result<u64, QueueError>> {
+            Box::pin(async { Ok(0) })
+        }
+        fn state(&self) -> &crate::broker::ConnState {
+            &self.state
+        }
+        fn shutdown(&self) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    fn job() -> JobRequest {
+        JobRequest {
+            method: "POST".into(),
+            path_and_query: "/work".into(),
+            headers: vec![],
+            body: Bytes::from_static(b"x"),
+        }
+    }
+
+    /// A retry with the key of a submission still waiting for its confirm is refused
+    /// (503), not told 202 for a job the broker may yet refuse; once that one is refused,
+    /// the key makes a new job.
+    #[tokio::test]
+    async fn a_retry_never_gets_202_for_an_unconfirmed_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            crate::store::RedbStore::open(&dir.path().join("j.redb"), Duration::from_secs(60))
+                .unwrap(),
+        );
+        let (answer, answers) = tokio::sync::mpsc::unbounded_channel();
+        let s = Arc::new(Submitter::new(
+            Arc::new(Gated {
+                answers: tokio::sync::Mutex::new(answers),
+                state: Default::default(),
+            }),
+            store,
+            QueueMetrics::new(),
+            SubmitConfig::default(),
+        ));
+        let first = tokio::spawn({
+            let s = s.clone();
+            async move { s.submit(job(), Some("k")).await }
+        });
+        // Wait until the first submission is waiting on its publish.
+        while s.unconfirmed.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let retry = s.submit(job(), Some("k")).await;
+        assert!(
+            matches!(retry, Err(SubmitError::Unavailable(_))),
+            "{retry:?}"
+        );
+        answer.send(false).unwrap();
+        assert!(matches!(
+            first.await.unwrap(),
+            Err(SubmitError::Unavailable(_))
+        ));
+        answer.send(true).unwrap();
+        let again = s.submit(job(), Some("k")).await.unwrap();
+        assert!(!again.existing);
+        answer.send(true).unwrap();
+        let same = s.submit(job(), Some("k")).await.unwrap();
+        assert_eq!((same.id, same.existing), (again.id, true));
+    }
 }
