@@ -44,10 +44,79 @@ const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency_keys");
 
 /// The embedded store: one redb file; values carry their expiry time (8 bytes, ms) in front.
+/// Writes go through one writer thread that commits whatever is waiting in one transaction
+/// (group commit): each write is durable (fsynced) before it is answered, and concurrent
+/// jobs share the fsync instead of queueing for one each.
 #[derive(Clone)]
 pub struct RedbStore {
     db: Arc<Database>,
+    writer: Arc<Writer>,
     ttl: Duration,
+}
+
+/// Runs a write inside the batch's transaction (or learns it could not begin) and returns
+/// what to do once the commit's outcome is known.
+type WriteOp =
+    Box<dyn FnOnce(Result<&redb::WriteTransaction, QueueError>) -> Committed + Send + 'static>;
+type Committed = Box<dyn FnOnce(Result<(), QueueError>) + Send + 'static>;
+
+/// Most writes committed together.
+const MAX_BATCH: usize = 256;
+
+/// The writer thread; dropping the last store stops it and waits, so the file is closed
+/// when the store is gone (a reopen right after succeeds).
+struct Writer {
+    tx: Option<std::sync::mpsc::Sender<WriteOp>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(db: Arc<Database>) -> Result<Writer, QueueError> {
+        let (tx, rx) = std::sync::mpsc::channel::<WriteOp>();
+        let thread = std::thread::Builder::new()
+            .name("shoal-redb".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut ops = vec![first];
+                    while ops.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(op) => ops.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                    match db.begin_write() {
+                        Ok(w) => {
+                            let done: Vec<Committed> =
+                                ops.into_iter().map(|op| op(Ok(&w))).collect();
+                            let r = w.commit().map_err(se);
+                            for d in done {
+                                d(r.clone());
+                            }
+                        }
+                        Err(e) => {
+                            let e = se(e);
+                            for op in ops {
+                                op(Err(e.clone()))(Err(e.clone()));
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| QueueError::Store(format!("store writer: {e}")))?;
+        Ok(Writer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl RedbStore {
@@ -63,8 +132,10 @@ impl RedbStore {
         w.open_table(JOBS).map_err(se)?;
         w.open_table(KEYS).map_err(se)?;
         w.commit().map_err(se)?;
+        let db = Arc::new(db);
         Ok(RedbStore {
-            db: Arc::new(db),
+            writer: Arc::new(Writer::start(db.clone())?),
+            db,
             ttl,
         })
     }
@@ -73,8 +144,31 @@ impl RedbStore {
     pub fn with_ttl(&self, ttl: Duration) -> RedbStore {
         RedbStore {
             db: self.db.clone(),
+            writer: self.writer.clone(),
             ttl,
         }
+    }
+
+    /// Runs `f` in the writer's next transaction; answers once it is committed.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let op: WriteOp = Box::new(move |w| {
+            let r = w.and_then(f);
+            Box::new(move |commit: Result<(), QueueError>| {
+                let _ = tx.send(commit.and(r));
+            })
+        });
+        let stopped = || QueueError::Store("store writer stopped".into());
+        self.writer
+            .tx
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(op)
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     fn expiry(&self) -> u64 {
@@ -133,13 +227,12 @@ impl Store for RedbStore {
     ) -> BoxFuture<'a, Result<(), QueueError>> {
         let id = id.to_string();
         let v = with_expiry(self.expiry(), &JobRecord::Pending { submitted_ms }.encode());
-        Box::pin(self.blocking(move |db| {
-            let w = db.begin_write().map_err(se)?;
+        Box::pin(self.write(move |w| {
             w.open_table(JOBS)
                 .map_err(se)?
                 .insert(id.as_str(), v.as_slice())
                 .map_err(se)?;
-            w.commit().map_err(se)
+            Ok(())
         }))
     }
 
@@ -150,9 +243,8 @@ impl Store for RedbStore {
     ) -> BoxFuture<'a, Result<bool, QueueError>> {
         let id = id.to_string();
         let v = with_expiry(self.expiry(), &rec.encode());
-        Box::pin(self.blocking(move |db| {
-            // One write transaction at a time: check-and-set is atomic.
-            let w = db.begin_write().map_err(se)?;
+        Box::pin(self.write(move |w| {
+            // Writes run one after another in the writer: check-and-set is atomic.
             let fresh = {
                 let mut t = w.open_table(JOBS).map_err(se)?;
                 let done = match t.get(id.as_str()).map_err(se)? {
@@ -166,20 +258,18 @@ impl Store for RedbStore {
                 }
                 !done
             };
-            w.commit().map_err(se)?;
             Ok(fresh)
         }))
     }
 
     fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
         let id = id.to_string();
-        Box::pin(self.blocking(move |db| {
-            let w = db.begin_write().map_err(se)?;
+        Box::pin(self.write(move |w| {
             w.open_table(JOBS)
                 .map_err(se)?
                 .remove(id.as_str())
                 .map_err(se)?;
-            w.commit().map_err(se)
+            Ok(())
         }))
     }
 
@@ -190,8 +280,7 @@ impl Store for RedbStore {
     ) -> BoxFuture<'a, Result<Option<String>, QueueError>> {
         let key = key.to_string();
         let v = with_expiry(self.expiry(), id.as_bytes());
-        Box::pin(self.blocking(move |db| {
-            let w = db.begin_write().map_err(se)?;
+        Box::pin(self.write(move |w| {
             let existing = {
                 let mut t = w.open_table(KEYS).map_err(se)?;
                 let existing = match t.get(key.as_str()).map_err(se)? {
@@ -205,27 +294,24 @@ impl Store for RedbStore {
                 }
                 existing
             };
-            w.commit().map_err(se)?;
             Ok(existing)
         }))
     }
 
     fn release_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
         let key = key.to_string();
-        Box::pin(self.blocking(move |db| {
-            let w = db.begin_write().map_err(se)?;
+        Box::pin(self.write(move |w| {
             w.open_table(KEYS)
                 .map_err(se)?
                 .remove(key.as_str())
                 .map_err(se)?;
-            w.commit().map_err(se)
+            Ok(())
         }))
     }
 
     fn sweep(&self) -> BoxFuture<'_, Result<u64, QueueError>> {
-        Box::pin(self.blocking(|db| {
+        Box::pin(self.write(|w| {
             let now = now_ms();
-            let w = db.begin_write().map_err(se)?;
             let mut n = 0;
             for def in [JOBS, KEYS] {
                 let mut t = w.open_table(def).map_err(se)?;
@@ -233,7 +319,6 @@ impl Store for RedbStore {
                 t.retain(|_, v| live(v, now).is_some()).map_err(se)?;
                 n += before - t.len().map_err(se)?;
             }
-            w.commit().map_err(se)?;
             Ok(n)
         }))
     }
