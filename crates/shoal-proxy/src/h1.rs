@@ -730,11 +730,14 @@ impl<'a> Conn<'a> {
     ) -> bool {
         let peer_ip = http::HeaderValue::from_bytes(self.peer_ip)
             .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
-        let resp = self
-            .svc
-            .clone()
-            .handle_read(req, self.peer, peer_ip, self.port)
-            .await;
+        // Boxed: the general path's future is large, and inline it would grow every
+        // connection's state, idle ones included, by its size.
+        let resp = Box::pin(
+            self.svc
+                .clone()
+                .handle_read(req, self.peer, peer_ip, self.port),
+        )
+        .await;
         let limit = lcfg.timeouts.client_write.0;
         let keep = write_response(
             self.stream,
