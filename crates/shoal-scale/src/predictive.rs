@@ -93,9 +93,11 @@ struct Bursts {
 }
 
 impl Bursts {
-    /// Demand `d` at `now` against the forecast's upper bound `upper`.
-    fn observe(&mut self, now: f64, d: f64, upper: f64, hold_secs: f64) {
-        if d > BURST_FACTOR * upper {
+    /// Demand `d` at `now` against the forecast's upper bound `upper`. A burst must also
+    /// exceed it by at least one instance's `capacity`: a few requests over a small bound
+    /// (noise of a one-second sample at low rates) are no burst.
+    fn observe(&mut self, now: f64, d: f64, upper: f64, capacity: f64, hold_secs: f64) {
+        if d > BURST_FACTOR * upper && d - upper >= capacity {
             let held = self.floor(now).unwrap_or(0.0);
             let cur = self.current.get_or_insert((now, d));
             cur.1 = cur.1.max(d);
@@ -830,7 +832,7 @@ impl Policy for PredictivePolicy {
                 self.headroom.at(model.point(now_bucket), self.quantile),
             );
             self.bursts
-                .observe(obs.now_secs, d, up, cfg.burst_hold_secs);
+                .observe(obs.now_secs, d, up, cfg.capacity_rps, cfg.burst_hold_secs);
         }
         if let Some(held) = self.bursts.floor(obs.now_secs) {
             if held > peak {
@@ -1067,7 +1069,7 @@ mod tests {
             .enumerate()
             .map(|(i, &d)| {
                 let now = i as f64 * 60.0;
-                b.observe(now, d, 10.0, 3600.0);
+                b.observe(now, d, 10.0, 10.0, 3600.0);
                 b.floor(now)
             })
             .collect()
