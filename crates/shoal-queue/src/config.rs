@@ -156,6 +156,15 @@ fn fleet_min(svc: &shoal_proxy::config::ServiceConfig) -> i64 {
         .unwrap_or(1)
 }
 
+/// The dotted path of `key` in the table at `base` (`base` itself for an empty key).
+fn field(base: &str, key: &str) -> String {
+    if key.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}.{key}")
+    }
+}
+
 fn queue_name_ok(q: &str) -> bool {
     !q.is_empty()
         && q.len() <= 200
@@ -176,12 +185,7 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
             } else {
                 key_offset(text, &header, key)
             };
-            let f = if key.is_empty() {
-                format!("brokers.{name}")
-            } else {
-                format!("brokers.{name}.{key}")
-            };
-            loc.error(off..off, &f, msg)
+            loc.error(off..off, &field(&format!("brokers.{name}"), key), msg)
         };
         let raw: RawBroker = v
             .clone()
@@ -265,12 +269,7 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
             let at = text.match_indices(&header).nth(i).map_or(0, |(o, _)| o);
             let err = |key: &str, msg: String| {
                 let off = offset_in(text, at, if key.is_empty() { "async" } else { key });
-                let f = if key.is_empty() {
-                    format!("{route}.async")
-                } else {
-                    format!("{route}.async.{key}")
-                };
-                loc.error(off..off, &f, msg)
+                loc.error(off..off, &field(&format!("{route}.async"), key), msg)
             };
             let raw: RawAsync = v
                 .clone()

@@ -103,8 +103,8 @@ impl Bursts {
             cur.1 = cur.1.max(d);
             let clustered = self
                 .last_short
-                .filter(|&(end, _)| end >= now - BURST_CLUSTER * hold_secs);
-            if let (Some((_, before)), true) = (clustered, hold_secs > 0.0) {
+                .filter(|&(end, _)| hold_secs > 0.0 && end >= now - BURST_CLUSTER * hold_secs);
+            if let Some((_, before)) = clustered {
                 self.hold = Some((now + hold_secs, held.max(before).max(cur.1)));
             }
         } else if d <= upper {

@@ -19,6 +19,15 @@ fn config(listen: u16, admin: u16, backends: &[u16]) -> String {
     )
 }
 
+/// `shoal check --config PATH`.
+fn check(path: &std::path::Path) -> std::process::Output {
+    Command::new(SHOAL)
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_names_file_line_and_field() {
     let dir = tempdir();
@@ -28,11 +37,7 @@ fn check_names_file_line_and_field() {
         "[services.web]\nlisten = \"127.0.0.1:8080\"\nbalance = \"fastest\"\n",
     )
     .unwrap();
-    let out = Command::new(SHOAL)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -42,11 +47,7 @@ fn check_names_file_line_and_field() {
     assert!(err.contains("round-robin"), "lists valid names: {err}");
 
     std::fs::write(&path, config(8080, 9900, &[9001])).unwrap();
-    let out = Command::new(SHOAL)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert!(
         out.status.success(),
         "{}",
@@ -61,11 +62,7 @@ fn example_configs_are_valid() {
     for e in std::fs::read_dir(&root).unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "toml") {
-            let out = Command::new(SHOAL)
-                .args(["check", "--config"])
-                .arg(&p)
-                .output()
-                .unwrap();
+            let out = check(&p);
             assert!(
                 out.status.success(),
                 "{}: {}",
@@ -313,11 +310,7 @@ fn check_validates_async_routes() {
         "[brokers.main]\nrabbitmq = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n[services.web]\nlisten = \"127.0.0.1:8080\"\n[[services.web.routes]]\nservice = \"workers\"\nasync = { broker = \"other\" }\n[services.workers]\nbackends = [\"127.0.0.1:9001\"]\n",
     )
     .unwrap();
-    let out = Command::new(SHOAL)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
