@@ -28,6 +28,11 @@ pub struct CacheStore {
     redis: Option<Arc<RedisTier>>,
     coalescer: Arc<Coalescer>,
     too_large: AtomicU64,
+    /// Bodies being read for storing, process-wide (see [`FillBudget`]).
+    fill: Arc<FillBudget>,
+    /// The namespaces (owning services and routes) of the caches over this store, so a purge
+    /// by URL reaches every copy of it.
+    namespaces: std::sync::Mutex<std::collections::BTreeSet<Arc<str>>>,
 }
 
 impl CacheStore {
@@ -50,7 +55,24 @@ impl CacheStore {
             redis,
             coalescer: Coalescer::new(),
             too_large: AtomicU64::new(0),
+            fill: Arc::new(FillBudget::new(DEFAULT_FILL_BYTES)),
+            namespaces: Default::default(),
         }))
+    }
+
+    /// Sets how many body bytes may be held at once while responses are read for storing.
+    pub fn set_fill_limit(&self, bytes: u64) {
+        self.fill.limit.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Body bytes held right now for responses being stored.
+    pub fn fill_bytes(&self) -> u64 {
+        self.fill.used.load(Ordering::Relaxed)
+    }
+
+    /// Responses streamed through uncached because the fill budget was spent.
+    pub fn fill_exhausted(&self) -> u64 {
+        self.fill.exhausted.load(Ordering::Relaxed)
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -88,13 +110,23 @@ impl CacheStore {
     /// Purges one URL (every variant, GET and HEAD) from both tiers. `url` is absolute:
     /// `http://host/path?query`.
     pub async fn purge_url(&self, url: &str) -> Result<u64, RedisTierError> {
-        let key = url_key(url);
-        let had = self.memory.get(&key).is_some() as u64;
-        self.memory.remove(&key);
-        self.coalescer.clear_hit_for_pass(&key);
+        let url = url_key(url);
+        let keys: Vec<String> = self
+            .namespaces
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|ns| namespaced(url.clone(), ns))
+            .collect();
+        let mut had = 0;
+        for key in &keys {
+            had += self.memory.get(key).is_some() as u64;
+            self.memory.remove(key);
+            self.coalescer.clear_hit_for_pass(key);
+        }
         let remote = match &self.redis {
-            Some(r) => r.remove(&key).await?,
-            None => 0,
+            Some(r) if !keys.is_empty() => r.remove(&keys).await?,
+            _ => 0,
         };
         Ok(had.max(remote))
     }
@@ -142,14 +174,59 @@ impl CacheStore {
     fn remove_local_and_remote(&self, key: &str) {
         self.memory.remove(key);
         if let Some(r) = &self.redis {
-            let r = r.clone();
-            let key = key.to_string();
-            tokio::spawn(async move {
-                // Failures are counted and logged by the tier.
-                let _ = r.remove(&key).await;
-            });
+            // Bounded by the tier's timeout and skipped during its outage backoff.
+            r.forget(key);
         }
     }
+}
+
+/// Default for [`CacheStore::set_fill_limit`].
+pub const DEFAULT_FILL_BYTES: u64 = 64 << 20;
+
+/// The bytes of response bodies held while they are read for storing, bounded process-wide:
+/// without it, many concurrent misses of large objects could hold `max_object_size` each.
+/// Past the limit a response streams through uncached.
+struct FillBudget {
+    used: AtomicU64,
+    limit: AtomicU64,
+    exhausted: AtomicU64,
+}
+
+impl FillBudget {
+    fn new(limit: u64) -> Self {
+        FillBudget {
+            used: AtomicU64::new(0),
+            limit: AtomicU64::new(limit),
+            exhausted: AtomicU64::new(0),
+        }
+    }
+
+    fn take(&self, n: u64) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let ok = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|t| *t <= limit)
+            })
+            .is_ok();
+        if !ok {
+            self.exhausted.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    fn give(&self, n: u64) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// A store key: the primary key (the URL), a space (never part of a request target) and the
+/// namespace of the service or route that owns the object, so two services or routes never
+/// share an entry, whatever `Host` a client sends.
+fn namespaced(mut url: String, namespace: &str) -> String {
+    url.push(' ');
+    url.push_str(namespace);
+    url
 }
 
 /// Normalises an absolute URL the way `policy::primary_key` builds keys.
@@ -194,6 +271,8 @@ pub struct CacheConfig {
     pub coalesce_wait: Duration,
     /// How long a URL whose response was not storable skips coalescing.
     pub hit_for_pass: Duration,
+    /// Override headers ([`policy::OVERRIDE_HEADERS`]) forwarded anyway on this route.
+    pub allow_override_headers: Vec<HeaderName>,
 }
 
 impl Default for CacheConfig {
@@ -203,6 +282,7 @@ impl Default for CacheConfig {
             max_object_size: 1 << 20,
             coalesce_wait: Duration::from_secs(5),
             hit_for_pass: Duration::from_secs(120),
+            allow_override_headers: Vec::new(),
         }
     }
 }
@@ -212,6 +292,7 @@ pub struct Cache {
     store: Arc<CacheStore>,
     cfg: CacheConfig,
     counters: CacheCounters,
+    namespace: Arc<str>,
 }
 
 /// The parts of a request the cache looks at.
@@ -310,9 +391,32 @@ pub struct Store {
     status: StatusCode,
     headers: HeaderMap,
     response_time: SystemTime,
+    /// Bytes of the process-wide fill budget this body holds.
+    reserved: u64,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.cache.store.fill.give(self.reserved);
+    }
 }
 
 impl Store {
+    /// Makes room in the process-wide fill budget for `total` body bytes (what has been read
+    /// so far, or the announced length). False: the budget is spent — drop the `Store` and
+    /// stream the body through uncached (not a property of the URL: no hit-for-pass).
+    pub fn reserve(&mut self, total: usize) -> bool {
+        let total = total as u64;
+        if total <= self.reserved {
+            return true;
+        }
+        if !self.cache.store.fill.take(total - self.reserved) {
+            return false;
+        }
+        self.reserved = total;
+        true
+    }
+
     /// The most body bytes that may be buffered; past it, drop the `Store`.
     pub fn max_body(&self) -> usize {
         self.cache.cfg.max_object_size
@@ -361,12 +465,33 @@ impl Store {
 }
 
 impl Cache {
-    pub fn new(store: Arc<CacheStore>, cfg: CacheConfig) -> Arc<Self> {
+    /// `namespace` names the owner (a service, or a listener's route): it is part of every
+    /// key, so caches of different owners over one store never answer for each other.
+    pub fn new(store: Arc<CacheStore>, cfg: CacheConfig, namespace: &str) -> Arc<Self> {
+        let namespace: Arc<str> = Arc::from(namespace);
+        store
+            .namespaces
+            .lock()
+            .expect("lock")
+            .insert(namespace.clone());
         Arc::new(Cache {
             store,
             cfg,
             counters: CacheCounters::default(),
+            namespace,
         })
+    }
+
+    /// The store key for a request's primary key (see [`namespaced`]).
+    pub(crate) fn key(&self, scheme: &str, authority: &str, path_and_query: &str) -> String {
+        namespaced(
+            policy::primary_key(scheme, authority, path_and_query),
+            &self.namespace,
+        )
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
     }
 
     pub fn counters(&self) -> &CacheCounters {
@@ -388,7 +513,7 @@ impl Cache {
         if policy::classify_request(req.method, req.headers) != RequestClass::Cacheable {
             return None;
         }
-        let key = policy::primary_key(req.scheme, req.authority, req.path_and_query);
+        let key = self.key(req.scheme, req.authority, req.path_and_query);
         let m = self.store.memory.get(&key)?;
         let v = m.entry.find(req.headers)?;
         let qcc = CacheControl::parse(req.headers, true);
@@ -411,6 +536,7 @@ impl Cache {
     pub async fn lookup(self: &Arc<Self>, req: &Request<'_>, now: SystemTime) -> Lookup {
         match policy::classify_request(req.method, req.headers) {
             RequestClass::Cacheable => {}
+            RequestClass::Range => return self.range(req, now).await,
             RequestClass::Bypass(_) => {
                 self.counters.inc(Count::Bypass);
                 return Lookup::Bypass {
@@ -424,11 +550,7 @@ impl Cache {
                 };
             }
         }
-        let key: Arc<str> = Arc::from(policy::primary_key(
-            req.scheme,
-            req.authority,
-            req.path_and_query,
-        ));
+        let key: Arc<str> = Arc::from(self.key(req.scheme, req.authority, req.path_and_query));
         let qcc = CacheControl::parse(req.headers, true);
         let mut waited = false;
         loop {
@@ -520,6 +642,28 @@ impl Cache {
         }
     }
 
+    /// A range request: answered from a fresh stored response, else forwarded as it is (a
+    /// partial answer is never stored, and the full object is not fetched for one range).
+    async fn range(self: &Arc<Self>, req: &Request<'_>, now: SystemTime) -> Lookup {
+        let key = self.key(req.scheme, req.authority, req.path_and_query);
+        let qcc = CacheControl::parse(req.headers, true);
+        let entry = self.store.get(&key, &self.cfg.policy, now).await;
+        if let Some(v) = entry.as_ref().and_then(|e| e.find(req.headers)) {
+            if policy::reuse(&self.cfg.policy, v, &qcc, now) == Reuse::Fresh {
+                self.counters.inc(Count::Hit);
+                let cs = CacheStatus::hit(v.ttl(now));
+                return Lookup::Hit {
+                    response: policy::serve_range(v, req.headers, now, STATUS_NAME, &cs),
+                    refresh: None,
+                };
+            }
+        }
+        self.counters.inc(Count::Bypass);
+        Lookup::Bypass {
+            unsafe_method: false,
+        }
+    }
+
     fn hit(
         &self,
         v: &StoredResponse,
@@ -587,6 +731,8 @@ impl Cache {
             if !policy::not_modified_matches(&stale, headers) {
                 fetch.validators.clear();
                 fetch.stale = None;
+                // The refetch is unconditional: the validators sent before go too.
+                fetch.strip_client_conditionals = true;
                 return Outcome::Refetch(fetch);
             }
             let merged = policy::merge_not_modified(cfg, &stale, headers, fetch.request_time, now);
@@ -665,7 +811,7 @@ impl Cache {
                 status,
                 headers: policy::storable_headers(
                     headers,
-                    &CacheControl::parse(headers, false),
+                    &policy::response_cc(cfg, headers).0,
                     cfg,
                 ),
                 body: Bytes::new(),
@@ -694,6 +840,7 @@ impl Cache {
             status,
             headers: headers.clone(),
             response_time: now,
+            reserved: 0,
         };
         if let Some(Some(resp)) = not_modified {
             return Outcome::NotModified(resp, Some(store));
@@ -737,7 +884,8 @@ impl Cache {
             status,
             headers,
         ) {
-            self.store.remove_local_and_remote(&key);
+            self.store
+                .remove_local_and_remote(&namespaced(key, &self.namespace));
         }
     }
 

@@ -113,6 +113,207 @@ impl CacheControl {
     }
 }
 
+/// Targeted cache control (RFC 9213): the first of `fields` that `headers` carries as a valid
+/// Structured Fields dictionary, read with `Cache-Control` semantics. `None` when none is
+/// present or valid: then `Cache-Control` (and `Expires`) apply as usual.
+pub fn parse_targeted(headers: &HeaderMap, fields: &[http::HeaderName]) -> Option<CacheControl> {
+    fields.iter().find_map(|f| {
+        let lines: Vec<&str> = headers
+            .get_all(f)
+            .iter()
+            .map(|v| v.to_str().ok())
+            .collect::<Option<_>>()?;
+        if lines.is_empty() {
+            return None;
+        }
+        let members = sf_dictionary(&lines.join(","))?;
+        let mut cc = CacheControl::default();
+        for (key, value) in members {
+            let arg = match (key.as_str(), value) {
+                // Flags are booleans: a bare key (true); any other value voids the directive.
+                (_, SfValue::True) => None,
+                (
+                    "max-age" | "s-maxage" | "stale-while-revalidate" | "stale-if-error",
+                    SfValue::Integer(n),
+                ) => Some(n.to_string()),
+                ("no-cache" | "private", SfValue::Text(fields)) => Some(fields),
+                _ => continue,
+            };
+            if arg.is_none()
+                && matches!(
+                    key.as_str(),
+                    "max-age" | "s-maxage" | "stale-while-revalidate" | "stale-if-error"
+                )
+            {
+                continue;
+            }
+            cc.apply(&key, arg);
+        }
+        Some(cc)
+    })
+}
+
+/// A dictionary member's value, as far as cache directives need it.
+enum SfValue {
+    True,
+    Integer(u64),
+    /// A string (its content), or anything else that is valid but not of use here.
+    Text(String),
+    Other,
+}
+
+/// Parses an RFC 8941 dictionary (members with parameters); `None` if it is not valid.
+fn sf_dictionary(s: &str) -> Option<Vec<(String, SfValue)>> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let mut out = Vec::new();
+    let ows = |i: &mut usize| {
+        while *i < b.len() && (b[*i] == b' ' || b[*i] == b'\t') {
+            *i += 1;
+        }
+    };
+    let key = |i: &mut usize| -> Option<String> {
+        let start = *i;
+        if !(*i < b.len() && (b[*i].is_ascii_lowercase() || b[*i] == b'*')) {
+            return None;
+        }
+        while *i < b.len()
+            && (b[*i].is_ascii_lowercase()
+                || b[*i].is_ascii_digit()
+                || matches!(b[*i], b'_' | b'-' | b'.' | b'*'))
+        {
+            *i += 1;
+        }
+        Some(s[start..*i].to_string())
+    };
+    let bare = |i: &mut usize| -> Option<SfValue> {
+        let c = *b.get(*i)?;
+        if c == b'-' || c.is_ascii_digit() {
+            let start = *i;
+            *i += 1;
+            while *i < b.len() && (b[*i].is_ascii_digit() || b[*i] == b'.') {
+                *i += 1;
+            }
+            let t = &s[start..*i];
+            if t.contains('.') {
+                return t.parse::<f64>().ok().map(|_| SfValue::Other);
+            }
+            if t.len() > 15 + usize::from(t.starts_with('-')) {
+                return None;
+            }
+            return match t.parse::<i64>().ok()? {
+                n if n < 0 => Some(SfValue::Other),
+                n => Some(SfValue::Integer(n as u64)),
+            };
+        }
+        if c == b'"' {
+            *i += 1;
+            let mut v = String::new();
+            loop {
+                let c = *b.get(*i)?;
+                *i += 1;
+                match c {
+                    b'"' => return Some(SfValue::Text(v)),
+                    b'\\' => {
+                        let e = *b.get(*i)?;
+                        if e != b'"' && e != b'\\' {
+                            return None;
+                        }
+                        v.push(e as char);
+                        *i += 1;
+                    }
+                    0x20..=0x7e => v.push(c as char),
+                    _ => return None,
+                }
+            }
+        }
+        if c == b'?' {
+            let v = *b.get(*i + 1)?;
+            *i += 2;
+            return match v {
+                b'1' => Some(SfValue::True),
+                b'0' => Some(SfValue::Other),
+                _ => None,
+            };
+        }
+        if c == b':' {
+            *i += 1;
+            while *i < b.len() && b[*i] != b':' {
+                if !(b[*i].is_ascii_alphanumeric() || matches!(b[*i], b'+' | b'/' | b'=')) {
+                    return None;
+                }
+                *i += 1;
+            }
+            b.get(*i)?;
+            *i += 1;
+            return Some(SfValue::Other);
+        }
+        if c.is_ascii_alphabetic() || c == b'*' {
+            while *i < b.len()
+                && (b[*i].is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&b[*i]))
+            {
+                *i += 1;
+            }
+            return Some(SfValue::Other);
+        }
+        None
+    };
+    ows(&mut i);
+    while i < b.len() {
+        let k = key(&mut i)?;
+        let value = if b.get(i) == Some(&b'=') {
+            i += 1;
+            if b.get(i) == Some(&b'(') {
+                // An inner list: valid, but no cache directive takes one.
+                i += 1;
+                loop {
+                    ows(&mut i);
+                    match b.get(i)? {
+                        b')' => {
+                            i += 1;
+                            break;
+                        }
+                        _ => {
+                            bare(&mut i)?;
+                        }
+                    }
+                }
+                SfValue::Other
+            } else {
+                bare(&mut i)?
+            }
+        } else {
+            SfValue::True
+        };
+        // Parameters are allowed and ignored.
+        while b.get(i) == Some(&b';') {
+            i += 1;
+            ows(&mut i);
+            key(&mut i)?;
+            if b.get(i) == Some(&b'=') {
+                i += 1;
+                bare(&mut i)?;
+            }
+        }
+        // A later duplicate overrides an earlier one (RFC 8941 §4.2.2).
+        out.retain(|(n, _)| *n != k);
+        out.push((k, value));
+        ows(&mut i);
+        if i == b.len() {
+            break;
+        }
+        if b[i] != b',' {
+            return None;
+        }
+        i += 1;
+        ows(&mut i);
+        if i == b.len() {
+            return None;
+        }
+    }
+    Some(out)
+}
+
 fn set_first(slot: &mut Option<u64>, v: Option<u64>) {
     if slot.is_none() {
         *slot = v;

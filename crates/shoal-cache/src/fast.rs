@@ -109,7 +109,7 @@ impl Cache {
         {
             return None;
         }
-        let key = policy::primary_key(scheme, authority, path_and_query);
+        let key = self.key(scheme, authority, path_and_query);
         let m = self.store().memory_get(&key)?;
         let v = m.entry.variants.iter().rev().find(|v| {
             v.vary.iter().all(|(name, want)| {

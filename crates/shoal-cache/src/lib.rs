@@ -36,7 +36,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! let store = CacheStore::new(64 << 20, None, &PolicyConfig::default()).unwrap();
-//! let cache = Cache::new(store, CacheConfig::default());
+//! let cache = Cache::new(store, CacheConfig::default(), "web");
 //! let headers = HeaderMap::new();
 //! let req = Request {
 //!     method: &Method::GET,

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use crate::policy::{compute_meta, vary_matches, PolicyConfig, StoredResponse};
+use crate::policy::{compute_meta, strip_hop_by_hop, vary_matches, PolicyConfig, StoredResponse};
 
 /// Variants kept per URL; the oldest goes first (bounds `Vary: User-Agent` style blow-ups).
 pub const MAX_VARIANTS: usize = 16;
@@ -81,8 +81,9 @@ impl Entry {
 }
 
 const MAGIC: &[u8; 4] = b"SHC\0";
-/// Bumped whenever the layout changes; other versions read as misses.
-pub const FORMAT_VERSION: u8 = 1;
+/// Bumped whenever the layout changes; other versions read as misses. Version 2 carries the
+/// freshness computed when the object was stored (the route's `max_ttl` included).
+pub const FORMAT_VERSION: u8 = 2;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -107,6 +108,14 @@ pub fn encode(e: &Entry) -> Vec<u8> {
         put_u64(&mut out, millis(v.request_time));
         put_u64(&mut out, millis(v.response_time));
         put_u64(&mut out, v.age_value);
+        put_u64(&mut out, v.meta.lifetime);
+        out.push(
+            u8::from(v.meta.heuristic)
+                | u8::from(v.meta.no_stale) << 1
+                | u8::from(v.meta.no_cache) << 2,
+        );
+        put_u64(&mut out, v.meta.stale_while_revalidate);
+        put_u64(&mut out, v.meta.stale_if_error);
         put_u32(&mut out, v.headers.len() as u32);
         for (n, val) in v.headers.iter() {
             put_bytes(&mut out, n.as_str().as_bytes());
@@ -147,6 +156,10 @@ pub fn decode(b: &[u8], cfg: &PolicyConfig) -> Result<Entry, DecodeError> {
         let request_time = UNIX_EPOCH + Duration::from_millis(r.u64()?);
         let response_time = UNIX_EPOCH + Duration::from_millis(r.u64()?);
         let age_value = r.u64()?;
+        let lifetime = r.u64()?;
+        let flags = r.u8()?;
+        let stale_while_revalidate = r.u64()?;
+        let stale_if_error = r.u64()?;
         let nh = r.u32()?;
         let mut headers = HeaderMap::new();
         for _ in 0..nh {
@@ -171,7 +184,33 @@ pub fn decode(b: &[u8], cfg: &PolicyConfig) -> Result<Entry, DecodeError> {
             surrogate_keys.push(r.string()?);
         }
         let body = Bytes::copy_from_slice(r.bytes()?);
-        let meta = compute_meta(cfg, status, &headers);
+        // Another process wrote this: it is served only as a response shoal would store.
+        if !(200..=599).contains(&status.as_u16())
+            || status == StatusCode::PARTIAL_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Err(DecodeError::Corrupt);
+        }
+        strip_hop_by_hop(&mut headers);
+        for n in [
+            http::header::CONTENT_LENGTH,
+            http::header::SET_COOKIE,
+            http::header::AGE,
+        ] {
+            headers.remove(n);
+        }
+        if status != StatusCode::NO_CONTENT {
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        // Validators and dates come from the headers; the freshness decided at store time
+        // stays as it was (the route's settings, not the reader's defaults).
+        let mut meta = compute_meta(cfg, status, &headers);
+        meta.lifetime = lifetime;
+        meta.heuristic = flags & 1 != 0;
+        meta.no_stale = flags & 2 != 0;
+        meta.no_cache = flags & 4 != 0;
+        meta.stale_while_revalidate = stale_while_revalidate;
+        meta.stale_if_error = stale_if_error;
         variants.push(Arc::new(StoredResponse {
             status,
             headers,
@@ -291,6 +330,56 @@ mod tests {
         assert_eq!(a.surrogate_keys, b.surrogate_keys);
         assert_eq!(a.response_time, b.response_time);
         assert_eq!(b.meta.lifetime, 60);
+    }
+
+    #[test]
+    fn stored_freshness_survives_a_round_trip_whatever_the_reader_settings() {
+        let mut e = sample();
+        let mut v = (*e.variants[0]).clone();
+        // As if the route capped it with max_ttl = 5s.
+        v.meta.lifetime = 5;
+        e.variants[0] = Arc::new(v);
+        let reader = PolicyConfig {
+            max_ttl: Duration::ZERO,
+            ..PolicyConfig::default()
+        };
+        let d = decode(&encode(&e), &reader).unwrap();
+        assert_eq!(d.variants[0].meta.lifetime, 5);
+        assert_eq!(d.variants[0].meta.etag, e.variants[0].meta.etag);
+    }
+
+    #[test]
+    fn decoded_objects_are_sanitized() {
+        let mut e = sample();
+        let mut v = (*e.variants[0]).clone();
+        v.headers
+            .insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        v.headers
+            .insert("content-length", HeaderValue::from_static("999"));
+        v.headers
+            .insert("connection", HeaderValue::from_static("x-secret"));
+        v.headers.insert("x-secret", HeaderValue::from_static("1"));
+        v.headers
+            .insert("set-cookie", HeaderValue::from_static("sid=1"));
+        e.variants[0] = Arc::new(v);
+        let d = decode(&encode(&e), &PolicyConfig::default()).unwrap();
+        let h = &d.variants[0].headers;
+        for gone in ["transfer-encoding", "connection", "x-secret", "set-cookie"] {
+            assert!(!h.contains_key(gone), "{gone} kept");
+        }
+        assert_eq!(h["content-length"], "5");
+        // Statuses shoal never stores read as corrupt.
+        for status in [101u16, 206, 304, 600] {
+            let mut e = sample();
+            let mut v = (*e.variants[0]).clone();
+            v.status = StatusCode::from_u16(status).unwrap();
+            e.variants[0] = Arc::new(v);
+            assert_eq!(
+                decode(&encode(&e), &PolicyConfig::default()).unwrap_err(),
+                DecodeError::Corrupt,
+                "{status}"
+            );
+        }
     }
 
     #[test]

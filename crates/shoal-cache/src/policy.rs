@@ -30,10 +30,31 @@ pub struct PolicyConfig {
     /// How long a stale object may stand in when the origin fails and the response did not
     /// say (`stale-if-error` applied by default, like Varnish's grace; 0: only when told).
     pub stale_if_error: Duration,
-    /// Store responses carrying `Set-Cookie`. RFC 9111 allows it (origins mark per-user
-    /// responses `private` or `no-cache="Set-Cookie"`); turn it off to pass such responses
-    /// through as Varnish and NGINX do by default.
+    /// Store responses carrying `Set-Cookie` — as a copy without it, so a cookie is only
+    /// ever sent to the client whose request made the origin set it. Off (the default), such
+    /// responses pass through uncached (hit-for-pass), as Varnish's built-in VCL does.
     pub store_set_cookie: bool,
+    /// Targeted cache-control fields (RFC 9213), most specific first: the first one present
+    /// and valid replaces `Cache-Control` and `Expires` for this cache.
+    pub targeted: Vec<HeaderName>,
+}
+
+/// The targeted fields every shoal cache obeys: `CDN-Cache-Control` (RFC 9213) and
+/// `Surrogate-Control` (Edge Architecture 1.0); an operator's own field goes before them.
+pub fn default_targeted() -> Vec<HeaderName> {
+    vec![
+        HeaderName::from_static("cdn-cache-control"),
+        HeaderName::from_static("surrogate-control"),
+    ]
+}
+
+/// The response's cache directives for this cache: a targeted field's if one applies, else
+/// `Cache-Control`'s. The flag says whether a targeted field applied (then `Expires` does not).
+pub fn response_cc(cfg: &PolicyConfig, h: &HeaderMap) -> (CacheControl, bool) {
+    match crate::directives::parse_targeted(h, &cfg.targeted) {
+        Some(cc) => (cc, true),
+        None => (CacheControl::parse(h, false), false),
+    }
 }
 
 impl Default for PolicyConfig {
@@ -46,8 +67,9 @@ impl Default for PolicyConfig {
             heuristic_fraction: 0.1,
             heuristic_max: Duration::from_secs(86_400),
             keep: Duration::from_secs(3_600),
-            store_set_cookie: true,
+            store_set_cookie: false,
             stale_if_error: Duration::ZERO,
+            targeted: default_targeted(),
         }
     }
 }
@@ -83,6 +105,24 @@ const HOP_BY_HOP: [&str; 10] = [
     "trailer",
 ];
 
+/// Request headers some frameworks let override the URL, method or scheme an origin serves.
+/// They are not part of the cache key, so on a cached route they would let one client store
+/// a different resource under a URL that others then receive: the proxy drops them there.
+pub const OVERRIDE_HEADERS: [&str; 12] = [
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+    "x-override-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-forwarded-server",
+    "x-host",
+    "x-original-host",
+];
+
 /// The response header that tags objects for purging (as Fastly does).
 pub const SURROGATE_KEY: &str = "surrogate-key";
 /// RFC 9211 field.
@@ -97,23 +137,26 @@ pub enum RequestClass {
     Bypass(&'static str),
     /// An unsafe method: forward, and invalidate on success (§4.4).
     Unsafe,
+    /// A GET with `Range` (and perhaps `If-Range`): answered from a stored complete response
+    /// when one is fresh, else forwarded as is and not stored.
+    Range,
 }
 
 /// Classifies a request (§3, §4): only GET/HEAD are looked up; range and precondition
 /// requests other than `If-None-Match`/`If-Modified-Since` go straight through.
 pub fn classify_request(method: &Method, headers: &HeaderMap) -> RequestClass {
     if *method == Method::GET || *method == Method::HEAD {
-        if headers.contains_key(header::RANGE) {
-            return RequestClass::Bypass("range");
-        }
         if headers.contains_key(header::IF_MATCH)
             || headers.contains_key(header::IF_UNMODIFIED_SINCE)
-            || headers.contains_key(header::IF_RANGE)
         {
             return RequestClass::Bypass("precondition");
         }
         if headers.contains_key(header::UPGRADE) {
             return RequestClass::Bypass("upgrade");
+        }
+        // Range applies to GET only (RFC 9110 §14.2); If-Range without Range is ignored.
+        if *method == Method::GET && headers.contains_key(header::RANGE) {
+            return RequestClass::Range;
         }
         return RequestClass::Cacheable;
     }
@@ -217,7 +260,7 @@ pub fn to_stored(
     response_time: SystemTime,
 ) -> Result<StoredResponse, NotStorable> {
     check_storable(cfg, method, req_headers, status, resp_headers)?;
-    let rcc = CacheControl::parse(resp_headers, false);
+    let (rcc, _) = response_cc(cfg, resp_headers);
     let mut headers = storable_headers(resp_headers, &rcc, cfg);
     if headers
         .get(header::DATE)
@@ -277,7 +320,7 @@ pub fn check_storable(
     {
         return Err(NotStorable::Status);
     }
-    let rcc = CacheControl::parse(resp_headers, false);
+    let (rcc, targeted) = response_cc(cfg, resp_headers);
     let qcc = CacheControl::parse(req_headers, true);
     if rcc.must_understand {
         // must-understand overrides no-store for understood status codes (§5.2.2.3).
@@ -309,7 +352,7 @@ pub fn check_storable(
     }
     let explicit = rcc.s_maxage.is_some()
         || rcc.max_age.is_some()
-        || resp_headers.contains_key(header::EXPIRES);
+        || (!targeted && resp_headers.contains_key(header::EXPIRES));
     if !(explicit || rcc.public || heuristically_cacheable(status)) {
         return Err(NotStorable::Status);
     }
@@ -317,11 +360,13 @@ pub fn check_storable(
 }
 
 /// Headers to store: hop-by-hop fields, fields named by `Connection`, `Age` (recomputed on
-/// every reuse) and fields named by qualified `private`/`no-cache` removed.
+/// every reuse), `Set-Cookie` (one client's, never another's) and fields named by qualified
+/// `private`/`no-cache` removed.
 pub fn storable_headers(h: &HeaderMap, rcc: &CacheControl, cfg: &PolicyConfig) -> HeaderMap {
     let mut out = h.clone();
     strip_hop_by_hop(&mut out);
     out.remove(header::AGE);
+    out.remove(header::SET_COOKIE);
     let mut lists: Vec<&Vec<String>> = rcc.no_cache.iter().collect();
     if !cfg.ignore_private {
         lists.extend(rcc.private.iter());
@@ -437,7 +482,7 @@ pub fn vary_matches(stored: &StoredResponse, req_headers: &HeaderMap) -> bool {
 
 /// Derives freshness and validator facts from stored headers (§4.2.1, §4.2.2, §5.2.2).
 pub fn compute_meta(cfg: &PolicyConfig, status: StatusCode, h: &HeaderMap) -> Meta {
-    let rcc = CacheControl::parse(h, false);
+    let (rcc, targeted) = response_cc(cfg, h);
     let date = h.get(header::DATE).and_then(parse_http_date);
     let last_modified = h.get(header::LAST_MODIFIED).and_then(parse_http_date);
     let etag = h.get(header::ETAG).cloned();
@@ -446,7 +491,7 @@ pub fn compute_meta(cfg: &PolicyConfig, status: StatusCode, h: &HeaderMap) -> Me
         s
     } else if let Some(m) = rcc.max_age {
         m
-    } else if let Some(exp) = h.get(header::EXPIRES) {
+    } else if let Some(exp) = h.get(header::EXPIRES).filter(|_| !targeted) {
         // An invalid Expires (e.g. "0") means already expired.
         match (parse_http_date(exp), date) {
             (Some(e), Some(d)) => secs_between(d, e),
@@ -596,15 +641,16 @@ pub fn stale_if_error_ok(
     qcc: &CacheControl,
     now: SystemTime,
 ) -> bool {
+    // must-revalidate, proxy-revalidate, s-maxage and no-cache forbid serving stale (§4.2.4);
+    // nothing a client sends can loosen that.
+    if stored.meta.no_stale || stored.meta.no_cache {
+        return false;
+    }
     let staleness = (-stored.ttl(now)).max(0) as u64;
     let explicit = qcc
         .stale_if_error
         .or((stored.meta.stale_if_error > 0).then_some(stored.meta.stale_if_error));
-    let window = match explicit {
-        Some(w) => w,
-        None if stored.meta.no_stale || stored.meta.no_cache => 0,
-        None => cfg.stale_if_error.as_secs(),
-    };
+    let window = explicit.unwrap_or(cfg.stale_if_error.as_secs());
     window > 0 && staleness <= window
 }
 
@@ -652,7 +698,7 @@ pub fn merge_not_modified(
     request_time: SystemTime,
     response_time: SystemTime,
 ) -> StoredResponse {
-    let rcc = CacheControl::parse(resp_headers, false);
+    let (rcc, _) = response_cc(cfg, resp_headers);
     let mut incoming = storable_headers(resp_headers, &rcc, cfg);
     incoming.remove(header::CONTENT_LENGTH);
     let mut new_keys = take_surrogate_keys(&mut incoming);
@@ -869,6 +915,141 @@ pub fn serve(
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     resp
+}
+
+/// One satisfiable byte range of a body of `len` bytes (RFC 9110 §14.1.2), as `start..end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    Satisfiable(u64, u64),
+    /// No range of the set overlaps the body: 416.
+    Unsatisfiable,
+    /// Several ranges, another unit or a malformed field: the whole body answers (a server
+    /// may ignore Range).
+    Whole,
+}
+
+/// Parses a `Range` field for a body of `len` bytes; only single ranges are served as 206.
+pub fn byte_range(v: &HeaderValue, len: u64) -> ByteRange {
+    let Ok(s) = v.to_str() else {
+        return ByteRange::Whole;
+    };
+    let Some(set) = s.trim().strip_prefix("bytes=") else {
+        return ByteRange::Whole;
+    };
+    if set.contains(',') {
+        return ByteRange::Whole;
+    }
+    let Some((a, b)) = set.trim().split_once('-') else {
+        return ByteRange::Whole;
+    };
+    let num = |x: &str| -> Option<Option<u64>> {
+        let x = x.trim();
+        if x.is_empty() {
+            return Some(None);
+        }
+        if !x.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        Some(Some(x.parse::<u64>().unwrap_or(u64::MAX)))
+    };
+    let (Some(first), Some(last)) = (num(a), num(b)) else {
+        return ByteRange::Whole;
+    };
+    match (first, last) {
+        (Some(f), _) if f >= len => ByteRange::Unsatisfiable,
+        (Some(f), Some(l)) if l < f => ByteRange::Whole,
+        (Some(f), Some(l)) => ByteRange::Satisfiable(f, l.min(len - 1) + 1),
+        (Some(f), None) => ByteRange::Satisfiable(f, len),
+        (None, Some(0)) => ByteRange::Unsatisfiable,
+        (None, Some(_)) if len == 0 => ByteRange::Unsatisfiable,
+        (None, Some(n)) => ByteRange::Satisfiable(len - n.min(len), len),
+        (None, None) => ByteRange::Whole,
+    }
+}
+
+/// Whether `If-Range` lets the range apply to `stored` (RFC 9110 §13.1.5): a strong entity
+/// tag equal to the stored one, or the stored `Last-Modified` exactly, when it is strong
+/// (at least a second before `Date`). Absent: it applies.
+pub fn if_range_matches(stored: &StoredResponse, req_headers: &HeaderMap) -> bool {
+    let Some(v) = req_headers.get(header::IF_RANGE) else {
+        return true;
+    };
+    let b = v.as_bytes();
+    if b.starts_with(b"\"") {
+        return stored
+            .meta
+            .etag
+            .as_ref()
+            .is_some_and(|e| !e.as_bytes().starts_with(b"W/") && e.as_bytes() == b);
+    }
+    if b.starts_with(b"W/") {
+        return false;
+    }
+    match (
+        parse_http_date(v),
+        stored.meta.last_modified,
+        stored.meta.date,
+    ) {
+        (Some(t), Some(lm), Some(date)) => t == lm && secs_between(lm, date) >= 1,
+        _ => false,
+    }
+}
+
+/// A range request answered from a complete stored 200 (RFC 9110 §14, §15.3.7): 206 with
+/// `Content-Range` for one satisfiable range, 416 for none, the whole response when the
+/// range does not apply (several ranges, failed `If-Range`). The client's own validators
+/// come first (a 304).
+pub fn serve_range(
+    stored: &StoredResponse,
+    req_headers: &HeaderMap,
+    now: SystemTime,
+    status_name: &str,
+    cache_status: &CacheStatus,
+) -> http::Response<Bytes> {
+    let range = req_headers
+        .get(header::RANGE)
+        .filter(|_| stored.status == StatusCode::OK && if_range_matches(stored, req_headers))
+        .map(|v| byte_range(v, stored.body.len() as u64));
+    let whole = serve(
+        stored,
+        &Method::GET,
+        req_headers,
+        now,
+        status_name,
+        cache_status,
+    );
+    if whole.status() == StatusCode::NOT_MODIFIED {
+        return whole;
+    }
+    let len = stored.body.len() as u64;
+    let (mut parts, body) = whole.into_parts();
+    match range {
+        Some(ByteRange::Satisfiable(a, b)) => {
+            parts.status = StatusCode::PARTIAL_CONTENT;
+            let cr = format!("bytes {a}-{}/{len}", b - 1);
+            parts.headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&cr).expect("ASCII"),
+            );
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(b - a));
+            http::Response::from_parts(parts, body.slice(a as usize..b as usize))
+        }
+        Some(ByteRange::Unsatisfiable) => {
+            parts.status = StatusCode::RANGE_NOT_SATISFIABLE;
+            let cr = format!("bytes */{len}");
+            parts.headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&cr).expect("ASCII"),
+            );
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(0u32));
+            http::Response::from_parts(parts, Bytes::new())
+        }
+        _ => http::Response::from_parts(parts, body),
+    }
 }
 
 /// The 504 answering `only-if-cached` when nothing usable is stored (§5.2.1.7).

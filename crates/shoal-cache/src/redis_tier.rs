@@ -214,13 +214,29 @@ impl RedisTier {
         });
     }
 
-    /// Deletes one URL's object.
-    pub async fn remove(self: &Arc<Self>, key: &str) -> Result<u64, RedisTierError> {
-        let k = obj_key(key);
-        self.admin(
-            move |mut c| async move { redis::cmd("DEL").arg(k).query_async::<u64>(&mut c).await },
-        )
+    /// Deletes objects (a purge: reaches Redis even during a backoff).
+    pub async fn remove(self: &Arc<Self>, keys: &[String]) -> Result<u64, RedisTierError> {
+        let ks: Vec<String> = keys.iter().map(|k| obj_key(k)).collect();
+        self.admin(move |mut c| async move {
+            redis::cmd("DEL").arg(ks).query_async::<u64>(&mut c).await
+        })
         .await
+    }
+
+    /// Deletes one object in the background (invalidation after an unsafe request): like a
+    /// store, it uses the live connection within the tier's timeout and is skipped while the
+    /// tier is off, so an outage never costs a connection attempt per request.
+    pub fn forget(self: &Arc<Self>, key: &str) {
+        let Some(mut c) = self.conn() else { return };
+        let cmd = redis::cmd("DEL").arg(obj_key(key)).clone();
+        let me = self.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(me.cfg.timeout * 4, cmd.query_async::<u64>(&mut c)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => me.failed("del", &e.to_string()),
+                Err(_) => me.failed("del", "timed out"),
+            }
+        });
     }
 
     /// Deletes every object whose URL starts with `prefix` (SCAN, so Redis is not blocked).

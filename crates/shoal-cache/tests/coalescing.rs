@@ -90,6 +90,7 @@ fn new_cache(cfg: CacheConfig) -> Arc<Cache> {
     Cache::new(
         CacheStore::new(64 << 20, None, &PolicyConfig::default()).unwrap(),
         cfg,
+        "web",
     )
 }
 
@@ -277,7 +278,7 @@ async fn purge_by_url_prefix_and_surrogate_key() {
 #[tokio::test]
 async fn memory_tier_is_bounded_by_bytes_and_counts_evictions() {
     let store = CacheStore::new(64 * 1024, None, &PolicyConfig::default()).unwrap();
-    let cache = Cache::new(store.clone(), CacheConfig::default());
+    let cache = Cache::new(store.clone(), CacheConfig::default(), "web");
     let clock = Clock::new();
     let body: &'static str = Box::leak("x".repeat(4096).into_boxed_str());
     let origin = Origin::fixed(200, &[("cache-control", "max-age=600")], body);

@@ -171,19 +171,198 @@ async fn rfc9111_3_status_without_explicit_freshness_needs_heuristic_cacheabilit
 }
 
 #[tokio::test]
-async fn rfc9111_3_partial_content_is_not_stored_and_ranges_bypass() {
+async fn rfc9111_3_partial_content_is_not_stored() {
     let h = Harness::new(Origin::fixed(
         206,
         &[CC60, ("content-range", "bytes 0-0/10")],
         "x",
     ));
+    h.get("/a", &[("range", "bytes=0-0")]).await;
+    h.get("/a", &[("range", "bytes=0-0")]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 3);
+}
+
+#[tokio::test]
+async fn rfc9110_14_a_single_range_is_answered_from_a_stored_complete_response() {
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            CC60,
+            ("etag", "\"v1\""),
+            ("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+        ],
+        "0123456789",
+    ));
+    // A range miss goes to the origin as it is and stores nothing.
+    let miss = h.get("/a", &[("range", "bytes=0-1")]).await;
+    assert_eq!(h.origin.calls(), 1);
+    assert_eq!(miss.status(), 200, "the origin's answer is passed on");
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+    let r = h.get("/a", &[("range", "bytes=2-4")]).await;
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.body(), "234");
+    assert_eq!(hdr(&r, "content-range"), Some("bytes 2-4/10"));
+    assert_eq!(hdr(&r, "content-length"), Some("3"));
+    let r = h.get("/a", &[("range", "bytes=-3")]).await;
+    assert_eq!((r.status().as_u16(), r.body().as_ref()), (206, &b"789"[..]));
+    let r = h.get("/a", &[("range", "bytes=8-")]).await;
+    assert_eq!((r.status().as_u16(), r.body().as_ref()), (206, &b"89"[..]));
+    let r = h.get("/a", &[("range", "bytes=5-100")]).await;
+    assert_eq!(hdr(&r, "content-range"), Some("bytes 5-9/10"));
+    let r = h.get("/a", &[("range", "bytes=10-")]).await;
+    assert_eq!(r.status(), 416);
+    assert_eq!(hdr(&r, "content-range"), Some("bytes */10"));
+    // Several ranges or another unit: the whole response.
+    for v in ["bytes=0-1,3-4", "items=0-1", "bytes=x-y"] {
+        let r = h.get("/a", &[("range", v)]).await;
+        assert_eq!((r.status().as_u16(), r.body().len()), (200, 10), "{v}");
+    }
+    // If-Range: a matching strong tag applies the range; another tag or a weak one gets all.
+    let r = h
+        .get("/a", &[("range", "bytes=0-0"), ("if-range", "\"v1\"")])
+        .await;
+    assert_eq!((r.status().as_u16(), r.body().as_ref()), (206, &b"0"[..]));
+    for v in ["\"v2\"", "W/\"v1\"", "Mon, 01 Jan 2024 00:00:01 GMT"] {
+        let r = h
+            .get("/a", &[("range", "bytes=0-0"), ("if-range", v)])
+            .await;
+        assert_eq!((r.status().as_u16(), r.body().len()), (200, 10), "{v}");
+    }
+    let r = h
+        .get(
+            "/a",
+            &[
+                ("range", "bytes=0-0"),
+                ("if-range", "Mon, 01 Jan 2024 00:00:00 GMT"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), 206);
+    assert_eq!(h.origin.calls(), 2, "every range answered from cache");
+    // Stale: the range request goes to the origin.
+    h.clock.advance(61);
+    h.get("/a", &[("range", "bytes=0-0")]).await;
+    assert_eq!(h.origin.calls(), 3);
+}
+
+#[tokio::test]
+async fn rfc9213_targeted_cache_control_overrides_cache_control_and_expires() {
+    // CDN-Cache-Control wins over Cache-Control (and Expires) for this cache.
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "max-age=60"),
+        ],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    let b = h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+    assert_eq!(
+        hdr(&b, "cache-control"),
+        Some("no-store"),
+        "passed on as it was"
+    );
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("cache-control", "max-age=60"),
+            ("cdn-cache-control", "no-store"),
+        ],
+        "x",
+    ));
     h.get("/a", &[]).await;
     h.get("/a", &[]).await;
     assert_eq!(h.origin.calls(), 2);
-    let h = Harness::new(Origin::fixed(200, &[CC60], "0123456789"));
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("expires", "Thu, 01 Jan 2099 00:00:00 GMT"),
+            ("cdn-cache-control", "max-age=0"),
+        ],
+        "x",
+    ));
     h.get("/a", &[]).await;
-    h.get("/a", &[("range", "bytes=0-1")]).await;
-    assert_eq!(h.origin.calls(), 2, "a range request goes to the origin");
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2, "Expires does not apply either");
+    // Surrogate-Control is obeyed too; CDN-Cache-Control comes first.
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("cache-control", "max-age=0"),
+            ("surrogate-control", "max-age=60"),
+        ],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("cdn-cache-control", "max-age=0"),
+            ("surrogate-control", "max-age=60"),
+        ],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+    // An invalid dictionary is ignored: Cache-Control applies.
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("cache-control", "max-age=60"),
+            ("cdn-cache-control", "max-age=0, !bad"),
+        ],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+    // A value of the wrong type voids that directive only (a string is not an integer).
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("cache-control", "max-age=60"),
+            ("cdn-cache-control", "max-age=\"0\""),
+        ],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    h.clock.advance(1);
+    h.get("/a", &[]).await;
+    assert_eq!(
+        h.origin.calls(),
+        2,
+        "targeted field present: no freshness from it, stale"
+    );
+    // The operator's own field comes before all of them.
+    let mut policy = PolicyConfig::default();
+    policy
+        .targeted
+        .insert(0, http::HeaderName::from_static("shoal-cache-control"));
+    let cfg = CacheConfig {
+        policy,
+        ..Default::default()
+    };
+    let h = Harness::with(
+        Origin::fixed(
+            200,
+            &[
+                ("cdn-cache-control", "no-store"),
+                ("shoal-cache-control", "max-age=60"),
+            ],
+            "x",
+        ),
+        cfg,
+    );
+    h.get("/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
 }
 
 #[tokio::test]
@@ -778,6 +957,35 @@ async fn rfc5861_4_request_stale_if_error() {
 }
 
 #[tokio::test]
+async fn rfc9111_4_2_4_request_directives_never_loosen_must_revalidate_or_no_cache() {
+    for cc in [
+        "max-age=10, must-revalidate",
+        "max-age=10, proxy-revalidate",
+        "s-maxage=10",
+        "max-age=10, no-cache",
+    ] {
+        let h = Harness::new(Origin::fixed(
+            200,
+            &[("cache-control", cc), ("etag", "\"v\"")],
+            "good",
+        ));
+        h.get("/a", &[]).await;
+        h.clock.advance(20);
+        h.origin.set(|_, _, _| Ok(resp(503, &[], "bad")));
+        for req in ["stale-if-error=3600", "max-stale=3600", "max-stale"] {
+            let r = h.get("/a", &[("cache-control", req)]).await;
+            assert_eq!(r.status(), 503, "{cc} with request {req}");
+        }
+        // Unreachable origin: the same.
+        h.origin.set(|_, _, _| Err("refused".to_string()));
+        let r = h
+            .get("/a", &[("cache-control", "stale-if-error=3600")])
+            .await;
+        assert_eq!(r.status(), 502, "{cc}: stale served on a connection error");
+    }
+}
+
+#[tokio::test]
 async fn rfc9111_4_4_unsafe_methods_invalidate_the_target_and_same_origin_locations() {
     let h = Harness::new(Origin::new(|m, _, _| {
         if m == Method::POST {
@@ -916,24 +1124,37 @@ async fn rfc9211_cache_status_is_appended_after_upstream_members() {
 }
 
 #[tokio::test]
-async fn cache_set_cookie_responses_are_stored_unless_the_operator_says_no() {
-    let origin = || Origin::fixed(200, &[CC60, ("set-cookie", "s=1")], "x");
+async fn cache_set_cookie_responses_pass_by_default_and_are_stored_without_the_cookie_on_request() {
+    let origin = || Origin::fixed(200, &[CC60, ("set-cookie", "sid=secret0")], "x");
+    // Default: not stored (hit-for-pass); each client gets the origin's own answer.
     let h = Harness::new(origin());
-    h.get("/a", &[]).await;
+    let a = h.get("/a", &[]).await;
+    assert_eq!(hdr(&a, "set-cookie"), Some("sid=secret0"));
     let b = h.get("/a", &[]).await;
-    assert_eq!(h.origin.calls(), 1);
-    assert_eq!(hdr(&b, "set-cookie"), Some("s=1"));
+    assert_eq!(h.origin.calls(), 2);
+    assert!(
+        cache_status(&b).contains("detail=hit-for-pass"),
+        "{}",
+        cache_status(&b)
+    );
+    // Opted in: a copy without Set-Cookie is stored; the cookie went to the first client only.
     let cfg = CacheConfig {
         policy: PolicyConfig {
-            store_set_cookie: false,
+            store_set_cookie: true,
             ..Default::default()
         },
         ..Default::default()
     };
     let h = Harness::with(origin(), cfg);
-    h.get("/a", &[]).await;
-    h.get("/a", &[]).await;
-    assert_eq!(h.origin.calls(), 2);
+    let a = h.get("/a", &[]).await;
+    assert_eq!(hdr(&a, "set-cookie"), Some("sid=secret0"));
+    let b = h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
+    assert_eq!(
+        hdr(&b, "set-cookie"),
+        None,
+        "a cookie is never replayed to another client"
+    );
 }
 
 #[tokio::test]
@@ -1155,7 +1376,6 @@ async fn rfc9111_3_1_connection_listed_and_proxy_auth_fields_are_not_stored() {
             ("proxy-authenticate", "Basic"),
             ("proxy-authentication-info", "x"),
             ("proxy-connection", "keep-alive"),
-            ("set-cookie", "a=b"),
             ("content-location", "/foo"),
         ],
         "x",
@@ -1174,7 +1394,7 @@ async fn rfc9111_3_1_connection_listed_and_proxy_auth_fields_are_not_stored() {
         assert_eq!(hdr(&r, gone), None, "{gone}");
     }
     assert_eq!(hdr(&r, "c"), Some("3"));
-    assert_eq!(hdr(&r, "set-cookie"), Some("a=b"));
+    assert_eq!(hdr(&r, "set-cookie"), None, "cookies are never replayed");
     assert_eq!(hdr(&r, "content-location"), Some("/foo"));
 }
 

@@ -25,7 +25,7 @@ fn shoal(redis: &RedisServer) -> Arc<Cache> {
         &PolicyConfig::default(),
     )
     .unwrap();
-    Cache::new(store, CacheConfig::default())
+    Cache::new(store, CacheConfig::default(), "web")
 }
 
 async fn get(
@@ -64,7 +64,7 @@ async fn two_stores_share_objects_through_redis() {
     let clock = Clock::new();
     assert_eq!(get(&a, &clock, &origin, "/s").await.body(), "shared");
     until("stored in Redis", || {
-        exists(redis.port, "http://example.test/s")
+        exists(redis.port, "http://example.test/s web")
     })
     .await;
     clock.advance(5);
@@ -74,11 +74,14 @@ async fn two_stores_share_objects_through_redis() {
     assert_eq!(cache_status(&r), "shoal; hit; ttl=55");
     assert_eq!(hdr(&r, "age"), Some("5"));
     // The Redis key expires with the object (freshness + keep time for a validatable one).
-    let ttl: i64 = redis_cmd(redis.port, &["PTTL", "shoal:cache:http://example.test/s"])
-        .unwrap()
-        .trim_start_matches(':')
-        .parse()
-        .unwrap();
+    let ttl: i64 = redis_cmd(
+        redis.port,
+        &["PTTL", "shoal:cache:http://example.test/s web"],
+    )
+    .unwrap()
+    .trim_start_matches(':')
+    .parse()
+    .unwrap();
     assert!(ttl > 60_000 && ttl <= (60 + 3600) * 1000, "pttl {ttl}");
 }
 
@@ -112,7 +115,7 @@ async fn redis_killed_mid_load_fails_no_request_and_is_used_again_once_back() {
         let path = format!("/after/{n}");
         assert_eq!(get(&cache, &clock, &origin, &path).await.status(), 200);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if exists(redis.port, &format!("http://example.test{path}")) {
+        if exists(redis.port, &format!("http://example.test{path} web")) {
             break;
         }
         assert!(Instant::now() < deadline, "the tier was not used again");
@@ -136,7 +139,7 @@ async fn purges_reach_the_shared_tier() {
     for p in ["/u/1", "/u/2", "/v/1", "/w/1"] {
         get(&a, &clock, &origin, p).await;
         until("stored", || {
-            exists(redis.port, &format!("http://example.test{p}"))
+            exists(redis.port, &format!("http://example.test{p} web"))
         })
         .await;
     }
@@ -147,7 +150,7 @@ async fn purges_reach_the_shared_tier() {
             .unwrap(),
         1
     );
-    assert!(!exists(redis.port, "http://example.test/w/1"));
+    assert!(!exists(redis.port, "http://example.test/w/1 web"));
     assert_eq!(
         a.store()
             .purge_prefix("http://example.test/u/")
@@ -155,12 +158,12 @@ async fn purges_reach_the_shared_tier() {
             .unwrap(),
         2
     );
-    assert!(!exists(redis.port, "http://example.test/u/1"));
-    assert!(!exists(redis.port, "http://example.test/u/2"));
-    assert!(exists(redis.port, "http://example.test/v/1"));
+    assert!(!exists(redis.port, "http://example.test/u/1 web"));
+    assert!(!exists(redis.port, "http://example.test/u/2 web"));
+    assert!(exists(redis.port, "http://example.test/v/1 web"));
     // Purging by tag through the other process clears Redis for everyone.
     assert_eq!(b.store().purge_surrogate_key("grp").await.unwrap(), 1);
-    assert!(!exists(redis.port, "http://example.test/v/1"));
+    assert!(!exists(redis.port, "http://example.test/v/1 web"));
     let before = origin.calls();
     get(&b, &clock, &origin, "/v/1").await;
     assert_eq!(origin.calls(), before + 1);
@@ -173,7 +176,7 @@ async fn unreadable_or_foreign_objects_are_misses() {
     until("connected", || cache.store().stats().redis_connected).await;
     redis_cmd(
         redis.port,
-        &["SET", "shoal:cache:http://example.test/j", "junk"],
+        &["SET", "shoal:cache:http://example.test/j web", "junk"],
     )
     .unwrap();
     let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "fresh");
@@ -192,7 +195,7 @@ async fn redis_down_from_the_start_degrades_to_memory() {
         &PolicyConfig::default(),
     )
     .unwrap();
-    let cache = Cache::new(store, CacheConfig::default());
+    let cache = Cache::new(store, CacheConfig::default(), "web");
     let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "m");
     let clock = Clock::new();
     for _ in 0..3 {
@@ -236,9 +239,73 @@ async fn a_hung_redis_costs_requests_at_most_its_timeout() {
         let path = format!("/resumed/{i}");
         get(&cache, &clock, &origin, &path).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if exists(redis.port, &format!("http://example.test{path}")) {
+        if exists(redis.port, &format!("http://example.test{path} web")) {
             break;
         }
         assert!(Instant::now() < deadline, "the tier was not used again");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidations_during_an_outage_make_no_connection_per_request() {
+    let port = free_port();
+    let store = CacheStore::new(
+        16 << 20,
+        Some(RedisConfig::new(format!("redis://127.0.0.1:{port}/"))),
+        &PolicyConfig::default(),
+    )
+    .unwrap();
+    let cache = Cache::new(store, CacheConfig::default(), "web");
+    // Let the first connection attempt fail and switch the tier off.
+    until("first failure", || cache.store().stats().redis_errors >= 1).await;
+    let h = HeaderMap::new();
+    let started = Instant::now();
+    for i in 0..200 {
+        let path = format!("/p/{i}");
+        let req = Request {
+            method: &Method::POST,
+            scheme: "http",
+            authority: "example.test",
+            path_and_query: &path,
+            headers: &h,
+        };
+        cache.invalidate_after(&req, http::StatusCode::OK, &HeaderMap::new());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let secs = started.elapsed().as_secs() + 1;
+    let errors = cache.store().stats().redis_errors;
+    // One attempt per backoff period (1 s) at most, not one per invalidation.
+    assert!(
+        errors <= 1 + secs,
+        "{errors} Redis errors for 200 invalidations"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caches_of_different_owners_never_share_an_object_in_redis() {
+    let redis = RedisServer::start();
+    let store = CacheStore::new(
+        16 << 20,
+        Some(RedisConfig::new(redis.url())),
+        &PolicyConfig::default(),
+    )
+    .unwrap();
+    let a = Cache::new(store.clone(), CacheConfig::default(), "a");
+    let b = Cache::new(store.clone(), CacheConfig::default(), "b");
+    until("connected", || store.stats().redis_connected).await;
+    let clock = Clock::new();
+    let from_a = Origin::fixed(200, &[("cache-control", "max-age=60")], "A");
+    let from_b = Origin::fixed(200, &[("cache-control", "max-age=60")], "B");
+    assert_eq!(get(&b, &clock, &from_b, "/p").await.body(), "B");
+    until("stored", || exists(redis.port, "http://example.test/p b")).await;
+    // Same URL, same Host, other owner: a miss, answered by its own origin.
+    assert_eq!(get(&a, &clock, &from_a, "/p").await.body(), "A");
+    assert_eq!(from_a.calls(), 1);
+    assert_eq!(get(&a, &clock, &from_a, "/p").await.body(), "A");
+    assert_eq!(get(&b, &clock, &from_b, "/p").await.body(), "B");
+    // A purge by URL reaches every owner's copy.
+    until("stored", || exists(redis.port, "http://example.test/p a")).await;
+    store.purge_url("http://example.test/p").await.unwrap();
+    assert!(!exists(redis.port, "http://example.test/p a"));
+    assert!(!exists(redis.port, "http://example.test/p b"));
 }

@@ -3,14 +3,16 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -19,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::app::App;
 use crate::history::{Dashboard, MAX_STREAMS};
+use crate::pool::now_nanos;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 const DASHBOARD_JS: &str = include_str!("dashboard.js");
@@ -109,19 +112,64 @@ fn whole(r: Response<Full<Bytes>>) -> Response<AdminBody> {
     r.map(Either::Left)
 }
 
+/// What the admin listener allows a client: it is reachable by anything on the host (or
+/// further, if bound so), so a client that connects and sends nothing, stays idle, or stops
+/// reading must not pin a task or a dashboard slot for ever.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminLimits {
+    /// Connections at once; past it, accepting waits (the kernel backlog queues).
+    pub max_connections: usize,
+    /// Time to send a request head.
+    pub header_read: Duration,
+    /// A connection with no request in flight and no bytes moved this long is closed.
+    pub idle: Duration,
+    /// A client that takes no response bytes this long (a stalled dashboard stream, a
+    /// `/metrics` reader that stopped) is disconnected.
+    pub write_stall: Duration,
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        AdminLimits {
+            max_connections: 256,
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+            write_stall: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Binds the admin listener; serves until `stop` flips. Returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     app: Arc<App>,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<SocketAddr> {
+    serve_with(addr, app, stop, AdminLimits::default()).await
+}
+
+/// [`serve`] with explicit limits.
+pub async fn serve_with(
+    addr: SocketAddr,
+    app: Arc<App>,
     mut stop: watch::Receiver<bool>,
+    limits: AdminLimits,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let dash = Arc::new(Dashboard::default());
     tokio::spawn(dash.clone().run(app.clone(), stop.clone()));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     tokio::spawn(async move {
         loop {
-            let (stream, _) = tokio::select! {
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = crate::server::stopped(&mut stop) => return,
+            };
+            let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
@@ -132,11 +180,17 @@ pub async fn serve(
                 },
                 _ = crate::server::stopped(&mut stop) => return,
             };
-            let (app, dash) = (app.clone(), dash.clone());
+            let (app, dash, stop) = (app.clone(), dash.clone(), stop.clone());
             tokio::spawn(async move {
+                let _permit = permit;
+                // Last request start or end, and requests in flight, for the idle timeout.
+                let activity = Arc::new((AtomicU64::new(now_nanos()), AtomicUsize::new(0)));
+                let act = activity.clone();
                 let svc = service_fn(move |req| {
                     let (app, dash) = (app.clone(), dash.clone());
+                    let busy = crate::server::Busy::new(act.clone());
                     async move {
+                        let _busy = busy;
                         let r = match (req.method(), req.uri().path()) {
                             (&Method::GET, "/api/dashboard/stream") => event_stream(&dash),
                             (&Method::GET, "/api/dashboard/history") => whole(respond(
@@ -163,9 +217,23 @@ pub async fn serve(
                         Ok::<_, Infallible>(r)
                     }
                 });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let stream = crate::h1::Rewind::new(BytesMut::new(), stream, limits.write_stall);
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_read);
+                builder.http2().timer(TokioTimer::new());
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                crate::server::drive(
+                    conn,
+                    |c| c.graceful_shutdown(),
+                    stop,
+                    activity,
+                    limits.idle,
+                    peer,
+                )
+                .await;
             });
         }
     });

@@ -153,14 +153,20 @@ impl App {
     }
 
     /// The cache phase for `owner` with `cfg`: the running one if its settings are the same.
+    /// `namespace` goes into every key of the cache: the service's name, or
+    /// `LISTENER/N/UPSTREAM` for a listener's N-th route.
     fn cache_for(
         &self,
         owner: String,
+        namespace: &str,
         cfg: &Option<shoal_cache::CacheConfig>,
     ) -> Option<Arc<shoal_cache::Cache>> {
         let cfg = cfg.as_ref()?;
         let mut caches = self.caches.lock().expect("lock");
-        if let Some(c) = caches.get(&owner).filter(|c| c.config() == cfg) {
+        if let Some(c) = caches
+            .get(&owner)
+            .filter(|c| c.config() == cfg && c.namespace() == namespace)
+        {
             return Some(c.clone());
         }
         let store = self
@@ -176,7 +182,7 @@ impl App {
                     .expect("no Redis URL to check")
             })
             .clone();
-        let c = shoal_cache::Cache::new(store, cfg.clone());
+        let c = shoal_cache::Cache::new(store, cfg.clone(), namespace);
         caches.insert(owner, c.clone());
         Some(c)
     }
@@ -276,9 +282,11 @@ impl App {
         let jobs = self.jobs.lock().expect("lock").clone();
         for r in services.values() {
             let cfg = r.service.config.load();
-            r.service
-                .cache
-                .store(self.cache_for(r.service.name.clone(), &cfg.cache));
+            r.service.cache.store(self.cache_for(
+                r.service.name.clone(),
+                &r.service.name,
+                &cfg.cache,
+            ));
             if cfg.routes.is_empty() {
                 r.service.routes.store(None);
                 continue;
@@ -290,6 +298,7 @@ impl App {
                 .filter_map(|(i, rc)| {
                     let target = services.get(&rc.service)?.service.clone();
                     let owner = format!("{}\0{}#{i}", rc.service, r.service.name);
+                    let namespace = format!("{}/{i}/{}", r.service.name, rc.service);
                     let async_phase = match (rc.extra.contains_key("async"), &jobs) {
                         (false, _) => crate::route::AsyncPhase::Off,
                         (true, Some(j)) => j
@@ -302,7 +311,7 @@ impl App {
                     Some(crate::route::Route {
                         config: rc.clone(),
                         target,
-                        cache: self.cache_for(owner, &rc.cache),
+                        cache: self.cache_for(owner, &namespace, &rc.cache),
                         jobs: async_phase,
                     })
                 })
@@ -403,7 +412,10 @@ impl App {
             if store.is_none() {
                 let redis = c.redis.clone().map(shoal_cache::RedisConfig::new);
                 match shoal_cache::CacheStore::new(c.memory, redis, &Default::default()) {
-                    Ok(s) => *store = Some(s),
+                    Ok(s) => {
+                        s.set_fill_limit(c.fill_memory);
+                        *store = Some(s)
+                    }
                     Err(e) => tracing::error!(error = %e, "cache: store not created"),
                 }
             }

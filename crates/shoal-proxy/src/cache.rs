@@ -38,8 +38,17 @@ pub struct CacheTable {
     pub ignore_no_cache: bool,
     /// Store responses marked `private` anyway.
     pub ignore_private: bool,
-    /// Store responses that set cookies (RFC 9111 allows it; off passes them through).
+    /// Store a copy without `Set-Cookie` of responses that set cookies (off: such responses
+    /// pass through uncached, as Varnish does; the cookie is never replayed to others).
     pub store_set_cookie: bool,
+    /// The operator's own targeted cache-control field (RFC 9213), e.g.
+    /// "Shoal-Cache-Control": obeyed before `CDN-Cache-Control` and `Surrogate-Control`,
+    /// which are obeyed before `Cache-Control`.
+    pub targeted_cache_control: String,
+    /// Request headers that change what an origin serves without being in the cache key
+    /// (`X-Original-URL`, `X-HTTP-Method-Override`, ...) are dropped on cached routes; these
+    /// are forwarded anyway.
+    pub allow_override_headers: Vec<String>,
     /// How long a request waits for another one fetching the same URL.
     pub coalesce_wait: Dur,
     /// How long a URL found uncacheable is passed straight through (no coalescing).
@@ -58,6 +67,8 @@ impl Default for CacheTable {
             ignore_no_cache: c.policy.ignore_request_no_cache,
             ignore_private: c.policy.ignore_private,
             store_set_cookie: c.policy.store_set_cookie,
+            targeted_cache_control: String::new(),
+            allow_override_headers: Vec::new(),
             coalesce_wait: Dur(c.coalesce_wait),
             hit_for_pass: Dur(c.hit_for_pass),
         }
@@ -77,8 +88,32 @@ pub fn cache_settings(v: &toml::Value) -> Result<CacheConfig, (String, String)> 
             "must be between 1 byte and 1GiB".into(),
         ));
     }
+    let mut targeted = shoal_cache::policy::default_targeted();
+    if !t.targeted_cache_control.is_empty() {
+        let name =
+            http::HeaderName::from_bytes(t.targeted_cache_control.as_bytes()).map_err(|_| {
+                (
+                    "targeted_cache_control".to_string(),
+                    "not a header name".to_string(),
+                )
+            })?;
+        targeted.retain(|n| *n != name);
+        targeted.insert(0, name);
+    }
+    let mut allow_override_headers = Vec::new();
+    for (i, h) in t.allow_override_headers.iter().enumerate() {
+        let name = http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+            (
+                format!("allow_override_headers[{i}]"),
+                format!("{h:?} is not a header name"),
+            )
+        })?;
+        allow_override_headers.push(name);
+    }
     Ok(CacheConfig {
+        allow_override_headers,
         policy: PolicyConfig {
+            targeted,
             ignore_request_no_cache: t.ignore_no_cache,
             ignore_private: t.ignore_private,
             default_ttl: t.default_ttl.0,
@@ -92,6 +127,18 @@ pub fn cache_settings(v: &toml::Value) -> Result<CacheConfig, (String, String)> 
         coalesce_wait: t.coalesce_wait.0,
         hit_for_pass: t.hit_for_pass.0,
     })
+}
+
+/// Drops the request headers that would change what the origin serves without being part
+/// of the cache key (web cache poisoning through `X-Original-URL` and the like), unless the
+/// route allows them.
+pub(crate) fn drop_overrides(cache: &Cache, headers: &mut HeaderMap) {
+    let allowed = &cache.config().allow_override_headers;
+    for name in shoal_cache::policy::OVERRIDE_HEADERS {
+        if !allowed.iter().any(|a| a.as_str() == name) {
+            headers.remove(name);
+        }
+    }
 }
 
 /// A response served from cache, as the general path sends it.
@@ -117,14 +164,19 @@ pub(crate) async fn after_response(
     match cache.response(fetch, parts.status, &mut parts.headers, SystemTime::now()) {
         Outcome::Serve(r) => After::Respond(full(r)),
         Outcome::Forward(None) => After::Respond(Response::from_parts(parts, Either::Left(body))),
-        Outcome::Forward(Some(store)) => {
-            match read_if_small(&parts.headers, body, store.max_body()).await {
+        Outcome::Forward(Some(mut store)) => {
+            match read_if_small(&parts.headers, body, &mut store).await {
                 Read::Whole(bytes) => {
                     store.finish(bytes.clone());
                     After::Respond(Response::from_parts(parts, Either::Right(Full::new(bytes))))
                 }
                 Read::TooLarge(body) => {
                     store.too_large();
+                    After::Respond(Response::from_parts(parts, Either::Left(body)))
+                }
+                // The fill budget is spent: streamed through, the Store dropped unused.
+                Read::NoBudget(body) => {
+                    drop(store);
                     After::Respond(Response::from_parts(parts, Either::Left(body)))
                 }
                 // Unknown length (chunked, until close): streamed to the client and copied
@@ -138,17 +190,24 @@ pub(crate) async fn after_response(
         }
         Outcome::NotModified(r, store) => {
             // The client gets a 304; the body is only for the cache (read up to the limit).
-            if let Some(store) = store {
-                match read_if_small(&parts.headers, body, store.max_body()).await {
+            if let Some(mut store) = store {
+                match read_if_small(&parts.headers, body, &mut store).await {
                     Read::Whole(b) => {
                         store.finish(b);
                     }
                     Read::Unknown(mut body) => {
                         body.tee(Tee::new(store));
-                        while let Some(Ok(_)) = body.frame().await {}
+                        // Read for the copy only: once it is given up (too large, no budget)
+                        // the rest is not worth reading; dropping the body closes it.
+                        while body.teeing() {
+                            match body.frame().await {
+                                Some(Ok(_)) => {}
+                                _ => break,
+                            }
+                        }
                     }
                     Read::TooLarge(_) => store.too_large(),
-                    Read::Failed => {}
+                    Read::NoBudget(_) | Read::Failed => {}
                 }
             }
             After::Respond(full(r))
@@ -177,7 +236,7 @@ impl Tee {
 
     /// Copies one data frame; false once the copy is given up (too large).
     pub(crate) fn push(&mut self, data: &Bytes) -> bool {
-        let Some(store) = &self.store else {
+        let Some(store) = &mut self.store else {
             return false;
         };
         self.len += data.len();
@@ -186,6 +245,12 @@ impl Tee {
             if let Some(s) = self.store.take() {
                 s.too_large();
             }
+            return false;
+        }
+        if !store.reserve(self.len) {
+            // The process-wide fill budget is spent: give the copy up (not the URL's fault).
+            self.parts = Vec::new();
+            self.store = None;
             return false;
         }
         // `Bytes` clones share the frame's buffer: nothing is copied until `finish`.
@@ -208,16 +273,19 @@ impl Tee {
 enum Read {
     Whole(Bytes),
     TooLarge(Tracked),
+    NoBudget(Tracked),
     Unknown(Tracked),
     Failed,
 }
 
-async fn read_if_small(h: &HeaderMap, body: Tracked, max: usize) -> Read {
+async fn read_if_small(h: &HeaderMap, body: Tracked, store: &mut Store) -> Read {
     let len = h
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse::<u64>().ok());
+    let max = store.max_body();
     match len {
+        Some(n) if n <= max as u64 && !store.reserve(n as usize) => Read::NoBudget(body),
         Some(n) if n <= max as u64 => match body.collect().await {
             // Tracked enforces the upstream read timeout per frame.
             Ok(c) => Read::Whole(c.to_bytes()),
@@ -238,10 +306,11 @@ pub(crate) fn spawn_refresh(
     headers: HeaderMap,
     key: Option<Vec<u8>>,
 ) {
+    let limit = cache.config().max_object_size;
     tokio::spawn(async move {
         let origin = |m: Method, h: HeaderMap| {
             let (svc, target, key) = (svc.clone(), target.clone(), key.clone());
-            async move { svc.fetch_whole(m, target, h, key.as_deref()).await }
+            async move { svc.fetch_whole(m, target, h, key.as_deref(), limit).await }
         };
         if let Err(e) = cache
             .fetch_with(fetch, &headers, SystemTime::now, origin)

@@ -513,6 +513,8 @@ struct RawCacheStore {
     #[serde(default)]
     memory: Option<Spanned<String>>,
     #[serde(default)]
+    fill_memory: Option<Spanned<String>>,
+    #[serde(default)]
     redis: Option<Spanned<String>>,
 }
 
@@ -521,6 +523,8 @@ struct RawCacheStore {
 pub struct CacheStoreConfig {
     /// Bytes the memory tier may hold.
     pub memory: u64,
+    /// Response body bytes that may be held at once while they are read for storing.
+    pub fill_memory: u64,
     /// The shared Redis tier, if any.
     pub redis: Option<String>,
 }
@@ -1036,6 +1040,11 @@ impl Config {
                     Some(m) => parse_size(m.get_ref())
                         .map_err(|e| loc.error(m.span(), "cache.memory", e))?,
                     None => DEFAULT_CACHE_MEMORY,
+                },
+                fill_memory: match &c.fill_memory {
+                    Some(m) => parse_size(m.get_ref())
+                        .map_err(|e| loc.error(m.span(), "cache.fill_memory", e))?,
+                    None => shoal_cache::cache::DEFAULT_FILL_BYTES,
                 },
                 redis: match &c.redis {
                     Some(u)

@@ -428,6 +428,9 @@ impl Service {
         };
         // The cache phase: answer from cache, or plan the fetch (validators to add).
         let cache = routed.cache.clone();
+        if let Some(c) = &cache {
+            crate::cache::drop_overrides(c, &mut headers);
+        }
         let cache_host = crate::cache::host_str(facts.authority).map(str::to_string);
         let mut fetch = None;
         let mut passed = None;
@@ -567,7 +570,16 @@ impl Service {
         let idle_timeout = cfg.timeouts.upstream_idle.0;
         let mut tries = svc.begin_tries(&cfg, start);
         let mut last_err = None;
-        for attempt in 0..attempts {
+        // A cache refetch (a 304 for another representation) adds one try beyond the retries.
+        let mut limit = attempts;
+        let mut refetched = false;
+        let mut next = 0;
+        loop {
+            let attempt = next;
+            if attempt >= limit {
+                break;
+            }
+            next += 1;
             let Some(mut t) = svc
                 .next_try(&mut tries, attempt, &cfg, key.as_deref())
                 .map_err(fail)?
@@ -580,7 +592,7 @@ impl Service {
             });
             *up.method_mut() = parts.method.clone();
             *up.uri_mut() = target.clone();
-            let mut hdrs = if attempt + 1 == attempts {
+            let mut hdrs = if attempt + 1 == limit && fetch.is_none() {
                 std::mem::take(&mut headers)
             } else {
                 headers.clone()
@@ -675,16 +687,19 @@ impl Service {
                             crate::cache::After::Respond(r) => return Ok(r),
                             crate::cache::After::Fail(e) => return Err(fail(e)),
                             crate::cache::After::Refetch(f) => {
-                                // The 304 was for another representation: once more, unconditional.
+                                // The 304 was for another representation: once more,
+                                // unconditional, whatever the retry settings.
                                 f.prepare(&mut headers);
                                 fetch = Some(f);
                                 last_err = Some(ProxyError::Upstream(
                                     "upstream answered 304 for another representation",
                                 ));
-                                if attempt + 1 < attempts {
-                                    continue;
+                                if !refetched {
+                                    refetched = true;
+                                    limit += 1;
+                                    tries.forget_tried();
                                 }
-                                break;
+                                continue;
                             }
                         }
                     }
@@ -741,13 +756,15 @@ impl Service {
         Err(fail(last_err.unwrap_or(ProxyError::NoInstance)))
     }
 
-    /// One try with a bodyless request, the response read whole: background cache refreshes.
+    /// One try with a bodyless request, the response read whole up to `limit` bytes:
+    /// background cache refreshes.
     pub(crate) async fn fetch_whole(
         self: &Arc<Self>,
         method: http::Method,
         target: Uri,
         headers: HeaderMap,
         key: Option<&[u8]>,
+        limit: usize,
     ) -> Result<Response<Bytes>, ProxyError> {
         let cfg = self.config.load_full();
         let mut tries = self.begin_tries(&cfg, now_nanos());
@@ -767,6 +784,9 @@ impl Service {
         );
         let result = tokio::time::timeout(t.timeout, sending).await;
         let outcome = match &result {
+            Ok(Ok((resp, _))) if !hygiene::valid_status(resp.status().as_u16()) => {
+                Err(Some(ErrorKind::Reset))
+            }
             Ok(Ok((resp, _))) => Ok(resp.status().as_u16()),
             Ok(Err(upstream::SendError::Connect(_))) => Err(Some(ErrorKind::Connect)),
             Ok(Err(upstream::SendError::Reset(_))) => Err(Some(ErrorKind::Reset)),
@@ -778,6 +798,9 @@ impl Service {
             Ok(Err(_)) => return Err(ProxyError::Upstream("upstream connect failed")),
             Err(_) => return Err(ProxyError::Timeout),
         };
+        if !hygiene::valid_status(resp.status().as_u16()) {
+            return Err(ProxyError::Upstream("upstream sent an invalid response"));
+        }
         let (mut parts, body) = resp.into_parts();
         response_hygiene(&mut parts.headers);
         let body = Tracked {
@@ -789,7 +812,7 @@ impl Service {
             access: None,
             tee: None,
         };
-        let bytes = body
+        let bytes = http_body_util::Limited::new(body, limit)
             .collect()
             .await
             .map_err(|_| ProxyError::Upstream("upstream response body failed"))?
@@ -969,6 +992,11 @@ impl Tracked {
     /// Copies the body into `tee` as it streams (see [`crate::cache::Tee`]).
     pub(crate) fn tee(&mut self, tee: crate::cache::Tee) {
         self.tee = Some(Box::new(tee));
+    }
+
+    /// Whether a copy for the cache is still being taken.
+    pub(crate) fn teeing(&self) -> bool {
+        self.tee.is_some()
     }
 
     fn finish(&mut self, complete: bool) {

@@ -55,10 +55,11 @@ impl Connections {
 
 /// One request in progress on a client connection, for the idle timeout. A guard, so an
 /// HTTP/2 stream reset (which drops the handler future) is counted too.
-struct Busy(Arc<(AtomicU64, AtomicUsize)>);
+/// A request in flight on a connection, for the idle timeout.
+pub(crate) struct Busy(Arc<(AtomicU64, AtomicUsize)>);
 
 impl Busy {
-    fn new(a: Arc<(AtomicU64, AtomicUsize)>) -> Self {
+    pub(crate) fn new(a: Arc<(AtomicU64, AtomicUsize)>) -> Self {
         a.1.fetch_add(1, Ordering::Relaxed);
         Busy(a)
     }
@@ -212,6 +213,23 @@ async fn serve_conn(
         }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    drive(conn, |c| c.graceful_shutdown(), stop, activity, idle, peer).await;
+}
+
+/// Runs an HTTP connection to its end: shut down gracefully when `stop` flips, or once no
+/// request has been in flight for `idle` (`activity`: last request start or end, and the
+/// requests in flight).
+pub(crate) async fn drive<C, E>(
+    conn: C,
+    shutdown: impl Fn(std::pin::Pin<&mut C>),
+    mut stop: watch::Receiver<bool>,
+    activity: Arc<(AtomicU64, AtomicUsize)>,
+    idle: Duration,
+    peer: SocketAddr,
+) where
+    C: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     tokio::pin!(conn);
     let mut shutting_down = false;
     loop {
@@ -229,14 +247,14 @@ async fn serve_conn(
             }
             _ = crate::server::stopped(&mut stop), if !shutting_down => {
                 shutting_down = true;
-                conn.as_mut().graceful_shutdown();
+                shutdown(conn.as_mut());
             }
             _ = idle_check, if !shutting_down => {
                 let last = activity.0.load(Ordering::Relaxed);
                 let busy = activity.1.load(Ordering::Relaxed) > 0;
                 if !busy && now_nanos().saturating_sub(last) >= idle.as_nanos() as u64 {
                     shutting_down = true;
-                    conn.as_mut().graceful_shutdown();
+                    shutdown(conn.as_mut());
                 }
             }
         }

@@ -134,7 +134,7 @@ fn two_shoal_processes_share_one_redis() {
         .contains("fwd=uri-miss"));
     assert_eq!(o.calls.load(Ordering::SeqCst), 1);
     wait_until(10, "stored in Redis", || {
-        exists(redis.port, "http://site.test/obj")
+        exists(redis.port, "http://site.test/obj default")
     });
 
     // The other process never saw /obj: it answers from Redis, not from the origin.
@@ -225,7 +225,7 @@ fn redis_sigkilled_under_load_fails_no_request_and_is_used_again_once_back() {
         let path = format!("/after/{n}");
         assert!(get_site(a, &path).starts_with("HTTP/1.1 200"));
         std::thread::sleep(Duration::from_millis(50));
-        if exists(redis.port, &format!("http://site.test{path}")) {
+        if exists(redis.port, &format!("http://site.test{path} default")) {
             break path;
         }
         assert!(

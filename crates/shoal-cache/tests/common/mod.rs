@@ -145,7 +145,7 @@ impl Harness {
     pub fn with(origin: Origin, cfg: CacheConfig) -> Self {
         let store = CacheStore::new(64 << 20, None, &PolicyConfig::default()).unwrap();
         Harness {
-            cache: Cache::new(store, cfg),
+            cache: Cache::new(store, cfg, "web"),
             clock: Clock::new(),
             origin,
         }
