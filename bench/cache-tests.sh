@@ -12,7 +12,8 @@
 # Usage: bench/cache-tests.sh
 #   SHOAL_BIN=path     the shoal binary (default target/release/shoal, built if missing)
 #   OUT=file           where to write the raw JSON results (default a temp file, kept)
-#   ID=test-id         run one test only and show its requests and responses (debugging)
+#   ID=test-id         run one test only and show its requests and responses and shoal's
+#                      log (debugging; RUST_LOG=debug for more)
 #   CACHE_TESTS_VERSION=0.4.5, CACHE_MEMORY=64MiB, TIMEOUT=600 (seconds for the client)
 #   CACHE_TESTS_DIR    where the suite is installed (default ~/.cache/shoal/cache-tests)
 set -euo pipefail
@@ -70,7 +71,11 @@ echo "cache-tests: http-cache-tests $VERSION, origin 127.0.0.1:$ORIGIN, shoal 12
   npm_package_config_id="$ID" timeout "$TIMEOUT" node --no-warnings cli.mjs) >"$work/cli.out" 2>"$work/cli.err" &
 pids+=($!)
 rc=0; wait "${pids[-1]}" || rc=$?
-if [ -n "$ID" ]; then cat "$work/cli.out"; cat "$work/cli.err" >&2; exit "$rc"; fi
+if [ -n "$ID" ]; then
+  cat "$work/cli.out"; cat "$work/cli.err" >&2
+  if [ -s "$work/shoal.log" ]; then echo "=== shoal log (RUST_LOG=${RUST_LOG:-warn})"; cat "$work/shoal.log"; fi
+  exit "$rc"
+fi
 if [ "$rc" != 0 ] || ! node -e 'JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"))' "$work/cli.out" 2>/dev/null; then
   echo "cache-tests: the client failed (exit $rc)" >&2
   tail -20 "$work/cli.err" >&2; tail -20 "$work/shoal.log" >&2
