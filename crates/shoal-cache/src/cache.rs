@@ -378,8 +378,6 @@ pub enum Outcome {
     /// Send this 304 (the client's validators match the new response) and read the origin
     /// body into the `Store`, if any.
     NotModified(http::Response<Bytes>, Option<Store>),
-    /// The 304 did not match the stored object: fetch again with this plan (unconditional).
-    Refetch(Fetch),
 }
 
 /// A storable response whose body is on its way. Call [`Store::finish`] with the whole body,
@@ -716,7 +714,7 @@ impl Cache {
     /// with `Cache-Status` when the response is forwarded.
     pub fn response(
         self: &Arc<Self>,
-        mut fetch: Fetch,
+        fetch: Fetch,
         status: StatusCode,
         headers: &mut HeaderMap,
         now: SystemTime,
@@ -728,13 +726,6 @@ impl Cache {
                 .stale
                 .clone()
                 .expect("validators come from a stored object");
-            if !policy::not_modified_matches(&stale, headers) {
-                fetch.validators.clear();
-                fetch.stale = None;
-                // The refetch is unconditional: the validators sent before go too.
-                fetch.strip_client_conditionals = true;
-                return Outcome::Refetch(fetch);
-            }
             let merged = policy::merge_not_modified(cfg, &stale, headers, fetch.request_time, now);
             self.insert_variant(&fetch.key, merged.clone(), now);
             self.count(&fetch, Count::Revalidated);
@@ -952,7 +943,7 @@ impl Cache {
     /// Carries out a fetch plan against a buffered origin (see [`Cache::handle`]).
     pub async fn fetch_with<F, Fut, E>(
         self: &Arc<Self>,
-        mut fetch: Fetch,
+        fetch: Fetch,
         client_headers: &HeaderMap,
         now: impl Fn() -> SystemTime,
         origin: F,
@@ -961,36 +952,28 @@ impl Cache {
         F: Fn(Method, HeaderMap) -> Fut,
         Fut: std::future::Future<Output = Result<http::Response<Bytes>, E>>,
     {
-        for _ in 0..2 {
-            let mut headers = client_headers.clone();
-            fetch.prepare(&mut headers);
-            let method = fetch.method.clone();
-            let resp = match origin(method, headers).await {
-                Ok(r) => r,
-                Err(e) => return self.origin_error(fetch, now()).ok_or(e),
-            };
-            let (mut parts, body) = resp.into_parts();
-            match self.response(fetch, parts.status, &mut parts.headers, now()) {
-                Outcome::Serve(r) => return Ok(r),
-                Outcome::Forward(store) => {
-                    if let Some(s) = store {
-                        s.finish(body.clone());
-                    }
-                    return Ok(http::Response::from_parts(parts, body));
-                }
-                Outcome::NotModified(r, store) => {
-                    if let Some(s) = store {
-                        s.finish(body);
-                    }
-                    return Ok(r);
-                }
-                Outcome::Refetch(f) => fetch = f,
-            }
-        }
-        // A second non-matching 304 (a confused origin): pass the last one through.
         let mut headers = client_headers.clone();
         fetch.prepare(&mut headers);
-        let m = fetch.method.clone();
-        origin(m, headers).await
+        let method = fetch.method.clone();
+        let resp = match origin(method, headers).await {
+            Ok(r) => r,
+            Err(e) => return self.origin_error(fetch, now()).ok_or(e),
+        };
+        let (mut parts, body) = resp.into_parts();
+        match self.response(fetch, parts.status, &mut parts.headers, now()) {
+            Outcome::Serve(r) => Ok(r),
+            Outcome::Forward(store) => {
+                if let Some(s) = store {
+                    s.finish(body.clone());
+                }
+                Ok(http::Response::from_parts(parts, body))
+            }
+            Outcome::NotModified(r, store) => {
+                if let Some(s) = store {
+                    s.finish(body);
+                }
+                Ok(r)
+            }
+        }
     }
 }

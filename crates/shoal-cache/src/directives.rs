@@ -118,6 +118,9 @@ impl CacheControl {
 /// present or valid: then `Cache-Control` (and `Expires`) apply as usual.
 pub fn parse_targeted(headers: &HeaderMap, fields: &[http::HeaderName]) -> Option<CacheControl> {
     fields.iter().find_map(|f| {
+        if f == SURROGATE_CONTROL {
+            return parse_surrogate(headers);
+        }
         let lines: Vec<&str> = headers
             .get_all(f)
             .iter()
@@ -151,6 +154,64 @@ pub fn parse_targeted(headers: &HeaderMap, fields: &[http::HeaderName]) -> Optio
         }
         Some(cc)
     })
+}
+
+/// The Edge Architecture 1.0 field: not a structured field, directive names are case
+/// insensitive, and a directive may target one surrogate (`max-age=60;shoal`).
+pub const SURROGATE_CONTROL: &str = "surrogate-control";
+/// The device token shoal announces in `Surrogate-Capability` and answers to in
+/// `Surrogate-Control` targets.
+pub const SURROGATE_TOKEN: &str = "shoal";
+/// What shoal announces upstream on cached routes (appended to the field).
+pub const SURROGATE_CAPABILITY: &str = "shoal=\"Surrogate/1.0\"";
+
+/// `Surrogate-Control`'s directives for shoal: those without a target and those targeted at
+/// [`SURROGATE_TOKEN`]; `None` if the field is absent or holds none of them.
+fn parse_surrogate(headers: &HeaderMap) -> Option<CacheControl> {
+    let (mut mine, mut all) = (Vec::new(), Vec::new());
+    for v in headers.get_all(SURROGATE_CONTROL) {
+        let s = v.to_str().ok()?;
+        for item in split_items(s) {
+            match item.rsplit_once(';') {
+                Some((d, t)) if !t.contains(['"', '=']) => {
+                    if t.trim().eq_ignore_ascii_case(SURROGATE_TOKEN) {
+                        mine.push(d);
+                    }
+                }
+                _ => all.push(item),
+            }
+        }
+    }
+    // Directives targeted at shoal come first, so they win over untargeted ones (the first
+    // occurrence of a directive is the one that counts).
+    let mut cc = CacheControl::default();
+    let mut any = false;
+    for (name, arg) in mine.into_iter().chain(all).flat_map(split_directives) {
+        any = true;
+        cc.apply(&name, arg);
+    }
+    any.then_some(cc)
+}
+
+/// Splits a field value at top-level commas (not inside quoted strings).
+fn split_items(s: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(s[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(s[start..].trim());
+    out.retain(|i| !i.is_empty());
+    out
 }
 
 /// A dictionary member's value, as far as cache directives need it.

@@ -673,24 +673,20 @@ pub fn validation_headers(stored: &StoredResponse) -> Vec<(HeaderName, HeaderVal
     out
 }
 
-/// Whether a 304 from the origin refers to `stored` (§4.3.4): a strong `ETag` must match,
-/// else a `Last-Modified` must match; a 304 without validators matches the one we asked about.
-pub fn not_modified_matches(stored: &StoredResponse, resp_headers: &HeaderMap) -> bool {
-    if let Some(new) = resp_headers.get(header::ETAG) {
-        return match &stored.meta.etag {
-            Some(old) => etag_strip_weak(old.as_bytes()) == etag_strip_weak(new.as_bytes()),
-            None => false,
-        };
-    }
-    if let Some(new) = resp_headers.get(header::LAST_MODIFIED) {
-        return stored.meta.last_modified.is_some()
-            && parse_http_date(new) == stored.meta.last_modified;
-    }
-    true
-}
+/// Fields a 304 (or HEAD) answer never changes in the stored response: they describe the
+/// stored body and the representation that was validated (§3.2: a 304 to a validation the
+/// cache sent refers to that stored response, whatever tag it carries).
+const KEPT_ON_UPDATE: [HeaderName; 5] = [
+    header::CONTENT_LENGTH,
+    header::CONTENT_ENCODING,
+    header::CONTENT_RANGE,
+    HeaderName::from_static("content-md5"),
+    header::ETAG,
+];
 
 /// Updates a stored response from a 304 (or HEAD) response (§3.2, §4.3.4): every field of
-/// the new response replaces the stored one, except hop-by-hop fields and `Content-Length`.
+/// the new response replaces the stored one, except hop-by-hop fields and those that
+/// describe the stored body ([`KEPT_ON_UPDATE`]).
 pub fn merge_not_modified(
     cfg: &PolicyConfig,
     stored: &StoredResponse,
@@ -700,7 +696,9 @@ pub fn merge_not_modified(
 ) -> StoredResponse {
     let (rcc, _) = response_cc(cfg, resp_headers);
     let mut incoming = storable_headers(resp_headers, &rcc, cfg);
-    incoming.remove(header::CONTENT_LENGTH);
+    for n in &KEPT_ON_UPDATE {
+        incoming.remove(n);
+    }
     let mut new_keys = take_surrogate_keys(&mut incoming);
     let mut headers = stored.headers.clone();
     let mut last: Option<HeaderName> = None;

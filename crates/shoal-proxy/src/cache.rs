@@ -129,16 +129,21 @@ pub fn cache_settings(v: &toml::Value) -> Result<CacheConfig, (String, String)> 
     })
 }
 
-/// Drops the request headers that would change what the origin serves without being part
-/// of the cache key (web cache poisoning through `X-Original-URL` and the like), unless the
-/// route allows them.
-pub(crate) fn drop_overrides(cache: &Cache, headers: &mut HeaderMap) {
+/// The upstream request headers of a cached route: the headers that would change what the
+/// origin serves without being part of the cache key are dropped (web cache poisoning
+/// through `X-Original-URL` and the like) unless the route allows them, and shoal announces
+/// itself as a surrogate (`Surrogate-Capability`), so `Surrogate-Control` can target it.
+pub(crate) fn upstream_headers(cache: &Cache, headers: &mut HeaderMap) {
     let allowed = &cache.config().allow_override_headers;
     for name in shoal_cache::policy::OVERRIDE_HEADERS {
         if !allowed.iter().any(|a| a.as_str() == name) {
             headers.remove(name);
         }
     }
+    headers.append(
+        "surrogate-capability",
+        http::HeaderValue::from_static(shoal_cache::directives::SURROGATE_CAPABILITY),
+    );
 }
 
 /// A response served from cache, as the general path sends it.
@@ -149,7 +154,6 @@ pub(crate) fn full(r: Response<Bytes>) -> Response<ClientBody> {
 /// What the general path does after the origin's response head.
 pub(crate) enum After {
     Respond(Response<ClientBody>),
-    Refetch(Fetch),
     Fail(ProxyError),
 }
 
@@ -212,7 +216,6 @@ pub(crate) async fn after_response(
             }
             After::Respond(full(r))
         }
-        Outcome::Refetch(f) => After::Refetch(f),
     }
 }
 

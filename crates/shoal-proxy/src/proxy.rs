@@ -429,7 +429,7 @@ impl Service {
         // The cache phase: answer from cache, or plan the fetch (validators to add).
         let cache = routed.cache.clone();
         if let Some(c) = &cache {
-            crate::cache::drop_overrides(c, &mut headers);
+            crate::cache::upstream_headers(c, &mut headers);
         }
         let cache_host = crate::cache::host_str(facts.authority).map(str::to_string);
         let mut fetch = None;
@@ -570,16 +570,7 @@ impl Service {
         let idle_timeout = cfg.timeouts.upstream_idle.0;
         let mut tries = svc.begin_tries(&cfg, start);
         let mut last_err = None;
-        // A cache refetch (a 304 for another representation) adds one try beyond the retries.
-        let mut limit = attempts;
-        let mut refetched = false;
-        let mut next = 0;
-        loop {
-            let attempt = next;
-            if attempt >= limit {
-                break;
-            }
-            next += 1;
+        for attempt in 0..attempts {
             let Some(mut t) = svc
                 .next_try(&mut tries, attempt, &cfg, key.as_deref())
                 .map_err(fail)?
@@ -592,7 +583,7 @@ impl Service {
             });
             *up.method_mut() = parts.method.clone();
             *up.uri_mut() = target.clone();
-            let mut hdrs = if attempt + 1 == limit && fetch.is_none() {
+            let mut hdrs = if attempt + 1 == attempts {
                 std::mem::take(&mut headers)
             } else {
                 headers.clone()
@@ -686,21 +677,6 @@ impl Service {
                         match crate::cache::after_response(c, f, rparts, body).await {
                             crate::cache::After::Respond(r) => return Ok(r),
                             crate::cache::After::Fail(e) => return Err(fail(e)),
-                            crate::cache::After::Refetch(f) => {
-                                // The 304 was for another representation: once more,
-                                // unconditional, whatever the retry settings.
-                                f.prepare(&mut headers);
-                                fetch = Some(f);
-                                last_err = Some(ProxyError::Upstream(
-                                    "upstream answered 304 for another representation",
-                                ));
-                                if !refetched {
-                                    refetched = true;
-                                    limit += 1;
-                                    tries.forget_tried();
-                                }
-                                continue;
-                            }
                         }
                     }
                     if let (Some(c), Some(unsafe_method), Some(host)) =

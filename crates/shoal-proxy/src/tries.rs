@@ -73,8 +73,7 @@ impl RetryBudget {
 /// Retry bookkeeping shared by both request paths: instances already tried, the snapshot
 /// they were picked from, and the request's time limits.
 pub(crate) struct Tries {
-    /// Instances tried, by try number: up to 10 tries and one cache refetch.
-    tried: [usize; 11],
+    tried: [usize; 10],
     snapshot: Arc<Snapshot>,
     start: u64,
     deadline: u64,
@@ -90,12 +89,6 @@ pub(crate) struct Try {
 }
 
 impl Tries {
-    /// Makes every instance a candidate again: a cache refetch (the origin answered a
-    /// validation for another representation) may go to the instance that answered it.
-    pub(crate) fn forget_tried(&mut self) {
-        self.tried = [usize::MAX; 11];
-    }
-
     /// Whether the request's time is up.
     pub(crate) fn past_deadline(&self) -> bool {
         now_nanos() >= self.deadline
@@ -111,7 +104,7 @@ impl Service {
             start,
         );
         Tries {
-            tried: [usize::MAX; 11],
+            tried: [usize::MAX; 10],
             snapshot: self.pool.snapshot_full(),
             start,
             deadline: start + cfg.timeouts.request.0.as_nanos() as u64,
@@ -204,7 +197,7 @@ impl Service {
     fn pick_live(
         &self,
         snapshot: &mut Arc<Snapshot>,
-        tried: &mut [usize; 11],
+        tried: &mut [usize; 10],
         key: Option<&[u8]>,
         now: u64,
     ) -> Option<(usize, Arc<Instance>, InFlight)> {
@@ -221,7 +214,7 @@ impl Service {
             drop(busy);
             *snapshot = self.pool.snapshot_full();
             // Indexes of the old snapshot mean nothing in the new one.
-            *tried = [usize::MAX; 11];
+            *tried = [usize::MAX; 10];
         }
         None
     }

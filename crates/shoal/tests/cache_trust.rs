@@ -78,19 +78,16 @@ fn origin(name: &'static str) -> Origin {
                                 .header("cache-control", "max-age=60")
                                 .header("set-cookie", format!("sid=secret{n}; HttpOnly"))
                                 .body(format!("{name} cookie {n}")),
-                            // The first answer is "v1"; validations answer 304 with a new
-                            // tag; a full fetch gets "v2".
-                            "/etag" if n > 0 && req.headers().contains_key("if-none-match") => b
+                            // Full answers are "v1"; validations answer 304 with a new tag.
+                            "/etag" if req.headers().contains_key("if-none-match") => b
                                 .status(304)
                                 .header("etag", "\"v2\"")
                                 .header("cache-control", "max-age=0")
                                 .body(String::new()),
-                            "/etag" => {
-                                let v = if n == 0 { "v1" } else { "v2" };
-                                b.header("etag", format!("\"{v}\""))
-                                    .header("cache-control", "max-age=0")
-                                    .body(format!("{name} {v}"))
-                            }
+                            "/etag" => b
+                                .header("etag", "\"v1\"")
+                                .header("cache-control", "max-age=0")
+                                .body(format!("{name} v1")),
                             "/mr" => b
                                 .header("cache-control", "max-age=0, must-revalidate")
                                 .header("etag", "\"mr\"")
@@ -248,26 +245,25 @@ fn a_request_to_one_service_with_another_services_host_never_poisons_it() {
 }
 
 #[test]
-fn a_304_with_a_new_etag_is_refetched_not_an_error() {
+fn a_304_with_a_new_etag_serves_the_stored_response_not_an_error() {
+    let t = two_services();
     for v in PATHS {
-        // A fresh origin per path: its first answer is v1.
-        let t = two_services();
-        let first = raw(t.a, v, "/etag", &[]);
+        let path = format!("/etag?v={v}");
+        let first = raw(t.a, v, &path, &[]);
         assert_eq!(body(&first), "A v1", "{first}");
-        // Stale at once (max-age=0): validated with "v1", the origin says 304 with "v2".
-        let second = raw(t.a, v, "/etag", &[]);
-        assert_eq!(status(&second), 200, "{v}: {second}");
-        assert_eq!(body(&second), "A v2", "{v}: {second}");
-        assert_eq!(header(&second, "etag"), Some("\"v2\""));
-        // Validated again with the new tag: the 304 matches and the stored v2 is served.
-        let third = raw(t.a, v, "/etag", &[]);
-        assert_eq!((status(&third), body(&third)), (200, "A v2"), "{third}");
-        assert!(
-            header(&third, "cache-status")
-                .unwrap()
-                .contains("fwd-status=304"),
-            "{third}"
-        );
+        // Stale at once (max-age=0): validated with "v1", the origin says 304 with "v2". The
+        // 304 answers shoal's validation of the stored response: that is what is served.
+        for _ in 0..2 {
+            let r = raw(t.a, v, &path, &[]);
+            assert_eq!((status(&r), body(&r)), (200, "A v1"), "{v}: {r}");
+            assert_eq!(header(&r, "etag"), Some("\"v1\""), "{r}");
+            assert!(
+                header(&r, "cache-status")
+                    .unwrap()
+                    .contains("fwd-status=304"),
+                "{r}"
+            );
+        }
     }
 }
 

@@ -233,6 +233,24 @@ fn json_lines(text: &str) -> Vec<serde_json::Value> {
 }
 
 #[test]
+fn text_logs_to_a_file_carry_no_ansi_escapes() {
+    let dir = tempdir();
+    let (_a, pa) = demo(dir.path(), "a");
+    let (listen, admin) = (free_port(), free_port());
+    let cfg = config(listen, admin, &[pa]).replace("balance =", "access_log = true\nbalance =");
+    let (mut shoal, _) = run_shoal(dir.path(), &cfg, listen);
+    assert_eq!(get(listen, "/work?cpu_ms=1").0, 200);
+    shoal.signal("TERM");
+    assert_eq!(shoal.wait_exit(10), Some(0));
+    let log = std::fs::read_to_string(dir.path().join("shoal.log")).unwrap();
+    assert!(log.contains("service listening"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in a log file:\n{log}"
+    );
+}
+
+#[test]
 fn log_format_json_writes_every_line_as_json_with_the_access_log() {
     let dir = tempdir();
     let (_a, pa) = demo(dir.path(), "a");
