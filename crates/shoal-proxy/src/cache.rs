@@ -151,12 +151,6 @@ pub(crate) fn full(r: Response<Bytes>) -> Response<ClientBody> {
     r.map(|b| Either::Right(Full::new(b)))
 }
 
-/// What the general path does after the origin's response head.
-pub(crate) enum After {
-    Respond(Response<ClientBody>),
-    Fail(ProxyError),
-}
-
 /// Runs the origin's response through the cache: served from cache (304 merged, stale on
 /// error), stored (a known length within the object limit is read whole first), or streamed.
 pub(crate) async fn after_response(
@@ -164,32 +158,32 @@ pub(crate) async fn after_response(
     fetch: Fetch,
     mut parts: http::response::Parts,
     body: Tracked,
-) -> After {
+) -> Result<Response<ClientBody>, ProxyError> {
     match cache.response(fetch, parts.status, &mut parts.headers, SystemTime::now()) {
-        Outcome::Serve(r) => After::Respond(full(r)),
-        Outcome::Forward(None) => After::Respond(Response::from_parts(parts, Either::Left(body))),
+        Outcome::Serve(r) => Ok(full(r)),
+        Outcome::Forward(None) => Ok(Response::from_parts(parts, Either::Left(body))),
         Outcome::Forward(Some(mut store)) => {
             match read_if_small(&parts.headers, body, &mut store).await {
                 Read::Whole(bytes) => {
                     store.finish(bytes.clone());
-                    After::Respond(Response::from_parts(parts, Either::Right(Full::new(bytes))))
+                    Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))))
                 }
                 Read::TooLarge(body) => {
                     store.too_large();
-                    After::Respond(Response::from_parts(parts, Either::Left(body)))
+                    Ok(Response::from_parts(parts, Either::Left(body)))
                 }
                 // The fill budget is spent: streamed through, the Store dropped unused.
                 Read::NoBudget(body) => {
                     drop(store);
-                    After::Respond(Response::from_parts(parts, Either::Left(body)))
+                    Ok(Response::from_parts(parts, Either::Left(body)))
                 }
                 // Unknown length (chunked, until close): streamed to the client and copied
                 // for the cache up to the object limit.
                 Read::Unknown(mut body) => {
                     body.tee(Tee::new(store));
-                    After::Respond(Response::from_parts(parts, Either::Left(body)))
+                    Ok(Response::from_parts(parts, Either::Left(body)))
                 }
-                Read::Failed => After::Fail(ProxyError::Upstream("upstream response body failed")),
+                Read::Failed => Err(ProxyError::Upstream("upstream response body failed")),
             }
         }
         Outcome::NotModified(r, store) => {
@@ -214,7 +208,7 @@ pub(crate) async fn after_response(
                     Read::NoBudget(_) | Read::Failed => {}
                 }
             }
-            After::Respond(full(r))
+            Ok(full(r))
         }
     }
 }

@@ -674,10 +674,9 @@ impl Service {
                         tee: None,
                     };
                     if let (Some(c), Some(f)) = (&cache, fetch.take()) {
-                        match crate::cache::after_response(c, f, rparts, body).await {
-                            crate::cache::After::Respond(r) => return Ok(r),
-                            crate::cache::After::Fail(e) => return Err(fail(e)),
-                        }
+                        return crate::cache::after_response(c, f, rparts, body)
+                            .await
+                            .map_err(fail);
                     }
                     if let (Some(c), Some(unsafe_method), Some(host)) =
                         (&cache, passed, &cache_host)
