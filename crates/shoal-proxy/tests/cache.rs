@@ -442,3 +442,54 @@ async fn misses_validation_and_unsafe_methods_keep_the_client_connection() {
     s.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty());
 }
+
+#[tokio::test]
+async fn past_the_fill_budget_responses_stream_through_uncached_on_both_paths() {
+    let o = origin().await;
+    let p = cached_proxy(&o).await;
+    let store = p.app.cache_store().unwrap();
+    // Less than one response body: nothing can be read for storing.
+    store.set_fill_limit(4);
+    for (i, version) in ["1.1", "1.0", "1.1"].iter().enumerate() {
+        for path in ["/fresh", "/chunked"] {
+            let r = exchange(
+                p.addr,
+                &format!(
+                    "GET {path}?{i} HTTP/{version}\r\nHost: site.test\r\nConnection: close\r\n\r\n"
+                ),
+            )
+            .await;
+            assert!(r.starts_with(&format!("HTTP/{version} 200")), "{r}");
+        }
+    }
+    assert_eq!(store.fill_bytes(), 0, "every reservation was given back");
+    assert!(store.fill_exhausted() >= 6, "{}", store.fill_exhausted());
+    let calls = o.calls.load(Ordering::SeqCst);
+    let again = exchange(
+        p.addr,
+        "GET /fresh?0 HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        again.ends_with(&format!("fresh {calls}")),
+        "not stored: {again}"
+    );
+    // The budget is not a property of the URL: with room again, the same URL is stored.
+    store.set_fill_limit(1 << 20);
+    let stored = exchange(
+        p.addr,
+        "GET /fresh?0 HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(stored.starts_with("HTTP/1.1 200"), "{stored}");
+    let hit = exchange(
+        p.addr,
+        "GET /fresh?0 HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        header(&hit, "cache-status").unwrap().contains("; hit"),
+        "{hit}"
+    );
+    assert_eq!(store.fill_bytes(), 0);
+}
