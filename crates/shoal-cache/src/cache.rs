@@ -85,6 +85,8 @@ impl CacheStore {
             redis_connected: self.redis.as_ref().is_some_and(|r| r.connected()),
             redis_errors: self.redis.as_ref().map_or(0, |r| r.errors()),
             too_large: self.too_large.load(Ordering::Relaxed),
+            fill_bytes: self.fill_bytes(),
+            fill_exhausted: self.fill_exhausted(),
         }
     }
 

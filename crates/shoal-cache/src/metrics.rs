@@ -77,6 +77,11 @@ pub struct StoreStats {
     pub redis_errors: u64,
     /// Responses too large (or of unknown length) to store, streamed through.
     pub too_large: u64,
+    /// `shoal_cache_fill_bytes`: body bytes held now for responses being stored.
+    pub fill_bytes: u64,
+    /// `shoal_cache_fill_exhausted_total`: responses streamed through uncached because the
+    /// fill budget was spent.
+    pub fill_exhausted: u64,
 }
 
 /// One Prometheus sample, for the proxy's exposition to render.
@@ -149,6 +154,18 @@ impl StoreStats {
                 "Responses too large to store, streamed through.",
                 true,
                 self.too_large,
+            ),
+            s(
+                "shoal_cache_fill_bytes",
+                "Response body bytes held while being read for storing.",
+                false,
+                self.fill_bytes,
+            ),
+            s(
+                "shoal_cache_fill_exhausted_total",
+                "Responses streamed through uncached because the fill budget was spent.",
+                true,
+                self.fill_exhausted,
             ),
         ];
         if self.redis_configured {
