@@ -442,6 +442,10 @@ impl Store {
             c.pass_for_a_while(&fetch, self.response_time);
             return false;
         }
+        // A body that arrived as one frame is a slice of the connection's read buffer: kept
+        // as it is, it would pin that whole buffer for the object's lifetime (3x the memory
+        // tier's size under churn). The stored copy is exactly its own size.
+        let body = Bytes::copy_from_slice(&body);
         let stored = policy::to_stored(
             &c.cfg.policy,
             &Method::GET,

@@ -96,6 +96,10 @@ fn origin(name: &'static str) -> Origin {
                                 .header("cache-control", "max-age=0, stale-if-error=600")
                                 .header("etag", "\"sie\"")
                                 .body(format!("{name} sie")),
+                            "/cdn" => b
+                                .header("cache-control", "no-store")
+                                .header("cdn-cache-control", "max-age=60")
+                                .body(format!("{name} cdn {n}")),
                             _ => b.header("cache-control", "max-age=60").body(format!(
                                 "{name} {} {n}",
                                 req.uri().path_and_query().map_or("", |p| p.as_str())
@@ -361,4 +365,30 @@ fn override_headers_are_not_forwarded_on_cached_routes() {
         }
     }
     assert_eq!(t.oa.calls("/o"), sent.load(Ordering::Relaxed));
+}
+
+#[test]
+fn ranges_are_answered_from_a_stored_response_and_targeted_fields_win() {
+    let t = two_services();
+    for v in PATHS {
+        let path = format!("/r?v={v}");
+        let whole = raw(t.a, v, &path, &[]);
+        let full = body(&whole).to_string();
+        assert!(full.len() > 6, "{whole}");
+        let r = raw(t.a, v, &path, &[("Range", "bytes=2-5")]);
+        assert_eq!(status(&r), 206, "{v}: {r}");
+        assert_eq!(body(&r), &full[2..6]);
+        assert_eq!(
+            header(&r, "content-range"),
+            Some(format!("bytes 2-5/{}", full.len()).as_str())
+        );
+        // CDN-Cache-Control makes a `no-store` response cacheable for shoal.
+        let cdn = format!("/cdn?v={v}");
+        let first = raw(t.a, v, &cdn, &[]);
+        let second = raw(t.a, v, &cdn, &[]);
+        assert_eq!(body(&first), body(&second), "{v}: {second}");
+        assert_eq!(header(&second, "cache-control"), Some("no-store"));
+    }
+    assert_eq!(t.oa.calls("/r"), 2, "ranges came from cache");
+    assert_eq!(t.oa.calls("/cdn"), 2);
 }
