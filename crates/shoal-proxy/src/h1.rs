@@ -301,11 +301,42 @@ fn plan_response(
         return RespParsed::Bad("upstream sent an invalid response");
     }
     if (100..200).contains(&status) {
-        return if status == 101 {
-            RespParsed::Bad("upstream switched protocols unasked")
-        } else {
-            RespParsed::Interim(head_len)
-        };
+        if status == 101 {
+            return RespParsed::Bad("upstream switched protocols unasked");
+        }
+        // 102, 103 (Early Hints) and unknown 1xx go to the client ahead of the final
+        // response, hop-by-hop fields removed; an unasked 100 Continue does not (the fast
+        // path never forwards `Expect`).
+        out.clear();
+        if status != 100 {
+            out.extend_from_slice(b"HTTP/1.1 ");
+            out.extend_from_slice(&[
+                b'0' + (status / 100) as u8,
+                b'0' + (status / 10 % 10) as u8,
+                b'0' + (status % 10) as u8,
+            ]);
+            out.push(b' ');
+            out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+            out.extend_from_slice(b"\r\n");
+            let named: Vec<&[u8]> = resp
+                .headers
+                .iter()
+                .filter(|h| classify(h.name.as_bytes()) == Name::Connection)
+                .flat_map(|h| tokens(h.value))
+                .collect();
+            for h in resp.headers.iter() {
+                let name = h.name.as_bytes();
+                let keep = match classify(name) {
+                    Name::TransferEncoding | Name::ContentLength => false,
+                    _ => hygiene::response_header_kept(name, &named),
+                };
+                if keep {
+                    put(out, name, h.value);
+                }
+            }
+            out.extend_from_slice(b"\r\n");
+        }
+        return RespParsed::Interim(head_len);
     }
     let mut len = None;
     let mut chunked = false;
@@ -771,9 +802,11 @@ impl<'a> Conn<'a> {
         let cfg = svc.config.load_full();
         svc.metrics.requests.inc();
         let request = std::mem::take(&mut self.req);
-        let result = self.forward(&svc, &request, plan, &cfg, start).await;
-        self.req = request;
         let write_limit = lcfg.timeouts.client_write.0;
+        let result = self
+            .forward(&svc, &request, plan, &cfg, start, write_limit)
+            .await;
+        self.req = request;
         match result {
             Ok((answer, busy)) => {
                 let status = answer.plan.status;
@@ -864,6 +897,7 @@ impl<'a> Conn<'a> {
         plan: &Plan,
         cfg: &ServiceConfig,
         start: u64,
+        write_limit: Duration,
     ) -> Result<(Answer, InFlight), Option<ProxyError>> {
         let mut tries = svc.begin_tries(cfg, start);
         let mut last_err = None;
@@ -891,6 +925,8 @@ impl<'a> Conn<'a> {
                     plan,
                     cfg.timeouts.connect.0,
                     cfg.timeouts.upstream_idle.0,
+                    &*self.stream,
+                    write_limit,
                 );
                 tokio::pin!(attempt_fut);
                 loop {
@@ -1021,6 +1057,8 @@ async fn try_instance(
     plan: &Plan,
     connect_timeout: Duration,
     max_idle: Duration,
+    client: &TcpStream,
+    write_limit: Duration,
 ) -> Result<Answer, TryError> {
     let mut pooled_ok = true;
     loop {
@@ -1039,7 +1077,7 @@ async fn try_instance(
                 .await
                 .map_err(TryError::Connect)?,
         };
-        match send_and_read_head(bufs, &mut up, request, plan).await {
+        match send_and_read_head(bufs, &mut up, request, plan, client, write_limit).await {
             Ok(resp) => return Ok(Answer { up, plan: resp }),
             // The instance closed an idle connection just as it was reused: go again once,
             // on a fresh connection.
@@ -1056,6 +1094,8 @@ async fn send_and_read_head(
     up: &mut TcpStream,
     request: &[u8],
     plan: &Plan,
+    client: &TcpStream,
+    write_limit: Duration,
 ) -> Result<RespPlan, TryError> {
     let silent = TryError::Reset {
         reused_silent: true,
@@ -1080,6 +1120,12 @@ async fn send_and_read_head(
                 RespParsed::Ready(p) => return Ok(p),
                 RespParsed::Partial => break,
                 RespParsed::Interim(n) => {
+                    // Sent at once: an early hint is worth something only before the answer.
+                    // A client that cannot take it will fail the final write as well.
+                    if !bufs.out.is_empty() {
+                        write_shared(client, &bufs.out, write_limit).await;
+                        bufs.out.clear();
+                    }
                     bufs.ubuf.advance(n);
                     if bufs.ubuf.is_empty() {
                         break;
@@ -1190,6 +1236,27 @@ async fn write_response(
 /// Writes to the client; one that stops reading for the idle timeout is given up on, so it
 /// cannot hold an upstream connection and an in-flight slot forever. The timer is only set
 /// when the socket buffer is full.
+/// [`write_client`] through a shared reference (while the same task also watches the
+/// client for reads): interim responses written during a try.
+async fn write_shared(stream: &TcpStream, mut buf: &[u8], limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !buf.is_empty() {
+        match stream.try_write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if tokio::time::timeout_at(deadline, stream.writable())
+                    .await
+                    .is_err()
+                {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 async fn write_client(stream: &mut TcpStream, buf: &[u8], limit: Duration) -> bool {
     let rest = match stream.try_write(buf) {
         Ok(n) if n == buf.len() => return true,
