@@ -64,6 +64,9 @@ pub struct QueueSpec {
     /// Jobs handled at once by this shoal (also the RabbitMQ prefetch).
     pub concurrency: usize,
     pub attempt_timeout: Duration,
+    /// The request header whose (hashed) value scopes idempotency keys to a client;
+    /// None: every client of the route shares one scope.
+    pub identity_header: Option<http::HeaderName>,
 }
 
 /// Everything the queue runtime needs.
@@ -107,6 +110,8 @@ struct RawAsync {
     max_body: Option<String>,
     concurrency: Option<usize>,
     attempt_timeout: Option<Dur>,
+    /// Header naming the client for idempotency keys; "" for none. Default `authorization`.
+    identity_header: Option<String>,
 }
 
 /// The offset of `key` inside a table (an inline `{ ... }` or the lines under its header),
@@ -364,6 +369,19 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
             if attempt_timeout.is_zero() {
                 return Err(err("attempt_timeout", "must be greater than 0".into()));
             }
+            let identity_header = match raw.identity_header.as_deref() {
+                None => Some(http::header::AUTHORIZATION),
+                Some("") => None,
+                Some(h) => match http::HeaderName::from_bytes(h.as_bytes()) {
+                    Ok(n) => Some(n),
+                    Err(_) => {
+                        return Err(err(
+                            "identity_header",
+                            format!("{h:?} is not a header name (\"\" for none)"),
+                        ))
+                    }
+                },
+            };
             queues.push(QueueSpec {
                 queue,
                 broker,
@@ -374,6 +392,7 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
                 max_body,
                 concurrency,
                 attempt_timeout,
+                identity_header,
             });
         }
     }
@@ -436,6 +455,19 @@ mod tests {
         assert_eq!(q.result_ttl, Duration::from_secs(600));
         assert_eq!((q.max_attempts, q.max_body), (3, 64 << 10));
         assert_eq!(s.redis.as_deref(), Some("redis://127.0.0.1:6379/"));
+        assert_eq!(q.identity_header, Some(http::header::AUTHORIZATION));
+        let named = |v: &str| {
+            specs(&format!(
+                "[brokers.main]\nkafka = \"127.0.0.1:9092\"\n{}{WORKERS}",
+                route(&format!("async = {{ identity_header = \"{v}\" }}"))
+            ))
+            .unwrap()
+            .queues[0]
+                .identity_header
+                .clone()
+        };
+        assert_eq!(named("X-Api-Key").unwrap().as_str(), "x-api-key");
+        assert_eq!(named(""), None);
     }
 
     #[test]
@@ -447,6 +479,7 @@ mod tests {
             (format!("{kafka}{}{WORKERS}", route("async = { broker = \"nope\" }")), 8, "services.web.routes[0].async.broker"),
             (format!("{kafka}{}{WORKERS}", route("[services.web.routes.async]\nmax_attempts = 0")), 9, "services.web.routes[0].async.max_attempts"),
             (format!("{kafka}{}{WORKERS}", route("async = { queue = \"a b\" }")), 8, "services.web.routes[0].async.queue"),
+            (format!("{kafka}{}{WORKERS}", route("[services.web.routes.async]\nqueue = \"w\"\nidentity_header = \"x y\"")), 10, "services.web.routes[0].async.identity_header"),
             ("[brokers.k]\nkafka = \"nohost\"\n[services.w]\nlisten = \"127.0.0.1:1\"\n".to_string(), 2, "brokers.k.kafka"),
             ("[brokers.k]\nrabbitmq = \"amqp://h\"\nkafka = \"h:1\"\n[services.w]\nlisten = \"127.0.0.1:1\"\n".to_string(), 1, "brokers.k"),
             (format!("{kafka}{}[services.workers]\nlisten = \"127.0.0.1:9\"\n", route("async = {}")), 8, "services.web.routes[0].async"),

@@ -36,6 +36,9 @@ use crate::submit::{SubmitConfig, Submitter};
 /// A backlog sample older than this is not trusted (the fleet holds its size).
 const STALE_AFTER: Duration = Duration::from_secs(5);
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// How often expired job records and idempotency keys are removed from the redb file
+/// (Redis expires its own).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// One async route's queue, running.
 pub struct RunningQueue {
@@ -56,11 +59,13 @@ pub struct RunningQueue {
 pub struct Queues {
     pub queues: Vec<Arc<RunningQueue>>,
     workers: BTreeMap<String, Arc<WorkerSet>>,
-    /// Answers `/jobs/{id}` (every queue shares the one store).
-    lookup: Option<Arc<Submitter>>,
+    /// The process's store, swept every [`SWEEP_EVERY`].
+    store: Option<Arc<dyn Store>>,
     epoch: Instant,
     stop: Arc<tokio::sync::Notify>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Aborted at shutdown (a sweep is idempotent; nothing waits for it).
+    sweeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Validates the queue tables (for `shoal check` and reloads).
@@ -88,10 +93,11 @@ impl Queues {
             return Ok(Arc::new(Queues {
                 queues: Vec::new(),
                 workers: BTreeMap::new(),
-                lookup: None,
+                store: None,
                 epoch,
                 stop: Arc::default(),
                 tasks: Mutex::default(),
+                sweeper: Mutex::default(),
             }));
         }
         enum Base {
@@ -108,6 +114,10 @@ impl Queues {
                 RedbStore::open(&spec.redb_path, Duration::from_secs(3600))
                     .map_err(|e| format!("job store: {e}"))?,
             ),
+        };
+        let swept: Arc<dyn Store> = match &base {
+            Base::Redb(s) => Arc::new(s.clone()),
+            Base::Redis(s) => Arc::new(s.clone()),
         };
         let mut workers: BTreeMap<String, Arc<WorkerSet>> = BTreeMap::new();
         let mut queues = Vec::new();
@@ -139,9 +149,10 @@ impl Queues {
                     )
                 }
             };
+            // One namespace per queue: a job URL finds only its own queue's jobs.
             let store: Arc<dyn Store> = match &base {
-                Base::Redb(s) => Arc::new(s.with_ttl(q.result_ttl)),
-                Base::Redis(s) => Arc::new(s.with_ttl(q.result_ttl)),
+                Base::Redb(s) => Arc::new(s.for_queue(&q.queue, q.result_ttl)),
+                Base::Redis(s) => Arc::new(s.for_queue(&q.queue, q.result_ttl)),
             };
             let ws = workers
                 .entry(q.worker_service.clone())
@@ -168,6 +179,7 @@ impl Queues {
                 metrics.clone(),
                 SubmitConfig {
                     max_body: q.max_body,
+                    identity_header: q.identity_header.clone(),
                     ..Default::default()
                 },
             ));
@@ -199,14 +211,13 @@ impl Queues {
             }));
         }
         let q = Arc::new(Queues {
-            lookup: queues
-                .first()
-                .map(|q: &Arc<RunningQueue>| q.submitter.clone()),
             queues,
             workers,
+            store: Some(swept),
             epoch,
             stop: Arc::default(),
             tasks: Mutex::default(),
+            sweeper: Mutex::default(),
         });
         let mut tasks = Vec::new();
         for rq in &q.queues {
@@ -214,6 +225,7 @@ impl Queues {
             tasks.push(tokio::spawn(rq.dispatcher.clone().run()));
         }
         tasks.push(tokio::spawn(q.clone().sample_loop()));
+        *q.sweeper.lock().expect("lock") = Some(tokio::spawn(q.clone().sweep_loop()));
         *q.tasks.lock().expect("lock") = tasks;
         Ok(q)
     }
@@ -241,6 +253,27 @@ impl Queues {
             tokio::select! {
                 _ = tokio::time::sleep(SAMPLE_EVERY) => {}
                 _ = self.stop.notified() => return,
+            }
+        }
+    }
+
+    /// Removes expired records every [`SWEEP_EVERY`] (without it the redb file only grows,
+    /// until every submission fails).
+    async fn sweep_loop(self: Arc<Self>) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(SWEEP_EVERY).await;
+            match store.sweep().await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(removed = n, "job store swept"),
+                Err(e) => {
+                    for q in &self.queues {
+                        q.metrics.errors.inc();
+                    }
+                    tracing::warn!(error = %e, "sweeping the job store failed");
+                }
             }
         }
     }
@@ -284,6 +317,9 @@ impl Queues {
     pub async fn shutdown(&self, deadline: Duration) {
         // A stored permit: the sample loop sees it even if it was not waiting just now.
         self.stop.notify_one();
+        if let Some(s) = self.sweeper.lock().expect("lock").take() {
+            s.abort();
+        }
         for q in &self.queues {
             q.dispatcher.stop();
         }
@@ -332,12 +368,16 @@ impl BacklogSource for ServiceBacklog {
     }
 }
 
-/// One async route's sink.
-struct RouteSink(Arc<RunningQueue>);
+/// One async route's sink, on a listener whose job URLs are under `jobs_path`.
+struct RouteSink {
+    queue: Arc<RunningQueue>,
+    /// `{jobs_path}/`: the prefix of the `Location`s it gives.
+    jobs_prefix: String,
+}
 
 impl JobSink for RouteSink {
     fn max_body(&self) -> usize {
-        self.0.spec.max_body
+        self.queue.spec.max_body
     }
 
     fn submit(
@@ -347,18 +387,23 @@ impl JobSink for RouteSink {
     ) -> BoxFuture<'_, Response<Bytes>> {
         Box::pin(async move {
             into_bytes(
-                self.0
+                self.queue
                     .submitter
-                    .respond(req, idempotency_key.as_deref())
+                    .respond_at(req, idempotency_key.as_deref(), &self.jobs_prefix)
                     .await,
             )
             .await
         })
     }
+
+    fn lookup(&self, id: &str) -> BoxFuture<'_, Response<Bytes>> {
+        let id = id.to_string();
+        Box::pin(async move { into_bytes(self.queue.submitter.handle_job(&id).await).await })
+    }
 }
 
 impl Jobs for Queues {
-    fn sink(&self, route: &RouteConfig) -> Option<Arc<dyn JobSink>> {
+    fn sink(&self, route: &RouteConfig, jobs_path: &str) -> Option<Arc<dyn JobSink>> {
         let table = route.extra.get("async")?;
         let queue = table
             .get("queue")
@@ -371,26 +416,15 @@ impl Jobs for Queues {
                 && q.spec.worker_service == route.service
         });
         match found {
-            Some(q) => Some(Arc::new(RouteSink(q.clone()))),
+            Some(q) => Some(Arc::new(RouteSink {
+                queue: q.clone(),
+                jobs_prefix: format!("{jobs_path}/"),
+            })),
             None => {
                 tracing::warn!(queue, "async route without a running queue (a new queue starts on the next restart): answering 503");
                 None
             }
         }
-    }
-
-    fn lookup(&self, id: &str) -> BoxFuture<'_, Response<Bytes>> {
-        let id = id.to_string();
-        Box::pin(async move {
-            match &self.lookup {
-                Some(s) => into_bytes(s.handle_job(&id).await).await,
-                None => {
-                    let mut r = Response::new(Bytes::from_static(b"{\"error\":\"no such job\"}\n"));
-                    *r.status_mut() = http::StatusCode::NOT_FOUND;
-                    r
-                }
-            }
-        })
     }
 }
 
