@@ -61,6 +61,8 @@ pub struct QueueSpec {
     pub result_ttl: Duration,
     pub max_attempts: u32,
     pub max_body: usize,
+    /// Largest worker answer stored; a larger one ends the job as 502.
+    pub max_result_bytes: usize,
     /// Jobs handled at once by this shoal (also the RabbitMQ prefetch).
     pub concurrency: usize,
     pub attempt_timeout: Duration,
@@ -108,6 +110,7 @@ struct RawAsync {
     result_ttl: Option<Dur>,
     max_attempts: Option<u32>,
     max_body: Option<String>,
+    max_result_bytes: Option<String>,
     concurrency: Option<usize>,
     attempt_timeout: Option<Dur>,
     /// Header naming the client for idempotency keys; "" for none. Default `authorization`.
@@ -361,6 +364,19 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
                     Err(e) => return Err(err("max_body", e)),
                 },
             };
+            let max_result_bytes = match &raw.max_result_bytes {
+                None => 10 << 20,
+                Some(s) => match parse_size(s) {
+                    Ok(n) if (1..=1 << 30).contains(&n) => n as usize,
+                    Ok(_) => {
+                        return Err(err(
+                            "max_result_bytes",
+                            "must be between 1B and 1GiB".into(),
+                        ))
+                    }
+                    Err(e) => return Err(err("max_result_bytes", e)),
+                },
+            };
             let concurrency = raw.concurrency.unwrap_or(32);
             if !(1..=10_000).contains(&concurrency) {
                 return Err(err("concurrency", "must be between 1 and 10000".into()));
@@ -390,6 +406,7 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
                 result_ttl,
                 max_attempts,
                 max_body,
+                max_result_bytes,
                 concurrency,
                 attempt_timeout,
                 identity_header,
@@ -454,6 +471,7 @@ mod tests {
         assert_eq!(q.worker_service, "workers");
         assert_eq!(q.result_ttl, Duration::from_secs(600));
         assert_eq!((q.max_attempts, q.max_body), (3, 64 << 10));
+        assert_eq!(q.max_result_bytes, 10 << 20, "the default");
         assert_eq!(s.redis.as_deref(), Some("redis://127.0.0.1:6379/"));
         assert_eq!(q.identity_header, Some(http::header::AUTHORIZATION));
         let named = |v: &str| {
@@ -479,6 +497,7 @@ mod tests {
             (format!("{kafka}{}{WORKERS}", route("async = { broker = \"nope\" }")), 8, "services.web.routes[0].async.broker"),
             (format!("{kafka}{}{WORKERS}", route("[services.web.routes.async]\nmax_attempts = 0")), 9, "services.web.routes[0].async.max_attempts"),
             (format!("{kafka}{}{WORKERS}", route("async = { queue = \"a b\" }")), 8, "services.web.routes[0].async.queue"),
+            (format!("{kafka}{}{WORKERS}", route("[services.web.routes.async]\nmax_result_bytes = \"0B\"")), 9, "services.web.routes[0].async.max_result_bytes"),
             (format!("{kafka}{}{WORKERS}", route("[services.web.routes.async]\nqueue = \"w\"\nidentity_header = \"x y\"")), 10, "services.web.routes[0].async.identity_header"),
             ("[brokers.k]\nkafka = \"nohost\"\n[services.w]\nlisten = \"127.0.0.1:1\"\n".to_string(), 2, "brokers.k.kafka"),
             ("[brokers.k]\nrabbitmq = \"amqp://h\"\nkafka = \"h:1\"\n[services.w]\nlisten = \"127.0.0.1:1\"\n".to_string(), 1, "brokers.k"),

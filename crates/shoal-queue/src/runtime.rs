@@ -192,6 +192,7 @@ impl Queues {
                     concurrency: q.concurrency,
                     max_attempts: q.max_attempts,
                     attempt_timeout: q.attempt_timeout,
+                    max_result_bytes: q.max_result_bytes,
                     ..Default::default()
                 },
             );
