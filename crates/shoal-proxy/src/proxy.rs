@@ -254,8 +254,8 @@ impl Service {
         if method != "GET" && method != "HEAD" {
             return None;
         }
-        let table = self.routes.load_full()?;
-        let urls = table.jobs.as_ref()?;
+        let table = self.routes.load();
+        let urls = table.as_ref()?.jobs.as_ref()?;
         let id = urls.job_id(path)?.to_string();
         Some((urls.clone(), id))
     }

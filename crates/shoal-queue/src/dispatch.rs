@@ -300,7 +300,9 @@ impl Dispatcher {
     ) -> Arc<Dispatcher> {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
-        conn.set_connect_timeout(Some(Duration::from_secs(2)));
+        // Within the attempt's time: a worker that cannot be reached is a connect error (not
+        // an attempt), never a "late answer", which would end the job.
+        conn.set_connect_timeout(Some(Duration::from_secs(2).min(cfg.attempt_timeout / 2)));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(conn);

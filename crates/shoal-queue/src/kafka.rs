@@ -281,6 +281,8 @@ impl LagProbe {
     /// saw in its own fetches.
     fn lag(&self, seen: &HashMap<i32, i64>) -> Result<u64, QueueError> {
         let ke = |what: &str, e: KafkaError| QueueError::Broker(format!("kafka {what}: {e}"));
+        // Serves the client's queued events (errors, logs): it is polled nowhere else.
+        let _ = self.meta.poll(Duration::ZERO);
         let parts = self.partitions()?;
         let mut tpl = TopicPartitionList::new();
         for p in &parts {
