@@ -4,7 +4,7 @@
 //! 1. **admit** — connection and head limits (`server.rs`, [`crate::hygiene::inspect`]);
 //! 2. **hygiene** — RFC 9110/9112 checks and the upstream header set ([`crate::hygiene`]);
 //! 3. **route** — host/path/method → target service, path rewrite ([`Service::route`]);
-//!    job URLs (`/jobs/{id}`) on a listener with an async route are answered before it;
+//!    job URLs (`{jobs_path}/{id}`) on a listener with an async route are answered before it;
 //! 4. **cache** — answer from cache or plan the fetch ([`crate::cache`]);
 //! 5. **async** — an async route's request becomes a job: 202 + `Location` once the broker
 //!    confirmed it ([`crate::jobs`]);
