@@ -564,13 +564,14 @@ impl Broker for KafkaBroker {
     }
 }
 
-/// One partition's lag. A partition not fetched yet (no high watermark) counts 0; nothing
-/// committed yet means the group starts at the log start (`auto.offset.reset=earliest`).
+/// One partition's lag. A partition without a high watermark counts 0; nothing committed
+/// yet, or a commit older than the log start (retention deleted those messages), means the
+/// group reads from the log start (`auto.offset.reset=earliest`).
 fn partition_lag(hi: i64, committed: i64, lo: i64) -> u64 {
     if hi < 0 {
         return 0;
     }
-    let from = if committed >= 0 { committed } else { lo.max(0) };
+    let from = committed.max(lo).max(0);
     (hi - from).max(0) as u64
 }
 
@@ -634,6 +635,9 @@ mod tests {
         let total: u64 = lag.values().map(|&(h, c, l)| partition_lag(h, c, l)).sum();
         assert_eq!(total, 6 + 3);
         assert_eq!(partition_lag(-1001, -1001, -1), 0);
+        assert_eq!(partition_lag(100, 10, 40), 60, "commit below the log start");
+        assert_eq!(partition_lag(100, -1001, 40), 60, "nothing committed");
+        assert_eq!(partition_lag(100, 70, -1), 30, "log start unknown");
         let (up, lag) = parse_stats(br#"{"brokers": {"b": {"state": "DOWN"}}}"#, "jobs").unwrap();
         assert!(!up && lag.is_none());
     }
