@@ -59,8 +59,6 @@ pub struct RunningQueue {
 pub struct Queues {
     pub queues: Vec<Arc<RunningQueue>>,
     workers: BTreeMap<String, Arc<WorkerSet>>,
-    /// The process's store, swept every [`SWEEP_EVERY`].
-    store: Option<Arc<dyn Store>>,
     epoch: Instant,
     stop: Arc<tokio::sync::Notify>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -93,7 +91,6 @@ impl Queues {
             return Ok(Arc::new(Queues {
                 queues: Vec::new(),
                 workers: BTreeMap::new(),
-                store: None,
                 epoch,
                 stop: Arc::default(),
                 tasks: Mutex::default(),
@@ -214,7 +211,6 @@ impl Queues {
         let q = Arc::new(Queues {
             queues,
             workers,
-            store: Some(swept),
             epoch,
             stop: Arc::default(),
             tasks: Mutex::default(),
@@ -226,7 +222,9 @@ impl Queues {
             tasks.push(tokio::spawn(rq.dispatcher.clone().run()));
         }
         tasks.push(tokio::spawn(q.clone().sample_loop()));
-        *q.sweeper.lock().expect("lock") = Some(tokio::spawn(q.clone().sweep_loop()));
+        let metrics = q.queues.iter().map(|r| r.metrics.clone()).collect();
+        *q.sweeper.lock().expect("lock") =
+            Some(tokio::spawn(sweep_loop(swept, SWEEP_EVERY, metrics)));
         *q.tasks.lock().expect("lock") = tasks;
         Ok(q)
     }
@@ -254,27 +252,6 @@ impl Queues {
             tokio::select! {
                 _ = tokio::time::sleep(SAMPLE_EVERY) => {}
                 _ = self.stop.notified() => return,
-            }
-        }
-    }
-
-    /// Removes expired records every [`SWEEP_EVERY`] (without it the redb file only grows,
-    /// until every submission fails).
-    async fn sweep_loop(self: Arc<Self>) {
-        let Some(store) = self.store.clone() else {
-            return;
-        };
-        loop {
-            tokio::time::sleep(SWEEP_EVERY).await;
-            match store.sweep().await {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!(removed = n, "job store swept"),
-                Err(e) => {
-                    for q in &self.queues {
-                        q.metrics.errors.inc();
-                    }
-                    tracing::warn!(error = %e, "sweeping the job store failed");
-                }
             }
         }
     }
@@ -355,6 +332,25 @@ impl Queues {
             },
             "route": q.spec.route,
         })
+    }
+}
+
+/// Removes expired job records and idempotency keys from `store` every `every` (without it
+/// the redb file only grows, until every submission fails); a failure is logged and counted
+/// as an error of every queue (they share the store).
+async fn sweep_loop(store: Arc<dyn Store>, every: Duration, metrics: Vec<Arc<QueueMetrics>>) {
+    loop {
+        tokio::time::sleep(every).await;
+        match store.sweep().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(removed = n, "job store swept"),
+            Err(e) => {
+                for m in &metrics {
+                    m.errors.inc();
+                }
+                tracing::warn!(error = %e, "sweeping the job store failed");
+            }
+        }
     }
 }
 
@@ -455,5 +451,45 @@ impl ApiExtension for Queues {
             })),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{JobRecord, StoredResponse};
+
+    /// The runtime's sweep removes what expired without anyone reading it: after one period
+    /// the expired result is gone from the file (a second sweep finds nothing).
+    #[tokio::test(start_paused = true)]
+    async fn the_periodic_sweep_removes_expired_records() {
+        use std::sync::atomic::AtomicU64;
+        let dir = tempfile::tempdir().unwrap();
+        let t = Arc::new(AtomicU64::new(1_000_000));
+        let clock = t.clone();
+        let store = RedbStore::open(&dir.path().join("j.redb"), Duration::from_secs(60))
+            .unwrap()
+            .with_clock(Arc::new(move || clock.load(Ordering::Relaxed)));
+        let done = JobRecord::Done {
+            submitted_ms: 1,
+            finished_ms: 2,
+            attempts: 1,
+            response: StoredResponse {
+                status: 200,
+                headers: vec![],
+                body: Bytes::from_static(b"r"),
+            },
+        };
+        assert!(store.finish("a", &done, None).await.unwrap());
+        t.fetch_add(61_000, Ordering::Relaxed);
+        let store: Arc<dyn Store> = Arc::new(store);
+        let sweeper = tokio::spawn(sweep_loop(
+            store.clone(),
+            SWEEP_EVERY,
+            vec![QueueMetrics::new()],
+        ));
+        tokio::time::sleep(SWEEP_EVERY + Duration::from_secs(1)).await;
+        assert_eq!(store.sweep().await.unwrap(), 0, "already swept");
+        sweeper.abort();
     }
 }
