@@ -302,7 +302,7 @@ impl App {
                     let async_phase = match (rc.extra.contains_key("async"), &jobs) {
                         (false, _) => crate::route::AsyncPhase::Off,
                         (true, Some(j)) => j
-                            .sink(rc)
+                            .sink(rc, &cfg.jobs_path)
                             .map_or(crate::route::AsyncPhase::Unavailable, |s| {
                                 crate::route::AsyncPhase::Sink(s)
                             }),
@@ -317,13 +317,24 @@ impl App {
                 })
                 .collect();
             let mut table = crate::route::RouteTable::new(routes);
-            // A listener with an async route answers its job URLs.
+            // A listener with an async route answers its job URLs, for its own queues only.
             if table
                 .routes()
                 .iter()
                 .any(|r| !matches!(r.jobs, crate::route::AsyncPhase::Off))
             {
-                table.jobs = jobs.clone();
+                let sinks = table
+                    .routes()
+                    .iter()
+                    .filter_map(|r| match &r.jobs {
+                        crate::route::AsyncPhase::Sink(s) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                table.jobs = Some(crate::jobs::JobUrls {
+                    path: cfg.jobs_path.clone(),
+                    sinks,
+                });
             }
             r.service.routes.store(Some(Arc::new(table)));
         }

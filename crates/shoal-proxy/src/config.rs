@@ -390,6 +390,9 @@ pub struct RawService {
     pub retries: Option<Spanned<RetryConfig>>,
     #[serde(default)]
     pub limits: LimitConfig,
+    /// Where this listener answers job URLs (`{jobs_path}/{id}`) when it has async routes.
+    #[serde(default)]
+    pub jobs_path: Option<Spanned<String>>,
     /// Extra, section-specific tables (fleet, autoscale, ...) are parsed by their owners.
     #[serde(flatten)]
     pub extra: BTreeMap<String, toml::Value>,
@@ -554,6 +557,8 @@ pub struct ServiceConfig {
     pub limits: LimitConfig,
     /// The service's own cache settings (its `cache` table), for requests it serves itself.
     pub cache: Option<shoal_cache::CacheConfig>,
+    /// Where the listener answers job URLs of its async routes (default `/jobs`).
+    pub jobs_path: String,
     /// Tables this crate does not own (`fleet`, `autoscale`, ...), with their source.
     pub extra: BTreeMap<String, toml::Value>,
 }
@@ -579,6 +584,7 @@ impl ServiceConfig {
             retries: RetryConfig::default(),
             limits: LimitConfig::default(),
             cache: None,
+            jobs_path: crate::jobs::DEFAULT_JOBS_PATH.to_string(),
             extra: BTreeMap::new(),
         }
     }
@@ -989,6 +995,17 @@ impl Config {
                     "max_connections and max_headers must be at least 1",
                 ));
             }
+            let jobs_path = match s.jobs_path {
+                None => crate::jobs::DEFAULT_JOBS_PATH.to_string(),
+                Some(p) => {
+                    let span = p.span();
+                    let p = p.into_inner();
+                    if let Some(why) = crate::jobs::invalid_jobs_path(&p) {
+                        return Err(loc.error(span, &field("jobs_path"), why));
+                    }
+                    p
+                }
+            };
             let retries_span = s.retries.as_ref().map_or(0..0, |r| r.span());
             let retries = s.retries.map(|r| r.into_inner()).unwrap_or_default();
             if retries.attempts == 0 || retries.attempts > 10 {
@@ -1016,6 +1033,7 @@ impl Config {
                 retries,
                 limits: s.limits,
                 cache,
+                jobs_path,
                 extra: s.extra,
             });
         }
@@ -1116,6 +1134,21 @@ mod tests {
                 .starts_with("test.toml:3: services.web.balance:"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn jobs_path_defaults_and_is_checked_with_line_and_field() {
+        let svc = "[services.web]\nlisten = \"127.0.0.1:8080\"\n";
+        assert_eq!(parse(svc).unwrap().services[0].jobs_path, "/jobs");
+        let c = parse(&format!("{svc}jobs_path = \"/api/tasks\"\n")).unwrap();
+        assert_eq!(c.services[0].jobs_path, "/api/tasks");
+        let e = parse(&format!("{svc}jobs_path = \"/tasks/\"\n")).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (3, "services.web.jobs_path"),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("test.toml:3: "), "{e}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! 1. **admit** — connection and head limits (`server.rs`, [`crate::hygiene::inspect`]);
 //! 2. **hygiene** — RFC 9110/9112 checks and the upstream header set ([`crate::hygiene`]);
 //! 3. **route** — host/path/method → target service, path rewrite ([`Service::route`]);
-//!    job URLs (`/jobs/{id}`) on a listener with an async route are answered before it;
+//!    job URLs (`{jobs_path}/{id}`) on a listener with an async route are answered before it;
 //! 4. **cache** — answer from cache or plan the fetch ([`crate::cache`]);
 //! 5. **async** — an async route's request becomes a job: 202 + `Location` once the broker
 //!    confirmed it ([`crate::jobs`]);
@@ -244,14 +244,20 @@ impl Service {
         })
     }
 
-    /// The job system answering `/jobs/{id}` on this listener, when `path` is a job URL
-    /// there (a listener with an async route answers them before routing).
-    pub(crate) fn jobs_for(&self, method: &str, path: &str) -> Option<Arc<dyn crate::jobs::Jobs>> {
+    /// The job URLs of this listener and the id in `path`, when `path` is one of them (a
+    /// listener with an async route answers them before routing).
+    pub(crate) fn jobs_for(
+        &self,
+        method: &str,
+        path: &str,
+    ) -> Option<(crate::jobs::JobUrls, String)> {
         if method != "GET" && method != "HEAD" {
             return None;
         }
-        crate::jobs::job_id(path)?;
-        self.routes.load().as_ref()?.jobs.clone()
+        let table = self.routes.load();
+        let urls = table.as_ref()?.jobs.as_ref()?;
+        let id = urls.job_id(path)?.to_string();
+        Some((urls.clone(), id))
     }
 
     /// Handles one client request on this (listening) service; never fails (errors are
@@ -370,10 +376,9 @@ impl Service {
         };
         let facts = hygiene::inspect(&line, pairs(), &lcfg, peer.ip()).map_err(|e| (None, e))?;
         // Job URLs are the listener's own, answered before routing.
-        if let Some(jobs) = self.jobs_for(line.method, path_and_query) {
-            let id = crate::jobs::job_id(path_and_query).unwrap_or_default();
+        if let Some((jobs, id)) = self.jobs_for(line.method, path_and_query) {
             self.metrics.requests.inc();
-            let r = jobs.lookup(id).await;
+            let r = jobs.lookup(&id).await;
             self.metrics.local.inc(r.status().as_u16());
             return Ok(crate::cache::full(r));
         }

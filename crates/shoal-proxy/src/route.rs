@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use crate::config::RouteConfig;
-use crate::jobs::{JobSink, Jobs};
+use crate::jobs::{JobSink, JobUrls};
 use crate::proxy::Service;
 
 /// One route, resolved to its target service.
@@ -37,8 +37,9 @@ pub enum AsyncPhase {
 #[derive(Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
-    /// Answers `/jobs/{id}` before routing: set when a route is async.
-    pub jobs: Option<Arc<dyn Jobs>>,
+    /// Answers `{jobs_path}/{id}` before routing: set when a route is async, with the
+    /// sinks of this listener's async routes (so only their queues' jobs are found).
+    pub jobs: Option<JobUrls>,
 }
 
 /// A request matched to a route: where it goes and the path it goes with.

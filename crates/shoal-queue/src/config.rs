@@ -61,9 +61,14 @@ pub struct QueueSpec {
     pub result_ttl: Duration,
     pub max_attempts: u32,
     pub max_body: usize,
+    /// Largest worker answer stored; a larger one ends the job as 502.
+    pub max_result_bytes: usize,
     /// Jobs handled at once by this shoal (also the RabbitMQ prefetch).
     pub concurrency: usize,
     pub attempt_timeout: Duration,
+    /// The request header whose (hashed) value scopes idempotency keys to a client;
+    /// None: every client of the route shares one scope.
+    pub identity_header: Option<http::HeaderName>,
 }
 
 /// Everything the queue runtime needs.
@@ -105,8 +110,11 @@ struct RawAsync {
     result_ttl: Option<Dur>,
     max_attempts: Option<u32>,
     max_body: Option<String>,
+    max_result_bytes: Option<String>,
     concurrency: Option<usize>,
     attempt_timeout: Option<Dur>,
+    /// Header naming the client for idempotency keys; "" for none. Default `authorization`.
+    identity_header: Option<String>,
 }
 
 /// The offset of `key` inside a table (an inline `{ ... }` or the lines under its header),
@@ -356,6 +364,19 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
                     Err(e) => return Err(err("max_body", e)),
                 },
             };
+            let max_result_bytes = match &raw.max_result_bytes {
+                None => 10 << 20,
+                Some(s) => match parse_size(s) {
+                    Ok(n) if (1..=1 << 30).contains(&n) => n as usize,
+                    Ok(_) => {
+                        return Err(err(
+                            "max_result_bytes",
+                            "must be between 1B and 1GiB".into(),
+                        ))
+                    }
+                    Err(e) => return Err(err("max_result_bytes", e)),
+                },
+            };
             let concurrency = raw.concurrency.unwrap_or(32);
             if !(1..=10_000).contains(&concurrency) {
                 return Err(err("concurrency", "must be between 1 and 10000".into()));
@@ -364,6 +385,19 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
             if attempt_timeout.is_zero() {
                 return Err(err("attempt_timeout", "must be greater than 0".into()));
             }
+            let identity_header = match raw.identity_header.as_deref() {
+                None => Some(http::header::AUTHORIZATION),
+                Some("") => None,
+                Some(h) => match http::HeaderName::from_bytes(h.as_bytes()) {
+                    Ok(n) => Some(n),
+                    Err(_) => {
+                        return Err(err(
+                            "identity_header",
+                            format!("{h:?} is not a header name (\"\" for none)"),
+                        ))
+                    }
+                },
+            };
             queues.push(QueueSpec {
                 queue,
                 broker,
@@ -372,8 +406,10 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
                 result_ttl,
                 max_attempts,
                 max_body,
+                max_result_bytes,
                 concurrency,
                 attempt_timeout,
+                identity_header,
             });
         }
     }
@@ -435,7 +471,21 @@ mod tests {
         assert_eq!(q.worker_service, "workers");
         assert_eq!(q.result_ttl, Duration::from_secs(600));
         assert_eq!((q.max_attempts, q.max_body), (3, 64 << 10));
+        assert_eq!(q.max_result_bytes, 10 << 20, "the default");
         assert_eq!(s.redis.as_deref(), Some("redis://127.0.0.1:6379/"));
+        assert_eq!(q.identity_header, Some(http::header::AUTHORIZATION));
+        let named = |v: &str| {
+            specs(&format!(
+                "[brokers.main]\nkafka = \"127.0.0.1:9092\"\n{}{WORKERS}",
+                route(&format!("async = {{ identity_header = \"{v}\" }}"))
+            ))
+            .unwrap()
+            .queues[0]
+                .identity_header
+                .clone()
+        };
+        assert_eq!(named("X-Api-Key").unwrap().as_str(), "x-api-key");
+        assert_eq!(named(""), None);
     }
 
     #[test]
@@ -447,6 +497,8 @@ mod tests {
             (format!("{kafka}{}{WORKERS}", route("async = { broker = \"nope\" }")), 8, "services.web.routes[0].async.broker"),
             (format!("{kafka}{}{WORKERS}", route("[services.web.routes.async]\nmax_attempts = 0")), 9, "services.web.routes[0].async.max_attempts"),
             (format!("{kafka}{}{WORKERS}", route("async = { queue = \"a b\" }")), 8, "services.web.routes[0].async.queue"),
+            (format!("{kafka}{}{WORKERS}", route("[services.web.routes.async]\nmax_result_bytes = \"0B\"")), 9, "services.web.routes[0].async.max_result_bytes"),
+            (format!("{kafka}{}{WORKERS}", route("[services.web.routes.async]\nqueue = \"w\"\nidentity_header = \"x y\"")), 10, "services.web.routes[0].async.identity_header"),
             ("[brokers.k]\nkafka = \"nohost\"\n[services.w]\nlisten = \"127.0.0.1:1\"\n".to_string(), 2, "brokers.k.kafka"),
             ("[brokers.k]\nrabbitmq = \"amqp://h\"\nkafka = \"h:1\"\n[services.w]\nlisten = \"127.0.0.1:1\"\n".to_string(), 1, "brokers.k"),
             (format!("{kafka}{}[services.workers]\nlisten = \"127.0.0.1:9\"\n", route("async = {}")), 8, "services.web.routes[0].async"),

@@ -270,8 +270,11 @@ pub struct Dispatcher {
 enum AttemptError {
     /// The worker could not be reached: the request was never sent.
     Connect(String),
-    /// Sent, but no usable answer (reset, timeout, 5xx): may have run.
+    /// Sent, but no usable answer (reset, 5xx): may have run; retried.
     Failed(String),
+    /// The worker took the job and its answer was too big (502) or late (504): running it
+    /// again would give the same, so the job ends here.
+    Final(u16, String),
 }
 
 /// Headers that describe one connection, never forwarded either way.
@@ -297,7 +300,9 @@ impl Dispatcher {
     ) -> Arc<Dispatcher> {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
-        conn.set_connect_timeout(Some(Duration::from_secs(2)));
+        // Within the attempt's time: a worker that cannot be reached is a connect error (not
+        // an attempt), never a "late answer", which would end the job.
+        conn.set_connect_timeout(Some(Duration::from_secs(2).min(cfg.attempt_timeout / 2)));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(conn);
@@ -393,6 +398,7 @@ impl Dispatcher {
         let mut attempts = 0u32;
         let mut avoid = None;
         let mut last_error = String::new();
+        let mut failed_status = 502;
         let result = loop {
             let lease = self.wait_for_worker(avoid).await;
             avoid = Some(lease.addr());
@@ -418,6 +424,13 @@ impl Dispatcher {
                     drop(lease);
                     tokio::time::sleep(self.cfg.backoff(attempts)).await;
                 }
+                Err(AttemptError::Final(status, e)) => {
+                    attempts += 1;
+                    self.metrics.failed_attempts.inc();
+                    last_error = e;
+                    failed_status = status;
+                    break None;
+                }
             }
         };
 
@@ -433,10 +446,11 @@ impl Dispatcher {
                 submitted_ms: env.submitted_ms,
                 finished_ms,
                 attempts,
+                status: failed_status,
                 error: last_error.clone(),
             },
         };
-        let fresh = self.store_final(&env.id, &rec).await;
+        let fresh = self.store_final(&env.id, &rec, env.key.as_deref()).await;
         if !fresh {
             self.metrics.duplicated.inc();
         }
@@ -468,10 +482,10 @@ impl Dispatcher {
 
     /// Stores the final record, retrying while the store is down (the message stays unacked
     /// meanwhile). Returns false when another delivery had stored it first.
-    async fn store_final(&self, id: &str, rec: &JobRecord) -> bool {
+    async fn store_final(&self, id: &str, rec: &JobRecord, key: Option<&str>) -> bool {
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.store.finish(id, rec).await {
+            match self.store.finish(id, rec, key).await {
                 Ok(fresh) => return fresh,
                 Err(e) => {
                     self.metrics.errors.inc();
@@ -526,13 +540,36 @@ impl Dispatcher {
             let body = Limited::new(body, self.cfg.max_result_bytes)
                 .collect()
                 .await
-                .map_err(|e| AttemptError::Failed(format!("worker {} body: {e}", lease.addr())))?
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        AttemptError::Final(
+                            502,
+                            format!(
+                                "worker {} answered more than max_result_bytes ({})",
+                                lease.addr(),
+                                self.cfg.max_result_bytes
+                            ),
+                        )
+                    } else {
+                        AttemptError::Failed(format!("worker {} body: {e}", lease.addr()))
+                    }
+                })?
                 .to_bytes();
             Ok((parts, body))
         };
+        // Late is final: the worker took the job and is (or was) running it.
         let (parts, body) = tokio::time::timeout(self.cfg.attempt_timeout, call)
             .await
-            .map_err(|_| AttemptError::Failed(format!("worker {} timed out", lease.addr())))??;
+            .map_err(|_| {
+                AttemptError::Final(
+                    504,
+                    format!(
+                        "worker {} did not answer within attempt_timeout ({:?})",
+                        lease.addr(),
+                        self.cfg.attempt_timeout
+                    ),
+                )
+            })??;
         if parts.status.is_server_error() {
             return Err(AttemptError::Failed(format!(
                 "worker {} answered {}",
@@ -685,6 +722,7 @@ mod tests {
         let env = Envelope {
             id: crate::job::new_id(),
             submitted_ms: 1,
+            key: None,
             request: crate::job::JobRequest {
                 method: "POST".into(),
                 path_and_query: "/w".into(),
@@ -702,7 +740,7 @@ mod tests {
                 body: Bytes::from_static(b"r"),
             },
         };
-        assert!(store.finish(&env.id, &done).await.unwrap());
+        assert!(store.finish(&env.id, &done, None).await.unwrap());
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let settled = Arc::new(std::sync::Mutex::new(vec![]));
         for payload in [env.encode(), b"garbage".to_vec()] {
@@ -735,6 +773,111 @@ mod tests {
         assert_eq!(metrics.duplicated.get(), 1);
         assert_eq!(metrics.done.get(), 0);
         assert_eq!(metrics.errors.get(), 1, "the undecodable message");
+    }
+
+    /// A worker on a raw socket that counts requests and answers 4 KiB, at once or after
+    /// `delay`.
+    async fn counting_worker(
+        delay: Duration,
+    ) -> (SocketAddr, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(AtomicU64::new(0));
+        let c = calls.clone();
+        let server = tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    c.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    let body = [b'x'; 4096];
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                    let _ = sock.write_all(head.as_bytes()).await;
+                    let _ = sock.write_all(&body).await;
+                });
+            }
+        });
+        (addr, calls, server)
+    }
+
+    /// A worker that took the job and answered too big (over `max_result_bytes`) or too
+    /// late (past `attempt_timeout`) ends the job with a final 502 / 504 record after one
+    /// attempt (dead-lettered), instead of running it `max_attempts` times.
+    #[tokio::test]
+    async fn a_too_big_or_late_answer_is_a_final_record_not_a_rerun() {
+        for (delay, max_result_bytes, status) in [
+            (Duration::ZERO, 1024, 502u16),
+            (Duration::from_secs(30), 1 << 20, 504),
+        ] {
+            let (addr, calls, server) = counting_worker(delay).await;
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(
+                crate::store::RedbStore::open(&dir.path().join("j.redb"), Duration::from_secs(60))
+                    .unwrap(),
+            );
+            let workers = WorkerSet::new();
+            workers.add("w", addr);
+            workers.ready("w");
+            let env = Envelope {
+                id: crate::job::new_id(),
+                submitted_ms: 1,
+                key: None,
+                request: crate::job::JobRequest {
+                    method: "POST".into(),
+                    path_and_query: "/w".into(),
+                    headers: vec![],
+                    body: Bytes::new(),
+                },
+            };
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let settled = Arc::new(std::sync::Mutex::new(vec![]));
+            tx.send(Delivery {
+                payload: env.encode(),
+                redelivered: false,
+                settle: Box::new(FakeSettle(settled.clone())),
+            })
+            .unwrap();
+            drop(tx);
+            let d = Dispatcher::new(
+                Arc::new(FakeBroker {
+                    rx: tokio::sync::Mutex::new(rx),
+                    state: Default::default(),
+                }),
+                store.clone(),
+                workers,
+                QueueMetrics::new(),
+                DispatcherConfig {
+                    max_attempts: 3,
+                    retry_backoff: Duration::from_millis(1),
+                    attempt_timeout: Duration::from_millis(300),
+                    max_result_bytes,
+                    ..Default::default()
+                },
+            );
+            tokio::time::timeout(Duration::from_secs(10), d.run())
+                .await
+                .expect("the dispatcher ends when the broker closes");
+            server.abort();
+            assert_eq!(calls.load(Ordering::SeqCst), 1, "status {status}: run once");
+            assert_eq!(*settled.lock().unwrap(), ["dead_letter"]);
+            match store.get(&env.id).await.unwrap() {
+                Some(JobRecord::Failed {
+                    status: s,
+                    attempts: 1,
+                    ..
+                }) => assert_eq!(s, status),
+                other => panic!("status {status}: {other:?}"),
+            }
+        }
     }
 
     #[test]

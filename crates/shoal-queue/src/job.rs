@@ -17,6 +17,9 @@ pub struct Envelope {
     pub id: String,
     /// Unix time of the accepted submission, for end-to-end latency.
     pub submitted_ms: u64,
+    /// The store key of the idempotency key that made this job (scoped and hashed): the
+    /// dispatcher starts its lifetime when the job ends, as it does the result's.
+    pub key: Option<String>,
     pub request: JobRequest,
 }
 
@@ -40,11 +43,14 @@ pub enum JobRecord {
         attempts: u32,
         response: StoredResponse,
     },
-    /// Every attempt failed; the job went to the dead-letter queue with this error.
+    /// The job went to the dead-letter queue with this error: every attempt failed (502),
+    /// or a worker's answer was too big (502) or late (504), which is not run again.
     Failed {
         submitted_ms: u64,
         finished_ms: u64,
         attempts: u32,
+        /// What `GET /jobs/{id}` answers.
+        status: u16,
         error: String,
     },
 }
@@ -94,17 +100,22 @@ pub fn now_ms() -> u64 {
 }
 
 const ENVELOPE_V1: u8 = 1;
+/// v1 + the idempotency key's store key.
+const ENVELOPE_V2: u8 = 2;
 const TAG_PENDING: u8 = 1;
 const TAG_DONE: u8 = 2;
-const TAG_FAILED: u8 = 3;
+/// A failure without a status (written by older versions): read as 502.
+const TAG_FAILED_V1: u8 = 3;
+const TAG_FAILED: u8 = 4;
 
 impl Envelope {
     pub fn encode(&self) -> Vec<u8> {
         let r = &self.request;
         let mut w = Writer(Vec::with_capacity(64 + r.body.len()));
-        w.u8(ENVELOPE_V1);
+        w.u8(ENVELOPE_V2);
         w.bytes(self.id.as_bytes());
         w.u64(self.submitted_ms);
+        w.bytes(self.key.as_deref().unwrap_or("").as_bytes());
         w.bytes(r.method.as_bytes());
         w.bytes(r.path_and_query.as_bytes());
         w.headers(&r.headers);
@@ -114,11 +125,16 @@ impl Envelope {
 
     pub fn decode(b: &[u8]) -> Result<Envelope, DecodeError> {
         let mut r = Reader::new(b, "job");
-        if r.u8()? != ENVELOPE_V1 {
+        let version = r.u8()?;
+        if version != ENVELOPE_V1 && version != ENVELOPE_V2 {
             return Err(r.err("unknown version"));
         }
         let id = r.string()?;
         let submitted_ms = r.u64()?;
+        let key = match version {
+            ENVELOPE_V1 => None,
+            _ => Some(r.string()?).filter(|k| !k.is_empty()),
+        };
         let method = r.string()?;
         let path_and_query = r.string()?;
         let headers = r.headers()?;
@@ -127,6 +143,7 @@ impl Envelope {
         Ok(Envelope {
             id,
             submitted_ms,
+            key,
             request: JobRequest {
                 method,
                 path_and_query,
@@ -163,12 +180,14 @@ impl JobRecord {
                 submitted_ms,
                 finished_ms,
                 attempts,
+                status,
                 error,
             } => {
                 w.u8(TAG_FAILED);
                 w.u64(*submitted_ms);
                 w.u64(*finished_ms);
                 w.u32(*attempts);
+                w.u32(*status as u32);
                 w.bytes(error.as_bytes());
             }
         }
@@ -199,10 +218,18 @@ impl JobRecord {
                     },
                 }
             }
+            TAG_FAILED_V1 => JobRecord::Failed {
+                submitted_ms: r.u64()?,
+                finished_ms: r.u64()?,
+                attempts: r.u32()?,
+                status: 502,
+                error: r.string()?,
+            },
             TAG_FAILED => JobRecord::Failed {
                 submitted_ms: r.u64()?,
                 finished_ms: r.u64()?,
                 attempts: r.u32()?,
+                status: u16::try_from(r.u32()?).map_err(|_| r.err("status"))?,
                 error: r.string()?,
             },
             _ => return Err(r.err("unknown tag")),
@@ -214,7 +241,7 @@ impl JobRecord {
 
 /// True when the first byte says "final record" (used by the Redis script, which cannot
 /// decode records).
-pub const FINAL_TAGS: [u8; 2] = [TAG_DONE, TAG_FAILED];
+pub const FINAL_TAGS: [u8; 3] = [TAG_DONE, TAG_FAILED_V1, TAG_FAILED];
 
 struct Writer(Vec<u8>);
 
@@ -316,6 +343,7 @@ mod tests {
         Envelope {
             id: new_id(),
             submitted_ms: 1_700_000_000_123,
+            key: Some("q:id:key".into()),
             request: JobRequest {
                 method: "POST".into(),
                 path_and_query: "/async/work?cpu_ms=5".into(),
@@ -339,9 +367,9 @@ mod tests {
         let mut extra = b.clone();
         extra.push(0);
         assert!(Envelope::decode(&extra).is_err());
-        let mut v2 = b;
-        v2[0] = 2;
-        assert!(Envelope::decode(&v2).is_err());
+        let mut v3 = b;
+        v3[0] = 3;
+        assert!(Envelope::decode(&v3).is_err());
     }
 
     #[test]
@@ -362,6 +390,7 @@ mod tests {
                 submitted_ms: 5,
                 finished_ms: 9,
                 attempts: 3,
+                status: 504,
                 error: "worker answered 500".into(),
             },
         ];

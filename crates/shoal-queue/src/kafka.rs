@@ -2,10 +2,16 @@
 //! consumer group with manual commits after the result is stored, and a `{topic}.dlq` topic.
 //!
 //! librdkafka reconnects by itself (with its own backoff); the connection state comes from
-//! its statistics (any broker `UP`) and error callbacks. Lag is computed from the statistics
-//! too: per partition, the high watermark of the latest fetch response minus the committed
-//! offset (ListOffsets is not trusted: some Kafka-protocol brokers answer it wrongly after
-//! multi-record batches).
+//! its statistics (any broker `UP`) and error callbacks.
+//!
+//! The backlog is known whether or not the job consumer polls (at zero workers it may not):
+//! a [`LagProbe`] computes, as KEDA's Kafka scaler does, per partition the high watermark
+//! minus the group's committed offset (the log start when none), from the topic's metadata,
+//! the group's committed offsets (OffsetFetch, without joining the group) and the high
+//! watermark. The high watermark is the largest of ListOffsets(latest) and the one in Fetch
+//! responses, as seen by a watcher consumer that follows the topic's end and by the job
+//! consumer: some Kafka-protocol brokers (tansu) answer ListOffsets too low after
+//! multi-record batches, while their Fetch high watermark is right.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -146,10 +152,183 @@ impl ClientContext for ProducerCtx {
     }
 }
 
+/// The statistics of the watcher: the Fetch high watermark per partition.
+struct WatchCtx {
+    topic: String,
+    fetched: Arc<Mutex<HashMap<i32, i64>>>,
+}
+
+impl ClientContext for WatchCtx {
+    fn stats_raw(&self, raw: &[u8]) {
+        let Some((_, Some(lag))) = parse_stats(raw, &self.topic) else {
+            return;
+        };
+        if let Ok(mut f) = self.fetched.lock() {
+            for (p, (hi, _, _)) in lag {
+                // Watermarks only grow; a partition not fetched yet reports -1001.
+                let e = f.entry(p).or_insert(-1);
+                *e = (*e).max(hi);
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(topic = %self.topic, error = %error, reason, "kafka lag watcher error");
+    }
+}
+
+impl ConsumerContext for WatchCtx {}
+
+/// Reads the backlog without the job consumer (see the module documentation).
+struct LagProbe {
+    topic: String,
+    /// Same group id as the job consumer, never subscribed: it only reads the group's
+    /// committed offsets, the metadata and ListOffsets.
+    meta: BaseConsumer,
+    /// Assigned (not subscribed) to every partition from its end, polled by its own thread
+    /// that drops what it reads: its Fetch responses carry the right high watermark.
+    watcher: Arc<BaseConsumer<WatchCtx>>,
+    fetched: Arc<Mutex<HashMap<i32, i64>>>,
+    watched: Mutex<Vec<i32>>,
+    closed: Arc<AtomicBool>,
+}
+
+/// One probe call's limit (a sample runs every second; the sampler gives up after 2 s).
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+impl LagProbe {
+    fn new(cfg: &KafkaConfig) -> Result<LagProbe, KafkaError> {
+        let meta: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("group.id", &cfg.group)
+            .set("enable.auto.commit", "false")
+            .set("reconnect.backoff.max.ms", "5000")
+            .create()?;
+        let fetched = Arc::new(Mutex::new(HashMap::new()));
+        let watcher: BaseConsumer<WatchCtx> = ClientConfig::new()
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("group.id", format!("{}.lag-watch", cfg.group))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("statistics.interval.ms", "500")
+            .set("fetch.wait.max.ms", "500")
+            // It reads only to see watermarks: keep what it buffers small.
+            .set("queued.max.messages.kbytes", "1024")
+            .set("reconnect.backoff.max.ms", "5000")
+            .create_with_context(WatchCtx {
+                topic: cfg.topic.clone(),
+                fetched: fetched.clone(),
+            })?;
+        let watcher = Arc::new(watcher);
+        let closed = Arc::new(AtomicBool::new(false));
+        {
+            let (w, closed) = (watcher.clone(), closed.clone());
+            std::thread::Builder::new()
+                .name("shoal-kafka-lag".into())
+                .spawn(move || {
+                    while !closed.load(Ordering::Relaxed) {
+                        // Messages are dropped; polling serves the statistics callback.
+                        let _ = w.poll(Duration::from_millis(200));
+                    }
+                })
+                .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+        }
+        Ok(LagProbe {
+            topic: cfg.topic.clone(),
+            meta,
+            watcher,
+            fetched,
+            watched: Mutex::new(Vec::new()),
+            closed,
+        })
+    }
+
+    /// The partitions of the topic (metadata), and the watcher following all of them.
+    fn partitions(&self) -> Result<Vec<i32>, QueueError> {
+        let md = self
+            .meta
+            .fetch_metadata(Some(&self.topic), PROBE_TIMEOUT)
+            .map_err(|e| QueueError::Broker(format!("kafka metadata: {e}")))?;
+        let mut parts: Vec<i32> = md
+            .topics()
+            .iter()
+            .filter(|t| t.name() == self.topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        parts.sort_unstable();
+        if parts.is_empty() {
+            return Err(QueueError::Broker(format!(
+                "kafka: topic {} has no partitions yet",
+                self.topic
+            )));
+        }
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if *watched != parts {
+            let mut tpl = TopicPartitionList::new();
+            for p in &parts {
+                tpl.add_partition_offset(&self.topic, *p, Offset::End)
+                    .map_err(|e| QueueError::Broker(e.to_string()))?;
+            }
+            self.watcher
+                .assign(&tpl)
+                .map_err(|e| QueueError::Broker(format!("kafka lag watcher: {e}")))?;
+            *watched = parts.clone();
+        }
+        Ok(parts)
+    }
+
+    /// The group's lag over every partition. `seen` adds high watermarks the job consumer
+    /// saw in its own fetches.
+    fn lag(&self, seen: &HashMap<i32, i64>) -> Result<u64, QueueError> {
+        let ke = |what: &str, e: KafkaError| QueueError::Broker(format!("kafka {what}: {e}"));
+        // Serves the client's queued events (errors, logs): it is polled nowhere else.
+        let _ = self.meta.poll(Duration::ZERO);
+        let parts = self.partitions()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in &parts {
+            tpl.add_partition(&self.topic, *p);
+        }
+        let committed = self
+            .meta
+            .committed_offsets(tpl, PROBE_TIMEOUT)
+            .map_err(|e| ke("committed offsets", e))?;
+        let fetched = self.fetched.lock().map(|f| f.clone()).unwrap_or_default();
+        let mut total = 0;
+        for p in parts {
+            let (lo, listed) = self
+                .meta
+                .fetch_watermarks(&self.topic, p, PROBE_TIMEOUT)
+                .map_err(|e| ke("watermarks", e))?;
+            let hi = [
+                Some(listed),
+                fetched.get(&p).copied(),
+                seen.get(&p).copied(),
+            ]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(-1);
+            let c = match committed.find_partition(&self.topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(n)) => n,
+                _ => -1,
+            };
+            total += partition_lag(hi, c, lo);
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for LagProbe {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+}
+
 struct Shared {
     cfg: KafkaConfig,
     producer: FutureProducer<ProducerCtx>,
     consumer: StreamConsumer<Ctx>,
+    probe: Arc<LagProbe>,
     tracker: Arc<Mutex<OffsetTracker>>,
     state: Arc<ConnState>,
     subscribed: AtomicBool,
@@ -196,11 +375,13 @@ impl KafkaBroker {
                 tracker: tracker.clone(),
             })
             .map_err(ke)?;
+        let probe = Arc::new(LagProbe::new(&cfg).map_err(ke)?);
         let b = KafkaBroker {
             shared: Arc::new(Shared {
                 cfg,
                 producer,
                 consumer,
+                probe,
                 tracker,
                 state,
                 subscribed: AtomicBool::new(false),
@@ -352,24 +533,21 @@ impl Broker for KafkaBroker {
 
     fn backlog(&self) -> BoxFuture<'_, Result<u64, QueueError>> {
         Box::pin(async move {
-            let lag = self
+            // The job consumer's own fetches (when it polls) are one more high watermark.
+            let seen: HashMap<i32, i64> = self
                 .shared
                 .consumer
                 .context()
                 .lag
                 .lock()
                 .ok()
-                .and_then(|l| l.clone());
-            let lag = lag
-                .filter(|l| !l.is_empty())
-                .ok_or_else(|| QueueError::Broker("kafka: no partition statistics yet".into()))?;
-            if lag.values().all(|(hi, _, _)| *hi < 0) {
-                return Err(QueueError::Broker("kafka: no high watermark yet".into()));
-            }
-            Ok(lag
-                .values()
-                .map(|&(hi, c, lo)| partition_lag(hi, c, lo))
-                .sum())
+                .and_then(|l| l.clone())
+                .map(|l| l.into_iter().map(|(p, (hi, _, _))| (p, hi)).collect())
+                .unwrap_or_default();
+            let probe = self.shared.probe.clone();
+            tokio::task::spawn_blocking(move || probe.lag(&seen))
+                .await
+                .map_err(|e| QueueError::Broker(format!("kafka lag task: {e}")))?
         })
     }
 
@@ -380,18 +558,20 @@ impl Broker for KafkaBroker {
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             self.shared.closed.store(true, Ordering::Relaxed);
+            self.shared.probe.closed.store(true, Ordering::Relaxed);
             self.shared.consumer.unsubscribe();
         })
     }
 }
 
-/// One partition's lag. A partition not fetched yet (no high watermark) counts 0; nothing
-/// committed yet means the group starts at the log start (`auto.offset.reset=earliest`).
+/// One partition's lag. A partition without a high watermark counts 0; nothing committed
+/// yet, or a commit older than the log start (retention deleted those messages), means the
+/// group reads from the log start (`auto.offset.reset=earliest`).
 fn partition_lag(hi: i64, committed: i64, lo: i64) -> u64 {
     if hi < 0 {
         return 0;
     }
-    let from = if committed >= 0 { committed } else { lo.max(0) };
+    let from = committed.max(lo).max(0);
     (hi - from).max(0) as u64
 }
 
@@ -455,6 +635,9 @@ mod tests {
         let total: u64 = lag.values().map(|&(h, c, l)| partition_lag(h, c, l)).sum();
         assert_eq!(total, 6 + 3);
         assert_eq!(partition_lag(-1001, -1001, -1), 0);
+        assert_eq!(partition_lag(100, 10, 40), 60, "commit below the log start");
+        assert_eq!(partition_lag(100, -1001, 40), 60, "nothing committed");
+        assert_eq!(partition_lag(100, 70, -1), 30, "log start unknown");
         let (up, lag) = parse_stats(br#"{"brokers": {"b": {"state": "DOWN"}}}"#, "jobs").unwrap();
         assert!(!up && lag.is_none());
     }

@@ -1,6 +1,7 @@
 //! Asynchronous requests: a submitted request becomes a job on RabbitMQ or Kafka, a
 //! dispatcher hands it to a worker instance over HTTP, and the worker's answer is stored for
-//! `GET /jobs/{id}`. Worker fleets scale on the backlog (KEDA semantics, down to zero).
+//! `GET {jobs_path}/{id}` (`/jobs/{id}` by default). Worker fleets scale on the backlog (KEDA
+//! semantics, down to zero).
 //!
 //! Layers, each usable alone:
 //! - [`job`]: the wire and store encodings;
@@ -13,8 +14,8 @@
 //!
 //! Wiring ([`runtime::Queues`], from [`config`]'s `[brokers]`, `[jobs]` and route `async`
 //! tables): one broker connection and [`Submitter`] per async route, answering the proxy's
-//! async phase (`shoal_proxy::jobs::Jobs`) and `GET /jobs/{id}`; a [`WorkerSet`] per worker
-//! service, fed by its fleet (`shoal_fleet::FleetHooks`); a [`Dispatcher`] per queue; the
+//! async phase (`shoal_proxy::jobs::Jobs`) and its listener's job URLs; a [`WorkerSet`] per
+//! worker service, fed by its fleet (`shoal_fleet::FleetHooks`); a [`Dispatcher`] per queue; the
 //! backlog sampled every second for `shoal_queue_depth` and the fleet's `backlog` policy
 //! (`shoal_scale::backlog`, run by the fleet's autoscaler); [`metrics::QueueCollector`] on
 //! the admin `/metrics`.

@@ -36,6 +36,9 @@ use crate::submit::{SubmitConfig, Submitter};
 /// A backlog sample older than this is not trusted (the fleet holds its size).
 const STALE_AFTER: Duration = Duration::from_secs(5);
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// How often expired job records and idempotency keys are removed from the redb file
+/// (Redis expires its own).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// One async route's queue, running.
 pub struct RunningQueue {
@@ -56,11 +59,11 @@ pub struct RunningQueue {
 pub struct Queues {
     pub queues: Vec<Arc<RunningQueue>>,
     workers: BTreeMap<String, Arc<WorkerSet>>,
-    /// Answers `/jobs/{id}` (every queue shares the one store).
-    lookup: Option<Arc<Submitter>>,
     epoch: Instant,
     stop: Arc<tokio::sync::Notify>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Aborted at shutdown (a sweep is idempotent; nothing waits for it).
+    sweeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Validates the queue tables (for `shoal check` and reloads).
@@ -88,10 +91,10 @@ impl Queues {
             return Ok(Arc::new(Queues {
                 queues: Vec::new(),
                 workers: BTreeMap::new(),
-                lookup: None,
                 epoch,
                 stop: Arc::default(),
                 tasks: Mutex::default(),
+                sweeper: Mutex::default(),
             }));
         }
         enum Base {
@@ -108,6 +111,10 @@ impl Queues {
                 RedbStore::open(&spec.redb_path, Duration::from_secs(3600))
                     .map_err(|e| format!("job store: {e}"))?,
             ),
+        };
+        let swept: Arc<dyn Store> = match &base {
+            Base::Redb(s) => Arc::new(s.clone()),
+            Base::Redis(s) => Arc::new(s.clone()),
         };
         let mut workers: BTreeMap<String, Arc<WorkerSet>> = BTreeMap::new();
         let mut queues = Vec::new();
@@ -139,9 +146,10 @@ impl Queues {
                     )
                 }
             };
+            // One namespace per queue: a job URL finds only its own queue's jobs.
             let store: Arc<dyn Store> = match &base {
-                Base::Redb(s) => Arc::new(s.with_ttl(q.result_ttl)),
-                Base::Redis(s) => Arc::new(s.with_ttl(q.result_ttl)),
+                Base::Redb(s) => Arc::new(s.for_queue(&q.queue, q.result_ttl)),
+                Base::Redis(s) => Arc::new(s.for_queue(&q.queue, q.result_ttl)),
             };
             let ws = workers
                 .entry(q.worker_service.clone())
@@ -168,6 +176,7 @@ impl Queues {
                 metrics.clone(),
                 SubmitConfig {
                     max_body: q.max_body,
+                    identity_header: q.identity_header.clone(),
                     ..Default::default()
                 },
             ));
@@ -180,6 +189,7 @@ impl Queues {
                     concurrency: q.concurrency,
                     max_attempts: q.max_attempts,
                     attempt_timeout: q.attempt_timeout,
+                    max_result_bytes: q.max_result_bytes,
                     ..Default::default()
                 },
             );
@@ -199,14 +209,12 @@ impl Queues {
             }));
         }
         let q = Arc::new(Queues {
-            lookup: queues
-                .first()
-                .map(|q: &Arc<RunningQueue>| q.submitter.clone()),
             queues,
             workers,
             epoch,
             stop: Arc::default(),
             tasks: Mutex::default(),
+            sweeper: Mutex::default(),
         });
         let mut tasks = Vec::new();
         for rq in &q.queues {
@@ -214,6 +222,9 @@ impl Queues {
             tasks.push(tokio::spawn(rq.dispatcher.clone().run()));
         }
         tasks.push(tokio::spawn(q.clone().sample_loop()));
+        let metrics = q.queues.iter().map(|r| r.metrics.clone()).collect();
+        *q.sweeper.lock().expect("lock") =
+            Some(tokio::spawn(sweep_loop(swept, SWEEP_EVERY, metrics)));
         *q.tasks.lock().expect("lock") = tasks;
         Ok(q)
     }
@@ -284,6 +295,9 @@ impl Queues {
     pub async fn shutdown(&self, deadline: Duration) {
         // A stored permit: the sample loop sees it even if it was not waiting just now.
         self.stop.notify_one();
+        if let Some(s) = self.sweeper.lock().expect("lock").take() {
+            s.abort();
+        }
         for q in &self.queues {
             q.dispatcher.stop();
         }
@@ -321,6 +335,25 @@ impl Queues {
     }
 }
 
+/// Removes expired job records and idempotency keys from `store` every `every` (without it
+/// the redb file only grows, until every submission fails); a failure is logged and counted
+/// as an error of every queue (they share the store).
+async fn sweep_loop(store: Arc<dyn Store>, every: Duration, metrics: Vec<Arc<QueueMetrics>>) {
+    loop {
+        tokio::time::sleep(every).await;
+        match store.sweep().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(removed = n, "job store swept"),
+            Err(e) => {
+                for m in &metrics {
+                    m.errors.inc();
+                }
+                tracing::warn!(error = %e, "sweeping the job store failed");
+            }
+        }
+    }
+}
+
 struct ServiceBacklog {
     queues: Arc<Queues>,
     service: String,
@@ -332,12 +365,16 @@ impl BacklogSource for ServiceBacklog {
     }
 }
 
-/// One async route's sink.
-struct RouteSink(Arc<RunningQueue>);
+/// One async route's sink, on a listener whose job URLs are under `jobs_path`.
+struct RouteSink {
+    queue: Arc<RunningQueue>,
+    /// `{jobs_path}/`: the prefix of the `Location`s it gives.
+    jobs_prefix: String,
+}
 
 impl JobSink for RouteSink {
     fn max_body(&self) -> usize {
-        self.0.spec.max_body
+        self.queue.spec.max_body
     }
 
     fn submit(
@@ -347,18 +384,23 @@ impl JobSink for RouteSink {
     ) -> BoxFuture<'_, Response<Bytes>> {
         Box::pin(async move {
             into_bytes(
-                self.0
+                self.queue
                     .submitter
-                    .respond(req, idempotency_key.as_deref())
+                    .respond_at(req, idempotency_key.as_deref(), &self.jobs_prefix)
                     .await,
             )
             .await
         })
     }
+
+    fn lookup(&self, id: &str) -> BoxFuture<'_, Response<Bytes>> {
+        let id = id.to_string();
+        Box::pin(async move { into_bytes(self.queue.submitter.handle_job(&id).await).await })
+    }
 }
 
 impl Jobs for Queues {
-    fn sink(&self, route: &RouteConfig) -> Option<Arc<dyn JobSink>> {
+    fn sink(&self, route: &RouteConfig, jobs_path: &str) -> Option<Arc<dyn JobSink>> {
         let table = route.extra.get("async")?;
         let queue = table
             .get("queue")
@@ -371,26 +413,15 @@ impl Jobs for Queues {
                 && q.spec.worker_service == route.service
         });
         match found {
-            Some(q) => Some(Arc::new(RouteSink(q.clone()))),
+            Some(q) => Some(Arc::new(RouteSink {
+                queue: q.clone(),
+                jobs_prefix: format!("{jobs_path}/"),
+            })),
             None => {
                 tracing::warn!(queue, "async route without a running queue (a new queue starts on the next restart): answering 503");
                 None
             }
         }
-    }
-
-    fn lookup(&self, id: &str) -> BoxFuture<'_, Response<Bytes>> {
-        let id = id.to_string();
-        Box::pin(async move {
-            match &self.lookup {
-                Some(s) => into_bytes(s.handle_job(&id).await).await,
-                None => {
-                    let mut r = Response::new(Bytes::from_static(b"{\"error\":\"no such job\"}\n"));
-                    *r.status_mut() = http::StatusCode::NOT_FOUND;
-                    r
-                }
-            }
-        })
     }
 }
 
@@ -420,5 +451,45 @@ impl ApiExtension for Queues {
             })),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{JobRecord, StoredResponse};
+
+    /// The runtime's sweep removes what expired without anyone reading it: after one period
+    /// the expired result is gone from the file (a second sweep finds nothing).
+    #[tokio::test(start_paused = true)]
+    async fn the_periodic_sweep_removes_expired_records() {
+        use std::sync::atomic::AtomicU64;
+        let dir = tempfile::tempdir().unwrap();
+        let t = Arc::new(AtomicU64::new(1_000_000));
+        let clock = t.clone();
+        let store = RedbStore::open(&dir.path().join("j.redb"), Duration::from_secs(60))
+            .unwrap()
+            .with_clock(Arc::new(move || clock.load(Ordering::Relaxed)));
+        let done = JobRecord::Done {
+            submitted_ms: 1,
+            finished_ms: 2,
+            attempts: 1,
+            response: StoredResponse {
+                status: 200,
+                headers: vec![],
+                body: Bytes::from_static(b"r"),
+            },
+        };
+        assert!(store.finish("a", &done, None).await.unwrap());
+        t.fetch_add(61_000, Ordering::Relaxed);
+        let store: Arc<dyn Store> = Arc::new(store);
+        let sweeper = tokio::spawn(sweep_loop(
+            store.clone(),
+            SWEEP_EVERY,
+            vec![QueueMetrics::new()],
+        ));
+        tokio::time::sleep(SWEEP_EVERY + Duration::from_secs(1)).await;
+        assert_eq!(store.sweep().await.unwrap(), 0, "already swept");
+        sweeper.abort();
     }
 }

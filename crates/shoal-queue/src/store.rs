@@ -1,5 +1,10 @@
 //! Where job states and results live: Redis (shared by shoal replicas, TTL by Redis) or an
 //! embedded redb file in `data_dir` (survives restarts; expiry checked on read and swept).
+//!
+//! Lifetimes: a pending record and its idempotency key live until the job ends (bounded by
+//! [`PENDING_LIMIT`] only, for jobs lost outside shoal); the result TTL runs from the final
+//! record, which also starts the key's TTL, so a queued job never expires into a 404 and a
+//! retried submission never runs it twice.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,6 +16,17 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use crate::job::{now_ms, JobRecord, FINAL_TAGS};
 use crate::QueueError;
 
+/// Milliseconds since the Unix epoch; injected so expiry is tested without waiting.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Longest a record may stay pending: a job whose message is gone from the broker (a topic
+/// deleted by hand) would otherwise keep its record forever.
+pub const PENDING_LIMIT: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Every Redis call's limit, connection included: a stalled Redis must fail submissions
+/// quickly (503) instead of holding their bodies.
+pub const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The result store. Every call is a short I/O operation; errors are reported, never hidden.
 pub trait Store: Send + Sync + 'static {
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<JobRecord>, QueueError>>;
@@ -21,17 +37,21 @@ pub trait Store: Send + Sync + 'static {
         submitted_ms: u64,
     ) -> BoxFuture<'a, Result<(), QueueError>>;
     /// Stores a final record unless one is there already. Ok(false): it was (a duplicate).
+    /// The result TTL starts now, for the record and for `key` (the idempotency key that
+    /// made the job) when that is still bound to `id`.
     fn finish<'a>(
         &'a self,
         id: &'a str,
         rec: &'a JobRecord,
+        key: Option<&'a str>,
     ) -> BoxFuture<'a, Result<bool, QueueError>>;
     fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>>;
-    /// Binds an idempotency key to `id` unless it is bound already: Ok(Some(existing id)).
+    /// Binds an idempotency key to `value` (which starts with the job id) unless it is bound
+    /// already: Ok(Some(the existing value)).
     fn claim_key<'a>(
         &'a self,
         key: &'a str,
-        id: &'a str,
+        value: &'a str,
     ) -> BoxFuture<'a, Result<Option<String>, QueueError>>;
     fn release_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), QueueError>>;
     /// Drops expired entries; returns how many (a no-op where the backend expires by itself).
@@ -52,6 +72,10 @@ pub struct RedbStore {
     db: Arc<Database>,
     writer: Arc<Writer>,
     ttl: Duration,
+    clock: Clock,
+    /// The queue whose jobs this handle reads and writes ("" for none): job ids are looked up
+    /// only within it, so a job URL on one listener never answers another queue's job.
+    ns: String,
 }
 
 /// Runs a write inside the batch's transaction (or learns it could not begin) and returns
@@ -137,15 +161,42 @@ impl RedbStore {
             writer: Arc::new(Writer::start(db.clone())?),
             db,
             ttl,
+            clock: Arc::new(now_ms),
+            ns: String::new(),
         })
+    }
+
+    /// The same file for one queue's jobs, with that queue's TTL.
+    pub fn for_queue(&self, queue: &str, ttl: Duration) -> RedbStore {
+        RedbStore {
+            ttl,
+            ns: queue.to_string(),
+            ..self.clone()
+        }
+    }
+
+    /// The table key of a job id.
+    fn job_key(&self, id: &str) -> String {
+        if self.ns.is_empty() {
+            id.to_string()
+        } else {
+            format!("{}/{id}", self.ns)
+        }
     }
 
     /// The same file with another TTL (one database per file; queues differ in TTL).
     pub fn with_ttl(&self, ttl: Duration) -> RedbStore {
         RedbStore {
-            db: self.db.clone(),
-            writer: self.writer.clone(),
             ttl,
+            ..self.clone()
+        }
+    }
+
+    /// The same file read and written against another clock (tests).
+    pub fn with_clock(&self, clock: Clock) -> RedbStore {
+        RedbStore {
+            clock,
+            ..self.clone()
         }
     }
 
@@ -171,8 +222,18 @@ impl RedbStore {
         rx.await.map_err(|_| stopped())?
     }
 
+    fn now(&self) -> u64 {
+        (self.clock)()
+    }
+
+    /// When a final record (and its key) expires.
     fn expiry(&self) -> u64 {
-        now_ms().saturating_add(self.ttl.as_millis() as u64)
+        self.now().saturating_add(self.ttl.as_millis() as u64)
+    }
+
+    /// When a pending record (and its key) expires if its job never ends.
+    fn pending_expiry(&self) -> u64 {
+        self.now().saturating_add(PENDING_LIMIT.as_millis() as u64)
     }
 
     async fn blocking<T: Send + 'static>(
@@ -206,14 +267,15 @@ fn live(v: &[u8], now: u64) -> Option<&[u8]> {
 
 impl Store for RedbStore {
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<JobRecord>, QueueError>> {
-        let id = id.to_string();
+        let id = self.job_key(id);
+        let now = self.now();
         Box::pin(self.blocking(move |db| {
             let r = db.begin_read().map_err(se)?;
             let t = r.open_table(JOBS).map_err(se)?;
             let Some(v) = t.get(id.as_str()).map_err(se)? else {
                 return Ok(None);
             };
-            match live(v.value(), now_ms()) {
+            match live(v.value(), now) {
                 Some(b) => Ok(Some(JobRecord::decode(b).map_err(se)?)),
                 None => Ok(None),
             }
@@ -225,8 +287,11 @@ impl Store for RedbStore {
         id: &'a str,
         submitted_ms: u64,
     ) -> BoxFuture<'a, Result<(), QueueError>> {
-        let id = id.to_string();
-        let v = with_expiry(self.expiry(), &JobRecord::Pending { submitted_ms }.encode());
+        let id = self.job_key(id);
+        let v = with_expiry(
+            self.pending_expiry(),
+            &JobRecord::Pending { submitted_ms }.encode(),
+        );
         Box::pin(self.write(move |w| {
             w.open_table(JOBS)
                 .map_err(se)?
@@ -240,15 +305,20 @@ impl Store for RedbStore {
         &'a self,
         id: &'a str,
         rec: &'a JobRecord,
+        key: Option<&'a str>,
     ) -> BoxFuture<'a, Result<bool, QueueError>> {
-        let id = id.to_string();
-        let v = with_expiry(self.expiry(), &rec.encode());
+        let raw_id = id.to_string();
+        let id = self.job_key(id);
+        let key = key.map(str::to_string);
+        let now = self.now();
+        let expires = self.expiry();
+        let v = with_expiry(expires, &rec.encode());
         Box::pin(self.write(move |w| {
             // Writes run one after another in the writer: check-and-set is atomic.
             let fresh = {
                 let mut t = w.open_table(JOBS).map_err(se)?;
                 let done = match t.get(id.as_str()).map_err(se)? {
-                    Some(old) => live(old.value(), now_ms())
+                    Some(old) => live(old.value(), now)
                         .and_then(|b| b.first())
                         .is_some_and(|tag| FINAL_TAGS.contains(tag)),
                     None => false,
@@ -258,12 +328,25 @@ impl Store for RedbStore {
                 }
                 !done
             };
+            if let (true, Some(key)) = (fresh, key) {
+                let mut t = w.open_table(KEYS).map_err(se)?;
+                let bound = match t.get(key.as_str()).map_err(se)? {
+                    Some(old) => live(old.value(), now)
+                        .filter(|b| b.starts_with(raw_id.as_bytes()))
+                        .map(<[u8]>::to_vec),
+                    None => None,
+                };
+                if let Some(b) = bound {
+                    t.insert(key.as_str(), with_expiry(expires, &b).as_slice())
+                        .map_err(se)?;
+                }
+            }
             Ok(fresh)
         }))
     }
 
     fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
-        let id = id.to_string();
+        let id = self.job_key(id);
         Box::pin(self.write(move |w| {
             w.open_table(JOBS)
                 .map_err(se)?
@@ -276,16 +359,17 @@ impl Store for RedbStore {
     fn claim_key<'a>(
         &'a self,
         key: &'a str,
-        id: &'a str,
+        value: &'a str,
     ) -> BoxFuture<'a, Result<Option<String>, QueueError>> {
         let key = key.to_string();
-        let v = with_expiry(self.expiry(), id.as_bytes());
+        let now = self.now();
+        let v = with_expiry(self.pending_expiry(), value.as_bytes());
         Box::pin(self.write(move |w| {
             let existing = {
                 let mut t = w.open_table(KEYS).map_err(se)?;
                 let existing = match t.get(key.as_str()).map_err(se)? {
                     Some(old) => {
-                        live(old.value(), now_ms()).map(|b| String::from_utf8_lossy(b).into_owned())
+                        live(old.value(), now).map(|b| String::from_utf8_lossy(b).into_owned())
                     }
                     None => None,
                 };
@@ -310,8 +394,8 @@ impl Store for RedbStore {
     }
 
     fn sweep(&self) -> BoxFuture<'_, Result<u64, QueueError>> {
-        Box::pin(self.write(|w| {
-            let now = now_ms();
+        let now = self.now();
+        Box::pin(self.write(move |w| {
             let mut n = 0;
             for def in [JOBS, KEYS] {
                 let mut t = w.open_table(def).map_err(se)?;
@@ -324,31 +408,52 @@ impl Store for RedbStore {
     }
 }
 
-/// The Redis store: `{prefix}job:{id}` and `{prefix}key:{key}`, both with `EX ttl`.
+/// The Redis store: `{prefix}job:[{queue}:]{id}` and `{prefix}key:{key}`; Redis expires them (the
+/// pending limit while the job runs, `EX ttl` from its end). Every call is bounded by
+/// [`REDIS_TIMEOUT`].
 #[derive(Clone)]
 pub struct RedisStore {
     conn: redis::aio::ConnectionManager,
     prefix: String,
+    /// `{queue}:` when the handle is for one queue's jobs (see [`RedbStore`]'s `ns`).
+    ns: String,
     ttl_secs: u64,
 }
 
-/// Sets the final record unless a final one is there (the first byte is the record tag).
+/// Sets the final record unless a final one is there (the first byte is the record tag, one
+/// of ARGV[4..]), and starts the TTL of the idempotency key (KEYS[2]) still bound to the job
+/// (its value starts with the id, ARGV[3]).
 const FINISH_LUA: &str = r"local v = redis.call('GET', KEYS[1])
-if v and (string.byte(v, 1) == tonumber(ARGV[3]) or string.byte(v, 1) == tonumber(ARGV[4])) then
-  return 0
+if v then
+  local tag = string.byte(v, 1)
+  for i = 4, #ARGV do
+    if tag == tonumber(ARGV[i]) then return 0 end
+  end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if KEYS[2] then
+  local k = redis.call('GET', KEYS[2])
+  if k and string.sub(k, 1, #ARGV[3]) == ARGV[3] then
+    redis.call('EXPIRE', KEYS[2], ARGV[2])
+  end
+end
 return 1";
 
 impl RedisStore {
     pub async fn connect(url: &str, prefix: &str, ttl: Duration) -> Result<RedisStore, QueueError> {
         let client = redis::Client::open(url).map_err(|e| QueueError::Store(e.to_string()))?;
-        let conn = redis::aio::ConnectionManager::new(client)
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(REDIS_TIMEOUT)
+            .set_response_timeout(REDIS_TIMEOUT)
+            .set_number_of_retries(2)
+            .set_max_delay(1000);
+        let conn = bounded(redis::aio::ConnectionManager::new_with_config(client, cfg))
             .await
-            .map_err(|e| QueueError::Store(e.to_string()))?;
+            .map_err(|e| QueueError::Store(format!("redis: {e}")))?;
         Ok(RedisStore {
             conn,
             prefix: prefix.to_string(),
+            ns: String::new(),
             ttl_secs: ttl.as_secs().max(1),
         })
     }
@@ -361,8 +466,21 @@ impl RedisStore {
         }
     }
 
+    /// The same connection for one queue's jobs (`{prefix}job:{queue}:{id}`), with its TTL.
+    pub fn for_queue(&self, queue: &str, ttl: Duration) -> RedisStore {
+        RedisStore {
+            ttl_secs: ttl.as_secs().max(1),
+            ns: format!("{queue}:"),
+            ..self.clone()
+        }
+    }
+
     fn job_key(&self, id: &str) -> String {
-        format!("{}job:{id}", self.prefix)
+        format!("{}job:{}{id}", self.prefix, self.ns)
+    }
+
+    fn key_key(&self, key: &str) -> String {
+        format!("{}key:{key}", self.prefix)
     }
 }
 
@@ -370,15 +488,23 @@ fn re(e: redis::RedisError) -> QueueError {
     QueueError::Store(format!("redis: {e}"))
 }
 
+/// Runs one Redis call within [`REDIS_TIMEOUT`] (plus a margin for the manager's own
+/// timeout to answer first), whatever state the connection is in.
+async fn bounded<T>(
+    f: impl std::future::Future<Output = Result<T, redis::RedisError>>,
+) -> Result<T, QueueError> {
+    match tokio::time::timeout(REDIS_TIMEOUT + Duration::from_millis(250), f).await {
+        Ok(r) => r.map_err(re),
+        Err(_) => Err(QueueError::Store("redis: timed out".into())),
+    }
+}
+
 impl Store for RedisStore {
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<JobRecord>, QueueError>> {
         Box::pin(async move {
             let mut c = self.conn.clone();
-            let v: Option<Vec<u8>> = redis::cmd("GET")
-                .arg(self.job_key(id))
-                .query_async(&mut c)
-                .await
-                .map_err(re)?;
+            let v: Option<Vec<u8>> =
+                bounded(redis::cmd("GET").arg(self.job_key(id)).query_async(&mut c)).await?;
             v.map(|b| JobRecord::decode(&b).map_err(se)).transpose()
         })
     }
@@ -390,14 +516,15 @@ impl Store for RedisStore {
     ) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(async move {
             let mut c = self.conn.clone();
-            redis::cmd("SET")
-                .arg(self.job_key(id))
-                .arg(JobRecord::Pending { submitted_ms }.encode())
-                .arg("EX")
-                .arg(self.ttl_secs)
-                .query_async::<()>(&mut c)
-                .await
-                .map_err(re)
+            bounded(
+                redis::cmd("SET")
+                    .arg(self.job_key(id))
+                    .arg(JobRecord::Pending { submitted_ms }.encode())
+                    .arg("EX")
+                    .arg(PENDING_LIMIT.as_secs())
+                    .query_async::<()>(&mut c),
+            )
+            .await
         })
     }
 
@@ -405,20 +532,21 @@ impl Store for RedisStore {
         &'a self,
         id: &'a str,
         rec: &'a JobRecord,
+        key: Option<&'a str>,
     ) -> BoxFuture<'a, Result<bool, QueueError>> {
         Box::pin(async move {
             let mut c = self.conn.clone();
-            let n: i64 = redis::cmd("EVAL")
-                .arg(FINISH_LUA)
-                .arg(1)
-                .arg(self.job_key(id))
-                .arg(rec.encode())
-                .arg(self.ttl_secs)
-                .arg(FINAL_TAGS[0])
-                .arg(FINAL_TAGS[1])
-                .query_async(&mut c)
-                .await
-                .map_err(re)?;
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(FINISH_LUA);
+            match key {
+                Some(k) => cmd.arg(2).arg(self.job_key(id)).arg(self.key_key(k)),
+                None => cmd.arg(1).arg(self.job_key(id)),
+            };
+            cmd.arg(rec.encode()).arg(self.ttl_secs).arg(id);
+            for tag in FINAL_TAGS {
+                cmd.arg(tag);
+            }
+            let n: i64 = bounded(cmd.query_async(&mut c)).await?;
             Ok(n == 1)
         })
     }
@@ -426,44 +554,46 @@ impl Store for RedisStore {
     fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(async move {
             let mut c = self.conn.clone();
-            redis::cmd("DEL")
-                .arg(self.job_key(id))
-                .query_async::<()>(&mut c)
-                .await
-                .map_err(re)
+            bounded(
+                redis::cmd("DEL")
+                    .arg(self.job_key(id))
+                    .query_async::<()>(&mut c),
+            )
+            .await
         })
     }
 
     fn claim_key<'a>(
         &'a self,
         key: &'a str,
-        id: &'a str,
+        value: &'a str,
     ) -> BoxFuture<'a, Result<Option<String>, QueueError>> {
         Box::pin(async move {
             let mut c = self.conn.clone();
             // SET NX GET: returns the old value and sets only when there was none.
-            let old: Option<String> = redis::cmd("SET")
-                .arg(format!("{}key:{key}", self.prefix))
-                .arg(id)
-                .arg("NX")
-                .arg("GET")
-                .arg("EX")
-                .arg(self.ttl_secs)
-                .query_async(&mut c)
-                .await
-                .map_err(re)?;
-            Ok(old)
+            bounded(
+                redis::cmd("SET")
+                    .arg(self.key_key(key))
+                    .arg(value)
+                    .arg("NX")
+                    .arg("GET")
+                    .arg("EX")
+                    .arg(PENDING_LIMIT.as_secs())
+                    .query_async(&mut c),
+            )
+            .await
         })
     }
 
     fn release_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(async move {
             let mut c = self.conn.clone();
-            redis::cmd("DEL")
-                .arg(format!("{}key:{key}", self.prefix))
-                .query_async::<()>(&mut c)
-                .await
-                .map_err(re)
+            bounded(
+                redis::cmd("DEL")
+                    .arg(self.key_key(key))
+                    .query_async::<()>(&mut c),
+            )
+            .await
         })
     }
 }
@@ -499,8 +629,11 @@ mod tests {
                 s.get(&id).await.unwrap(),
                 Some(JobRecord::Pending { submitted_ms: 1 })
             );
-            assert!(s.finish(&id, &done(200)).await.unwrap());
-            assert!(!s.finish(&id, &done(500)).await.unwrap(), "second finish");
+            assert!(s.finish(&id, &done(200), None).await.unwrap());
+            assert!(
+                !s.finish(&id, &done(500), None).await.unwrap(),
+                "second finish"
+            );
             assert_eq!(s.claim_key("k", &id).await.unwrap(), None);
             assert_eq!(s.claim_key("k", "other").await.unwrap(), Some(id.clone()));
         }
@@ -517,11 +650,77 @@ mod tests {
     async fn redb_entries_expire() {
         let dir = tempfile::tempdir().unwrap();
         let s = RedbStore::open(&dir.path().join("j.redb"), Duration::ZERO).unwrap();
-        s.put_pending("a", 1).await.unwrap();
+        assert!(s.finish("a", &done(200), None).await.unwrap());
         assert_eq!(s.get("a").await.unwrap(), None);
         // An expired final record does not make a new one a duplicate.
-        assert!(s.finish("a", &done(200)).await.unwrap());
-        assert!(s.finish("a", &done(200)).await.unwrap());
+        assert!(s.finish("a", &done(200), None).await.unwrap());
         assert_eq!(s.sweep().await.unwrap(), 1);
+    }
+
+    /// A clock the test moves.
+    fn manual_clock() -> (Arc<std::sync::atomic::AtomicU64>, Clock) {
+        let t = Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
+        let c = t.clone();
+        (
+            t,
+            Arc::new(move || c.load(std::sync::atomic::Ordering::Relaxed)),
+        )
+    }
+
+    /// A queued job's record and idempotency key outlive the result TTL for as long as the
+    /// job runs; the TTL counts from the final record, then the sweep removes both.
+    #[tokio::test]
+    async fn redb_pending_lives_until_the_end_and_the_ttl_runs_from_completion() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = tempfile::tempdir().unwrap();
+        let (t, clock) = manual_clock();
+        let s = RedbStore::open(&dir.path().join("j.redb"), Duration::from_secs(60))
+            .unwrap()
+            .with_clock(clock);
+        let id = crate::job::new_id();
+        let value = format!("{id} fp");
+        s.put_pending(&id, 1).await.unwrap();
+        assert_eq!(s.claim_key("k", &value).await.unwrap(), None);
+        // Queued for a day: ttl is 60 s, yet the job and its key are still there.
+        t.fetch_add(24 * 3600 * 1000, Relaxed);
+        assert_eq!(s.sweep().await.unwrap(), 0);
+        assert!(s.get(&id).await.unwrap().is_some());
+        assert_eq!(
+            s.claim_key("k", "other").await.unwrap(),
+            Some(value.clone())
+        );
+        assert!(s.finish(&id, &done(200), Some("k")).await.unwrap());
+        t.fetch_add(59_000, Relaxed);
+        assert_eq!(s.sweep().await.unwrap(), 0);
+        assert_eq!(s.get(&id).await.unwrap(), Some(done(200)));
+        assert_eq!(s.claim_key("k", "other").await.unwrap(), Some(value));
+        t.fetch_add(2_000, Relaxed);
+        assert_eq!(s.get(&id).await.unwrap(), None, "expired on read");
+        assert_eq!(s.sweep().await.unwrap(), 2, "the record and its key");
+        assert_eq!(s.sweep().await.unwrap(), 0);
+        // A job lost outside shoal does not keep its record forever.
+        s.put_pending("lost", 1).await.unwrap();
+        t.fetch_add(PENDING_LIMIT.as_millis() as u64 + 1, Relaxed);
+        assert_eq!(s.sweep().await.unwrap(), 1);
+    }
+
+    /// Finishing a job leaves a key that another job took over (after a refused publish)
+    /// with that job's lifetime.
+    #[tokio::test]
+    async fn redb_finish_starts_the_ttl_only_of_a_key_still_bound_to_the_job() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = tempfile::tempdir().unwrap();
+        let (t, clock) = manual_clock();
+        let s = RedbStore::open(&dir.path().join("j.redb"), Duration::from_secs(60))
+            .unwrap()
+            .with_clock(clock);
+        assert_eq!(s.claim_key("k", "bbbb fp").await.unwrap(), None);
+        assert!(s.finish("aaaa", &done(200), Some("k")).await.unwrap());
+        t.fetch_add(61_000, Relaxed);
+        assert_eq!(s.sweep().await.unwrap(), 1, "only aaaa's record");
+        assert_eq!(
+            s.claim_key("k", "x").await.unwrap().as_deref(),
+            Some("bbbb fp")
+        );
     }
 }

@@ -3,7 +3,10 @@
 //! `submit` answers `202 Accepted` + `Location: /jobs/{id}` only after the broker confirmed
 //! the publish; when it cannot confirm, the client gets `503` + `Retry-After` and no job was
 //! promised. `Idempotency-Key` binds a key to the first job it created, so a retried
-//! submission gets the same job back.
+//! submission gets the same job back (draft-ietf-httpapi-idempotency-key-header): the key is
+//! scoped by queue and client identity (a hash of a request header, `Authorization` by
+//! default, so credentials are never stored) and stored with a fingerprint of method, target
+//! and body; the same key with another fingerprint is refused with 422.
 
 use std::sync::Arc;
 
@@ -26,6 +29,9 @@ pub struct SubmitConfig {
     pub retry_after_secs: u32,
     /// Path prefix of job URLs (`/jobs/` → `Location: /jobs/{id}`).
     pub jobs_path: String,
+    /// The request header naming the client for idempotency keys (None: one scope for all
+    /// clients of the route).
+    pub identity_header: Option<http::HeaderName>,
 }
 
 impl Default for SubmitConfig {
@@ -34,6 +40,7 @@ impl Default for SubmitConfig {
             max_body: 1 << 20,
             retry_after_secs: 1,
             jobs_path: "/jobs/".into(),
+            identity_header: Some(header::AUTHORIZATION),
         }
     }
 }
@@ -48,6 +55,9 @@ pub enum SubmitError {
     TooLarge(usize),
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The idempotency key was used for another request (method, target or body): 422.
+    #[error("the idempotency key was used for a different request")]
+    KeyReused,
 }
 
 /// An accepted job.
@@ -103,6 +113,27 @@ impl Submitter {
         SubmitError::Unavailable(e)
     }
 
+    /// The store key of a client's idempotency key: queue, a hash of the client's identity
+    /// and a hash of the key (clients choose keys: hashing bounds their length).
+    fn scoped_key(&self, req: &JobRequest, key: &str) -> String {
+        let identity = self.cfg.identity_header.as_ref().and_then(|h| {
+            req.headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(h.as_str()))
+                .map(|(_, v)| v.as_ref())
+        });
+        let who = match identity {
+            Some(v) => sha256_hex(&[b"identity\0", v]),
+            // No identity: its own scope, never one a credential could hash to.
+            None => "-".into(),
+        };
+        format!(
+            "{}:{who}:{}",
+            self.broker.queue(),
+            sha256_hex(&[key.as_bytes()])
+        )
+    }
+
     /// Publishes `req` as a job (or finds the job `idempotency_key` already made).
     pub async fn submit(
         &self,
@@ -119,11 +150,15 @@ impl Submitter {
             .put_pending(&id, submitted_ms)
             .await
             .map_err(|e| self.unavailable(e))?;
-        let key = idempotency_key.map(|k| format!("{}:{k}", self.broker.queue()));
+        let key = idempotency_key.map(|k| self.scoped_key(&req, k));
         if let Some(key) = &key {
-            match self.claim(key, &id).await {
+            match self.claim(key, &id, &fingerprint(&req)).await {
                 Ok(None) => {}
-                Ok(Some(existing)) => {
+                Ok(Some(Err(KeyReused))) => {
+                    self.forget(&id, None).await;
+                    return Err(SubmitError::KeyReused);
+                }
+                Ok(Some(Ok(existing))) => {
                     self.forget(&id, None).await;
                     if self.is_unconfirmed(&existing) {
                         return Err(self.unavailable(QueueError::Unconfirmed(
@@ -144,6 +179,7 @@ impl Submitter {
         let env = Envelope {
             id: id.clone(),
             submitted_ms,
+            key: key.clone(),
             request: req,
         };
         self.set_unconfirmed(&id, true);
@@ -162,15 +198,30 @@ impl Submitter {
         })
     }
 
-    /// Binds `key` to `id`, or returns the live job it is bound to. A key whose job is gone
+    /// Binds `key` to `id` and the request's fingerprint, or returns the live job it is
+    /// bound to (Err when that job was made by another request). A key whose job is gone
     /// (expired, or its submission failed between claim and release) is taken over.
-    async fn claim(&self, key: &str, id: &str) -> Result<Option<String>, QueueError> {
+    async fn claim(
+        &self,
+        key: &str,
+        id: &str,
+        fp: &str,
+    ) -> Result<Option<Result<String, KeyReused>>, QueueError> {
+        let value = format!("{id} {fp}");
         for _ in 0..2 {
-            match self.store.claim_key(key, id).await? {
+            match self.store.claim_key(key, &value).await? {
                 None => return Ok(None),
                 Some(existing) => {
-                    if self.store.get(&existing).await?.is_some() {
-                        return Ok(Some(existing));
+                    // A value without a fingerprint was stored by an older version.
+                    let (job, their_fp) = match existing.split_once(' ') {
+                        Some((j, f)) => (j.to_string(), Some(f)),
+                        None => (existing.clone(), None),
+                    };
+                    if self.store.get(&job).await?.is_some() {
+                        if their_fp.is_some_and(|f| f != fp) {
+                            return Ok(Some(Err(KeyReused)));
+                        }
+                        return Ok(Some(Ok(job)));
                     }
                     self.store.release_key(key).await?;
                 }
@@ -265,11 +316,21 @@ impl Submitter {
         self.respond(job, key.as_deref()).await
     }
 
-    /// Submits a captured request and answers 202 with `Location`, 413 or 503.
+    /// Submits a captured request and answers 202 with `Location`, 413, 422 or 503.
     pub async fn respond(&self, job: JobRequest, key: Option<&str>) -> Response<Full<Bytes>> {
+        self.respond_at(job, key, &self.cfg.jobs_path).await
+    }
+
+    /// [`Submitter::respond`] with job URLs under `jobs_prefix` (`/jobs/`), the listener's.
+    pub async fn respond_at(
+        &self,
+        job: JobRequest,
+        key: Option<&str>,
+        jobs_prefix: &str,
+    ) -> Response<Full<Bytes>> {
         match self.submit(job, key).await {
             Ok(a) => {
-                let loc = format!("{}{}", self.cfg.jobs_path, a.id);
+                let loc = format!("{jobs_prefix}{}", a.id);
                 let body = format!(
                     "{{\"id\":\"{}\",\"state\":\"pending\",\"href\":\"{loc}\"}}\n",
                     a.id
@@ -329,9 +390,12 @@ impl Submitter {
                 r
             }
             Ok(Some(JobRecord::Failed {
-                attempts, error, ..
+                attempts,
+                status,
+                error,
+                ..
             })) => json(
-                StatusCode::BAD_GATEWAY,
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
                 serde_json::json!({"id": id, "state": "failed", "attempts": attempts, "error": error})
                     .to_string()
                     + "\n",
@@ -345,6 +409,10 @@ impl Submitter {
             SubmitError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "queue unavailable"),
             SubmitError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
             SubmitError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad request"),
+            SubmitError::KeyReused => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency key reused for a different request",
+            ),
         };
         let mut r = json(
             status,
@@ -358,6 +426,34 @@ impl Submitter {
         }
         r
     }
+}
+
+/// The idempotency key belongs to another request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeyReused;
+
+/// SHA-256 over the parts, each length-prefixed (so no two part lists hash alike), in hex.
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        ctx.update(&(p.len() as u64).to_be_bytes());
+        ctx.update(p);
+    }
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What makes two submissions "the same request" for an idempotency key: method, target
+/// (path and query) and body.
+fn fingerprint(req: &JobRequest) -> String {
+    sha256_hex(&[
+        req.method.as_bytes(),
+        req.path_and_query.as_bytes(),
+        &req.body,
+    ])
 }
 
 fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -464,5 +560,76 @@ mod tests {
         answer.send(true).unwrap();
         let same = s.submit(job(), Some("k")).await.unwrap();
         assert_eq!((same.id, same.existing), (again.id, true));
+    }
+
+    fn with_auth(mut j: JobRequest, auth: &str) -> JobRequest {
+        j.headers.push((
+            "authorization".into(),
+            Bytes::copy_from_slice(auth.as_bytes()),
+        ));
+        j
+    }
+
+    /// A submitter on a redb file whose broker confirms every publish.
+    fn confirming(dir: &std::path::Path, cfg: SubmitConfig) -> Submitter {
+        let store = Arc::new(
+            crate::store::RedbStore::open(&dir.join("j.redb"), Duration::from_secs(60)).unwrap(),
+        );
+        let (answer, answers) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..64 {
+            answer.send(true).unwrap();
+        }
+        Submitter::new(
+            Arc::new(Gated {
+                answers: tokio::sync::Mutex::new(answers),
+                state: Default::default(),
+            }),
+            store,
+            QueueMetrics::new(),
+            cfg,
+        )
+    }
+
+    /// Same key + request + credentials → the same job; the same key for another body,
+    /// method or target → 422; other credentials → their own job; credentials are stored
+    /// only as hashes.
+    #[tokio::test]
+    async fn idempotency_keys_are_scoped_by_identity_and_bound_to_the_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = confirming(dir.path(), SubmitConfig::default());
+        let alice = |j| with_auth(j, "Bearer alice-secret");
+        let first = s.submit(alice(job()), Some("K")).await.unwrap();
+        assert!(!first.existing);
+        let again = s.submit(alice(job()), Some("K")).await.unwrap();
+        assert_eq!((&again.id, again.existing), (&first.id, true));
+        let mut other_body = job();
+        other_body.body = Bytes::from_static(b"y");
+        let mut other_target = job();
+        other_target.path_and_query = "/work?x=1".into();
+        let mut other_method = job();
+        other_method.method = "PUT".into();
+        for other in [other_body, other_target, other_method] {
+            let r = s.submit(alice(other), Some("K")).await;
+            assert!(matches!(r, Err(SubmitError::KeyReused)), "{r:?}");
+        }
+        let mut reused = job();
+        reused.body = Bytes::from_static(b"z");
+        let resp = s.respond(alice(reused), Some("K")).await;
+        assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let mallory = s
+            .submit(with_auth(job(), "Bearer mallory"), Some("K"))
+            .await
+            .unwrap();
+        assert!(!mallory.existing);
+        assert_ne!(mallory.id, first.id);
+        let anonymous = s.submit(job(), Some("K")).await.unwrap();
+        assert!(!anonymous.existing);
+        assert_ne!(anonymous.id, first.id);
+        assert_ne!(anonymous.id, mallory.id);
+        drop(s);
+        let file = std::fs::read(dir.path().join("j.redb")).unwrap();
+        let has = |needle: &[u8]| file.windows(needle.len()).any(|w| w == needle);
+        assert!(!has(b"alice-secret"), "a raw credential in the store");
+        assert!(has(first.id.as_bytes()), "the store holds the job");
     }
 }

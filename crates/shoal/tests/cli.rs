@@ -339,3 +339,41 @@ fn check_validates_async_routes() {
         "{err}"
     );
 }
+
+#[test]
+fn check_validates_jobs_path_and_identity_header() {
+    let dir = tempdir();
+    let path = dir.path().join("jobs.toml");
+    let base = "[brokers.main]\nrabbitmq = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n[services.web]\nlisten = \"127.0.0.1:8080\"\n";
+    let route = "[[services.web.routes]]\nservice = \"workers\"\n[services.web.routes.async]\nqueue = \"w\"\n";
+    let workers = "[services.workers]\nbackends = [\"127.0.0.1:9001\"]\n";
+    for (text, want) in [
+        (
+            format!("{base}jobs_path = \"/jobs/\"\n{route}{workers}"),
+            "5: services.web.jobs_path:",
+        ),
+        (
+            format!("{base}{route}identity_header = \"bad header\"\n{workers}"),
+            "9: services.web.routes[0].async.identity_header:",
+        ),
+    ] {
+        std::fs::write(&path, &text).unwrap();
+        let out = check(&path);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("{}:{want}", path.display())), "{err}");
+    }
+    std::fs::write(
+        &path,
+        format!(
+            "{base}jobs_path = \"/api/tasks\"\n{route}identity_header = \"x-api-key\"\n{workers}"
+        ),
+    )
+    .unwrap();
+    let out = check(&path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -455,3 +455,198 @@ fn bench_kafka_through_shoal() {
     let t = Tansu::start();
     bench(Broker::Kafka(t.addr()), "kafka");
 }
+
+/// Polls a job URL until it is no longer pending; returns (status, body).
+fn fetch_url(port: u16, url: &str, secs: u64) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (status, _, body) = request(port, "GET", url, "");
+        if status != 202 {
+            return (status, body);
+        }
+        assert!(Instant::now() < deadline, "{url} still pending");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// POST with headers: (status, Location).
+fn post_with(port: u16, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, Option<String>) {
+    let raw = http_raw(addr(port), "POST", path, headers, body);
+    let status = raw.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, header(&raw, "location").map(str::to_string))
+}
+
+/// Two listeners with async routes to two queues on one Kafka broker; `api` answers its job
+/// URLs under `/api/tasks`.
+fn two_listeners(web: u16, api: u16, admin: u16, kafka: &str) -> String {
+    format!(
+        r#"[admin]
+listen = "127.0.0.1:{admin}"
+
+[brokers.b]
+kafka = "{kafka}"
+partitions = 2
+
+[services.web]
+listen = "127.0.0.1:{web}"
+
+[[services.web.routes]]
+prefix = "/async"
+methods = ["POST"]
+service = "workers"
+strip_prefix = true
+async = {{ queue = "work" }}
+
+[services.api]
+listen = "127.0.0.1:{api}"
+jobs_path = "/api/tasks"
+
+[[services.api.routes]]
+prefix = "/async"
+methods = ["POST"]
+service = "workers"
+strip_prefix = true
+async = {{ queue = "other" }}
+
+[services.workers.fleet]
+command = "shoal demo-service"
+health_path = "/healthz"
+startup_timeout = "20s"
+stop_grace = "2s"
+min = 1
+max = 1
+"#
+    )
+}
+
+/// Through the binary (the case of the issue, on Kafka): the same key, body and credentials
+/// give the same job; the same key with another body is refused with 422; the same key and
+/// body with other credentials make that client's own job; both jobs run.
+#[test]
+fn idempotency_keys_are_scoped_by_credentials_through_the_binary() {
+    let t = Tansu::start();
+    let dir = tempdir();
+    let (web, api, admin) = (free_port(), free_port(), free_port());
+    let shoal = start(dir.path(), &two_listeners(web, api, admin, &t.addr()), web);
+    let alice = [("Idempotency-Key", "K"), ("Authorization", "Bearer alice")];
+    let mallory = [
+        ("Idempotency-Key", "K"),
+        ("Authorization", "Bearer mallory"),
+    ];
+    let path = "/async/work?cpu_ms=1";
+    let (s, first) = post_with(web, path, &alice, "A");
+    assert_eq!(s, 202);
+    let first = first.expect("a Location");
+    let (s, again) = post_with(web, path, &alice, "A");
+    assert_eq!(
+        (s, again.as_deref()),
+        (202, Some(first.as_str())),
+        "same job"
+    );
+    assert_eq!(post_with(web, path, &alice, "B").0, 422, "another body");
+    assert_eq!(
+        post_with(web, "/async/work?cpu_ms=2", &alice, "A").0,
+        422,
+        "another target"
+    );
+    let (s, theirs) = post_with(web, path, &mallory, "A");
+    assert_eq!(s, 202);
+    let theirs = theirs.expect("a Location");
+    assert_ne!(theirs, first, "another client's own job");
+    assert_eq!(fetch_url(web, &first, 60).0, 200);
+    assert_eq!(fetch_url(web, &theirs, 60).0, 200);
+    stop(shoal);
+}
+
+/// Job URLs belong to their listener: each answers under its own `jobs_path` and only
+/// the jobs of its own async routes' queues (another listener's job id is 404 there).
+#[test]
+fn jobs_path_per_listener_answers_only_its_own_queues() {
+    let t = Tansu::start();
+    let dir = tempdir();
+    let (web, api, admin) = (free_port(), free_port(), free_port());
+    let shoal = start(dir.path(), &two_listeners(web, api, admin, &t.addr()), web);
+    wait_port(api, 10);
+    let (s, on_web) = post_with(web, "/async/work?cpu_ms=1", &[], "w");
+    assert_eq!(s, 202);
+    let on_web = on_web.unwrap();
+    let (s, on_api) = post_with(api, "/async/work?cpu_ms=1", &[], "a");
+    assert_eq!(s, 202);
+    let on_api = on_api.unwrap();
+    let web_id = on_web.strip_prefix("/jobs/").expect("web: /jobs/{id}");
+    let api_id = on_api
+        .strip_prefix("/api/tasks/")
+        .expect("api: /api/tasks/{id}");
+    assert_eq!(fetch_url(web, &on_web, 60).0, 200);
+    assert_eq!(fetch_url(api, &on_api, 60).0, 200);
+    // Each listener knows only its own queues' jobs.
+    assert_eq!(
+        request(api, "GET", &format!("/api/tasks/{web_id}"), "").0,
+        404
+    );
+    assert_eq!(request(web, "GET", &format!("/jobs/{api_id}"), "").0, 404);
+    // /jobs is not taken over on a listener whose jobs_path is elsewhere.
+    assert_eq!(request(api, "GET", &format!("/jobs/{api_id}"), "").0, 404);
+    stop(shoal);
+}
+
+/// `examples/async-kafka.toml` as shipped (workers from zero on the backlog policy), on free
+/// ports against a private Kafka-protocol broker: 200 jobs complete while two worker
+/// processes are SIGKILLed mid-run.
+#[test]
+fn kafka_example_as_shipped_completes_200_jobs_through_two_worker_kills() {
+    let t = Tansu::start();
+    let dir = tempdir();
+    let (listen, admin) = (free_port(), free_port());
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/async-kafka.toml"
+    ))
+    .unwrap();
+    let cfg = example
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{listen}"))
+        .replace("127.0.0.1:9900", &format!("127.0.0.1:{admin}"))
+        .replace("127.0.0.1:9092", &t.addr())
+        .replace(
+            "data_dir = \".shoal\"",
+            &format!("data_dir = {:?}", dir.path().join("data")),
+        );
+    for want in [format!(":{listen}\""), format!(":{admin}\""), t.addr()] {
+        assert!(cfg.contains(&want), "{want} not in\n{cfg}");
+    }
+    assert!(cfg.contains("min = 0"), "the example starts from zero");
+    let shoal = start(dir.path(), &cfg, listen);
+    let ids: Vec<String> = (0..200)
+        .map(|i| {
+            let (s, id) = submit(listen, &format!("sleep_ms=1000&i={i}"));
+            assert_eq!(s, 202);
+            id.unwrap()
+        })
+        .collect();
+    let mut killed = 0;
+    for at in [40, 120] {
+        wait_until(180, "progress", || jobs_metric(admin, "done") >= at);
+        let v = api_json(admin, "/api/services/workers");
+        let pid = v["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|p| p["pid"].as_u64())
+            .expect("a worker pid");
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+        killed += 1;
+    }
+    let lost = ids
+        .iter()
+        .filter(|id| fetch(listen, id, 180).0 != 200)
+        .count();
+    let retried = metric(admin, "shoal_queue_failed_attempts_total{queue=\"work\"}");
+    eprintln!(
+        "async-kafka.toml: 200 jobs, {killed} workers SIGKILLed: {lost} lost, {retried} attempts cut and retried"
+    );
+    assert_eq!(lost, 0);
+    assert_eq!(jobs_metric(admin, "done"), 200, "each job finished once");
+    stop(shoal);
+}

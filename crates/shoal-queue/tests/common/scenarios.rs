@@ -313,7 +313,14 @@ where
         if all_done && d.desired == 0 {
             break;
         }
-        assert!(now < 120.0, "did not settle: {trace:?}");
+        assert!(
+            now < 120.0,
+            "did not settle: decisions {trace:?}, backlog {backlog:?}, done {} of {}, in flight {}, duplicates {}",
+            s.metrics.done.get(),
+            ids.len(),
+            s.metrics.in_flight.load(Ordering::Relaxed),
+            s.metrics.duplicated.get()
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_eq!(trace[0], 0, "{trace:?}");
