@@ -489,7 +489,12 @@ impl Cache {
     /// The store key for a request's primary key (see [`namespaced`]).
     pub(crate) fn key(&self, scheme: &str, authority: &str, path_and_query: &str) -> String {
         namespaced(
-            policy::primary_key(scheme, authority, path_and_query),
+            policy::primary_key_with_room(
+                scheme,
+                authority,
+                path_and_query,
+                self.namespace.len() + 1,
+            ),
             &self.namespace,
         )
     }

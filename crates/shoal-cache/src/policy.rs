@@ -168,7 +168,19 @@ pub fn classify_request(method: &Method, headers: &HeaderMap) -> RequestClass {
 
 /// A primary cache key: the target URI (§4); GET and HEAD share it.
 pub fn primary_key(scheme: &str, authority: &str, path_and_query: &str) -> String {
-    let mut k = String::with_capacity(scheme.len() + authority.len() + path_and_query.len() + 3);
+    primary_key_with_room(scheme, authority, path_and_query, 0)
+}
+
+/// [`primary_key`] with `extra` bytes of spare capacity (for the store's namespace suffix,
+/// so a fast-path hit builds its key in one allocation).
+pub fn primary_key_with_room(
+    scheme: &str,
+    authority: &str,
+    path_and_query: &str,
+    extra: usize,
+) -> String {
+    let mut k =
+        String::with_capacity(scheme.len() + authority.len() + path_and_query.len() + 4 + extra);
     k.push_str(scheme);
     k.push_str("://");
     k.push_str(&authority.to_ascii_lowercase());
