@@ -182,6 +182,14 @@ impl CacheStore {
     }
 }
 
+/// The cookies an origin answer set go to the one client whose request it answered, even
+/// when that client is answered from the stored object (which never holds them).
+fn relay_set_cookie(origin: &HeaderMap, served: &mut HeaderMap) {
+    for v in origin.get_all(header::SET_COOKIE) {
+        served.append(header::SET_COOKIE, v.clone());
+    }
+}
+
 /// Default for [`CacheStore::set_fill_limit`].
 pub const DEFAULT_FILL_BYTES: u64 = 64 << 20;
 
@@ -349,7 +357,9 @@ impl Fetch {
     /// cacheable miss (the cache needs the full response; it answers them itself) and the
     /// stored object's validators are added when revalidating.
     pub fn prepare(&self, headers: &mut HeaderMap) {
-        if self.strip_client_conditionals {
+        // Validating a stored object: only its validators may go, or a client's own
+        // `If-None-Match: *` could win a 304 that freshens a stale object for everyone.
+        if self.strip_client_conditionals || !self.validators.is_empty() {
             headers.remove(header::IF_NONE_MATCH);
             headers.remove(header::IF_MODIFIED_SINCE);
         }
@@ -667,6 +677,15 @@ impl Cache {
                 };
             }
         }
+        if qcc.only_if_cached {
+            self.counters.inc(Count::Miss);
+            let cs = CacheStatus::fwd("uri-miss").with_detail("only-if-cached");
+            let cs = CacheStatus { fwd: None, ..cs };
+            return Lookup::Hit {
+                response: policy::gateway_timeout(STATUS_NAME, &cs),
+                refresh: None,
+            };
+        }
         self.counters.inc(Count::Bypass);
         Lookup::Bypass {
             unsafe_method: false,
@@ -745,7 +764,9 @@ impl Cache {
             cs.stored = true;
             cs.ttl = Some(merged.ttl(now));
             let (m, h) = req(&fetch);
-            return Outcome::Serve(policy::serve(&merged, &m, &h, now, STATUS_NAME, &cs));
+            let mut served = policy::serve(&merged, &m, &h, now, STATUS_NAME, &cs);
+            relay_set_cookie(headers, served.headers_mut());
+            return Outcome::Serve(served);
         }
         if let Some(stale) = &fetch.stale {
             if policy::is_error_status(status)
@@ -844,7 +865,8 @@ impl Cache {
             response_time: now,
             reserved: 0,
         };
-        if let Some(Some(resp)) = not_modified {
+        if let Some(Some(mut resp)) = not_modified {
+            relay_set_cookie(headers, resp.headers_mut());
             return Outcome::NotModified(resp, Some(store));
         }
         cs.append_to(STATUS_NAME, headers);

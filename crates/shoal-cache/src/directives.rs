@@ -187,11 +187,40 @@ fn parse_surrogate(headers: &HeaderMap) -> Option<CacheControl> {
     let mut cc = CacheControl::default();
     let mut any = false;
     for (name, arg) in mine.into_iter().chain(all).flat_map(split_directives) {
+        // Only caching directives make the field apply: `content="ESI/1.0"` alone says
+        // nothing about storage, and must not switch off the response's Cache-Control.
+        if !SURROGATE_DIRECTIVES.contains(&name.as_str()) {
+            continue;
+        }
         any = true;
+        // `max-age=N+M` (Edge Architecture): fresh for N, then usable for M more when the
+        // origin fails.
+        if let (true, Some((fresh, grace))) = (
+            name == "max-age",
+            arg.as_deref().and_then(|a| a.split_once('+')),
+        ) {
+            cc.apply("max-age", Some(fresh.to_string()));
+            cc.apply("stale-if-error", Some(grace.to_string()));
+            continue;
+        }
         cc.apply(&name, arg);
     }
     any.then_some(cc)
 }
+
+/// The `Surrogate-Control` directives that say something about storage or freshness.
+const SURROGATE_DIRECTIVES: [&str; 10] = [
+    "max-age",
+    "no-store",
+    "no-cache",
+    "private",
+    "public",
+    "must-revalidate",
+    "proxy-revalidate",
+    "s-maxage",
+    "stale-while-revalidate",
+    "stale-if-error",
+];
 
 /// Splits a field value at top-level commas (not inside quoted strings).
 fn split_items(s: &str) -> Vec<&str> {

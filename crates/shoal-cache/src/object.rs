@@ -204,13 +204,16 @@ pub fn decode(b: &[u8], cfg: &PolicyConfig) -> Result<Entry, DecodeError> {
         }
         // Validators and dates come from the headers; the freshness decided at store time
         // stays as it was (the route's settings, not the reader's defaults).
+        // Values are bounded like delta-seconds, and the flags can only add to what the
+        // headers themselves say (a written object never loosens must-revalidate).
         let mut meta = compute_meta(cfg, status, &headers);
-        meta.lifetime = lifetime;
+        let max = crate::directives::DELTA_MAX;
+        meta.lifetime = lifetime.min(max);
         meta.heuristic = flags & 1 != 0;
-        meta.no_stale = flags & 2 != 0;
-        meta.no_cache = flags & 4 != 0;
-        meta.stale_while_revalidate = stale_while_revalidate;
-        meta.stale_if_error = stale_if_error;
+        meta.no_stale |= flags & 2 != 0;
+        meta.no_cache |= flags & 4 != 0;
+        meta.stale_while_revalidate = stale_while_revalidate.min(max);
+        meta.stale_if_error = stale_if_error.min(max);
         variants.push(Arc::new(StoredResponse {
             status,
             headers,

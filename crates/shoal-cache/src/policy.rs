@@ -943,7 +943,12 @@ pub fn byte_range(v: &HeaderValue, len: u64) -> ByteRange {
     let Ok(s) = v.to_str() else {
         return ByteRange::Whole;
     };
-    let Some(set) = s.trim().strip_prefix("bytes=") else {
+    let s = s.trim();
+    let Some(set) = s
+        .get(..6)
+        .filter(|u| u.eq_ignore_ascii_case("bytes="))
+        .map(|_| &s[6..])
+    else {
         return ByteRange::Whole;
     };
     if set.contains(',') {
@@ -966,8 +971,9 @@ pub fn byte_range(v: &HeaderValue, len: u64) -> ByteRange {
         return ByteRange::Whole;
     };
     match (first, last) {
-        (Some(f), _) if f >= len => ByteRange::Unsatisfiable,
+        // An invalid range is ignored (the whole response), before satisfiability.
         (Some(f), Some(l)) if l < f => ByteRange::Whole,
+        (Some(f), _) if f >= len => ByteRange::Unsatisfiable,
         (Some(f), Some(l)) => ByteRange::Satisfiable(f, l.min(len - 1) + 1),
         (Some(f), None) => ByteRange::Satisfiable(f, len),
         (None, Some(0)) => ByteRange::Unsatisfiable,

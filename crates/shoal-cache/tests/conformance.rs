@@ -214,8 +214,8 @@ async fn rfc9110_14_a_single_range_is_answered_from_a_stored_complete_response()
     let r = h.get("/a", &[("range", "bytes=10-")]).await;
     assert_eq!(r.status(), 416);
     assert_eq!(hdr(&r, "content-range"), Some("bytes */10"));
-    // Several ranges or another unit: the whole response.
-    for v in ["bytes=0-1,3-4", "items=0-1", "bytes=x-y"] {
+    // Several ranges, another unit or an invalid range: the whole response.
+    for v in ["bytes=0-1,3-4", "items=0-1", "bytes=x-y", "bytes=12-2"] {
         let r = h.get("/a", &[("range", v)]).await;
         assert_eq!((r.status().as_u16(), r.body().len()), (200, 10), "{v}");
     }
@@ -241,6 +241,15 @@ async fn rfc9110_14_a_single_range_is_answered_from_a_stored_complete_response()
         .await;
     assert_eq!(r.status(), 206);
     assert_eq!(h.origin.calls(), 2, "every range answered from cache");
+    // A range for a URL with nothing stored and `only-if-cached`: 504, nothing forwarded.
+    let r = h
+        .get(
+            "/b",
+            &[("range", "bytes=0-0"), ("cache-control", "only-if-cached")],
+        )
+        .await;
+    assert_eq!(r.status(), 504);
+    assert_eq!(h.origin.calls(), 2);
     // Stale: the range request goes to the origin.
     h.clock.advance(61);
     h.get("/a", &[("range", "bytes=0-0")]).await;
@@ -357,6 +366,36 @@ async fn rfc9213_targeted_cache_control_overrides_cache_control_and_expires() {
         h.get("/a", &[]).await;
         assert_eq!(h.origin.calls(), calls, "{sc}");
     }
+    // Surrogate-Control without a caching directive (ESI's `content`) changes nothing:
+    // Cache-Control's `private` still holds.
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("cache-control", "private, no-store"),
+            ("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+            ("surrogate-control", "content=\"ESI/1.0\""),
+        ],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(
+        h.origin.calls(),
+        2,
+        "an ESI-only Surrogate-Control made a private response shared"
+    );
+    // `max-age=N+M`: fresh for N.
+    let h = Harness::new(Origin::fixed(
+        200,
+        &[
+            ("cache-control", "no-store"),
+            ("surrogate-control", "max-age=60+600"),
+        ],
+        "x",
+    ));
+    h.get("/a", &[]).await;
+    h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 1);
     // The operator's own field comes before all of them.
     let mut policy = PolicyConfig::default();
     policy
@@ -995,6 +1034,62 @@ async fn rfc5861_4_request_stale_if_error() {
             .status(),
         200
     );
+}
+
+#[tokio::test]
+async fn rfc9111_4_3_1_a_validation_carries_only_the_stored_validators() {
+    // A stored response with Last-Modified only: a client's own `If-None-Match: *` (on HEAD,
+    // which keeps client conditionals otherwise) must not reach the origin with it, or the
+    // origin's 304 would freshen the stale object for everyone.
+    let h = Harness::new(Origin::new(|_, req, _| {
+        if req.get("if-none-match").is_some() {
+            return Ok(resp(304, &[("cache-control", "max-age=3600")], ""));
+        }
+        Ok(resp(
+            200,
+            &[
+                ("cache-control", "max-age=10"),
+                ("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+            ],
+            "old",
+        ))
+    }));
+    h.get("/a", &[]).await;
+    h.clock.advance(11);
+    h.send(Method::HEAD, "/a", &[("if-none-match", "*")]).await;
+    let (_, sent) = h.origin.last_request();
+    assert!(sent.get("if-none-match").is_none(), "{sent:?}");
+    assert!(sent.get("if-modified-since").is_some(), "{sent:?}");
+}
+
+#[tokio::test]
+async fn cache_a_cookie_set_on_a_304_goes_to_that_client_only() {
+    let h = Harness::new(Origin::new(|_, req, n| {
+        if req.get("if-none-match").is_some() {
+            return Ok(resp(
+                304,
+                &[
+                    ("cache-control", "max-age=10"),
+                    ("set-cookie", "sid=renewed"),
+                ],
+                "",
+            ));
+        }
+        let _ = n;
+        Ok(resp(
+            200,
+            &[("cache-control", "max-age=10"), ("etag", "\"v\"")],
+            "body",
+        ))
+    }));
+    h.get("/a", &[]).await;
+    h.clock.advance(11);
+    let b = h.get("/a", &[]).await;
+    assert_eq!(b.body(), "body");
+    assert_eq!(hdr(&b, "set-cookie"), Some("sid=renewed"));
+    let c = h.get("/a", &[]).await;
+    assert_eq!(h.origin.calls(), 2);
+    assert_eq!(hdr(&c, "set-cookie"), None, "the renewed cookie was stored");
 }
 
 #[tokio::test]

@@ -133,7 +133,7 @@ impl Default for AdminLimits {
         AdminLimits {
             max_connections: 256,
             header_read: Duration::from_secs(10),
-            idle: Duration::from_secs(60),
+            idle: Duration::from_secs(15),
             write_stall: Duration::from_secs(10),
         }
     }

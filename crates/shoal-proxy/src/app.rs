@@ -154,7 +154,7 @@ impl App {
 
     /// The cache phase for `owner` with `cfg`: the running one if its settings are the same.
     /// `namespace` goes into every key of the cache: the service's name, or
-    /// `LISTENER/N/UPSTREAM` for a listener's N-th route.
+    /// `LISTENER/HOST PREFIX [METHODS] [=REPLACE]>UPSTREAM` for a listener's route.
     fn cache_for(
         &self,
         owner: String,
@@ -298,7 +298,23 @@ impl App {
                 .filter_map(|(i, rc)| {
                     let target = services.get(&rc.service)?.service.clone();
                     let owner = format!("{}\0{}#{i}", rc.service, r.service.name);
-                    let namespace = format!("{}/{i}/{}", r.service.name, rc.service);
+                    // The route's identity, not its position: inserting a route on reload
+                    // never hands one route's objects to another.
+                    let namespace = format!(
+                        "{}/{}{}{}{}>{}",
+                        r.service.name,
+                        rc.host.as_deref().unwrap_or("*"),
+                        rc.prefix,
+                        rc.methods
+                            .iter()
+                            .map(|m| format!(" {m}"))
+                            .collect::<String>(),
+                        rc.replace
+                            .as_deref()
+                            .map(|r| format!(" ={r}"))
+                            .unwrap_or_default(),
+                        rc.service
+                    );
                     let async_phase = match (rc.extra.contains_key("async"), &jobs) {
                         (false, _) => crate::route::AsyncPhase::Off,
                         (true, Some(j)) => j
@@ -420,6 +436,9 @@ impl App {
         crate::proxy::set_buffer_memory(config.buffer_memory);
         if let Some(c) = &config.cache {
             let mut store = self.cache_store.lock().expect("lock");
+            if let Some(s) = store.as_ref() {
+                s.set_fill_limit(c.fill_memory);
+            }
             if store.is_none() {
                 let redis = c.redis.clone().map(shoal_cache::RedisConfig::new);
                 match shoal_cache::CacheStore::new(c.memory, redis, &Default::default()) {

@@ -133,17 +133,41 @@ pub fn cache_settings(v: &toml::Value) -> Result<CacheConfig, (String, String)> 
 /// origin serves without being part of the cache key are dropped (web cache poisoning
 /// through `X-Original-URL` and the like) unless the route allows them, and shoal announces
 /// itself as a surrogate (`Surrogate-Capability`), so `Surrogate-Control` can target it.
-pub(crate) fn upstream_headers(cache: &Cache, headers: &mut HeaderMap) {
+pub(crate) fn upstream_headers(cache: &Cache, headers: &mut HeaderMap, host: Option<&str>) {
     let allowed = &cache.config().allow_override_headers;
     for name in shoal_cache::policy::OVERRIDE_HEADERS {
         if !allowed.iter().any(|a| a.as_str() == name) {
             headers.remove(name);
         }
     }
+    // A trusted proxy's `X-Forwarded-Host` would change absolute links without being in the
+    // key: the origin hears the host the key holds. (Its protocol is keyed: `key_scheme`.)
+    if let Some(v) = host.and_then(|h| http::HeaderValue::from_str(h).ok()) {
+        if !allowed.iter().any(|a| a.as_str() == "x-forwarded-host") {
+            headers.insert("x-forwarded-host", v);
+        }
+    }
     headers.append(
         "surrogate-capability",
         http::HeaderValue::from_static(shoal_cache::directives::SURROGATE_CAPABILITY),
     );
+}
+
+/// The scheme a cache key uses: `https` when a trusted proxy in front says so in
+/// `X-Forwarded-Proto` (which then reaches the origin, so it must be part of the key: an
+/// `http` request's redirect to `https` must never answer `https` requests), else `http`.
+pub(crate) fn key_scheme(trusted: bool, headers: &HeaderMap) -> &'static str {
+    let https = trusted
+        && headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"));
+    if https {
+        "https"
+    } else {
+        "http"
+    }
 }
 
 /// A response served from cache, as the general path sends it.

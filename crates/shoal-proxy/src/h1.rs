@@ -170,7 +170,15 @@ fn plan_request(
             "HEAD" => Some(&http::Method::HEAD),
             _ => None,
         };
-        if let (Some(m), Some(host), 0) = (m, crate::cache::host_str(facts.authority), body_len) {
+        // A trusted proxy's X-Forwarded-Proto is part of the key: those lookups take the
+        // general path's phases.
+        let forwarded_proto = facts.trusted
+            && req
+                .headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("x-forwarded-proto"));
+        let host = crate::cache::host_str(facts.authority).filter(|_| !forwarded_proto);
+        if let (Some(m), Some(host), 0) = (m, host, body_len) {
             let now = std::time::SystemTime::now();
             if let Some(hit) = cache.fast_hit(m, "http", host, path, req.headers, now) {
                 return Parsed::Hit {
@@ -582,6 +590,9 @@ struct Bufs {
     ubuf: BytesMut,
     /// What goes to the client next.
     out: Vec<u8>,
+    /// Interim responses (1xx) the client socket could not take at once: sent before the
+    /// final answer, so a slow client never holds up a try (nor is counted against it).
+    interim: Vec<u8>,
 }
 
 impl<'a> Conn<'a> {
@@ -603,6 +614,7 @@ impl<'a> Conn<'a> {
             bufs: Bufs {
                 ubuf: BytesMut::new(),
                 out: Vec::new(),
+                interim: Vec::new(),
             },
             try_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             last_active: now_nanos(),
@@ -802,11 +814,17 @@ impl<'a> Conn<'a> {
         let cfg = svc.config.load_full();
         svc.metrics.requests.inc();
         let request = std::mem::take(&mut self.req);
-        let write_limit = lcfg.timeouts.client_write.0;
-        let result = self
-            .forward(&svc, &request, plan, &cfg, start, write_limit)
-            .await;
+        let result = self.forward(&svc, &request, plan, &cfg, start).await;
         self.req = request;
+        let write_limit = lcfg.timeouts.client_write.0;
+        // Interim responses the client's socket did not take during the tries go first.
+        if !self.bufs.interim.is_empty() {
+            let sent = write_client(self.stream, &self.bufs.interim, write_limit).await;
+            self.bufs.interim.clear();
+            if !sent {
+                return false;
+            }
+        }
         match result {
             Ok((answer, busy)) => {
                 let status = answer.plan.status;
@@ -897,7 +915,6 @@ impl<'a> Conn<'a> {
         plan: &Plan,
         cfg: &ServiceConfig,
         start: u64,
-        write_limit: Duration,
     ) -> Result<(Answer, InFlight), Option<ProxyError>> {
         let mut tries = svc.begin_tries(cfg, start);
         let mut last_err = None;
@@ -926,7 +943,6 @@ impl<'a> Conn<'a> {
                     cfg.timeouts.connect.0,
                     cfg.timeouts.upstream_idle.0,
                     &*self.stream,
-                    write_limit,
                 );
                 tokio::pin!(attempt_fut);
                 loop {
@@ -1058,7 +1074,6 @@ async fn try_instance(
     connect_timeout: Duration,
     max_idle: Duration,
     client: &TcpStream,
-    write_limit: Duration,
 ) -> Result<Answer, TryError> {
     let mut pooled_ok = true;
     loop {
@@ -1077,7 +1092,7 @@ async fn try_instance(
                 .await
                 .map_err(TryError::Connect)?,
         };
-        match send_and_read_head(bufs, &mut up, request, plan, client, write_limit).await {
+        match send_and_read_head(bufs, &mut up, request, plan, client).await {
             Ok(resp) => return Ok(Answer { up, plan: resp }),
             // The instance closed an idle connection just as it was reused: go again once,
             // on a fresh connection.
@@ -1095,7 +1110,6 @@ async fn send_and_read_head(
     request: &[u8],
     plan: &Plan,
     client: &TcpStream,
-    write_limit: Duration,
 ) -> Result<RespPlan, TryError> {
     let silent = TryError::Reset {
         reused_silent: true,
@@ -1120,10 +1134,16 @@ async fn send_and_read_head(
                 RespParsed::Ready(p) => return Ok(p),
                 RespParsed::Partial => break,
                 RespParsed::Interim(n) => {
-                    // Sent at once: an early hint is worth something only before the answer.
-                    // A client that cannot take it will fail the final write as well.
+                    // Sent at once (an early hint is worth something only before the answer)
+                    // as far as the client's socket takes it without waiting; the rest goes
+                    // ahead of the final answer, so the head is never cut.
                     if !bufs.out.is_empty() {
-                        write_shared(client, &bufs.out, write_limit).await;
+                        let sent = if bufs.interim.is_empty() {
+                            client.try_write(&bufs.out).unwrap_or(0)
+                        } else {
+                            0
+                        };
+                        bufs.interim.extend_from_slice(&bufs.out[sent..]);
                         bufs.out.clear();
                     }
                     bufs.ubuf.advance(n);
@@ -1236,27 +1256,6 @@ async fn write_response(
 /// Writes to the client; one that stops reading for the idle timeout is given up on, so it
 /// cannot hold an upstream connection and an in-flight slot forever. The timer is only set
 /// when the socket buffer is full.
-/// [`write_client`] through a shared reference (while the same task also watches the
-/// client for reads): interim responses written during a try.
-async fn write_shared(stream: &TcpStream, mut buf: &[u8], limit: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !buf.is_empty() {
-        match stream.try_write(buf) {
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if tokio::time::timeout_at(deadline, stream.writable())
-                    .await
-                    .is_err()
-                {
-                    return false;
-                }
-            }
-            Err(_) => return false,
-        }
-    }
-    true
-}
-
 async fn write_client(stream: &mut TcpStream, buf: &[u8], limit: Duration) -> bool {
     let rest = match stream.try_write(buf) {
         Ok(n) if n == buf.len() => return true,

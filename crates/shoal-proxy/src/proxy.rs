@@ -433,16 +433,17 @@ impl Service {
         };
         // The cache phase: answer from cache, or plan the fetch (validators to add).
         let cache = routed.cache.clone();
-        if let Some(c) = &cache {
-            crate::cache::upstream_headers(c, &mut headers);
-        }
         let cache_host = crate::cache::host_str(facts.authority).map(str::to_string);
+        if let Some(c) = &cache {
+            crate::cache::upstream_headers(c, &mut headers, cache_host.as_deref());
+        }
+        let cache_scheme = crate::cache::key_scheme(facts.trusted, &parts.headers);
         let mut fetch = None;
         let mut passed = None;
         if let (Some(c), Some(host)) = (&cache, &cache_host) {
             let creq = shoal_cache::Request {
                 method: &parts.method,
-                scheme: "http",
+                scheme: cache_scheme,
                 authority: host,
                 path_and_query,
                 headers: &parts.headers,
@@ -689,7 +690,7 @@ impl Service {
                         if unsafe_method {
                             let creq = shoal_cache::Request {
                                 method: &parts.method,
-                                scheme: "http",
+                                scheme: cache_scheme,
                                 authority: host,
                                 path_and_query: parts
                                     .uri

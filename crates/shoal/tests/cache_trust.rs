@@ -181,6 +181,7 @@ backends = ["{oa}"]
 [services.b]
 listen = "127.0.0.1:{b}"
 backends = ["{ob}"]
+trusted_proxies = ["127.0.0.1/32"]
 [services.b.cache]
 "#,
         oa = oa.addr,
@@ -391,4 +392,37 @@ fn ranges_are_answered_from_a_stored_response_and_targeted_fields_win() {
     }
     assert_eq!(t.oa.calls("/r"), 2, "ranges came from cache");
     assert_eq!(t.oa.calls("/cdn"), 2);
+}
+
+#[test]
+fn a_trusted_proxys_forwarded_proto_is_part_of_the_key() {
+    let t = two_services();
+    for v in PATHS {
+        let path = format!("/proto?v={v}");
+        let https = raw(t.b, v, &path, &[("X-Forwarded-Proto", "https")]);
+        let http = raw(t.b, v, &path, &[("X-Forwarded-Proto", "http")]);
+        assert_ne!(
+            body(&https),
+            body(&http),
+            "{v}: one object for both schemes"
+        );
+        let again = raw(t.b, v, &path, &[("X-Forwarded-Proto", "https")]);
+        assert_eq!(body(&again), body(&https), "{again}");
+        assert!(
+            header(&again, "cache-status").unwrap().contains("; hit"),
+            "{again}"
+        );
+        // The origin hears the host the key holds, whatever the proxy in front said.
+        raw(
+            t.b,
+            v,
+            &format!("/xfh?v={v}"),
+            &[("X-Forwarded-Host", "evil.test")],
+        );
+        let seen = t.ob.seen.lock().unwrap().get("/xfh").cloned().unwrap();
+        assert_eq!(
+            seen.get("x-forwarded-host").unwrap(),
+            format!("127.0.0.1:{}", t.b).as_str()
+        );
+    }
 }
