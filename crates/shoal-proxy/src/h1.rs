@@ -767,21 +767,41 @@ impl<'a> Conn<'a> {
     /// cache phase and tries over hyper) and writes the response on this connection.
     async fn general(
         &mut self,
-        req: http::Request<bytes::Bytes>,
+        mut req: http::Request<bytes::Bytes>,
         plan: &Plan,
         lcfg: &ServiceConfig,
     ) -> bool {
         let peer_ip = http::HeaderValue::from_bytes(self.peer_ip)
             .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
+        let limit = lcfg.timeouts.client_write.0;
+        // Interim responses of the tries (103 Early Hints) come back through this channel and
+        // go to the client while the final answer is still being made.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        req.extensions_mut().insert(crate::proxy::InterimSink(tx));
         // Boxed: the general path's future is large, and inline it would grow every
         // connection's state, idle ones included, by its size.
-        let resp = Box::pin(
+        let mut answer = Box::pin(
             self.svc
                 .clone()
                 .handle_read(req, self.peer, peer_ip, self.port),
-        )
-        .await;
-        let limit = lcfg.timeouts.client_write.0;
+        );
+        let resp = loop {
+            tokio::select! {
+                biased;
+                r = &mut answer => break r,
+                Some(head) = rx.recv() => {
+                    if !write_client(self.stream, &head, limit).await {
+                        return false;
+                    }
+                }
+            }
+        };
+        // Hints that raced the answer still go first.
+        while let Ok(head) = rx.try_recv() {
+            if !write_client(self.stream, &head, limit).await {
+                return false;
+            }
+        }
         let keep = write_response(
             self.stream,
             resp,

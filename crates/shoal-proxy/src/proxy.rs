@@ -532,6 +532,7 @@ impl Service {
                 return Ok(crate::cache::full(r));
             }
         }
+        let interim = parts.extensions.remove::<InterimSink>();
         let on_upgrade = if upgrade.is_some() {
             parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
         } else {
@@ -601,6 +602,9 @@ impl Service {
                 }
             }
             *up.headers_mut() = hdrs;
+            if let Some(sink) = &interim {
+                sink.attach(&mut up);
+            }
 
             let sending =
                 upstream::send(&t.inst.idle, t.inst.addr, connect_timeout, idle_timeout, up);
@@ -935,6 +939,51 @@ impl Body for ClientStream {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Where a request's interim responses (1xx other than 100 and 101) go, rendered as
+/// HTTP/1.1 heads: set by the fast path when it runs the general path's phases on its own
+/// connection (hyper's server cannot send 1xx, so elsewhere they are dropped).
+#[derive(Clone)]
+pub(crate) struct InterimSink(pub(crate) tokio::sync::mpsc::UnboundedSender<Bytes>);
+
+impl InterimSink {
+    /// Asks hyper's client to hand `up`'s interim responses to this sink.
+    fn attach<B>(&self, up: &mut Request<B>) {
+        let tx = self.0.clone();
+        hyper::ext::on_informational(up, move |res| {
+            let status = res.status();
+            if status == StatusCode::CONTINUE {
+                return;
+            }
+            let named: Vec<Vec<u8>> = res
+                .headers()
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(|v| hygiene::tokens(v.as_bytes()).map(<[u8]>::to_vec))
+                .collect();
+            let named: Vec<&[u8]> = named.iter().map(Vec::as_slice).collect();
+            let mut head = format!(
+                "HTTP/1.1 {} {}\r\n",
+                status.as_str(),
+                status.canonical_reason().unwrap_or("")
+            )
+            .into_bytes();
+            for (n, v) in res.headers() {
+                let kept = hygiene::response_header_kept(n.as_str().as_bytes(), &named)
+                    && *n != header::CONTENT_LENGTH
+                    && *n != header::TRANSFER_ENCODING;
+                if kept {
+                    head.extend_from_slice(n.as_str().as_bytes());
+                    head.extend_from_slice(b": ");
+                    head.extend_from_slice(v.as_bytes());
+                    head.extend_from_slice(b"\r\n");
+                }
+            }
+            head.extend_from_slice(b"\r\n");
+            let _ = tx.send(Bytes::from(head));
+        });
     }
 }
 

@@ -298,6 +298,49 @@ async fn early_hints_reach_the_client_before_the_answer_is_ready() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_hints_reach_the_client_on_a_cached_route_too() {
+    let b = raw_backend(Arc::new(|_: &str| Reply {
+        pieces: vec![
+            b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\nConnection: x\r\nX: 1\r\n\r\n"
+                .to_vec(),
+            Vec::new(),
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok"
+                .to_vec(),
+        ],
+        close: false,
+    }))
+    .await;
+    let mut cfg = config(&b);
+    cfg.cache = Some(shoal_cache::CacheConfig::default());
+    let p = start_proxy(cfg).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET /cached HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 4096];
+    let n = s.read(&mut first).await.unwrap();
+    let got = String::from_utf8_lossy(&first[..n]).into_owned();
+    assert!(got.starts_with("HTTP/1.1 103"), "{got}");
+    assert!(
+        !got.contains("HTTP/1.1 200"),
+        "the hint waited for the answer: {got}"
+    );
+    assert!(!got.to_ascii_lowercase().contains("x: 1"), "{got}");
+    let mut buf = Vec::new();
+    let (head, body) = read_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"ok");
+    // The stored answer is served without the hint (1xx are never stored).
+    s.write_all(b"GET /cached HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("hit"), "{head}");
+    assert_eq!(body, b"ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_delimited_response_closes_the_client_connection() {
     let b = raw_backend(Arc::new(|_: &str| Reply {
         pieces: vec![b"HTTP/1.1 200 OK\r\n\r\nuntil ".to_vec(), b"close".to_vec()],
