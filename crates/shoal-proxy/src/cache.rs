@@ -403,6 +403,27 @@ mod tests {
             (5, "services.web.cache.max_object_size"),
             "{e}"
         );
+        let e = parse(
+            "[services.web]\nlisten = \"127.0.0.1:8080\"\n[services.web.cache]\ntargeted_cache_control = \"bad header\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "services.web.cache.targeted_cache_control", "{e}");
+        let e = parse(
+            "[services.web]\nlisten = \"127.0.0.1:8080\"\n[services.web.cache]\nallow_override_headers = [\"X-Ok\", \"no good\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.field, "services.web.cache.allow_override_headers[1]",
+            "{e}"
+        );
+        let c = parse(
+            "[cache]\nfill_memory = \"8MiB\"\n[services.web]\nlisten = \"127.0.0.1:8080\"\n[services.web.cache]\ntargeted_cache_control = \"Shoal-Cache-Control\"\nallow_override_headers = [\"X-HTTP-Method-Override\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.cache.as_ref().unwrap().fill_memory, 8 << 20);
+        let own = c.services[0].cache.as_ref().unwrap();
+        assert_eq!(own.policy.targeted[0], "shoal-cache-control");
+        assert_eq!(own.allow_override_headers[0], "x-http-method-override");
         let e =
             parse("[cache]\nredis = \"localhost\"\n[services.web]\nlisten = \"127.0.0.1:8080\"\n")
                 .unwrap_err();
