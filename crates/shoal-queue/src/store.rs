@@ -53,7 +53,13 @@ pub trait Store: Send + Sync + 'static {
         key: &'a str,
         value: &'a str,
     ) -> BoxFuture<'a, Result<Option<String>, QueueError>>;
-    fn release_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), QueueError>>;
+    /// Unbinds `key`, only while it is still bound to `value` (compare and delete): a key
+    /// another submission took over meanwhile keeps its new binding.
+    fn release_key<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a str,
+    ) -> BoxFuture<'a, Result<(), QueueError>>;
     /// Drops expired entries; returns how many (a no-op where the backend expires by itself).
     fn sweep(&self) -> BoxFuture<'_, Result<u64, QueueError>> {
         Box::pin(async { Ok(0) })
@@ -382,13 +388,23 @@ impl Store for RedbStore {
         }))
     }
 
-    fn release_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
+    fn release_key<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a str,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
         let key = key.to_string();
+        let value = value.to_string();
         Box::pin(self.write(move |w| {
-            w.open_table(KEYS)
+            let mut t = w.open_table(KEYS).map_err(se)?;
+            // Expiry prefix, then the binding: compared on the binding only.
+            let bound = t
+                .get(key.as_str())
                 .map_err(se)?
-                .remove(key.as_str())
-                .map_err(se)?;
+                .is_some_and(|v| v.value().get(8..) == Some(value.as_bytes()));
+            if bound {
+                t.remove(key.as_str()).map_err(se)?;
+            }
             Ok(())
         }))
     }
@@ -585,15 +601,26 @@ impl Store for RedisStore {
         })
     }
 
-    fn release_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
+    fn release_key<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a str,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(async move {
             let mut c = self.conn.clone();
             bounded(
-                redis::cmd("DEL")
+                redis::cmd("EVAL")
+                    .arg(
+                        "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                         return redis.call('DEL', KEYS[1]) else return 0 end",
+                    )
+                    .arg(1)
                     .arg(self.key_key(key))
-                    .query_async::<()>(&mut c),
+                    .arg(value)
+                    .query_async::<i64>(&mut c),
             )
             .await
+            .map(|_| ())
         })
     }
 }
@@ -640,7 +667,10 @@ mod tests {
         let s = RedbStore::open(&path, Duration::from_secs(60)).unwrap();
         assert_eq!(s.get(&id).await.unwrap(), Some(done(200)));
         assert_eq!(s.claim_key("k", "x").await.unwrap(), Some(id.clone()));
-        s.release_key("k").await.unwrap();
+        // Compare and delete: a release naming another binding leaves the key bound.
+        s.release_key("k", "not-the-binding").await.unwrap();
+        assert_eq!(s.claim_key("k", "x").await.unwrap(), Some(id.clone()));
+        s.release_key("k", &id).await.unwrap();
         assert_eq!(s.claim_key("k", "x").await.unwrap(), None);
         s.delete(&id).await.unwrap();
         assert_eq!(s.get(&id).await.unwrap(), None);

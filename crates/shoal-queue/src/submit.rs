@@ -79,6 +79,16 @@ pub struct Submitter {
     unconfirmed: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
+/// Keeps a submission's id in the unconfirmed set until the submission ends, whether it
+/// returns or its future is dropped.
+struct Unconfirmed<'a>(&'a Submitter, String);
+
+impl Drop for Unconfirmed<'_> {
+    fn drop(&mut self) {
+        self.0.set_unconfirmed(&self.1, false);
+    }
+}
+
 /// Request headers that are about the connection, not the job.
 const DROP: [&str; 9] = [
     "connection",
@@ -115,23 +125,39 @@ impl Submitter {
 
     /// The store key of a client's idempotency key: queue, a hash of the client's identity
     /// and a hash of the key (clients choose keys: hashing bounds their length).
-    fn scoped_key(&self, req: &JobRequest, key: &str) -> String {
-        let identity = self.cfg.identity_header.as_ref().and_then(|h| {
-            req.headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(h.as_str()))
-                .map(|(_, v)| v.as_ref())
-        });
-        let who = match identity {
-            Some(v) => sha256_hex(&[b"identity\0", v]),
-            // No identity: its own scope, never one a credential could hash to.
-            None => "-".into(),
+    fn scoped_key(&self, req: &JobRequest, key: &str) -> Result<String, SubmitError> {
+        let who = match self.cfg.identity_header.as_ref().map(|h| h.as_str()) {
+            // Configured off (`identity_header = ""`): one scope for every client.
+            None | Some("") => "-".to_string(),
+            Some(h) => {
+                // Every value, in order: a second credential line cannot be ignored.
+                let values: Vec<&[u8]> = req
+                    .headers
+                    .iter()
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(h))
+                    .map(|(_, v)| v.as_ref())
+                    .filter(|v| !v.is_empty())
+                    .collect();
+                if values.is_empty() {
+                    // Without an identity the key would be shared with every anonymous
+                    // client: one could read another's result, or stop its job from running.
+                    return Err(SubmitError::BadRequest(format!(
+                        "Idempotency-Key needs the {h} header"
+                    )));
+                }
+                let mut parts: Vec<&[u8]> = vec![b"identity\0"];
+                for v in values {
+                    parts.push(v);
+                    parts.push(b"\0");
+                }
+                sha256_hex(&parts)
+            }
         };
-        format!(
+        Ok(format!(
             "{}:{who}:{}",
             self.broker.queue(),
             sha256_hex(&[key.as_bytes()])
-        )
+        ))
     }
 
     /// Publishes `req` as a job (or finds the job `idempotency_key` already made).
@@ -143,16 +169,24 @@ impl Submitter {
         if req.body.len() > self.cfg.max_body {
             return Err(SubmitError::TooLarge(self.cfg.max_body));
         }
+        let key = idempotency_key
+            .map(|k| self.scoped_key(&req, k))
+            .transpose()?;
         let id = new_id();
         let submitted_ms = now_ms();
+        // Unconfirmed before the key can name it (a concurrent retry must not see a bound,
+        // unconfirmed job as a confirmed one), until this submission ends however it ends.
+        self.set_unconfirmed(&id, true);
+        let _unconfirmed = Unconfirmed(self, id.clone());
         // Pending first: a claimed key then always points at a job the store knows.
         self.store
             .put_pending(&id, submitted_ms)
             .await
             .map_err(|e| self.unavailable(e))?;
-        let key = idempotency_key.map(|k| self.scoped_key(&req, k));
+        let fp = fingerprint(&req);
+        let binding = format!("{id} {fp}");
         if let Some(key) = &key {
-            match self.claim(key, &id, &fingerprint(&req)).await {
+            match self.claim(key, &binding, &fp).await {
                 Ok(None) => {}
                 Ok(Some(Err(KeyReused))) => {
                     self.forget(&id, None).await;
@@ -182,15 +216,13 @@ impl Submitter {
             key: key.clone(),
             request: req,
         };
-        self.set_unconfirmed(&id, true);
         let published = self.broker.publish(&env).await;
         if let Err(e) = published {
             tracing::warn!(queue = %self.broker.queue(), error = %e, "job not accepted");
-            self.forget(&id, key.as_deref()).await;
-            self.set_unconfirmed(&id, false);
+            self.forget(&id, key.as_deref().map(|k| (k, binding.as_str())))
+                .await;
             return Err(self.unavailable(e));
         }
-        self.set_unconfirmed(&id, false);
         self.metrics.accepted.inc();
         Ok(Accepted {
             id,
@@ -204,12 +236,11 @@ impl Submitter {
     async fn claim(
         &self,
         key: &str,
-        id: &str,
+        value: &str,
         fp: &str,
     ) -> Result<Option<Result<String, KeyReused>>, QueueError> {
-        let value = format!("{id} {fp}");
         for _ in 0..2 {
-            match self.store.claim_key(key, &value).await? {
+            match self.store.claim_key(key, value).await? {
                 None => return Ok(None),
                 Some(existing) => {
                     // A value without a fingerprint was stored by an older version.
@@ -223,7 +254,8 @@ impl Submitter {
                         }
                         return Ok(Some(Ok(job)));
                     }
-                    self.store.release_key(key).await?;
+                    // Only the stale binding: a concurrent takeover keeps its own.
+                    self.store.release_key(key, &existing).await?;
                 }
             }
         }
@@ -245,12 +277,12 @@ impl Submitter {
     }
 
     /// Best-effort cleanup of a submission that was not accepted.
-    async fn forget(&self, id: &str, key: Option<&str>) {
+    async fn forget(&self, id: &str, key: Option<(&str, &str)>) {
         if let Err(e) = self.store.delete(id).await {
             tracing::warn!(job = id, error = %e, "could not delete the record of a refused job");
         }
-        if let Some(k) = key {
-            if let Err(e) = self.store.release_key(k).await {
+        if let Some((k, binding)) = key {
+            if let Err(e) = self.store.release_key(k, binding).await {
                 tracing::warn!(error = %e, "could not release an idempotency key");
             }
         }
@@ -476,6 +508,8 @@ mod tests {
     struct Gated {
         answers: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<bool>>,
         state: crate::broker::ConnState,
+        /// Publishes begun (waiting for their answer or answered).
+        publishing: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl Broker for Gated {
@@ -487,6 +521,8 @@ mod tests {
         }
         fn publish<'a>(&'a self, _job: &'a Envelope) -> BoxFuture<'a, Result<(), QueueError>> {
             Box::pin(async {
+                self.publishing
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 match self.answers.lock().await.recv().await {
                     Some(true) => Ok(()),
                     _ => Err(QueueError::Unconfirmed("nack".into())),
@@ -527,21 +563,24 @@ mod tests {
                 .unwrap(),
         );
         let (answer, answers) = tokio::sync::mpsc::unbounded_channel();
+        let publishing = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let s = Arc::new(Submitter::new(
             Arc::new(Gated {
                 answers: tokio::sync::Mutex::new(answers),
                 state: Default::default(),
+                publishing: publishing.clone(),
             }),
             store,
             QueueMetrics::new(),
             SubmitConfig::default(),
         ));
+        let job = || with_auth(job(), "Bearer a");
         let first = tokio::spawn({
             let s = s.clone();
             async move { s.submit(job(), Some("k")).await }
         });
-        // Wait until the first submission is waiting on its publish.
-        while s.unconfirmed.lock().unwrap().is_empty() {
+        // Wait until the first submission is waiting on its publish (its key bound).
+        while publishing.load(std::sync::atomic::Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
         let retry = s.submit(job(), Some("k")).await;
@@ -583,6 +622,7 @@ mod tests {
             Arc::new(Gated {
                 answers: tokio::sync::Mutex::new(answers),
                 state: Default::default(),
+                publishing: Default::default(),
             }),
             store,
             QueueMetrics::new(),
@@ -622,10 +662,39 @@ mod tests {
             .unwrap();
         assert!(!mallory.existing);
         assert_ne!(mallory.id, first.id);
-        let anonymous = s.submit(job(), Some("K")).await.unwrap();
-        assert!(!anonymous.existing);
-        assert_ne!(anonymous.id, first.id);
-        assert_ne!(anonymous.id, mallory.id);
+        // Without the identity header a key would be shared by every anonymous client:
+        // refused (400), and the same request without a key is still a job.
+        let anonymous = s.submit(job(), Some("K")).await;
+        assert!(
+            matches!(anonymous, Err(SubmitError::BadRequest(_))),
+            "{anonymous:?}"
+        );
+        let resp = s.respond(job(), Some("K")).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let mut empty = with_auth(job(), "");
+        empty.body = Bytes::from_static(b"x");
+        assert!(matches!(
+            s.submit(empty, Some("K")).await,
+            Err(SubmitError::BadRequest(_))
+        ));
+        assert!(s.submit(job(), None).await.is_ok());
+        // Every value of the identity header counts: a second line makes another client.
+        let two_lines = with_auth(alice(job()), "Bearer mallory");
+        let both = s.submit(two_lines, Some("K")).await.unwrap();
+        assert!(!both.existing);
+        assert_ne!(both.id, first.id);
+        // Configured off, one scope for everyone (the operator's choice).
+        let dir2 = tempfile::tempdir().unwrap();
+        let shared = confirming(
+            dir2.path(),
+            SubmitConfig {
+                identity_header: None,
+                ..SubmitConfig::default()
+            },
+        );
+        let a = shared.submit(job(), Some("K")).await.unwrap();
+        let b = shared.submit(job(), Some("K")).await.unwrap();
+        assert_eq!((b.id, b.existing), (a.id, true));
         drop(s);
         let file = std::fs::read(dir.path().join("j.redb")).unwrap();
         let has = |needle: &[u8]| file.windows(needle.len()).any(|w| w == needle);

@@ -71,7 +71,10 @@ async fn redis_store_semantics() {
     assert_eq!(s.get(&id).await.unwrap(), Some(done(200)));
     assert_eq!(s.claim_key("k", &id).await.unwrap(), None);
     assert_eq!(s.claim_key("k", "other").await.unwrap(), Some(id.clone()));
-    s.release_key("k").await.unwrap();
+    // Compare and delete: a release naming another binding leaves the key bound.
+    s.release_key("k", "other").await.unwrap();
+    assert_eq!(s.claim_key("k", "x").await.unwrap(), Some(id.clone()));
+    s.release_key("k", &id).await.unwrap();
     assert_eq!(s.claim_key("k", "other").await.unwrap(), None);
     s.delete(&id).await.unwrap();
     assert_eq!(s.get(&id).await.unwrap(), None);
@@ -166,7 +169,7 @@ async fn a_stalled_redis_answers_submissions_503_promptly() {
     let job = || shoal_queue::JobRequest {
         method: "POST".into(),
         path_and_query: "/w".into(),
-        headers: vec![],
+        headers: vec![("authorization".into(), Bytes::from_static(b"Bearer a"))],
         body: Bytes::from_static(b"body"),
     };
     assert_eq!(submitter.respond(job(), None).await.status(), 202);

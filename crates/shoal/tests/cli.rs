@@ -356,6 +356,10 @@ fn check_validates_jobs_path_and_identity_header() {
             format!("{base}{route}identity_header = \"bad header\"\n{workers}"),
             "9: services.web.routes[0].async.identity_header:",
         ),
+        (
+            format!("{base}{route}identity_header = \"Proxy-Authorization\"\n{workers}"),
+            "9: services.web.routes[0].async.identity_header:",
+        ),
     ] {
         std::fs::write(&path, &text).unwrap();
         let out = check(&path);

@@ -553,6 +553,12 @@ fn idempotency_keys_are_scoped_by_credentials_through_the_binary() {
     assert_eq!(s, 202);
     let theirs = theirs.expect("a Location");
     assert_ne!(theirs, first, "another client's own job");
+    // No credentials: a key would be shared by every anonymous client, so it is refused.
+    assert_eq!(
+        post_with(web, path, &[("Idempotency-Key", "K")], "A").0,
+        400,
+        "a key without the identity header"
+    );
     assert_eq!(fetch_url(web, &first, 60).0, 200);
     assert_eq!(fetch_url(web, &theirs, 60).0, 200);
     stop(shoal);
