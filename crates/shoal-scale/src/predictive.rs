@@ -766,6 +766,10 @@ impl Policy for PredictivePolicy {
         &self.name
     }
 
+    fn reacts_to_saturation(&self) -> bool {
+        self.reactive.reacts_to_saturation()
+    }
+
     fn evaluate(&mut self, obs: &Observation) -> Decision {
         let dt = self.last_now.map_or(0.0, |t| {
             (obs.now_secs - t).clamp(0.0, 4.0 * self.config.interval_secs)
@@ -1034,6 +1038,10 @@ impl VirtualFleet {
                 m.panic = m.panic.and_then(|v| scale.map(|k| v * k));
             }
         }
+        // The work arriving is the same; whether it saturates depends on this fleet.
+        if let Some(s) = &mut view.saturation {
+            s.saturated = s.demand_instances > f64::from(self.ready);
+        }
         let desired = policy.evaluate(&view).desired;
         let current = self.ready + n_starting;
         if desired > current {
@@ -1137,6 +1145,7 @@ mod tests {
                 panic: Some(per),
             }],
             demand_rps: Some(demand),
+            saturation: None,
         }
     }
 
