@@ -11,7 +11,7 @@ use shoal_proxy::metrics::{Exposition, LATENCY_BUCKETS};
 use shoal_proxy::proxy::Service;
 use shoal_scale::backlog::{BacklogInput, BacklogPolicy};
 use shoal_scale::predictive::{
-    FitResult, History, PredictiveConfig, PredictiveMode, PredictivePolicy,
+    DemandRecorder, FitResult, History, PredictiveConfig, PredictiveMode, PredictivePolicy,
 };
 use shoal_scale::reactive::{BurstConfig, RatePolicy, ReactiveConfig, ReactivePolicy};
 use shoal_scale::windows::SecondWindow;
@@ -111,6 +111,22 @@ struct Sampler {
     saturation: Option<(f64, Saturation)>,
 }
 
+/// Where a service's recorded demand lives in `data_dir` (`shoal history export` reads it).
+pub fn demand_history_file(data_dir: &std::path::Path, service: &str) -> PathBuf {
+    data_dir
+        .join("history")
+        .join(format!("{service}.demand.json"))
+}
+
+fn write_atomic(file: &std::path::Path, h: &History) -> std::io::Result<()> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = file.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(h)?)?;
+    std::fs::rename(&tmp, file)
+}
+
 /// Upper-bound estimate of the `q` quantile from bucket counts (the bucket's bound).
 fn quantile_from_buckets(counts: &[u64], q: f64) -> Option<f64> {
     let total: u64 = counts.iter().sum();
@@ -144,6 +160,10 @@ pub struct Autoscaler {
     last: Mutex<Option<Decision>>,
     counts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     history_file: PathBuf,
+    /// Demand and CPU per bucket for every request-serving fleet (`shoal history export`,
+    /// `shoal tune --history`), saved beside the forecast's history.
+    recorder: Option<Mutex<DemandRecorder>>,
+    recorder_file: PathBuf,
     cpu_allotment: f64,
     /// The `prometheus` target's source, polled on its own task.
     prometheus: Option<Arc<crate::promsource::PromSource>>,
@@ -186,6 +206,14 @@ impl Autoscaler {
             .data_dir
             .join("history")
             .join(format!("{}.json", spec.service));
+        let recorder_file = demand_history_file(&spec.data_dir, &spec.service);
+        let recorder = (cfg.policy != crate::config::BACKLOG_POLICY).then(|| {
+            let saved = std::fs::read(&recorder_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<History>(&b).ok());
+            let bucket = cfg.history_bucket.map_or(60.0, |b| b.as_secs_f64());
+            Mutex::new(DemandRecorder::new(bucket, 28.0, saved))
+        });
         let policy = match cfg.policy.as_str() {
             crate::config::BACKLOG_POLICY => {
                 let params = cfg
@@ -208,7 +236,14 @@ impl Autoscaler {
                     capacity_rps: cfg.capacity_rps.unwrap_or(1.0),
                     startup_secs: cfg.startup.as_secs_f64(),
                     interval_secs: cfg.interval.as_secs_f64(),
-                    target_utilization: 0.7,
+                    // An rps target sets the forecast's utilization too (as `shoal tune`
+                    // recommends it: capacity × utilization).
+                    target_utilization: cfg
+                        .targets
+                        .iter()
+                        .find(|t| t.kind == MetricKind::Rps)
+                        .zip(cfg.capacity_rps)
+                        .map_or(0.7, |(t, c)| (t.target / c).clamp(0.05, 1.0)),
                     min: spec.fleet.min,
                     max: spec.fleet.max,
                     schedule: cfg.schedule.clone(),
@@ -293,6 +328,8 @@ impl Autoscaler {
             last: Mutex::new(None),
             counts: Mutex::new(BTreeMap::new()),
             history_file,
+            recorder,
+            recorder_file,
             fitted: Arc::new(Mutex::new(None)),
             fitting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             fits: Default::default(),
@@ -347,6 +384,27 @@ impl Autoscaler {
             }
         }
         self.save_history();
+        self.save_demand(true);
+    }
+
+    /// Saves the recorded demand; `last` closes the open bucket (at exit).
+    fn save_demand(&self, last: bool) {
+        let Some(r) = &self.recorder else { return };
+        let h = {
+            let mut r = r.lock().expect("recorder lock");
+            if last {
+                r.finish()
+            } else {
+                r.history(
+                    SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0.0, |d| d.as_secs_f64()),
+                )
+            }
+        };
+        if let Err(e) = write_atomic(&self.recorder_file, &h) {
+            tracing::warn!(file = %self.recorder_file.display(), error = %e, "cannot save demand history");
+        }
     }
 
     /// One per-second sample of the data path and the instances.
@@ -604,6 +662,16 @@ impl Autoscaler {
     /// One evaluation: observe, decide, apply, record.
     pub fn evaluate(&self) -> Decision {
         let obs = self.observe();
+        if let (Some(r), Some(d)) = (&self.recorder, obs.demand_rps) {
+            let busy = {
+                let s = self.sampler.lock().expect("sampler lock");
+                let secs = self.cfg.interval.as_secs_f64().ceil().max(1.0) as usize;
+                s.cpu.mean(s.start.elapsed().as_secs_f64(), secs)
+            };
+            r.lock()
+                .expect("recorder lock")
+                .record(obs.wall_epoch_secs, d, busy);
+        }
         let (d, job) = {
             let mut policy = self.policy.lock().expect("policy lock");
             if let Live::Predictive(p) = &mut *policy {
@@ -671,6 +739,7 @@ impl Autoscaler {
     }
 
     fn save_history(&self) {
+        self.save_demand(false);
         let h = match &*self.policy.lock().expect("policy lock") {
             Live::Predictive(p) => p.history(),
             Live::Reactive(_) | Live::Backlog(_) => return,

@@ -27,9 +27,10 @@ pub mod reactive;
 pub mod schedule;
 pub mod sim;
 pub mod trace;
+pub mod tune;
 pub mod windows;
 
-pub use predictive::{History, PredictiveConfig, PredictiveMode, PredictivePolicy};
+pub use predictive::{DemandRecorder, History, PredictiveConfig, PredictiveMode, PredictivePolicy};
 pub use reactive::{ReactiveConfig, ReactivePolicy};
 
 /// The errors of this crate (configuration only: evaluating a policy cannot fail).
