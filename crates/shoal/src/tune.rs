@@ -300,7 +300,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
     if args.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json(&report, &params, &slo))?
+            serde_json::to_string_pretty(&json(&report, &params, &slo, &trace))?
         );
     } else {
         print_text(&report, &params, &slo, &name, &trace, started.elapsed());
@@ -318,8 +318,13 @@ fn figures(o: &Outcome) -> serde_json::Value {
     })
 }
 
-fn json(r: &TuneReport, params: &PolicyParams, slo: &Slo) -> serde_json::Value {
+fn json(r: &TuneReport, params: &PolicyParams, slo: &Slo, trace: &Trace) -> serde_json::Value {
     serde_json::json!({
+        "trace": {
+            "duration_secs": trace.duration_secs(),
+            "mean_rps": trace.mean_rps(),
+            "peak_rps": trace.rps.iter().copied().fold(0.0, f64::max),
+        },
         "settings": r.best.as_ref().map(|b| b.candidate.config_keys(params)),
         "result": r.best.as_ref().map(figures),
         "baseline": {
