@@ -538,7 +538,9 @@ impl Autoscaler {
                     }
             });
             // CPU per served request × requests arriving; with nothing served yet the
-            // CPU used is all that is known.
+            // CPU used is all that is known. (Not what the instances serve: on a busy host
+            // an instance gets less than its allotment, and sizing on its throughput would
+            // add instances for other tenants' load.)
             let demand = if served >= 1.0 {
                 used * arrival.max(0.0) / served
             } else {

@@ -331,6 +331,11 @@ fn json(r: &TuneReport, params: &PolicyParams, slo: &Slo, trace: &Trace) -> serd
             "settings": r.baseline.candidate.config_keys(params),
             "result": figures(&r.baseline),
         },
+        "reactive_meeting_slo": r.reactive_best.as_ref().map(|o| {
+            let mut v = figures(o);
+            v["settings"] = o.candidate.config_keys(params);
+            v
+        }),
         "slo": slo,
         "evaluated": r.evaluated.len(),
         "frontier": r.frontier.iter().map(|o| {
@@ -400,11 +405,21 @@ fn print_text(
     }
     println!("baseline:");
     row(&r.baseline, "");
+    if let Some(o) = &r.reactive_best {
+        println!("cheapest reactive meeting the objective:");
+        row(o, "");
+    }
     println!();
     match &r.best {
         Some(b) => {
+            let retuned = r.reactive_best.as_ref().map_or(String::new(), |o| {
+                format!(
+                    ", {:+.1}% against the cheapest reactive meeting it",
+                    100.0 * (b.instance_hours / o.instance_hours - 1.0)
+                )
+            });
             println!(
-                "recommended: {} ({:+.1}% instance-hours against reactive@0.7)\n",
+                "recommended: {} ({:+.1}% instance-hours against reactive@0.7{retuned})\n",
                 label(b),
                 100.0 * (b.instance_hours / r.baseline.instance_hours - 1.0)
             );
