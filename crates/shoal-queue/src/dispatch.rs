@@ -427,6 +427,11 @@ impl Dispatcher {
                 Err(AttemptError::Final(status, e)) => {
                     attempts += 1;
                     self.metrics.failed_attempts.inc();
+                    if status == 504 {
+                        // A worker that does not answer in time gets no new jobs for a while:
+                        // a wedged instance must not turn every job it is handed into a 504.
+                        self.workers.failed(&lease);
+                    }
                     last_error = e;
                     failed_status = status;
                     break None;
