@@ -7,6 +7,9 @@
 # p50/p99 for each.
 #   JOBS=5000 WORKERS=2 CONCURRENCY=64 SUBMITTERS=32 bash bench/queue.sh
 #   PROFILE=--profile=dev bash bench/queue.sh   # reuse the debug build
+#   RATE=100 JOBS=1000 bash bench/queue.sh       # shoal half open loop at 100 jobs/s
+# The shoal half also prints the mean time per stage (shoal_queue_stage_seconds) and the
+# shoal process's CPU per job.
 # Brokers and tansu are installed by scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -19,7 +19,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::broker::{Broker, Delivery};
 use crate::job::{now_ms, Envelope, JobRecord, StoredResponse};
-use crate::metrics::QueueMetrics;
+use crate::metrics::{QueueMetrics, Stage};
 use crate::store::Store;
 
 /// Where workers come from: the fleet publishes its ready instances here.
@@ -371,7 +371,12 @@ impl Dispatcher {
                 return;
             }
         };
-        match self.store.get(&env.id).await {
+        self.metrics.stages[Stage::Queued as usize]
+            .observe_nanos(now_ms().saturating_sub(env.submitted_ms) * 1_000_000);
+        let t = Instant::now();
+        let seen = self.store.get(&env.id).await;
+        self.metrics.stage(Stage::Lookup, t);
+        match seen {
             Ok(Some(rec)) if rec.is_final() => {
                 self.metrics.duplicated.inc();
                 tracing::info!(queue = %q, job = %env.id, "duplicate delivery of a finished job");
@@ -402,7 +407,10 @@ impl Dispatcher {
         let result = loop {
             let lease = self.wait_for_worker(avoid).await;
             avoid = Some(lease.addr());
-            match self.attempt(&lease, &env, attempts + 1).await {
+            let t = Instant::now();
+            let tried = self.attempt(&lease, &env, attempts + 1).await;
+            self.metrics.stage(Stage::Worker, t);
+            match tried {
                 Ok(resp) => {
                     attempts += 1;
                     break Some(resp);
@@ -455,7 +463,9 @@ impl Dispatcher {
                 error: last_error.clone(),
             },
         };
+        let t = Instant::now();
         let fresh = self.store_final(&env.id, &rec, env.key.as_deref()).await;
+        self.metrics.stage(Stage::ResultStore, t);
         if !fresh {
             self.metrics.duplicated.inc();
         }
@@ -465,7 +475,10 @@ impl Dispatcher {
                 let ms = finished_ms.saturating_sub(env.submitted_ms);
                 self.metrics.latency.observe_nanos(ms * 1_000_000);
             }
-            if let Err(e) = d.settle.ack().await {
+            let t = Instant::now();
+            let acked = d.settle.ack().await;
+            self.metrics.stage(Stage::Ack, t);
+            if let Err(e) = acked {
                 self.metrics.errors.inc();
                 tracing::warn!(queue = %q, job = %env.id, error = %e, "ack failed (job will be redelivered)");
             }

@@ -364,6 +364,10 @@ impl KafkaBroker {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            // A fetch with nothing to return waits at most this long: a job published into
+            // an idle topic is seen within it (librdkafka's 500 ms default was most of a
+            // job's latency at moderate rates).
+            .set("fetch.wait.max.ms", "20")
             .set("session.timeout.ms", ms(cfg.session_timeout))
             .set("heartbeat.interval.ms", ms(cfg.session_timeout / 3))
             .set("statistics.interval.ms", "500")

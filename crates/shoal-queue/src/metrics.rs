@@ -28,6 +28,53 @@ pub struct QueueMetrics {
     pub latency: Histogram,
     /// Last backlog sampled; -1 until the first sample.
     pub depth: AtomicI64,
+    /// Time spent in each stage of a job's path, by [`Stage`].
+    pub stages: [Histogram; Stage::ALL.len()],
+}
+
+/// The stages of a job's path timed in `shoal_queue_stage_seconds` (bench/README.md sums
+/// them up).
+#[derive(Debug, Clone, Copy)]
+pub enum Stage {
+    /// Submit: the pending record written (and fsynced).
+    SubmitStore,
+    /// Submit: publish until the broker's confirm.
+    Confirm,
+    /// Submission start until the dispatcher took the delivery (submit_store and confirm
+    /// included; the rest is waiting in the broker and in the dispatcher's consumer).
+    Queued,
+    /// Dispatch: the duplicate check (a store read).
+    Lookup,
+    /// Dispatch: the worker call (request sent to response body read).
+    Worker,
+    /// Dispatch: the final record written (and fsynced).
+    ResultStore,
+    /// Dispatch: the acknowledgement (RabbitMQ ack, Kafka offset commit).
+    Ack,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 7] = [
+        Stage::SubmitStore,
+        Stage::Confirm,
+        Stage::Queued,
+        Stage::Lookup,
+        Stage::Worker,
+        Stage::ResultStore,
+        Stage::Ack,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::SubmitStore => "submit_store",
+            Stage::Confirm => "confirm",
+            Stage::Queued => "queued",
+            Stage::Lookup => "lookup",
+            Stage::Worker => "worker",
+            Stage::ResultStore => "result_store",
+            Stage::Ack => "ack",
+        }
+    }
 }
 
 impl QueueMetrics {
@@ -36,6 +83,11 @@ impl QueueMetrics {
             depth: AtomicI64::new(-1),
             ..Default::default()
         })
+    }
+
+    /// Records that `stage` took since `since`.
+    pub fn stage(&self, stage: Stage, since: std::time::Instant) {
+        self.stages[stage as usize].observe_nanos(since.elapsed().as_nanos() as u64);
     }
 }
 
@@ -103,6 +155,14 @@ impl Collector for QueueCollector {
             &[("queue", q)],
             &m.latency,
         );
+        for s in Stage::ALL {
+            e.histogram(
+                "shoal_queue_stage_seconds",
+                "Time a job spends in each stage of its path (submit_store, confirm, queued, lookup, worker, result_store, ack).",
+                &[("queue", q), ("stage", s.as_str())],
+                &m.stages[s as usize],
+            );
+        }
         let st = self.broker.state();
         for s in ["connecting", "connected", "disconnected"] {
             e.gauge(

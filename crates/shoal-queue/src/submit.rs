@@ -9,6 +9,7 @@
 //! and body; the same key with another fingerprint is refused with 422.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -16,7 +17,7 @@ use http_body_util::{BodyExt, Full, Limited};
 
 use crate::broker::Broker;
 use crate::job::{new_id, now_ms, valid_id, Envelope, JobRecord, JobRequest};
-use crate::metrics::QueueMetrics;
+use crate::metrics::{QueueMetrics, Stage};
 use crate::store::Store;
 use crate::QueueError;
 
@@ -179,10 +180,12 @@ impl Submitter {
         self.set_unconfirmed(&id, true);
         let _unconfirmed = Unconfirmed(self, id.clone());
         // Pending first: a claimed key then always points at a job the store knows.
+        let t = Instant::now();
         self.store
             .put_pending(&id, submitted_ms)
             .await
             .map_err(|e| self.unavailable(e))?;
+        self.metrics.stage(Stage::SubmitStore, t);
         let fp = fingerprint(&req);
         let binding = format!("{id} {fp}");
         if let Some(key) = &key {
@@ -216,7 +219,9 @@ impl Submitter {
             key: key.clone(),
             request: req,
         };
+        let t = Instant::now();
         let published = self.broker.publish(&env).await;
+        self.metrics.stage(Stage::Confirm, t);
         if let Err(e) = published {
             tracing::warn!(queue = %self.broker.queue(), error = %e, "job not accepted");
             self.forget(&id, key.as_deref().map(|k| (k, binding.as_str())))

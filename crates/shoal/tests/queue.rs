@@ -395,6 +395,10 @@ fn bench(broker: Broker, name: &str) {
     wait_until(60, "workers", || {
         ready(&api_json(admin, "/api/services/workers")) == workers
     });
+    // RATE=N: open loop, job i is submitted at t0 + i/N whatever the earlier ones did
+    // (clients enough to keep the schedule); else each client submits as fast as it can.
+    let rate = env("RATE", 0);
+    let clients = if rate > 0 { clients.max(32) } else { clients };
     let next = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
     let ids: Vec<String> = (0..clients)
@@ -402,7 +406,15 @@ fn bench(broker: Broker, name: &str) {
             let next = next.clone();
             std::thread::spawn(move || {
                 let mut ids = vec![];
-                while next.fetch_add(1, Ordering::SeqCst) < jobs {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= jobs {
+                        break;
+                    }
+                    if rate > 0 {
+                        let due = t0 + Duration::from_secs_f64(i as f64 / rate as f64);
+                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                    }
                     ids.push(submit(listen, "cpu_ms=1").1.expect("accepted"));
                 }
                 ids
@@ -417,6 +429,34 @@ fn bench(broker: Broker, name: &str) {
         jobs_metric(admin, "done") >= jobs as u64
     });
     let all_done = t0.elapsed();
+    // CPU the shoal process used (utime + stime, clock ticks of 10 ms), per job.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", shoal.0.id())).unwrap();
+    let f: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let cpu_us_per_job = ticks * 10_000 / jobs as u64;
+    // Where a job's time goes: mean per stage from `shoal_queue_stage_seconds`.
+    let (_, text) = get(admin, "/metrics");
+    let series = |stage: &str, part: &str| -> f64 {
+        let want = format!("shoal_queue_stage_seconds_{part}{{queue=\"work\",stage=\"{stage}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&want))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    };
+    let stages: Vec<String> = [
+        "submit_store",
+        "confirm",
+        "queued",
+        "lookup",
+        "worker",
+        "result_store",
+        "ack",
+    ]
+    .iter()
+    .map(|s| {
+        let n = series(s, "count").max(1.0);
+        format!("{s} {:.2}", series(s, "sum") * 1e3 / n)
+    })
+    .collect();
     let mut lat: Vec<u64> = ids
         .iter()
         .map(|id| {
@@ -432,12 +472,18 @@ fn bench(broker: Broker, name: &str) {
         .collect();
     lat.sort_unstable();
     let pct = |q: f64| lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1];
+    let mode = if rate > 0 {
+        format!("open loop at {rate} jobs/s")
+    } else {
+        format!("{clients} clients")
+    };
     println!(
-        "shoal {name}: {jobs} jobs, {workers} workers, {clients} clients: submitted {:.0} jobs/s, end to end {:.0} jobs/s, latency p50 {} ms p99 {} ms",
+        "shoal {name}: {jobs} jobs, {workers} workers, {mode}: submitted {:.0} jobs/s, end to end {:.0} jobs/s, latency p50 {} ms p99 {} ms; shoal CPU {cpu_us_per_job} us/job; stage means (ms): {}",
         jobs as f64 / submitted.as_secs_f64(),
         jobs as f64 / all_done.as_secs_f64(),
         pct(0.5),
         pct(0.99),
+        stages.join(", "),
     );
     stop(shoal);
 }
