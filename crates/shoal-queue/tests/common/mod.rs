@@ -162,7 +162,10 @@ impl Stack {
     pub async fn post(&self, path: &str, body: &str, key: Option<&str>) -> (u16, Option<String>) {
         let mut b = http::Request::builder().method("POST").uri(path);
         if let Some(k) = key {
-            b = b.header("idempotency-key", k);
+            // A key is scoped by the client's credentials, which it then needs.
+            b = b
+                .header("idempotency-key", k)
+                .header("authorization", "Bearer test-client");
         }
         let req = b
             .header("content-type", "text/plain")
