@@ -55,7 +55,6 @@ impl Connections {
 
 /// One request in progress on a client connection, for the idle timeout. A guard, so an
 /// HTTP/2 stream reset (which drops the handler future) is counted too.
-/// A request in flight on a connection, for the idle timeout.
 pub(crate) struct Busy(Arc<(AtomicU64, AtomicUsize)>);
 
 impl Busy {
