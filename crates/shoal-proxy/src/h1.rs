@@ -284,6 +284,19 @@ enum RespParsed {
     Bad(&'static str),
 }
 
+/// Appends `HTTP/1.1 NNN reason\r\n` (httparse guarantees a three-digit status).
+fn status_line(out: &mut Vec<u8>, status: u16, reason: Option<&str>) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&[
+        b'0' + (status / 100) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+    ]);
+    out.push(b' ');
+    out.extend_from_slice(reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Parses an upstream response head; writes the client's head to `out`.
 fn plan_response(
     buf: &[u8],
@@ -317,15 +330,7 @@ fn plan_response(
         // path never forwards `Expect`).
         out.clear();
         if status != 100 {
-            out.extend_from_slice(b"HTTP/1.1 ");
-            out.extend_from_slice(&[
-                b'0' + (status / 100) as u8,
-                b'0' + (status / 10 % 10) as u8,
-                b'0' + (status % 10) as u8,
-            ]);
-            out.push(b' ');
-            out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
-            out.extend_from_slice(b"\r\n");
+            status_line(out, status, resp.reason);
             let named: Vec<&[u8]> = resp
                 .headers
                 .iter()
@@ -404,16 +409,7 @@ fn plan_response(
         );
     }
     out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    // httparse guarantees three digits.
-    out.extend_from_slice(&[
-        b'0' + (status / 100) as u8,
-        b'0' + (status / 10 % 10) as u8,
-        b'0' + (status % 10) as u8,
-    ]);
-    out.push(b' ');
-    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    status_line(out, status, resp.reason);
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         let keep = match classify(name) {

@@ -391,7 +391,7 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
                 Some(h) => match http::HeaderName::from_bytes(h.as_bytes()) {
                     // Hop-by-hop and proxy credentials never reach the job: every client
                     // would share one scope.
-                    Ok(n) if DROPPED_BEFORE_SUBMIT.contains(&n.as_str()) => {
+                    Ok(n) if crate::submit::DROP.contains(&n.as_str()) => {
                         return Err(err(
                             "identity_header",
                             format!("{h:?} is removed before a job is made; name a header the request keeps"),
@@ -450,19 +450,6 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
         queues,
     })
 }
-
-/// Request headers the proxy or the submitter drop before a job is made.
-const DROPPED_BEFORE_SUBMIT: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-];
 
 #[cfg(test)]
 mod tests {

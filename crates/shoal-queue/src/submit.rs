@@ -90,8 +90,8 @@ impl Drop for Unconfirmed<'_> {
     }
 }
 
-/// Request headers that are about the connection, not the job.
-const DROP: [&str; 9] = [
+/// Request headers that are about the connection, not the job (never part of it).
+pub(crate) const DROP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
