@@ -3,7 +3,6 @@
 //! and the binary's (`#[path]`-included there).
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,13 +13,7 @@ pub struct RedisServer {
     dir: PathBuf,
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+include!("../../../shoal-queue/tests/common/free_port.rs");
 
 impl RedisServer {
     pub fn start() -> Self {

@@ -3,18 +3,12 @@
 //! group, stopped (group included) when dropped. Shared with the `shoal` binary's tests.
 #![allow(dead_code)]
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+include!("free_port.rs");
 
 /// A child process in its own process group; the whole group is killed on drop.
 pub struct Proc {
@@ -128,8 +122,12 @@ impl Rabbit {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
-    /// Starts the node (again) on the same ports and data dir.
+    /// Starts the node (again) on the same AMQP port and data dir.
     pub fn boot(&mut self) {
+        self.boot_attempt(0)
+    }
+
+    fn boot_attempt(&mut self, attempt: u32) {
         let server = Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
         assert!(
             server.exists(),
@@ -194,6 +192,12 @@ impl Rabbit {
         // Boot takes ~5 s on an idle 2-core machine, much longer while it compiles.
         if !wait_tcp(self.port, Duration::from_secs(180)) {
             let out = std::fs::read_to_string(d.join("node.out")).unwrap_or_default();
+            // The distribution port only has to be free, not stable across restarts.
+            if out.contains("dist_port_already_used") && attempt < 3 {
+                self.stop_node();
+                self.dist_port = free_port();
+                return self.boot_attempt(attempt + 1);
+            }
             panic!("rabbitmq did not start:\n{out}");
         }
     }
