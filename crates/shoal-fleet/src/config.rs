@@ -39,6 +39,41 @@ pub struct FleetConfig {
     /// Time between SIGTERM and SIGKILL when an instance is stopped.
     #[serde(default = "default_grace")]
     pub stop_grace: Dur,
+    /// Kubernetes: the Deployment's namespace.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Kubernetes: the Deployment shoal sizes (through its `scale` subresource).
+    #[serde(default)]
+    pub deployment: String,
+    /// Kubernetes: the EndpointSlices' `kubernetes.io/service-name` (default: the
+    /// Deployment's name).
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Kubernetes: a label selector for the EndpointSlices instead of the service name.
+    #[serde(default)]
+    pub selector: Option<String>,
+    /// Kubernetes: the EndpointSlice port to route to, by name or number (default: the first).
+    #[serde(default)]
+    pub port: Option<PortRef>,
+    /// Kubernetes: what a replica count changed outside shoal (`kubectl scale`) does:
+    /// `respect` adopts it as the desired count, `reconcile` writes shoal's back.
+    #[serde(default = "default_external_scale")]
+    pub external_scale: String,
+}
+
+/// A port by name or number.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum PortRef {
+    Number(u16),
+    Name(String),
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_external_scale() -> String {
+    "respect".into()
 }
 
 /// A command as a string (split on whitespace) or an array of words.
@@ -416,6 +451,31 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                 ));
             }
         }
+        "kubernetes" => {
+            if fleet.deployment.is_empty() {
+                return Err(field_error(
+                    &loc,
+                    text,
+                    name,
+                    "fleet",
+                    "deployment",
+                    "the kubernetes provider needs the Deployment's name".into(),
+                ));
+            }
+            if !matches!(fleet.external_scale.as_str(), "respect" | "reconcile") {
+                return Err(field_error(
+                    &loc,
+                    text,
+                    name,
+                    "fleet",
+                    "external_scale",
+                    format!(
+                        "unknown mode {:?} (use \"respect\" or \"reconcile\")",
+                        fleet.external_scale
+                    ),
+                ));
+            }
+        }
         other => {
             return Err(field_error(
                 &loc,
@@ -423,7 +483,9 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                 name,
                 "fleet",
                 "provider",
-                format!("unknown provider {other:?} (use \"process\" or \"static\")"),
+                format!(
+                    "unknown provider {other:?} (use \"process\", \"static\" or \"kubernetes\")"
+                ),
             ));
         }
     }

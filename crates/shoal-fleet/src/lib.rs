@@ -9,6 +9,7 @@
 pub mod autoscaler;
 pub mod cgroup;
 pub mod config;
+pub mod kube;
 pub mod process;
 pub mod promsource;
 pub mod provider;
@@ -76,6 +77,9 @@ impl Membership for Tee {
             a + b
         })
     }
+    fn in_flight(&self, id: &str) -> Option<u64> {
+        self.0.in_flight(id).or_else(|| self.1.in_flight(id))
+    }
 }
 
 impl Fleets {
@@ -118,11 +122,33 @@ impl Fleets {
                 continue;
             }
             let autoscale = spec.autoscale.clone();
-            let registry = registry.clone().expect("registry for process fleets");
             let members: Arc<dyn Membership> = match hooks.members.get(&spec.service) {
                 Some(extra) => Arc::new(Tee(service.pool.clone(), extra.clone())),
                 None => service.pool.clone(),
             };
+            if spec.fleet.provider == "kubernetes" {
+                let ep = kube::endpoint_from_env()
+                    .map_err(|e| format!("service {}: kubernetes: {e}", spec.service))?;
+                let fleet = kube::KubeFleet::new(spec.clone(), members, ep);
+                fleet.start();
+                let provider: Arc<dyn Provider> = fleet;
+                let autoscaler = match autoscale {
+                    Some(cfg) => {
+                        let backlog = hooks.backlog.get(&spec.service).cloned();
+                        let a = Autoscaler::new(service, provider.clone(), &spec, cfg, backlog)?;
+                        tokio::spawn(a.clone().run(stop_rx.clone()));
+                        Some(a)
+                    }
+                    None => None,
+                };
+                managed.push(Managed {
+                    provider,
+                    autoscaler,
+                    resources: spec.resources,
+                });
+                continue;
+            }
+            let registry = registry.clone().expect("registry for process fleets");
             let fleet =
                 ProcessFleet::new(spec.clone(), members, registry).map_err(|e| e.to_string())?;
             tokio::spawn(fleet.clone().run());
@@ -183,7 +209,7 @@ impl Fleets {
             match self.get(&spec.service) {
                 Some(m) => {
                     let (min, max) = (spec.fleet.min, spec.fleet.max);
-                    if m.provider.bounds() != (min, max) && m.provider.kind() == "process" {
+                    if m.provider.bounds() != (min, max) && m.provider.kind() != "static" {
                         tracing::info!(service = %spec.service, min, max, "fleet bounds reloaded");
                         m.provider.set_bounds(min, max);
                     }

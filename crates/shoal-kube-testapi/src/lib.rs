@@ -781,6 +781,68 @@ fn groups() -> Value {
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
+/// The OpenAPI v3 index: one document per group/version.
+fn openapi_root() -> Value {
+    let mut paths = Map::new();
+    for r in RESOURCES {
+        let gv = if r.group.is_empty() {
+            format!("api/{}", r.version)
+        } else {
+            format!("apis/{}/{}", r.group, r.version)
+        };
+        paths.insert(
+            gv.clone(),
+            json!({"serverRelativeURL": format!("/openapi/v3/{gv}?hash=1")}),
+        );
+    }
+    json!({ "paths": paths })
+}
+
+/// A group/version's OpenAPI v3 document, reduced to what kubectl reads from it: each
+/// object path's PATCH operation with its kind and the `fieldValidation` parameter, which
+/// tells kubectl the server validates fields (so it needs no schemas of its own).
+fn openapi_gv(gv: &str) -> Option<Value> {
+    let mut paths = Map::new();
+    for r in RESOURCES {
+        let (prefix, this) = if r.group.is_empty() {
+            (format!("/api/{}", r.version), format!("api/{}", r.version))
+        } else {
+            (
+                format!("/apis/{}/{}", r.group, r.version),
+                format!("apis/{}/{}", r.group, r.version),
+            )
+        };
+        if this != gv {
+            continue;
+        }
+        let path = if r.namespaced {
+            format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", r.plural)
+        } else {
+            format!("{prefix}/{}/{{name}}", r.plural)
+        };
+        let param = |name: &str| json!({"name": name, "in": "query", "schema": {"type": "string", "uniqueItems": true}});
+        paths.insert(
+            path,
+            json!({
+                "patch": {
+                    "operationId": format!("patch{}", r.kind),
+                    "parameters": [param("dryRun"), param("fieldManager"), param("fieldValidation")],
+                    "x-kubernetes-action": "patch",
+                    "x-kubernetes-group-version-kind": {"group": r.group, "version": r.version, "kind": r.kind},
+                    "responses": {"200": {"description": "OK"}},
+                },
+            }),
+        );
+    }
+    if paths.is_empty() {
+        return None;
+    }
+    Some(
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes (shoal test apiserver)", "version": "v1.32.0"},
+                "paths": paths, "components": {"schemas": {}}}),
+    )
+}
+
 /// Where a request points.
 struct Target {
     res: &'static Res,
@@ -855,6 +917,12 @@ fn route(
     }
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     match segs.as_slice() {
+        ["openapi", "v3"] => return respond(200, &openapi_root()),
+        ["openapi", "v3", gv @ ..] => {
+            if let Some(doc) = openapi_gv(&gv.join("/")) {
+                return respond(200, &doc);
+            }
+        }
         ["api", v] => {
             if let Some(d) = discovery_resources("", v) {
                 return respond(200, &d);
@@ -1088,7 +1156,7 @@ fn watch_response(st: &Arc<State>, t: &Target, q: &BTreeMap<String, String>) -> 
             for o in s.list(t.res, &t.ns).into_iter().filter(|o| selected(&q, o)) {
                 initial.push(line("ADDED", &o));
             }
-        } else if from + 1 < s.oldest {
+        } else if from < s.oldest {
             let gone = status_err(
                 410,
                 "Expired",

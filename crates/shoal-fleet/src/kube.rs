@@ -1,0 +1,1052 @@
+//! The `kubernetes` provider: sizes a Deployment through its `scale` subresource and routes
+//! to its pods as their EndpointSlices list them.
+//!
+//! - **Membership** comes from a list + watch of the EndpointSlices labelled
+//!   `kubernetes.io/service-name=SERVICE` (or a configured selector): the watch resumes from
+//!   the last `resourceVersion` (bookmarks keep it fresh) and re-lists after `410 Gone`.
+//!   `ready` → routable; `terminating` (serving or not) → drained (no new requests); gone →
+//!   removed. The pod name is the instance id.
+//! - **Desired count**: the scale subresource is read every second; a write carries the
+//!   read `resourceVersion` as its precondition, and a `409 Conflict` is re-read, never
+//!   overwritten. A count changed outside shoal is logged and counted, then adopted
+//!   (`external_scale = "respect"`) or written back (`"reconcile"`).
+//! - **Scale-in without failures**: shoal picks the pods (least in flight, newest first),
+//!   stops routing to them and waits for their in-flight requests (up to the drain timeout),
+//!   sets their `controller.kubernetes.io/pod-deletion-cost` to the lowest value, and only
+//!   then lowers the replica count, so the ReplicaSet controller deletes exactly those pods.
+//!
+//! The API is spoken directly (hyper + serde_json): shoal needs five calls, and the `kube`
+//! crate would add a large dependency tree and its own TLS stack. Only `http://` API servers
+//! are supported so far (the test apiserver, `kubectl proxy`); `https://` is refused at start
+//! with a message saying so.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use shoal_proxy::metrics::Exposition;
+use tokio::sync::{watch, Notify};
+
+use crate::config::{FleetSpec, PortRef};
+use crate::provider::{BoxFuture, Member, Membership, Phase, Provider};
+use crate::usage::Usage;
+
+/// The lowest pod-deletion-cost (an int32): the ReplicaSet controller deletes these first.
+pub const LOWEST_DELETION_COST: &str = "-2147483648";
+pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+
+/// Where the API server is and how to authenticate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    /// `http://host:port`, no trailing slash.
+    pub server: String,
+    pub token: Option<String>,
+    /// The context's namespace, if it names one.
+    pub namespace: Option<String>,
+}
+
+/// In-cluster config (service account), else `KUBECONFIG` (first file), else
+/// `~/.kube/config`.
+pub fn endpoint_from_env() -> Result<Endpoint, String> {
+    if let (Ok(host), Ok(port)) = (
+        std::env::var("KUBERNETES_SERVICE_HOST"),
+        std::env::var("KUBERNETES_SERVICE_PORT"),
+    ) {
+        let token_file = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+        if let Ok(token) = std::fs::read_to_string(token_file) {
+            return check_scheme(Endpoint {
+                server: format!("https://{host}:{port}"),
+                token: Some(token.trim().to_string()),
+                namespace: None,
+            });
+        }
+    }
+    let path = match std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
+        Some(v) => std::env::split_paths(&v)
+            .next()
+            .ok_or("KUBECONFIG is empty")?,
+        None => {
+            PathBuf::from(std::env::var_os("HOME").ok_or("HOME is not set")?).join(".kube/config")
+        }
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+    parse_kubeconfig(&text).map_err(|e| format!("kubeconfig {}: {e}", path.display()))
+}
+
+fn check_scheme(e: Endpoint) -> Result<Endpoint, String> {
+    if e.server.starts_with("http://") {
+        Ok(e)
+    } else {
+        Err(format!(
+            "API server {}: only http:// API servers are supported so far (TLS to the API server is not built yet; `kubectl proxy` serves http:// locally)",
+            e.server
+        ))
+    }
+}
+
+/// The current context's server, token and namespace from a kubeconfig (YAML or JSON).
+pub fn parse_kubeconfig(text: &str) -> Result<Endpoint, String> {
+    let v: Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+    let current = v["current-context"].as_str().ok_or("no current-context")?;
+    let named = |list: &str, name: &str| -> Option<Value> {
+        v[list]
+            .as_array()?
+            .iter()
+            .find(|x| x["name"] == name)
+            .cloned()
+    };
+    let ctx = named("contexts", current).ok_or(format!("no context {current:?}"))?;
+    let ctx = &ctx["context"];
+    let cluster_name = ctx["cluster"].as_str().ok_or("context without cluster")?;
+    let cluster = named("clusters", cluster_name).ok_or(format!("no cluster {cluster_name:?}"))?;
+    let server = cluster["cluster"]["server"]
+        .as_str()
+        .ok_or("cluster without server")?
+        .trim_end_matches('/')
+        .to_string();
+    let user = ctx["user"]
+        .as_str()
+        .and_then(|u| named("users", u))
+        .map(|u| u["user"].clone())
+        .unwrap_or(Value::Null);
+    let token = match (user["token"].as_str(), user["tokenFile"].as_str()) {
+        (Some(t), _) => Some(t.to_string()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("tokenFile {f}: {e}"))?
+                .trim()
+                .to_string(),
+        ),
+        _ => None,
+    };
+    check_scheme(Endpoint {
+        server,
+        token,
+        namespace: ctx["namespace"].as_str().map(String::from),
+    })
+}
+
+/// A minimal JSON client for the Kubernetes API.
+#[derive(Clone)]
+pub struct KubeClient {
+    ep: Endpoint,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// A non-2xx answer or a transport failure.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status, 0 for a transport failure.
+    pub code: u16,
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.code == 0 {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "HTTP {}: {}", self.code, self.message)
+        }
+    }
+}
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl KubeClient {
+    pub fn new(ep: Endpoint) -> KubeClient {
+        let http = Client::builder(TokioExecutor::new()).build_http();
+        KubeClient { ep, http }
+    }
+
+    fn request(&self, method: Method, path: &str, ct: &str, body: Bytes) -> Request<Full<Bytes>> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.ep.server))
+            .header("accept", "application/json")
+            .header("user-agent", "shoal");
+        if !ct.is_empty() {
+            b = b.header("content-type", ct);
+        }
+        if let Some(t) = &self.ep.token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b.body(Full::new(body)).expect("request")
+    }
+
+    /// One call; the JSON answer of a 2xx, else the status and message.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        ct: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ApiError> {
+        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let req = self.request(method, path, ct, body);
+        let fut = async {
+            let resp = self.http.request(req).await.map_err(|e| ApiError {
+                code: 0,
+                message: format!("{path}: {e}"),
+            })?;
+            let code = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ApiError {
+                    code: 0,
+                    message: format!("{path}: {e}"),
+                })?
+                .to_bytes();
+            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            if (200..300).contains(&code) {
+                Ok(v)
+            } else {
+                Err(ApiError {
+                    code,
+                    message: v["message"]
+                        .as_str()
+                        .map(String::from)
+                        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+                })
+            }
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ApiError {
+                    code: 0,
+                    message: format!("{path}: no answer within {REQUEST_TIMEOUT:?}"),
+                })
+            })
+    }
+
+    /// Opens a watch; the body streams one JSON event per line.
+    pub async fn watch(&self, path: &str) -> Result<hyper::body::Incoming, ApiError> {
+        let req = self.request(Method::GET, path, "", Bytes::new());
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(req))
+            .await
+            .map_err(|_| ApiError {
+                code: 0,
+                message: format!("{path}: no answer"),
+            })?
+            .map_err(|e| ApiError {
+                code: 0,
+                message: format!("{path}: {e}"),
+            })?;
+        let code = resp.status().as_u16();
+        if code != 200 {
+            return Err(ApiError {
+                code,
+                message: format!("watch {path}"),
+            });
+        }
+        Ok(resp.into_body())
+    }
+}
+
+/// One endpoint of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ep {
+    pub pod: String,
+    pub addr: SocketAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+/// The endpoints of one EndpointSlice, at the configured port.
+pub fn slice_endpoints(slice: &Value, port: Option<&PortRef>) -> Vec<Ep> {
+    let ports = slice["ports"].as_array().cloned().unwrap_or_default();
+    let chosen = match port {
+        None => ports.first(),
+        Some(PortRef::Number(n)) => ports.iter().find(|p| p["port"] == *n),
+        Some(PortRef::Name(n)) => ports.iter().find(|p| p["name"] == n.as_str()),
+    };
+    let Some(port) = chosen.and_then(|p| p["port"].as_u64()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in slice["endpoints"].as_array().into_iter().flatten() {
+        let Some(ip) = e["addresses"][0].as_str().and_then(|a| a.parse().ok()) else {
+            continue;
+        };
+        let c = &e["conditions"];
+        // Absent conditions mean ready/serving (the API's documented default).
+        let ready = c["ready"].as_bool().unwrap_or(true);
+        let terminating = c["terminating"].as_bool().unwrap_or(false);
+        out.push(Ep {
+            pod: e["targetRef"]["name"]
+                .as_str()
+                .map(String::from)
+                .unwrap_or_else(|| format!("{ip}")),
+            addr: SocketAddr::new(ip, port as u16),
+            ready,
+            serving: c["serving"].as_bool().unwrap_or(ready),
+            terminating,
+        });
+    }
+    out
+}
+
+/// What membership has been told about a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    Starting,
+    Ready,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    addr: SocketAddr,
+    known: Known,
+    first_seen: Instant,
+}
+
+#[derive(Default)]
+struct Counters {
+    api_failures: AtomicU64,
+    watch_failures: AtomicU64,
+    relists: AtomicU64,
+    conflicts: AtomicU64,
+    external_scales: AtomicU64,
+    scale_writes: AtomicU64,
+    deletion_cost_patches: AtomicU64,
+}
+
+struct KState {
+    min: u32,
+    max: u32,
+    desired: u32,
+    /// The Deployment's `spec.replicas` as last read.
+    replicas: Option<u32>,
+    /// The count shoal last wrote.
+    written: Option<u32>,
+    /// EndpointSlice name → its endpoints.
+    slices: BTreeMap<String, Vec<Ep>>,
+    /// Pods membership routes to (or will, once ready).
+    members: BTreeMap<String, Tracked>,
+    /// Pods shoal drained (scale-in or terminating), with when.
+    draining: BTreeMap<String, (SocketAddr, Instant)>,
+    last_error: Option<String>,
+    watch_rv: String,
+}
+
+/// The `kubernetes` provider.
+pub struct KubeFleet {
+    spec: FleetSpec,
+    service_label: String,
+    members: Arc<dyn Membership>,
+    client: KubeClient,
+    namespace: String,
+    state: Mutex<KState>,
+    wake: Notify,
+    stop: watch::Sender<bool>,
+    counters: Counters,
+    /// How often the scale subresource is read.
+    poll: Duration,
+}
+
+impl KubeFleet {
+    pub fn new(spec: FleetSpec, members: Arc<dyn Membership>, ep: Endpoint) -> Arc<KubeFleet> {
+        let f = &spec.fleet;
+        let service_label = f.service.clone().unwrap_or_else(|| f.deployment.clone());
+        Arc::new(KubeFleet {
+            namespace: f.namespace.clone(),
+            service_label,
+            members,
+            client: KubeClient::new(ep),
+            state: Mutex::new(KState {
+                min: f.min,
+                max: f.max,
+                desired: f.min,
+                replicas: None,
+                written: None,
+                slices: BTreeMap::new(),
+                members: BTreeMap::new(),
+                draining: BTreeMap::new(),
+                last_error: None,
+                watch_rv: String::new(),
+            }),
+            wake: Notify::new(),
+            stop: watch::channel(false).0,
+            counters: Counters::default(),
+            poll: Duration::from_secs(1),
+            spec,
+        })
+    }
+
+    /// Starts the watch and the scale loop.
+    pub fn start(self: &Arc<Self>) {
+        tokio::spawn(self.clone().run_watch());
+        tokio::spawn(self.clone().run_scale());
+    }
+
+    fn scale_path(&self) -> String {
+        format!(
+            "/apis/apps/v1/namespaces/{}/deployments/{}/scale",
+            self.namespace, self.spec.fleet.deployment
+        )
+    }
+
+    fn slices_path(&self) -> String {
+        let sel = match &self.spec.fleet.selector {
+            Some(s) => s.clone(),
+            None => format!("kubernetes.io/service-name={}", self.service_label),
+        };
+        format!(
+            "/apis/discovery.k8s.io/v1/namespaces/{}/endpointslices?labelSelector={}",
+            self.namespace,
+            encode(&sel)
+        )
+    }
+
+    fn fail(&self, counter: &AtomicU64, what: &str, e: &dyn std::fmt::Display) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        let msg = format!("{what}: {e}");
+        tracing::warn!(service = %self.spec.service, error = %msg, "kubernetes provider");
+        self.state.lock().expect("kube state").last_error = Some(msg);
+    }
+
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    // ---- membership ----
+
+    async fn run_watch(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        let mut backoff = Duration::from_millis(200);
+        'relist: loop {
+            if self.stopped() {
+                return;
+            }
+            let list = match self
+                .client
+                .call(Method::GET, &self.slices_path(), "", None)
+                .await
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    self.fail(&self.counters.watch_failures, "list endpointslices", &e);
+                    tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = stop.changed() => return }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            {
+                let mut s = self.state.lock().expect("kube state");
+                s.slices.clear();
+                for sl in list["items"].as_array().into_iter().flatten() {
+                    let name = sl["metadata"]["name"].as_str().unwrap_or("").to_string();
+                    s.slices
+                        .insert(name, slice_endpoints(sl, self.spec.fleet.port.as_ref()));
+                }
+                s.watch_rv = list["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+            }
+            self.sync();
+            loop {
+                let rv = self.state.lock().expect("kube state").watch_rv.clone();
+                let path = format!(
+                    "{}&watch=true&allowWatchBookmarks=true&resourceVersion={rv}&timeoutSeconds=290",
+                    self.slices_path()
+                );
+                let body = tokio::select! {
+                    b = self.client.watch(&path) => b,
+                    _ = stop.changed() => return,
+                };
+                let body = match body {
+                    Ok(b) => b,
+                    Err(e) if e.code == 410 => {
+                        self.gone();
+                        continue 'relist;
+                    }
+                    Err(e) => {
+                        self.fail(&self.counters.watch_failures, "watch endpointslices", &e);
+                        tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = stop.changed() => return }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                };
+                backoff = Duration::from_millis(200);
+                match self.read_watch(body, &mut stop).await {
+                    WatchEnd::Gone => {
+                        self.gone();
+                        continue 'relist;
+                    }
+                    WatchEnd::Stopped => return,
+                    WatchEnd::Ended => {}
+                    WatchEnd::Failed(e) => {
+                        self.fail(&self.counters.watch_failures, "watch endpointslices", &e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn gone(&self) {
+        self.counters.relists.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(service = %self.spec.service, "endpointslice watch expired (410 Gone): listing again");
+    }
+
+    async fn read_watch(
+        &self,
+        mut body: hyper::body::Incoming,
+        stop: &mut watch::Receiver<bool>,
+    ) -> WatchEnd {
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let frame = tokio::select! {
+                f = body.frame() => f,
+                _ = stop.changed() => return WatchEnd::Stopped,
+            };
+            let data = match frame {
+                None => return WatchEnd::Ended,
+                Some(Err(e)) => return WatchEnd::Failed(e.to_string()),
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                },
+            };
+            buf.extend_from_slice(&data);
+            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                let Ok(ev) = serde_json::from_slice::<Value>(&line) else {
+                    continue;
+                };
+                match self.apply_event(&ev) {
+                    Ok(()) => {}
+                    Err(end) => return end,
+                }
+            }
+        }
+    }
+
+    fn apply_event(&self, ev: &Value) -> Result<(), WatchEnd> {
+        let obj = &ev["object"];
+        let rv = obj["metadata"]["resourceVersion"].as_str().unwrap_or("");
+        match ev["type"].as_str().unwrap_or("") {
+            "ERROR" => {
+                return Err(if obj["code"] == 410 {
+                    WatchEnd::Gone
+                } else {
+                    WatchEnd::Failed(obj["message"].as_str().unwrap_or("watch error").into())
+                })
+            }
+            "BOOKMARK" => {}
+            kind @ ("ADDED" | "MODIFIED" | "DELETED") => {
+                let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
+                let mut s = self.state.lock().expect("kube state");
+                if kind == "DELETED" {
+                    s.slices.remove(&name);
+                } else {
+                    s.slices
+                        .insert(name, slice_endpoints(obj, self.spec.fleet.port.as_ref()));
+                }
+            }
+            _ => return Ok(()),
+        }
+        if !rv.is_empty() {
+            self.state.lock().expect("kube state").watch_rv = rv.to_string();
+        }
+        self.sync();
+        Ok(())
+    }
+
+    /// Brings membership in line with the EndpointSlices.
+    fn sync(&self) {
+        let mut removals = Vec::new();
+        {
+            let mut s = self.state.lock().expect("kube state");
+            let mut eps: BTreeMap<String, Ep> = BTreeMap::new();
+            for list in s.slices.values() {
+                for e in list {
+                    eps.entry(e.pod.clone()).or_insert_with(|| e.clone());
+                }
+            }
+            // Gone, terminating, or drained by shoal: no new requests.
+            let leaving: Vec<String> = s
+                .members
+                .keys()
+                .filter(|p| {
+                    eps.get(*p)
+                        .is_none_or(|e| e.terminating || s.draining.contains_key(*p))
+                })
+                .cloned()
+                .collect();
+            for p in leaving {
+                s.members.remove(&p);
+                removals.push(p);
+            }
+            for (pod, e) in &eps {
+                if e.terminating || s.draining.contains_key(pod) {
+                    continue;
+                }
+                match s.members.get_mut(pod) {
+                    None => {
+                        self.members.add(pod, e.addr);
+                        let known = if e.ready {
+                            self.members.ready(pod);
+                            Known::Ready
+                        } else {
+                            Known::Starting
+                        };
+                        s.members.insert(
+                            pod.clone(),
+                            Tracked {
+                                addr: e.addr,
+                                known,
+                                first_seen: Instant::now(),
+                            },
+                        );
+                        tracing::info!(service = %self.spec.service, pod = %pod, addr = %e.addr, ready = e.ready, "pod joined");
+                    }
+                    Some(t) if t.known == Known::Starting && e.ready => {
+                        self.members.ready(pod);
+                        t.known = Known::Ready;
+                        tracing::info!(service = %self.spec.service, pod = %pod, "pod ready");
+                    }
+                    // A ready pod that turns unready stays routed; passive health and
+                    // outlier ejection handle a failing one.
+                    Some(_) => {}
+                }
+            }
+            // Forget drained pods once their endpoint is gone.
+            s.draining.retain(|p, _| eps.contains_key(p));
+        }
+        let drain = self.spec.drain_timeout;
+        for pod in removals {
+            tracing::info!(service = %self.spec.service, pod = %pod, "pod leaving: draining");
+            let m = self.members.clone();
+            tokio::spawn(async move {
+                m.remove(&pod, drain).await;
+            });
+        }
+    }
+
+    // ---- desired count ----
+
+    async fn run_scale(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        loop {
+            if let Err(e) = self.reconcile().await {
+                self.fail(&self.counters.api_failures, "scale", &e);
+            }
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(self.poll) => {}
+            }
+        }
+    }
+
+    async fn read_scale(&self) -> Result<(u32, String), ApiError> {
+        let v = self
+            .client
+            .call(Method::GET, &self.scale_path(), "", None)
+            .await?;
+        Ok((
+            v["spec"]["replicas"].as_u64().unwrap_or(0) as u32,
+            v["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        ))
+    }
+
+    /// Writes the replica count with `rv` as precondition; Ok(false) on a conflict.
+    async fn write_scale(&self, n: u32, rv: &str) -> Result<bool, ApiError> {
+        let body = json!({
+            "apiVersion": "autoscaling/v1", "kind": "Scale",
+            "metadata": {"name": self.spec.fleet.deployment, "namespace": self.namespace,
+                         "resourceVersion": rv},
+            "spec": {"replicas": n},
+        });
+        match self
+            .client
+            .call(
+                Method::PUT,
+                &self.scale_path(),
+                "application/json",
+                Some(&body),
+            )
+            .await
+        {
+            Ok(_) => {
+                self.counters.scale_writes.fetch_add(1, Ordering::Relaxed);
+                let mut s = self.state.lock().expect("kube state");
+                s.written = Some(n);
+                s.replicas = Some(n);
+                s.last_error = None;
+                tracing::info!(service = %self.spec.service, replicas = n, "deployment scaled");
+                Ok(true)
+            }
+            Err(e) if e.code == 409 => {
+                self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(service = %self.spec.service, "scale conflict: the deployment changed since it was read; reading again");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn reconcile(&self) -> Result<(), ApiError> {
+        let (replicas, rv) = self.read_scale().await?;
+        let desired = {
+            let mut s = self.state.lock().expect("kube state");
+            match s.replicas {
+                None => {
+                    // First read: start from the Deployment's count, within bounds.
+                    s.desired = replicas.clamp(s.min, s.max);
+                }
+                Some(last) if last != replicas && s.written != Some(replicas) => {
+                    self.counters
+                        .external_scales
+                        .fetch_add(1, Ordering::Relaxed);
+                    if self.spec.fleet.external_scale == "respect" {
+                        s.desired = replicas.clamp(s.min, s.max);
+                        tracing::info!(service = %self.spec.service, from = last, to = replicas, desired = s.desired, "replica count changed outside shoal: adopted");
+                    } else {
+                        tracing::info!(service = %self.spec.service, from = last, to = replicas, desired = s.desired, "replica count changed outside shoal: restoring shoal's count");
+                    }
+                }
+                _ => {}
+            }
+            s.replicas = Some(replicas);
+            // Pods drained for a scale-in that did not happen (or removed other pods) get
+            // traffic again.
+            if s.desired >= replicas {
+                let stale: Vec<String> = s
+                    .draining
+                    .iter()
+                    .filter(|(_, (_, at))| at.elapsed() > Duration::from_secs(10))
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                for p in stale {
+                    s.draining.remove(&p);
+                }
+            }
+            s.desired
+        };
+        if desired > replicas {
+            if !self.write_scale(desired, &rv).await? {
+                self.wake.notify_one();
+            }
+        } else if desired < replicas {
+            self.scale_in(replicas, desired).await?;
+        }
+        self.sync();
+        Ok(())
+    }
+
+    /// Pods to remove: ones already drained first, then least in flight, newest first.
+    fn choose_victims(&self, k: usize) -> Vec<String> {
+        let s = self.state.lock().expect("kube state");
+        let mut out: Vec<String> = s.draining.keys().take(k).cloned().collect();
+        let mut candidates: Vec<(&String, &Tracked)> = s.members.iter().collect();
+        candidates.sort_by_key(|(p, t)| {
+            (
+                self.members.in_flight(p).unwrap_or(0),
+                std::cmp::Reverse(t.first_seen),
+            )
+        });
+        for (p, _) in candidates {
+            if out.len() >= k {
+                break;
+            }
+            out.push(p.clone());
+        }
+        out
+    }
+
+    async fn scale_in(&self, replicas: u32, desired: u32) -> Result<(), ApiError> {
+        let victims = self.choose_victims((replicas - desired) as usize);
+        // 1. No new requests; wait for in-flight ones (or the drain timeout).
+        let mut drains = tokio::task::JoinSet::new();
+        {
+            let mut s = self.state.lock().expect("kube state");
+            for v in &victims {
+                if let Some(t) = s.members.remove(v) {
+                    s.draining.insert(v.clone(), (t.addr, Instant::now()));
+                    let (m, id, d) = (self.members.clone(), v.clone(), self.spec.drain_timeout);
+                    drains.spawn(async move { m.remove(&id, d).await });
+                }
+            }
+        }
+        if !victims.is_empty() {
+            tracing::info!(service = %self.spec.service, pods = ?victims, "scale-in: draining chosen pods");
+        }
+        while drains.join_next().await.is_some() {}
+        // 2. Make them the ones the ReplicaSet controller deletes.
+        for v in &victims {
+            let patch = json!({"metadata": {"annotations": {DELETION_COST: LOWEST_DELETION_COST}}});
+            let path = format!("/api/v1/namespaces/{}/pods/{v}", self.namespace);
+            match self
+                .client
+                .call(
+                    Method::PATCH,
+                    &path,
+                    "application/merge-patch+json",
+                    Some(&patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    self.counters
+                        .deletion_cost_patches
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // 3. Lower the count, re-reading on conflict; give up (next round) if the count was
+        //    changed meanwhile.
+        for _ in 0..5 {
+            let (now, rv) = self.read_scale().await?;
+            if now != replicas {
+                self.wake.notify_one();
+                return Ok(());
+            }
+            let want = self.state.lock().expect("kube state").desired;
+            if want >= now {
+                return Ok(());
+            }
+            if self.write_scale(want, &rv).await? {
+                return Ok(());
+            }
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+}
+
+enum WatchEnd {
+    Gone,
+    Ended,
+    Stopped,
+    Failed(String),
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Provider for KubeFleet {
+    fn kind(&self) -> &'static str {
+        "kubernetes"
+    }
+    fn service(&self) -> &str {
+        &self.spec.service
+    }
+    fn scale(&self, n: u32) -> u32 {
+        let mut s = self.state.lock().expect("kube state");
+        let n = n.clamp(s.min, s.max);
+        if n != s.desired {
+            s.desired = n;
+            self.wake.notify_one();
+        }
+        n
+    }
+    fn desired(&self) -> u32 {
+        self.state.lock().expect("kube state").desired
+    }
+    fn bounds(&self) -> (u32, u32) {
+        let s = self.state.lock().expect("kube state");
+        (s.min, s.max)
+    }
+    fn set_bounds(&self, min: u32, max: u32) {
+        let mut s = self.state.lock().expect("kube state");
+        s.min = min;
+        s.max = max;
+        s.desired = s.desired.clamp(min, max);
+        self.wake.notify_one();
+    }
+    fn counts(&self) -> (u32, u32, u32) {
+        let s = self.state.lock().expect("kube state");
+        let starting = s
+            .members
+            .values()
+            .filter(|t| t.known == Known::Starting)
+            .count();
+        let ready = s.members.len() - starting;
+        (starting as u32, ready as u32, s.draining.len() as u32)
+    }
+    fn members(&self) -> Vec<Member> {
+        let s = self.state.lock().expect("kube state");
+        let mut out: Vec<Member> = s
+            .members
+            .iter()
+            .map(|(id, t)| Member {
+                id: id.clone(),
+                addr: t.addr,
+                phase: match t.known {
+                    Known::Starting => Phase::Starting,
+                    Known::Ready => Phase::Ready,
+                },
+            })
+            .collect();
+        out.extend(s.draining.iter().map(|(id, (addr, _))| Member {
+            id: id.clone(),
+            addr: *addr,
+            phase: Phase::Stopping,
+        }));
+        out
+    }
+    fn sample_usage(&self) -> Vec<(String, Phase, Usage)> {
+        Vec::new()
+    }
+    fn status(&self) -> Value {
+        let s = self.state.lock().expect("kube state");
+        json!({
+            "provider": "kubernetes",
+            "state": if s.last_error.is_some() { "degraded" } else { "ok" },
+            "namespace": self.namespace,
+            "deployment": self.spec.fleet.deployment,
+            "service": self.service_label,
+            "replicas": s.replicas,
+            "desired": s.desired,
+            "external_scale": self.spec.fleet.external_scale,
+            "last_error": s.last_error,
+            "metrics": "request-based targets only (CPU and memory per pod from metrics.k8s.io are not read)",
+            "vertical": "recommend only (in-place pod resize is not implemented)",
+        })
+    }
+    fn collect(&self, e: &mut Exposition) {
+        let svc = self.spec.service.as_str();
+        let c = &self.counters;
+        for (kind, v) in [("api", &c.api_failures), ("watch", &c.watch_failures)] {
+            e.counter(
+                "shoal_fleet_failures_total",
+                "Instances that crashed or failed to start.",
+                &[("service", svc), ("kind", kind)],
+                v.load(Ordering::Relaxed),
+            );
+        }
+        for (name, help, v) in [
+            (
+                "shoal_kube_relists_total",
+                "EndpointSlice watches that expired (410 Gone) and were listed again.",
+                &c.relists,
+            ),
+            (
+                "shoal_kube_scale_conflicts_total",
+                "Scale writes refused because the Deployment changed since it was read.",
+                &c.conflicts,
+            ),
+            (
+                "shoal_kube_external_scales_total",
+                "Replica counts changed outside shoal.",
+                &c.external_scales,
+            ),
+            (
+                "shoal_kube_scale_writes_total",
+                "Replica counts written to the scale subresource.",
+                &c.scale_writes,
+            ),
+            (
+                "shoal_kube_deletion_cost_patches_total",
+                "Pods marked for removal with the lowest pod-deletion-cost.",
+                &c.deletion_cost_patches,
+            ),
+        ] {
+            e.counter(name, help, &[("service", svc)], v.load(Ordering::Relaxed));
+        }
+    }
+    fn shutdown(&self, _deadline: Duration) -> BoxFuture<'_, ()> {
+        // The pods belong to the cluster: shoal stops watching and scaling, nothing more.
+        let _ = self.stop.send(true);
+        Box::pin(async {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubeconfig_yaml_current_context() {
+        let text = r#"
+apiVersion: v1
+kind: Config
+current-context: b
+clusters:
+- name: one
+  cluster: {server: "http://10.0.0.1:8080/"}
+contexts:
+- name: a
+  context: {cluster: none, user: u}
+- name: b
+  context: {cluster: one, user: u, namespace: web}
+users:
+- name: u
+  user: {token: abc}
+"#;
+        let ep = parse_kubeconfig(text).unwrap();
+        assert_eq!(ep.server, "http://10.0.0.1:8080");
+        assert_eq!(ep.token.as_deref(), Some("abc"));
+        assert_eq!(ep.namespace.as_deref(), Some("web"));
+        let https = text.replace("http://10.0.0.1:8080/", "https://k");
+        assert!(parse_kubeconfig(&https)
+            .unwrap_err()
+            .contains("only http://"));
+        assert!(parse_kubeconfig("current-context: x").is_err());
+    }
+
+    #[test]
+    fn endpoint_conditions_and_port_choice() {
+        let slice = json!({
+            "ports": [{"name": "metrics", "port": 9090}, {"name": "http", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": true}, "targetRef": {"name": "a"}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true}, "targetRef": {"name": "b"}},
+                {"addresses": ["10.0.0.3"], "targetRef": {"name": "c"}},
+                {"addresses": [], "targetRef": {"name": "d"}},
+            ]
+        });
+        let eps = slice_endpoints(&slice, Some(&PortRef::Name("http".into())));
+        assert_eq!(eps.len(), 3);
+        assert_eq!(eps[0].addr, "10.0.0.1:8080".parse().unwrap());
+        assert!(eps[0].ready && !eps[0].terminating);
+        assert!(!eps[1].ready && eps[1].serving && eps[1].terminating);
+        assert!(eps[2].ready, "absent conditions mean ready");
+        assert_eq!(slice_endpoints(&slice, None)[0].addr.port(), 9090);
+        assert_eq!(
+            slice_endpoints(&slice, Some(&PortRef::Number(8080)))[0]
+                .addr
+                .port(),
+            8080
+        );
+        assert!(slice_endpoints(&slice, Some(&PortRef::Number(1))).is_empty());
+    }
+
+    #[test]
+    fn selector_is_query_encoded() {
+        assert_eq!(
+            encode("kubernetes.io/service-name=demo,x!=y"),
+            "kubernetes.io/service-name%3Ddemo%2Cx%21%3Dy"
+        );
+    }
+}

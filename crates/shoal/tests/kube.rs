@@ -1,0 +1,414 @@
+//! The `kubernetes` provider through the binary, against the test apiserver
+//! (`shoal-kube-testapi`, a test double: no kube-apiserver can be installed here) whose pods
+//! are real `shoal demo-service` processes; and the real `kubectl` against that apiserver.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use shoal_kube_testapi::{Options, TestApi};
+
+const KUBECTL: &str = "kubectl";
+
+struct Api {
+    rt: tokio::runtime::Runtime,
+    api: Option<TestApi>,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl Api {
+    fn start(dir: &Path) -> Api {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let kubeconfig = dir.join("kubeconfig");
+        let mut opts = Options::new("127.0.0.1:0".parse().unwrap(), SHOAL.into());
+        opts.kubeconfig = Some(kubeconfig.clone());
+        opts.bookmark_interval = Duration::from_millis(300);
+        opts.termination_delay = Duration::from_millis(500);
+        let api = rt.block_on(TestApi::start(opts)).unwrap();
+        Api {
+            rt,
+            api: Some(api),
+            kubeconfig,
+        }
+    }
+
+    fn api(&self) -> &TestApi {
+        self.api.as_ref().unwrap()
+    }
+
+    /// Runs kubectl; returns (success, stdout + stderr).
+    fn kubectl(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(KUBECTL)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .output()
+            .expect("kubectl runs");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    fn kubectl_ok(&self, args: &[&str]) -> String {
+        let (ok, out) = self.kubectl(args);
+        assert!(ok, "kubectl {args:?}: {out}");
+        out
+    }
+
+    fn object(&self, group: &str, plural: &str, name: &str) -> Option<Value> {
+        let res = shoal_kube_testapi::find_res(group, "v1", plural).unwrap();
+        self.api()
+            .state
+            .store
+            .lock()
+            .unwrap()
+            .get(res, "default", name)
+            .cloned()
+    }
+
+    fn replicas(&self) -> u64 {
+        self.object("apps", "deployments", "demo").unwrap()["spec"]["replicas"]
+            .as_u64()
+            .unwrap()
+    }
+
+    fn pods(&self) -> Vec<Value> {
+        let res = shoal_kube_testapi::find_res("", "v1", "pods").unwrap();
+        self.api().state.store.lock().unwrap().list(res, "default")
+    }
+
+    /// Endpoints of the demo slice: (pod, ready, serving, terminating).
+    fn endpoints(&self) -> Vec<(String, bool, bool, bool)> {
+        let Some(s) = self.object("discovery.k8s.io", "endpointslices", "demo-testapi") else {
+            return Vec::new();
+        };
+        s["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let c = &e["conditions"];
+                (
+                    e["targetRef"]["name"].as_str().unwrap().to_string(),
+                    c["ready"] == true,
+                    c["serving"] == true,
+                    c["terminating"] == true,
+                )
+            })
+            .collect()
+    }
+
+    fn ready_pods(&self) -> usize {
+        self.endpoints().iter().filter(|e| e.1).count()
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        if let Some(api) = self.api.take() {
+            self.rt.block_on(api.shutdown());
+        }
+    }
+}
+
+/// kubectl 1.32 drives the test apiserver: create (protobuf), get, scale, patch (strategic,
+/// merge, JSON), watch, a 409 on a stale replace, delete; pods run and leave terminating.
+#[test]
+fn kubectl_drives_the_test_apiserver() {
+    let dir = tempdir();
+    let k = Api::start(dir.path());
+    k.kubectl_ok(&[
+        "create",
+        "deployment",
+        "demo",
+        "--image=anything",
+        "--port=8080",
+    ]);
+    assert_eq!(
+        k.kubectl_ok(&[
+            "get",
+            "deployment",
+            "demo",
+            "-o",
+            "jsonpath={.spec.replicas}"
+        ]),
+        "1"
+    );
+    wait_until(20, "first pod ready", || k.ready_pods() == 1);
+    // The pod is a real demo-service on its own loopback address and the container port.
+    let ip = k.kubectl_ok(&["get", "pods", "-o", "jsonpath={.items[0].status.podIP}"]);
+    let (s, body) = http(
+        format!("{ip}:8080").parse().unwrap(),
+        "GET",
+        "/healthz",
+        &[],
+        "",
+    );
+    assert_eq!((s, body.as_str()), (200, "ok"));
+
+    // A watch sees what scale does.
+    let mut watch = Command::new(KUBECTL)
+        .args(["get", "pods", "--watch", "-o", "name"])
+        .env("KUBECONFIG", &k.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = k.kubectl_ok(&["scale", "deployment/demo", "--replicas=3"]);
+    assert!(out.contains("scaled"), "{out}");
+    wait_until(20, "three pods ready", || k.ready_pods() == 3);
+    let get = k.kubectl_ok(&["get", "pods"]);
+    assert_eq!(get.lines().count(), 4, "{get}");
+
+    // Strategic merge patch merges containers by name; merge and JSON patches too.
+    k.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "demo",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"anything","env":[{"name":"DEMO_READY_DELAY_MS","value":"100"}]}]}}}}"#,
+    ]);
+    let d = k.object("apps", "deployments", "demo").unwrap();
+    let c = &d["spec"]["template"]["spec"]["containers"];
+    assert_eq!(c.as_array().unwrap().len(), 1, "{c}");
+    assert_eq!(c[0]["image"], "anything");
+    assert_eq!(c[0]["env"][0]["value"], "100");
+    k.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "demo",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"labels":{"team":"web"}}}"#,
+    ]);
+    k.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "demo",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/replicas","value":2}]"#,
+    ]);
+    assert_eq!(k.replicas(), 2);
+    wait_until(20, "one pod gone", || k.pods().len() == 2);
+
+    // A replace carrying a stale resourceVersion is a 409.
+    let mut stale = k.object("apps", "deployments", "demo").unwrap();
+    k.kubectl_ok(&["label", "deployment", "demo", "x=y"]);
+    stale["spec"]["replicas"] = 5.into();
+    let file = dir.path().join("stale.json");
+    std::fs::write(&file, stale.to_string()).unwrap();
+    let (ok, out) = k.kubectl(&["replace", "-f", file.to_str().unwrap()]);
+    assert!(!ok && out.contains("the object has been modified"), "{out}");
+    assert_eq!(k.replicas(), 2);
+
+    // Deleting a pod: terminating first (still serving), then gone and replaced.
+    let victim = k.pods()[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    k.kubectl_ok(&["delete", "pod", &victim, "--wait=false"]);
+    let e = k.endpoints();
+    let v = e.iter().find(|e| e.0 == victim).unwrap();
+    assert!(
+        !v.1 && v.2 && v.3,
+        "deleted pod not serving && terminating: {e:?}"
+    );
+    wait_until(20, "pod replaced", || {
+        let e = k.endpoints();
+        !e.iter().any(|e| e.0 == victim) && e.iter().filter(|e| e.1).count() == 2
+    });
+
+    let _ = watch.kill();
+    let out = watch.wait_with_output().unwrap();
+    let seen = String::from_utf8_lossy(&out.stdout);
+    assert!(seen.contains(&format!("pod/{victim}")), "{seen}");
+    assert!(seen.lines().count() >= 4, "{seen}");
+    let log = k.api().requests();
+    assert!(
+        log.iter()
+            .any(|r| r.method == "PATCH" && r.uri.contains("/deployments/demo/scale")),
+        "kubectl scale uses the scale subresource"
+    );
+}
+
+fn kube_config(listen: u16, admin: u16, mode: &str) -> String {
+    fleet_config(
+        listen,
+        admin,
+        &format!(
+            r#"[services.demo.fleet]
+provider = "kubernetes"
+namespace = "default"
+deployment = "demo"
+min = 1
+max = 4
+external_scale = "{mode}"
+[services.demo.autoscale]
+interval = "1s"
+targets = [{{ metric = "in_flight", target = 2 }}]
+stable_window = "5s"
+panic_window = "3s"
+burst_hold = "5s"
+scale_down_stabilization = "5s""#
+        ),
+    )
+}
+
+fn start_shoal(dir: &Path, k: &Api, config: &str, listen: u16) -> Proc {
+    let path = dir.join("shoal.toml");
+    std::fs::write(&path, config).unwrap();
+    let log = std::fs::File::create(dir.join("shoal.log")).unwrap();
+    let child = Command::new(SHOAL)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .env("KUBECONFIG", &k.kubeconfig)
+        .env("SHOAL_ADMIN_TOKEN", "test-token")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_port(listen, 20);
+    Proc(child)
+}
+
+/// The README demo's load step against a Deployment: shoal scales it out through the scale
+/// subresource, routes to new pods once their EndpointSlice says ready, and scales in
+/// without a failed request: the chosen pods are drained, their deletion cost set, and only
+/// then the replica count lowered (order read from the apiserver's request log). A replica
+/// count set with `kubectl scale` is seen within an interval; a watch ended by 410 Gone
+/// re-lists and misses no membership change.
+#[test]
+fn shoal_scales_a_deployment_and_scales_in_without_failures() {
+    let dir = tempdir();
+    let k = Api::start(dir.path());
+    k.kubectl_ok(&[
+        "create",
+        "deployment",
+        "demo",
+        "--image=anything",
+        "--port=8080",
+    ]);
+    let (listen, admin) = (free_port(), free_port());
+    let _shoal = start_shoal(
+        dir.path(),
+        &k,
+        &kube_config(listen, admin, "respect"),
+        listen,
+    );
+    let api = || api_json(admin, "/api/services/demo");
+    wait_until(20, "the first pod routed", || ready(&api()) == 1);
+    let first = api()["instances"][0]["id"].as_str().unwrap().to_string();
+    assert!(
+        first.starts_with("demo-"),
+        "instance id is the pod name: {first}"
+    );
+
+    // Load step: about 6 in flight against a target of 2 → 3 pods.
+    let url = format!("http://127.0.0.1:{listen}/work?cpu_ms=2&sleep_ms=100");
+    let u = url.clone();
+    let loader = std::thread::spawn(move || load(&u, 60, 12));
+    wait_until(20, "scale-out", || k.replicas() >= 3 && ready(&api()) >= 3);
+    let report = loader.join().unwrap();
+    assert_eq!(report["errors"]["total"], 0, "{report}");
+
+    // Light load through the scale-in: nothing fails while pods go away.
+    let u = url.clone();
+    let light = std::thread::spawn(move || load(&u, 10, 20));
+    wait_until(40, "scale-in", || {
+        k.replicas() == 1 && k.endpoints().len() == 1 && ready(&api()) == 1
+    });
+    let report = light.join().unwrap();
+    assert_eq!(report["errors"]["total"], 0, "{report}");
+
+    // From the request log: each lowering of replicas came after the chosen pods' deletion
+    // cost was set, and exactly those pods went.
+    let log = k.api().requests();
+    let mut patched: Vec<String> = Vec::new();
+    let mut last = 1u64;
+    let mut lowered = 0;
+    for r in &log {
+        if r.method == "PATCH" && r.uri.contains("/pods/") {
+            assert!(
+                r.body
+                    .contains("controller.kubernetes.io/pod-deletion-cost")
+                    && r.body.contains("-2147483648"),
+                "{r:?}"
+            );
+            let pod = r.uri.rsplit('/').next().unwrap().split('?').next().unwrap();
+            patched.push(pod.to_string());
+        }
+        if r.method == "PUT" && r.uri.ends_with("/deployments/demo/scale") {
+            let body: Value = serde_json::from_str(&r.body).unwrap();
+            assert!(
+                body["metadata"]["resourceVersion"]
+                    .as_str()
+                    .is_some_and(|v| !v.is_empty()),
+                "scale write without a resourceVersion precondition: {}",
+                r.body
+            );
+            let n = body["spec"]["replicas"].as_u64().unwrap();
+            if n < last && r.status == 200 {
+                lowered += 1;
+                let removed = (last - n) as usize;
+                assert!(
+                    patched.len() >= removed,
+                    "replicas lowered {last}→{n} before {removed} deletion-cost patches: {log:#?}"
+                );
+                patched.clear();
+            }
+            if r.status == 200 {
+                last = n;
+            }
+        }
+    }
+    assert!(lowered >= 1, "no scale-in in the request log");
+    let survivor = k.endpoints()[0].0.clone();
+    let costly = k.pods().iter().any(|p| {
+        p["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"].is_string()
+    });
+    assert!(!costly, "a pod marked for removal survived ({survivor})");
+
+    // kubectl scale is seen within an interval and adopted (respect mode).
+    k.kubectl_ok(&["scale", "deployment/demo", "--replicas=3"]);
+    let t = Instant::now();
+    wait_until(3, "external scale seen", || api()["desired"] == 3);
+    eprintln!("kubectl scale seen after {:?}", t.elapsed());
+    let (_, m) = get(admin, "/metrics");
+    assert!(
+        m.contains("shoal_kube_external_scales_total{service=\"demo\"} 1"),
+        "{m}"
+    );
+    wait_until(20, "three pods routed", || ready(&api()) == 3);
+
+    // 410 Gone: history forgotten and watches cut; a change made right then still arrives.
+    let (s, _) = http(k.api().addr, "POST", "/_test/compact", &[], "");
+    assert_eq!(s, 200);
+    let victim = k.endpoints()[0].0.clone();
+    k.kubectl_ok(&["delete", "pod", &victim, "--wait=false"]);
+    wait_until(20, "deleted pod left shoal's pool", || {
+        !api()["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["id"] == victim.as_str())
+    });
+    let (_, m) = get(admin, "/metrics");
+    assert!(
+        m.contains("shoal_kube_relists_total{service=\"demo\"} 1"),
+        "{m}"
+    );
+}
