@@ -55,23 +55,27 @@ pub struct Endpoint {
     pub namespace: Option<String>,
 }
 
-/// In-cluster config (service account), else `KUBECONFIG` (first file), else
-/// `~/.kube/config`.
+/// `KUBECONFIG` (its first file) when set, else in-cluster config (the service account),
+/// else `~/.kube/config`. An explicit kubeconfig wins over in-cluster so a pod can point
+/// shoal at a `kubectl proxy` sidecar (plain HTTP on loopback).
 pub fn endpoint_from_env() -> Result<Endpoint, String> {
-    if let (Ok(host), Ok(port)) = (
-        std::env::var("KUBERNETES_SERVICE_HOST"),
-        std::env::var("KUBERNETES_SERVICE_PORT"),
-    ) {
-        let token_file = "/var/run/secrets/kubernetes.io/serviceaccount/token";
-        if let Ok(token) = std::fs::read_to_string(token_file) {
-            return check_scheme(Endpoint {
-                server: format!("https://{host}:{port}"),
-                token: Some(token.trim().to_string()),
-                namespace: None,
-            });
+    let explicit = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty());
+    if explicit.is_none() {
+        if let (Ok(host), Ok(port)) = (
+            std::env::var("KUBERNETES_SERVICE_HOST"),
+            std::env::var("KUBERNETES_SERVICE_PORT"),
+        ) {
+            let token_file = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+            if let Ok(token) = std::fs::read_to_string(token_file) {
+                return check_scheme(Endpoint {
+                    server: format!("https://{host}:{port}"),
+                    token: Some(token.trim().to_string()),
+                    namespace: None,
+                });
+            }
         }
     }
-    let path = match std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
+    let path = match explicit {
         Some(v) => std::env::split_paths(&v)
             .next()
             .ok_or("KUBECONFIG is empty")?,
@@ -89,7 +93,7 @@ fn check_scheme(e: Endpoint) -> Result<Endpoint, String> {
         Ok(e)
     } else {
         Err(format!(
-            "API server {}: only http:// API servers are supported so far (TLS to the API server is not built yet; `kubectl proxy` serves http:// locally)",
+            "API server {}: only http:// API servers are supported so far (TLS to the API server is not built yet); run `kubectl proxy` beside shoal and point KUBECONFIG at it (deploy/kubernetes does)",
             e.server
         ))
     }
@@ -473,7 +477,7 @@ impl KubeFleet {
                 let body = match body {
                     Ok(b) => b,
                     Err(e) if e.code == 410 => {
-                        self.gone();
+                        self.gone().await;
                         continue 'relist;
                     }
                     Err(e) => {
@@ -486,7 +490,7 @@ impl KubeFleet {
                 backoff = Duration::from_millis(200);
                 match self.read_watch(body, &mut stop).await {
                     WatchEnd::Gone => {
-                        self.gone();
+                        self.gone().await;
                         continue 'relist;
                     }
                     WatchEnd::Stopped => return,
@@ -499,9 +503,11 @@ impl KubeFleet {
         }
     }
 
-    fn gone(&self) {
+    async fn gone(&self) {
         self.counters.relists.fetch_add(1, Ordering::Relaxed);
         tracing::info!(service = %self.spec.service, "endpointslice watch expired (410 Gone): listing again");
+        // A server that keeps answering 410 is not hammered.
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     async fn read_watch(

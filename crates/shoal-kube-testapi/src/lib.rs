@@ -266,6 +266,7 @@ pub struct Logged {
     /// Path and query.
     pub uri: String,
     pub content_type: String,
+    pub user_agent: String,
     pub body: String,
     pub status: u16,
 }
@@ -273,7 +274,8 @@ pub struct Logged {
 impl Logged {
     fn to_json(&self) -> Value {
         json!({"ms": self.ms, "method": self.method, "uri": self.uri,
-               "content_type": self.content_type, "body": self.body, "status": self.status})
+               "content_type": self.content_type, "user_agent": self.user_agent,
+               "body": self.body, "status": self.status})
     }
 }
 
@@ -466,9 +468,12 @@ impl Store {
     }
 
     /// Forgets the event history: resuming a watch from any version seen so far is 410.
+    /// The version moves on by one (as if other objects changed meanwhile), so even a client
+    /// that saw the latest event is too old.
     pub fn compact(&mut self) {
+        self.rv += 1;
         self.events.clear();
-        self.oldest = self.rv + 1;
+        self.oldest = self.rv;
     }
 }
 
@@ -663,6 +668,12 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body_> {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
+    let user_agent = req
+        .headers()
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let body = req
         .into_body()
         .collect()
@@ -687,6 +698,7 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body_> {
             .map(|p| p.to_string())
             .unwrap_or_default(),
         content_type: ct,
+        user_agent,
         body: text,
         status,
     });

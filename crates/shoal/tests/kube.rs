@@ -12,7 +12,10 @@ use common::*;
 use serde_json::Value;
 use shoal_kube_testapi::{Options, TestApi};
 
-const KUBECTL: &str = "kubectl";
+/// kubectl 1.32: `KUBECTL` (scripts/test.sh installs one if the machine has none), else PATH.
+fn kubectl_bin() -> String {
+    std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into())
+}
 
 struct Api {
     rt: tokio::runtime::Runtime,
@@ -46,7 +49,7 @@ impl Api {
 
     /// Runs kubectl; returns (success, stdout + stderr).
     fn kubectl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(KUBECTL)
+        let out = Command::new(kubectl_bin())
             .args(args)
             .env("KUBECONFIG", &self.kubeconfig)
             .output()
@@ -159,7 +162,7 @@ fn kubectl_drives_the_test_apiserver() {
     assert_eq!((s, body.as_str()), (200, "ok"));
 
     // A watch sees what scale does.
-    let mut watch = Command::new(KUBECTL)
+    let mut watch = Command::new(kubectl_bin())
         .args(["get", "pods", "--watch", "-o", "name"])
         .env("KUBECONFIG", &k.kubeconfig)
         .stdout(Stdio::piped())
@@ -267,7 +270,7 @@ scale_down_stabilization = "5s""#
     )
 }
 
-fn start_shoal(dir: &Path, k: &Api, config: &str, listen: u16) -> Proc {
+fn start_shoal(dir: &Path, k: &Api, config: &str, listen: u16, admin: u16) -> Proc {
     let path = dir.join("shoal.toml");
     std::fs::write(&path, config).unwrap();
     let log = std::fs::File::create(dir.join("shoal.log")).unwrap();
@@ -281,8 +284,18 @@ fn start_shoal(dir: &Path, k: &Api, config: &str, listen: u16) -> Proc {
         .stderr(log)
         .spawn()
         .unwrap();
-    wait_port(listen, 20);
-    Proc(child)
+    let mut proc = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", admin)).is_err() {
+        if let Some(code) = proc.0.try_wait().unwrap() {
+            let log = std::fs::read_to_string(dir.join("shoal.log")).unwrap_or_default();
+            panic!("shoal exited at start ({code}):\n{log}");
+        }
+        assert!(Instant::now() < deadline, "shoal's admin port never opened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_port(listen, 5);
+    proc
 }
 
 /// The README demo's load step against a Deployment: shoal scales it out through the scale
@@ -308,6 +321,7 @@ fn shoal_scales_a_deployment_and_scales_in_without_failures() {
         &k,
         &kube_config(listen, admin, "respect"),
         listen,
+        admin,
     );
     let api = || api_json(admin, "/api/services/demo");
     wait_until(20, "the first pod routed", || ready(&api()) == 1);
@@ -410,5 +424,130 @@ fn shoal_scales_a_deployment_and_scales_in_without_failures() {
     assert!(
         m.contains("shoal_kube_relists_total{service=\"demo\"} 1"),
         "{m}"
+    );
+
+    // The shipped Role grants exactly what shoal used.
+    let used = used_permissions(&k.api().requests());
+    assert_eq!(
+        used,
+        role_permissions(),
+        "requests shoal made vs deploy/kubernetes/rbac.yaml"
+    );
+}
+
+type Perm = (String, String, String);
+
+/// (apiGroup, resource, verb) of every request shoal (user agent `shoal`) made.
+fn used_permissions(log: &[shoal_kube_testapi::Logged]) -> std::collections::BTreeSet<Perm> {
+    let mut out = std::collections::BTreeSet::new();
+    for r in log.iter().filter(|r| r.user_agent == "shoal") {
+        let (path, query) = r.uri.split_once('?').unwrap_or((&r.uri, ""));
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, rest) = match segs.as_slice() {
+            ["api", _, rest @ ..] => ("", rest),
+            ["apis", g, _, rest @ ..] => (*g, rest),
+            _ => panic!("unexpected request {r:?}"),
+        };
+        let rest = match rest {
+            ["namespaces", _, rest @ ..] => rest,
+            rest => rest,
+        };
+        let (resource, named) = match rest {
+            [res] => (res.to_string(), false),
+            [res, _] => (res.to_string(), true),
+            [res, _, sub] => (format!("{res}/{sub}"), true),
+            _ => panic!("unexpected request {r:?}"),
+        };
+        let verb = match (r.method.as_str(), named) {
+            ("GET", false) if query.contains("watch=true") => "watch",
+            ("GET", false) => "list",
+            ("GET", true) => "get",
+            ("PUT", _) => "update",
+            ("PATCH", _) => "patch",
+            ("POST", _) => "create",
+            ("DELETE", _) => "delete",
+            _ => panic!("unexpected request {r:?}"),
+        };
+        out.insert((group.to_string(), resource, verb.to_string()));
+    }
+    out
+}
+
+fn deploy_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes")
+}
+
+fn manifests(file: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(deploy_dir().join(file)).unwrap();
+    text.split("\n---\n")
+        .map(|doc| serde_yaml_ng::from_str::<Value>(doc).unwrap())
+        .collect()
+}
+
+/// (apiGroup, resource, verb) the shipped Role grants.
+fn role_permissions() -> std::collections::BTreeSet<Perm> {
+    let role = manifests("rbac.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "Role")
+        .unwrap();
+    let mut out = std::collections::BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for g in rule["apiGroups"].as_array().unwrap() {
+            for res in rule["resources"].as_array().unwrap() {
+                for v in rule["verbs"].as_array().unwrap() {
+                    out.insert((
+                        g.as_str().unwrap().to_string(),
+                        res.as_str().unwrap().to_string(),
+                        v.as_str().unwrap().to_string(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `kubectl apply --dry-run=server -f deploy/kubernetes/` is accepted and stores nothing;
+/// the shoal config inside the ConfigMap passes `shoal check`.
+#[test]
+fn deploy_manifests_apply_with_server_dry_run() {
+    let dir = tempdir();
+    let k = Api::start(dir.path());
+    let path = deploy_dir();
+    let out = k.kubectl_ok(&["apply", "--dry-run=server", "-f", path.to_str().unwrap()]);
+    for what in [
+        "namespace/shoal-demo created (server dry run)",
+        "deployment.apps/demo created (server dry run)",
+        "service/demo created (server dry run)",
+        "poddisruptionbudget.policy/demo created (server dry run)",
+        "serviceaccount/shoal created (server dry run)",
+        "role.rbac.authorization.k8s.io/shoal created (server dry run)",
+        "rolebinding.rbac.authorization.k8s.io/shoal created (server dry run)",
+        "configmap/shoal created (server dry run)",
+        "deployment.apps/shoal created (server dry run)",
+        "service/shoal created (server dry run)",
+    ] {
+        assert!(out.contains(what), "{what}: {out}");
+    }
+    assert!(
+        k.object("apps", "deployments", "demo").is_none(),
+        "dry run stored an object"
+    );
+    let cm = manifests("shoal.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .unwrap();
+    let cfg = dir.path().join("shoal.toml");
+    std::fs::write(&cfg, cm["data"]["shoal.toml"].as_str().unwrap()).unwrap();
+    let out = Command::new(SHOAL)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
