@@ -991,6 +991,228 @@ impl Provider for KubeFleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::convert::Infallible;
+
+    /// A scripted API server: the scale subresource (a conflict on demand), one
+    /// EndpointSlice, pod patches; every request logged as (method, path, body).
+    #[derive(Default)]
+    struct Mock {
+        replicas: u32,
+        rv: u64,
+        conflicts: u32,
+        slice: Value,
+        log: Vec<(String, String, String)>,
+    }
+
+    async fn serve_mock(mock: Arc<Mutex<Mock>>) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (sock, _) = l.accept().await.unwrap();
+                let mock = mock.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: Request<hyper::body::Incoming>| {
+                            let mock = mock.clone();
+                            async move {
+                                let (method, uri) =
+                                    (req.method().to_string(), req.uri().to_string());
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                let body = String::from_utf8_lossy(&body).into_owned();
+                                if uri.contains("watch=true") {
+                                    // Nothing changes: hold the watch open.
+                                    tokio::time::sleep(Duration::from_secs(60)).await;
+                                }
+                                let (code, answer) = {
+                                    let mut m = mock.lock().unwrap();
+                                    m.log.push((method.clone(), uri.clone(), body.clone()));
+                                    let scale = |m: &Mock| {
+                                        json!({"metadata": {"resourceVersion": m.rv.to_string()},
+                                                             "spec": {"replicas": m.replicas}})
+                                    };
+                                    match method.as_str() {
+                                        "GET" if uri.contains("/scale") => (200, scale(&m)),
+                                        "GET" => (
+                                            200,
+                                            json!({"metadata": {"resourceVersion": "1"}, "items": [m.slice.clone()]}),
+                                        ),
+                                        "PUT" => {
+                                            let b: Value = serde_json::from_str(&body).unwrap();
+                                            if m.conflicts > 0
+                                                || b["metadata"]["resourceVersion"]
+                                                    != m.rv.to_string().as_str()
+                                            {
+                                                m.conflicts = m.conflicts.saturating_sub(1);
+                                                m.rv += 1;
+                                                (
+                                                    409,
+                                                    json!({"kind": "Status", "code": 409, "message": "conflict"}),
+                                                )
+                                            } else {
+                                                m.replicas =
+                                                    b["spec"]["replicas"].as_u64().unwrap() as u32;
+                                                m.rv += 1;
+                                                (200, scale(&m))
+                                            }
+                                        }
+                                        _ => (200, json!({})),
+                                    }
+                                };
+                                Ok::<_, Infallible>(
+                                    http::Response::builder()
+                                        .status(code)
+                                        .body(Full::new(Bytes::from(answer.to_string())))
+                                        .unwrap(),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Records membership calls.
+    #[derive(Default)]
+    struct Members(Mutex<Vec<String>>);
+
+    impl Membership for Members {
+        fn add(&self, id: &str, _addr: SocketAddr) {
+            self.0.lock().unwrap().push(format!("add {id}"));
+        }
+        fn ready(&self, id: &str) {
+            self.0.lock().unwrap().push(format!("ready {id}"));
+        }
+        fn remove(&self, id: &str, _drain: Duration) -> BoxFuture<'_, u64> {
+            self.0.lock().unwrap().push(format!("remove {id}"));
+            Box::pin(async { 0 })
+        }
+        fn in_flight(&self, id: &str) -> Option<u64> {
+            // pod-a is busy: it must not be chosen.
+            Some(u64::from(id == "pod-a") * 5)
+        }
+    }
+
+    fn spec() -> FleetSpec {
+        FleetSpec {
+            service: "web".into(),
+            fleet: toml::from_str(
+                "provider = \"kubernetes\"\ndeployment = \"web\"\nmin = 1\nmax = 5",
+            )
+            .unwrap(),
+            resources: Default::default(),
+            autoscale: None,
+            data_dir: std::env::temp_dir(),
+            drain_timeout: Duration::from_secs(1),
+        }
+    }
+
+    async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn scale_requests(mock: &Mutex<Mock>) -> Vec<(String, String)> {
+        mock.lock()
+            .unwrap()
+            .log
+            .iter()
+            .filter(|(_, u, _)| u.contains("/scale") || u.contains("/pods/"))
+            .map(|(m, u, b)| (format!("{m} {}", u.rsplit('/').next().unwrap()), b.clone()))
+            .collect()
+    }
+
+    /// A 409 on a scale write is read again and written with the new resourceVersion; a
+    /// scale-in drains the chosen pods (not the busy one), patches their deletion cost, and
+    /// only then writes the lower count.
+    #[tokio::test]
+    async fn conflict_is_reread_and_scale_in_patches_cost_first() {
+        let ep = |ip: &str, pod: &str| json!({"addresses": [ip], "conditions": {"ready": true}, "targetRef": {"name": pod}});
+        let mock = Arc::new(Mutex::new(Mock {
+            replicas: 3,
+            rv: 10,
+            slice: json!({"metadata": {"name": "web-1"}, "ports": [{"port": 80}],
+                          "endpoints": [ep("10.0.0.1", "pod-a"), ep("10.0.0.2", "pod-b"), ep("10.0.0.3", "pod-c")]}),
+            ..Mock::default()
+        }));
+        let addr = serve_mock(mock.clone()).await;
+        let members = Arc::new(Members::default());
+        let fleet = KubeFleet::new(
+            spec(),
+            members.clone(),
+            Endpoint {
+                server: format!("http://{addr}"),
+                token: None,
+                namespace: None,
+            },
+        );
+        fleet.start();
+        wait_for("first read and three pods", || {
+            fleet.desired() == 3 && fleet.counts() == (0, 3, 0)
+        })
+        .await;
+
+        mock.lock().unwrap().conflicts = 1;
+        fleet.scale(4);
+        wait_for("scaled to 4", || mock.lock().unwrap().replicas == 4).await;
+        let puts: Vec<(String, String)> = scale_requests(&mock)
+            .into_iter()
+            .filter(|(m, _)| m.starts_with("PUT"))
+            .collect();
+        assert_eq!(puts.len(), 2, "{puts:?}");
+        let rv = |b: &str| {
+            serde_json::from_str::<Value>(b).unwrap()["metadata"]["resourceVersion"].clone()
+        };
+        assert_eq!(rv(&puts[0].1), "10");
+        assert_eq!(
+            rv(&puts[1].1),
+            "11",
+            "the retry carries the re-read version"
+        );
+        assert_eq!(fleet.counters.conflicts.load(Ordering::Relaxed), 1);
+
+        mock.lock().unwrap().log.clear();
+        fleet.scale(2);
+        wait_for("scaled to 2", || mock.lock().unwrap().replicas == 2).await;
+        let reqs = scale_requests(&mock);
+        let order: Vec<&str> = reqs.iter().map(|(m, _)| m.as_str()).collect();
+        let put = order.iter().position(|m| m.starts_with("PUT")).unwrap();
+        let mut patched: Vec<&str> = order[..put]
+            .iter()
+            .filter(|m| m.starts_with("PATCH"))
+            .copied()
+            .collect();
+        patched.sort();
+        assert_eq!(patched, ["PATCH pod-b", "PATCH pod-c"], "{order:?}");
+        for (m, b) in &reqs {
+            if m.starts_with("PATCH") {
+                assert_eq!(
+                    serde_json::from_str::<Value>(b).unwrap()["metadata"]["annotations"]
+                        [DELETION_COST],
+                    LOWEST_DELETION_COST
+                );
+            }
+        }
+        let calls = members.0.lock().unwrap().clone();
+        assert!(
+            calls.contains(&"remove pod-b".to_string())
+                && calls.contains(&"remove pod-c".to_string()),
+            "{calls:?}"
+        );
+        assert!(
+            !calls.contains(&"remove pod-a".to_string()),
+            "the busy pod was chosen: {calls:?}"
+        );
+        let _ = fleet.shutdown(Duration::ZERO).await;
+    }
 
     #[test]
     fn kubeconfig_yaml_current_context() {
