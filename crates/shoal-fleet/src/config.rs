@@ -59,6 +59,19 @@ pub struct FleetConfig {
     /// `respect` adopts it as the desired count, `reconcile` writes shoal's back.
     #[serde(default = "default_external_scale")]
     pub external_scale: String,
+    /// Kubernetes with `min = 0`: how long a request waits for the first pod, then 503.
+    #[serde(default = "default_cold_start_timeout")]
+    pub cold_start_timeout: Dur,
+    /// Kubernetes with `min = 0`: most requests waiting at once; more get 503 at once.
+    #[serde(default = "default_cold_start_queue")]
+    pub cold_start_queue: u64,
+}
+
+fn default_cold_start_timeout() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_cold_start_queue() -> u64 {
+    1000
 }
 
 /// A port by name or number.

@@ -328,6 +328,7 @@ struct Counters {
     external_scales: AtomicU64,
     scale_writes: AtomicU64,
     deletion_cost_patches: AtomicU64,
+    activations: AtomicU64,
 }
 
 struct KState {
@@ -392,10 +393,35 @@ impl KubeFleet {
         })
     }
 
-    /// Starts the watch and the scale loop.
+    /// Starts the watch, the scale loop and (with `min = 0`) the activator.
     pub fn start(self: &Arc<Self>) {
         tokio::spawn(self.clone().run_watch());
         tokio::spawn(self.clone().run_scale());
+        if self.spec.fleet.min == 0 {
+            tokio::spawn(self.clone().run_activator());
+        }
+    }
+
+    /// Scale from zero: a request waiting with nothing ready asks for one pod at once,
+    /// without waiting for the autoscaler's next evaluation.
+    async fn run_activator(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            if self.members.waiting() == 0 {
+                continue;
+            }
+            let mut s = self.state.lock().expect("kube state");
+            if s.desired == 0 && s.max > 0 {
+                s.desired = 1;
+                self.counters.activations.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(service = %self.spec.service, "request waiting at zero replicas: scaling to 1");
+                self.wake.notify_one();
+            }
+        }
     }
 
     fn scale_path(&self) -> String {
@@ -869,7 +895,11 @@ impl Provider for KubeFleet {
     }
     fn scale(&self, n: u32) -> u32 {
         let mut s = self.state.lock().expect("kube state");
-        let n = n.clamp(s.min, s.max);
+        let mut n = n.clamp(s.min, s.max);
+        // Not to zero while requests wait for a pod.
+        if n == 0 && self.members.waiting() > 0 {
+            n = 1.min(s.max);
+        }
         if n != s.desired {
             s.desired = n;
             self.wake.notify_one();
@@ -937,6 +967,7 @@ impl Provider for KubeFleet {
             "external_scale": self.spec.fleet.external_scale,
             "last_error": s.last_error,
             "metrics": "request-based targets only (CPU and memory per pod from metrics.k8s.io are not read)",
+            "scale_from_zero": self.spec.fleet.min == 0,
             "vertical": "recommend only (in-place pod resize is not implemented)",
         })
     }
@@ -976,6 +1007,11 @@ impl Provider for KubeFleet {
                 "shoal_kube_deletion_cost_patches_total",
                 "Pods marked for removal with the lowest pod-deletion-cost.",
                 &c.deletion_cost_patches,
+            ),
+            (
+                "shoal_kube_activations_total",
+                "Scale-ups from zero replicas because a request was waiting.",
+                &c.activations,
             ),
         ] {
             e.counter(name, help, &[("service", svc)], v.load(Ordering::Relaxed));

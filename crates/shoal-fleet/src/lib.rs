@@ -80,6 +80,9 @@ impl Membership for Tee {
     fn in_flight(&self, id: &str) -> Option<u64> {
         self.0.in_flight(id).or_else(|| self.1.in_flight(id))
     }
+    fn waiting(&self) -> u64 {
+        self.0.waiting() + self.1.waiting()
+    }
 }
 
 impl Fleets {
@@ -129,6 +132,15 @@ impl Fleets {
             if spec.fleet.provider == "kubernetes" {
                 let ep = kube::endpoint_from_env()
                     .map_err(|e| format!("service {}: kubernetes: {e}", spec.service))?;
+                if spec.fleet.min == 0 {
+                    // Scale from zero: requests wait for the first pod (the fleet sees them).
+                    service
+                        .pool
+                        .set_cold_start(Some(shoal_proxy::pool::ColdStart {
+                            timeout: spec.fleet.cold_start_timeout.0,
+                            queue: spec.fleet.cold_start_queue,
+                        }));
+                }
                 let fleet = kube::KubeFleet::new(spec.clone(), members, ep);
                 fleet.start();
                 let provider: Arc<dyn Provider> = fleet;

@@ -45,6 +45,10 @@ pub trait Membership: Send + Sync {
     fn in_flight(&self, _id: &str) -> Option<u64> {
         None
     }
+    /// Requests waiting for a first instance (scale from zero): demand with nothing ready.
+    fn waiting(&self) -> u64 {
+        0
+    }
 }
 
 impl Membership for Pool {
@@ -63,6 +67,10 @@ impl Membership for Pool {
 
     fn in_flight(&self, id: &str) -> Option<u64> {
         self.get(id).map(|i| i.in_flight())
+    }
+
+    fn waiting(&self) -> u64 {
+        Pool::waiting(self)
     }
 }
 

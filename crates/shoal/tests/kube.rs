@@ -551,3 +551,101 @@ fn deploy_manifests_apply_with_server_dry_run() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Scale from zero: a Deployment at 0 replicas gets a pod when the first request arrives;
+/// the request waits and succeeds once the pod is ready. Where no pod becomes ready in
+/// `cold_start_timeout`, the request gets 503 with `Retry-After`.
+#[test]
+fn scale_from_zero_first_request_waits_for_a_pod() {
+    let dir = tempdir();
+    let k = Api::start(dir.path());
+    for name in ["demo", "slow"] {
+        k.kubectl_ok(&[
+            "create",
+            "deployment",
+            name,
+            "--image=anything",
+            "--port=8080",
+            "--replicas=0",
+        ]);
+    }
+    // `slow` pods take a minute to report ready.
+    k.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "slow",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"anything","env":[{"name":"DEMO_READY_DELAY_MS","value":"60000"}]}]}}}}"#,
+    ]);
+    let (listen, slow_port, admin) = (free_port(), free_port(), free_port());
+    let cfg = format!(
+        r#"[admin]
+listen = "127.0.0.1:{admin}"
+
+[services.demo]
+listen = "127.0.0.1:{listen}"
+[services.demo.fleet]
+provider = "kubernetes"
+deployment = "demo"
+min = 0
+max = 2
+cold_start_timeout = "20s"
+
+[services.slow]
+listen = "127.0.0.1:{slow_port}"
+[services.slow.fleet]
+provider = "kubernetes"
+deployment = "slow"
+min = 0
+max = 2
+cold_start_timeout = "1s"
+"#
+    );
+    let _shoal = start_shoal(dir.path(), &k, &cfg, listen, admin);
+    assert_eq!(k.replicas(), 0);
+
+    let t = Instant::now();
+    let (s, body) = http(
+        format!("127.0.0.1:{listen}").parse().unwrap(),
+        "GET",
+        "/work?cpu_ms=1",
+        &[],
+        "",
+    );
+    eprintln!(
+        "first request at zero replicas answered after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(k.replicas(), 1);
+    let (_, m) = get(admin, "/metrics");
+    assert!(
+        m.contains("shoal_cold_start_waits_total{service=\"demo\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("shoal_kube_activations_total{service=\"demo\"} 1"),
+        "{m}"
+    );
+
+    let t = Instant::now();
+    let raw = http_raw(
+        format!("127.0.0.1:{slow_port}").parse().unwrap(),
+        "GET",
+        "/work",
+        &[],
+        "",
+    );
+    assert!(raw.starts_with("HTTP/1.1 503"), "{raw}");
+    assert_eq!(header(&raw, "retry-after"), Some("1"), "{raw}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    let (_, m) = get(admin, "/metrics");
+    assert!(
+        m.contains("shoal_cold_start_failures_total{service=\"slow\",reason=\"timeout\"} 1"),
+        "{m}"
+    );
+}
