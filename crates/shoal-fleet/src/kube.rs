@@ -15,10 +15,11 @@
 //!   sets their `controller.kubernetes.io/pod-deletion-cost` to the lowest value, and only
 //!   then lowers the replica count, so the ReplicaSet controller deletes exactly those pods.
 //!
-//! The API is spoken directly (hyper + serde_json): shoal needs five calls, and the `kube`
-//! crate would add a large dependency tree and its own TLS stack. Only `http://` API servers
-//! are supported so far (the test apiserver, `kubectl proxy`); `https://` is refused at start
-//! with a message saying so.
+//! The API is spoken directly (hyper + serde_json, k8s JSON as `serde_json::Value`): shoal
+//! needs five calls, and the `kube` crate would add a large dependency tree. TLS is rustls
+//! with the aws-lc-rs provider, the binary's one crypto provider; the server is verified
+//! against the cluster's CA from the kubeconfig or the service account; credentials are a
+//! bearer token or a client certificate (credential plugins are refused at start).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -30,9 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use shoal_proxy::metrics::Exposition;
 use tokio::sync::{watch, Notify};
@@ -46,18 +45,22 @@ pub const LOWEST_DELETION_COST: &str = "-2147483648";
 pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 
 /// Where the API server is and how to authenticate.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Endpoint {
-    /// `http://host:port`, no trailing slash.
+    /// `https://host:port` or `http://host:port`, no trailing slash.
     pub server: String,
     pub token: Option<String>,
     /// The context's namespace, if it names one.
     pub namespace: Option<String>,
+    /// PEM of the CA that signed the API server's certificate (https).
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate and key (kubeconfigs of kind, minikube, kubeadm).
+    pub client_cert: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// `KUBECONFIG` (its first file) when set, else in-cluster config (the service account),
-/// else `~/.kube/config`. An explicit kubeconfig wins over in-cluster so a pod can point
-/// shoal at a `kubectl proxy` sidecar (plain HTTP on loopback).
+/// else `~/.kube/config`. An explicit kubeconfig wins over in-cluster (as with kubectl), so a
+/// pod can be pointed at another cluster or a `kubectl proxy`.
 pub fn endpoint_from_env() -> Result<Endpoint, String> {
     let explicit = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty());
     if explicit.is_none() {
@@ -65,12 +68,20 @@ pub fn endpoint_from_env() -> Result<Endpoint, String> {
             std::env::var("KUBERNETES_SERVICE_HOST"),
             std::env::var("KUBERNETES_SERVICE_PORT"),
         ) {
-            let token_file = "/var/run/secrets/kubernetes.io/serviceaccount/token";
-            if let Ok(token) = std::fs::read_to_string(token_file) {
-                return check_scheme(Endpoint {
+            let dir = "/var/run/secrets/kubernetes.io/serviceaccount";
+            if let Ok(token) = std::fs::read_to_string(format!("{dir}/token")) {
+                let ca = std::fs::read(format!("{dir}/ca.crt"))
+                    .map_err(|e| format!("{dir}/ca.crt: {e}"))?;
+                let host = if host.contains(':') {
+                    format!("[{host}]")
+                } else {
+                    host
+                };
+                return Ok(Endpoint {
                     server: format!("https://{host}:{port}"),
                     token: Some(token.trim().to_string()),
-                    namespace: None,
+                    ca_pem: Some(ca),
+                    ..Endpoint::default()
                 });
             }
         }
@@ -86,17 +97,6 @@ pub fn endpoint_from_env() -> Result<Endpoint, String> {
     let text = std::fs::read_to_string(&path)
         .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
     parse_kubeconfig(&text).map_err(|e| format!("kubeconfig {}: {e}", path.display()))
-}
-
-fn check_scheme(e: Endpoint) -> Result<Endpoint, String> {
-    if e.server.starts_with("http://") {
-        Ok(e)
-    } else {
-        Err(format!(
-            "API server {}: only http:// API servers are supported so far (TLS to the API server is not built yet); run `kubectl proxy` beside shoal and point KUBECONFIG at it (deploy/kubernetes does)",
-            e.server
-        ))
-    }
 }
 
 /// The current context's server, token and namespace from a kubeconfig (YAML or JSON).
@@ -124,6 +124,15 @@ pub fn parse_kubeconfig(text: &str) -> Result<Endpoint, String> {
         .and_then(|u| named("users", u))
         .map(|u| u["user"].clone())
         .unwrap_or(Value::Null);
+    if user.get("exec").is_some() || user.get("auth-provider").is_some() {
+        return Err("credential plugins (exec, auth-provider) are not supported: use a token, tokenFile or client certificate".into());
+    }
+    if cluster["cluster"]["insecure-skip-tls-verify"] == true {
+        return Err(
+            "insecure-skip-tls-verify is not supported: give the cluster's certificate-authority"
+                .into(),
+        );
+    }
     let token = match (user["token"].as_str(), user["tokenFile"].as_str()) {
         (Some(t), _) => Some(t.to_string()),
         (None, Some(f)) => Some(
@@ -134,18 +143,92 @@ pub fn parse_kubeconfig(text: &str) -> Result<Endpoint, String> {
         ),
         _ => None,
     };
-    check_scheme(Endpoint {
+    let ca_pem = data_or_file(&cluster["cluster"], "certificate-authority")?;
+    let client_cert = match (
+        data_or_file(&user, "client-certificate")?,
+        data_or_file(&user, "client-key")?,
+    ) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => return Err("client-certificate and client-key come together".into()),
+    };
+    Ok(Endpoint {
         server,
         token,
         namespace: ctx["namespace"].as_str().map(String::from),
+        ca_pem,
+        client_cert,
     })
 }
 
-/// A minimal JSON client for the Kubernetes API.
+/// `FIELD-data` (base64) or `FIELD` (a file path) of a kubeconfig entry.
+fn data_or_file(v: &Value, field: &str) -> Result<Option<Vec<u8>>, String> {
+    use base64::Engine;
+    if let Some(d) = v[format!("{field}-data")].as_str() {
+        return base64::engine::general_purpose::STANDARD
+            .decode(d.trim())
+            .map(Some)
+            .map_err(|e| format!("{field}-data: {e}"));
+    }
+    match v[field].as_str() {
+        Some(path) => std::fs::read(path)
+            .map(Some)
+            .map_err(|e| format!("{field} {path}: {e}")),
+        None => Ok(None),
+    }
+}
+
+/// The TLS settings for an https API server: its CA only (no system roots: a cluster's
+/// certificate is signed by its own CA), the client certificate if any; aws-lc-rs.
+fn tls_config(ep: &Endpoint) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let ca = ep.ca_pem.as_ref().ok_or(
+        "an https API server needs the cluster's certificate-authority (or -data) in the kubeconfig",
+    )?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca) {
+        let c = c.map_err(|e| format!("certificate-authority: {e}"))?;
+        roots
+            .add(c)
+            .map_err(|e| format!("certificate-authority: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("certificate-authority holds no certificate".into());
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let cfg = match &ep.client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let certs = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("client-certificate: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("client-key: {e}"))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| format!("client certificate: {e}"))?
+        }
+    };
+    Ok(Arc::new(cfg))
+}
+
+/// A minimal JSON client for the Kubernetes API: one HTTP/1.1 connection per call (a call
+/// a second and one long watch need no pool), over TLS for https servers.
 #[derive(Clone)]
 pub struct KubeClient {
     ep: Endpoint,
-    http: Client<HttpConnector, Full<Bytes>>,
+    /// `host:port` to connect to.
+    addr: String,
+    /// The `Host` header.
+    authority: String,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
 }
 
 /// A non-2xx answer or a transport failure.
@@ -169,15 +252,64 @@ impl std::fmt::Display for ApiError {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl KubeClient {
-    pub fn new(ep: Endpoint) -> KubeClient {
-        let http = Client::builder(TokioExecutor::new()).build_http();
-        KubeClient { ep, http }
+    pub fn new(ep: Endpoint) -> Result<KubeClient, String> {
+        let uri: http::Uri = ep
+            .server
+            .parse()
+            .map_err(|e| format!("server {}: {e}", ep.server))?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(format!("server {}: not an http(s) URL", ep.server)),
+        };
+        let host = uri.host().ok_or(format!("server {}: no host", ep.server))?;
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+        let tls = if https {
+            let name = rustls::pki_types::ServerName::try_from(
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+            )
+            .map_err(|e| format!("server {}: {e}", ep.server))?;
+            Some((tokio_rustls::TlsConnector::from(tls_config(&ep)?), name))
+        } else {
+            None
+        };
+        Ok(KubeClient {
+            addr: format!("{host}:{port}"),
+            authority,
+            tls,
+            ep,
+        })
+    }
+
+    /// Sends one request on a new connection.
+    async fn send(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, String> {
+        let tcp = tokio::net::TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| format!("connect {}: {e}", self.addr))?;
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => send_on(tcp, req).await,
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| format!("TLS to {}: {e}", self.addr))?;
+                send_on(tls, req).await
+            }
+        }
     }
 
     fn request(&self, method: Method, path: &str, ct: &str, body: Bytes) -> Request<Full<Bytes>> {
         let mut b = Request::builder()
             .method(method)
-            .uri(format!("{}{path}", self.ep.server))
+            .uri(path)
+            .header("host", &self.authority)
             .header("accept", "application/json")
             .header("user-agent", "shoal");
         if !ct.is_empty() {
@@ -200,7 +332,7 @@ impl KubeClient {
         let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let req = self.request(method, path, ct, body);
         let fut = async {
-            let resp = self.http.request(req).await.map_err(|e| ApiError {
+            let resp = self.send(req).await.map_err(|e| ApiError {
                 code: 0,
                 message: format!("{path}: {e}"),
             })?;
@@ -240,7 +372,7 @@ impl KubeClient {
     /// Opens a watch; the body streams one JSON event per line.
     pub async fn watch(&self, path: &str) -> Result<hyper::body::Incoming, ApiError> {
         let req = self.request(Method::GET, path, "", Bytes::new());
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(req))
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.send(req))
             .await
             .map_err(|_| ApiError {
                 code: 0,
@@ -259,6 +391,23 @@ impl KubeClient {
         }
         Ok(resp.into_body())
     }
+}
+
+async fn send_on<T>(
+    io: T,
+    req: Request<Full<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    // The connection lives as long as the response body is read (a watch: minutes).
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender.send_request(req).await.map_err(|e| e.to_string())
 }
 
 /// One endpoint of an EndpointSlice.
@@ -365,14 +514,18 @@ pub struct KubeFleet {
 }
 
 impl KubeFleet {
-    pub fn new(spec: FleetSpec, members: Arc<dyn Membership>, ep: Endpoint) -> Arc<KubeFleet> {
+    pub fn new(
+        spec: FleetSpec,
+        members: Arc<dyn Membership>,
+        ep: Endpoint,
+    ) -> Result<Arc<KubeFleet>, String> {
         let f = &spec.fleet;
         let service_label = f.service.clone().unwrap_or_else(|| f.deployment.clone());
-        Arc::new(KubeFleet {
+        Ok(Arc::new(KubeFleet {
+            client: KubeClient::new(ep)?,
             namespace: f.namespace.clone(),
             service_label,
             members,
-            client: KubeClient::new(ep),
             state: Mutex::new(KState {
                 min: f.min,
                 max: f.max,
@@ -390,7 +543,7 @@ impl KubeFleet {
             counters: Counters::default(),
             poll: Duration::from_secs(1),
             spec,
-        })
+        }))
     }
 
     /// Starts the watch, the scale loop and (with `min = 0`) the activator.
@@ -1186,10 +1339,10 @@ mod tests {
             members.clone(),
             Endpoint {
                 server: format!("http://{addr}"),
-                token: None,
-                namespace: None,
+                ..Endpoint::default()
             },
-        );
+        )
+        .unwrap();
         fleet.start();
         wait_for("first read and three pods", || {
             fleet.desired() == 3 && fleet.counts() == (0, 3, 0)
@@ -1273,10 +1426,86 @@ users:
         assert_eq!(ep.token.as_deref(), Some("abc"));
         assert_eq!(ep.namespace.as_deref(), Some("web"));
         let https = text.replace("http://10.0.0.1:8080/", "https://k");
-        assert!(parse_kubeconfig(&https)
+        let ep = parse_kubeconfig(&https).unwrap();
+        let err = KubeClient::new(ep).err().unwrap();
+        assert!(err.contains("certificate-authority"), "{err}");
+        let exec = text.replace("user: {token: abc}", "user: {exec: {command: aws}}");
+        assert!(parse_kubeconfig(&exec)
             .unwrap_err()
-            .contains("only http://"));
+            .contains("not supported"));
         assert!(parse_kubeconfig("current-context: x").is_err());
+    }
+
+    /// https: the kubeconfig's CA (base64 `certificate-authority-data`) verifies the server;
+    /// another CA is refused; the token and Host go over TLS.
+    #[tokio::test]
+    async fn https_api_server_with_the_kubeconfigs_ca() {
+        use base64::Engine;
+        use rustls::pki_types::pem::PemObject;
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
+        let read = |f: &str| std::fs::read(format!("{fixtures}{f}")).unwrap();
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&read("apiserver.pem"))
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&read("apiserver.key")).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (sock, _) = l.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(sock).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(
+                        |req: Request<hyper::body::Incoming>| async move {
+                            let seen = json!({
+                                "path": req.uri().to_string(),
+                                "host": req.headers()["host"].to_str().unwrap(),
+                                "auth": req.headers()["authorization"].to_str().unwrap(),
+                            });
+                            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(
+                                seen.to_string(),
+                            ))))
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        let kubeconfig = |ca: &str| {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(read(ca));
+            format!(
+                "current-context: c\nclusters: [{{name: k, cluster: {{server: \"https://{addr}\", certificate-authority-data: {b64}}}}}]\ncontexts: [{{name: c, context: {{cluster: k, user: u}}}}]\nusers: [{{name: u, user: {{token: sekret}}}}]\n"
+            )
+        };
+        let client = KubeClient::new(parse_kubeconfig(&kubeconfig("ca.pem")).unwrap()).unwrap();
+        let v = client
+            .call(Method::GET, "/version", "", None)
+            .await
+            .unwrap();
+        assert_eq!(v["path"], "/version");
+        assert_eq!(v["host"], addr.to_string());
+        assert_eq!(v["auth"], "Bearer sekret");
+        let wrong =
+            KubeClient::new(parse_kubeconfig(&kubeconfig("other-ca.pem")).unwrap()).unwrap();
+        let e = wrong
+            .call(Method::GET, "/version", "", None)
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("TLS"), "{e}");
     }
 
     #[test]

@@ -141,7 +141,8 @@ impl Fleets {
                             queue: spec.fleet.cold_start_queue,
                         }));
                 }
-                let fleet = kube::KubeFleet::new(spec.clone(), members, ep);
+                let fleet = kube::KubeFleet::new(spec.clone(), members, ep)
+                    .map_err(|e| format!("service {}: kubernetes: {e}", spec.service))?;
                 fleet.start();
                 let provider: Arc<dyn Provider> = fleet;
                 let autoscaler = match autoscale {

@@ -426,6 +426,18 @@ fn shoal_scales_a_deployment_and_scales_in_without_failures() {
         "{m}"
     );
 
+    // shoal status names the Deployment and what it cannot do there.
+    let out = Command::new(SHOAL)
+        .args(["status", "--admin", &format!("127.0.0.1:{admin}")])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains("kubernetes default/demo")
+            && status.contains("metrics: request-based targets only"),
+        "{status}"
+    );
+
     // The shipped Role grants exactly what shoal used.
     let used = used_permissions(&k.api().requests());
     assert_eq!(
