@@ -933,6 +933,35 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_fleet_fields() {
+        let s = spec(&format!(
+            "{BASE}[services.web.fleet]\nprovider = \"kubernetes\"\nnamespace = \"shop\"\ndeployment = \"web\"\nport = \"http\"\nmin = 0\nmax = 4\nexternal_scale = \"reconcile\"\ncold_start_timeout = \"5s\"\n"
+        ))
+        .unwrap()
+        .unwrap();
+        let f = &s.fleet;
+        assert_eq!(
+            (f.namespace.as_str(), f.deployment.as_str()),
+            ("shop", "web")
+        );
+        assert_eq!(f.port, Some(PortRef::Name("http".into())));
+        assert_eq!(f.external_scale, "reconcile");
+        assert_eq!(f.cold_start_timeout.0, Duration::from_secs(5));
+        assert_eq!(f.cold_start_queue, 1000);
+        let e = spec(&format!(
+            "{BASE}[services.web.fleet]\nprovider = \"kubernetes\"\nmax = 4\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "services.web.fleet.deployment", "{e}");
+        let e = spec(&format!(
+            "{BASE}[services.web.fleet]\nprovider = \"kubernetes\"\ndeployment = \"web\"\nexternal_scale = \"ignore\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "services.web.fleet.external_scale", "{e}");
+        assert_eq!(e.line, 6, "{e}");
+    }
+
+    #[test]
     fn min_over_max_names_the_line() {
         let e = spec(&format!(
             "{BASE}[services.web.fleet]\ncommand = \"shoal demo-service\"\nmin = 5\nmax = 2\n"

@@ -494,6 +494,8 @@ struct KState {
     members: BTreeMap<String, Tracked>,
     /// Pods shoal drained (scale-in or terminating), with when.
     draining: BTreeMap<String, (SocketAddr, Instant)>,
+    /// Pods taken out because they turned unready (not terminating): back once ready.
+    unready: std::collections::BTreeSet<String>,
     last_error: Option<String>,
     watch_rv: String,
 }
@@ -535,6 +537,7 @@ impl KubeFleet {
                 slices: BTreeMap::new(),
                 members: BTreeMap::new(),
                 draining: BTreeMap::new(),
+                unready: Default::default(),
                 last_error: None,
                 watch_rv: String::new(),
             }),
@@ -764,23 +767,39 @@ impl KubeFleet {
                     eps.entry(e.pod.clone()).or_insert_with(|| e.clone());
                 }
             }
-            // Gone, terminating, or drained by shoal: no new requests.
-            let leaving: Vec<String> = s
+            // Gone, terminating, drained by shoal, or a ready pod turned unready: no new
+            // requests.
+            let leaving: Vec<(String, bool)> = s
                 .members
-                .keys()
-                .filter(|p| {
-                    eps.get(*p)
-                        .is_none_or(|e| e.terminating || s.draining.contains_key(*p))
+                .iter()
+                .filter_map(|(p, t)| match eps.get(p) {
+                    None => Some((p.clone(), false)),
+                    Some(e) if e.terminating || s.draining.contains_key(p) => {
+                        Some((p.clone(), false))
+                    }
+                    Some(e) if t.known == Known::Ready && !e.ready => Some((p.clone(), true)),
+                    Some(_) => None,
                 })
-                .cloned()
                 .collect();
-            for p in leaving {
+            for (p, unready) in leaving {
                 s.members.remove(&p);
+                if unready {
+                    tracing::info!(service = %self.spec.service, pod = %p, "pod turned unready: no new requests until it is ready again");
+                    s.unready.insert(p.clone());
+                }
                 removals.push(p);
             }
             for (pod, e) in &eps {
                 if e.terminating || s.draining.contains_key(pod) {
                     continue;
+                }
+                // Taken out while unready: back only once ready again (not as a new
+                // starting member beside the one still draining).
+                if s.unready.contains(pod) {
+                    if !e.ready {
+                        continue;
+                    }
+                    s.unready.remove(pod);
                 }
                 match s.members.get_mut(pod) {
                     None => {
@@ -806,13 +825,12 @@ impl KubeFleet {
                         t.known = Known::Ready;
                         tracing::info!(service = %self.spec.service, pod = %pod, "pod ready");
                     }
-                    // A ready pod that turns unready stays routed; passive health and
-                    // outlier ejection handle a failing one.
                     Some(_) => {}
                 }
             }
-            // Forget drained pods once their endpoint is gone.
+            // Forget drained and unready pods once their endpoint is gone.
             s.draining.retain(|p, _| eps.contains_key(p));
+            s.unready.retain(|p| eps.contains_key(p));
         }
         let drain = self.spec.drain_timeout;
         for pod in removals {
@@ -1506,6 +1524,64 @@ users:
             .await
             .unwrap_err();
         assert!(e.message.contains("TLS"), "{e}");
+    }
+
+    /// Membership follows the slices: a ready pod that turns unready stops getting requests
+    /// and is back once ready; terminating → removed; a deleted slice removes its pods.
+    #[tokio::test]
+    async fn membership_follows_endpoint_conditions() {
+        let members = Arc::new(Members::default());
+        let fleet = KubeFleet::new(
+            spec(),
+            members.clone(),
+            Endpoint {
+                server: "http://127.0.0.1:1".into(),
+                ..Endpoint::default()
+            },
+        )
+        .unwrap();
+        let slice = |a: (bool, bool), b: (bool, bool)| {
+            let ep = |ip: &str, pod: &str, (ready, terminating): (bool, bool)| {
+                json!({"addresses": [ip], "targetRef": {"name": pod},
+                       "conditions": {"ready": ready, "serving": ready || terminating, "terminating": terminating}})
+            };
+            json!({"type": "MODIFIED", "object": {"metadata": {"name": "s", "resourceVersion": "7"},
+                   "ports": [{"port": 80}],
+                   "endpoints": [ep("10.0.0.1", "a", a), ep("10.0.0.2", "b", b)]}})
+        };
+        // Removals run on spawned tasks: let them run, then take what was called.
+        let calls = || async {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            std::mem::take(&mut *members.0.lock().unwrap())
+        };
+        fleet
+            .apply_event(&slice((true, false), (false, false)))
+            .ok();
+        assert_eq!(calls().await, ["add a", "ready a", "add b"]);
+        assert_eq!(fleet.counts(), (1, 1, 0));
+        fleet
+            .apply_event(&slice((false, false), (true, false)))
+            .ok();
+        assert_eq!(calls().await, ["ready b", "remove a"]);
+        fleet
+            .apply_event(&slice((false, false), (true, false)))
+            .ok();
+        assert!(calls().await.is_empty(), "nothing changed");
+        fleet.apply_event(&slice((true, false), (false, true))).ok();
+        assert_eq!(calls().await, ["add a", "ready a", "remove b"]);
+        assert_eq!(fleet.state.lock().unwrap().watch_rv, "7");
+        let deleted = json!({"type": "DELETED", "object": {"metadata": {"name": "s", "resourceVersion": "9"}}});
+        fleet.apply_event(&deleted).ok();
+        assert_eq!(calls().await, ["remove a"]);
+        assert_eq!(fleet.counts(), (0, 0, 0));
+        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "code": 410}});
+        assert!(matches!(fleet.apply_event(&gone), Err(WatchEnd::Gone)));
+        let bookmark =
+            json!({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "12"}}});
+        fleet.apply_event(&bookmark).ok();
+        assert_eq!(fleet.state.lock().unwrap().watch_rv, "12");
     }
 
     #[test]
