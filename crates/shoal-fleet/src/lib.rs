@@ -208,11 +208,11 @@ impl Fleets {
                 return;
             }
         };
-        // A service gone from the config takes its fleet with it: drained, then stopped.
+        // A service gone from the config takes its fleet with it: drained, then stopped (a
+        // Kubernetes fleet stops being watched and scaled; its pods stay the cluster's).
         for m in &self.managed {
             let service = m.provider.service().to_string();
-            if m.provider.kind() == "process" && !config.services.iter().any(|s| s.name == service)
-            {
+            if m.provider.kind() != "static" && !config.services.iter().any(|s| s.name == service) {
                 tracing::info!(service = %service, "service removed: draining and stopping its fleet");
                 let provider = m.provider.clone();
                 tokio::spawn(async move { provider.shutdown(Duration::from_secs(60)).await });
