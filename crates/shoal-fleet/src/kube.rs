@@ -960,7 +960,21 @@ impl KubeFleet {
     /// Pods to remove: ones already drained first, then least in flight, newest first.
     fn choose_victims(&self, k: usize) -> Vec<String> {
         let s = self.state.lock().expect("kube state");
-        let mut out: Vec<String> = s.draining.keys().take(k).cloned().collect();
+        // Pods shoal drained earlier that are still live (not terminating: those are already
+        // outside the replica count) go first.
+        let live = |p: &String| {
+            s.slices
+                .values()
+                .flatten()
+                .any(|e| e.pod == *p && !e.terminating)
+        };
+        let mut out: Vec<String> = s
+            .draining
+            .keys()
+            .filter(|p| live(p))
+            .take(k)
+            .cloned()
+            .collect();
         let mut candidates: Vec<(&String, &Tracked)> = s.members.iter().collect();
         candidates.sort_by_key(|(p, t)| {
             (
@@ -1582,6 +1596,39 @@ users:
             json!({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "12"}}});
         fleet.apply_event(&bookmark).ok();
         assert_eq!(fleet.state.lock().unwrap().watch_rv, "12");
+    }
+
+    /// Scale-in victims: a pod shoal drained that is still live comes first; one already
+    /// terminating is outside the replica count and never chosen again; then the idlest.
+    #[tokio::test]
+    async fn victims_skip_pods_already_terminating() {
+        let members = Arc::new(Members::default());
+        let fleet = KubeFleet::new(
+            spec(),
+            members,
+            Endpoint {
+                server: "http://127.0.0.1:1".into(),
+                ..Endpoint::default()
+            },
+        )
+        .unwrap();
+        let ep = |ip: &str, pod: &str, terminating: bool| {
+            json!({"addresses": [ip], "targetRef": {"name": pod},
+                   "conditions": {"ready": !terminating, "terminating": terminating}})
+        };
+        let ev = json!({"type": "ADDED", "object": {"metadata": {"name": "s"}, "ports": [{"port": 80}],
+            "endpoints": [ep("10.0.0.1", "pod-a", false), ep("10.0.0.2", "pod-b", false),
+                          ep("10.0.0.3", "gone", true), ep("10.0.0.4", "kept", false)]}});
+        fleet.apply_event(&ev).ok();
+        {
+            let mut s = fleet.state.lock().unwrap();
+            let addr: SocketAddr = "10.0.0.3:80".parse().unwrap();
+            s.draining.insert("gone".into(), (addr, Instant::now()));
+            s.members.remove("kept");
+            s.draining.insert("kept".into(), (addr, Instant::now()));
+        }
+        // pod-a is busy (Members::in_flight), so pod-b follows the drained live pod.
+        assert_eq!(fleet.choose_victims(2), ["kept", "pod-b"]);
     }
 
     #[test]
