@@ -22,12 +22,18 @@
 //!   `kubernetes.io/service-name=DEPLOYMENT` with ready/serving/terminating conditions.
 //!
 //! Test hooks (not Kubernetes API): `GET /_test/requests` is the log of every API request
-//! (method, path and query, content type, body, status, milliseconds since start, in order);
+//! (method, path and query, content type, user agent, body, status, milliseconds since
+//! start, in order);
 //! `POST /_test/compact` forgets all event history and ends every open watch, so a client
 //! resuming from its last `resourceVersion` gets `410 Gone`.
 //!
-//! Not implemented: authentication, admission, server-side apply, OpenAPI documents,
-//! garbage collection beyond a Deployment's own pods, ReplicaSets, rollouts.
+//! Also: protobuf request bodies for Deployments (`kubectl create deployment` sends nothing
+//! else), and OpenAPI v3 documents reduced to each kind's PATCH operation with its
+//! `fieldValidation` parameter (what kubectl reads to validate server-side).
+//!
+//! Not implemented: authentication, admission, server-side apply, schemas, server-side
+//! table printing (kubectl prints NAME and AGE), garbage collection beyond a Deployment's own
+//! pods, ReplicaSets, rollouts.
 
 pub mod controller;
 pub mod patch;
@@ -1453,9 +1459,4 @@ fn delete(
         json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                      "details": {"name": name, "kind": t.res.plural}})
     })
-}
-
-/// Reads one JSON object map field, for the controller.
-pub fn obj_map(v: &Value) -> Map<String, Value> {
-    v.as_object().cloned().unwrap_or_default()
 }
