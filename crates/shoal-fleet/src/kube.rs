@@ -1598,6 +1598,63 @@ users:
         assert_eq!(fleet.state.lock().unwrap().watch_rv, "12");
     }
 
+    /// A replica count changed outside shoal: adopted in `respect` mode, written back in
+    /// `reconcile` mode; counted either way.
+    #[tokio::test]
+    async fn external_scale_respected_or_reconciled() {
+        for mode in ["respect", "reconcile"] {
+            let mock = Arc::new(Mutex::new(Mock {
+                replicas: 2,
+                rv: 10,
+                slice: json!({"metadata": {"name": "s"}, "ports": [{"port": 80}], "endpoints": []}),
+                ..Mock::default()
+            }));
+            let addr = serve_mock(mock.clone()).await;
+            let mut sp = spec();
+            sp.fleet.external_scale = mode.into();
+            let fleet = KubeFleet::new(
+                sp,
+                Arc::new(Members::default()),
+                Endpoint {
+                    server: format!("http://{addr}"),
+                    ..Endpoint::default()
+                },
+            )
+            .unwrap();
+            fleet.start();
+            wait_for("first read", || fleet.desired() == 2).await;
+            {
+                let mut m = mock.lock().unwrap();
+                m.replicas = 4;
+                m.rv += 1;
+            }
+            wait_for("external change seen", || {
+                fleet.counters.external_scales.load(Ordering::Relaxed) == 1
+            })
+            .await;
+            if mode == "respect" {
+                assert_eq!(fleet.desired(), 4);
+                // Two more reads of the count, and still nothing written.
+                let reads = || {
+                    let m = mock.lock().unwrap();
+                    let gets = m
+                        .log
+                        .iter()
+                        .filter(|(v, u, _)| v == "GET" && u.ends_with("/scale"));
+                    (gets.count(), m.log.iter().any(|(v, _, _)| v == "PUT"))
+                };
+                let seen = reads().0;
+                wait_for("two more reads", || reads().0 >= seen + 2).await;
+                assert!(!reads().1, "respect mode wrote the count");
+                assert_eq!(mock.lock().unwrap().replicas, 4);
+            } else {
+                assert_eq!(fleet.desired(), 2);
+                wait_for("count written back", || mock.lock().unwrap().replicas == 2).await;
+            }
+            let _ = fleet.shutdown(Duration::ZERO).await;
+        }
+    }
+
     /// Scale-in victims: a pod shoal drained that is still live comes first; one already
     /// terminating is outside the replica count and never chosen again; then the idlest.
     #[tokio::test]
