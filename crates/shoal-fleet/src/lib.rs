@@ -129,7 +129,7 @@ impl Fleets {
                 Some(extra) => Arc::new(Tee(service.pool.clone(), extra.clone())),
                 None => service.pool.clone(),
             };
-            if spec.fleet.provider == "kubernetes" {
+            let provider: Arc<dyn Provider> = if spec.fleet.provider == "kubernetes" {
                 let ep = kube::endpoint_from_env()
                     .map_err(|e| format!("service {}: kubernetes: {e}", spec.service))?;
                 if spec.fleet.min == 0 {
@@ -144,39 +144,26 @@ impl Fleets {
                 let fleet = kube::KubeFleet::new(spec.clone(), members, ep)
                     .map_err(|e| format!("service {}: kubernetes: {e}", spec.service))?;
                 fleet.start();
-                let provider: Arc<dyn Provider> = fleet;
-                let autoscaler = match autoscale {
-                    Some(cfg) => {
-                        let backlog = hooks.backlog.get(&spec.service).cloned();
-                        let a = Autoscaler::new(service, provider.clone(), &spec, cfg, backlog)?;
-                        tokio::spawn(a.clone().run(stop_rx.clone()));
-                        Some(a)
-                    }
-                    None => None,
-                };
-                managed.push(Managed {
-                    provider,
-                    autoscaler,
-                    resources: spec.resources,
-                });
-                continue;
-            }
-            let registry = registry.clone().expect("registry for process fleets");
-            let fleet =
-                ProcessFleet::new(spec.clone(), members, registry).map_err(|e| e.to_string())?;
-            tokio::spawn(fleet.clone().run());
-            tokio::spawn(fleet.clone().run_vertical());
+                fleet
+            } else {
+                let registry = registry.clone().expect("registry for process fleets");
+                let fleet = ProcessFleet::new(spec.clone(), members, registry)
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(fleet.clone().run());
+                tokio::spawn(fleet.clone().run_vertical());
+                fleet
+            };
             let autoscaler = match autoscale {
                 Some(cfg) => {
                     let backlog = hooks.backlog.get(&spec.service).cloned();
-                    let a = Autoscaler::new(service, fleet.clone(), &spec, cfg, backlog)?;
+                    let a = Autoscaler::new(service, provider.clone(), &spec, cfg, backlog)?;
                     tokio::spawn(a.clone().run(stop_rx.clone()));
                     Some(a)
                 }
                 None => None,
             };
             managed.push(Managed {
-                provider: fleet,
+                provider,
                 autoscaler,
                 resources: spec.resources,
             });
