@@ -21,6 +21,8 @@ pub enum ProxyError {
     HeadersTooLarge,
     PayloadTooLarge,
     NoInstance,
+    /// Scaling from zero: no instance became ready in time, or too many requests wait.
+    ColdStart,
     Upstream(&'static str),
     Timeout,
 }
@@ -35,7 +37,7 @@ impl ProxyError {
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::NoInstance => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoInstance | ProxyError::ColdStart => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -52,6 +54,7 @@ impl ProxyError {
             ProxyError::HeadersTooLarge => "request header fields too large",
             ProxyError::PayloadTooLarge => "payload too large",
             ProxyError::NoInstance => "no instance available",
+            ProxyError::ColdStart => "no instance ready yet: starting one",
             ProxyError::Upstream(m) => m,
             ProxyError::Timeout => "upstream timed out",
         }
@@ -88,6 +91,9 @@ impl ProxyError {
         if self.closes() {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        if matches!(self, ProxyError::ColdStart) {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         r
     }
 
@@ -100,6 +106,9 @@ impl ProxyError {
         out.extend_from_slice((msg.len() + 1).to_string().as_bytes());
         if close || self.closes() {
             out.extend_from_slice(b"\r\nconnection: close");
+        }
+        if matches!(self, ProxyError::ColdStart) {
+            out.extend_from_slice(b"\r\nretry-after: 1");
         }
         out.extend_from_slice(b"\r\n\r\n");
         out.extend_from_slice(msg.as_bytes());

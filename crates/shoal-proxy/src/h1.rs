@@ -932,6 +932,8 @@ impl<'a> Conn<'a> {
         cfg: &ServiceConfig,
         start: u64,
     ) -> Result<(Answer, InFlight), Option<ProxyError>> {
+        // Scaling from zero: wait (bounded) for a first instance.
+        svc.pool.wait_routable().await.map_err(Some)?;
         let mut tries = svc.begin_tries(cfg, start);
         let mut last_err = None;
         self.tries_made = 0;
