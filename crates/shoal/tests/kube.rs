@@ -223,12 +223,13 @@ fn kubectl_drives_the_test_apiserver() {
         .unwrap()
         .to_string();
     k.kubectl_ok(&["delete", "pod", &victim, "--wait=false"]);
-    let e = k.endpoints();
-    let v = e.iter().find(|e| e.0 == victim).unwrap();
-    assert!(
-        !v.1 && v.2 && v.3,
-        "deleted pod not serving && terminating: {e:?}"
-    );
+    // The controller publishes the change on its next pass: wait for it, within the
+    // termination delay the pod keeps serving.
+    wait_until(10, "deleted pod serving && terminating", || {
+        k.endpoints()
+            .iter()
+            .any(|e| e.0 == victim && !e.1 && e.2 && e.3)
+    });
     wait_until(20, "pod replaced", || {
         let e = k.endpoints();
         !e.iter().any(|e| e.0 == victim) && e.iter().filter(|e| e.1).count() == 2
@@ -403,7 +404,7 @@ fn shoal_scales_a_deployment_and_scales_in_without_failures() {
     eprintln!("kubectl scale seen after {:?}", t.elapsed());
     let (_, m) = get(admin, "/metrics");
     assert!(
-        m.contains("shoal_kube_external_scales_total{service=\"demo\"} 1"),
+        counter(&m, "shoal_kube_external_scales_total{service=\"demo\"}") >= 1.0,
         "{m}"
     );
     wait_until(20, "three pods routed", || ready(&api()) == 3);
@@ -422,7 +423,7 @@ fn shoal_scales_a_deployment_and_scales_in_without_failures() {
     });
     let (_, m) = get(admin, "/metrics");
     assert!(
-        m.contains("shoal_kube_relists_total{service=\"demo\"} 1"),
+        counter(&m, "shoal_kube_relists_total{service=\"demo\"}") >= 1.0,
         "{m}"
     );
 
@@ -660,4 +661,12 @@ cold_start_timeout = "1s"
         m.contains("shoal_cold_start_failures_total{service=\"slow\",reason=\"timeout\"} 1"),
         "{m}"
     );
+}
+
+/// A sample's value in a Prometheus text exposition (0 when absent).
+fn counter(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
