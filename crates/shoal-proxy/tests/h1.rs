@@ -432,8 +432,7 @@ async fn keep_alive_connection_moves_to_the_general_path_for_unusual_requests() 
     let (head, body) = read_response(&mut s, &mut buf, false).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(body, b"a");
-    // A chunked upload is the general path's: answered on the same connection, which then
-    // closes, so every request head on a connection is read raw by the fast path first.
+    // A chunked upload stays on the fast path, and so does the connection.
     s.write_all(
         b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     )
@@ -443,6 +442,23 @@ async fn keep_alive_connection_moves_to_the_general_path_for_unusual_requests() 
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(body, b"a");
     assert_eq!(a.body_bytes.load(Ordering::SeqCst), 5);
+    assert!(
+        !head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    // `Expect` is the general path's: answered on the same connection, which then closes,
+    // so every request head on a connection is read raw by the fast path first.
+    s.write_all(
+        b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await
+    .unwrap();
+    let (head, _) = read_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 100"), "{head}");
+    let (head, body) = read_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"a");
+    assert_eq!(a.body_bytes.load(Ordering::SeqCst), 10);
     assert!(
         head.to_ascii_lowercase().contains("connection: close"),
         "{head}"
@@ -460,7 +476,7 @@ async fn keep_alive_connection_moves_to_the_general_path_for_unusual_requests() 
         String::from_utf8_lossy(&out).into_owned()
     };
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
-    assert_eq!(a.count(), 2);
+    assert_eq!(a.count(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
