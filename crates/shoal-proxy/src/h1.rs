@@ -874,7 +874,7 @@ impl<'a> Conn<'a> {
                 return false;
             }
         }
-        match result {
+        let keep = match result {
             Ok((answer, busy)) => {
                 let status = answer.plan.status;
                 let headers_at = self.last_active;
@@ -926,7 +926,12 @@ impl<'a> Conn<'a> {
                     && !e.closes()
                     && !close
             }
+        };
+        if self.body_open {
+            body::linger(&mut *self.stream).await;
+            return false;
         }
+        keep
     }
 
     /// Writes one access-log line (only called when the listener logs). `times`: request

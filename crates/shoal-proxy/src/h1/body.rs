@@ -295,6 +295,29 @@ fn trailer_allowed(name: &[u8]) -> bool {
         && !DENY.iter().any(|d| name.eq_ignore_ascii_case(d.as_bytes()))
 }
 
+/// How long, and for how many bytes, a closing connection still reads an unfinished body.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 4 << 20;
+
+/// Closes a client connection whose request body was not read to its end: the answer is
+/// flushed and the write side shut first, then what the client still sends is read and
+/// dropped for a moment (NGINX's lingering close). Closing with unread bytes would make the
+/// kernel reset the connection, which can destroy the answer before the client reads it.
+pub(super) async fn linger<C: AsyncRead + AsyncWrite + Unpin>(client: &mut C) {
+    if client.shutdown().await.is_err() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + LINGER;
+    let mut sink = vec![0u8; BODY_CHUNK];
+    let mut left = LINGER_BYTES;
+    while left > 0 {
+        match tokio::time::timeout_at(deadline, client.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => return,
+        }
+    }
+}
+
 /// Timeouts of a streamed try.
 pub(super) struct Limits {
     pub connect: Duration,
