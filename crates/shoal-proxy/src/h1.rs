@@ -7,10 +7,11 @@
 //! [`Service::route`], [`hygiene::forward_headers`] — fed the header slices `httparse` found.
 //! Bodies up to [`REPLAY_LIMIT`] (within the body memory budget) are read whole, so a failed
 //! try can resend them; chunked and longer ones stream ([`body`]) and the connection goes on
-//! with the next request. What it does not forward itself — the HTTP/2 preface, HTTP/1.0,
-//! `Upgrade`, `Expect`, a streamed body on a cached or async route, absolute-form or unusual
-//! targets, a head that does not parse or is over the read buffer — hands the connection,
-//! with the bytes read so far, to the hyper path ([`crate::server`]).
+//! with the next request (`Expect: 100-continue` is answered here). What it does not forward
+//! itself — the HTTP/2 preface, HTTP/1.0, `Upgrade`, a streamed body on a cached or async
+//! route, absolute-form or unusual targets, a head that does not parse or is over the read
+//! buffer — hands the connection, with the bytes read so far, to the hyper path
+//! ([`crate::server`]).
 
 mod body;
 
@@ -55,6 +56,8 @@ struct Plan {
     body_len: usize,
     /// A body streamed rather than read whole (`body_len` is then 0).
     stream: Option<body::Streamed>,
+    /// The client waits for `100 Continue` before it sends the body.
+    expect: bool,
     head_method: bool,
     idempotent: bool,
     close: bool,
@@ -143,7 +146,7 @@ fn plan_request(
         cfg.access_log
             .then(|| Box::new((method.to_string(), path.to_string())))
     };
-    let facts = match hygiene::inspect(&line, pairs(), cfg, peer.ip()) {
+    let mut facts = match hygiene::inspect(&line, pairs(), cfg, peer.ip()) {
         Ok(f) => f,
         Err(e) => return Parsed::Reject(e, log()),
     };
@@ -153,9 +156,13 @@ fn plan_request(
         BodyKind::Length(n) => (0, Some(body::Streamed::Length(n))),
         BodyKind::Chunked => (0, Some(body::Streamed::Chunked)),
     };
-    if facts.upgrade.is_some() || facts.expect {
+    if facts.upgrade.is_some() {
         return Parsed::Handover;
     }
+    // `Expect: 100-continue` is met here (the body is read or streamed at once, as NGINX
+    // does), so it does not go upstream.
+    let expect = facts.expect && facts.body != BodyKind::None;
+    facts.expect = false;
     let permit = match BufferPermit::take(body_len) {
         Some(p) => p,
         // Past the memory budget: streamed (so not retried), as on the general path.
@@ -211,6 +218,7 @@ fn plan_request(
             head_len,
             body_len: body_len as usize,
             stream: None,
+            expect,
             head_method: method == "HEAD",
             idempotent: is_idempotent(method),
             close: facts.close,
@@ -266,6 +274,7 @@ fn plan_request(
         head_len,
         body_len: body_len as usize,
         stream,
+        expect,
         head_method: method == "HEAD",
         idempotent: is_idempotent(method),
         close: facts.close,
@@ -745,6 +754,12 @@ impl<'a> Conn<'a> {
                 }
             };
             let start = now_nanos();
+            if plan.expect && self.rbuf.len() == plan.head_len {
+                let limit = cfg.timeouts.client_write.0;
+                if !write_client(self.stream, b"HTTP/1.1 100 Continue\r\n\r\n", limit).await {
+                    return End::Closed;
+                }
+            }
             // A small body is read whole, so a failed try can resend it.
             let total = plan.head_len + plan.body_len;
             while self.rbuf.len() < total {
@@ -1605,7 +1620,6 @@ mod tests {
             b"GET / HTTP/1.0\r\nHost: x\r\n\r\n",
             b"GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
-            b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
             b"POST / HTTP/1.0\r\nHost: x\r\nContent-Length: 65537\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nX-Bad : 1\r\n\r\n",
@@ -1661,6 +1675,22 @@ mod tests {
         assert_eq!(plan(&endless, &c).1, "partial");
         endless.extend(std::iter::repeat_n(b'a', 80 * 1024));
         assert_eq!(plan(&endless, &c).1, "handover");
+    }
+
+    #[test]
+    fn expect_continue_is_met_here() {
+        let (p, out) = plan(
+            b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            &cfg(),
+        );
+        assert!(p.unwrap().expect);
+        assert!(!out.to_ascii_lowercase().contains("expect"), "{out}");
+        // Nothing to wait for without a body.
+        let (p, _) = plan(
+            b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
+            &cfg(),
+        );
+        assert!(!p.unwrap().expect);
     }
 
     #[test]

@@ -42,7 +42,9 @@ async fn response<R: AsyncReadExt + Unpin>(
     buf.drain(..end);
     let lower = head.to_ascii_lowercase();
     let mut body = Vec::new();
-    if lower.contains("transfer-encoding: chunked") {
+    if head.starts_with("HTTP/1.1 1") {
+        // Interim: no body.
+    } else if lower.contains("transfer-encoding: chunked") {
         loop {
             let line = loop {
                 if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
@@ -456,4 +458,46 @@ async fn an_answer_before_the_body_ends_is_relayed_and_both_sides_close() {
         inst.idle.is_empty(),
         "a connection with half a request pooled"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_is_met_and_the_connection_kept() {
+    let a = Backend::start("a").await;
+    let p = start_proxy(service_config(&[&a], "round-robin")).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let mut buf = Vec::new();
+    // As curl sends an upload: the head, then the body only after `100 Continue`.
+    for (head, body) in [
+        (
+            &b"PUT /h HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 200000\r\n\r\n"[..],
+            vec![b'y'; 200_000],
+        ),
+        (
+            b"POST /h HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+            b"hello".to_vec(),
+        ),
+        (
+            b"POST /h HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"5\r\nhello\r\n0\r\n\r\n".to_vec(),
+        ),
+    ] {
+        s.write_all(head).await.unwrap();
+        let (h, _) = response(&mut s, &mut buf).await.expect("an answer");
+        assert!(h.starts_with("HTTP/1.1 100 Continue\r\n"), "{h}");
+        s.write_all(&body).await.unwrap();
+        let (h, b) = response(&mut s, &mut buf).await.expect("an answer");
+        assert_eq!(status(&h), 200, "{h}");
+        assert_eq!(b, b"a");
+        // Met by shoal: the instance is not asked again.
+        let seen = a.last.lock().unwrap().to_ascii_lowercase();
+        assert!(seen.starts_with("put /h") || seen.starts_with("post /h"), "{seen}");
+        assert!(!seen.contains("expect"), "{seen}");
+    }
+    s.write_all(b"GET /headers HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, _) = response(&mut s, &mut buf).await.expect("an answer");
+    assert_eq!(status(&h), 200, "{h}");
+    assert_eq!(a.body_bytes.load(Ordering::SeqCst), 200_010);
+    assert_eq!(a.conns.load(Ordering::SeqCst), 1);
 }
