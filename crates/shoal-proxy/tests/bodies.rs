@@ -330,6 +330,34 @@ async fn broken_chunked_bodies_are_400_and_never_complete_upstream() {
             String::from_utf8_lossy(&buf)
         );
     }
+    // Framing in the head that could be read two ways is refused before any body.
+    for head in [
+        "Transfer-Encoding: chunked\r\nContent-Length: 5",
+        "Content-Length: 5\r\nTransfer-Encoding: chunked",
+        "Transfer-Encoding: chunked, identity",
+        "Transfer-Encoding: identity, chunked",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+        "Transfer-Encoding: xchunked",
+        "Transfer-Encoding: chunked\x0b",
+        "Transfer-Encoding : chunked",
+        " Transfer-Encoding: chunked",
+    ] {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        let req = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\n{head}\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
+             GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let (h, _) = response(&mut s, &mut buf).await.expect("an answer");
+        assert_eq!(status(&h), 400, "{head:?}: {h}");
+        assert!(closes(&mut s).await, "{head:?}");
+        assert!(
+            buf.is_empty(),
+            "{head:?}: {}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
     assert!(
         seen.lock().unwrap().is_empty(),
         "a complete request reached the origin"
