@@ -529,3 +529,84 @@ async fn expect_100_continue_is_met_and_the_connection_kept() {
     assert_eq!(a.body_bytes.load(Ordering::SeqCst), 200_010);
     assert_eq!(a.conns.load(Ordering::SeqCst), 1);
 }
+
+/// A job sink that takes bodies up to 1 KiB and records what it was given.
+struct Sink(Mutex<Vec<bytes::Bytes>>);
+
+impl shoal_proxy::jobs::JobSink for Sink {
+    fn max_body(&self) -> usize {
+        1024
+    }
+    fn submit(
+        &self,
+        req: shoal_proxy::jobs::JobRequest,
+        _key: Option<String>,
+    ) -> shoal_proxy::jobs::BoxFuture<'_, http::Response<bytes::Bytes>> {
+        self.0.lock().unwrap().push(req.body);
+        Box::pin(async {
+            let mut r = http::Response::new(bytes::Bytes::new());
+            *r.status_mut() = http::StatusCode::ACCEPTED;
+            r
+        })
+    }
+    fn lookup(&self, _id: &str) -> shoal_proxy::jobs::BoxFuture<'_, http::Response<bytes::Bytes>> {
+        Box::pin(async { http::Response::new(bytes::Bytes::new()) })
+    }
+}
+
+struct Jobs(Arc<Sink>);
+
+impl shoal_proxy::jobs::Jobs for Jobs {
+    fn sink(
+        &self,
+        _route: &shoal_proxy::config::RouteConfig,
+        _jobs_path: &str,
+    ) -> Option<Arc<dyn shoal_proxy::jobs::JobSink>> {
+        Some(self.0.clone())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_bodies_on_an_async_route_are_413_and_never_submitted() {
+    let a = Backend::start("a").await;
+    let sink = Arc::new(Sink(Mutex::new(Vec::new())));
+    let app = shoal_proxy::App::new(None, None);
+    app.set_jobs(Arc::new(Jobs(sink.clone())));
+    let text = format!(
+        "[services.web]\nlisten = \"127.0.0.1:0\"\nbackends = [\"{}\"]\n\n\
+         [[services.web.routes]]\nprefix = \"/async\"\n\n[services.web.routes.async]\n\n\
+         [[services.web.routes]]\nprefix = \"/\"\n",
+        a.addr
+    );
+    let cfg = shoal_proxy::Config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+    app.start(&cfg).await.unwrap();
+    let addr = app.listen_addr("web").unwrap();
+    let big = "x".repeat(2000);
+    for (req, want) in [
+        (
+            format!(
+                "POST /async HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n7d0\r\n{big}\r\n0\r\n\r\n"
+            ),
+            413,
+        ),
+        (
+            format!("POST /async HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n{big}"),
+            413,
+        ),
+        (
+            "POST /async HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                .to_string(),
+            202,
+        ),
+    ] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (h, _) = response(&mut s, &mut Vec::new()).await.expect("an answer");
+        assert_eq!(status(&h), want, "{req:.60}: {h}");
+    }
+    assert_eq!(
+        *sink.0.lock().unwrap(),
+        vec![bytes::Bytes::from_static(b"hello")]
+    );
+    assert_eq!(a.count(), 0, "an async route's request reached an instance");
+}
