@@ -97,6 +97,15 @@ fn plain_target_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%[]".contains(&b)
 }
 
+/// Appends `data` as one chunk (nothing if empty: an empty chunk would end the body).
+fn put_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if !data.is_empty() {
+        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -304,6 +313,9 @@ struct RespPlan {
     framing: Framing,
     /// The upstream connection can carry another request afterwards.
     reusable: bool,
+    /// A body delimited by the instance's close goes to the client chunked, so the client
+    /// connection outlives it.
+    rechunk: bool,
 }
 
 #[derive(Debug)]
@@ -430,6 +442,9 @@ fn plan_response(
         reusable = false;
         Framing::Close
     };
+    // Without a coding the body can be chunked on the way; with one it would need its
+    // `Transfer-Encoding` rewritten, and goes as it came, until close.
+    let rechunk = framing == Framing::Close && !has_te;
     let mut named: Vec<&[u8]> = Vec::new();
     if other_options {
         named.extend(
@@ -454,7 +469,10 @@ fn plan_response(
         }
     }
     out.extend_from_slice(b"via: 1.1 shoal\r\n");
-    if close_client || framing == Framing::Close {
+    if rechunk {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if close_client || (framing == Framing::Close && !rechunk) {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -463,6 +481,7 @@ fn plan_response(
         status,
         framing,
         reusable,
+        rechunk,
     })
 }
 
@@ -1214,7 +1233,11 @@ impl<'a> Conn<'a> {
         };
         // Bytes past the end of the response: the instance broke framing.
         let mut clean = n == self.bufs.ubuf.len();
-        self.bufs.out.extend_from_slice(&self.bufs.ubuf[..n]);
+        if plan.rechunk {
+            put_chunk(&mut self.bufs.out, &self.bufs.ubuf[..n]);
+        } else {
+            self.bufs.out.extend_from_slice(&self.bufs.ubuf[..n]);
+        }
         if !write_client(self.stream, &self.bufs.out, write_limit).await {
             return false;
         }
@@ -1224,7 +1247,12 @@ impl<'a> Conn<'a> {
             self.bufs.ubuf.clear();
             self.bufs.ubuf.reserve(READ_CHUNK);
             match tokio::time::timeout(read_limit, up.read_buf(&mut self.bufs.ubuf)).await {
-                Ok(Ok(0)) if matches!(left, BodyLeft::Close) => break,
+                Ok(Ok(0)) if matches!(left, BodyLeft::Close) => {
+                    if plan.rechunk && !write_client(self.stream, b"0\r\n\r\n", write_limit).await {
+                        return false;
+                    }
+                    break;
+                }
                 Ok(Ok(k)) if k > 0 => {}
                 // The instance failed mid-body: the client cannot be told but by a close.
                 _ => return false,
@@ -1234,7 +1262,14 @@ impl<'a> Conn<'a> {
                 Err(()) => return false,
             };
             clean = n == self.bufs.ubuf.len();
-            if !write_client(self.stream, &self.bufs.ubuf[..n], write_limit).await {
+            let data = if plan.rechunk {
+                self.bufs.out.clear();
+                put_chunk(&mut self.bufs.out, &self.bufs.ubuf[..n]);
+                &self.bufs.out
+            } else {
+                &self.bufs.ubuf[..n]
+            };
+            if !write_client(self.stream, data, write_limit).await {
                 return false;
             }
             self.body_bytes += n as u64;
@@ -1246,7 +1281,7 @@ impl<'a> Conn<'a> {
             busy.inst().idle.put_raw(up);
         }
         drop(busy);
-        !close && plan.framing != Framing::Close
+        !close && (plan.framing != Framing::Close || plan.rechunk)
     }
 }
 
@@ -1818,12 +1853,17 @@ mod tests {
             .0,
             RespParsed::Bad(_)
         ));
+        // Until close: chunked to the client, whose connection outlives it.
         let (r, out) = resp(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n", false);
         let RespParsed::Ready(p) = r else {
             panic!("{r:?}")
         };
-        assert_eq!((p.framing, p.reusable), (Framing::Close, false));
-        assert!(out.contains("connection: close\r\n"), "{out}");
+        assert_eq!(
+            (p.framing, p.reusable, p.rechunk),
+            (Framing::Close, false, true)
+        );
+        assert!(out.contains("transfer-encoding: chunked\r\n"), "{out}");
+        assert!(!out.contains("connection: close\r\n"), "{out}");
         for (raw, head) in [
             (&b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n"[..], true),
             (b"HTTP/1.1 204 No Content\r\n\r\n", false),
