@@ -155,7 +155,7 @@ fn plan_request(
         cfg.access_log
             .then(|| Box::new((method.to_string(), path.to_string())))
     };
-    let mut facts = match hygiene::inspect(&line, pairs(), cfg, peer.ip()) {
+    let facts = match hygiene::inspect(&line, pairs(), cfg, peer.ip()) {
         Ok(f) => f,
         Err(e) => return Parsed::Reject(e, log()),
     };
@@ -171,7 +171,6 @@ fn plan_request(
     // `Expect: 100-continue` is met here (the body is read or streamed at once, as NGINX
     // does), so it does not go upstream.
     let expect = facts.expect && facts.body != BodyKind::None;
-    facts.expect = false;
     let permit = match BufferPermit::take(body_len) {
         Some(p) => p,
         // Past the memory budget: streamed (so not retried), as on the general path.
@@ -253,6 +252,10 @@ fn plan_request(
         traceparent: &trace,
     };
     hygiene::forward_headers(&facts, pairs, cfg, &origin, |n, v| {
+        // The expectation is met here, not forwarded (shoal's own `expect` line).
+        if facts.expect && n == b"expect" {
+            return;
+        }
         out.extend_from_slice(n);
         out.extend_from_slice(b": ");
         for p in v {
@@ -892,9 +895,9 @@ impl<'a> Conn<'a> {
         self.body_open = false;
         let result = match plan.stream {
             None => self.forward(&svc, &request, plan, &cfg, start).await,
+            // Boxed: inline, the streamed path's state would grow every exchange.
             Some(kind) => {
-                self.forward_streamed(&svc, &request, kind, plan, &cfg, lcfg, start)
-                    .await
+                Box::pin(self.forward_streamed(&svc, &request, kind, plan, &cfg, lcfg, start)).await
             }
         };
         self.req = request;
@@ -962,7 +965,7 @@ impl<'a> Conn<'a> {
             }
         };
         if self.body_open {
-            body::linger(&mut *self.stream).await;
+            Box::pin(body::linger(&mut *self.stream)).await;
             return false;
         }
         keep
