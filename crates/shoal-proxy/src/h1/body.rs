@@ -368,6 +368,9 @@ pub(super) async fn try_streamed<C: AsyncRead + Unpin>(
     rbuf.advance(k);
     body.sent_direct(k);
     bufs.ubuf.clear();
+    // The instance said something before the body was through (even a head still partial):
+    // whatever it answers, its connection is not reused, as it may not have read the body.
+    let mut spoke_early = false;
     let early = loop {
         // Send what is queued, then body bytes straight from the read buffer; anything the
         // instance says meanwhile is read (an early answer, an interim response, a close).
@@ -384,6 +387,7 @@ pub(super) async fn try_streamed<C: AsyncRead + Unpin>(
             body.sent_direct(n);
             (n, spoke)
         };
+        spoke_early |= spoke && !body.done();
         if spoke && !body.done() {
             // An answer before the body is through: the client connection cannot go on.
             if let Some(p) = take_heads(bufs, head_method, true)? {
@@ -406,6 +410,7 @@ pub(super) async fn try_streamed<C: AsyncRead + Unpin>(
                 body.waiting_client = false;
                 match r {
                     Ok(n) if n > 0 => {
+                        spoke_early = true;
                         if let Some(p) = take_heads(bufs, head_method, true)? {
                             break Some(p);
                         }
@@ -429,7 +434,8 @@ pub(super) async fn try_streamed<C: AsyncRead + Unpin>(
         return Ok(Answer { up, plan: p });
     }
     loop {
-        if let Some(p) = take_heads(bufs, head_method, close)? {
+        if let Some(mut p) = take_heads(bufs, head_method, close)? {
+            p.reusable &= !spoke_early;
             return Ok(Answer { up, plan: p });
         }
         bufs.ubuf.reserve(super::READ_CHUNK);
