@@ -215,6 +215,25 @@ impl ReactivePolicy {
         now_secs < self.burst_until
     }
 
+    /// The count the work arriving needs (the observation's saturation signal) over the
+    /// CPU and requests/s targets: the smallest at which target tracking would be
+    /// content (within tolerance above the target), so a burst lands where tracking
+    /// settles. `None` without a signal or without such a target.
+    fn demand_count(&self, obs: &Observation) -> Option<u32> {
+        let s = obs.saturation?;
+        let headroom = 1.0 + self.config.tolerance;
+        self.config
+            .targets
+            .iter()
+            .filter_map(|t| match t.kind {
+                MetricKind::Cpu => Some(s.demand_instances / t.target),
+                MetricKind::Rps => Some(s.arrival_rps / t.target),
+                _ => None,
+            })
+            .map(|need| ceil_count(need / headroom))
+            .max()
+    }
+
     fn raw(&mut self, obs: &Observation) -> Raw {
         let current = obs.current_desired;
         let now = obs.now_secs;
@@ -225,9 +244,15 @@ impl ReactivePolicy {
         let mut missing = Vec::new();
         let mut best: Option<(u32, MetricKind, f64)> = None;
         let mut panic_best: u32 = 0;
+        let demand = self.demand_count(obs);
         for t in &self.config.targets {
             let sample = obs.metric(t.kind);
-            if let Some(p) = sample.and_then(|s| s.panic) {
+            // With a saturation signal, CPU and requests/s burst on the work arriving: the
+            // panic window of a saturated instance is capped, of one working off its queue
+            // inflated.
+            let sized_by_demand =
+                demand.is_some() && matches!(t.kind, MetricKind::Cpu | MetricKind::Rps);
+            if let Some(p) = sample.and_then(|s| s.panic).filter(|_| !sized_by_demand) {
                 panic_best = panic_best.max(ceil_count(f64::from(ready) * p / t.target));
             }
             let Some(value) = sample.and_then(|s| s.stable) else {
@@ -267,7 +292,13 @@ impl ReactivePolicy {
         // (demand over target), so comparing it with `current` rather than `ready`
         // keeps successive evaluations from compounding on the same overload.
         if let Some(burst) = self.config.burst {
-            if f64::from(panic_best) >= burst.threshold * f64::from(current.max(ready)) {
+            let launched = current.max(ready);
+            panic_best = panic_best.max(demand.unwrap_or(0));
+            // Saturated (a queue building, or capped CPU) and the work arriving needs more
+            // than is launched: burst at once, to what it needs, not a multiple of it.
+            let saturated =
+                obs.saturation.is_some_and(|s| s.saturated) && demand.is_some_and(|d| d > launched);
+            if saturated || f64::from(panic_best) >= burst.threshold * f64::from(launched) {
                 self.burst_until = now + burst.duration_secs;
             }
             if self.bursting(now) {
@@ -278,8 +309,17 @@ impl ReactivePolicy {
                     desired,
                     reason: Reason::Burst,
                     detail: format!(
-                        "burst mode: panic-window wants {panic_best}, stable {stable}, \
+                        "burst mode: {} wants {panic_best}, stable {stable}, \
                          {ready} ready; no scale-down until {:.0}s",
+                        match obs.saturation {
+                            Some(s) if demand.is_some() => format!(
+                                "{}demand of {:.2} instances ({:.1} req/s)",
+                                if s.saturated { "saturated; " } else { "" },
+                                s.demand_instances,
+                                s.arrival_rps
+                            ),
+                            _ => "panic-window".to_string(),
+                        },
                         self.burst_until
                     ),
                 };
@@ -429,6 +469,10 @@ impl Policy for ReactivePolicy {
         &self.name
     }
 
+    fn reacts_to_saturation(&self) -> bool {
+        self.config.burst.is_some()
+    }
+
     fn evaluate(&mut self, obs: &Observation) -> Decision {
         let now = obs.now_secs;
         let period = self.config.scale_up.period_secs;
@@ -481,6 +525,7 @@ mod tests {
                 panic: cpu,
             }],
             demand_rps: None,
+            saturation: None,
         }
     }
 
@@ -702,6 +747,7 @@ mod tests {
                     panic: per(cpu.mean(t, 6)),
                 }],
                 demand_rps: None,
+                saturation: None,
             };
             desired = p.evaluate(&o).desired;
             // Launched instances are ready before the next evaluation.
@@ -740,6 +786,100 @@ mod tests {
         let first = seen[30..].iter().position(|&d| d > 1).expect("scaled up");
         assert!(first <= 5, "{seen:?}");
         assert!(seen.iter().all(|&d| d <= 6), "{seen:?}");
+    }
+
+    /// One-core instances behind a queue, ready 50 ms after launch, evaluated every
+    /// second with the saturation signal built as the live probe builds it: CPU capped
+    /// at the ready count, requests counted on arrival, the queue's growth, and demand =
+    /// CPU used × arrived / served. Returns every desired count.
+    fn saturation_run(demand_cores: f64, secs: u32) -> Vec<u32> {
+        let config = ReactiveConfig {
+            targets: vec![MetricTarget {
+                kind: MetricKind::Cpu,
+                target: 0.6,
+            }],
+            max: 8,
+            scale_down_stabilization_secs: 60.0,
+            ..ReactiveConfig::default()
+        };
+        let mut p = ReactivePolicy::new("r", config).unwrap();
+        assert!(p.reacts_to_saturation());
+        let cost = 0.02; // CPU seconds per request
+        let mut cpu = crate::windows::SecondWindow::new(60);
+        let (mut ready, mut desired, mut backlog) = (1u32, 1u32, 0.0f64);
+        let mut seen = Vec::new();
+        for s in 0..secs {
+            let t = f64::from(s);
+            let demand = if s < 30 { 0.05 } else { demand_cores };
+            // Work arrives, the instances burn what they can, the rest queues.
+            let used = (demand + backlog).min(f64::from(ready));
+            backlog = (backlog + demand - used).max(0.0);
+            cpu.add(t, used);
+            let (arrived, served) = (demand / cost, used / cost);
+            let growth = arrived - served;
+            let per = |v: Option<f64>| v.map(|x| x / f64::from(ready));
+            let o = Observation {
+                now_secs: t + 0.5,
+                wall_epoch_secs: t + 0.5,
+                ready,
+                starting: desired - ready,
+                current_desired: desired,
+                metrics: vec![MetricSample {
+                    kind: MetricKind::Cpu,
+                    stable: per(cpu.mean(t, 20)),
+                    panic: per(cpu.mean(t, 6)),
+                }],
+                demand_rps: None,
+                saturation: Some(crate::Saturation {
+                    saturated: used / f64::from(ready) >= 0.85
+                        && growth >= f64::from(ready).max(2.0),
+                    demand_instances: used * arrived / served,
+                    arrival_rps: arrived,
+                }),
+            };
+            desired = p.evaluate(&o).desired;
+            ready = desired;
+            seen.push(desired);
+        }
+        seen
+    }
+
+    #[test]
+    fn saturation_bursts_at_once_to_what_demand_needs() {
+        // 1.2 cores at 0.6 need 2; 2.7 cores need 5 (4.5, and 4 would be over tolerance).
+        for (demand, need) in [(1.2, 2u32), (2.7, 5)] {
+            let seen = saturation_run(demand, 150);
+            assert!(seen[..30].iter().all(|&d| d == 1), "{seen:?}");
+            // The first evaluation after the step sees the queue and asks for all of it.
+            assert_eq!(seen[30], need, "{demand} cores: {seen:?}");
+            // Working off the queue (CPU above what the load needs) asks for no more.
+            assert!(seen[30..].iter().all(|&d| d == need), "{demand}: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn saturation_signal_leaves_scale_down_stabilization_unchanged() {
+        let mut p = ReactivePolicy::new("r", ReactiveConfig::default()).unwrap();
+        let mut o = obs(0.0, 4, 0, Some(0.7));
+        o.saturation = Some(crate::Saturation {
+            saturated: false,
+            demand_instances: 0.4,
+            arrival_rps: 20.0,
+        });
+        p.evaluate(&o);
+        let mut o = obs(15.0, 4, 0, Some(0.1));
+        o.saturation = Some(crate::Saturation {
+            saturated: false,
+            demand_instances: 0.4,
+            arrival_rps: 20.0,
+        });
+        let d = p.evaluate(&o);
+        assert_eq!(
+            (d.desired, d.reason),
+            (4, Reason::Stabilized),
+            "{}",
+            d.detail
+        );
     }
 
     #[test]
