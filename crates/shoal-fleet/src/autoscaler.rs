@@ -73,6 +73,10 @@ const PROBE_EVERY: Duration = Duration::from_millis(500);
 const PROBE_SPAN_SECS: f64 = 0.9;
 /// CPU per ready instance, as a fraction of its allotment, that counts as at quota.
 const AT_QUOTA: f64 = 0.85;
+/// Requests completed over a probe span below this say too little about a request's cost.
+const COST_MIN_REQUESTS: u64 = 20;
+/// Weight of a new unsaturated span in the request-cost average.
+const COST_EWMA: f64 = 0.2;
 
 /// Cumulative readings at one probe.
 struct Probe {
@@ -82,8 +86,14 @@ struct Probe {
     in_flight: u64,
     /// CPU seconds of each ready instance.
     cpu: BTreeMap<String, f64>,
-    /// Cumulative latency bucket counts, the total last.
+    /// Cumulative latency bucket counts, the total (requests completed) last.
     hist: Vec<u64>,
+}
+
+impl Probe {
+    fn completed(&self) -> u64 {
+        self.hist.last().copied().unwrap_or(0)
+    }
 }
 
 /// Per-second samples of one service.
@@ -109,6 +119,9 @@ struct Sampler {
     probes: VecDeque<Probe>,
     /// The newest saturation reading and its time.
     saturation: Option<(f64, Saturation)>,
+    /// CPU seconds per completed request, averaged over unsaturated probe spans (where
+    /// the cost is not inflated by instances competing for their quota).
+    request_cost: Option<f64>,
 }
 
 /// Where a service's recorded demand lives in `data_dir` (`shoal history export` reads it).
@@ -323,6 +336,7 @@ impl Autoscaler {
                 demand_mark: None,
                 probes: VecDeque::new(),
                 saturation: None,
+                request_cost: None,
             }),
             decisions: Mutex::new(VecDeque::new()),
             last: Mutex::new(None),
@@ -468,9 +482,9 @@ impl Autoscaler {
 
     /// One saturation probe: cumulative requests, in-flight, CPU of ready instances and
     /// latency, against the newest probe at least [`PROBE_SPAN_SECS`] older. Saturated:
-    /// CPU at quota with requests in flight growing, or p95 latency over a latency target
-    /// with a queue. The demand is what arrives (requests are counted on arrival) times
-    /// the CPU a served request costs.
+    /// requests in flight growing with CPU at quota (or work arriving beyond it), or p95
+    /// latency over a latency target with a queue. The demand is what arrives (requests
+    /// are counted on arrival) times the CPU a completed request costs.
     pub fn probe(&self) -> Option<Saturation> {
         let usage = self.fleet.sample_usage();
         let mut s = self.sampler.lock().expect("sampler lock");
@@ -499,7 +513,7 @@ impl Autoscaler {
             s.probes.pop_front();
         }
         let base = s.probes.iter().rev().find(|o| t - o.t >= PROBE_SPAN_SECS);
-        let sat = base.and_then(|o| {
+        let sat = base.and_then(|o| -> Option<(Saturation, Option<f64>)> {
             let dt = t - o.t;
             let ready: Vec<f64> = p
                 .cpu
@@ -537,21 +551,49 @@ impl Autoscaler {
                         quantile_from_buckets(&per, 0.95).is_some_and(|q| q > tg.target)
                     }
             });
-            // CPU per served request × requests arriving; with nothing served yet the
-            // CPU used is all that is known. (Not what the instances serve: on a busy host
-            // an instance gets less than its allotment, and sizing on its throughput would
-            // add instances for other tenants' load.)
-            let demand = if served >= 1.0 {
-                used * arrival.max(0.0) / served
-            } else {
-                used
+            // The work arriving: requests arriving (served + queued) × a request's cost.
+            // The cost is CPU per completed request from unsaturated spans when known,
+            // else over the whole probe history (≤ 5 s): never from one short span, whose
+            // few completions (and a queue drained into a warming instance) make it noisy.
+            // (Not what the instances serve: on a busy host an instance gets less than its
+            // allotment, and sizing on its throughput would add instances for other
+            // tenants' load.)
+            let windowed = s.probes.front().and_then(|f| {
+                let done = p.completed().saturating_sub(f.completed());
+                let cpu: f64 = p
+                    .cpu
+                    .iter()
+                    .filter_map(|(id, c)| f.cpu.get(id).map(|c0| (c - c0).max(0.0)))
+                    .sum();
+                (done >= COST_MIN_REQUESTS).then(|| cpu / done as f64)
+            });
+            let span_done = p.completed().saturating_sub(o.completed());
+            let unsaturated_cost = (!at_quota && span_done >= COST_MIN_REQUESTS)
+                .then(|| ready.iter().sum::<f64>() / span_done as f64);
+            let cost = s.request_cost.or(windowed);
+            let demand = match cost {
+                Some(c) => arrival.max(0.0) * c / allotment,
+                None if served >= 1.0 => used * arrival.max(0.0) / served,
+                None => used,
             };
-            Some(Saturation {
-                saturated: (at_quota && queue_building) || slow,
-                demand_instances: demand,
-                arrival_rps: arrival.max(0.0),
-            })
+            // A queue building while the instances are at quota, or while the work
+            // arriving is more than they give at quota (they get less than their allotment
+            // on a busy host, but the load alone would saturate them too).
+            let over = at_quota || demand / n >= AT_QUOTA;
+            Some((
+                Saturation {
+                    saturated: (over && queue_building) || slow,
+                    demand_instances: demand,
+                    arrival_rps: arrival.max(0.0),
+                },
+                unsaturated_cost,
+            ))
         });
+        let unsaturated = sat.and_then(|(x, c)| c.map(|c| (x, c)));
+        if let Some((_, c)) = unsaturated {
+            s.request_cost = Some(s.request_cost.map_or(c, |a| a + COST_EWMA * (c - a)));
+        }
+        let sat = sat.map(|(x, _)| x);
         s.probes.push_back(p);
         s.saturation = sat.map(|x| (t, x));
         sat

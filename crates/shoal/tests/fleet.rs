@@ -140,6 +140,19 @@ fn demo_step_gets_its_second_instance_within_seconds_and_stops_at_two() {
         late.iter().max(),
         report["latency"]["p99_us"].as_u64().unwrap_or(0) as f64 / 1000.0
     );
+    // The scale-ups and their reasons, to judge a run on a loaded machine by.
+    let parsed: Value = serde_json::from_str(&decisions).unwrap();
+    for d in parsed["decisions"].as_array().unwrap() {
+        if d["direction"] == "up" {
+            eprintln!(
+                "  {:.1}s {} -> {}: {}",
+                d["inputs"]["now_secs"].as_f64().unwrap_or(0.0),
+                d["inputs"]["current_desired"],
+                d["desired"],
+                d["detail"].as_str().unwrap_or("")
+            );
+        }
+    }
     let second_ready = second_ready.unwrap_or_else(|| panic!("never 2 ready: {decisions}"));
     // The decision comes within ~1 s and the instance starts in well under one; the margin
     // over 2 s is for a loaded 2-core machine.
