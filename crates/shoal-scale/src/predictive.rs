@@ -62,6 +62,28 @@ const COST_CAP: f64 = 1.01;
 /// long: less says nothing about instance-hours.
 const MIN_GUARD_EVIDENCE_SECS: f64 = 3600.0;
 
+/// Time constant of the forecast-skill averages, seconds.
+const SKILL_WINDOW_SECS: f64 = 6.0 * 3600.0;
+
+/// Forecast skill against persistence at one horizon: forecasts made `horizon` buckets
+/// ahead are scored when their bucket closes, against the last value known when they
+/// were made.
+#[derive(Debug, Clone)]
+struct Skill {
+    horizon: i64,
+    /// (bucket, forecast, persistence), oldest first.
+    pending: VecDeque<(i64, f64, f64)>,
+    /// Exponentially weighted absolute errors: (model, persistence).
+    error: (f64, f64),
+}
+
+impl Skill {
+    /// 1 − model error / persistence error: above 0, the forecast beats persistence.
+    fn skill(&self) -> Option<f64> {
+        (self.error.1 > 0.0).then(|| 1.0 - self.error.0 / self.error.1)
+    }
+}
+
 /// Time scale of the budget controller, seconds.
 const BUDGET_GAIN_SECS: f64 = 6.0 * 3600.0;
 
@@ -500,6 +522,8 @@ pub struct PredictivePolicy {
     last_fit_bucket: i64,
     /// Forecasts awaiting their bucket: (bucket, point forecast).
     pending: VecDeque<(i64, f64)>,
+    /// Skill against persistence one bucket, the startup horizon and twice it ahead.
+    skills: Vec<Skill>,
     /// Out-of-sample (forecast, actual, persistence) at the horizon, most recent last.
     errors: VecDeque<(f64, f64, f64)>,
     /// Headroom by forecast level: (level rps, residual quantile), by level.
@@ -591,6 +615,7 @@ impl PredictivePolicy {
             model: None,
             last_fit_bucket: i64::MIN,
             pending: VecDeque::new(),
+            skills: Vec::new(),
             errors: VecDeque::new(),
             headroom: Headroom::default(),
             quantile,
@@ -692,6 +717,30 @@ impl PredictivePolicy {
         }
     }
 
+    /// Forecast skill against persistence by horizon (seconds ahead, 1 − model error /
+    /// persistence error over the last 6 h, exponentially weighted): one bucket, the
+    /// startup horizon and twice it. `None` where nothing is scored yet.
+    pub fn skill_by_horizon(&self) -> Vec<(f64, Option<f64>)> {
+        self.skills
+            .iter()
+            .map(|s| (s.horizon as f64 * self.config.bucket_secs, s.skill()))
+            .collect()
+    }
+
+    /// "; skill vs persistence 60s 0.12, 180s 0.31, ..." for a decision's detail.
+    fn skill_note(&self) -> String {
+        let parts: Vec<String> = self
+            .skill_by_horizon()
+            .into_iter()
+            .filter_map(|(h, s)| s.map(|s| format!("{h:.0}s {s:.2}")))
+            .collect();
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!("; skill vs persistence {}", parts.join(", "))
+        }
+    }
+
     /// Own instance-time over the shadow reactive fleet's, every evaluation counted.
     pub fn cost_ratio(&self) -> Option<f64> {
         (self.cost.1 > 0.0).then(|| self.cost.0 / self.cost.1)
@@ -771,9 +820,39 @@ impl PredictivePolicy {
                 }
             }
         }
+        if self.skills.is_empty() {
+            let mut hs = vec![1, h.max(1), 2 * h.max(1)];
+            hs.dedup();
+            self.skills = hs
+                .into_iter()
+                .map(|horizon| Skill {
+                    horizon,
+                    pending: VecDeque::new(),
+                    error: (0.0, 0.0),
+                })
+                .collect();
+        }
+        let decay = (-self.config.bucket_secs / SKILL_WINDOW_SECS).exp();
+        for sk in &mut self.skills {
+            while sk.pending.front().is_some_and(|p| p.0 < b) {
+                sk.pending.pop_front();
+            }
+            if let (Some(&(t, f, p)), Some(actual)) = (sk.pending.front(), v) {
+                if t == b {
+                    sk.error.0 = sk.error.0 * decay + (actual - f).abs();
+                    sk.error.1 = sk.error.1 * decay + (actual - p).abs();
+                }
+            }
+        }
         if let Some(m) = self.model.as_mut() {
             m.update(b, v);
             self.pending.push_back((b + h, m.point(b + h)));
+            if let Some(now) = v {
+                for sk in &mut self.skills {
+                    sk.pending
+                        .push_back((b + sk.horizon, m.point(b + sk.horizon), now));
+                }
+            }
         }
         self.trim();
         self.check_quality();
@@ -1105,10 +1184,11 @@ impl Policy for PredictivePolicy {
                     Reason::Predictive
                 },
                 format!(
-                    "forecast upper {peak:.3} rps (q{:.3}) in {when} -> {need}; reactive{} {}",
+                    "forecast upper {peak:.3} rps (q{:.3}) in {when} -> {need}; reactive{} {}{}",
                     self.quantile,
                     if guarded { " (guard)" } else { "" },
-                    reactive.desired
+                    reactive.desired,
+                    self.skill_note()
                 ),
             )
         } else {
@@ -1681,6 +1761,21 @@ mod tests {
                 "{why}"
             );
         }
+    }
+
+    #[test]
+    fn forecast_skill_is_scored_against_persistence_per_horizon() {
+        let trace = synthetic(3, 4);
+        let config = PredictiveConfig::for_params(&params(), PredictiveMode::ForecastAndScale);
+        let mut p = PredictivePolicy::new("predictive", config).unwrap();
+        simulate(&trace, &mut p, &FleetModel::new(0.1, 120.0), |_| {});
+        let skills = p.skill_by_horizon();
+        let horizons: Vec<f64> = skills.iter().map(|s| s.0).collect();
+        // One bucket, the startup time plus an interval (rounded up to buckets), twice it.
+        assert_eq!(horizons, vec![60.0, 180.0, 360.0], "{skills:?}");
+        // A daily cycle: the seasonal model beats persistence further ahead.
+        let far = skills[2].1.expect("scored");
+        assert!(far > 0.0, "{skills:?}");
     }
 
     /// The acceptance check on a seeded synthetic trace (daily and weekly

@@ -327,9 +327,12 @@ fn json(r: &TuneReport, params: &PolicyParams, slo: &Slo, trace: &Trace) -> serd
         },
         "settings": r.best.as_ref().map(|b| b.candidate.config_keys(params)),
         "result": r.best.as_ref().map(figures),
+        // The baseline's figures at its top level too, as `result`'s are.
         "baseline": {
-            "settings": r.baseline.candidate.config_keys(params),
-            "result": figures(&r.baseline),
+            let mut v = figures(&r.baseline);
+            v["settings"] = r.baseline.candidate.config_keys(params);
+            v["result"] = figures(&r.baseline);
+            v
         },
         "reactive_meeting_slo": r.reactive_best.as_ref().map(|o| {
             let mut v = figures(o);

@@ -81,7 +81,13 @@ fn tune_json_has_settings_result_and_baseline_and_meets_the_objective() {
     assert!(violation <= 0.005 * duration, "{v}");
     assert!((0.0..=1.0).contains(&unserved), "{v}");
     assert_eq!(v["baseline"]["settings"]["targets"][0]["target"], 0.7);
-    let (b_violation, b_hours, _) = figures(&v["baseline"]["result"]);
+    let (b_violation, b_hours, b_unserved) = figures(&v["baseline"]["result"]);
+    // The baseline's figures are also at its top level.
+    assert_eq!(
+        figures(&v["baseline"]),
+        (b_violation, b_hours, b_unserved),
+        "{v}"
+    );
     // The recommendation is the cheapest meeting the objective: if the baseline meets it
     // too, the recommendation costs no more.
     if b_violation <= 0.005 * duration {
