@@ -319,6 +319,10 @@ fn figures(o: &Outcome) -> serde_json::Value {
 }
 
 fn json(r: &TuneReport, params: &PolicyParams, slo: &Slo, trace: &Trace) -> serde_json::Value {
+    // The baseline's figures at its top level too, beside its `settings` and `result`.
+    let mut baseline = figures(&r.baseline);
+    baseline["settings"] = r.baseline.candidate.config_keys(params);
+    baseline["result"] = figures(&r.baseline);
     serde_json::json!({
         "trace": {
             "duration_secs": trace.duration_secs(),
@@ -327,13 +331,7 @@ fn json(r: &TuneReport, params: &PolicyParams, slo: &Slo, trace: &Trace) -> serd
         },
         "settings": r.best.as_ref().map(|b| b.candidate.config_keys(params)),
         "result": r.best.as_ref().map(figures),
-        // The baseline's figures at its top level too, as `result`'s are.
-        "baseline": {
-            let mut v = figures(&r.baseline);
-            v["settings"] = r.baseline.candidate.config_keys(params);
-            v["result"] = figures(&r.baseline);
-            v
-        },
+        "baseline": baseline,
         "reactive_meeting_slo": r.reactive_best.as_ref().map(|o| {
             let mut v = figures(o);
             v["settings"] = o.candidate.config_keys(params);
