@@ -710,7 +710,9 @@ impl PredictivePolicy {
         }
         if self.cost.1 > 0.0 && self.cost.0 > COST_CAP * self.cost.1 {
             Some("over its instance-time budget")
-        } else if shadow > 0.0 && own > COST_CAP * shadow && own_v >= shadow_v {
+        } else if shadow > 0.0 && own > COST_CAP * shadow && shadow_v > 0.0 && own_v >= shadow_v {
+            // (Without a violation on either side the day says nothing of what the extra
+            // capacity insures against: the cost cap alone judges it.)
             Some("its extra capacity bought no fewer violations")
         } else {
             None
