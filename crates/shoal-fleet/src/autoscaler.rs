@@ -11,11 +11,13 @@ use shoal_proxy::metrics::{Exposition, LATENCY_BUCKETS};
 use shoal_proxy::proxy::Service;
 use shoal_scale::backlog::{BacklogInput, BacklogPolicy};
 use shoal_scale::predictive::{
-    FitResult, History, PredictiveConfig, PredictiveMode, PredictivePolicy,
+    DemandRecorder, FitResult, History, PredictiveConfig, PredictiveMode, PredictivePolicy,
 };
 use shoal_scale::reactive::{BurstConfig, RatePolicy, ReactiveConfig, ReactivePolicy};
 use shoal_scale::windows::SecondWindow;
-use shoal_scale::{Decision, MetricKind, MetricSample, Observation, Policy, PolicyParams};
+use shoal_scale::{
+    Decision, MetricKind, MetricSample, Observation, Policy, PolicyParams, Saturation,
+};
 
 use crate::config::Autoscale;
 use crate::config::FleetSpec;
@@ -31,6 +33,14 @@ enum Live {
 }
 
 impl Live {
+    fn reacts_to_saturation(&self) -> bool {
+        match self {
+            Live::Reactive(p) => p.reacts_to_saturation(),
+            Live::Predictive(p) => p.reacts_to_saturation(),
+            Live::Backlog(_) => false,
+        }
+    }
+
     fn evaluate(&mut self, obs: &Observation, backlog: Option<u64>) -> Decision {
         match self {
             Live::Reactive(p) => p.evaluate(obs),
@@ -57,6 +67,35 @@ pub trait BacklogSource: Send + Sync {
 
 const WINDOW_SPAN: usize = 900;
 
+/// How often the saturation probe looks (the process fleet refreshes usage at most this often).
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// The probe compares with the newest probe at least this much older.
+const PROBE_SPAN_SECS: f64 = 0.9;
+/// CPU per ready instance, as a fraction of its allotment, that counts as at quota.
+const AT_QUOTA: f64 = 0.85;
+/// Requests completed over a probe span below this say too little about a request's cost.
+const COST_MIN_REQUESTS: u64 = 20;
+/// Weight of a new unsaturated span in the request-cost average.
+const COST_EWMA: f64 = 0.2;
+
+/// Cumulative readings at one probe.
+struct Probe {
+    t: f64,
+    /// Requests arrived (counted when they arrive).
+    requests: u64,
+    in_flight: u64,
+    /// CPU seconds of each ready instance.
+    cpu: BTreeMap<String, f64>,
+    /// Cumulative latency bucket counts, the total (requests completed) last.
+    hist: Vec<u64>,
+}
+
+impl Probe {
+    fn completed(&self) -> u64 {
+        self.hist.last().copied().unwrap_or(0)
+    }
+}
+
 /// Per-second samples of one service.
 struct Sampler {
     start: Instant,
@@ -76,6 +115,29 @@ struct Sampler {
     latency: VecDeque<(f64, Vec<u64>)>,
     /// (time, request count) at the previous observation: demand is measured from it.
     demand_mark: Option<(f64, u64)>,
+    /// The last few probes, newest last.
+    probes: VecDeque<Probe>,
+    /// The newest saturation reading and its time.
+    saturation: Option<(f64, Saturation)>,
+    /// CPU seconds per completed request, averaged over unsaturated probe spans (where
+    /// the cost is not inflated by instances competing for their quota).
+    request_cost: Option<f64>,
+}
+
+/// Where a service's recorded demand lives in `data_dir` (`shoal history export` reads it).
+pub fn demand_history_file(data_dir: &std::path::Path, service: &str) -> PathBuf {
+    data_dir
+        .join("history")
+        .join(format!("{service}.demand.json"))
+}
+
+fn write_atomic(file: &std::path::Path, h: &History) -> std::io::Result<()> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = file.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(h)?)?;
+    std::fs::rename(&tmp, file)
 }
 
 /// Upper-bound estimate of the `q` quantile from bucket counts (the bucket's bound).
@@ -111,6 +173,10 @@ pub struct Autoscaler {
     last: Mutex<Option<Decision>>,
     counts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     history_file: PathBuf,
+    /// Demand and CPU per bucket for every request-serving fleet (`shoal history export`,
+    /// `shoal tune --history`), saved beside the forecast's history.
+    recorder: Option<Mutex<DemandRecorder>>,
+    recorder_file: PathBuf,
     cpu_allotment: f64,
     /// The `prometheus` target's source, polled on its own task.
     prometheus: Option<Arc<crate::promsource::PromSource>>,
@@ -153,6 +219,14 @@ impl Autoscaler {
             .data_dir
             .join("history")
             .join(format!("{}.json", spec.service));
+        let recorder_file = demand_history_file(&spec.data_dir, &spec.service);
+        let recorder = (cfg.policy != crate::config::BACKLOG_POLICY).then(|| {
+            let saved = std::fs::read(&recorder_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<History>(&b).ok());
+            let bucket = cfg.history_bucket.map_or(60.0, |b| b.as_secs_f64());
+            Mutex::new(DemandRecorder::new(bucket, 28.0, saved))
+        });
         let policy = match cfg.policy.as_str() {
             crate::config::BACKLOG_POLICY => {
                 let params = cfg
@@ -175,7 +249,14 @@ impl Autoscaler {
                     capacity_rps: cfg.capacity_rps.unwrap_or(1.0),
                     startup_secs: cfg.startup.as_secs_f64(),
                     interval_secs: cfg.interval.as_secs_f64(),
-                    target_utilization: 0.7,
+                    // An rps target sets the forecast's utilization too (as `shoal tune`
+                    // recommends it: capacity × utilization).
+                    target_utilization: cfg
+                        .targets
+                        .iter()
+                        .find(|t| t.kind == MetricKind::Rps)
+                        .zip(cfg.capacity_rps)
+                        .map_or(0.7, |(t, c)| (t.target / c).clamp(0.05, 1.0)),
                     min: spec.fleet.min,
                     max: spec.fleet.max,
                     schedule: cfg.schedule.clone(),
@@ -253,11 +334,16 @@ impl Autoscaler {
                 cpu: SecondWindow::new(WINDOW_SPAN),
                 latency: VecDeque::new(),
                 demand_mark: None,
+                probes: VecDeque::new(),
+                saturation: None,
+                request_cost: None,
             }),
             decisions: Mutex::new(VecDeque::new()),
             last: Mutex::new(None),
             counts: Mutex::new(BTreeMap::new()),
             history_file,
+            recorder,
+            recorder_file,
             fitted: Arc::new(Mutex::new(None)),
             fitting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             fits: Default::default(),
@@ -272,7 +358,14 @@ impl Autoscaler {
         // Deadlines advance by whole periods so the cadence does not drift with the tick.
         let mut next_sample = Instant::now();
         let mut next_eval = Instant::now() + self.cfg.interval;
+        let mut next_probe = Instant::now();
+        let mut last_eval = Instant::now();
         let mut last_save = Instant::now();
+        let reacts = self
+            .policy
+            .lock()
+            .expect("policy lock")
+            .reacts_to_saturation();
         if let Some(p) = &self.prometheus {
             tokio::spawn(p.clone().run(stop.clone()));
         }
@@ -282,12 +375,21 @@ impl Autoscaler {
                 _ = shoal_proxy::server::stopped(&mut stop) => break,
             }
             let now = Instant::now();
+            // The probe first: the per-second sample then reuses its usage reading.
+            let mut saturated = false;
+            if now >= next_probe {
+                next_probe = (next_probe + PROBE_EVERY).max(now);
+                saturated = self.probe().is_some_and(|s| s.saturated);
+            }
             if now >= next_sample {
                 next_sample = (next_sample + Duration::from_secs(1)).max(now);
                 self.sample();
             }
-            if now >= next_eval {
+            // Saturation is decided on at once, not at the next interval.
+            let early = reacts && saturated && now >= last_eval + PROBE_EVERY;
+            if now >= next_eval || early {
                 next_eval = (next_eval + self.cfg.interval).max(now);
+                last_eval = now;
                 self.evaluate();
             }
             if last_save.elapsed() >= Duration::from_secs(60) {
@@ -296,6 +398,27 @@ impl Autoscaler {
             }
         }
         self.save_history();
+        self.save_demand(true);
+    }
+
+    /// Saves the recorded demand; `last` closes the open bucket (at exit).
+    fn save_demand(&self, last: bool) {
+        let Some(r) = &self.recorder else { return };
+        let h = {
+            let mut r = r.lock().expect("recorder lock");
+            if last {
+                r.finish()
+            } else {
+                r.history(
+                    SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0.0, |d| d.as_secs_f64()),
+                )
+            }
+        };
+        if let Err(e) = write_atomic(&self.recorder_file, &h) {
+            tracing::warn!(file = %self.recorder_file.display(), error = %e, "cannot save demand history");
+        }
     }
 
     /// One per-second sample of the data path and the instances.
@@ -355,6 +478,125 @@ impl Autoscaler {
         s.last_t = Some(t);
         s.last_requests = requests;
         s.last_hist = hist;
+    }
+
+    /// One saturation probe: cumulative requests, in-flight, CPU of ready instances and
+    /// latency, against the newest probe at least [`PROBE_SPAN_SECS`] older. Saturated:
+    /// requests in flight growing with CPU at quota (or work arriving beyond it), or p95
+    /// latency over a latency target with a queue. The demand is what arrives (requests
+    /// are counted on arrival) times the CPU a completed request costs.
+    pub fn probe(&self) -> Option<Saturation> {
+        let usage = self.fleet.sample_usage();
+        let mut s = self.sampler.lock().expect("sampler lock");
+        let t = s.start.elapsed().as_secs_f64();
+        let duration = &self.service.metrics.duration;
+        let mut hist = duration.cumulative().to_vec();
+        hist.push(duration.count().max(hist.last().copied().unwrap_or(0)));
+        let p = Probe {
+            t,
+            requests: self.service.metrics.requests.get(),
+            in_flight: self
+                .service
+                .pool
+                .members()
+                .iter()
+                .map(|i| i.in_flight())
+                .sum(),
+            cpu: usage
+                .into_iter()
+                .filter(|(_, phase, _)| *phase == Phase::Ready)
+                .map(|(id, _, u)| (id, u.cpu_seconds))
+                .collect(),
+            hist,
+        };
+        while s.probes.front().is_some_and(|o| t - o.t > 5.0) {
+            s.probes.pop_front();
+        }
+        let base = s.probes.iter().rev().find(|o| t - o.t >= PROBE_SPAN_SECS);
+        let sat = base.and_then(|o| -> Option<(Saturation, Option<f64>)> {
+            let dt = t - o.t;
+            let ready: Vec<f64> = p
+                .cpu
+                .iter()
+                .filter_map(|(id, c)| o.cpu.get(id).map(|c0| (c - c0).max(0.0)))
+                .collect();
+            if ready.is_empty() {
+                return None;
+            }
+            let allotment = self.fleet.cpu_allotment().unwrap_or(self.cpu_allotment);
+            let used = ready.iter().sum::<f64>() / dt / allotment;
+            let arrival = p.requests.saturating_sub(o.requests) as f64 / dt;
+            let growth = p.in_flight as f64 - o.in_flight as f64;
+            let served = arrival - growth / dt;
+            let n = ready.len() as f64;
+            let queue_building = growth >= n.max(2.0);
+            let at_quota = used / n >= AT_QUOTA;
+            let slow = self.cfg.targets.iter().any(|tg| {
+                tg.kind == MetricKind::LatencyP95
+                    && p.in_flight as f64 >= 2.0 * n
+                    && growth > 0.0
+                    && {
+                        let counts: Vec<u64> = p
+                            .hist
+                            .iter()
+                            .enumerate()
+                            .map(|(i, c)| c.saturating_sub(o.hist.get(i).copied().unwrap_or(0)))
+                            .collect();
+                        // Cumulative → per bucket (the last entry is the +Inf total).
+                        let per: Vec<u64> = counts
+                            .iter()
+                            .enumerate()
+                            .map(|(i, c)| c.saturating_sub(if i == 0 { 0 } else { counts[i - 1] }))
+                            .collect();
+                        quantile_from_buckets(&per, 0.95).is_some_and(|q| q > tg.target)
+                    }
+            });
+            // The work arriving: requests arriving (served + queued) × a request's cost.
+            // The cost is CPU per completed request from unsaturated spans when known,
+            // else over the whole probe history (≤ 5 s): never from one short span, whose
+            // few completions (and a queue drained into a warming instance) make it noisy.
+            // (Not what the instances serve: on a busy host an instance gets less than its
+            // allotment, and sizing on its throughput would add instances for other
+            // tenants' load.)
+            let windowed = s.probes.front().and_then(|f| {
+                let done = p.completed().saturating_sub(f.completed());
+                let cpu: f64 = p
+                    .cpu
+                    .iter()
+                    .filter_map(|(id, c)| f.cpu.get(id).map(|c0| (c - c0).max(0.0)))
+                    .sum();
+                (done >= COST_MIN_REQUESTS).then(|| cpu / done as f64)
+            });
+            let span_done = p.completed().saturating_sub(o.completed());
+            let unsaturated_cost = (!at_quota && span_done >= COST_MIN_REQUESTS)
+                .then(|| ready.iter().sum::<f64>() / span_done as f64);
+            let cost = s.request_cost.or(windowed);
+            let demand = match cost {
+                Some(c) => arrival.max(0.0) * c / allotment,
+                None if served >= 1.0 => used * arrival.max(0.0) / served,
+                None => used,
+            };
+            // A queue building while the instances are at quota, or while the work
+            // arriving is more than they give at quota (they get less than their allotment
+            // on a busy host, but the load alone would saturate them too).
+            let over = at_quota || demand / n >= AT_QUOTA;
+            Some((
+                Saturation {
+                    saturated: (over && queue_building) || slow,
+                    demand_instances: demand,
+                    arrival_rps: arrival.max(0.0),
+                },
+                unsaturated_cost,
+            ))
+        });
+        let unsaturated = sat.and_then(|(x, c)| c.map(|c| (x, c)));
+        if let Some((_, c)) = unsaturated {
+            s.request_cost = Some(s.request_cost.map_or(c, |a| a + COST_EWMA * (c - a)));
+        }
+        let sat = sat.map(|(x, _)| x);
+        s.probes.push_back(p);
+        s.saturation = sat.map(|x| (t, x));
+        sat
     }
 
     /// Builds the observation for now. Its demand is the request rate since the previous
@@ -441,6 +683,7 @@ impl Autoscaler {
             // at 1 to 1.25 s spacing, so a one-interval window over them now and then
             // holds none (a lost sample) or two, which matters in short history buckets.
             demand_rps,
+            saturation: s.saturation.filter(|(at, _)| t - at < 2.0).map(|(_, x)| x),
         }
     }
 
@@ -463,6 +706,16 @@ impl Autoscaler {
     /// One evaluation: observe, decide, apply, record.
     pub fn evaluate(&self) -> Decision {
         let obs = self.observe();
+        if let (Some(r), Some(d)) = (&self.recorder, obs.demand_rps) {
+            let busy = {
+                let s = self.sampler.lock().expect("sampler lock");
+                let secs = self.cfg.interval.as_secs_f64().ceil().max(1.0) as usize;
+                s.cpu.mean(s.start.elapsed().as_secs_f64(), secs)
+            };
+            r.lock()
+                .expect("recorder lock")
+                .record(obs.wall_epoch_secs, d, busy);
+        }
         let (d, job) = {
             let mut policy = self.policy.lock().expect("policy lock");
             if let Live::Predictive(p) = &mut *policy {
@@ -530,6 +783,7 @@ impl Autoscaler {
     }
 
     fn save_history(&self) {
+        self.save_demand(false);
         let h = match &*self.policy.lock().expect("policy lock") {
             Live::Predictive(p) => p.history(),
             Live::Reactive(_) | Live::Backlog(_) => return,

@@ -8,6 +8,7 @@
 //! as missing and holds the current size; it never scales down on missing data. Every failure
 //! is logged and counted in `shoal_autoscale_source_errors_total`.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -187,8 +188,88 @@ fn encode(s: &str) -> String {
 
 /// One instant query over a fresh HTTP/1.1 connection, bounded by `spec.timeout`.
 pub async fn query(spec: &PromSpec) -> Result<f64, QueryError> {
+    let uri = format!("{}/api/v1/query?query={}", spec.prefix, encode(&spec.query));
+    let body = get(&spec.authority, &uri, spec.timeout, 1 << 20).await?;
+    parse_answer(&body)
+}
+
+/// A range query (`/api/v1/query_range`) summed over its series: `(epoch seconds, value)`
+/// per step, oldest first. `server` is `http://HOST:PORT[/PATH]`.
+pub async fn query_range(
+    server: &str,
+    query: &str,
+    start: f64,
+    end: f64,
+    step: f64,
+    timeout: Duration,
+) -> Result<Vec<(f64, f64)>, QueryError> {
+    let (authority, prefix) = PromSpec::parse_server(server).map_err(QueryError::Invalid)?;
+    let uri = format!(
+        "{prefix}/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step={step}",
+        encode(query)
+    );
+    let body = get(&authority, &uri, timeout, 256 << 20).await?;
+    parse_range(&body)
+}
+
+#[derive(Deserialize)]
+struct RangeAnswer {
+    status: String,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    data: Option<RangeData>,
+}
+
+#[derive(Deserialize)]
+struct RangeData {
+    result: Vec<RangeSeries>,
+}
+
+#[derive(Deserialize)]
+struct RangeSeries {
+    values: Vec<(f64, String)>,
+}
+
+/// The points of a range query's JSON answer, summed over series per timestamp; steps
+/// where every series is missing or not finite are left out.
+pub fn parse_range(body: &[u8]) -> Result<Vec<(f64, f64)>, QueryError> {
+    let a: RangeAnswer =
+        serde_json::from_slice(body).map_err(|e| QueryError::Invalid(e.to_string()))?;
+    if a.status != "success" {
+        return Err(QueryError::Invalid(
+            a.error.unwrap_or_else(|| format!("status {}", a.status)),
+        ));
+    }
+    let mut sums: BTreeMap<i64, f64> = BTreeMap::new();
+    for series in a.data.map(|d| d.result).unwrap_or_default() {
+        for (t, v) in series.values {
+            if let Ok(v) = v.parse::<f64>() {
+                if v.is_finite() {
+                    *sums.entry((t * 1000.0).round() as i64).or_default() += v;
+                }
+            }
+        }
+    }
+    if sums.is_empty() {
+        return Err(QueryError::Empty);
+    }
+    Ok(sums
+        .into_iter()
+        .map(|(ms, v)| (ms as f64 / 1000.0, v))
+        .collect())
+}
+
+/// `GET uri` over a fresh HTTP/1.1 connection to `authority`, bounded by `timeout`; the
+/// body of a 2xx answer (at most `limit` bytes).
+async fn get(
+    authority: &str,
+    uri: &str,
+    timeout: Duration,
+    limit: usize,
+) -> Result<Bytes, QueryError> {
     let fut = async {
-        let stream = TcpStream::connect(spec.authority.as_str())
+        let stream = TcpStream::connect(authority)
             .await
             .map_err(|e| QueryError::Connect(e.to_string()))?;
         let _ = stream.set_nodelay(true);
@@ -199,9 +280,8 @@ pub async fn query(spec: &PromSpec) -> Result<f64, QueryError> {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let uri = format!("{}/api/v1/query?query={}", spec.prefix, encode(&spec.query));
         let req = http::Request::get(uri)
-            .header(http::header::HOST, spec.authority.as_str())
+            .header(http::header::HOST, authority)
             .header(http::header::USER_AGENT, "shoal-autoscaler")
             .header(http::header::ACCEPT, "application/json")
             .header(http::header::CONNECTION, "close")
@@ -212,7 +292,7 @@ pub async fn query(spec: &PromSpec) -> Result<f64, QueryError> {
             .await
             .map_err(|e| QueryError::Connect(e.to_string()))?;
         let status = resp.status();
-        let body = Limited::new(resp.into_body(), 1 << 20)
+        let body = Limited::new(resp.into_body(), limit)
             .collect()
             .await
             .map_err(|e| QueryError::Invalid(format!("reading the answer: {e}")))?
@@ -225,11 +305,11 @@ pub async fn query(spec: &PromSpec) -> Result<f64, QueryError> {
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect());
             return Err(QueryError::Status(status.as_u16(), msg));
         }
-        parse_answer(&body)
+        Ok(body)
     };
-    match tokio::time::timeout(spec.timeout, fut).await {
+    match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
-        Err(_) => Err(QueryError::Timeout(spec.timeout)),
+        Err(_) => Err(QueryError::Timeout(timeout)),
     }
 }
 
@@ -383,6 +463,24 @@ mod tests {
         ));
         let m = br#"{"status":"success","data":{"resultType":"matrix","result":[]}}"#;
         assert!(matches!(parse_answer(m), Err(QueryError::Invalid(_))));
+    }
+
+    #[test]
+    fn range_answers_sum_their_series_per_step() {
+        let m = br#"{"status":"success","data":{"resultType":"matrix","result":[
+            {"metric":{"i":"1"},"values":[[100,"1.5"],[115,"2"],[130,"NaN"]]},
+            {"metric":{"i":"2"},"values":[[115,"3"],[130,"4"]]}]}}"#;
+        assert_eq!(
+            parse_range(m),
+            Ok(vec![(100.0, 1.5), (115.0, 5.0), (130.0, 4.0)])
+        );
+        let empty = br#"{"status":"success","data":{"resultType":"matrix","result":[]}}"#;
+        assert_eq!(parse_range(empty), Err(QueryError::Empty));
+        let err = br#"{"status":"error","error":"bad step"}"#;
+        assert_eq!(
+            parse_range(err),
+            Err(QueryError::Invalid("bad step".into()))
+        );
     }
 
     #[test]

@@ -94,6 +94,7 @@ impl BacklogPolicy {
             current_desired: i.current,
             metrics: Vec::new(),
             demand_rps: None,
+            saturation: None,
         };
         let cur = i.current;
         let decide = |desired: u32, reason: Reason, detail: String| Decision {

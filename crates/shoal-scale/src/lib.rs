@@ -27,9 +27,10 @@ pub mod reactive;
 pub mod schedule;
 pub mod sim;
 pub mod trace;
+pub mod tune;
 pub mod windows;
 
-pub use predictive::{History, PredictiveConfig, PredictiveMode, PredictivePolicy};
+pub use predictive::{DemandRecorder, History, PredictiveConfig, PredictiveMode, PredictivePolicy};
 pub use reactive::{ReactiveConfig, ReactivePolicy};
 
 /// The errors of this crate (configuration only: evaluating a policy cannot fail).
@@ -119,6 +120,26 @@ pub struct Observation {
     /// the evaluation interval, e.g. the last second), for the predictive history:
     /// consecutive observations should tile time without overlap.
     pub demand_rps: Option<f64>,
+    /// The short-window (about 1 s) saturation signal, where the source can measure it.
+    #[serde(default)]
+    pub saturation: Option<Saturation>,
+}
+
+/// Whether the ready instances are saturated right now, and what the work arriving needs.
+///
+/// A saturated instance's CPU is capped at its quota and its request rate at what it can
+/// serve, so neither says how far demand is over; the work arriving does: requests served
+/// plus the queue's growth, times the cost of a request (CPU per served request).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Saturation {
+    /// CPU at quota with requests in flight growing, or latency over its target with a
+    /// queue (live); demand over ready capacity (simulator).
+    pub saturated: bool,
+    /// The work arriving in instance allotments (1.0 = one instance's whole allotment):
+    /// (served + queue growth) requests/s × CPU per served request ÷ allotment.
+    pub demand_instances: f64,
+    /// Requests/s arriving (served + queue growth), the whole fleet.
+    pub arrival_rps: f64,
 }
 
 impl Observation {
@@ -232,6 +253,11 @@ pub trait Policy: Send {
     fn name(&self) -> &str;
     /// Decide the desired count for this observation.
     fn evaluate(&mut self, obs: &Observation) -> Decision;
+    /// Whether a saturation signal should be evaluated at once rather than at the next
+    /// interval (the live autoscaler and the simulator both ask).
+    fn reacts_to_saturation(&self) -> bool {
+        false
+    }
 }
 
 /// Parameters shared by the named policies.

@@ -10,7 +10,12 @@
 //! Burst mode: when the panic-window (6 s) recommendation is at least `threshold`
 //! (2×) the instances already launched (ready or starting), scale up at once to
 //! that recommendation (no rate limit) and never scale down until `duration_secs`
-//! (60 s) after the last such reading.
+//! (60 s) after the last such reading. A saturation signal (see [`crate::Saturation`])
+//! also enters it, at once, sized from the work arriving at the target. Within burst
+//! mode the stable window tracks as usual; only a fresh panic entry or a saturation
+//! that outlasts the capacity already added ([`SATURATION_PERSIST_SECS`] with every
+//! launched instance ready) adds more at once, so one transient reading (a queue
+//! drained into a warming instance) never stacks a second burst on the first.
 //!
 //! **No overshoot**: the metrics must be window averages of the *total* over ready
 //! instances divided by the ready count now (demand per instance), never averages
@@ -26,6 +31,11 @@ use crate::schedule::{scheduled_min, ScheduleRule};
 use crate::{
     Decision, Direction, Error, MetricKind, MetricTarget, Observation, Policy, PolicyParams, Reason,
 };
+
+/// Within burst mode, a saturation signal adds capacity at once again only after it has
+/// lasted this long with every launched instance ready (a new instance warms up behind
+/// slow start, and the queue built before it was ready takes a moment to drain).
+pub const SATURATION_PERSIST_SECS: f64 = 3.0;
 
 /// A scale-up rate policy: per period, the larger of `+pods` and `+percent`%.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -175,6 +185,8 @@ pub struct ReactivePolicy {
     counts: VecDeque<(f64, u32)>,
     /// Burst mode lasts until this time.
     burst_until: f64,
+    /// Start of the current run of saturated readings with every launched instance ready.
+    saturated_since: Option<f64>,
 }
 
 /// A recommendation before bounds, with its reason.
@@ -202,6 +214,7 @@ impl ReactivePolicy {
             recommendations: VecDeque::new(),
             counts: VecDeque::new(),
             burst_until: f64::NEG_INFINITY,
+            saturated_since: None,
         })
     }
 
@@ -215,6 +228,25 @@ impl ReactivePolicy {
         now_secs < self.burst_until
     }
 
+    /// The count the work arriving needs over the CPU and requests/s targets, on a
+    /// saturated reading only (an unsaturated fleet's own metrics say what it needs):
+    /// the smallest at which target tracking would be content (within tolerance above
+    /// the target), so a burst lands where tracking settles. `None` otherwise.
+    fn demand_count(&self, obs: &Observation) -> Option<u32> {
+        let s = obs.saturation.filter(|s| s.saturated)?;
+        let headroom = 1.0 + self.config.tolerance;
+        self.config
+            .targets
+            .iter()
+            .filter_map(|t| match t.kind {
+                MetricKind::Cpu => Some(s.demand_instances / t.target),
+                MetricKind::Rps => Some(s.arrival_rps / t.target),
+                _ => None,
+            })
+            .map(|need| ceil_count(need / headroom))
+            .max()
+    }
+
     fn raw(&mut self, obs: &Observation) -> Raw {
         let current = obs.current_desired;
         let now = obs.now_secs;
@@ -225,9 +257,15 @@ impl ReactivePolicy {
         let mut missing = Vec::new();
         let mut best: Option<(u32, MetricKind, f64)> = None;
         let mut panic_best: u32 = 0;
+        let demand = self.demand_count(obs);
         for t in &self.config.targets {
             let sample = obs.metric(t.kind);
-            if let Some(p) = sample.and_then(|s| s.panic) {
+            // On a saturated reading, CPU and requests/s burst on the work arriving: the
+            // panic window of a saturated instance is capped, and afterwards, of one working
+            // off its queue, inflated.
+            let sized_by_demand =
+                demand.is_some() && matches!(t.kind, MetricKind::Cpu | MetricKind::Rps);
+            if let Some(p) = sample.and_then(|s| s.panic).filter(|_| !sized_by_demand) {
                 panic_best = panic_best.max(ceil_count(f64::from(ready) * p / t.target));
             }
             let Some(value) = sample.and_then(|s| s.stable) else {
@@ -267,19 +305,57 @@ impl ReactivePolicy {
         // (demand over target), so comparing it with `current` rather than `ready`
         // keeps successive evaluations from compounding on the same overload.
         if let Some(burst) = self.config.burst {
-            if f64::from(panic_best) >= burst.threshold * f64::from(current.max(ready)) {
+            let launched = current.max(ready);
+            // Saturation persists only while everything launched is ready: until then the
+            // queue is the wait for capacity already on its way.
+            if demand.is_some() && obs.starting == 0 && ready >= current {
+                self.saturated_since.get_or_insert(now);
+            } else {
+                self.saturated_since = None;
+            }
+            let panic_enter = f64::from(panic_best) >= burst.threshold * f64::from(launched);
+            // Saturated and the work arriving needs more than is launched: burst at once to
+            // what it needs; within burst mode only once the saturation has outlasted the
+            // capacity the last burst added.
+            let persisted = self
+                .saturated_since
+                .is_some_and(|t0| now - t0 >= SATURATION_PERSIST_SECS);
+            let saturated_enter =
+                demand.filter(|&d| d > launched && (!self.bursting(now) || persisted));
+            if panic_enter || saturated_enter.is_some() {
                 self.burst_until = now + burst.duration_secs;
             }
             if self.bursting(now) {
                 let stable = best.map_or(0, |b| b.0);
-                let desired = stable.max(panic_best).max(current);
+                let jump =
+                    saturated_enter
+                        .unwrap_or(0)
+                        .max(if panic_enter { panic_best } else { 0 });
+                let desired = stable.max(jump).max(current);
+                if desired > current {
+                    self.saturated_since = None;
+                }
                 self.recommendations.push_back((now, desired));
                 return Raw {
                     desired,
                     reason: Reason::Burst,
                     detail: format!(
-                        "burst mode: panic-window wants {panic_best}, stable {stable}, \
-                         {ready} ready; no scale-down until {:.0}s",
+                        "burst mode: {}, stable {stable}, {ready} ready; no scale-down \
+                         until {:.0}s",
+                        match (obs.saturation, demand) {
+                            (Some(s), Some(d)) => format!(
+                                "saturated, demand of {:.2} instances ({:.1} req/s) wants {d}{}",
+                                s.demand_instances,
+                                s.arrival_rps,
+                                if saturated_enter.is_some() {
+                                    ""
+                                } else {
+                                    " (waiting for the capacity added)"
+                                }
+                            ),
+                            _ if panic_enter => format!("panic-window wants {panic_best}"),
+                            _ => "holding".to_string(),
+                        },
                         self.burst_until
                     ),
                 };
@@ -429,6 +505,10 @@ impl Policy for ReactivePolicy {
         &self.name
     }
 
+    fn reacts_to_saturation(&self) -> bool {
+        self.config.burst.is_some()
+    }
+
     fn evaluate(&mut self, obs: &Observation) -> Decision {
         let now = obs.now_secs;
         let period = self.config.scale_up.period_secs;
@@ -481,6 +561,7 @@ mod tests {
                 panic: cpu,
             }],
             demand_rps: None,
+            saturation: None,
         }
     }
 
@@ -702,6 +783,7 @@ mod tests {
                     panic: per(cpu.mean(t, 6)),
                 }],
                 demand_rps: None,
+                saturation: None,
             };
             desired = p.evaluate(&o).desired;
             // Launched instances are ready before the next evaluation.
@@ -740,6 +822,156 @@ mod tests {
         let first = seen[30..].iter().position(|&d| d > 1).expect("scaled up");
         assert!(first <= 5, "{seen:?}");
         assert!(seen.iter().all(|&d| d <= 6), "{seen:?}");
+    }
+
+    /// One-core instances behind a queue, ready 50 ms after launch, evaluated every
+    /// second with the saturation signal built as the live probe builds it: CPU capped
+    /// at the ready count, requests counted on arrival, the queue's growth, and demand =
+    /// CPU used × arrived / served. Returns every desired count.
+    fn saturation_run(demand_cores: f64, secs: u32) -> Vec<u32> {
+        let config = ReactiveConfig {
+            targets: vec![MetricTarget {
+                kind: MetricKind::Cpu,
+                target: 0.6,
+            }],
+            max: 8,
+            scale_down_stabilization_secs: 60.0,
+            ..ReactiveConfig::default()
+        };
+        let mut p = ReactivePolicy::new("r", config).unwrap();
+        assert!(p.reacts_to_saturation());
+        let cost = 0.02; // CPU seconds per request
+        let mut cpu = crate::windows::SecondWindow::new(60);
+        let (mut ready, mut desired, mut backlog) = (1u32, 1u32, 0.0f64);
+        let mut seen = Vec::new();
+        for s in 0..secs {
+            let t = f64::from(s);
+            let demand = if s < 30 { 0.05 } else { demand_cores };
+            // Work arrives, the instances burn what they can, the rest queues.
+            let used = (demand + backlog).min(f64::from(ready));
+            backlog = (backlog + demand - used).max(0.0);
+            cpu.add(t, used);
+            let (arrived, served) = (demand / cost, used / cost);
+            let growth = arrived - served;
+            let per = |v: Option<f64>| v.map(|x| x / f64::from(ready));
+            let o = Observation {
+                now_secs: t + 0.5,
+                wall_epoch_secs: t + 0.5,
+                ready,
+                starting: desired - ready,
+                current_desired: desired,
+                metrics: vec![MetricSample {
+                    kind: MetricKind::Cpu,
+                    stable: per(cpu.mean(t, 20)),
+                    panic: per(cpu.mean(t, 6)),
+                }],
+                demand_rps: None,
+                saturation: Some(crate::Saturation {
+                    saturated: used / f64::from(ready) >= 0.85
+                        && growth >= f64::from(ready).max(2.0),
+                    demand_instances: used * arrived / served,
+                    arrival_rps: arrived,
+                }),
+            };
+            desired = p.evaluate(&o).desired;
+            ready = desired;
+            seen.push(desired);
+        }
+        seen
+    }
+
+    #[test]
+    fn saturation_bursts_at_once_to_what_demand_needs() {
+        // 1.2 cores at 0.6 need 2; 2.7 cores need 5 (4.5, and 4 would be over tolerance).
+        for (demand, need) in [(1.2, 2u32), (2.7, 5)] {
+            let seen = saturation_run(demand, 150);
+            assert!(seen[..30].iter().all(|&d| d == 1), "{seen:?}");
+            // The first evaluation after the step sees the queue and asks for all of it.
+            assert_eq!(seen[30], need, "{demand} cores: {seen:?}");
+            // Working off the queue (CPU above what the load needs) asks for no more.
+            assert!(seen[30..].iter().all(|&d| d == need), "{demand}: {seen:?}");
+        }
+    }
+
+    fn saturated_obs(now: f64, ready: u32, starting: u32, demand: f64, sat: bool) -> Observation {
+        let mut o = obs(now, ready, starting, Some(0.5));
+        o.metrics[0].kind = MetricKind::Cpu;
+        o.saturation = Some(crate::Saturation {
+            saturated: sat,
+            demand_instances: demand,
+            arrival_rps: demand * 50.0,
+        });
+        o
+    }
+
+    fn demo_policy() -> ReactivePolicy {
+        let config = ReactiveConfig {
+            targets: vec![MetricTarget {
+                kind: MetricKind::Cpu,
+                target: 0.6,
+            }],
+            max: 8,
+            scale_down_stabilization_secs: 60.0,
+            ..ReactiveConfig::default()
+        };
+        ReactivePolicy::new("r", config).unwrap()
+    }
+
+    #[test]
+    fn one_transient_reading_after_a_burst_adds_nothing() {
+        let mut p = demo_policy();
+        // The step: saturated, 1.2 instances of work → 2 at once.
+        let d = p.evaluate(&saturated_obs(0.0, 1, 0, 1.2, true));
+        assert_eq!((d.desired, d.reason), (2, Reason::Burst), "{}", d.detail);
+        // The new instance warming (starting), then ready behind slow start: the queue
+        // built meanwhile drains into it and one reading spikes. Neither adds.
+        let d = p.evaluate(&saturated_obs(0.5, 1, 1, 2.1, true));
+        assert_eq!(d.desired, 2, "{}", d.detail);
+        let d = p.evaluate(&saturated_obs(1.0, 2, 0, 2.1, true));
+        assert_eq!(d.desired, 2, "{}", d.detail);
+        // An unsaturated reading however high (a burst of arrivals) is no saturation.
+        let d = p.evaluate(&saturated_obs(2.0, 2, 0, 2.5, false));
+        assert_eq!(d.desired, 2, "{}", d.detail);
+        // A saturation that lasts with everything ready is real: it adds at once.
+        for t in [3.0, 4.0, 5.0] {
+            assert_eq!(p.evaluate(&saturated_obs(t, 2, 0, 2.1, true)).desired, 2);
+        }
+        let d = p.evaluate(&saturated_obs(6.0, 2, 0, 2.1, true));
+        assert_eq!((d.desired, d.reason), (4, Reason::Burst), "{}", d.detail);
+    }
+
+    #[test]
+    fn unsaturated_demand_readings_never_burst() {
+        let mut p = demo_policy();
+        for t in 0..10 {
+            let d = p.evaluate(&saturated_obs(f64::from(t), 1, 0, 1.4, false));
+            assert_eq!(d.desired, 1, "{}", d.detail);
+        }
+    }
+
+    #[test]
+    fn saturation_signal_leaves_scale_down_stabilization_unchanged() {
+        let mut p = ReactivePolicy::new("r", ReactiveConfig::default()).unwrap();
+        let mut o = obs(0.0, 4, 0, Some(0.7));
+        o.saturation = Some(crate::Saturation {
+            saturated: false,
+            demand_instances: 0.4,
+            arrival_rps: 20.0,
+        });
+        p.evaluate(&o);
+        let mut o = obs(15.0, 4, 0, Some(0.1));
+        o.saturation = Some(crate::Saturation {
+            saturated: false,
+            demand_instances: 0.4,
+            arrival_rps: 20.0,
+        });
+        let d = p.evaluate(&o);
+        assert_eq!(
+            (d.desired, d.reason),
+            (4, Reason::Stabilized),
+            "{}",
+            d.detail
+        );
     }
 
     #[test]

@@ -225,6 +225,13 @@ pub struct SyntheticSpec {
     pub shifts_per_week: f64,
     /// Steady growth of the level, fraction per day (0.05: +5% a day, compounded).
     pub growth_per_day: f64,
+    /// Swings within the hour: the standard deviation of a log-level that wanders
+    /// with a ten-minute memory (0.4: often ×1.5 either way within the hour).
+    pub swing: f64,
+    /// Mean number of trend changes per week: the growth rate is redrawn in ±15% a day.
+    pub trend_changes_per_week: f64,
+    /// Mean number of holidays per week: a weekday at the weekend level.
+    pub holidays_per_week: f64,
 }
 
 impl Default for SyntheticSpec {
@@ -240,12 +247,17 @@ impl Default for SyntheticSpec {
             spike_factor: (1.5, 3.0),
             shifts_per_week: 1.0,
             growth_per_day: 0.0,
+            swing: 0.0,
+            trend_changes_per_week: 0.0,
+            holidays_per_week: 0.0,
         }
     }
 }
 
 /// The named shapes of [`SyntheticSpec::shape`].
-pub const SHAPES: &[&str] = &["default", "growth", "flash", "weekly", "noise", "flat"];
+pub const SHAPES: &[&str] = &[
+    "default", "growth", "flash", "weekly", "noise", "flat", "social", "steps5", "trend", "holiday",
+];
 
 impl SyntheticSpec {
     /// A named shape over `days` days: `default` (daily and weekly cycles, noise,
@@ -253,7 +265,10 @@ impl SyntheticSpec {
     /// `flash` (flash crowds: four ×2–6 spikes a day over a weak daily cycle),
     /// `weekly` (weekday/weekend only, no daily cycle), `noise` (the default with
     /// four times the noise), `flat` (no seasonality at all: level, noise, spikes
-    /// and shifts only).
+    /// and shifts only), `social` (a weak daily cycle under large swings within the
+    /// hour and spikes to ~5×), `steps5` (a small service in 5-minute rows with daily
+    /// peaks ~5× the mean), `trend` (the default whose growth turns up and down twice a
+    /// week), `holiday` (the default with a weekday at the weekend level about weekly).
     pub fn shape(name: &str, days: u32) -> Option<Self> {
         let base = Self {
             days,
@@ -280,6 +295,31 @@ impl SyntheticSpec {
             "flat" => Self {
                 daily_amplitude: 0.0,
                 weekend_factor: 1.0,
+                ..base
+            },
+            "social" => Self {
+                daily_amplitude: 0.15,
+                weekend_factor: 0.9,
+                swing: 0.45,
+                spikes_per_day: 3.0,
+                spike_factor: (3.0, 5.0),
+                shifts_per_week: 0.5,
+                ..base
+            },
+            "steps5" => Self {
+                step_secs: 300,
+                base_rps: 0.3,
+                daily_amplitude: 1.0,
+                noise: 0.6,
+                spikes_per_day: 0.5,
+                ..base
+            },
+            "trend" => Self {
+                trend_changes_per_week: 2.0,
+                ..base
+            },
+            "holiday" => Self {
+                holidays_per_week: 1.0,
                 ..base
             },
             _ => return None,
@@ -335,13 +375,44 @@ pub fn synthetic_with(seed: u64, spec: &SyntheticSpec) -> Trace {
         }
     }
 
+    // Trend changes: (time, new growth per day).
+    let mut trends = Vec::new();
+    let mut t = 0.0;
+    if spec.trend_changes_per_week > 0.0 {
+        loop {
+            t += -rng.uniform().max(1e-12).ln() * 7.0 * 86_400.0 / spec.trend_changes_per_week;
+            if t >= total {
+                break;
+            }
+            trends.push((t, rng.range(-0.15, 0.15)));
+        }
+    }
+    let holiday: Vec<bool> = (0..days)
+        .map(|_| spec.holidays_per_week > 0.0 && rng.uniform() < spec.holidays_per_week / 5.0)
+        .collect();
+
     let mut trace = Trace {
         t: Vec::with_capacity(n),
         rps: Vec::with_capacity(n),
     };
     let (mut level, mut next_shift) = (1.0, 0);
+    let (mut trend_level, mut trend_rate, mut next_trend) = (0.0f64, 0.0, 0);
+    // AR(1) log-level with a ten-minute memory and stationary deviation `swing`.
+    let keep = (-step / 600.0).exp();
+    let mut wander = 0.0f64;
     for i in 0..n {
         let t = i as f64 * step;
+        while next_trend < trends.len() && trends[next_trend].0 <= t {
+            trend_rate = trends[next_trend].1;
+            next_trend += 1;
+        }
+        trend_level += trend_rate * step / 86_400.0;
+        // Keep a turned trend from running away over weeks.
+        trend_level = trend_level.clamp(-1.0, 1.0);
+        // Drawn only for shapes that swing, so the other shapes stay as they were.
+        if spec.swing > 0.0 {
+            wander = keep * wander + spec.swing * (1.0 - keep * keep).sqrt() * rng.normal();
+        }
         while next_shift < shifts.len() && shifts[next_shift].0 <= t {
             level *= shifts[next_shift].1;
             next_shift += 1;
@@ -353,7 +424,7 @@ pub fn synthetic_with(seed: u64, spec: &SyntheticSpec) -> Trace {
         let shape = (x.sin() + 0.25 * (2.0 * x).sin() * 0.5) / 1.0;
         let daily = 1.0 + spec.daily_amplitude * amp[day] * shape.clamp(-1.2, 1.2);
         let weekday = day % 7;
-        let weekly = if weekday >= 5 {
+        let weekly = if weekday >= 5 || holiday[day] {
             spec.weekend_factor
         } else {
             1.0
@@ -367,7 +438,8 @@ pub fn synthetic_with(seed: u64, spec: &SyntheticSpec) -> Trace {
                 spike *= 1.0 + (f - 1.0) * rise * decay;
             }
         }
-        let growth = (spec.growth_per_day * t / 86_400.0).exp();
+        let growth = (spec.growth_per_day * t / 86_400.0 + trend_level).exp()
+            * (wander - spec.swing * spec.swing / 2.0).exp();
         let rate = (spec.base_rps * level * growth * daily.max(0.05) * weekly * spike).max(0.0);
         let noisy = (rate + spec.noise * rate.sqrt() * rng.normal()).max(0.0);
         trace.t.push(t);
@@ -426,6 +498,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(shown.starts_with("a.csv:3:"), "{shown}");
+    }
+
+    #[test]
+    fn new_shapes_have_their_features() {
+        let mean = |t: &Trace| t.rps.iter().sum::<f64>() / t.rps.len() as f64;
+        // social: large swings within the hour, a weak daily cycle.
+        let s = synthetic_with(3, &SyntheticSpec::shape("social", 14).unwrap());
+        let f = synthetic_with(3, &SyntheticSpec::shape("flat", 14).unwrap());
+        let hourly_range = |t: &Trace| {
+            let hours = t.rps.chunks(60);
+            let n = hours.len() as f64;
+            hours
+                .map(|h| {
+                    let (lo, hi) = h
+                        .iter()
+                        .fold((f64::MAX, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
+                    (hi - lo) / (h.iter().sum::<f64>() / h.len() as f64).max(1e-9)
+                })
+                .sum::<f64>()
+                / n
+        };
+        assert!(
+            hourly_range(&s) > 1.5 * hourly_range(&f),
+            "{} {}",
+            hourly_range(&s),
+            hourly_range(&f)
+        );
+        assert!(s.rps.iter().cloned().fold(0.0, f64::max) > 3.0 * mean(&s));
+        // steps5: 5-minute rows, daily peaks well above the mean.
+        let p = synthetic_with(3, &SyntheticSpec::shape("steps5", 14).unwrap());
+        assert_eq!(p.t[1] - p.t[0], 300.0);
+        assert!(p.rps.iter().cloned().fold(0.0, f64::max) > 3.0 * mean(&p));
+        // holiday: some weekday runs at the weekend level.
+        let h = synthetic_with(5, &SyntheticSpec::shape("holiday", 28).unwrap());
+        let d = synthetic_with(5, &SyntheticSpec::shape("default", 28).unwrap());
+        assert_ne!(h, d);
+        // trend: the level drifts away from the default's.
+        let tr = synthetic_with(5, &SyntheticSpec::shape("trend", 28).unwrap());
+        assert_ne!(tr, d);
     }
 
     #[test]

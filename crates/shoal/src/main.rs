@@ -5,6 +5,7 @@ mod plot;
 mod serve;
 mod simulate;
 mod status;
+mod tune;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -81,6 +82,13 @@ enum Command {
     Proxy(serve::ProxyArgs),
     /// Replay a demand trace through the scaling policies.
     Simulate(simulate::SimulateArgs),
+    /// The cheapest autoscaling settings that meet an objective on your own traffic.
+    Tune(tune::TuneArgs),
+    /// Recorded demand history (`shoal history export`).
+    History {
+        #[command(subcommand)]
+        cmd: tune::HistoryCmd,
+    },
     /// Services, instances, desired counts, last decisions and size recommendations.
     Status {
         /// The admin listener to ask.
@@ -186,6 +194,8 @@ fn main() -> ExitCode {
         },
         Command::Status { admin, json, watch } => status::run(admin, json, watch),
         Command::Simulate(args) => simulate::run(args),
+        Command::Tune(args) => tune::run(args),
+        Command::History { cmd } => tune::run_history(cmd),
         Command::Proxy(args) => serve::run_quick(args),
         Command::DemoService { listen } => serve::run_demo(listen),
         Command::Load {

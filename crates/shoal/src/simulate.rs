@@ -28,7 +28,9 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "N", default_value_t = 28)]
     pub days: u32,
     /// Shape of the synthetic trace: default, growth, flash (flash crowds), weekly
-    /// (no daily cycle), noise (heavy noise), flat (no seasonality at all).
+    /// (no daily cycle), noise (heavy noise), flat (no seasonality at all), social
+    /// (swings within the hour and spikes over a weak daily cycle), steps5 (5-minute
+    /// rows, daily peaks ~5× the mean), trend (growth turning), holiday.
     #[arg(
         long,
         value_name = "NAME",

@@ -83,11 +83,13 @@ scale_down_stabilization = "5s""#,
     );
 }
 
-/// The demo config (examples/shoal.toml: CPU target 0.6, max 8) under ~1.2 cores of
-/// demand (60 requests/s of 20 ms CPU) settles at the 2 instances that needs (±1),
-/// never climbing toward its max, and no request fails.
+/// The README demo (examples/shoal.toml: CPU target 0.6, max 8) under its step: 60
+/// requests/s of 20 ms CPU for a minute (≈ 1.2 cores, 2 instances at 0.6 in a release
+/// build). The saturated first instance (CPU at quota, requests queueing) brings more at
+/// once, sized from the work arriving, not climbing on the queue it works off: never above
+/// 3 (a debug build's request overhead can make the load need 3), and no request fails.
 #[test]
-fn demo_config_step_settles_at_what_it_needs() {
+fn demo_step_gets_its_second_instance_within_seconds_and_stops_at_two() {
     let dir = tempdir();
     let (listen, admin) = (free_port(), free_port());
     let demo = std::fs::read_to_string(concat!(
@@ -109,27 +111,58 @@ fn demo_config_step_settles_at_what_it_needs() {
     assert!(!cfg.contains("\".shoal\""), "{cfg}");
     let (mut shoal, _) = run_shoal(dir.path(), &cfg, listen);
     wait_until(20, "first instance", || ready(&api(admin)) == 1);
-    let url = format!("http://127.0.0.1:{listen}/work?cpu_ms=20&sleep_ms=5");
-    let loader = std::thread::spawn(move || load(&url, 60, 45));
+    // Let the idle CPU reading settle before the step.
+    std::thread::sleep(Duration::from_secs(3));
+    let url = format!("http://127.0.0.1:{listen}/work?cpu_ms=20");
     let step = Instant::now();
-    let (mut peak, mut late) = (0u64, Vec::new());
+    let loader = std::thread::spawn(move || load(&url, 60, 60));
+    let (mut peak, mut second_ready, mut late) = (0u64, None, Vec::new());
     while !loader.is_finished() {
-        let desired = api(admin)["desired"].as_u64().unwrap();
-        peak = peak.max(desired);
-        if step.elapsed() > Duration::from_secs(30) {
-            late.push(desired);
+        let v = api(admin);
+        peak = peak.max(v["desired"].as_u64().unwrap());
+        if second_ready.is_none() && ready(&v) >= 2 {
+            second_ready = Some(step.elapsed());
         }
-        std::thread::sleep(Duration::from_millis(250));
+        if step.elapsed() > Duration::from_secs(40) {
+            late.push(v["desired"].as_u64().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
     let report = loader.join().unwrap();
     let (_, decisions) = get(admin, "/api/services/demo/decisions");
     // Stop shoal (and its instances) before judging, so a failure leaves nothing behind.
     shoal.signal("TERM");
     assert!(shoal.wait_exit(30).is_some(), "shoal did not stop");
-    eprintln!("demo step: peak {peak}, settled {late:?}");
+    eprintln!(
+        "demo step: second instance ready after {second_ready:?}, peak desired {peak}, \
+         last 20 s {:?}..={:?}, p99 {} ms",
+        late.iter().min(),
+        late.iter().max(),
+        report["latency"]["p99_us"].as_u64().unwrap_or(0) as f64 / 1000.0
+    );
+    // The scale-ups and their reasons, to judge a run on a loaded machine by.
+    let parsed: Value = serde_json::from_str(&decisions).unwrap();
+    for d in parsed["decisions"].as_array().unwrap() {
+        if d["direction"] == "up" {
+            eprintln!(
+                "  {:.1}s {} -> {}: {}",
+                d["inputs"]["now_secs"].as_f64().unwrap_or(0.0),
+                d["inputs"]["current_desired"],
+                d["desired"],
+                d["detail"].as_str().unwrap_or("")
+            );
+        }
+    }
+    let second_ready = second_ready.unwrap_or_else(|| panic!("never 2 ready: {decisions}"));
+    // The decision comes within ~1 s and the instance starts in well under one; the margin
+    // over 2 s is for a loaded 2-core machine.
+    assert!(
+        second_ready <= Duration::from_secs(3),
+        "second instance after {second_ready:?}: {decisions}"
+    );
     assert!(peak <= 3, "peak {peak}: {decisions}");
     assert!(
-        !late.is_empty() && late.iter().all(|d| (1..=3).contains(d)),
+        !late.is_empty() && late.iter().all(|d| (2..=3).contains(d)),
         "settled {late:?}: {decisions}"
     );
     assert_eq!(report["errors"]["total"], 0, "{report}");

@@ -407,3 +407,87 @@ fn dependency_up_follows_the_cache_redis_through_an_outage() {
     assert!(shoal.0.try_wait().unwrap().is_none(), "shoal exited");
     drop(redis);
 }
+
+/// `shoal tune --prometheus` reads a range of a running shoal's request rate from a real
+/// Prometheus that scraped it and recommends settings.
+#[test]
+fn tune_reads_demand_from_prometheus_and_recommends() {
+    let dir = tempdir();
+    let (listen, admin) = (free_port(), free_port());
+    let cfg = fleet_config(
+        listen,
+        admin,
+        "[services.demo.fleet]\ncommand = \"shoal demo-service\"\nmin = 1\nmax = 2\n",
+    );
+    let (_shoal, _) = run_shoal(dir.path(), &cfg, listen);
+    wait_until(20, "an instance", || {
+        ready(&api_json(admin, "/api/services/demo")) == 1
+    });
+    let prom = Prometheus::start(dir.path(), admin, None);
+    let url = format!("http://127.0.0.1:{listen}/work?cpu_ms=1");
+    let report = load(&url, 30, 15);
+    assert_eq!(report["errors"]["total"], 0, "{report}");
+    let query = r#"sum(rate(shoal_requests_total{service="demo"}[5s]))"#;
+    wait_until(20, "a rate scraped", || {
+        prom.value(query).is_some_and(|v| v > 5.0)
+    });
+    let server = format!("http://127.0.0.1:{}", prom.port);
+    let out = Command::new(SHOAL)
+        .args([
+            "tune",
+            "--prometheus",
+            &server,
+            "--query",
+            query,
+            "--from",
+            "now-40s",
+            "--to",
+            "now",
+            "--step",
+            "1",
+            "--capacity",
+            "20",
+            "--startup",
+            "2",
+            "--max-violation",
+            "10",
+            "--policy",
+            "reactive",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["settings"]["policy"], "reactive", "{v}");
+    assert!(v["result"]["instance_hours"].as_f64().unwrap() > 0.0, "{v}");
+    // The replay saw the load: about 30 requests/s at its peak.
+    let peak = v["trace"]["peak_rps"].as_f64().unwrap();
+    assert!((15.0..=45.0).contains(&peak), "{v}");
+    assert!(v["trace"]["duration_secs"].as_f64().unwrap() >= 5.0, "{v}");
+
+    // A query Prometheus refuses is reported, not turned into a recommendation.
+    let out = Command::new(SHOAL)
+        .args([
+            "tune",
+            "--prometheus",
+            &server,
+            "--query",
+            "sum(",
+            "--from",
+            "now-40s",
+            "--to",
+            "now",
+            "--capacity",
+            "20",
+            "--startup",
+            "2",
+            "--max-violation",
+            "10",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sum("));
+}
