@@ -84,8 +84,32 @@ pub fn run_shoal(dir: &Path, config: &str, wait_for: u16) -> (Proc, PathBuf) {
         .unwrap();
     let mut proc = Proc(child);
     wait_port(wait_for, 20);
-    // The admin listener binds after the services: give it a moment, and if shoal exited
-    // (e.g. a free port was taken meanwhile), fail with its log rather than a bare refusal.
+    // The admin listener binds after the services: wait for it too (its port is in the
+    // config), and if shoal exited (e.g. a free port was taken meanwhile), fail with its log
+    // rather than a bare refusal.
+    let admin_port = config.split("[admin]").nth(1).and_then(|t| {
+        t.lines().take_while(|l| !l.starts_with('[')).find_map(|l| {
+            let v = l
+                .trim()
+                .strip_prefix("listen")?
+                .trim_start()
+                .strip_prefix('=')?;
+            v.trim()
+                .trim_matches('"')
+                .rsplit(':')
+                .next()?
+                .parse::<u16>()
+                .ok()
+        })
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Some(p) = admin_port {
+        if TcpStream::connect(("127.0.0.1", p)).is_ok() || proc.0.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "admin port {p} never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     std::thread::sleep(Duration::from_millis(100));
     if let Some(code) = proc.0.try_wait().unwrap() {
         let log = std::fs::read_to_string(dir.join("shoal.log")).unwrap_or_default();
