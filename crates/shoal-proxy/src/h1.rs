@@ -37,6 +37,22 @@ const READ_CHUNK: usize = 8 * 1024;
 /// Pipelined request bytes buffered while a request is in progress.
 const PIPELINE_LIMIT: usize = 64 * 1024;
 
+/// A client connection's byte stream: plain TCP or TLS over TCP.
+pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Reads and writes go straight to [`ClientIo::tcp`]: while a try is in progress,
+    /// interim responses are written and pipelined bytes read through a shared borrow.
+    const PLAIN: bool;
+    /// The TCP socket underneath.
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl ClientIo for TcpStream {
+    const PLAIN: bool = true;
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
 /// How a fast-path connection ended.
 pub(crate) enum End {
     /// Closed (client gone, shutdown, idle, error).
@@ -560,8 +576,8 @@ struct Answer {
 }
 
 /// One client connection on the fast path.
-pub(crate) struct Conn<'a> {
-    stream: &'a mut TcpStream,
+pub(crate) struct Conn<'a, S: ClientIo> {
+    stream: &'a mut S,
     /// The listening service (routes, client-side limits and timeouts).
     svc: &'a Arc<Service>,
     peer: SocketAddr,
@@ -591,9 +607,9 @@ struct Bufs {
     interim: Vec<u8>,
 }
 
-impl<'a> Conn<'a> {
+impl<'a, S: ClientIo> Conn<'a, S> {
     pub(crate) fn new(
-        stream: &'a mut TcpStream,
+        stream: &'a mut S,
         svc: &'a Arc<Service>,
         peer: SocketAddr,
         peer_ip: &'a [u8],
@@ -951,6 +967,7 @@ impl<'a> Conn<'a> {
             }
             // A block of its own: the try borrows `t`, which `end_try` then updates.
             let result = {
+                let mut watch = true;
                 let attempt_fut = try_instance(
                     &mut self.bufs,
                     &t.inst,
@@ -958,7 +975,7 @@ impl<'a> Conn<'a> {
                     plan,
                     cfg.timeouts.connect.0,
                     cfg.timeouts.upstream_idle.0,
-                    &*self.stream,
+                    S::PLAIN.then(|| self.stream.tcp()),
                 );
                 tokio::pin!(attempt_fut);
                 loop {
@@ -973,14 +990,24 @@ impl<'a> Conn<'a> {
                         }
                         // A client that hangs up stops its request (a pipelined next request is
                         // only buffered, up to a bound).
-                        _ = self.stream.readable(), if self.rbuf.len() < PIPELINE_LIMIT => {
-                            self.rbuf.reserve(READ_CHUNK);
-                            match self.stream.try_read_buf(&mut self.rbuf) {
-                                Ok(0) => return Err(None),
-                                Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
-                                    return Err(None)
+                        _ = self.stream.tcp().readable(), if watch && self.rbuf.len() < PIPELINE_LIMIT => {
+                            if S::PLAIN {
+                                self.rbuf.reserve(READ_CHUNK);
+                                match self.stream.tcp().try_read_buf(&mut self.rbuf) {
+                                    Ok(0) => return Err(None),
+                                    Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
+                                        return Err(None)
+                                    }
+                                    _ => {}
                                 }
-                                _ => {}
+                            } else {
+                                // TLS records need the session to read: peek for a hang-up,
+                                // and stop watching once records are waiting.
+                                match peek_now(self.stream.tcp()) {
+                                    Some(0) => return Err(None),
+                                    Some(_) => watch = false,
+                                    None => {}
+                                }
                             }
                         }
                     }
@@ -1089,7 +1116,7 @@ async fn try_instance(
     plan: &Plan,
     connect_timeout: Duration,
     max_idle: Duration,
-    client: &TcpStream,
+    client: Option<&TcpStream>,
 ) -> Result<Answer, TryError> {
     let mut pooled_ok = true;
     loop {
@@ -1125,7 +1152,7 @@ async fn send_and_read_head(
     up: &mut TcpStream,
     request: &[u8],
     plan: &Plan,
-    client: &TcpStream,
+    client: Option<&TcpStream>,
 ) -> Result<RespPlan, TryError> {
     let silent = TryError::Reset {
         reused_silent: true,
@@ -1154,10 +1181,12 @@ async fn send_and_read_head(
                     // as far as the client's socket takes it without waiting; the rest goes
                     // ahead of the final answer, so the head is never cut.
                     if !bufs.out.is_empty() {
-                        let sent = if bufs.interim.is_empty() {
-                            client.try_write(&bufs.out).unwrap_or(0)
-                        } else {
-                            0
+                        // Over TLS they wait for the final answer (the session is busy).
+                        let sent = match client {
+                            Some(c) if bufs.interim.is_empty() => {
+                                c.try_write(&bufs.out).unwrap_or(0)
+                            }
+                            _ => 0,
                         };
                         bufs.interim.extend_from_slice(&bufs.out[sent..]);
                         bufs.out.clear();
@@ -1198,8 +1227,8 @@ fn general_request(buf: &[u8], head_len: usize) -> Option<http::Request<bytes::B
 /// Writes a general-path response with HTTP/1.1 framing: its length when known, else
 /// chunked; each body frame as it comes (the head goes with the first). Returns whether the
 /// connection can take another request.
-async fn write_response(
-    stream: &mut TcpStream,
+async fn write_response<S: ClientIo>(
+    stream: &mut S,
     resp: http::Response<crate::proxy::ClientBody>,
     head_method: bool,
     close: bool,
@@ -1272,31 +1301,55 @@ async fn write_response(
 /// Writes to the client; one that stops reading for the idle timeout is given up on, so it
 /// cannot hold an upstream connection and an in-flight slot forever. The timer is only set
 /// when the socket buffer is full.
-async fn write_client(stream: &mut TcpStream, buf: &[u8], limit: Duration) -> bool {
-    let rest = match stream.try_write(buf) {
-        Ok(n) if n == buf.len() => return true,
-        Ok(n) => &buf[n..],
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buf,
-        Err(_) => return false,
+async fn write_client<S: ClientIo>(stream: &mut S, buf: &[u8], limit: Duration) -> bool {
+    let rest = if S::PLAIN {
+        match stream.tcp().try_write(buf) {
+            Ok(n) if n == buf.len() => return true,
+            Ok(n) => &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buf,
+            Err(_) => return false,
+        }
+    } else {
+        buf
     };
-    matches!(
-        tokio::time::timeout(limit, stream.write_all(rest)).await,
-        Ok(Ok(()))
-    )
+    // Flushed: a TLS session may keep records back otherwise. Polled once before the timer
+    // is set.
+    let mut write = std::pin::pin!(async {
+        stream.write_all(rest).await?;
+        stream.flush().await
+    });
+    let first =
+        std::future::poll_fn(|cx| Poll::Ready(std::future::Future::poll(write.as_mut(), cx))).await;
+    match first {
+        Poll::Ready(r) => r.is_ok(),
+        Poll::Pending => matches!(tokio::time::timeout(limit, write).await, Ok(Ok(()))),
+    }
+}
+
+/// Bytes waiting on `s` without waiting for them: `Some(0)` when the peer closed.
+fn peek_now(s: &TcpStream) -> Option<usize> {
+    let mut b = [MaybeUninit::uninit(); 1];
+    let mut buf = ReadBuf::uninit(&mut b);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match s.poll_peek(&mut cx, &mut buf) {
+        Poll::Ready(Ok(n)) => Some(n),
+        Poll::Ready(Err(_)) => Some(0),
+        Poll::Pending => None,
+    }
 }
 
 /// A client stream with bytes already read put back in front, for the general path. A
 /// client that takes no bytes for `write_limit` while a write waits is disconnected, so a
 /// reader that stops cannot hold an instance's response (and its in-flight slot) forever.
-pub(crate) struct Rewind {
+pub(crate) struct Rewind<S> {
     pre: BytesMut,
-    inner: TcpStream,
+    inner: S,
     write_limit: Duration,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl Rewind {
-    pub(crate) fn new(pre: BytesMut, inner: TcpStream, write_limit: Duration) -> Self {
+impl<S: AsyncRead + AsyncWrite + Unpin> Rewind<S> {
+    pub(crate) fn new(pre: BytesMut, inner: S, write_limit: Duration) -> Self {
         Rewind {
             pre,
             inner,
@@ -1330,7 +1383,7 @@ impl Rewind {
     }
 }
 
-impl AsyncRead for Rewind {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1346,7 +1399,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

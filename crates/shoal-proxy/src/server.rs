@@ -160,8 +160,9 @@ async fn accept_loop(
     tracing::info!(service = %service.name, "listener stopped");
 }
 
-async fn serve_conn(
-    mut stream: tokio::net::TcpStream,
+/// Serves one client connection over any byte stream (TCP, or TLS over TCP).
+async fn serve_conn<S: crate::h1::ClientIo>(
+    mut stream: S,
     peer: SocketAddr,
     port: u16,
     svc: Arc<Service>,
