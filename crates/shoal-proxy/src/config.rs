@@ -393,6 +393,9 @@ pub struct RawService {
     /// Where this listener answers job URLs (`{jobs_path}/{id}`) when it has async routes.
     #[serde(default)]
     pub jobs_path: Option<Spanned<String>>,
+    /// TLS termination on this listener.
+    #[serde(default)]
+    pub tls: Option<Spanned<crate::tls::RawTls>>,
     /// Extra, section-specific tables (fleet, autoscale, ...) are parsed by their owners.
     #[serde(flatten)]
     pub extra: BTreeMap<String, toml::Value>,
@@ -559,11 +562,22 @@ pub struct ServiceConfig {
     pub cache: Option<shoal_cache::CacheConfig>,
     /// Where the listener answers job URLs of its async routes (default `/jobs`).
     pub jobs_path: String,
+    /// TLS termination: the listener speaks HTTPS.
+    pub tls: Option<crate::tls::TlsConfig>,
     /// Tables this crate does not own (`fleet`, `autoscale`, ...), with their source.
     pub extra: BTreeMap<String, toml::Value>,
 }
 
 impl ServiceConfig {
+    /// The scheme clients use on this listener (`X-Forwarded-Proto`, `Forwarded`, cache keys).
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// A service with defaults, as `shoal proxy` builds it.
     pub fn quick(name: &str, listen: SocketAddr, balance: Algorithm) -> Self {
         ServiceConfig {
@@ -585,6 +599,7 @@ impl ServiceConfig {
             limits: LimitConfig::default(),
             cache: None,
             jobs_path: crate::jobs::DEFAULT_JOBS_PATH.to_string(),
+            tls: None,
             extra: BTreeMap::new(),
         }
     }
@@ -1006,6 +1021,24 @@ impl Config {
                     p
                 }
             };
+            let tls = match s.tls {
+                None => None,
+                Some(t) => {
+                    let span = t.span();
+                    if s.listen.is_none() {
+                        return Err(loc.error(span, &field("tls"), "needs `listen`"));
+                    }
+                    let base = path.parent().unwrap_or(Path::new("."));
+                    match t.into_inner().validate(base) {
+                        Ok(c) => Some(c),
+                        Err((f, why)) => {
+                            let off = key_offset(text, &format!("[services.{name}.tls]"), f);
+                            let off = if off == 0 { span.start } else { off };
+                            return Err(loc.error(off..off, &field(&format!("tls.{f}")), why));
+                        }
+                    }
+                }
+            };
             let retries_span = s.retries.as_ref().map_or(0..0, |r| r.span());
             let retries = s.retries.map(|r| r.into_inner()).unwrap_or_default();
             if retries.attempts == 0 || retries.attempts > 10 {
@@ -1034,6 +1067,7 @@ impl Config {
                 limits: s.limits,
                 cache,
                 jobs_path,
+                tls,
                 extra: s.extra,
             });
         }

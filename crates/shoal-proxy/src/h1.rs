@@ -196,7 +196,7 @@ fn plan_request(
         let host = crate::cache::host_str(facts.authority).filter(|_| !forwarded_proto);
         if let (Some(m), Some(host), 0) = (m, host, body_len) {
             let now = std::time::SystemTime::now();
-            if let Some(hit) = cache.fast_hit(m, "http", host, path, req.headers, now) {
+            if let Some(hit) = cache.fast_hit(m, cfg.scheme(), host, path, req.headers, now) {
                 return Parsed::Hit {
                     head_len,
                     hit,
@@ -584,6 +584,8 @@ pub(crate) struct Conn<'a, S: ClientIo> {
     peer_ip: &'a [u8],
     /// The listener's port, for `X-Forwarded-Port`.
     port: u16,
+    /// What the TLS handshake established (None: plain TCP).
+    tls: Option<&'a crate::tls::Session>,
     rbuf: BytesMut,
     /// The request as it goes upstream.
     req: Vec<u8>,
@@ -621,6 +623,7 @@ impl<'a, S: ClientIo> Conn<'a, S> {
             peer,
             peer_ip,
             port,
+            tls: None,
             rbuf: BytesMut::new(),
             req: Vec::new(),
             bufs: Bufs {
@@ -633,6 +636,12 @@ impl<'a, S: ClientIo> Conn<'a, S> {
             tries_made: 0,
             body_bytes: 0,
         }
+    }
+
+    /// The connection's TLS session (its verified client identity goes upstream).
+    pub(crate) fn with_tls(mut self, tls: Option<&'a crate::tls::Session>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Serves requests until the connection closes or needs the general path.
@@ -766,6 +775,17 @@ impl<'a, S: ClientIo> Conn<'a, S> {
                 }
                 continue;
             }
+            if let Some(id) = self.tls.and_then(|s| s.identity.as_ref().map(|v| (s, v))) {
+                // Before the head's closing blank line (the client's copy was dropped).
+                let at = self.req.len() - 2;
+                let line = [
+                    id.0.identity_header.as_str().as_bytes(),
+                    b": ",
+                    id.1.as_bytes(),
+                    b"\r\n",
+                ];
+                self.req.splice(at..at, line.concat());
+            }
             self.req.extend_from_slice(&self.rbuf[plan.head_len..total]);
             self.rbuf.advance(total);
             let keep = self.exchange(&plan, &cfg, start).await;
@@ -790,6 +810,9 @@ impl<'a, S: ClientIo> Conn<'a, S> {
         // go to the client while the final answer is still being made.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         req.extensions_mut().insert(crate::proxy::InterimSink(tx));
+        if let Some(s) = self.tls {
+            req.extensions_mut().insert(s.clone());
+        }
         // Boxed: the general path's future is large, and inline it would grow every
         // connection's state, idle ones included, by its size.
         let mut answer = Box::pin(
@@ -1065,6 +1088,15 @@ impl<'a, S: ClientIo> Conn<'a, S> {
             Framing::Close => BodyLeft::Close,
         };
         self.bufs.ubuf.advance(plan.head_len);
+        let hsts = self
+            .tls
+            .and_then(|_| self.svc.config.load().tls.as_ref().and_then(|t| t.hsts));
+        if let Some(age) = hsts {
+            // Before the head's closing blank line.
+            let at = self.bufs.out.len() - 2;
+            let line = format!("strict-transport-security: max-age={}\r\n", age.as_secs());
+            self.bufs.out.splice(at..at, line.into_bytes());
+        }
         let (mut n, mut done) = match left.take(&self.bufs.ubuf) {
             Ok(x) => x,
             Err(()) => return false,

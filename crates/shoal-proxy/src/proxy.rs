@@ -122,6 +122,13 @@ pub struct Service {
     pub routes: ArcSwapOption<RouteTable>,
     /// The cache phase for requests this service serves without a route.
     pub cache: ArcSwapOption<shoal_cache::Cache>,
+    /// TLS termination on this service's listener (set by `App` from `tls`).
+    pub tls: ArcSwapOption<crate::tls::Terminator>,
+}
+
+/// `Strict-Transport-Security` for a `max-age`.
+pub(crate) fn hsts_value(age: std::time::Duration) -> HeaderValue {
+    HeaderValue::from_str(&format!("max-age={}", age.as_secs())).expect("digits")
 }
 
 /// Pool settings derived from a service config.
@@ -162,6 +169,7 @@ impl Service {
             budget: RetryBudget::new(now_nanos()),
             routes: ArcSwapOption::empty(),
             cache: ArcSwapOption::empty(),
+            tls: ArcSwapOption::empty(),
         })
     }
 
@@ -303,11 +311,18 @@ impl Service {
             let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
             Box::new((req.method().to_string(), path.to_string()))
         });
+        let hsts = self.config.load().tls.as_ref().and_then(|t| t.hsts);
         match self
             .proxy(req, peer, peer_ip, port, start, log.clone())
             .await
         {
-            Ok(r) => Ok(r),
+            Ok(mut r) => {
+                if let Some(age) = hsts {
+                    r.headers_mut()
+                        .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts_value(age));
+                }
+                Ok(r)
+            }
             Err((svc, e)) => {
                 let svc = svc.unwrap_or(self);
                 let status = e.status().as_u16();
@@ -413,6 +428,12 @@ impl Service {
                 headers.append(n, v);
             }
         });
+        // A verified client certificate's subject, in the header clients cannot set.
+        if let Some(s) = parts.extensions.get::<crate::tls::Session>() {
+            if let Some(id) = &s.identity {
+                headers.insert(s.identity_header.clone(), id.clone());
+            }
+        }
         let upgrade = facts.upgrade.map(<[u8]>::to_vec);
         let mut body_kind = facts.body;
         // HTTP/2 (and HTTP/3) frame the body themselves: a request without
@@ -437,7 +458,7 @@ impl Service {
         if let Some(c) = &cache {
             crate::cache::upstream_headers(c, &mut headers, cache_host.as_deref());
         }
-        let cache_scheme = crate::cache::key_scheme(facts.trusted, &parts.headers);
+        let cache_scheme = crate::cache::key_scheme(facts.trusted, &parts.headers, lcfg.scheme());
         let mut fetch = None;
         let mut passed = None;
         if let (Some(c), Some(host)) = (&cache, &cache_host) {

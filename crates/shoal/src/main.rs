@@ -155,6 +155,8 @@ fn run_load(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS crypto provider for the whole process (aws-lc-rs).
+    shoal_proxy::tls::provider();
     // The config's `log_format` counts for `run`; a config that does not load is reported
     // by the run itself.
     let format = cli.log_format.unwrap_or_else(|| match &cli.command {
