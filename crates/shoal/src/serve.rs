@@ -53,6 +53,10 @@ pub struct ProxyArgs {
     /// The private key (PEM) of the --tls-cert at the same position.
     #[arg(long = "tls-key", requires = "tls_certs")]
     tls_keys: Vec<std::path::PathBuf>,
+    /// How often the certificate files are checked for changes (0 disables; SIGHUP and
+    /// POST /api/tls/reload always reload).
+    #[arg(long, value_parser = parse_duration)]
+    tls_watch: Option<Duration>,
 }
 
 fn parse_cache_size(s: &str) -> Result<u64, String> {
@@ -123,7 +127,7 @@ pub fn run_quick(args: ProxyArgs) -> anyhow::Result<()> {
             client_ca: None,
             client_auth: None,
             identity_header: None,
-            watch: None,
+            watch: args.tls_watch.map(shoal_proxy::config::Dur),
             hsts: None,
         };
         let tls = raw
