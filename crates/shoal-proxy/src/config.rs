@@ -396,6 +396,9 @@ pub struct RawService {
     /// TLS termination on this listener.
     #[serde(default)]
     pub tls: Option<Spanned<crate::tls::RawTls>>,
+    /// A plain listener answering every request with a 308 to `https` on this port.
+    #[serde(default)]
+    pub https_redirect: Option<Spanned<u16>>,
     /// Extra, section-specific tables (fleet, autoscale, ...) are parsed by their owners.
     #[serde(flatten)]
     pub extra: BTreeMap<String, toml::Value>,
@@ -564,6 +567,8 @@ pub struct ServiceConfig {
     pub jobs_path: String,
     /// TLS termination: the listener speaks HTTPS.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// Every request is answered 308 to `https://HOST:PORT/...` (a plain listener).
+    pub https_redirect: Option<u16>,
     /// Tables this crate does not own (`fleet`, `autoscale`, ...), with their source.
     pub extra: BTreeMap<String, toml::Value>,
 }
@@ -600,6 +605,7 @@ impl ServiceConfig {
             cache: None,
             jobs_path: crate::jobs::DEFAULT_JOBS_PATH.to_string(),
             tls: None,
+            https_redirect: None,
             extra: BTreeMap::new(),
         }
     }
@@ -1039,6 +1045,16 @@ impl Config {
                     }
                 }
             };
+            let https_redirect = match s.https_redirect {
+                Some(p) if tls.is_some() || s.listen.is_none() || *p.get_ref() == 0 => {
+                    return Err(loc.error(
+                        p.span(),
+                        &field("https_redirect"),
+                        "a port, on a plain listener (one with `listen` and no `tls`)",
+                    ));
+                }
+                p => p.map(|p| p.into_inner()),
+            };
             let retries_span = s.retries.as_ref().map_or(0..0, |r| r.span());
             let retries = s.retries.map(|r| r.into_inner()).unwrap_or_default();
             if retries.attempts == 0 || retries.attempts > 10 {
@@ -1068,6 +1084,7 @@ impl Config {
                 cache,
                 jobs_path,
                 tls,
+                https_redirect,
                 extra: s.extra,
             });
         }

@@ -23,6 +23,8 @@ pub enum ProxyError {
     NoInstance,
     Upstream(&'static str),
     Timeout,
+    /// 308 to this location (a plain listener's `https_redirect`).
+    Redirect(String),
 }
 
 impl ProxyError {
@@ -38,6 +40,7 @@ impl ProxyError {
             ProxyError::NoInstance => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Redirect(_) => StatusCode::PERMANENT_REDIRECT,
         }
     }
 
@@ -54,6 +57,7 @@ impl ProxyError {
             ProxyError::NoInstance => "no instance available",
             ProxyError::Upstream(m) => m,
             ProxyError::Timeout => "upstream timed out",
+            ProxyError::Redirect(_) => "use https",
         }
     }
 
@@ -88,6 +92,11 @@ impl ProxyError {
         if self.closes() {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        if let ProxyError::Redirect(to) = &self {
+            if let Ok(v) = HeaderValue::from_str(to) {
+                h.insert(header::LOCATION, v);
+            }
+        }
         r
     }
 
@@ -100,6 +109,10 @@ impl ProxyError {
         out.extend_from_slice((msg.len() + 1).to_string().as_bytes());
         if close || self.closes() {
             out.extend_from_slice(b"\r\nconnection: close");
+        }
+        if let ProxyError::Redirect(to) = self {
+            out.extend_from_slice(b"\r\nlocation: ");
+            out.extend_from_slice(to.as_bytes());
         }
         out.extend_from_slice(b"\r\n\r\n");
         out.extend_from_slice(msg.as_bytes());

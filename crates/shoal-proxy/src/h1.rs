@@ -169,6 +169,11 @@ fn plan_request(
         // Past the memory budget: the general path streams it.
         return Parsed::Handover;
     };
+    if let Some(port) = cfg.https_redirect {
+        let e = crate::tls::https_location(facts.authority, port, path)
+            .map_or_else(|e| e, ProxyError::Redirect);
+        return Parsed::Reject(e, log());
+    }
     // Job URLs and async routes are the general path's (their phase runs there).
     if svc.jobs_for(method, path).is_some() {
         return Parsed::Handover;

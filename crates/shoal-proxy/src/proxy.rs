@@ -390,6 +390,10 @@ impl Service {
                 .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()))
         };
         let facts = hygiene::inspect(&line, pairs(), &lcfg, peer.ip()).map_err(|e| (None, e))?;
+        if let Some(port) = lcfg.https_redirect {
+            let to = crate::tls::https_location(facts.authority, port, path_and_query);
+            return Err((None, to.map_or_else(|e| e, ProxyError::Redirect)));
+        }
         // Job URLs are the listener's own, answered before routing.
         if let Some((jobs, id)) = self.jobs_for(line.method, path_and_query) {
             self.metrics.requests.inc();

@@ -548,6 +548,27 @@ fn failure(e: &std::io::Error) -> &'static str {
     }
 }
 
+/// `https://HOST[:port]TARGET` for a plain listener's `https_redirect` (the request's host
+/// without its port; 443 is left out).
+pub(crate) fn https_location(
+    authority: Option<&[u8]>,
+    port: u16,
+    target: &str,
+) -> Result<String, crate::error::ProxyError> {
+    let a = authority.and_then(|a| std::str::from_utf8(a).ok()).ok_or(
+        crate::error::ProxyError::BadRequest("no host to redirect to"),
+    )?;
+    let host = match a.strip_prefix('[') {
+        Some(v6) => &a[..v6.find(']').map_or(a.len(), |i| i + 2)],
+        None => a.split(':').next().unwrap_or(a),
+    };
+    Ok(if port == 443 {
+        format!("https://{host}{target}")
+    } else {
+        format!("https://{host}:{port}{target}")
+    })
+}
+
 fn mtimes(cfg: &TlsConfig) -> Vec<Option<SystemTime>> {
     let stamp = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     cfg.certs

@@ -498,3 +498,37 @@ async fn tls_below_1_2_is_refused() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[tokio::test]
+async fn a_plain_listener_can_redirect_everything_to_https() {
+    let b = Backend::start("b1").await;
+    let mut cfg = service_config(&[&b], "round-robin");
+    cfg.https_redirect = Some(8443);
+    let p = start_proxy(cfg).await;
+    // The fast path.
+    let r = raw(
+        p.addr,
+        b"GET /a?b=1 HTTP/1.1\r\nhost: example.com:8080\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 308"), "{r}");
+    assert!(
+        r.contains("location: https://example.com:8443/a?b=1\r\n"),
+        "{r}"
+    );
+    // The general path (HTTP/1.0 is handed over) gives the same answer.
+    let r = raw(p.addr, b"GET /a HTTP/1.0\r\nhost: [::1]:8080\r\n\r\n").await;
+    assert!(
+        r.starts_with("HTTP/1.0 308") || r.starts_with("HTTP/1.1 308"),
+        "{r}"
+    );
+    assert!(
+        r.to_ascii_lowercase()
+            .contains("location: https://[::1]:8443/a\r\n"),
+        "{r}"
+    );
+    // Malformed requests are still refused, never redirected.
+    let r = raw(p.addr, b"GET / HTTP/1.1\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert_eq!(b.count(), 0);
+}
