@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer};
@@ -399,6 +400,9 @@ pub struct RawService {
     /// A plain listener answering every request with a 308 to `https` on this port.
     #[serde(default)]
     pub https_redirect: Option<Spanned<u16>>,
+    /// TLS to this service's instances.
+    #[serde(default)]
+    pub upstream_tls: Option<Spanned<crate::tls::RawUpstreamTls>>,
     /// Extra, section-specific tables (fleet, autoscale, ...) are parsed by their owners.
     #[serde(flatten)]
     pub extra: BTreeMap<String, toml::Value>,
@@ -569,6 +573,8 @@ pub struct ServiceConfig {
     pub tls: Option<crate::tls::TlsConfig>,
     /// Every request is answered 308 to `https://HOST:PORT/...` (a plain listener).
     pub https_redirect: Option<u16>,
+    /// TLS to the instances (files loaded with the config).
+    pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
     /// Tables this crate does not own (`fleet`, `autoscale`, ...), with their source.
     pub extra: BTreeMap<String, toml::Value>,
 }
@@ -606,6 +612,7 @@ impl ServiceConfig {
             jobs_path: crate::jobs::DEFAULT_JOBS_PATH.to_string(),
             tls: None,
             https_redirect: None,
+            upstream_tls: None,
             extra: BTreeMap::new(),
         }
     }
@@ -1055,6 +1062,23 @@ impl Config {
                 }
                 p => p.map(|p| p.into_inner()),
             };
+            let upstream_tls = match s.upstream_tls {
+                None => None,
+                Some(t) => {
+                    let span = t.span();
+                    let base = path.parent().unwrap_or(Path::new("."));
+                    match t.into_inner().build(base) {
+                        Ok(c) => Some(Arc::new(c)),
+                        Err((f, why)) => {
+                            let header = format!("[services.{name}.upstream_tls]");
+                            let off = key_offset(text, &header, f);
+                            let off = if off == 0 { span.start } else { off };
+                            let f = format!("upstream_tls.{f}");
+                            return Err(loc.error(off..off, &field(&f), why));
+                        }
+                    }
+                }
+            };
             let retries_span = s.retries.as_ref().map_or(0..0, |r| r.span());
             let retries = s.retries.map(|r| r.into_inner()).unwrap_or_default();
             if retries.attempts == 0 || retries.attempts > 10 {
@@ -1085,6 +1109,7 @@ impl Config {
                 jobs_path,
                 tls,
                 https_redirect,
+                upstream_tls,
                 extra: s.extra,
             });
         }

@@ -256,6 +256,23 @@ fn plan_request(
         }
         None => cfg,
     };
+    if tcfg.upstream_tls.is_some() {
+        // TLS to the instances: the general path's phases and connections (hyper over
+        // rustls), on this connection.
+        return Parsed::Ready(Plan {
+            head_len,
+            body_len: body_len as usize,
+            head_method: method == "HEAD",
+            idempotent: is_idempotent(method),
+            close: facts.close,
+            key: None,
+            target: routed.target,
+            _permit: Some(permit),
+            trace: [b'-'; 55],
+            log: None,
+            general: true,
+        });
+    }
     let key = hash_key(tcfg, peer, |name| {
         req.headers
             .iter()

@@ -631,8 +631,14 @@ impl Service {
                 sink.attach(&mut up);
             }
 
-            let sending =
-                upstream::send(&t.inst.idle, t.inst.addr, connect_timeout, idle_timeout, up);
+            let sending = upstream::send(
+                &t.inst.idle,
+                t.inst.addr,
+                connect_timeout,
+                idle_timeout,
+                cfg.upstream_tls.as_deref(),
+                up,
+            );
             let result = tokio::time::timeout(t.timeout, sending).await;
             let client_fault = fault.load(Ordering::Acquire);
             let outcome = match &result {
@@ -790,6 +796,7 @@ impl Service {
             t.inst.addr,
             cfg.timeouts.connect.0,
             cfg.timeouts.upstream_idle.0,
+            cfg.upstream_tls.as_deref(),
             up,
         );
         let result = tokio::time::timeout(t.timeout, sending).await;

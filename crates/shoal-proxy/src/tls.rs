@@ -601,3 +601,182 @@ impl crate::h1::ClientIo for tokio_rustls::server::TlsStream<tokio::net::TcpStre
         self.get_ref().0
     }
 }
+
+/// A cluster's `upstream_tls` table as written: TLS to its instances.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    /// The name sent as SNI and verified; default: the instance's IP address.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// CA bundle (PEM) instances' certificates must chain to; default: the system's.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Verify instances' certificates (default true; false only for tests and labs).
+    #[serde(default)]
+    pub verify: Option<bool>,
+    /// A client certificate (PEM) and key shoal presents to instances.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+/// Where Debian (and most distributions) keep the system CA bundle.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// TLS to a cluster's instances: the client config built from its table (files loaded
+/// when the config is).
+#[derive(Clone)]
+pub struct UpstreamTls {
+    raw: RawUpstreamTls,
+    pub(crate) client: Arc<rustls::ClientConfig>,
+    sni: Option<rustls::pki_types::ServerName<'static>>,
+}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, o: &Self) -> bool {
+        self.raw == o.raw
+    }
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.raw.fmt(f)
+    }
+}
+
+impl RawUpstreamTls {
+    /// Loads the files (relative to `base`); errors are `(field, message)`.
+    pub fn build(self, base: &Path) -> Result<UpstreamTls, (&'static str, String)> {
+        let abs = |p: &PathBuf| {
+            if p.is_relative() {
+                base.join(p)
+            } else {
+                p.clone()
+            }
+        };
+        let sni = match &self.sni {
+            None => None,
+            Some(n) => Some(
+                rustls::pki_types::ServerName::try_from(n.clone())
+                    .map_err(|_| ("sni", format!("invalid server name {n:?}")))?,
+            ),
+        };
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| ("ca", e.to_string()))?;
+        let builder = if self.verify == Some(false) {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerify))
+        } else {
+            let ca = self
+                .ca
+                .as_ref()
+                .map_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE), abs);
+            let pem = read(&ca).map_err(|e| ("ca", e))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&pem) {
+                let c = c.map_err(|e| ("ca", format!("{}: {e}", ca.display())))?;
+                roots
+                    .add(c)
+                    .map_err(|e| ("ca", format!("{}: {e}", ca.display())))?;
+            }
+            if roots.is_empty() {
+                return Err(("ca", format!("{}: no CA certificate", ca.display())));
+            }
+            builder.with_root_certificates(roots)
+        };
+        let mut client = match (&self.cert, &self.key) {
+            (None, None) => builder.with_no_client_auth(),
+            (Some(c), Some(k)) => {
+                let (c, k) = (abs(c), abs(k));
+                let pem = read(&c).map_err(|e| ("cert", e))?;
+                let chain = CertificateDer::pem_slice_iter(&pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| ("cert", format!("{}: {e}", c.display())))?;
+                let kpem = read(&k).map_err(|e| ("key", e))?;
+                let key = PrivateKeyDer::from_pem_slice(&kpem)
+                    .map_err(|e| ("key", format!("{}: {e}", k.display())))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| ("cert", e.to_string()))?
+            }
+            (Some(_), None) => return Err(("key", "`cert` needs a `key`".into())),
+            (None, Some(_)) => return Err(("cert", "`key` needs a `cert`".into())),
+        };
+        // shoal speaks HTTP/1.1 to instances.
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(UpstreamTls {
+            raw: self,
+            client: Arc::new(client),
+            sni,
+        })
+    }
+}
+
+impl UpstreamTls {
+    /// The TLS handshake with an instance at `addr` over `tcp`.
+    pub(crate) async fn connect(
+        &self,
+        addr: std::net::SocketAddr,
+        tcp: tokio::net::TcpStream,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let name = self
+            .sni
+            .clone()
+            .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
+        tokio_rustls::TlsConnector::from(self.client.clone())
+            .connect(name, tcp)
+            .await
+    }
+}
+
+/// Accepts any instance certificate (`verify = false`); signatures are still checked.
+#[derive(Debug)]
+struct NoVerify;
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &provider().signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &provider().signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

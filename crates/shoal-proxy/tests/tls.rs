@@ -16,6 +16,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
+use shoal_proxy::config::ServiceConfig;
 use shoal_proxy::tls::{CertFiles, ClientAuth, TlsConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -531,4 +532,127 @@ async fn a_plain_listener_can_redirect_everything_to_https() {
     let r = raw(p.addr, b"GET / HTTP/1.1\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     assert_eq!(b.count(), 0);
+}
+
+/// An HTTPS instance with the certificate `file` of `ca`; answers with the subject of the
+/// client certificate it got ("none" without one).
+async fn tls_backend(ca: &Ca, file: &str, client_ca: bool) -> SocketAddr {
+    let (cert, key) = ca.paths(file);
+    let chain = vec![CertificateDer::from_pem_file(cert).unwrap()];
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let b = rustls::ServerConfig::builder_with_provider(shoal_proxy::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let b = if client_ca {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(ca.dir.join("ca.pem")).unwrap())
+            .unwrap();
+        let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            shoal_proxy::tls::provider(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .unwrap();
+        b.with_client_cert_verifier(v)
+    } else {
+        b.with_no_client_auth()
+    };
+    let cfg = Arc::new(b.with_single_cert(chain, key).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
+            tokio::spawn(async move {
+                let Ok(s) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let who = s
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map_or("none".to_string(), |c| format!("{} bytes", c[0].len()));
+                let svc = hyper::service::service_fn(move |_req| {
+                    let who = who.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(format!("tls-backend client-cert={who}")),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn upstream(raw: &str, dir: &Path) -> Arc<shoal_proxy::tls::UpstreamTls> {
+    let raw: shoal_proxy::tls::RawUpstreamTls = toml::from_str(raw).unwrap();
+    Arc::new(raw.build(dir).unwrap())
+}
+
+#[tokio::test]
+async fn https_instances_are_verified_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path());
+    ca.issue("backend", &["backend.test"], "backend", false);
+    ca.issue("client", &[], "shoal", false);
+    let addr = tls_backend(&ca, "backend", true).await;
+    let start = |tls: Arc<shoal_proxy::tls::UpstreamTls>| async move {
+        let mut cfg = ServiceConfig::quick(
+            "test",
+            "127.0.0.1:0".parse().unwrap(),
+            shoal_balance::Algorithm::RoundRobin,
+        );
+        cfg.backends
+            .push(shoal_proxy::config::BackendSpec { addr, weight: 1 });
+        cfg.upstream_tls = Some(tls);
+        start_proxy(cfg).await
+    };
+    let c = client();
+    // Verified against the CA, with the configured name; the fast path hands it on.
+    let p = start(upstream(
+        "sni = \"backend.test\"\nca = \"ca.pem\"",
+        dir.path(),
+    ))
+    .await;
+    let (s, body) = get(&c, p.addr, "/").await;
+    assert_eq!((s, body.as_str()), (200, "tls-backend client-cert=none"));
+    // With a client certificate.
+    let p = start(upstream(
+        "sni = \"backend.test\"\nca = \"ca.pem\"\ncert = \"client.pem\"\nkey = \"client.key\"",
+        dir.path(),
+    ))
+    .await;
+    let (s, body) = get(&c, p.addr, "/").await;
+    assert_eq!(s, 200);
+    assert!(
+        body.starts_with("tls-backend client-cert=") && !body.ends_with("none"),
+        "{body}"
+    );
+    // The wrong name fails verification: 502, nothing sent.
+    let p = start(upstream(
+        "sni = \"other.test\"\nca = \"ca.pem\"",
+        dir.path(),
+    ))
+    .await;
+    assert_eq!(get(&c, p.addr, "/").await.0, 502);
+    // An untrusted CA too, unless verification is turned off.
+    let other = tempfile::tempdir().unwrap();
+    Ca::new(other.path());
+    let ca2 = other.path().join("ca.pem");
+    let p = start(upstream(
+        &format!("sni = \"backend.test\"\nca = {ca2:?}"),
+        dir.path(),
+    ))
+    .await;
+    assert_eq!(get(&c, p.addr, "/").await.0, 502);
+    let p = start(upstream("verify = false", dir.path())).await;
+    assert_eq!(get(&c, p.addr, "/").await.0, 200);
 }
