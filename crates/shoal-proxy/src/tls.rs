@@ -361,6 +361,8 @@ fn server_config(
     };
     let mut sc = builder.with_cert_resolver(resolver);
     sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // The server's suite order (AES-GCM, then ChaCha20), as scanners expect of an edge.
+    sc.ignore_client_order = true;
     let (ticketer, cache) = resumption();
     sc.ticketer = ticketer;
     sc.session_storage = cache;
