@@ -7,8 +7,10 @@
 # defaults; it links the system OpenSSL, 3.0 on Debian 12). Two modes, each run for
 # ${ROUNDS} rounds alternating the targets:
 #   keepalive  wrk -t1 -c50 over https: TLS records only, no handshakes after the first
-#   handshake  wrk -t1 -c20 with `Connection: close`: one full handshake per request
-#              (wrk does not resume sessions; shoal's handshake counter shows full vs resumed)
+#   reconnect  wrk -t1 -c20 with `Connection: close`: a new connection per request; wrk
+#              resumes TLS sessions (shoal's handshake counter shows full vs resumed)
+#   full       openssl s_time -new -www /: one client, a full handshake (no resumption)
+#              and one request per connection: proxy CPU per full handshake
 # The figure that compares proxies is CPU per request: the proxy's utime+stime over a run
 # divided by the requests served (the client saturates first on this box); req/s and p99
 # beside it. Medians over rounds, and shoal/HAProxy per round.
@@ -73,7 +75,7 @@ EOF
 
 taskset -c 0 nginx -c "$work/backend.conf" -p "$work/nb" 2>/dev/null & pids+=($!)
 taskset -c 1 haproxy -f "$work/haproxy.cfg" -db 2>/dev/null & pids+=($!); HAPROXY_PID=$!
-RUST_LOG=warn taskset -c 1 "$SHOAL" proxy --threads 1 --listen 127.0.0.1:$P_SHOAL \
+RUST_LOG=${RUST_LOG:-warn} taskset -c 1 "$SHOAL" proxy --threads 1 --listen 127.0.0.1:$P_SHOAL \
   --backend 127.0.0.1:$BACKEND --admin 127.0.0.1:$ADMIN \
   --tls-cert "$work/cert.pem" --tls-key "$work/key.pem" & pids+=($!); SHOAL_PID=$!
 for p in $BACKEND $P_SHOAL $P_HAPROXY; do wait_port "$p"; done
@@ -89,19 +91,42 @@ TICK_US=$((1000000 / $(getconf CLK_TCK)))
 port_of() { case $1 in haproxy) echo $P_HAPROXY;; shoal) echo $P_SHOAL;; esac; }
 to_ms() { python3 -c 'import sys,re; v=sys.argv[1]; m=re.match(r"([\d.]+)(us|ms|s)",v); n=float(m.group(1)); print({"us":n/1000,"ms":n,"s":n*1000}[m.group(2)])' "$1"; }
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2)? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-wrk_args() { case $1 in keepalive) echo "-t1 -c50";; handshake) echo "-t1 -c20 -H Connection:close";; esac; }
+wrk_args() { case $1 in keepalive) ARGS=(-t1 -c50);; reconnect) ARGS=(-t1 -c20 -H "Connection: close");; esac; }
+# One mode-`full` run: prints "conns cpu_us_per_conn".
+s_time_run() {
+  local c0 c1 out n
+  c0=$(cpu_ticks "$1")
+  out=$(taskset -c 0 openssl s_time -connect "127.0.0.1:$(port_of "$1")" -new -time "$DURATION" -www / 2>&1)
+  c1=$(cpu_ticks "$1")
+  n=$(awk '/connections in/ {print $1; exit}' <<<"$out")
+  echo "$n $(echo "($c1 - $c0) * $TICK_US / $n" | bc -l)"
+}
 
 targets=(haproxy shoal)
-for mode in ${MODES:-keepalive handshake}; do
+for mode in ${MODES:-keepalive reconnect full}; do
   declare -A RPS=() P99=() CPU=()
-  # shellcheck disable=SC2046
-  for t in "${targets[@]}"; do taskset -c 0 wrk $(wrk_args $mode) -d2s "https://127.0.0.1:$(port_of $t)/" >/dev/null; done
+  if [ "$mode" = full ]; then
+    echo; echo "== full (openssl s_time -new, one client) =="
+    for r in $(seq "$ROUNDS"); do
+      for t in "${targets[@]}"; do
+        read -r n cpu_us < <(s_time_run "$t")
+        CPU[$t]+="$cpu_us "
+        printf 'round %d  %-8s %6d handshakes in %ss  proxy CPU %6.1f us/handshake+request\n' "$r" "$t" "$n" "$DURATION" "$cpu_us"
+      done
+    done
+    read -r -a sc <<<"${CPU[shoal]}"; read -r -a hc <<<"${CPU[haproxy]}"
+    per=""; for i in "${!sc[@]}"; do per+="$(echo "${sc[$i]} / ${hc[$i]}" | bc -l | cut -c1-4) "; done
+    printf 'medians: haproxy %.1f us, shoal %.1f us; shoal/HAProxy per round: %s(median %.2f; target <= 0.8)\n' \
+      "$(median <<<"${CPU[haproxy]}")" "$(median <<<"${CPU[shoal]}")" "$per" "$(median <<<"$per")"
+    continue
+  fi
+  wrk_args "$mode"
+  for t in "${targets[@]}"; do taskset -c 0 wrk "${ARGS[@]}" -d2s "https://127.0.0.1:$(port_of $t)/" >/dev/null; done
   echo; echo "== $mode =="
   for r in $(seq "$ROUNDS"); do
     for t in "${targets[@]}"; do
       c0=$(cpu_ticks "$t")
-      # shellcheck disable=SC2046
-      out=$(taskset -c 0 wrk $(wrk_args $mode) -d"${DURATION}"s --latency "https://127.0.0.1:$(port_of $t)/")
+      out=$(taskset -c 0 wrk "${ARGS[@]}" -d"${DURATION}"s --latency "https://127.0.0.1:$(port_of $t)/")
       c1=$(cpu_ticks "$t")
       total=$(awk '/requests in/ {print $1}' <<<"$out")
       cpu_us=$(echo "($c1 - $c0) * $TICK_US / $total" | bc -l)
