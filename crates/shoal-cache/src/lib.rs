@@ -75,6 +75,7 @@ pub mod memory;
 pub mod metrics;
 pub mod object;
 pub mod policy;
+pub mod redis_conn;
 pub mod redis_tier;
 
 pub use cache::{

@@ -375,7 +375,7 @@ pub fn check_storable(
 /// every reuse), `Set-Cookie` (one client's, never another's) and fields named by qualified
 /// `private`/`no-cache` removed.
 pub fn storable_headers(h: &HeaderMap, rcc: &CacheControl, cfg: &PolicyConfig) -> HeaderMap {
-    let mut out = h.clone();
+    let mut out = owned_headers(h);
     strip_hop_by_hop(&mut out);
     out.remove(header::AGE);
     out.remove(header::SET_COOKIE);
@@ -387,6 +387,20 @@ pub fn storable_headers(h: &HeaderMap, rcc: &CacheControl, cfg: &PolicyConfig) -
         if let Ok(n) = HeaderName::from_bytes(f.as_bytes()) {
             out.remove(n);
         }
+    }
+    out
+}
+
+/// A copy of `h` that shares no memory with it. Parsed header values (and unknown names) are
+/// slices of the connection's read buffer: a stored object holding them would pin that whole
+/// buffer for its lifetime, several times the object's own size under churn.
+pub fn owned_headers(h: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(h.len());
+    for (n, v) in h {
+        let name = HeaderName::from_bytes(n.as_str().as_bytes()).unwrap_or_else(|_| n.clone());
+        let mut value = HeaderValue::from_bytes(v.as_bytes()).unwrap_or_else(|_| v.clone());
+        value.set_sensitive(v.is_sensitive());
+        out.append(name, value);
     }
     out
 }
@@ -1219,4 +1233,40 @@ pub fn parse_http_date(v: &HeaderValue) -> Option<SystemTime> {
 pub fn http_date(t: SystemTime) -> HeaderValue {
     let t = t.max(UNIX_EPOCH);
     HeaderValue::from_str(&httpdate::fmt_http_date(t)).expect("http dates are ASCII")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_headers_share_no_memory_with_the_read_buffer() {
+        // A parsed head: every value a slice of one large read buffer.
+        let buf = bytes::Bytes::from(vec![b'a'; 64 << 10]);
+        let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::ETAG,
+            HeaderValue::from_maybe_shared(buf.slice(0..8)).unwrap(),
+        );
+        let custom = HeaderName::from_bytes(b"x-custom").unwrap();
+        let mut secret = HeaderValue::from_maybe_shared(buf.slice(8..16)).unwrap();
+        secret.set_sensitive(true);
+        h.append(custom.clone(), secret);
+        h.append(
+            custom.clone(),
+            HeaderValue::from_maybe_shared(buf.slice(16..24)).unwrap(),
+        );
+        let rcc = CacheControl::default();
+        let out = storable_headers(&h, &rcc, &PolicyConfig::default());
+        assert_eq!(out, h);
+        assert_eq!(out.get_all(&custom).iter().count(), 2);
+        assert!(out.get(&custom).unwrap().is_sensitive());
+        for v in out.values() {
+            assert!(
+                !range.contains(&(v.as_bytes().as_ptr() as usize)),
+                "a stored value still points into the read buffer"
+            );
+        }
+    }
 }

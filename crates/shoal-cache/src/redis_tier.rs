@@ -6,15 +6,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use crate::redis_conn::{ConnectOptions, RedisClient, RedisConn};
 
 use crate::object::{decode, encode, DecodeError, Entry};
 use crate::policy::PolicyConfig;
 
-/// Key layout: `shoal:cache:{url}` for objects, `shoal:cache-tag:{tag}` for the set of URLs a
-/// surrogate key tags.
-const OBJ_PREFIX: &str = "shoal:cache:";
-const TAG_PREFIX: &str = "shoal:cache-tag:";
+/// Key layout: `shoal:cache:{}URL` for objects, `shoal:cache-tag:{}TAG` for the set of URLs a
+/// surrogate key tags. The empty `{}` makes Redis Cluster hash the whole key: a `{…}` in a
+/// client's URL would otherwise pick the slot, and a client could pile every object on one node.
+const OBJ_PREFIX: &str = "shoal:cache:{}";
+const TAG_PREFIX: &str = "shoal:cache-tag:{}";
 
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
@@ -40,8 +41,8 @@ impl RedisConfig {
 
 pub struct RedisTier {
     cfg: RedisConfig,
-    client: redis::Client,
-    conn: Mutex<Option<ConnectionManager>>,
+    client: RedisClient,
+    conn: Mutex<Option<RedisConn>>,
     connecting: AtomicBool,
     base: Instant,
     off_until_ms: AtomicU64,
@@ -62,7 +63,7 @@ pub enum RedisTierError {
 impl RedisTier {
     /// Validates the URL; connecting happens in the background on first use.
     pub fn new(cfg: RedisConfig, policy: PolicyConfig) -> Result<Arc<Self>, RedisTierError> {
-        let client = redis::Client::open(cfg.url.as_str())
+        let client = RedisClient::open(cfg.url.as_str())
             .map_err(|e| RedisTierError::Url(cfg.url.clone(), e.to_string()))?;
         Ok(Arc::new(RedisTier {
             cfg,
@@ -88,7 +89,7 @@ impl RedisTier {
     }
 
     /// The connection, if the tier is usable now; starts a reconnect otherwise.
-    fn conn(self: &Arc<Self>) -> Option<ConnectionManager> {
+    fn conn(self: &Arc<Self>) -> Option<RedisConn> {
         if self.now_ms() < self.off_until_ms.load(Ordering::Relaxed) {
             return None;
         }
@@ -106,16 +107,13 @@ impl RedisTier {
         let me = self.clone();
         tokio::spawn(async move {
             let t = me.cfg.timeout.max(Duration::from_millis(200));
-            let cfg = ConnectionManagerConfig::new()
-                .set_connection_timeout(t)
-                .set_response_timeout(me.cfg.timeout)
-                .set_number_of_retries(1)
-                .set_max_delay(1_000);
-            let r = tokio::time::timeout(
-                t * 2,
-                ConnectionManager::new_with_config(me.client.clone(), cfg),
-            )
-            .await;
+            let o = ConnectOptions {
+                connect_timeout: t,
+                response_timeout: me.cfg.timeout,
+                retries: 1,
+                max_delay_ms: 1_000,
+            };
+            let r = tokio::time::timeout(t * 2, me.client.connect(o)).await;
             match r {
                 Ok(Ok(c)) => {
                     tracing::info!(url = %me.cfg.url, "cache: connected to Redis");
@@ -205,7 +203,7 @@ impl RedisTier {
         }
         let me = self.clone();
         tokio::spawn(async move {
-            let r = tokio::time::timeout(me.cfg.timeout * 4, pipe.query_async::<()>(&mut c)).await;
+            let r = tokio::time::timeout(me.cfg.timeout * 4, c.run_pipeline(&pipe)).await;
             match r {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => me.failed("set", &e.to_string()),
@@ -243,28 +241,10 @@ impl RedisTier {
     pub async fn purge_prefix(self: &Arc<Self>, prefix: &str) -> Result<u64, RedisTierError> {
         let pattern = format!("{}{}*", glob_escape(OBJ_PREFIX), glob_escape(prefix));
         self.admin(move |mut c| async move {
-            let mut cursor: u64 = 0;
-            let mut n = 0;
-            loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut c)
-                    .await?;
-                if !keys.is_empty() {
-                    n += redis::cmd("DEL")
-                        .arg(&keys)
-                        .query_async::<u64>(&mut c)
-                        .await?;
-                }
-                if next == 0 {
-                    return Ok(n);
-                }
-                cursor = next;
-            }
+            c.scan_each(&pattern, |c, keys| {
+                Box::pin(async move { redis::cmd("DEL").arg(keys).query_async::<u64>(c).await })
+            })
+            .await
         })
         .await
     }
@@ -290,7 +270,7 @@ impl RedisTier {
 
     async fn admin<F, Fut>(self: &Arc<Self>, f: F) -> Result<u64, RedisTierError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(RedisConn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<u64>>,
     {
         // Purges must reach Redis even during a backoff: try to connect once, directly.
@@ -298,16 +278,13 @@ impl RedisTier {
         let c = match existing {
             Some(c) => c,
             None => {
-                let cfg = ConnectionManagerConfig::new()
-                    .set_connection_timeout(self.cfg.purge_timeout)
-                    .set_response_timeout(self.cfg.purge_timeout)
-                    .set_number_of_retries(1);
-                match tokio::time::timeout(
-                    self.cfg.purge_timeout,
-                    ConnectionManager::new_with_config(self.client.clone(), cfg),
-                )
-                .await
-                {
+                let o = ConnectOptions {
+                    connect_timeout: self.cfg.purge_timeout,
+                    response_timeout: self.cfg.purge_timeout,
+                    retries: 1,
+                    max_delay_ms: 1_000,
+                };
+                match tokio::time::timeout(self.cfg.purge_timeout, self.client.connect(o)).await {
                     Ok(Ok(c)) => c,
                     _ => {
                         self.failed("purge", "unavailable");

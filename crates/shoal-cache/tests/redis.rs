@@ -76,7 +76,7 @@ async fn two_stores_share_objects_through_redis() {
     // The Redis key expires with the object (freshness + keep time for a validatable one).
     let ttl: i64 = redis_cmd(
         redis.port,
-        &["PTTL", "shoal:cache:http://example.test/s web"],
+        &["PTTL", "shoal:cache:{}http://example.test/s web"],
     )
     .unwrap()
     .trim_start_matches(':')
@@ -176,7 +176,7 @@ async fn unreadable_or_foreign_objects_are_misses() {
     until("connected", || cache.store().stats().redis_connected).await;
     redis_cmd(
         redis.port,
-        &["SET", "shoal:cache:http://example.test/j web", "junk"],
+        &["SET", "shoal:cache:{}http://example.test/j web", "junk"],
     )
     .unwrap();
     let origin = Origin::fixed(200, &[("cache-control", "max-age=60")], "fresh");
@@ -308,4 +308,100 @@ async fn caches_of_different_owners_never_share_an_object_in_redis() {
     store.purge_url("http://example.test/p").await.unwrap();
     assert!(!exists(redis.port, "http://example.test/p a"));
     assert!(!exists(redis.port, "http://example.test/p b"));
+}
+
+fn shoal_at(url: String) -> Arc<Cache> {
+    let store = CacheStore::new(
+        16 << 20,
+        Some(RedisConfig::new(url)),
+        &PolicyConfig::default(),
+    )
+    .unwrap();
+    Cache::new(store, CacheConfig::default(), "web")
+}
+
+fn obj(path: &str) -> String {
+    format!("shoal:cache:{{}}http://example.test{path} web")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_shares_objects_purges_every_master_and_survives_a_failover() {
+    let mut cluster = RedisCluster::start();
+    let (a, b) = (shoal_at(cluster.url()), shoal_at(cluster.url()));
+    until("connected", || {
+        a.store().stats().redis_connected && b.store().stats().redis_connected
+    })
+    .await;
+    let origin = Origin::new(|_, _, _| {
+        Ok(resp(
+            200,
+            &[("cache-control", "max-age=600"), ("surrogate-key", "grp")],
+            "v",
+        ))
+    });
+    let clock = Clock::new();
+    let paths: Vec<String> = (0..30).map(|i| format!("/p/{i}")).collect();
+    for p in &paths {
+        get(&a, &clock, &origin, p).await;
+    }
+    for p in &paths {
+        until("stored in the cluster", || cluster.exists(&obj(p))).await;
+    }
+    let masters: std::collections::HashSet<u16> =
+        paths.iter().map(|p| cluster.master_of(&obj(p))).collect();
+    assert_eq!(masters.len(), 3, "the objects are spread over every master");
+    // The other process answers every one from the cluster.
+    let before = origin.calls();
+    for p in &paths {
+        assert_eq!(get(&b, &clock, &origin, p).await.body(), "v");
+    }
+    assert_eq!(origin.calls(), before, "all hits from the shared tier");
+
+    // A prefix purge visits every master; a tag purge deletes across slots.
+    b.store()
+        .purge_prefix("http://example.test/p/1")
+        .await
+        .unwrap();
+    for p in &paths {
+        let gone = p.starts_with("/p/1");
+        assert_eq!(!cluster.exists(&obj(p)), gone, "{p}");
+    }
+    b.store().purge_surrogate_key("grp").await.unwrap();
+    assert!(paths.iter().all(|p| !cluster.exists(&obj(p))));
+
+    // A master dies under load: no request fails, none waits long, and once a replica has
+    // taken over, the tier stores in every slot again.
+    let victim = cluster.master_of(&obj("/p/0"));
+    let mut slowest = Duration::ZERO;
+    for i in 0..300 {
+        if i == 50 {
+            cluster.kill(victim);
+        }
+        let t = Instant::now();
+        let r = get(&a, &clock, &origin, &format!("/q/{}", i % 100)).await;
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(r.status(), 200, "request {i}");
+    }
+    assert!(slowest < Duration::from_millis(500), "slowest {slowest:?}");
+    cluster.wait_ok(Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in 0.. {
+        let batch: Vec<String> = (0..30).map(|i| format!("/after/{n}/{i}")).collect();
+        for p in &batch {
+            assert_eq!(get(&a, &clock, &origin, p).await.status(), 200);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if batch.iter().all(|p| cluster.exists(&obj(p))) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tier was not used again in every slot: {:?}; missing {:?}",
+            a.store().stats(),
+            batch
+                .iter()
+                .filter(|p| !cluster.exists(&obj(p)))
+                .collect::<Vec<_>>()
+        );
+    }
 }

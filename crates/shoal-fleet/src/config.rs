@@ -39,6 +39,54 @@ pub struct FleetConfig {
     /// Time between SIGTERM and SIGKILL when an instance is stopped.
     #[serde(default = "default_grace")]
     pub stop_grace: Dur,
+    /// Kubernetes: the Deployment's namespace.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Kubernetes: the Deployment shoal sizes (through its `scale` subresource).
+    #[serde(default)]
+    pub deployment: String,
+    /// Kubernetes: the EndpointSlices' `kubernetes.io/service-name` (default: the
+    /// Deployment's name).
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Kubernetes: a label selector for the EndpointSlices instead of the service name.
+    #[serde(default)]
+    pub selector: Option<String>,
+    /// Kubernetes: the EndpointSlice port to route to, by name or number (default: the first).
+    #[serde(default)]
+    pub port: Option<PortRef>,
+    /// Kubernetes: what a replica count changed outside shoal (`kubectl scale`) does:
+    /// `respect` adopts it as the desired count, `reconcile` writes shoal's back.
+    #[serde(default = "default_external_scale")]
+    pub external_scale: String,
+    /// Kubernetes with `min = 0`: how long a request waits for the first pod, then 503.
+    #[serde(default = "default_cold_start_timeout")]
+    pub cold_start_timeout: Dur,
+    /// Kubernetes with `min = 0`: most requests waiting at once; more get 503 at once.
+    #[serde(default = "default_cold_start_queue")]
+    pub cold_start_queue: u64,
+}
+
+fn default_cold_start_timeout() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_cold_start_queue() -> u64 {
+    1000
+}
+
+/// A port by name or number.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum PortRef {
+    Number(u16),
+    Name(String),
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_external_scale() -> String {
+    "respect".into()
 }
 
 /// A command as a string (split on whitespace) or an array of words.
@@ -416,6 +464,31 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                 ));
             }
         }
+        "kubernetes" => {
+            if fleet.deployment.is_empty() {
+                return Err(field_error(
+                    &loc,
+                    text,
+                    name,
+                    "fleet",
+                    "deployment",
+                    "the kubernetes provider needs the Deployment's name".into(),
+                ));
+            }
+            if !matches!(fleet.external_scale.as_str(), "respect" | "reconcile") {
+                return Err(field_error(
+                    &loc,
+                    text,
+                    name,
+                    "fleet",
+                    "external_scale",
+                    format!(
+                        "unknown mode {:?} (use \"respect\" or \"reconcile\")",
+                        fleet.external_scale
+                    ),
+                ));
+            }
+        }
         other => {
             return Err(field_error(
                 &loc,
@@ -423,7 +496,9 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                 name,
                 "fleet",
                 "provider",
-                format!("unknown provider {other:?} (use \"process\" or \"static\")"),
+                format!(
+                    "unknown provider {other:?} (use \"process\", \"static\" or \"kubernetes\")"
+                ),
             ));
         }
     }
@@ -855,6 +930,35 @@ mod tests {
             assert_eq!(e.field, format!("services.w.autoscale.{field}"), "{e}");
             assert_eq!(e.line, line, "{e}");
         }
+    }
+
+    #[test]
+    fn kubernetes_fleet_fields() {
+        let s = spec(&format!(
+            "{BASE}[services.web.fleet]\nprovider = \"kubernetes\"\nnamespace = \"shop\"\ndeployment = \"web\"\nport = \"http\"\nmin = 0\nmax = 4\nexternal_scale = \"reconcile\"\ncold_start_timeout = \"5s\"\n"
+        ))
+        .unwrap()
+        .unwrap();
+        let f = &s.fleet;
+        assert_eq!(
+            (f.namespace.as_str(), f.deployment.as_str()),
+            ("shop", "web")
+        );
+        assert_eq!(f.port, Some(PortRef::Name("http".into())));
+        assert_eq!(f.external_scale, "reconcile");
+        assert_eq!(f.cold_start_timeout.0, Duration::from_secs(5));
+        assert_eq!(f.cold_start_queue, 1000);
+        let e = spec(&format!(
+            "{BASE}[services.web.fleet]\nprovider = \"kubernetes\"\nmax = 4\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "services.web.fleet.deployment", "{e}");
+        let e = spec(&format!(
+            "{BASE}[services.web.fleet]\nprovider = \"kubernetes\"\ndeployment = \"web\"\nexternal_scale = \"ignore\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "services.web.fleet.external_scale", "{e}");
+        assert_eq!(e.line, 6, "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod autoscaler;
 pub mod cgroup;
 pub mod config;
+pub mod kube;
 pub mod process;
 pub mod promsource;
 pub mod provider;
@@ -76,6 +77,12 @@ impl Membership for Tee {
             a + b
         })
     }
+    fn in_flight(&self, id: &str) -> Option<u64> {
+        self.0.in_flight(id).or_else(|| self.1.in_flight(id))
+    }
+    fn waiting(&self) -> u64 {
+        self.0.waiting() + self.1.waiting()
+    }
 }
 
 impl Fleets {
@@ -118,26 +125,45 @@ impl Fleets {
                 continue;
             }
             let autoscale = spec.autoscale.clone();
-            let registry = registry.clone().expect("registry for process fleets");
             let members: Arc<dyn Membership> = match hooks.members.get(&spec.service) {
                 Some(extra) => Arc::new(Tee(service.pool.clone(), extra.clone())),
                 None => service.pool.clone(),
             };
-            let fleet =
-                ProcessFleet::new(spec.clone(), members, registry).map_err(|e| e.to_string())?;
-            tokio::spawn(fleet.clone().run());
-            tokio::spawn(fleet.clone().run_vertical());
+            let provider: Arc<dyn Provider> = if spec.fleet.provider == "kubernetes" {
+                let ep = kube::endpoint_from_env()
+                    .map_err(|e| format!("service {}: kubernetes: {e}", spec.service))?;
+                if spec.fleet.min == 0 {
+                    // Scale from zero: requests wait for the first pod (the fleet sees them).
+                    service
+                        .pool
+                        .set_cold_start(Some(shoal_proxy::pool::ColdStart {
+                            timeout: spec.fleet.cold_start_timeout.0,
+                            queue: spec.fleet.cold_start_queue,
+                        }));
+                }
+                let fleet = kube::KubeFleet::new(spec.clone(), members, ep)
+                    .map_err(|e| format!("service {}: kubernetes: {e}", spec.service))?;
+                fleet.start();
+                fleet
+            } else {
+                let registry = registry.clone().expect("registry for process fleets");
+                let fleet = ProcessFleet::new(spec.clone(), members, registry)
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(fleet.clone().run());
+                tokio::spawn(fleet.clone().run_vertical());
+                fleet
+            };
             let autoscaler = match autoscale {
                 Some(cfg) => {
                     let backlog = hooks.backlog.get(&spec.service).cloned();
-                    let a = Autoscaler::new(service, fleet.clone(), &spec, cfg, backlog)?;
+                    let a = Autoscaler::new(service, provider.clone(), &spec, cfg, backlog)?;
                     tokio::spawn(a.clone().run(stop_rx.clone()));
                     Some(a)
                 }
                 None => None,
             };
             managed.push(Managed {
-                provider: fleet,
+                provider,
                 autoscaler,
                 resources: spec.resources,
             });
@@ -169,11 +195,11 @@ impl Fleets {
                 return;
             }
         };
-        // A service gone from the config takes its fleet with it: drained, then stopped.
+        // A service gone from the config takes its fleet with it: drained, then stopped (a
+        // Kubernetes fleet stops being watched and scaled; its pods stay the cluster's).
         for m in &self.managed {
             let service = m.provider.service().to_string();
-            if m.provider.kind() == "process" && !config.services.iter().any(|s| s.name == service)
-            {
+            if m.provider.kind() != "static" && !config.services.iter().any(|s| s.name == service) {
                 tracing::info!(service = %service, "service removed: draining and stopping its fleet");
                 let provider = m.provider.clone();
                 tokio::spawn(async move { provider.shutdown(Duration::from_secs(60)).await });
@@ -183,7 +209,7 @@ impl Fleets {
             match self.get(&spec.service) {
                 Some(m) => {
                     let (min, max) = (spec.fleet.min, spec.fleet.max);
-                    if m.provider.bounds() != (min, max) && m.provider.kind() == "process" {
+                    if m.provider.bounds() != (min, max) && m.provider.kind() != "static" {
                         tracing::info!(service = %spec.service, min, max, "fleet bounds reloaded");
                         m.provider.set_bounds(min, max);
                     }

@@ -30,14 +30,7 @@ use crate::provider::{BoxFuture, Member, Membership, Provider};
 use crate::supervise::{Record, Registry};
 use crate::usage::{start_ticks, ProcTable, Usage};
 
-/// Where an instance is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    Starting,
-    Ready,
-    Stopping,
-}
+pub use crate::provider::Phase;
 
 #[derive(Debug)]
 pub(crate) struct Proc {

@@ -17,8 +17,16 @@ use serde_json::Value;
 use shoal_proxy::metrics::Exposition;
 use shoal_proxy::pool::{Pool, State};
 
-use crate::process::Phase;
 use crate::usage::Usage;
+
+/// Where an instance is in its life, whichever provider runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Starting,
+    Ready,
+    Stopping,
+}
 
 /// A boxed future, for the async methods of object-safe traits.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -32,6 +40,15 @@ pub trait Membership: Send + Sync {
     /// Stop routing new requests, wait for in-flight ones (up to `drain`), forget it.
     /// Resolves to the requests still in flight when it was removed.
     fn remove(&self, id: &str, drain: Duration) -> BoxFuture<'_, u64>;
+    /// Requests in flight on an instance, where the sink routes them (scale-in picks the
+    /// least busy).
+    fn in_flight(&self, _id: &str) -> Option<u64> {
+        None
+    }
+    /// Requests waiting for a first instance (scale from zero): demand with nothing ready.
+    fn waiting(&self) -> u64 {
+        0
+    }
 }
 
 impl Membership for Pool {
@@ -46,6 +63,14 @@ impl Membership for Pool {
     fn remove(&self, id: &str, drain: Duration) -> BoxFuture<'_, u64> {
         let id = id.to_string();
         Box::pin(async move { Pool::remove(self, &id, drain).await.unwrap_or(0) })
+    }
+
+    fn in_flight(&self, id: &str) -> Option<u64> {
+        self.get(id).map(|i| i.in_flight())
+    }
+
+    fn waiting(&self) -> u64 {
+        Pool::waiting(self)
     }
 }
 

@@ -717,6 +717,21 @@ impl App {
                     t.reload_failures.load(std::sync::atomic::Ordering::Relaxed),
                 );
             }
+            let cs = &svc.pool.cold_start_metrics;
+            e.counter(
+                "shoal_cold_start_waits_total",
+                "Requests that waited for a first instance (scale from zero).",
+                &[("service", s)],
+                cs.waits.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            for (reason, c) in [("timeout", &cs.timeouts), ("queue_full", &cs.rejected)] {
+                e.counter(
+                    "shoal_cold_start_failures_total",
+                    "Requests answered 503 while scaling from zero.",
+                    &[("service", s), ("reason", reason)],
+                    c.load(std::sync::atomic::Ordering::Relaxed),
+                );
+            }
             e.gauge(
                 "shoal_pool_panic",
                 "1 when no instance is healthy and all are routed to.",

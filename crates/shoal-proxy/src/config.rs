@@ -1141,14 +1141,13 @@ impl Config {
                     None => shoal_cache::cache::DEFAULT_FILL_BYTES,
                 },
                 redis: match &c.redis {
-                    Some(u)
-                        if !(u.get_ref().starts_with("redis://")
-                            || u.get_ref().starts_with("rediss://")
-                            || u.get_ref().starts_with("unix://")) =>
-                    {
-                        return Err(loc.error(u.span(), "cache.redis", "expected a redis:// URL"));
-                    }
-                    Some(u) => Some(u.get_ref().clone()),
+                    Some(u) => match shoal_cache::redis_conn::RedisClient::open(u.get_ref()) {
+                        Ok(_) => Some(u.get_ref().clone()),
+                        Err(e) => {
+                            let msg = shoal_cache::redis_conn::url_error(&e);
+                            return Err(loc.error(u.span(), "cache.redis", msg));
+                        }
+                    },
                     None => None,
                 },
             }),
@@ -1236,6 +1235,27 @@ mod tests {
         let e = parse(&format!("threads = 2\nlog_format = \"xml\"\n{svc}")).unwrap_err();
         assert_eq!((e.line, e.field.as_str()), (2, "log_format"), "{e}");
         assert!(e.message.contains("\"json\""), "{e}");
+    }
+
+    #[test]
+    fn cache_redis_is_one_url_or_a_cluster_seed_list() {
+        let svc = "[services.web]\nlisten = \"127.0.0.1:8080\"\n";
+        let one = parse(&format!(
+            "{svc}[cache]\nredis = \"redis://127.0.0.1:6379\"\n"
+        ))
+        .unwrap();
+        assert!(one.cache.unwrap().redis.is_some());
+        let seeds = "redis://127.0.0.1:7000,redis://127.0.0.1:7001";
+        let c = parse(&format!("{svc}[cache]\nredis = \"{seeds}\"\n")).unwrap();
+        assert_eq!(c.cache.unwrap().redis.as_deref(), Some(seeds));
+        for bad in ["http://127.0.0.1:6379", "redis://127.0.0.1:7000,http://x"] {
+            let e = parse(&format!(
+                "{svc}[cache]\nmemory = \"8MiB\"\nredis = \"{bad}\"\n"
+            ))
+            .unwrap_err();
+            assert_eq!((e.line, e.field.as_str()), (5, "cache.redis"), "{e}");
+            assert!(e.message.contains("Redis Cluster seed URLs"), "{e}");
+        }
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub enum ProxyError {
     HeadersTooLarge,
     PayloadTooLarge,
     NoInstance,
+    /// Scaling from zero: no instance became ready in time, or too many requests wait.
+    ColdStart,
     Upstream(&'static str),
     Timeout,
     /// 308 to this location (a plain listener's `https_redirect`).
@@ -37,7 +39,7 @@ impl ProxyError {
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::NoInstance => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoInstance | ProxyError::ColdStart => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Redirect(_) => StatusCode::PERMANENT_REDIRECT,
@@ -55,6 +57,7 @@ impl ProxyError {
             ProxyError::HeadersTooLarge => "request header fields too large",
             ProxyError::PayloadTooLarge => "payload too large",
             ProxyError::NoInstance => "no instance available",
+            ProxyError::ColdStart => "no instance ready yet: starting one",
             ProxyError::Upstream(m) => m,
             ProxyError::Timeout => "upstream timed out",
             ProxyError::Redirect(_) => "use https",
@@ -97,6 +100,9 @@ impl ProxyError {
                 h.insert(header::LOCATION, v);
             }
         }
+        if matches!(self, ProxyError::ColdStart) {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         r
     }
 
@@ -113,6 +119,9 @@ impl ProxyError {
         if let ProxyError::Redirect(to) = self {
             out.extend_from_slice(b"\r\nlocation: ");
             out.extend_from_slice(to.as_bytes());
+        }
+        if matches!(self, ProxyError::ColdStart) {
+            out.extend_from_slice(b"\r\nretry-after: 1");
         }
         out.extend_from_slice(b"\r\n\r\n");
         out.extend_from_slice(msg.as_bytes());

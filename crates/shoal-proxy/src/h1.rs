@@ -5,10 +5,15 @@
 //! per upstream connection. Every head goes through the same phases as on the general path —
 //! [`hygiene::inspect`] (a verdict, e.g. 400, is answered here with the same bytes),
 //! [`Service::route`], [`hygiene::forward_headers`] — fed the header slices `httparse` found.
-//! What it does not forward itself — the HTTP/2 preface, HTTP/1.0, `Upgrade`, `Expect`, a
-//! request `Transfer-Encoding`, a body over [`REPLAY_LIMIT`] or past the body memory budget,
-//! absolute-form or unusual targets, a head that does not parse or is over the read buffer —
-//! hands the connection, with the bytes read so far, to the hyper path ([`crate::server`]).
+//! Bodies up to [`REPLAY_LIMIT`] (within the body memory budget) are read whole, so a failed
+//! try can resend them; chunked and longer ones stream ([`body`]) and the connection goes on
+//! with the next request (`Expect: 100-continue` is answered here). What it does not forward
+//! itself — the HTTP/2 preface, HTTP/1.0, `Upgrade`, a streamed body on a cached or async
+//! route, absolute-form or unusual targets, a head that does not parse or is over the read
+//! buffer — hands the connection, with the bytes read so far, to the hyper path
+//! ([`crate::server`]).
+
+mod body;
 
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
@@ -65,6 +70,10 @@ pub(crate) enum End {
 struct Plan {
     head_len: usize,
     body_len: usize,
+    /// A body streamed rather than read whole (`body_len` is then 0).
+    stream: Option<body::Streamed>,
+    /// The client waits for `100 Continue` before it sends the body.
+    expect: bool,
     head_method: bool,
     idempotent: bool,
     close: bool,
@@ -102,6 +111,15 @@ enum Parsed {
 /// goes to the general path, whose URI parser decides: rejected, or cut at `#`.
 fn plain_target_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%[]".contains(&b)
+}
+
+/// Appends `data` as one chunk (nothing if empty: an empty chunk would end the body).
+fn put_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if !data.is_empty() {
+        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -157,17 +175,26 @@ fn plan_request(
         Ok(f) => f,
         Err(e) => return Parsed::Reject(e, log()),
     };
-    let body_len = match facts.body {
-        BodyKind::None => 0,
-        BodyKind::Length(n) if n <= REPLAY_LIMIT => n,
-        _ => return Parsed::Handover,
+    let (mut body_len, mut stream) = match facts.body {
+        BodyKind::None => (0, None),
+        BodyKind::Length(n) if n <= REPLAY_LIMIT => (n, None),
+        BodyKind::Length(n) => (0, Some(body::Streamed::Length(n))),
+        BodyKind::Chunked => (0, Some(body::Streamed::Chunked)),
     };
-    if facts.upgrade.is_some() || facts.expect {
+    if facts.upgrade.is_some() {
         return Parsed::Handover;
     }
-    let Some(permit) = BufferPermit::take(body_len) else {
-        // Past the memory budget: the general path streams it.
-        return Parsed::Handover;
+    // `Expect: 100-continue` is met here (the body is read or streamed at once, as NGINX
+    // does), so it does not go upstream.
+    let expect = facts.expect && facts.body != BodyKind::None;
+    let permit = match BufferPermit::take(body_len) {
+        Some(p) => p,
+        // Past the memory budget: streamed (so not retried), as on the general path.
+        None => {
+            stream = Some(body::Streamed::Length(body_len));
+            body_len = 0;
+            BufferPermit::take(0).expect("an empty share is always granted")
+        }
     };
     if let Some(port) = cfg.https_redirect {
         let e = crate::tls::https_location(facts.authority, port, path)
@@ -183,6 +210,10 @@ fn plan_request(
         Err(e) => return Parsed::Reject(e, log()),
     };
     if !matches!(routed.jobs, crate::route::AsyncPhase::Off) {
+        return Parsed::Handover;
+    }
+    // A cached route's phases here take a body read whole.
+    if routed.cache.is_some() && stream.is_some() {
         return Parsed::Handover;
     }
     if let Some(cache) = &routed.cache {
@@ -215,6 +246,8 @@ fn plan_request(
         return Parsed::Ready(Plan {
             head_len,
             body_len: body_len as usize,
+            stream: None,
+            expect,
             head_method: method == "HEAD",
             idempotent: is_idempotent(method),
             close: facts.close,
@@ -240,6 +273,10 @@ fn plan_request(
         traceparent: &trace,
     };
     hygiene::forward_headers(&facts, pairs, cfg, &origin, |n, v| {
+        // The expectation is met here, not forwarded (shoal's own `expect` line).
+        if facts.expect && n == b"expect" {
+            return;
+        }
         out.extend_from_slice(n);
         out.extend_from_slice(b": ");
         for p in v {
@@ -247,6 +284,10 @@ fn plan_request(
         }
         out.extend_from_slice(b"\r\n");
     });
+    if stream == Some(body::Streamed::Chunked) {
+        // Re-framed as it passes (`body::Decoder`).
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
     out.extend_from_slice(b"\r\n");
     let target_cfg;
     let tcfg = match &routed.target {
@@ -258,10 +299,15 @@ fn plan_request(
     };
     if tcfg.upstream_tls.is_some() {
         // TLS to the instances: the general path's phases and connections (hyper over
-        // rustls), on this connection.
+        // rustls), on this connection for a body read whole; a streamed one hands over.
+        if stream.is_some() {
+            return Parsed::Handover;
+        }
         return Parsed::Ready(Plan {
             head_len,
             body_len: body_len as usize,
+            stream: None,
+            expect,
             head_method: method == "HEAD",
             idempotent: is_idempotent(method),
             close: facts.close,
@@ -282,6 +328,8 @@ fn plan_request(
     Parsed::Ready(Plan {
         head_len,
         body_len: body_len as usize,
+        stream,
+        expect,
         head_method: method == "HEAD",
         idempotent: is_idempotent(method),
         close: facts.close,
@@ -311,6 +359,9 @@ struct RespPlan {
     framing: Framing,
     /// The upstream connection can carry another request afterwards.
     reusable: bool,
+    /// A body delimited by the instance's close goes to the client chunked, so the client
+    /// connection outlives it.
+    rechunk: bool,
 }
 
 #[derive(Debug)]
@@ -437,6 +488,9 @@ fn plan_response(
         reusable = false;
         Framing::Close
     };
+    // Without a coding the body can be chunked on the way; with one it would need its
+    // `Transfer-Encoding` rewritten, and goes as it came, until close.
+    let rechunk = framing == Framing::Close && !has_te;
     let mut named: Vec<&[u8]> = Vec::new();
     if other_options {
         named.extend(
@@ -461,7 +515,10 @@ fn plan_response(
         }
     }
     out.extend_from_slice(b"via: 1.1 shoal\r\n");
-    if close_client || framing == Framing::Close {
+    if rechunk {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if close_client || (framing == Framing::Close && !rechunk) {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -470,6 +527,7 @@ fn plan_response(
         status,
         framing,
         reusable,
+        rechunk,
     })
 }
 
@@ -618,6 +676,8 @@ pub(crate) struct Conn<'a, S: ClientIo> {
     /// Tries the last request took, and response body bytes relayed (access log).
     tries_made: u32,
     body_bytes: u64,
+    /// The last request's streamed body was not read to its end: the connection closes.
+    body_open: bool,
 }
 
 /// Buffers for the upstream side of one exchange.
@@ -657,6 +717,7 @@ impl<'a, S: ClientIo> Conn<'a, S> {
             last_active: now_nanos(),
             tries_made: 0,
             body_bytes: 0,
+            body_open: false,
         }
     }
 
@@ -767,6 +828,12 @@ impl<'a, S: ClientIo> Conn<'a, S> {
                 }
             };
             let start = now_nanos();
+            if plan.expect && self.rbuf.len() == plan.head_len {
+                let limit = cfg.timeouts.client_write.0;
+                if !write_client(self.stream, b"HTTP/1.1 100 Continue\r\n\r\n", limit).await {
+                    return End::Closed;
+                }
+            }
             // A small body is read whole, so a failed try can resend it.
             let total = plan.head_len + plan.body_len;
             while self.rbuf.len() < total {
@@ -891,8 +958,16 @@ impl<'a, S: ClientIo> Conn<'a, S> {
         let cfg = svc.config.load_full();
         svc.metrics.requests.inc();
         let request = std::mem::take(&mut self.req);
-        let result = self.forward(&svc, &request, plan, &cfg, start).await;
+        self.body_open = false;
+        let result = match plan.stream {
+            None => self.forward(&svc, &request, plan, &cfg, start).await,
+            // Boxed: inline, the streamed path's state would grow every exchange.
+            Some(kind) => {
+                Box::pin(self.forward_streamed(&svc, &request, kind, plan, &cfg, lcfg, start)).await
+            }
+        };
         self.req = request;
+        let close = plan.close || self.body_open;
         let write_limit = lcfg.timeouts.client_write.0;
         // Interim responses the client's socket did not take during the tries go first.
         if !self.bufs.interim.is_empty() {
@@ -902,7 +977,7 @@ impl<'a, S: ClientIo> Conn<'a, S> {
                 return false;
             }
         }
-        match result {
+        let keep = match result {
             Ok((answer, busy)) => {
                 let status = answer.plan.status;
                 let headers_at = self.last_active;
@@ -910,7 +985,7 @@ impl<'a, S: ClientIo> Conn<'a, S> {
                 self.body_bytes = 0;
                 let read_limit = cfg.timeouts.upstream_read.0;
                 let keep = self
-                    .relay(answer, busy, plan.close, read_limit, write_limit)
+                    .relay(answer, busy, close, read_limit, write_limit)
                     .await;
                 if let (Some(l), Some(inst)) = (&plan.log, inst) {
                     let times = (start, headers_at, now_nanos());
@@ -931,6 +1006,9 @@ impl<'a, S: ClientIo> Conn<'a, S> {
             Err(None) => false,
             Err(Some(e)) => {
                 svc.metrics.local.inc(e.status().as_u16());
+                if e.client_fault() {
+                    svc.metrics.client_errors.inc();
+                }
                 self.last_active = now_nanos();
                 if let Some(l) = &plan.log {
                     let times = (start, self.last_active, self.last_active);
@@ -946,10 +1024,17 @@ impl<'a, S: ClientIo> Conn<'a, S> {
                         &plan.trace,
                     );
                 }
-                e.write(&mut self.bufs.out, plan.close);
-                write_client(self.stream, &self.bufs.out, write_limit).await && !e.closes()
+                e.write(&mut self.bufs.out, close);
+                write_client(self.stream, &self.bufs.out, write_limit).await
+                    && !e.closes()
+                    && !close
             }
+        };
+        if self.body_open {
+            Box::pin(body::linger(&mut *self.stream)).await;
+            return false;
         }
+        keep
     }
 
     /// Writes one access-log line (only called when the listener logs). `times`: request
@@ -993,6 +1078,8 @@ impl<'a, S: ClientIo> Conn<'a, S> {
         cfg: &ServiceConfig,
         start: u64,
     ) -> Result<(Answer, InFlight), Option<ProxyError>> {
+        // Scaling from zero: wait (bounded) for a first instance.
+        svc.pool.wait_routable().await.map_err(Some)?;
         let mut tries = svc.begin_tries(cfg, start);
         let mut last_err = None;
         self.tries_made = 0;
@@ -1091,6 +1178,118 @@ impl<'a, S: ClientIo> Conn<'a, S> {
         Err(Some(last_err.unwrap_or(ProxyError::NoInstance)))
     }
 
+    /// [`Conn::forward`] for a streamed body (`request`: the upstream head): another instance
+    /// is tried only while nothing was sent (connect failures), as on the general path. A
+    /// client that breaks, stalls or leaves its body is its own fault, never the instance's.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_streamed(
+        &mut self,
+        svc: &Arc<Service>,
+        request: &[u8],
+        kind: body::Streamed,
+        plan: &Plan,
+        cfg: &ServiceConfig,
+        lcfg: &ServiceConfig,
+        start: u64,
+    ) -> Result<(Answer, InFlight), Option<ProxyError>> {
+        let mut tries = svc.begin_tries(cfg, start);
+        let mut last_err = None;
+        self.tries_made = 0;
+        self.body_open = true;
+        let mut upload =
+            body::Upload::new(kind, lcfg.limits.max_header_bytes, lcfg.limits.max_headers);
+        let limits = body::Limits {
+            connect: cfg.timeouts.connect.0,
+            max_idle: cfg.timeouts.upstream_idle.0,
+            body_read: lcfg.timeouts.body_read.0,
+        };
+        for attempt in 0..cfg.retries.attempts {
+            let Some(mut t) = svc
+                .next_try(&mut tries, attempt, cfg, plan.key.as_deref())
+                .map_err(Some)?
+            else {
+                break;
+            };
+            let try_deadline = t.started + t.timeout.as_nanos() as u64;
+            let at = instant_at(try_deadline);
+            if self.try_timer.is_elapsed() || self.try_timer.deadline() > at {
+                self.try_timer.as_mut().reset(at);
+            }
+            let result = {
+                let attempt_fut = body::try_streamed(
+                    &mut self.bufs,
+                    &t.inst,
+                    request,
+                    plan.head_method,
+                    plan.close,
+                    &mut upload,
+                    &mut *self.stream,
+                    &mut self.rbuf,
+                    &limits,
+                );
+                tokio::pin!(attempt_fut);
+                loop {
+                    tokio::select! {
+                        biased;
+                        r = &mut attempt_fut => break Ok(r),
+                        _ = self.try_timer.as_mut() => {
+                            if now_nanos() >= try_deadline {
+                                break Err(());
+                            }
+                            self.try_timer.as_mut().reset(at);
+                        }
+                    }
+                }
+            };
+            let answered = now_nanos();
+            self.last_active = answered;
+            self.tries_made = attempt + 1;
+            self.body_open = !upload.done();
+            let (outcome, err) = match result {
+                Ok(Ok(answer)) => {
+                    svc.end_try(&tries, &mut t, answered, Ok(answer.plan.status));
+                    return Ok((answer, t.busy));
+                }
+                Ok(Err(body::StreamError::Connect(e))) => {
+                    tracing::debug!(service = %svc.name, instance = %t.inst.id, error = %e, "upstream connect failed");
+                    (
+                        ErrorKind::Connect,
+                        ProxyError::Upstream("upstream connect failed"),
+                    )
+                }
+                Ok(Err(body::StreamError::Client(e))) => {
+                    svc.end_try(&tries, &mut t, answered, Err(None));
+                    return Err(Some(e));
+                }
+                // Waiting for the client's next body bytes when the try ran out: its pause.
+                Err(()) if upload.waiting_client => {
+                    svc.end_try(&tries, &mut t, answered, Err(None));
+                    return Err(Some(ProxyError::RequestTimeout));
+                }
+                Ok(Err(body::StreamError::Gone)) => {
+                    svc.end_try(&tries, &mut t, answered, Err(None));
+                    svc.metrics.client_errors.inc();
+                    return Err(None);
+                }
+                Ok(Err(body::StreamError::Upstream(TryError::Bad(m)))) => {
+                    (ErrorKind::Reset, ProxyError::Upstream(m))
+                }
+                Ok(Err(body::StreamError::Upstream(_))) => (
+                    ErrorKind::Reset,
+                    ProxyError::Upstream("upstream closed the connection"),
+                ),
+                Err(()) => (ErrorKind::Timeout, ProxyError::Timeout),
+            };
+            svc.end_try(&tries, &mut t, answered, Err(Some(outcome)));
+            last_err = Some(err);
+            // Once anything was sent, the body is gone: no other instance can have it.
+            if outcome != ErrorKind::Connect || tries.past_deadline() {
+                break;
+            }
+        }
+        Err(Some(last_err.unwrap_or(ProxyError::NoInstance)))
+    }
+
     /// Sends the response head (in `self.bufs.out`) and body to the client. The instance stays
     /// counted in flight until the body is through; the upstream connection goes back to the
     /// pool only after a complete, well-delimited body.
@@ -1125,7 +1324,11 @@ impl<'a, S: ClientIo> Conn<'a, S> {
         };
         // Bytes past the end of the response: the instance broke framing.
         let mut clean = n == self.bufs.ubuf.len();
-        self.bufs.out.extend_from_slice(&self.bufs.ubuf[..n]);
+        if plan.rechunk {
+            put_chunk(&mut self.bufs.out, &self.bufs.ubuf[..n]);
+        } else {
+            self.bufs.out.extend_from_slice(&self.bufs.ubuf[..n]);
+        }
         if !write_client(self.stream, &self.bufs.out, write_limit).await {
             return false;
         }
@@ -1135,7 +1338,12 @@ impl<'a, S: ClientIo> Conn<'a, S> {
             self.bufs.ubuf.clear();
             self.bufs.ubuf.reserve(READ_CHUNK);
             match tokio::time::timeout(read_limit, up.read_buf(&mut self.bufs.ubuf)).await {
-                Ok(Ok(0)) if matches!(left, BodyLeft::Close) => break,
+                Ok(Ok(0)) if matches!(left, BodyLeft::Close) => {
+                    if plan.rechunk && !write_client(self.stream, b"0\r\n\r\n", write_limit).await {
+                        return false;
+                    }
+                    break;
+                }
                 Ok(Ok(k)) if k > 0 => {}
                 // The instance failed mid-body: the client cannot be told but by a close.
                 _ => return false,
@@ -1145,7 +1353,14 @@ impl<'a, S: ClientIo> Conn<'a, S> {
                 Err(()) => return false,
             };
             clean = n == self.bufs.ubuf.len();
-            if !write_client(self.stream, &self.bufs.ubuf[..n], write_limit).await {
+            let data = if plan.rechunk {
+                self.bufs.out.clear();
+                put_chunk(&mut self.bufs.out, &self.bufs.ubuf[..n]);
+                &self.bufs.out
+            } else {
+                &self.bufs.ubuf[..n]
+            };
+            if !write_client(self.stream, data, write_limit).await {
                 return false;
             }
             self.body_bytes += n as u64;
@@ -1157,7 +1372,7 @@ impl<'a, S: ClientIo> Conn<'a, S> {
             busy.inst().idle.put_raw(up);
         }
         drop(busy);
-        !close && plan.framing != Framing::Close
+        !close && (plan.framing != Framing::Close || plan.rechunk)
     }
 }
 
@@ -1557,9 +1772,7 @@ mod tests {
             b"GET / HTTP/1.0\r\nHost: x\r\n\r\n",
             b"GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
-            b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
-            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 65537\r\n\r\n",
+            b"POST / HTTP/1.0\r\nHost: x\r\nContent-Length: 65537\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nX-Bad : 1\r\n\r\n",
             b"GET /a<b> HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -1614,6 +1827,58 @@ mod tests {
         assert_eq!(plan(&endless, &c).1, "partial");
         endless.extend(std::iter::repeat_n(b'a', 80 * 1024));
         assert_eq!(plan(&endless, &c).1, "handover");
+    }
+
+    #[test]
+    fn expect_continue_is_met_here() {
+        let (p, out) = plan(
+            b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            &cfg(),
+        );
+        assert!(p.unwrap().expect);
+        assert!(!out.to_ascii_lowercase().contains("expect"), "{out}");
+        // Nothing to wait for without a body.
+        let (p, _) = plan(
+            b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
+            &cfg(),
+        );
+        assert!(!p.unwrap().expect);
+    }
+
+    #[test]
+    fn long_and_chunked_bodies_stream() {
+        let (p, out) = plan(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello",
+            &cfg(),
+        );
+        let p = p.unwrap();
+        assert_eq!((p.body_len, p.stream), (0, Some(body::Streamed::Chunked)));
+        // Framed by shoal: one chunked coding, no client Content-Length.
+        assert_eq!(
+            out.matches("transfer-encoding: chunked\r\n").count(),
+            1,
+            "{out}"
+        );
+        assert!(
+            !out.to_ascii_lowercase().contains("content-length"),
+            "{out}"
+        );
+        let (p, out) = plan(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 65537\r\n\r\n",
+            &cfg(),
+        );
+        let p = p.unwrap();
+        assert_eq!(
+            (p.body_len, p.stream),
+            (0, Some(body::Streamed::Length(65537)))
+        );
+        assert!(out.contains("Content-Length: 65537\r\n"), "{out}");
+        assert!(!out.contains("transfer-encoding"), "{out}");
+        let (p, _) = plan(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 65536\r\n\r\n",
+            &cfg(),
+        );
+        assert_eq!(p.unwrap().stream, None);
     }
 
     #[test]
@@ -1705,12 +1970,17 @@ mod tests {
             .0,
             RespParsed::Bad(_)
         ));
+        // Until close: chunked to the client, whose connection outlives it.
         let (r, out) = resp(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n", false);
         let RespParsed::Ready(p) = r else {
             panic!("{r:?}")
         };
-        assert_eq!((p.framing, p.reusable), (Framing::Close, false));
-        assert!(out.contains("connection: close\r\n"), "{out}");
+        assert_eq!(
+            (p.framing, p.reusable, p.rechunk),
+            (Framing::Close, false, true)
+        );
+        assert!(out.contains("transfer-encoding: chunked\r\n"), "{out}");
+        assert!(!out.contains("connection: close\r\n"), "{out}");
         for (raw, head) in [
             (&b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n"[..], true),
             (b"HTTP/1.1 204 No Content\r\n\r\n", false),

@@ -183,6 +183,39 @@ pub struct Pool {
     /// Signalled whenever membership changes (health loop and fleet watch it).
     pub changed: Notify,
     rebuild_lock: Mutex<()>,
+    /// Scale from zero: how long and how many requests may wait for a first instance.
+    cold_start: Mutex<Option<ColdStart>>,
+    /// Requests waiting for a first instance now (the fleet reads it as demand).
+    waiting: AtomicU64,
+    pub cold_start_metrics: ColdStartMetrics,
+}
+
+/// Requests wait this long (and at most this many at once) for a first ready instance when
+/// the pool has none; then 503 with `Retry-After`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ColdStart {
+    pub timeout: Duration,
+    pub queue: u64,
+}
+
+/// What scale-from-zero waits did.
+#[derive(Debug, Default)]
+pub struct ColdStartMetrics {
+    /// Requests that waited for a first instance.
+    pub waits: AtomicU64,
+    /// Waits that ended at the timeout.
+    pub timeouts: AtomicU64,
+    /// Requests refused because the queue was full.
+    pub rejected: AtomicU64,
+}
+
+/// Counts a waiting request for as long as it waits.
+struct Waiting<'a>(&'a AtomicU64);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -208,7 +241,57 @@ impl Pool {
             seed: AtomicU64::new(0x5eed),
             changed: Notify::new(),
             rebuild_lock: Mutex::new(()),
+            cold_start: Mutex::new(None),
+            waiting: AtomicU64::new(0),
+            cold_start_metrics: ColdStartMetrics::default(),
         })
+    }
+
+    /// Lets requests wait for a first instance when none is ready (a fleet that scales
+    /// from zero); None: answer 503 at once.
+    pub fn set_cold_start(&self, c: Option<ColdStart>) {
+        *self.cold_start.lock().expect("pool lock") = c;
+    }
+
+    /// Requests waiting for a first instance.
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// With scale from zero on and no instance routable: waits until one is (Ok), or
+    /// refuses when the queue is full or the timeout passes (`ProxyError::ColdStart`).
+    /// Returns at once otherwise.
+    pub async fn wait_routable(&self) -> Result<(), crate::error::ProxyError> {
+        if !self.snapshot().instances.is_empty() {
+            return Ok(());
+        }
+        let Some(cs) = *self.cold_start.lock().expect("pool lock") else {
+            return Ok(());
+        };
+        let m = &self.cold_start_metrics;
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= cs.queue {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            m.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(crate::error::ProxyError::ColdStart);
+        }
+        let _w = Waiting(&self.waiting);
+        m.waits.fetch_add(1, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + cs.timeout;
+        loop {
+            let changed = self.changed.notified();
+            if !self.snapshot().instances.is_empty() {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = changed => {}
+                // Also look now and then, in case a change is published without a signal.
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    m.timeouts.fetch_add(1, Ordering::Relaxed);
+                    return Err(crate::error::ProxyError::ColdStart);
+                }
+            }
+        }
     }
 
     /// The current view as an owned `Arc` (for views held across awaits).

@@ -600,6 +600,8 @@ impl Service {
         let attempts = if replayable { cfg.retries.attempts } else { 1 };
         let connect_timeout = cfg.timeouts.connect.0;
         let idle_timeout = cfg.timeouts.upstream_idle.0;
+        // Scaling from zero: wait (bounded) for a first instance.
+        svc.pool.wait_routable().await.map_err(fail)?;
         let mut tries = svc.begin_tries(&cfg, start);
         let mut last_err = None;
         for attempt in 0..attempts {

@@ -340,24 +340,65 @@ async fn early_hints_reach_the_client_on_a_cached_route_too() {
     assert_eq!(body, b"ok");
 }
 
+/// The data of a whole chunked body (sizes and terminator checked).
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line = b.windows(2).position(|w| w == b"\r\n").expect("size line");
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..line]).unwrap(), 16).unwrap();
+        assert_eq!(&b[line + 2 + n..line + 4 + n], b"\r\n");
+        out.extend_from_slice(&b[line + 2..line + 2 + n]);
+        b = &b[line + 4 + n..];
+        if n == 0 {
+            assert!(b.is_empty());
+            return out;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn close_delimited_response_closes_the_client_connection() {
-    let b = raw_backend(Arc::new(|_: &str| Reply {
-        pieces: vec![b"HTTP/1.1 200 OK\r\n\r\nuntil ".to_vec(), b"close".to_vec()],
-        close: true,
+async fn close_delimited_response_is_chunked_and_the_client_connection_kept() {
+    let b = raw_backend(Arc::new(|head: &str| {
+        if head.starts_with("GET /coded") {
+            // A coding of its own: relayed as it is, until close.
+            return Reply {
+                pieces: vec![
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzz".to_vec(),
+                    b"zz".to_vec(),
+                ],
+                close: true,
+            };
+        }
+        Reply {
+            pieces: vec![b"HTTP/1.1 200 OK\r\n\r\nuntil ".to_vec(), b"close".to_vec()],
+            close: true,
+        }
     }))
     .await;
     let p = start_proxy(config(&b)).await;
-    for _ in 0..3 {
-        let resp = raw(
-            p.addr,
-            b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /never HTTP/1.1\r\nHost: x\r\n\r\n",
-        )
-        .await;
-        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-        assert!(resp.contains("connection: close\r\n"), "{resp}");
-        assert!(resp.ends_with("\r\n\r\nuntil close"), "{resp}");
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        let (head, body) = read_response(&mut s, &mut buf, false).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
+        assert_eq!(dechunk(&body), b"until close");
     }
+    // The same connection goes on.
+    s.write_all(b"GET /coded HTTP/1.1\r\nHost: x\r\n\r\nGET /never HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
+    buf.extend_from_slice(&rest);
+    let resp = String::from_utf8_lossy(&buf);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("connection: close\r\n"), "{resp}");
+    assert!(resp.ends_with("\r\n\r\nzzzz"), "{resp}");
     assert_eq!(b.requests.load(Ordering::SeqCst), 3);
 }
 
@@ -432,8 +473,7 @@ async fn keep_alive_connection_moves_to_the_general_path_for_unusual_requests() 
     let (head, body) = read_response(&mut s, &mut buf, false).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(body, b"a");
-    // A chunked upload is the general path's: answered on the same connection, which then
-    // closes, so every request head on a connection is read raw by the fast path first.
+    // A chunked upload stays on the fast path, and so does the connection.
     s.write_all(
         b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     )
@@ -443,6 +483,19 @@ async fn keep_alive_connection_moves_to_the_general_path_for_unusual_requests() 
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(body, b"a");
     assert_eq!(a.body_bytes.load(Ordering::SeqCst), 5);
+    assert!(
+        !head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    // An absolute-form target is the general path's: answered on the same connection, which
+    // then closes, so every request head on a connection is read raw by the fast path first.
+    s.write_all(b"POST http://x/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"a");
+    assert_eq!(a.body_bytes.load(Ordering::SeqCst), 10);
     assert!(
         head.to_ascii_lowercase().contains("connection: close"),
         "{head}"
@@ -460,7 +513,7 @@ async fn keep_alive_connection_moves_to_the_general_path_for_unusual_requests() 
         String::from_utf8_lossy(&out).into_owned()
     };
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
-    assert_eq!(a.count(), 2);
+    assert_eq!(a.count(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

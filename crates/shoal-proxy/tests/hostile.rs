@@ -1,8 +1,8 @@
 //! Hostile clients against a recording origin, on both request paths.
 //!
-//! Every case is sent twice: as a plain HTTP/1.1 request with a Content-Length body (the
-//! fast path) and with a chunked body (handed over to the general path). Each asserts what
-//! the client got and what the instance received.
+//! Every case is sent twice: as a plain HTTP/1.1 request with a Content-Length body (read
+//! whole) and with a chunked body (streamed and re-framed). Each asserts what the client got
+//! and what the instance received.
 
 mod common;
 
@@ -18,10 +18,10 @@ use tokio::net::{TcpListener, TcpStream};
 #[derive(Clone, Copy, Debug)]
 enum Path {
     Fast,
-    General,
+    Chunked,
 }
 
-const PATHS: [Path; 2] = [Path::Fast, Path::General];
+const PATHS: [Path; 2] = [Path::Fast, Path::Chunked];
 
 /// A request with `head` lines (no Host unless given), `Connection: close`, and a 3-byte
 /// body framed for `path`.
@@ -34,7 +34,7 @@ fn request(path: Path, line: &str, head: &[&str]) -> Vec<u8> {
     r.push_str("Connection: close\r\n");
     match path {
         Path::Fast => r.push_str("Content-Length: 3\r\n\r\nabc"),
-        Path::General => r.push_str("Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+        Path::Chunked => r.push_str("Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
     }
     r.into_bytes()
 }
@@ -326,7 +326,7 @@ async fn deadlines_hold_after_the_head() {
             &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"[..],
         ),
         (
-            Path::General,
+            Path::Chunked,
             b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\na\r\nabc",
         ),
     ] {

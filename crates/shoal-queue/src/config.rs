@@ -258,10 +258,11 @@ pub fn queue_specs(config: &Config) -> Result<QueuesSpec, ConfigError> {
                 .try_into()
                 .map_err(|e: toml::de::Error| err("", e.message().trim().to_string()))?;
             match raw.redis {
-                Some(u) if !(u.starts_with("redis://") || u.starts_with("unix://")) => {
-                    return Err(err("redis", "expected a redis:// URL".into()));
-                }
-                r => r,
+                Some(u) => match shoal_cache::redis_conn::RedisClient::open(&u) {
+                    Ok(_) => Some(u),
+                    Err(e) => return Err(err("redis", shoal_cache::redis_conn::url_error(&e))),
+                },
+                None => None,
             }
         }
     };

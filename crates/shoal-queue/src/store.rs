@@ -13,6 +13,8 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use shoal_cache::redis_conn::{ConnectOptions, RedisClient, RedisConn};
+
 use crate::job::{now_ms, JobRecord, FINAL_TAGS};
 use crate::QueueError;
 
@@ -424,12 +426,13 @@ impl Store for RedbStore {
     }
 }
 
-/// The Redis store: `{prefix}job:[{queue}:]{id}` and `{prefix}key:{key}`; Redis expires them (the
-/// pending limit while the job runs, `EX ttl` from its end). Every call is bounded by
-/// [`REDIS_TIMEOUT`].
+/// The Redis store (one node or a Redis Cluster): `{prefix}job:[{queue}:]{id}` and
+/// `{prefix}key:{}{key}` (the empty `{}` makes a cluster hash the whole key, so a `{…}` in a
+/// client's key cannot choose the slot); Redis expires them (the pending limit while the job
+/// runs, `EX ttl` from its end). Every call is bounded by [`REDIS_TIMEOUT`].
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: redis::aio::ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     /// `{queue}:` when the handle is for one queue's jobs (see [`RedbStore`]'s `ns`).
     ns: String,
@@ -455,15 +458,24 @@ if KEYS[2] then
 end
 return 1";
 
+/// Starts the TTL (ARGV[2]) of an idempotency key still bound to the job (ARGV[1]): on a
+/// cluster, [`FINISH_LUA`]'s second half, since the two keys live in different slots.
+const KEY_TTL_LUA: &str = r"local k = redis.call('GET', KEYS[1])
+if k and string.sub(k, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 1";
+
 impl RedisStore {
     pub async fn connect(url: &str, prefix: &str, ttl: Duration) -> Result<RedisStore, QueueError> {
-        let client = redis::Client::open(url).map_err(|e| QueueError::Store(e.to_string()))?;
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(REDIS_TIMEOUT)
-            .set_response_timeout(REDIS_TIMEOUT)
-            .set_number_of_retries(2)
-            .set_max_delay(1000);
-        let conn = bounded(redis::aio::ConnectionManager::new_with_config(client, cfg))
+        let client = RedisClient::open(url).map_err(|e| QueueError::Store(e.to_string()))?;
+        let o = ConnectOptions {
+            connect_timeout: REDIS_TIMEOUT,
+            response_timeout: REDIS_TIMEOUT,
+            retries: 2,
+            max_delay_ms: 1000,
+        };
+        let conn = bounded(client.connect(o))
             .await
             .map_err(|e| QueueError::Store(format!("redis: {e}")))?;
         Ok(RedisStore {
@@ -496,7 +508,7 @@ impl RedisStore {
     }
 
     fn key_key(&self, key: &str) -> String {
-        format!("{}key:{key}", self.prefix)
+        format!("{}key:{{}}{key}", self.prefix)
     }
 }
 
@@ -552,17 +564,31 @@ impl Store for RedisStore {
     ) -> BoxFuture<'a, Result<bool, QueueError>> {
         Box::pin(async move {
             let mut c = self.conn.clone();
+            // One script on one node; two on a cluster (a script may touch one slot only).
+            let split = c.is_cluster();
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(FINISH_LUA);
             match key {
-                Some(k) => cmd.arg(2).arg(self.job_key(id)).arg(self.key_key(k)),
-                None => cmd.arg(1).arg(self.job_key(id)),
+                Some(k) if !split => cmd.arg(2).arg(self.job_key(id)).arg(self.key_key(k)),
+                _ => cmd.arg(1).arg(self.job_key(id)),
             };
             cmd.arg(rec.encode()).arg(self.ttl_secs).arg(id);
             for tag in FINAL_TAGS {
                 cmd.arg(tag);
             }
             let n: i64 = bounded(cmd.query_async(&mut c)).await?;
+            if let (true, 1, Some(k)) = (split, n, key) {
+                bounded(
+                    redis::cmd("EVAL")
+                        .arg(KEY_TTL_LUA)
+                        .arg(1)
+                        .arg(self.key_key(k))
+                        .arg(id)
+                        .arg(self.ttl_secs)
+                        .query_async::<i64>(&mut c),
+                )
+                .await?;
+            }
             Ok(n == 1)
         })
     }

@@ -1,6 +1,8 @@
 //! The Redis result store against a real redis-server started for the test.
 
 mod common;
+#[path = "../../shoal-cache/tests/common/redis.rs"]
+mod redis_harness;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -80,7 +82,7 @@ async fn redis_store_semantics() {
     assert_eq!(s.get(&id).await.unwrap(), None);
     // The TTL is Redis's own.
     let mut c = redis::Client::open(url.as_str()).unwrap();
-    let ttl: i64 = redis::cmd("TTL").arg("t:key:k").query(&mut c).unwrap();
+    let ttl: i64 = redis::cmd("TTL").arg("t:key:{}k").query(&mut c).unwrap();
     assert!(ttl > 0, "Redis expires it: ttl {ttl}");
 }
 
@@ -99,12 +101,12 @@ async fn redis_pending_lives_until_the_end_and_the_ttl_runs_from_completion() {
     let value = format!("{id} fp");
     assert_eq!(s.claim_key("k", &value).await.unwrap(), None);
     let limit = shoal_queue::store::PENDING_LIMIT.as_secs() as i64;
-    for key in [format!("t:job:{id}"), "t:key:k".to_string()] {
+    for key in [format!("t:job:{id}"), "t:key:{}k".to_string()] {
         let ttl = ttl_of(&url, &key);
         assert!(ttl > 60 && ttl <= limit, "{key} pending ttl {ttl}");
     }
     assert!(s.finish(&id, &done(200), Some("k")).await.unwrap());
-    for key in [format!("t:job:{id}"), "t:key:k".to_string()] {
+    for key in [format!("t:job:{id}"), "t:key:{}k".to_string()] {
         let ttl = ttl_of(&url, &key);
         assert!((1..=60).contains(&ttl), "{key} ttl after the end {ttl}");
     }
@@ -116,7 +118,7 @@ async fn redis_pending_lives_until_the_end_and_the_ttl_runs_from_completion() {
     );
     let third = shoal_queue::job::new_id();
     assert!(s.finish(&third, &done(200), Some("k2")).await.unwrap());
-    assert!(ttl_of(&url, "t:key:k2") > 60);
+    assert!(ttl_of(&url, "t:key:{}k2") > 60);
 }
 
 /// A broker that confirms every publish at once.
@@ -197,4 +199,48 @@ async fn a_stalled_redis_answers_submissions_503_promptly() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The same semantics on a Redis Cluster, where a job and its idempotency key live in different
+/// slots (so finishing is two scripts) and a `{…}` in a client's key must not choose the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_store_semantics() {
+    let cluster = redis_harness::RedisCluster::start();
+    let s = RedisStore::connect(&cluster.url(), "t:", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut slots = std::collections::HashSet::new();
+    for n in 0..12 {
+        let id = shoal_queue::job::new_id();
+        let key = format!("{{tag}}k{n}");
+        s.put_pending(&id, 1).await.unwrap();
+        let value = format!("{id} fp");
+        assert_eq!(s.claim_key(&key, &value).await.unwrap(), None);
+        assert_eq!(
+            s.claim_key(&key, "other").await.unwrap(),
+            Some(value.clone())
+        );
+        assert!(s.finish(&id, &done(200), Some(&key)).await.unwrap());
+        assert!(!s.finish(&id, &done(500), Some(&key)).await.unwrap());
+        assert_eq!(s.get(&id).await.unwrap(), Some(done(200)));
+        let kk = format!("t:key:{{}}{key}");
+        slots.insert(cluster.master_of(&kk));
+        // The key's TTL now runs from the job's end, as on one node.
+        let ttl = cluster_ttl(&cluster, &kk);
+        assert!((1..=60).contains(&ttl), "{kk} ttl {ttl}");
+        s.release_key(&key, &value).await.unwrap();
+        assert_eq!(s.claim_key(&key, "x").await.unwrap(), None);
+        s.delete(&id).await.unwrap();
+        assert_eq!(s.get(&id).await.unwrap(), None);
+    }
+    assert!(
+        slots.len() > 1,
+        "keys sharing a client-chosen {{tag}} still spread over the masters"
+    );
+}
+
+fn cluster_ttl(c: &redis_harness::RedisCluster, key: &str) -> i64 {
+    let port = c.master_of(key);
+    let reply = redis_harness::redis_cmd(port, &["TTL", key]).unwrap();
+    reply.trim_start_matches(':').parse().unwrap()
 }

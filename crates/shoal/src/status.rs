@@ -179,6 +179,29 @@ pub fn render(v: &Value, max: Option<usize>, prev: Option<&mut Counts>) -> Strin
             if let Some(e) = s["fleet"]["last_error"].as_str() {
                 say(&mut o, format!("  last error: {e}"));
             }
+            let f = &s["fleet"];
+            if f["provider"] == "kubernetes" {
+                say(
+                    &mut o,
+                    format!(
+                        "  kubernetes {}/{}  replicas {}  external scale: {}{}",
+                        f["namespace"].as_str().unwrap_or("-"),
+                        f["deployment"].as_str().unwrap_or("-"),
+                        f["replicas"],
+                        f["external_scale"].as_str().unwrap_or("-"),
+                        if f["scale_from_zero"] == true {
+                            "  scale from zero"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
+                for k in ["metrics", "vertical"] {
+                    if let Some(v) = f[k].as_str() {
+                        say(&mut o, format!("  {k}: {v}"));
+                    }
+                }
+            }
         }
         if let Some(p) = s.get("prometheus").filter(|p| !p.is_null()) {
             say(

@@ -18,7 +18,7 @@ use common::*;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use redis::{exists, RedisServer};
+use redis::{exists, RedisCluster, RedisServer};
 
 /// An origin on its own runtime (stopped on drop): every answer is cacheable for 10 minutes
 /// and names the path and the origin's request count.
@@ -118,6 +118,41 @@ fn body(resp: &str) -> &str {
     resp.split_once("\r\n\r\n").map_or("", |(_, b)| b)
 }
 
+/// Four client threads, each asking a new URL of `a` and then of `b` until `stop` is set;
+/// each returns how many answers were 200 and the other answers.
+#[allow(clippy::type_complexity)]
+fn clients(
+    a: u16,
+    b: u16,
+) -> (
+    Arc<AtomicBool>,
+    Vec<std::thread::JoinHandle<(usize, Vec<String>)>>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = (0..4)
+        .map(|c| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0, Vec::new());
+                let mut n = c;
+                while !stop.load(Ordering::Relaxed) {
+                    for port in [a, b] {
+                        let r = get_site(port, &format!("/k/{n}"));
+                        if r.starts_with("HTTP/1.1 200") {
+                            ok += 1;
+                        } else {
+                            failed.push(r);
+                        }
+                    }
+                    n += 4;
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    (stop, clients)
+}
+
 #[test]
 fn two_shoal_processes_share_one_redis() {
     let dir = tempdir();
@@ -170,28 +205,7 @@ fn redis_sigkilled_under_load_fails_no_request_and_is_used_again_once_back() {
     // Four clients, each URL new (a memory miss: a Redis lookup, an origin fetch, a Redis
     // store) asked of a first and then of b (a Redis hit while Redis lives), while Redis is
     // killed a second in.
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
-        .map(|c| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let (mut ok, mut failed) = (0, Vec::new());
-                let mut n = c;
-                while !stop.load(Ordering::Relaxed) {
-                    for port in [a, b] {
-                        let r = get_site(port, &format!("/k/{n}"));
-                        if r.starts_with("HTTP/1.1 200") {
-                            ok += 1;
-                        } else {
-                            failed.push(r);
-                        }
-                    }
-                    n += 4;
-                }
-                (ok, failed)
-            })
-        })
-        .collect();
+    let (stop, clients) = clients(a, b);
     std::thread::sleep(Duration::from_secs(1));
     redis.kill(); // SIGKILL
     std::thread::sleep(Duration::from_secs(2));
@@ -252,4 +266,74 @@ fn redis_sigkilled_under_load_fails_no_request_and_is_used_again_once_back() {
         before,
         "b read a's object from Redis"
     );
+}
+
+/// Two shoal processes on a three-master Redis Cluster (seed list on the command line): hits
+/// shared; a master SIGKILLed under load fails no request, and once its replica has taken
+/// over, objects are stored in every slot again.
+#[test]
+fn two_shoal_processes_share_a_redis_cluster_and_ride_out_a_failover() {
+    let dir = tempdir();
+    let mut cluster = RedisCluster::start();
+    let o = origin();
+    let (_a, a, _) = shoal_proxy(dir.path(), "a", o.addr, &cluster.url());
+    let (_b, b, b_admin) = shoal_proxy(dir.path(), "b", o.addr, &cluster.url());
+    let key = |path: &str| format!("shoal:cache:{{}}http://site.test{path} default");
+
+    let paths: Vec<String> = (0..20).map(|i| format!("/c/{i}")).collect();
+    for p in &paths {
+        assert!(get_site(a, p).starts_with("HTTP/1.1 200"));
+    }
+    for p in &paths {
+        wait_until(10, "stored in the cluster", || cluster.exists(&key(p)));
+    }
+    for p in &paths {
+        let r = get_site(b, p);
+        assert!(
+            header(&r, "cache-status")
+                .unwrap()
+                .starts_with("shoal; hit"),
+            "{r}"
+        );
+    }
+    assert_eq!(o.calls.load(Ordering::SeqCst), paths.len());
+    assert_eq!(
+        api_json(b_admin, "/api/cache")["requests"]["default"]["hit"],
+        paths.len()
+    );
+
+    let (stop, clients) = clients(a, b);
+    std::thread::sleep(Duration::from_secs(1));
+    let victim = cluster.master_of(&key("/c/0"));
+    cluster.kill(victim);
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let (ok, failed) = c.join().unwrap();
+        assert!(
+            failed.is_empty(),
+            "{} failed: {:?}",
+            failed.len(),
+            &failed[..1]
+        );
+        assert!(ok > 0);
+    }
+
+    // After the failover both processes store in every slot again, without a restart.
+    cluster.wait_ok(Duration::from_secs(30));
+    let started = Instant::now();
+    for n in 0.. {
+        let batch: Vec<String> = (0..20).map(|i| format!("/after/{n}/{i}")).collect();
+        for p in &batch {
+            assert!(get_site(a, p).starts_with("HTTP/1.1 200"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        if batch.iter().all(|p| cluster.exists(&key(p))) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the cluster tier was not used again in every slot"
+        );
+    }
 }

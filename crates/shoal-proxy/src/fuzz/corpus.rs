@@ -230,14 +230,10 @@ fn stacked_or_odd_transfer_codings_are_refused() {
     // HTTP/1.0 has no chunked coding.
     let hs = [("Host", "a"), ("Transfer-Encoding", "chunked")];
     assert_eq!(general(Some(0), None, &hs, &vs[DEFAULT]).unwrap_err(), 400);
-    // On the fast path a request body in chunks (and a TE header with a space before the
-    // colon, which httparse refuses) goes to the general path, never upstream as is.
-    for raw in [
-        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\n",
-        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
-    ] {
-        assert_eq!(fast(raw.as_bytes(), &vs[DEFAULT]), "handover", "{raw:?}");
-    }
+    // A TE header with a space before the colon, which httparse refuses, goes to the general
+    // path, never upstream as is (a chunked body on the fast path is re-framed by shoal).
+    let raw = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n";
+    assert_eq!(fast(raw.as_bytes(), &vs[DEFAULT]), "handover", "{raw:?}");
 }
 
 #[test]
@@ -262,10 +258,22 @@ fn malformed_chunk_sizes_fail_the_body() {
             "{:?}",
             String::from_utf8_lossy(body)
         );
+        // The request side (a chunked upload on the fast path) refuses the same shapes.
+        let mut d = super::super::body::Decoder::new(8192, 100);
+        assert!(
+            d.decode(body, &mut Vec::new()).is_err(),
+            "request {:?}",
+            String::from_utf8_lossy(body)
+        );
     }
     // The largest size accepted still waits for its data; it never wraps around.
     let mut c = Chunked::default();
     assert_eq!(c.feed(b"100000000000000\r\nabc").unwrap(), None);
+    let mut d = super::super::body::Decoder::new(8192, 100);
+    assert_eq!(
+        d.decode(b"100000000000000\r\nabc", &mut Vec::new()),
+        Ok((20, false))
+    );
 }
 
 #[test]

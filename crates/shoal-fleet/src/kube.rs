@@ -1,0 +1,1725 @@
+//! The `kubernetes` provider: sizes a Deployment through its `scale` subresource and routes
+//! to its pods as their EndpointSlices list them.
+//!
+//! - **Membership** comes from a list + watch of the EndpointSlices labelled
+//!   `kubernetes.io/service-name=SERVICE` (or a configured selector): the watch resumes from
+//!   the last `resourceVersion` (bookmarks keep it fresh) and re-lists after `410 Gone`.
+//!   `ready` → routable; `terminating` (serving or not) → drained (no new requests); gone →
+//!   removed. The pod name is the instance id.
+//! - **Desired count**: the scale subresource is read every second; a write carries the
+//!   read `resourceVersion` as its precondition, and a `409 Conflict` is re-read, never
+//!   overwritten. A count changed outside shoal is logged and counted, then adopted
+//!   (`external_scale = "respect"`) or written back (`"reconcile"`).
+//! - **Scale-in without failures**: shoal picks the pods (least in flight, newest first),
+//!   stops routing to them and waits for their in-flight requests (up to the drain timeout),
+//!   sets their `controller.kubernetes.io/pod-deletion-cost` to the lowest value, and only
+//!   then lowers the replica count, so the ReplicaSet controller deletes exactly those pods.
+//!
+//! The API is spoken directly (hyper + serde_json, k8s JSON as `serde_json::Value`): shoal
+//! needs five calls, and the `kube` crate would add a large dependency tree. TLS is rustls
+//! with the aws-lc-rs provider, the binary's one crypto provider; the server is verified
+//! against the cluster's CA from the kubeconfig or the service account; credentials are a
+//! bearer token or a client certificate (credential plugins are refused at start).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use shoal_proxy::metrics::Exposition;
+use tokio::sync::{watch, Notify};
+
+use crate::config::{FleetSpec, PortRef};
+use crate::provider::{BoxFuture, Member, Membership, Phase, Provider};
+use crate::usage::Usage;
+
+/// The lowest pod-deletion-cost (an int32): the ReplicaSet controller deletes these first.
+pub const LOWEST_DELETION_COST: &str = "-2147483648";
+pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+
+/// Where the API server is and how to authenticate.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Endpoint {
+    /// `https://host:port` or `http://host:port`, no trailing slash.
+    pub server: String,
+    pub token: Option<String>,
+    /// The context's namespace, if it names one.
+    pub namespace: Option<String>,
+    /// PEM of the CA that signed the API server's certificate (https).
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate and key (kubeconfigs of kind, minikube, kubeadm).
+    pub client_cert: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// `KUBECONFIG` (its first file) when set, else in-cluster config (the service account),
+/// else `~/.kube/config`. An explicit kubeconfig wins over in-cluster (as with kubectl), so a
+/// pod can be pointed at another cluster or a `kubectl proxy`.
+pub fn endpoint_from_env() -> Result<Endpoint, String> {
+    let explicit = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty());
+    if explicit.is_none() {
+        if let (Ok(host), Ok(port)) = (
+            std::env::var("KUBERNETES_SERVICE_HOST"),
+            std::env::var("KUBERNETES_SERVICE_PORT"),
+        ) {
+            let dir = "/var/run/secrets/kubernetes.io/serviceaccount";
+            if let Ok(token) = std::fs::read_to_string(format!("{dir}/token")) {
+                let ca = std::fs::read(format!("{dir}/ca.crt"))
+                    .map_err(|e| format!("{dir}/ca.crt: {e}"))?;
+                let host = if host.contains(':') {
+                    format!("[{host}]")
+                } else {
+                    host
+                };
+                return Ok(Endpoint {
+                    server: format!("https://{host}:{port}"),
+                    token: Some(token.trim().to_string()),
+                    ca_pem: Some(ca),
+                    ..Endpoint::default()
+                });
+            }
+        }
+    }
+    let path = match explicit {
+        Some(v) => std::env::split_paths(&v)
+            .next()
+            .ok_or("KUBECONFIG is empty")?,
+        None => {
+            PathBuf::from(std::env::var_os("HOME").ok_or("HOME is not set")?).join(".kube/config")
+        }
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+    parse_kubeconfig(&text).map_err(|e| format!("kubeconfig {}: {e}", path.display()))
+}
+
+/// The current context's server, token and namespace from a kubeconfig (YAML or JSON).
+pub fn parse_kubeconfig(text: &str) -> Result<Endpoint, String> {
+    let v: Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+    let current = v["current-context"].as_str().ok_or("no current-context")?;
+    let named = |list: &str, name: &str| -> Option<Value> {
+        v[list]
+            .as_array()?
+            .iter()
+            .find(|x| x["name"] == name)
+            .cloned()
+    };
+    let ctx = named("contexts", current).ok_or(format!("no context {current:?}"))?;
+    let ctx = &ctx["context"];
+    let cluster_name = ctx["cluster"].as_str().ok_or("context without cluster")?;
+    let cluster = named("clusters", cluster_name).ok_or(format!("no cluster {cluster_name:?}"))?;
+    let server = cluster["cluster"]["server"]
+        .as_str()
+        .ok_or("cluster without server")?
+        .trim_end_matches('/')
+        .to_string();
+    let user = ctx["user"]
+        .as_str()
+        .and_then(|u| named("users", u))
+        .map(|u| u["user"].clone())
+        .unwrap_or(Value::Null);
+    if user.get("exec").is_some() || user.get("auth-provider").is_some() {
+        return Err("credential plugins (exec, auth-provider) are not supported: use a token, tokenFile or client certificate".into());
+    }
+    if cluster["cluster"]["insecure-skip-tls-verify"] == true {
+        return Err(
+            "insecure-skip-tls-verify is not supported: give the cluster's certificate-authority"
+                .into(),
+        );
+    }
+    let token = match (user["token"].as_str(), user["tokenFile"].as_str()) {
+        (Some(t), _) => Some(t.to_string()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("tokenFile {f}: {e}"))?
+                .trim()
+                .to_string(),
+        ),
+        _ => None,
+    };
+    let ca_pem = data_or_file(&cluster["cluster"], "certificate-authority")?;
+    let client_cert = match (
+        data_or_file(&user, "client-certificate")?,
+        data_or_file(&user, "client-key")?,
+    ) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => return Err("client-certificate and client-key come together".into()),
+    };
+    Ok(Endpoint {
+        server,
+        token,
+        namespace: ctx["namespace"].as_str().map(String::from),
+        ca_pem,
+        client_cert,
+    })
+}
+
+/// `FIELD-data` (base64) or `FIELD` (a file path) of a kubeconfig entry.
+fn data_or_file(v: &Value, field: &str) -> Result<Option<Vec<u8>>, String> {
+    use base64::Engine;
+    if let Some(d) = v[format!("{field}-data")].as_str() {
+        return base64::engine::general_purpose::STANDARD
+            .decode(d.trim())
+            .map(Some)
+            .map_err(|e| format!("{field}-data: {e}"));
+    }
+    match v[field].as_str() {
+        Some(path) => std::fs::read(path)
+            .map(Some)
+            .map_err(|e| format!("{field} {path}: {e}")),
+        None => Ok(None),
+    }
+}
+
+/// The TLS settings for an https API server: its CA only (no system roots: a cluster's
+/// certificate is signed by its own CA), the client certificate if any; aws-lc-rs.
+fn tls_config(ep: &Endpoint) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let ca = ep.ca_pem.as_ref().ok_or(
+        "an https API server needs the cluster's certificate-authority (or -data) in the kubeconfig",
+    )?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca) {
+        let c = c.map_err(|e| format!("certificate-authority: {e}"))?;
+        roots
+            .add(c)
+            .map_err(|e| format!("certificate-authority: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("certificate-authority holds no certificate".into());
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let cfg = match &ep.client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let certs = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("client-certificate: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("client-key: {e}"))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| format!("client certificate: {e}"))?
+        }
+    };
+    Ok(Arc::new(cfg))
+}
+
+/// A minimal JSON client for the Kubernetes API: one HTTP/1.1 connection per call (a call
+/// a second and one long watch need no pool), over TLS for https servers.
+#[derive(Clone)]
+pub struct KubeClient {
+    ep: Endpoint,
+    /// `host:port` to connect to.
+    addr: String,
+    /// The `Host` header.
+    authority: String,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+}
+
+/// A non-2xx answer or a transport failure.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status, 0 for a transport failure.
+    pub code: u16,
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.code == 0 {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "HTTP {}: {}", self.code, self.message)
+        }
+    }
+}
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl KubeClient {
+    pub fn new(ep: Endpoint) -> Result<KubeClient, String> {
+        let uri: http::Uri = ep
+            .server
+            .parse()
+            .map_err(|e| format!("server {}: {e}", ep.server))?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(format!("server {}: not an http(s) URL", ep.server)),
+        };
+        let host = uri.host().ok_or(format!("server {}: no host", ep.server))?;
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+        let tls = if https {
+            let name = rustls::pki_types::ServerName::try_from(
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+            )
+            .map_err(|e| format!("server {}: {e}", ep.server))?;
+            Some((tokio_rustls::TlsConnector::from(tls_config(&ep)?), name))
+        } else {
+            None
+        };
+        Ok(KubeClient {
+            addr: format!("{host}:{port}"),
+            authority,
+            tls,
+            ep,
+        })
+    }
+
+    /// Sends one request on a new connection.
+    async fn send(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, String> {
+        let tcp = tokio::net::TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| format!("connect {}: {e}", self.addr))?;
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => send_on(tcp, req).await,
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| format!("TLS to {}: {e}", self.addr))?;
+                send_on(tls, req).await
+            }
+        }
+    }
+
+    fn request(&self, method: Method, path: &str, ct: &str, body: Bytes) -> Request<Full<Bytes>> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.authority)
+            .header("accept", "application/json")
+            .header("user-agent", "shoal");
+        if !ct.is_empty() {
+            b = b.header("content-type", ct);
+        }
+        if let Some(t) = &self.ep.token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b.body(Full::new(body)).expect("request")
+    }
+
+    /// One call; the JSON answer of a 2xx, else the status and message.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        ct: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ApiError> {
+        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let req = self.request(method, path, ct, body);
+        let fut = async {
+            let resp = self.send(req).await.map_err(|e| ApiError {
+                code: 0,
+                message: format!("{path}: {e}"),
+            })?;
+            let code = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ApiError {
+                    code: 0,
+                    message: format!("{path}: {e}"),
+                })?
+                .to_bytes();
+            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            if (200..300).contains(&code) {
+                Ok(v)
+            } else {
+                Err(ApiError {
+                    code,
+                    message: v["message"]
+                        .as_str()
+                        .map(String::from)
+                        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+                })
+            }
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ApiError {
+                    code: 0,
+                    message: format!("{path}: no answer within {REQUEST_TIMEOUT:?}"),
+                })
+            })
+    }
+
+    /// Opens a watch; the body streams one JSON event per line.
+    pub async fn watch(&self, path: &str) -> Result<hyper::body::Incoming, ApiError> {
+        let req = self.request(Method::GET, path, "", Bytes::new());
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.send(req))
+            .await
+            .map_err(|_| ApiError {
+                code: 0,
+                message: format!("{path}: no answer"),
+            })?
+            .map_err(|e| ApiError {
+                code: 0,
+                message: format!("{path}: {e}"),
+            })?;
+        let code = resp.status().as_u16();
+        if code != 200 {
+            return Err(ApiError {
+                code,
+                message: format!("watch {path}"),
+            });
+        }
+        Ok(resp.into_body())
+    }
+}
+
+async fn send_on<T>(
+    io: T,
+    req: Request<Full<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    // The connection lives as long as the response body is read (a watch: minutes).
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender.send_request(req).await.map_err(|e| e.to_string())
+}
+
+/// One endpoint of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ep {
+    pub pod: String,
+    pub addr: SocketAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+/// The endpoints of one EndpointSlice, at the configured port.
+pub fn slice_endpoints(slice: &Value, port: Option<&PortRef>) -> Vec<Ep> {
+    let ports = slice["ports"].as_array().cloned().unwrap_or_default();
+    let chosen = match port {
+        None => ports.first(),
+        Some(PortRef::Number(n)) => ports.iter().find(|p| p["port"] == *n),
+        Some(PortRef::Name(n)) => ports.iter().find(|p| p["name"] == n.as_str()),
+    };
+    let Some(port) = chosen.and_then(|p| p["port"].as_u64()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in slice["endpoints"].as_array().into_iter().flatten() {
+        let Some(ip) = e["addresses"][0].as_str().and_then(|a| a.parse().ok()) else {
+            continue;
+        };
+        let c = &e["conditions"];
+        // Absent conditions mean ready/serving (the API's documented default).
+        let ready = c["ready"].as_bool().unwrap_or(true);
+        let terminating = c["terminating"].as_bool().unwrap_or(false);
+        out.push(Ep {
+            pod: e["targetRef"]["name"]
+                .as_str()
+                .map(String::from)
+                .unwrap_or_else(|| format!("{ip}")),
+            addr: SocketAddr::new(ip, port as u16),
+            ready,
+            serving: c["serving"].as_bool().unwrap_or(ready),
+            terminating,
+        });
+    }
+    out
+}
+
+/// What membership has been told about a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    Starting,
+    Ready,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    addr: SocketAddr,
+    known: Known,
+    first_seen: Instant,
+}
+
+#[derive(Default)]
+struct Counters {
+    api_failures: AtomicU64,
+    watch_failures: AtomicU64,
+    relists: AtomicU64,
+    conflicts: AtomicU64,
+    external_scales: AtomicU64,
+    scale_writes: AtomicU64,
+    deletion_cost_patches: AtomicU64,
+    activations: AtomicU64,
+}
+
+struct KState {
+    min: u32,
+    max: u32,
+    desired: u32,
+    /// The Deployment's `spec.replicas` as last read.
+    replicas: Option<u32>,
+    /// The count shoal last wrote.
+    written: Option<u32>,
+    /// EndpointSlice name → its endpoints.
+    slices: BTreeMap<String, Vec<Ep>>,
+    /// Pods membership routes to (or will, once ready).
+    members: BTreeMap<String, Tracked>,
+    /// Pods shoal drained (scale-in or terminating), with when.
+    draining: BTreeMap<String, (SocketAddr, Instant)>,
+    /// Pods taken out because they turned unready (not terminating): back once ready.
+    unready: std::collections::BTreeSet<String>,
+    last_error: Option<String>,
+    watch_rv: String,
+}
+
+/// The `kubernetes` provider.
+pub struct KubeFleet {
+    spec: FleetSpec,
+    service_label: String,
+    members: Arc<dyn Membership>,
+    client: KubeClient,
+    namespace: String,
+    state: Mutex<KState>,
+    wake: Notify,
+    stop: watch::Sender<bool>,
+    counters: Counters,
+    /// How often the scale subresource is read.
+    poll: Duration,
+}
+
+impl KubeFleet {
+    pub fn new(
+        spec: FleetSpec,
+        members: Arc<dyn Membership>,
+        ep: Endpoint,
+    ) -> Result<Arc<KubeFleet>, String> {
+        let f = &spec.fleet;
+        let service_label = f.service.clone().unwrap_or_else(|| f.deployment.clone());
+        Ok(Arc::new(KubeFleet {
+            client: KubeClient::new(ep)?,
+            namespace: f.namespace.clone(),
+            service_label,
+            members,
+            state: Mutex::new(KState {
+                min: f.min,
+                max: f.max,
+                desired: f.min,
+                replicas: None,
+                written: None,
+                slices: BTreeMap::new(),
+                members: BTreeMap::new(),
+                draining: BTreeMap::new(),
+                unready: Default::default(),
+                last_error: None,
+                watch_rv: String::new(),
+            }),
+            wake: Notify::new(),
+            stop: watch::channel(false).0,
+            counters: Counters::default(),
+            poll: Duration::from_secs(1),
+            spec,
+        }))
+    }
+
+    /// Starts the watch, the scale loop and (with `min = 0`) the activator.
+    pub fn start(self: &Arc<Self>) {
+        tokio::spawn(self.clone().run_watch());
+        tokio::spawn(self.clone().run_scale());
+        if self.spec.fleet.min == 0 {
+            tokio::spawn(self.clone().run_activator());
+        }
+    }
+
+    /// Scale from zero: a request waiting with nothing ready asks for one pod at once,
+    /// without waiting for the autoscaler's next evaluation.
+    async fn run_activator(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            if self.members.waiting() == 0 {
+                continue;
+            }
+            let mut s = self.state.lock().expect("kube state");
+            if s.desired == 0 && s.max > 0 {
+                s.desired = 1;
+                self.counters.activations.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(service = %self.spec.service, "request waiting at zero replicas: scaling to 1");
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    fn scale_path(&self) -> String {
+        format!(
+            "/apis/apps/v1/namespaces/{}/deployments/{}/scale",
+            self.namespace, self.spec.fleet.deployment
+        )
+    }
+
+    fn slices_path(&self) -> String {
+        let sel = match &self.spec.fleet.selector {
+            Some(s) => s.clone(),
+            None => format!("kubernetes.io/service-name={}", self.service_label),
+        };
+        format!(
+            "/apis/discovery.k8s.io/v1/namespaces/{}/endpointslices?labelSelector={}",
+            self.namespace,
+            encode(&sel)
+        )
+    }
+
+    fn fail(&self, counter: &AtomicU64, what: &str, e: &dyn std::fmt::Display) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        let msg = format!("{what}: {e}");
+        tracing::warn!(service = %self.spec.service, error = %msg, "kubernetes provider");
+        self.state.lock().expect("kube state").last_error = Some(msg);
+    }
+
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    // ---- membership ----
+
+    async fn run_watch(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        let mut backoff = Duration::from_millis(200);
+        'relist: loop {
+            if self.stopped() {
+                return;
+            }
+            let list = match self
+                .client
+                .call(Method::GET, &self.slices_path(), "", None)
+                .await
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    self.fail(&self.counters.watch_failures, "list endpointslices", &e);
+                    tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = stop.changed() => return }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            {
+                let mut s = self.state.lock().expect("kube state");
+                s.slices.clear();
+                for sl in list["items"].as_array().into_iter().flatten() {
+                    let name = sl["metadata"]["name"].as_str().unwrap_or("").to_string();
+                    s.slices
+                        .insert(name, slice_endpoints(sl, self.spec.fleet.port.as_ref()));
+                }
+                s.watch_rv = list["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+            }
+            self.sync();
+            loop {
+                let rv = self.state.lock().expect("kube state").watch_rv.clone();
+                let path = format!(
+                    "{}&watch=true&allowWatchBookmarks=true&resourceVersion={rv}&timeoutSeconds=290",
+                    self.slices_path()
+                );
+                let body = tokio::select! {
+                    b = self.client.watch(&path) => b,
+                    _ = stop.changed() => return,
+                };
+                let body = match body {
+                    Ok(b) => b,
+                    Err(e) if e.code == 410 => {
+                        self.gone().await;
+                        continue 'relist;
+                    }
+                    Err(e) => {
+                        self.fail(&self.counters.watch_failures, "watch endpointslices", &e);
+                        tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = stop.changed() => return }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                };
+                backoff = Duration::from_millis(200);
+                match self.read_watch(body, &mut stop).await {
+                    WatchEnd::Gone => {
+                        self.gone().await;
+                        continue 'relist;
+                    }
+                    WatchEnd::Stopped => return,
+                    WatchEnd::Ended => {}
+                    WatchEnd::Failed(e) => {
+                        self.fail(&self.counters.watch_failures, "watch endpointslices", &e);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn gone(&self) {
+        self.counters.relists.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(service = %self.spec.service, "endpointslice watch expired (410 Gone): listing again");
+        // A server that keeps answering 410 is not hammered.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    async fn read_watch(
+        &self,
+        mut body: hyper::body::Incoming,
+        stop: &mut watch::Receiver<bool>,
+    ) -> WatchEnd {
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let frame = tokio::select! {
+                f = body.frame() => f,
+                _ = stop.changed() => return WatchEnd::Stopped,
+            };
+            let data = match frame {
+                None => return WatchEnd::Ended,
+                Some(Err(e)) => return WatchEnd::Failed(e.to_string()),
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                },
+            };
+            buf.extend_from_slice(&data);
+            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                let Ok(ev) = serde_json::from_slice::<Value>(&line) else {
+                    continue;
+                };
+                match self.apply_event(&ev) {
+                    Ok(()) => {}
+                    Err(end) => return end,
+                }
+            }
+        }
+    }
+
+    fn apply_event(&self, ev: &Value) -> Result<(), WatchEnd> {
+        let obj = &ev["object"];
+        let rv = obj["metadata"]["resourceVersion"].as_str().unwrap_or("");
+        match ev["type"].as_str().unwrap_or("") {
+            "ERROR" => {
+                return Err(if obj["code"] == 410 {
+                    WatchEnd::Gone
+                } else {
+                    WatchEnd::Failed(obj["message"].as_str().unwrap_or("watch error").into())
+                })
+            }
+            "BOOKMARK" => {}
+            kind @ ("ADDED" | "MODIFIED" | "DELETED") => {
+                let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
+                let mut s = self.state.lock().expect("kube state");
+                if kind == "DELETED" {
+                    s.slices.remove(&name);
+                } else {
+                    s.slices
+                        .insert(name, slice_endpoints(obj, self.spec.fleet.port.as_ref()));
+                }
+            }
+            _ => return Ok(()),
+        }
+        if !rv.is_empty() {
+            self.state.lock().expect("kube state").watch_rv = rv.to_string();
+        }
+        self.sync();
+        Ok(())
+    }
+
+    /// Brings membership in line with the EndpointSlices.
+    fn sync(&self) {
+        let mut removals = Vec::new();
+        {
+            let mut s = self.state.lock().expect("kube state");
+            let mut eps: BTreeMap<String, Ep> = BTreeMap::new();
+            for list in s.slices.values() {
+                for e in list {
+                    eps.entry(e.pod.clone()).or_insert_with(|| e.clone());
+                }
+            }
+            // Gone, terminating, drained by shoal, or a ready pod turned unready: no new
+            // requests.
+            let leaving: Vec<(String, bool)> = s
+                .members
+                .iter()
+                .filter_map(|(p, t)| match eps.get(p) {
+                    None => Some((p.clone(), false)),
+                    Some(e) if e.terminating || s.draining.contains_key(p) => {
+                        Some((p.clone(), false))
+                    }
+                    Some(e) if t.known == Known::Ready && !e.ready => Some((p.clone(), true)),
+                    Some(_) => None,
+                })
+                .collect();
+            for (p, unready) in leaving {
+                s.members.remove(&p);
+                if unready {
+                    tracing::info!(service = %self.spec.service, pod = %p, "pod turned unready: no new requests until it is ready again");
+                    s.unready.insert(p.clone());
+                }
+                removals.push(p);
+            }
+            for (pod, e) in &eps {
+                if e.terminating || s.draining.contains_key(pod) {
+                    continue;
+                }
+                // Taken out while unready: back only once ready again (not as a new
+                // starting member beside the one still draining).
+                if s.unready.contains(pod) {
+                    if !e.ready {
+                        continue;
+                    }
+                    s.unready.remove(pod);
+                }
+                match s.members.get_mut(pod) {
+                    None => {
+                        self.members.add(pod, e.addr);
+                        let known = if e.ready {
+                            self.members.ready(pod);
+                            Known::Ready
+                        } else {
+                            Known::Starting
+                        };
+                        s.members.insert(
+                            pod.clone(),
+                            Tracked {
+                                addr: e.addr,
+                                known,
+                                first_seen: Instant::now(),
+                            },
+                        );
+                        tracing::info!(service = %self.spec.service, pod = %pod, addr = %e.addr, ready = e.ready, "pod joined");
+                    }
+                    Some(t) if t.known == Known::Starting && e.ready => {
+                        self.members.ready(pod);
+                        t.known = Known::Ready;
+                        tracing::info!(service = %self.spec.service, pod = %pod, "pod ready");
+                    }
+                    Some(_) => {}
+                }
+            }
+            // Forget drained and unready pods once their endpoint is gone.
+            s.draining.retain(|p, _| eps.contains_key(p));
+            s.unready.retain(|p| eps.contains_key(p));
+        }
+        let drain = self.spec.drain_timeout;
+        for pod in removals {
+            tracing::info!(service = %self.spec.service, pod = %pod, "pod leaving: draining");
+            let m = self.members.clone();
+            tokio::spawn(async move {
+                m.remove(&pod, drain).await;
+            });
+        }
+    }
+
+    // ---- desired count ----
+
+    async fn run_scale(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        loop {
+            if let Err(e) = self.reconcile().await {
+                self.fail(&self.counters.api_failures, "scale", &e);
+            }
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(self.poll) => {}
+            }
+        }
+    }
+
+    async fn read_scale(&self) -> Result<(u32, String), ApiError> {
+        let v = self
+            .client
+            .call(Method::GET, &self.scale_path(), "", None)
+            .await?;
+        Ok((
+            v["spec"]["replicas"].as_u64().unwrap_or(0) as u32,
+            v["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        ))
+    }
+
+    /// Writes the replica count with `rv` as precondition; Ok(false) on a conflict.
+    async fn write_scale(&self, n: u32, rv: &str) -> Result<bool, ApiError> {
+        let body = json!({
+            "apiVersion": "autoscaling/v1", "kind": "Scale",
+            "metadata": {"name": self.spec.fleet.deployment, "namespace": self.namespace,
+                         "resourceVersion": rv},
+            "spec": {"replicas": n},
+        });
+        match self
+            .client
+            .call(
+                Method::PUT,
+                &self.scale_path(),
+                "application/json",
+                Some(&body),
+            )
+            .await
+        {
+            Ok(_) => {
+                self.counters.scale_writes.fetch_add(1, Ordering::Relaxed);
+                let mut s = self.state.lock().expect("kube state");
+                s.written = Some(n);
+                s.replicas = Some(n);
+                s.last_error = None;
+                tracing::info!(service = %self.spec.service, replicas = n, "deployment scaled");
+                Ok(true)
+            }
+            Err(e) if e.code == 409 => {
+                self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(service = %self.spec.service, "scale conflict: the deployment changed since it was read; reading again");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn reconcile(&self) -> Result<(), ApiError> {
+        let (replicas, rv) = self.read_scale().await?;
+        let desired = {
+            let mut s = self.state.lock().expect("kube state");
+            match s.replicas {
+                None => {
+                    // First read: start from the Deployment's count, within bounds.
+                    s.desired = replicas.clamp(s.min, s.max);
+                }
+                Some(last) if last != replicas && s.written != Some(replicas) => {
+                    self.counters
+                        .external_scales
+                        .fetch_add(1, Ordering::Relaxed);
+                    if self.spec.fleet.external_scale == "respect" {
+                        s.desired = replicas.clamp(s.min, s.max);
+                        tracing::info!(service = %self.spec.service, from = last, to = replicas, desired = s.desired, "replica count changed outside shoal: adopted");
+                    } else {
+                        tracing::info!(service = %self.spec.service, from = last, to = replicas, desired = s.desired, "replica count changed outside shoal: restoring shoal's count");
+                    }
+                }
+                _ => {}
+            }
+            s.replicas = Some(replicas);
+            // Pods drained for a scale-in that did not happen (or removed other pods) get
+            // traffic again.
+            if s.desired >= replicas {
+                let stale: Vec<String> = s
+                    .draining
+                    .iter()
+                    .filter(|(_, (_, at))| at.elapsed() > Duration::from_secs(10))
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                for p in stale {
+                    s.draining.remove(&p);
+                }
+            }
+            s.desired
+        };
+        if desired > replicas {
+            if !self.write_scale(desired, &rv).await? {
+                self.wake.notify_one();
+            }
+        } else if desired < replicas {
+            self.scale_in(replicas, desired).await?;
+        }
+        self.sync();
+        Ok(())
+    }
+
+    /// Pods to remove: ones already drained first, then least in flight, newest first.
+    fn choose_victims(&self, k: usize) -> Vec<String> {
+        let s = self.state.lock().expect("kube state");
+        // Pods shoal drained earlier that are still live (not terminating: those are already
+        // outside the replica count) go first.
+        let live = |p: &String| {
+            s.slices
+                .values()
+                .flatten()
+                .any(|e| e.pod == *p && !e.terminating)
+        };
+        let mut out: Vec<String> = s
+            .draining
+            .keys()
+            .filter(|p| live(p))
+            .take(k)
+            .cloned()
+            .collect();
+        let mut candidates: Vec<(&String, &Tracked)> = s.members.iter().collect();
+        candidates.sort_by_key(|(p, t)| {
+            (
+                self.members.in_flight(p).unwrap_or(0),
+                std::cmp::Reverse(t.first_seen),
+            )
+        });
+        for (p, _) in candidates {
+            if out.len() >= k {
+                break;
+            }
+            out.push(p.clone());
+        }
+        out
+    }
+
+    async fn scale_in(&self, replicas: u32, desired: u32) -> Result<(), ApiError> {
+        let victims = self.choose_victims((replicas - desired) as usize);
+        // 1. No new requests; wait for in-flight ones (or the drain timeout).
+        let mut drains = tokio::task::JoinSet::new();
+        {
+            let mut s = self.state.lock().expect("kube state");
+            for v in &victims {
+                if let Some(t) = s.members.remove(v) {
+                    s.draining.insert(v.clone(), (t.addr, Instant::now()));
+                    let (m, id, d) = (self.members.clone(), v.clone(), self.spec.drain_timeout);
+                    drains.spawn(async move { m.remove(&id, d).await });
+                }
+            }
+        }
+        if !victims.is_empty() {
+            tracing::info!(service = %self.spec.service, pods = ?victims, "scale-in: draining chosen pods");
+        }
+        while drains.join_next().await.is_some() {}
+        // 2. Make them the ones the ReplicaSet controller deletes.
+        for v in &victims {
+            let patch = json!({"metadata": {"annotations": {DELETION_COST: LOWEST_DELETION_COST}}});
+            let path = format!("/api/v1/namespaces/{}/pods/{v}", self.namespace);
+            match self
+                .client
+                .call(
+                    Method::PATCH,
+                    &path,
+                    "application/merge-patch+json",
+                    Some(&patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    self.counters
+                        .deletion_cost_patches
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // 3. Lower the count, re-reading on conflict; give up (next round) if the count was
+        //    changed meanwhile.
+        for _ in 0..5 {
+            let (now, rv) = self.read_scale().await?;
+            if now != replicas {
+                self.wake.notify_one();
+                return Ok(());
+            }
+            let want = self.state.lock().expect("kube state").desired;
+            if want >= now {
+                return Ok(());
+            }
+            if self.write_scale(want, &rv).await? {
+                return Ok(());
+            }
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+}
+
+enum WatchEnd {
+    Gone,
+    Ended,
+    Stopped,
+    Failed(String),
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Provider for KubeFleet {
+    fn kind(&self) -> &'static str {
+        "kubernetes"
+    }
+    fn service(&self) -> &str {
+        &self.spec.service
+    }
+    fn scale(&self, n: u32) -> u32 {
+        let mut s = self.state.lock().expect("kube state");
+        let mut n = n.clamp(s.min, s.max);
+        // Not to zero while requests wait for a pod.
+        if n == 0 && self.members.waiting() > 0 {
+            n = 1.min(s.max);
+        }
+        if n != s.desired {
+            s.desired = n;
+            self.wake.notify_one();
+        }
+        n
+    }
+    fn desired(&self) -> u32 {
+        self.state.lock().expect("kube state").desired
+    }
+    fn bounds(&self) -> (u32, u32) {
+        let s = self.state.lock().expect("kube state");
+        (s.min, s.max)
+    }
+    fn set_bounds(&self, min: u32, max: u32) {
+        let mut s = self.state.lock().expect("kube state");
+        s.min = min;
+        s.max = max;
+        s.desired = s.desired.clamp(min, max);
+        self.wake.notify_one();
+    }
+    fn counts(&self) -> (u32, u32, u32) {
+        let s = self.state.lock().expect("kube state");
+        let starting = s
+            .members
+            .values()
+            .filter(|t| t.known == Known::Starting)
+            .count();
+        let ready = s.members.len() - starting;
+        (starting as u32, ready as u32, s.draining.len() as u32)
+    }
+    fn members(&self) -> Vec<Member> {
+        let s = self.state.lock().expect("kube state");
+        let mut out: Vec<Member> = s
+            .members
+            .iter()
+            .map(|(id, t)| Member {
+                id: id.clone(),
+                addr: t.addr,
+                phase: match t.known {
+                    Known::Starting => Phase::Starting,
+                    Known::Ready => Phase::Ready,
+                },
+            })
+            .collect();
+        out.extend(s.draining.iter().map(|(id, (addr, _))| Member {
+            id: id.clone(),
+            addr: *addr,
+            phase: Phase::Stopping,
+        }));
+        out
+    }
+    fn sample_usage(&self) -> Vec<(String, Phase, Usage)> {
+        Vec::new()
+    }
+    fn status(&self) -> Value {
+        let s = self.state.lock().expect("kube state");
+        json!({
+            "provider": "kubernetes",
+            "state": if s.last_error.is_some() { "degraded" } else { "ok" },
+            "namespace": self.namespace,
+            "deployment": self.spec.fleet.deployment,
+            "service": self.service_label,
+            "replicas": s.replicas,
+            "desired": s.desired,
+            "external_scale": self.spec.fleet.external_scale,
+            "last_error": s.last_error,
+            "metrics": "request-based targets only (CPU and memory per pod from metrics.k8s.io are not read)",
+            "scale_from_zero": self.spec.fleet.min == 0,
+            "vertical": "recommend only (in-place pod resize is not implemented)",
+        })
+    }
+    fn collect(&self, e: &mut Exposition) {
+        let svc = self.spec.service.as_str();
+        let c = &self.counters;
+        for (kind, v) in [("api", &c.api_failures), ("watch", &c.watch_failures)] {
+            e.counter(
+                "shoal_fleet_failures_total",
+                "Instances that crashed or failed to start.",
+                &[("service", svc), ("kind", kind)],
+                v.load(Ordering::Relaxed),
+            );
+        }
+        for (name, help, v) in [
+            (
+                "shoal_kube_relists_total",
+                "EndpointSlice watches that expired (410 Gone) and were listed again.",
+                &c.relists,
+            ),
+            (
+                "shoal_kube_scale_conflicts_total",
+                "Scale writes refused because the Deployment changed since it was read.",
+                &c.conflicts,
+            ),
+            (
+                "shoal_kube_external_scales_total",
+                "Replica counts changed outside shoal.",
+                &c.external_scales,
+            ),
+            (
+                "shoal_kube_scale_writes_total",
+                "Replica counts written to the scale subresource.",
+                &c.scale_writes,
+            ),
+            (
+                "shoal_kube_deletion_cost_patches_total",
+                "Pods marked for removal with the lowest pod-deletion-cost.",
+                &c.deletion_cost_patches,
+            ),
+            (
+                "shoal_kube_activations_total",
+                "Scale-ups from zero replicas because a request was waiting.",
+                &c.activations,
+            ),
+        ] {
+            e.counter(name, help, &[("service", svc)], v.load(Ordering::Relaxed));
+        }
+    }
+    fn shutdown(&self, _deadline: Duration) -> BoxFuture<'_, ()> {
+        // The pods belong to the cluster: shoal stops watching and scaling, nothing more.
+        let _ = self.stop.send(true);
+        Box::pin(async {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+
+    /// A scripted API server: the scale subresource (a conflict on demand), one
+    /// EndpointSlice, pod patches; every request logged as (method, path, body).
+    #[derive(Default)]
+    struct Mock {
+        replicas: u32,
+        rv: u64,
+        conflicts: u32,
+        slice: Value,
+        log: Vec<(String, String, String)>,
+    }
+
+    async fn serve_mock(mock: Arc<Mutex<Mock>>) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (sock, _) = l.accept().await.unwrap();
+                let mock = mock.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: Request<hyper::body::Incoming>| {
+                            let mock = mock.clone();
+                            async move {
+                                let (method, uri) =
+                                    (req.method().to_string(), req.uri().to_string());
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                let body = String::from_utf8_lossy(&body).into_owned();
+                                if uri.contains("watch=true") {
+                                    // Nothing changes: hold the watch open.
+                                    tokio::time::sleep(Duration::from_secs(60)).await;
+                                }
+                                let (code, answer) = {
+                                    let mut m = mock.lock().unwrap();
+                                    m.log.push((method.clone(), uri.clone(), body.clone()));
+                                    let scale = |m: &Mock| {
+                                        json!({"metadata": {"resourceVersion": m.rv.to_string()},
+                                                             "spec": {"replicas": m.replicas}})
+                                    };
+                                    match method.as_str() {
+                                        "GET" if uri.contains("/scale") => (200, scale(&m)),
+                                        "GET" => (
+                                            200,
+                                            json!({"metadata": {"resourceVersion": "1"}, "items": [m.slice.clone()]}),
+                                        ),
+                                        "PUT" => {
+                                            let b: Value = serde_json::from_str(&body).unwrap();
+                                            if m.conflicts > 0
+                                                || b["metadata"]["resourceVersion"]
+                                                    != m.rv.to_string().as_str()
+                                            {
+                                                m.conflicts = m.conflicts.saturating_sub(1);
+                                                m.rv += 1;
+                                                (
+                                                    409,
+                                                    json!({"kind": "Status", "code": 409, "message": "conflict"}),
+                                                )
+                                            } else {
+                                                m.replicas =
+                                                    b["spec"]["replicas"].as_u64().unwrap() as u32;
+                                                m.rv += 1;
+                                                (200, scale(&m))
+                                            }
+                                        }
+                                        _ => (200, json!({})),
+                                    }
+                                };
+                                Ok::<_, Infallible>(
+                                    http::Response::builder()
+                                        .status(code)
+                                        .body(Full::new(Bytes::from(answer.to_string())))
+                                        .unwrap(),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Records membership calls.
+    #[derive(Default)]
+    struct Members(Mutex<Vec<String>>);
+
+    impl Membership for Members {
+        fn add(&self, id: &str, _addr: SocketAddr) {
+            self.0.lock().unwrap().push(format!("add {id}"));
+        }
+        fn ready(&self, id: &str) {
+            self.0.lock().unwrap().push(format!("ready {id}"));
+        }
+        fn remove(&self, id: &str, _drain: Duration) -> BoxFuture<'_, u64> {
+            self.0.lock().unwrap().push(format!("remove {id}"));
+            Box::pin(async { 0 })
+        }
+        fn in_flight(&self, id: &str) -> Option<u64> {
+            // pod-a is busy: it must not be chosen.
+            Some(u64::from(id == "pod-a") * 5)
+        }
+    }
+
+    fn spec() -> FleetSpec {
+        FleetSpec {
+            service: "web".into(),
+            fleet: toml::from_str(
+                "provider = \"kubernetes\"\ndeployment = \"web\"\nmin = 1\nmax = 5",
+            )
+            .unwrap(),
+            resources: Default::default(),
+            autoscale: None,
+            data_dir: std::env::temp_dir(),
+            drain_timeout: Duration::from_secs(1),
+        }
+    }
+
+    async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn scale_requests(mock: &Mutex<Mock>) -> Vec<(String, String)> {
+        mock.lock()
+            .unwrap()
+            .log
+            .iter()
+            .filter(|(_, u, _)| u.contains("/scale") || u.contains("/pods/"))
+            .map(|(m, u, b)| (format!("{m} {}", u.rsplit('/').next().unwrap()), b.clone()))
+            .collect()
+    }
+
+    /// A 409 on a scale write is read again and written with the new resourceVersion; a
+    /// scale-in drains the chosen pods (not the busy one), patches their deletion cost, and
+    /// only then writes the lower count.
+    #[tokio::test]
+    async fn conflict_is_reread_and_scale_in_patches_cost_first() {
+        let ep = |ip: &str, pod: &str| json!({"addresses": [ip], "conditions": {"ready": true}, "targetRef": {"name": pod}});
+        let mock = Arc::new(Mutex::new(Mock {
+            replicas: 3,
+            rv: 10,
+            slice: json!({"metadata": {"name": "web-1"}, "ports": [{"port": 80}],
+                          "endpoints": [ep("10.0.0.1", "pod-a"), ep("10.0.0.2", "pod-b"), ep("10.0.0.3", "pod-c")]}),
+            ..Mock::default()
+        }));
+        let addr = serve_mock(mock.clone()).await;
+        let members = Arc::new(Members::default());
+        let fleet = KubeFleet::new(
+            spec(),
+            members.clone(),
+            Endpoint {
+                server: format!("http://{addr}"),
+                ..Endpoint::default()
+            },
+        )
+        .unwrap();
+        fleet.start();
+        wait_for("first read and three pods", || {
+            fleet.desired() == 3 && fleet.counts() == (0, 3, 0)
+        })
+        .await;
+
+        mock.lock().unwrap().conflicts = 1;
+        fleet.scale(4);
+        wait_for("scaled to 4", || mock.lock().unwrap().replicas == 4).await;
+        let puts: Vec<(String, String)> = scale_requests(&mock)
+            .into_iter()
+            .filter(|(m, _)| m.starts_with("PUT"))
+            .collect();
+        assert_eq!(puts.len(), 2, "{puts:?}");
+        let rv = |b: &str| {
+            serde_json::from_str::<Value>(b).unwrap()["metadata"]["resourceVersion"].clone()
+        };
+        assert_eq!(rv(&puts[0].1), "10");
+        assert_eq!(
+            rv(&puts[1].1),
+            "11",
+            "the retry carries the re-read version"
+        );
+        assert_eq!(fleet.counters.conflicts.load(Ordering::Relaxed), 1);
+
+        mock.lock().unwrap().log.clear();
+        fleet.scale(2);
+        wait_for("scaled to 2", || mock.lock().unwrap().replicas == 2).await;
+        let reqs = scale_requests(&mock);
+        let order: Vec<&str> = reqs.iter().map(|(m, _)| m.as_str()).collect();
+        let put = order.iter().position(|m| m.starts_with("PUT")).unwrap();
+        let mut patched: Vec<&str> = order[..put]
+            .iter()
+            .filter(|m| m.starts_with("PATCH"))
+            .copied()
+            .collect();
+        patched.sort();
+        assert_eq!(patched, ["PATCH pod-b", "PATCH pod-c"], "{order:?}");
+        for (m, b) in &reqs {
+            if m.starts_with("PATCH") {
+                assert_eq!(
+                    serde_json::from_str::<Value>(b).unwrap()["metadata"]["annotations"]
+                        [DELETION_COST],
+                    LOWEST_DELETION_COST
+                );
+            }
+        }
+        let calls = members.0.lock().unwrap().clone();
+        assert!(
+            calls.contains(&"remove pod-b".to_string())
+                && calls.contains(&"remove pod-c".to_string()),
+            "{calls:?}"
+        );
+        assert!(
+            !calls.contains(&"remove pod-a".to_string()),
+            "the busy pod was chosen: {calls:?}"
+        );
+        let _ = fleet.shutdown(Duration::ZERO).await;
+    }
+
+    #[test]
+    fn kubeconfig_yaml_current_context() {
+        let text = r#"
+apiVersion: v1
+kind: Config
+current-context: b
+clusters:
+- name: one
+  cluster: {server: "http://10.0.0.1:8080/"}
+contexts:
+- name: a
+  context: {cluster: none, user: u}
+- name: b
+  context: {cluster: one, user: u, namespace: web}
+users:
+- name: u
+  user: {token: abc}
+"#;
+        let ep = parse_kubeconfig(text).unwrap();
+        assert_eq!(ep.server, "http://10.0.0.1:8080");
+        assert_eq!(ep.token.as_deref(), Some("abc"));
+        assert_eq!(ep.namespace.as_deref(), Some("web"));
+        let https = text.replace("http://10.0.0.1:8080/", "https://k");
+        let ep = parse_kubeconfig(&https).unwrap();
+        let err = KubeClient::new(ep).err().unwrap();
+        assert!(err.contains("certificate-authority"), "{err}");
+        let exec = text.replace("user: {token: abc}", "user: {exec: {command: aws}}");
+        assert!(parse_kubeconfig(&exec)
+            .unwrap_err()
+            .contains("not supported"));
+        assert!(parse_kubeconfig("current-context: x").is_err());
+    }
+
+    /// https: the kubeconfig's CA (base64 `certificate-authority-data`) verifies the server;
+    /// another CA is refused; the token and Host go over TLS.
+    #[tokio::test]
+    async fn https_api_server_with_the_kubeconfigs_ca() {
+        use base64::Engine;
+        use rustls::pki_types::pem::PemObject;
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
+        let read = |f: &str| std::fs::read(format!("{fixtures}{f}")).unwrap();
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&read("apiserver.pem"))
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&read("apiserver.key")).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (sock, _) = l.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(sock).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(
+                        |req: Request<hyper::body::Incoming>| async move {
+                            let seen = json!({
+                                "path": req.uri().to_string(),
+                                "host": req.headers()["host"].to_str().unwrap(),
+                                "auth": req.headers()["authorization"].to_str().unwrap(),
+                            });
+                            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(
+                                seen.to_string(),
+                            ))))
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        let kubeconfig = |ca: &str| {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(read(ca));
+            format!(
+                "current-context: c\nclusters: [{{name: k, cluster: {{server: \"https://{addr}\", certificate-authority-data: {b64}}}}}]\ncontexts: [{{name: c, context: {{cluster: k, user: u}}}}]\nusers: [{{name: u, user: {{token: sekret}}}}]\n"
+            )
+        };
+        let client = KubeClient::new(parse_kubeconfig(&kubeconfig("ca.pem")).unwrap()).unwrap();
+        let v = client
+            .call(Method::GET, "/version", "", None)
+            .await
+            .unwrap();
+        assert_eq!(v["path"], "/version");
+        assert_eq!(v["host"], addr.to_string());
+        assert_eq!(v["auth"], "Bearer sekret");
+        let wrong =
+            KubeClient::new(parse_kubeconfig(&kubeconfig("other-ca.pem")).unwrap()).unwrap();
+        let e = wrong
+            .call(Method::GET, "/version", "", None)
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("TLS"), "{e}");
+    }
+
+    /// Membership follows the slices: a ready pod that turns unready stops getting requests
+    /// and is back once ready; terminating → removed; a deleted slice removes its pods.
+    #[tokio::test]
+    async fn membership_follows_endpoint_conditions() {
+        let members = Arc::new(Members::default());
+        let fleet = KubeFleet::new(
+            spec(),
+            members.clone(),
+            Endpoint {
+                server: "http://127.0.0.1:1".into(),
+                ..Endpoint::default()
+            },
+        )
+        .unwrap();
+        let slice = |a: (bool, bool), b: (bool, bool)| {
+            let ep = |ip: &str, pod: &str, (ready, terminating): (bool, bool)| {
+                json!({"addresses": [ip], "targetRef": {"name": pod},
+                       "conditions": {"ready": ready, "serving": ready || terminating, "terminating": terminating}})
+            };
+            json!({"type": "MODIFIED", "object": {"metadata": {"name": "s", "resourceVersion": "7"},
+                   "ports": [{"port": 80}],
+                   "endpoints": [ep("10.0.0.1", "a", a), ep("10.0.0.2", "b", b)]}})
+        };
+        // Removals run on spawned tasks: let them run, then take what was called.
+        let calls = || async {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            std::mem::take(&mut *members.0.lock().unwrap())
+        };
+        fleet
+            .apply_event(&slice((true, false), (false, false)))
+            .ok();
+        assert_eq!(calls().await, ["add a", "ready a", "add b"]);
+        assert_eq!(fleet.counts(), (1, 1, 0));
+        fleet
+            .apply_event(&slice((false, false), (true, false)))
+            .ok();
+        assert_eq!(calls().await, ["ready b", "remove a"]);
+        fleet
+            .apply_event(&slice((false, false), (true, false)))
+            .ok();
+        assert!(calls().await.is_empty(), "nothing changed");
+        fleet.apply_event(&slice((true, false), (false, true))).ok();
+        assert_eq!(calls().await, ["add a", "ready a", "remove b"]);
+        assert_eq!(fleet.state.lock().unwrap().watch_rv, "7");
+        let deleted = json!({"type": "DELETED", "object": {"metadata": {"name": "s", "resourceVersion": "9"}}});
+        fleet.apply_event(&deleted).ok();
+        assert_eq!(calls().await, ["remove a"]);
+        assert_eq!(fleet.counts(), (0, 0, 0));
+        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "code": 410}});
+        assert!(matches!(fleet.apply_event(&gone), Err(WatchEnd::Gone)));
+        let bookmark =
+            json!({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "12"}}});
+        fleet.apply_event(&bookmark).ok();
+        assert_eq!(fleet.state.lock().unwrap().watch_rv, "12");
+    }
+
+    /// A replica count changed outside shoal: adopted in `respect` mode, written back in
+    /// `reconcile` mode; counted either way.
+    #[tokio::test]
+    async fn external_scale_respected_or_reconciled() {
+        for mode in ["respect", "reconcile"] {
+            let mock = Arc::new(Mutex::new(Mock {
+                replicas: 2,
+                rv: 10,
+                slice: json!({"metadata": {"name": "s"}, "ports": [{"port": 80}], "endpoints": []}),
+                ..Mock::default()
+            }));
+            let addr = serve_mock(mock.clone()).await;
+            let mut sp = spec();
+            sp.fleet.external_scale = mode.into();
+            let fleet = KubeFleet::new(
+                sp,
+                Arc::new(Members::default()),
+                Endpoint {
+                    server: format!("http://{addr}"),
+                    ..Endpoint::default()
+                },
+            )
+            .unwrap();
+            fleet.start();
+            wait_for("first read", || fleet.desired() == 2).await;
+            {
+                let mut m = mock.lock().unwrap();
+                m.replicas = 4;
+                m.rv += 1;
+            }
+            wait_for("external change seen", || {
+                fleet.counters.external_scales.load(Ordering::Relaxed) == 1
+            })
+            .await;
+            if mode == "respect" {
+                assert_eq!(fleet.desired(), 4);
+                // Two more reads of the count, and still nothing written.
+                let reads = || {
+                    let m = mock.lock().unwrap();
+                    let gets = m
+                        .log
+                        .iter()
+                        .filter(|(v, u, _)| v == "GET" && u.ends_with("/scale"));
+                    (gets.count(), m.log.iter().any(|(v, _, _)| v == "PUT"))
+                };
+                let seen = reads().0;
+                wait_for("two more reads", || reads().0 >= seen + 2).await;
+                assert!(!reads().1, "respect mode wrote the count");
+                assert_eq!(mock.lock().unwrap().replicas, 4);
+            } else {
+                assert_eq!(fleet.desired(), 2);
+                wait_for("count written back", || mock.lock().unwrap().replicas == 2).await;
+            }
+            let _ = fleet.shutdown(Duration::ZERO).await;
+        }
+    }
+
+    /// Scale-in victims: a pod shoal drained that is still live comes first; one already
+    /// terminating is outside the replica count and never chosen again; then the idlest.
+    #[tokio::test]
+    async fn victims_skip_pods_already_terminating() {
+        let members = Arc::new(Members::default());
+        let fleet = KubeFleet::new(
+            spec(),
+            members,
+            Endpoint {
+                server: "http://127.0.0.1:1".into(),
+                ..Endpoint::default()
+            },
+        )
+        .unwrap();
+        let ep = |ip: &str, pod: &str, terminating: bool| {
+            json!({"addresses": [ip], "targetRef": {"name": pod},
+                   "conditions": {"ready": !terminating, "terminating": terminating}})
+        };
+        let ev = json!({"type": "ADDED", "object": {"metadata": {"name": "s"}, "ports": [{"port": 80}],
+            "endpoints": [ep("10.0.0.1", "pod-a", false), ep("10.0.0.2", "pod-b", false),
+                          ep("10.0.0.3", "gone", true), ep("10.0.0.4", "kept", false)]}});
+        fleet.apply_event(&ev).ok();
+        {
+            let mut s = fleet.state.lock().unwrap();
+            let addr: SocketAddr = "10.0.0.3:80".parse().unwrap();
+            s.draining.insert("gone".into(), (addr, Instant::now()));
+            s.members.remove("kept");
+            s.draining.insert("kept".into(), (addr, Instant::now()));
+        }
+        // pod-a is busy (Members::in_flight), so pod-b follows the drained live pod.
+        assert_eq!(fleet.choose_victims(2), ["kept", "pod-b"]);
+    }
+
+    #[test]
+    fn endpoint_conditions_and_port_choice() {
+        let slice = json!({
+            "ports": [{"name": "metrics", "port": 9090}, {"name": "http", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": true}, "targetRef": {"name": "a"}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true}, "targetRef": {"name": "b"}},
+                {"addresses": ["10.0.0.3"], "targetRef": {"name": "c"}},
+                {"addresses": [], "targetRef": {"name": "d"}},
+            ]
+        });
+        let eps = slice_endpoints(&slice, Some(&PortRef::Name("http".into())));
+        assert_eq!(eps.len(), 3);
+        assert_eq!(eps[0].addr, "10.0.0.1:8080".parse().unwrap());
+        assert!(eps[0].ready && !eps[0].terminating);
+        assert!(!eps[1].ready && eps[1].serving && eps[1].terminating);
+        assert!(eps[2].ready, "absent conditions mean ready");
+        assert_eq!(slice_endpoints(&slice, None)[0].addr.port(), 9090);
+        assert_eq!(
+            slice_endpoints(&slice, Some(&PortRef::Number(8080)))[0]
+                .addr
+                .port(),
+            8080
+        );
+        assert!(slice_endpoints(&slice, Some(&PortRef::Number(1))).is_empty());
+    }
+
+    #[test]
+    fn selector_is_query_encoded() {
+        assert_eq!(
+            encode("kubernetes.io/service-name=demo,x!=y"),
+            "kubernetes.io/service-name%3Ddemo%2Cx%21%3Dy"
+        );
+    }
+}

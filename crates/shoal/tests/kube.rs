@@ -1,0 +1,672 @@
+//! The `kubernetes` provider through the binary, against the test apiserver
+//! (`shoal-kube-testapi`, a test double: no kube-apiserver can be installed here) whose pods
+//! are real `shoal demo-service` processes; and the real `kubectl` against that apiserver.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use shoal_kube_testapi::{Options, TestApi};
+
+/// kubectl 1.32: `KUBECTL` (scripts/test.sh installs one if the machine has none), else PATH.
+fn kubectl_bin() -> String {
+    std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into())
+}
+
+struct Api {
+    rt: tokio::runtime::Runtime,
+    api: Option<TestApi>,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl Api {
+    fn start(dir: &Path) -> Api {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let kubeconfig = dir.join("kubeconfig");
+        let mut opts = Options::new("127.0.0.1:0".parse().unwrap(), SHOAL.into());
+        opts.kubeconfig = Some(kubeconfig.clone());
+        opts.bookmark_interval = Duration::from_millis(300);
+        opts.termination_delay = Duration::from_millis(500);
+        let api = rt.block_on(TestApi::start(opts)).unwrap();
+        Api {
+            rt,
+            api: Some(api),
+            kubeconfig,
+        }
+    }
+
+    fn api(&self) -> &TestApi {
+        self.api.as_ref().unwrap()
+    }
+
+    /// Runs kubectl; returns (success, stdout + stderr).
+    fn kubectl(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(kubectl_bin())
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .output()
+            .expect("kubectl runs");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    fn kubectl_ok(&self, args: &[&str]) -> String {
+        let (ok, out) = self.kubectl(args);
+        assert!(ok, "kubectl {args:?}: {out}");
+        out
+    }
+
+    fn object(&self, group: &str, plural: &str, name: &str) -> Option<Value> {
+        let res = shoal_kube_testapi::find_res(group, "v1", plural).unwrap();
+        self.api()
+            .state
+            .store
+            .lock()
+            .unwrap()
+            .get(res, "default", name)
+            .cloned()
+    }
+
+    fn replicas(&self) -> u64 {
+        self.object("apps", "deployments", "demo").unwrap()["spec"]["replicas"]
+            .as_u64()
+            .unwrap()
+    }
+
+    fn pods(&self) -> Vec<Value> {
+        let res = shoal_kube_testapi::find_res("", "v1", "pods").unwrap();
+        self.api().state.store.lock().unwrap().list(res, "default")
+    }
+
+    /// Endpoints of the demo slice: (pod, ready, serving, terminating).
+    fn endpoints(&self) -> Vec<(String, bool, bool, bool)> {
+        let Some(s) = self.object("discovery.k8s.io", "endpointslices", "demo-testapi") else {
+            return Vec::new();
+        };
+        s["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let c = &e["conditions"];
+                (
+                    e["targetRef"]["name"].as_str().unwrap().to_string(),
+                    c["ready"] == true,
+                    c["serving"] == true,
+                    c["terminating"] == true,
+                )
+            })
+            .collect()
+    }
+
+    fn ready_pods(&self) -> usize {
+        self.endpoints().iter().filter(|e| e.1).count()
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        if let Some(api) = self.api.take() {
+            self.rt.block_on(api.shutdown());
+        }
+    }
+}
+
+/// kubectl 1.32 drives the test apiserver: create (protobuf), get, scale, patch (strategic,
+/// merge, JSON), watch, a 409 on a stale replace, delete; pods run and leave terminating.
+#[test]
+fn kubectl_drives_the_test_apiserver() {
+    let dir = tempdir();
+    let k = Api::start(dir.path());
+    k.kubectl_ok(&[
+        "create",
+        "deployment",
+        "demo",
+        "--image=anything",
+        "--port=8080",
+    ]);
+    assert_eq!(
+        k.kubectl_ok(&[
+            "get",
+            "deployment",
+            "demo",
+            "-o",
+            "jsonpath={.spec.replicas}"
+        ]),
+        "1"
+    );
+    wait_until(20, "first pod ready", || k.ready_pods() == 1);
+    // The pod is a real demo-service on its own loopback address and the container port.
+    let ip = k.kubectl_ok(&["get", "pods", "-o", "jsonpath={.items[0].status.podIP}"]);
+    let (s, body) = http(
+        format!("{ip}:8080").parse().unwrap(),
+        "GET",
+        "/healthz",
+        &[],
+        "",
+    );
+    assert_eq!((s, body.as_str()), (200, "ok"));
+
+    // A watch sees what scale does.
+    let mut watch = Command::new(kubectl_bin())
+        .args(["get", "pods", "--watch", "-o", "name"])
+        .env("KUBECONFIG", &k.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = k.kubectl_ok(&["scale", "deployment/demo", "--replicas=3"]);
+    assert!(out.contains("scaled"), "{out}");
+    wait_until(20, "three pods ready", || k.ready_pods() == 3);
+    let get = k.kubectl_ok(&["get", "pods"]);
+    assert_eq!(get.lines().count(), 4, "{get}");
+
+    // Strategic merge patch merges containers by name; merge and JSON patches too.
+    k.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "demo",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"anything","env":[{"name":"DEMO_READY_DELAY_MS","value":"100"}]}]}}}}"#,
+    ]);
+    let d = k.object("apps", "deployments", "demo").unwrap();
+    let c = &d["spec"]["template"]["spec"]["containers"];
+    assert_eq!(c.as_array().unwrap().len(), 1, "{c}");
+    assert_eq!(c[0]["image"], "anything");
+    assert_eq!(c[0]["env"][0]["value"], "100");
+    k.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "demo",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"labels":{"team":"web"}}}"#,
+    ]);
+    k.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "demo",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/replicas","value":2}]"#,
+    ]);
+    assert_eq!(k.replicas(), 2);
+    wait_until(20, "one pod gone", || k.pods().len() == 2);
+
+    // A replace carrying a stale resourceVersion is a 409.
+    let mut stale = k.object("apps", "deployments", "demo").unwrap();
+    k.kubectl_ok(&["label", "deployment", "demo", "x=y"]);
+    stale["spec"]["replicas"] = 5.into();
+    let file = dir.path().join("stale.json");
+    std::fs::write(&file, stale.to_string()).unwrap();
+    let (ok, out) = k.kubectl(&["replace", "-f", file.to_str().unwrap()]);
+    assert!(!ok && out.contains("the object has been modified"), "{out}");
+    assert_eq!(k.replicas(), 2);
+
+    // Deleting a pod: terminating first (still serving), then gone and replaced.
+    let victim = k.pods()[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    k.kubectl_ok(&["delete", "pod", &victim, "--wait=false"]);
+    // The controller publishes the change on its next pass: wait for it, within the
+    // termination delay the pod keeps serving.
+    wait_until(10, "deleted pod serving && terminating", || {
+        k.endpoints()
+            .iter()
+            .any(|e| e.0 == victim && !e.1 && e.2 && e.3)
+    });
+    wait_until(20, "pod replaced", || {
+        let e = k.endpoints();
+        !e.iter().any(|e| e.0 == victim) && e.iter().filter(|e| e.1).count() == 2
+    });
+
+    let _ = watch.kill();
+    let out = watch.wait_with_output().unwrap();
+    let seen = String::from_utf8_lossy(&out.stdout);
+    assert!(seen.contains(&format!("pod/{victim}")), "{seen}");
+    assert!(seen.lines().count() >= 4, "{seen}");
+    let log = k.api().requests();
+    assert!(
+        log.iter()
+            .any(|r| r.method == "PATCH" && r.uri.contains("/deployments/demo/scale")),
+        "kubectl scale uses the scale subresource"
+    );
+}
+
+fn kube_config(listen: u16, admin: u16, mode: &str) -> String {
+    fleet_config(
+        listen,
+        admin,
+        &format!(
+            r#"[services.demo.fleet]
+provider = "kubernetes"
+namespace = "default"
+deployment = "demo"
+min = 1
+max = 4
+external_scale = "{mode}"
+[services.demo.autoscale]
+interval = "1s"
+targets = [{{ metric = "in_flight", target = 2 }}]
+stable_window = "5s"
+panic_window = "3s"
+burst_hold = "5s"
+scale_down_stabilization = "5s""#
+        ),
+    )
+}
+
+fn start_shoal(dir: &Path, k: &Api, config: &str, listen: u16, admin: u16) -> Proc {
+    let path = dir.join("shoal.toml");
+    std::fs::write(&path, config).unwrap();
+    let log = std::fs::File::create(dir.join("shoal.log")).unwrap();
+    let child = Command::new(SHOAL)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .env("KUBECONFIG", &k.kubeconfig)
+        .env("SHOAL_ADMIN_TOKEN", "test-token")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut proc = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", admin)).is_err() {
+        if let Some(code) = proc.0.try_wait().unwrap() {
+            let log = std::fs::read_to_string(dir.join("shoal.log")).unwrap_or_default();
+            panic!("shoal exited at start ({code}):\n{log}");
+        }
+        assert!(Instant::now() < deadline, "shoal's admin port never opened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_port(listen, 5);
+    proc
+}
+
+/// The README demo's load step against a Deployment: shoal scales it out through the scale
+/// subresource, routes to new pods once their EndpointSlice says ready, and scales in
+/// without a failed request: the chosen pods are drained, their deletion cost set, and only
+/// then the replica count lowered (order read from the apiserver's request log). A replica
+/// count set with `kubectl scale` is seen within an interval; a watch ended by 410 Gone
+/// re-lists and misses no membership change.
+#[test]
+fn shoal_scales_a_deployment_and_scales_in_without_failures() {
+    let dir = tempdir();
+    let k = Api::start(dir.path());
+    k.kubectl_ok(&[
+        "create",
+        "deployment",
+        "demo",
+        "--image=anything",
+        "--port=8080",
+    ]);
+    let (listen, admin) = (free_port(), free_port());
+    let _shoal = start_shoal(
+        dir.path(),
+        &k,
+        &kube_config(listen, admin, "respect"),
+        listen,
+        admin,
+    );
+    let api = || api_json(admin, "/api/services/demo");
+    wait_until(20, "the first pod routed", || ready(&api()) == 1);
+    let first = api()["instances"][0]["id"].as_str().unwrap().to_string();
+    assert!(
+        first.starts_with("demo-"),
+        "instance id is the pod name: {first}"
+    );
+
+    // Load step: about 6 in flight against a target of 2 → 3 pods.
+    let url = format!("http://127.0.0.1:{listen}/work?cpu_ms=2&sleep_ms=100");
+    let u = url.clone();
+    let loader = std::thread::spawn(move || load(&u, 60, 12));
+    wait_until(20, "scale-out", || k.replicas() >= 3 && ready(&api()) >= 3);
+    let report = loader.join().unwrap();
+    assert_eq!(report["errors"]["total"], 0, "{report}");
+
+    // Light load through the scale-in: nothing fails while pods go away.
+    let u = url.clone();
+    let light = std::thread::spawn(move || load(&u, 10, 20));
+    wait_until(40, "scale-in", || {
+        k.replicas() == 1 && k.endpoints().len() == 1 && ready(&api()) == 1
+    });
+    let report = light.join().unwrap();
+    assert_eq!(report["errors"]["total"], 0, "{report}");
+
+    // From the request log: each lowering of replicas came after the chosen pods' deletion
+    // cost was set, and exactly those pods went.
+    let log = k.api().requests();
+    let mut patched: Vec<String> = Vec::new();
+    let mut last = 1u64;
+    let mut lowered = 0;
+    for r in &log {
+        if r.method == "PATCH" && r.uri.contains("/pods/") {
+            assert!(
+                r.body
+                    .contains("controller.kubernetes.io/pod-deletion-cost")
+                    && r.body.contains("-2147483648"),
+                "{r:?}"
+            );
+            let pod = r.uri.rsplit('/').next().unwrap().split('?').next().unwrap();
+            patched.push(pod.to_string());
+        }
+        if r.method == "PUT" && r.uri.ends_with("/deployments/demo/scale") {
+            let body: Value = serde_json::from_str(&r.body).unwrap();
+            assert!(
+                body["metadata"]["resourceVersion"]
+                    .as_str()
+                    .is_some_and(|v| !v.is_empty()),
+                "scale write without a resourceVersion precondition: {}",
+                r.body
+            );
+            let n = body["spec"]["replicas"].as_u64().unwrap();
+            if n < last && r.status == 200 {
+                lowered += 1;
+                let removed = (last - n) as usize;
+                assert!(
+                    patched.len() >= removed,
+                    "replicas lowered {last}→{n} before {removed} deletion-cost patches: {log:#?}"
+                );
+                patched.clear();
+            }
+            if r.status == 200 {
+                last = n;
+            }
+        }
+    }
+    assert!(lowered >= 1, "no scale-in in the request log");
+    let survivor = k.endpoints()[0].0.clone();
+    let costly = k.pods().iter().any(|p| {
+        p["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"].is_string()
+    });
+    assert!(!costly, "a pod marked for removal survived ({survivor})");
+
+    // kubectl scale is seen within an interval and adopted (respect mode).
+    k.kubectl_ok(&["scale", "deployment/demo", "--replicas=3"]);
+    let t = Instant::now();
+    wait_until(3, "external scale seen", || api()["desired"] == 3);
+    eprintln!("kubectl scale seen after {:?}", t.elapsed());
+    let (_, m) = get(admin, "/metrics");
+    assert!(
+        counter(&m, "shoal_kube_external_scales_total{service=\"demo\"}") >= 1.0,
+        "{m}"
+    );
+    wait_until(20, "three pods routed", || ready(&api()) == 3);
+
+    // 410 Gone: history forgotten and watches cut; a change made right then still arrives.
+    let (s, _) = http(k.api().addr, "POST", "/_test/compact", &[], "");
+    assert_eq!(s, 200);
+    let victim = k.endpoints()[0].0.clone();
+    k.kubectl_ok(&["delete", "pod", &victim, "--wait=false"]);
+    wait_until(20, "deleted pod left shoal's pool", || {
+        !api()["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["id"] == victim.as_str())
+    });
+    let (_, m) = get(admin, "/metrics");
+    assert!(
+        counter(&m, "shoal_kube_relists_total{service=\"demo\"}") >= 1.0,
+        "{m}"
+    );
+
+    // shoal status names the Deployment and what it cannot do there.
+    let out = Command::new(SHOAL)
+        .args(["status", "--admin", &format!("127.0.0.1:{admin}")])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains("kubernetes default/demo")
+            && status.contains("metrics: request-based targets only"),
+        "{status}"
+    );
+
+    // The shipped Role grants exactly what shoal used.
+    let used = used_permissions(&k.api().requests());
+    assert_eq!(
+        used,
+        role_permissions(),
+        "requests shoal made vs deploy/kubernetes/rbac.yaml"
+    );
+}
+
+type Perm = (String, String, String);
+
+/// (apiGroup, resource, verb) of every request shoal (user agent `shoal`) made.
+fn used_permissions(log: &[shoal_kube_testapi::Logged]) -> std::collections::BTreeSet<Perm> {
+    let mut out = std::collections::BTreeSet::new();
+    for r in log.iter().filter(|r| r.user_agent == "shoal") {
+        let (path, query) = r.uri.split_once('?').unwrap_or((&r.uri, ""));
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, rest) = match segs.as_slice() {
+            ["api", _, rest @ ..] => ("", rest),
+            ["apis", g, _, rest @ ..] => (*g, rest),
+            _ => panic!("unexpected request {r:?}"),
+        };
+        let rest = match rest {
+            ["namespaces", _, rest @ ..] => rest,
+            rest => rest,
+        };
+        let (resource, named) = match rest {
+            [res] => (res.to_string(), false),
+            [res, _] => (res.to_string(), true),
+            [res, _, sub] => (format!("{res}/{sub}"), true),
+            _ => panic!("unexpected request {r:?}"),
+        };
+        let verb = match (r.method.as_str(), named) {
+            ("GET", false) if query.contains("watch=true") => "watch",
+            ("GET", false) => "list",
+            ("GET", true) => "get",
+            ("PUT", _) => "update",
+            ("PATCH", _) => "patch",
+            ("POST", _) => "create",
+            ("DELETE", _) => "delete",
+            _ => panic!("unexpected request {r:?}"),
+        };
+        out.insert((group.to_string(), resource, verb.to_string()));
+    }
+    out
+}
+
+fn deploy_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes")
+}
+
+fn manifests(file: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(deploy_dir().join(file)).unwrap();
+    text.split("\n---\n")
+        .map(|doc| serde_yaml_ng::from_str::<Value>(doc).unwrap())
+        .collect()
+}
+
+/// (apiGroup, resource, verb) the shipped Role grants.
+fn role_permissions() -> std::collections::BTreeSet<Perm> {
+    let role = manifests("rbac.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "Role")
+        .unwrap();
+    let mut out = std::collections::BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for g in rule["apiGroups"].as_array().unwrap() {
+            for res in rule["resources"].as_array().unwrap() {
+                for v in rule["verbs"].as_array().unwrap() {
+                    out.insert((
+                        g.as_str().unwrap().to_string(),
+                        res.as_str().unwrap().to_string(),
+                        v.as_str().unwrap().to_string(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `kubectl apply --dry-run=server -f deploy/kubernetes/` is accepted and stores nothing;
+/// the shoal config inside the ConfigMap passes `shoal check`.
+#[test]
+fn deploy_manifests_apply_with_server_dry_run() {
+    let dir = tempdir();
+    let k = Api::start(dir.path());
+    let path = deploy_dir();
+    let out = k.kubectl_ok(&["apply", "--dry-run=server", "-f", path.to_str().unwrap()]);
+    for what in [
+        "namespace/shoal-demo created (server dry run)",
+        "deployment.apps/demo created (server dry run)",
+        "service/demo created (server dry run)",
+        "poddisruptionbudget.policy/demo created (server dry run)",
+        "serviceaccount/shoal created (server dry run)",
+        "role.rbac.authorization.k8s.io/shoal created (server dry run)",
+        "rolebinding.rbac.authorization.k8s.io/shoal created (server dry run)",
+        "configmap/shoal created (server dry run)",
+        "deployment.apps/shoal created (server dry run)",
+        "service/shoal created (server dry run)",
+    ] {
+        assert!(out.contains(what), "{what}: {out}");
+    }
+    assert!(
+        k.object("apps", "deployments", "demo").is_none(),
+        "dry run stored an object"
+    );
+    let cm = manifests("shoal.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .unwrap();
+    let cfg = dir.path().join("shoal.toml");
+    std::fs::write(&cfg, cm["data"]["shoal.toml"].as_str().unwrap()).unwrap();
+    let out = Command::new(SHOAL)
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Scale from zero: a Deployment at 0 replicas gets a pod when the first request arrives;
+/// the request waits and succeeds once the pod is ready. Where no pod becomes ready in
+/// `cold_start_timeout`, the request gets 503 with `Retry-After`.
+#[test]
+fn scale_from_zero_first_request_waits_for_a_pod() {
+    let dir = tempdir();
+    let k = Api::start(dir.path());
+    for name in ["demo", "slow"] {
+        k.kubectl_ok(&[
+            "create",
+            "deployment",
+            name,
+            "--image=anything",
+            "--port=8080",
+            "--replicas=0",
+        ]);
+    }
+    // `slow` pods take a minute to report ready.
+    k.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "slow",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"anything","env":[{"name":"DEMO_READY_DELAY_MS","value":"60000"}]}]}}}}"#,
+    ]);
+    let (listen, slow_port, admin) = (free_port(), free_port(), free_port());
+    let cfg = format!(
+        r#"[admin]
+listen = "127.0.0.1:{admin}"
+
+[services.demo]
+listen = "127.0.0.1:{listen}"
+[services.demo.fleet]
+provider = "kubernetes"
+deployment = "demo"
+min = 0
+max = 2
+cold_start_timeout = "20s"
+
+[services.slow]
+listen = "127.0.0.1:{slow_port}"
+[services.slow.fleet]
+provider = "kubernetes"
+deployment = "slow"
+min = 0
+max = 2
+cold_start_timeout = "1s"
+"#
+    );
+    let _shoal = start_shoal(dir.path(), &k, &cfg, listen, admin);
+    assert_eq!(k.replicas(), 0);
+
+    let t = Instant::now();
+    let (s, body) = http(
+        format!("127.0.0.1:{listen}").parse().unwrap(),
+        "GET",
+        "/work?cpu_ms=1",
+        &[],
+        "",
+    );
+    eprintln!(
+        "first request at zero replicas answered after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(k.replicas(), 1);
+    let (_, m) = get(admin, "/metrics");
+    assert!(
+        m.contains("shoal_cold_start_waits_total{service=\"demo\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("shoal_kube_activations_total{service=\"demo\"} 1"),
+        "{m}"
+    );
+
+    let t = Instant::now();
+    let raw = http_raw(
+        format!("127.0.0.1:{slow_port}").parse().unwrap(),
+        "GET",
+        "/work",
+        &[],
+        "",
+    );
+    assert!(raw.starts_with("HTTP/1.1 503"), "{raw}");
+    assert_eq!(header(&raw, "retry-after"), Some("1"), "{raw}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    let (_, m) = get(admin, "/metrics");
+    assert!(
+        m.contains("shoal_cold_start_failures_total{service=\"slow\",reason=\"timeout\"} 1"),
+        "{m}"
+    );
+}
+
+/// A sample's value in a Prometheus text exposition (0 when absent).
+fn counter(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
