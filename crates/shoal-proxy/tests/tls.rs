@@ -656,3 +656,59 @@ async fn https_instances_are_verified_by_default() {
     let p = start(upstream("verify = false", dir.path())).await;
     assert_eq!(get(&c, p.addr, "/").await.0, 200);
 }
+
+#[tokio::test]
+async fn pipelined_requests_after_chunked_and_large_bodies_over_tls_share_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path());
+    ca.issue("default", &["a.test"], "a", false);
+    let (p, b) = tls_proxy(tls_config(vec![ca.files("default")])).await;
+    let mut s = connect(p.addr, "a.test", client_config(opts()))
+        .await
+        .unwrap();
+    let big = vec![b'x'; 1 << 20];
+    let mut req = Vec::new();
+    req.extend_from_slice(
+        b"POST /up HTTP/1.1\r\nhost: a.test\r\ntransfer-encoding: chunked\r\n\r\n",
+    );
+    req.extend_from_slice(b"5\r\nhello\r\n0\r\n\r\n");
+    req.extend_from_slice(b"GET /after-chunked HTTP/1.1\r\nhost: a.test\r\n\r\n");
+    req.extend_from_slice(
+        format!(
+            "POST /big HTTP/1.1\r\nhost: a.test\r\ncontent-length: {}\r\n\r\n",
+            big.len()
+        )
+        .as_bytes(),
+    );
+    req.extend_from_slice(&big);
+    req.extend_from_slice(b"GET /after-big HTTP/1.1\r\nhost: a.test\r\n\r\n");
+    let (mut rd, mut wr) = tokio::io::split(s);
+    let writer = tokio::spawn(async move {
+        wr.write_all(&req).await.unwrap();
+        wr.flush().await.unwrap();
+        wr
+    });
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while String::from_utf8_lossy(&out)
+        .matches("HTTP/1.1 200")
+        .count()
+        < 4
+    {
+        match tokio::time::timeout_at(deadline, rd.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let r = String::from_utf8_lossy(&out);
+    assert_eq!(r.matches("HTTP/1.1 200").count(), 4, "{r}");
+    assert_eq!(b.count(), 4);
+    assert_eq!(
+        b.body_bytes.load(std::sync::atomic::Ordering::SeqCst),
+        5 + (1 << 20)
+    );
+    s = rd.unsplit(writer.await.unwrap());
+    let r = exchange(&mut s, b"GET /again HTTP/1.1\r\nhost: a.test\r\n\r\n", "b1").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
