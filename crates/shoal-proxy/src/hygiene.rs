@@ -340,7 +340,13 @@ pub(crate) fn forward_headers<'a, I>(
                 facts.trusted
             }
             Name::Other => {
-                !(facts.is_named(n) || (has_underscore(n) && !cfg.allow_underscore_headers))
+                !(facts.is_named(n)
+                    || (has_underscore(n) && !cfg.allow_underscore_headers)
+                    // Only shoal says who a client certificate names.
+                    || cfg
+                        .tls
+                        .as_ref()
+                        .is_some_and(|t| n.eq_ignore_ascii_case(t.identity_header.as_ref())))
             }
         };
         if keep {
@@ -379,7 +385,7 @@ pub(crate) fn forward_headers<'a, I>(
         put(b"x-forwarded-for", &[o.peer_ip]);
     }
     if !have_info[0] {
-        put(b"x-forwarded-proto", &[b"http"]);
+        put(b"x-forwarded-proto", &[cfg.scheme().as_bytes()]);
     }
     if let (false, Some(a)) = (have_info[1], facts.authority) {
         put(b"x-forwarded-host", &[a]);
@@ -409,7 +415,11 @@ pub(crate) fn forward_headers<'a, I>(
         host_pre,
         host,
         host_post,
-        b";proto=http",
+        if cfg.tls.is_some() {
+            b";proto=https"
+        } else {
+            b";proto=http"
+        },
     ];
     if facts.trusted {
         put(b"forwarded", &chain(Name::Forwarded, &own));
