@@ -139,6 +139,7 @@ fn plan_request(
     peer_ip: &[u8],
     port: u16,
     out: &mut Vec<u8>,
+    identified: bool,
 ) -> Parsed {
     let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_PARSE_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -216,7 +217,9 @@ fn plan_request(
     if routed.cache.is_some() && stream.is_some() {
         return Parsed::Handover;
     }
-    if let Some(cache) = &routed.cache {
+    // A client known by its certificate is not served from the shared cache (see
+    // `Service::proxy`'s cache phase).
+    if let Some(cache) = routed.cache.as_ref().filter(|_| !identified) {
         let m = match method {
             "GET" => Some(&http::Method::GET),
             "HEAD" => Some(&http::Method::HEAD),
@@ -751,6 +754,7 @@ impl<'a, S: ClientIo> Conn<'a, S> {
                         self.peer_ip,
                         self.port,
                         &mut self.req,
+                        self.tls.is_some_and(|t| t.identity.is_some()),
                     );
                     match parsed {
                         Parsed::Ready(p) => break p,
@@ -1723,7 +1727,7 @@ mod tests {
     fn plan(raw: &[u8], cfg: &ServiceConfig) -> (Option<Plan>, String) {
         let mut out = Vec::new();
         let svc = Service::new(cfg.clone());
-        match plan_request(raw, &svc, cfg, peer(), b"10.1.2.3", 8080, &mut out) {
+        match plan_request(raw, &svc, cfg, peer(), b"10.1.2.3", 8080, &mut out, false) {
             Parsed::Ready(p) => (Some(p), String::from_utf8(out).unwrap()),
             Parsed::Partial => (None, "partial".into()),
             Parsed::Handover => (None, "handover".into()),

@@ -59,6 +59,35 @@ pub(crate) fn classify(n: &[u8]) -> Name {
     }
 }
 
+/// Whether a header name carries nothing HTTP or shoal gives a meaning to (framing, routing,
+/// hop-by-hop, forwarding, credentials, content metadata, conditionals, caching): the only
+/// kind shoal may set from configuration, such as a client certificate's identity.
+pub(crate) fn plain_header_name(n: &http::HeaderName) -> bool {
+    let s = n.as_str();
+    classify(s.as_bytes()) == Name::Other
+        && !s.starts_with("content-")
+        && !s.starts_with("if-")
+        && !s.starts_with("accept")
+        && !s.starts_with("sec-")
+        && !matches!(
+            s,
+            "authorization"
+                | "cookie"
+                | "range"
+                | "via"
+                | "date"
+                | "cache-control"
+                | "pragma"
+                | "user-agent"
+                | "referer"
+                | "origin"
+                | "max-forwards"
+                | "x-http-method-override"
+                | "x-original-url"
+                | "x-rewrite-url"
+        )
+}
+
 /// Comma-separated tokens of a header value, trimmed.
 pub(crate) fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|&b| b == b',').map(|t| t.trim_ascii())
@@ -589,6 +618,33 @@ impl<'de> serde::Deserialize<'de> for Cidr {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_plain_names_may_carry_configured_values() {
+        let plain =
+            |n: &str| plain_header_name(&http::HeaderName::from_bytes(n.as_bytes()).unwrap());
+        assert!(plain("x-client-cert-subject"));
+        assert!(plain("ssl-client-subject-dn"));
+        for n in [
+            "content-length",
+            "transfer-encoding",
+            "host",
+            "connection",
+            "te",
+            "x-forwarded-for",
+            "forwarded",
+            "x-real-ip",
+            "authorization",
+            "cookie",
+            "content-type",
+            "if-none-match",
+            "upgrade",
+            "expect",
+        ] {
+            assert!(!plain(n), "{n}");
+        }
+    }
+
     use super::*;
     use shoal_balance::Algorithm;
 

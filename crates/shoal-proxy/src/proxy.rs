@@ -216,6 +216,18 @@ impl Service {
                 });
             }
         }
+        // Connections made under other upstream TLS settings (plain, unverified, another CA
+        // or name) are not reused once they change; any reload that re-reads them counts.
+        let same_tls = match (&old.upstream_tls, &cfg.upstream_tls) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if !same_tls {
+            for inst in self.pool.members() {
+                inst.idle.clear();
+            }
+        }
         self.pool.rebuild();
         self.config.store(Arc::new(cfg));
     }
@@ -457,7 +469,14 @@ impl Service {
                 .map_err(|_| fail(ProxyError::BadRequest("invalid request target")))?,
         };
         // The cache phase: answer from cache, or plan the fetch (validators to add).
-        let cache = routed.cache.clone();
+        // A client known by its certificate bypasses the shared cache: an origin that keys
+        // its answers on the forwarded identity would otherwise have one client's answer
+        // served to the next (the identity header is shoal's, so no Vary can tell them apart).
+        let identified = parts
+            .extensions
+            .get::<crate::tls::Session>()
+            .is_some_and(|s| s.identity.is_some());
+        let cache = routed.cache.clone().filter(|_| !identified);
         let cache_host = crate::cache::host_str(facts.authority).map(str::to_string);
         if let Some(c) = &cache {
             crate::cache::upstream_headers(c, &mut headers, cache_host.as_deref());

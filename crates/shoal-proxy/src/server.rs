@@ -199,6 +199,11 @@ async fn serve_conn<S: crate::h1::ClientIo>(
     let cfg = svc.config.load_full();
     let stream = crate::h1::Rewind::new(pre, stream, cfg.timeouts.client_write.0);
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    if h2 {
+        // ALPN said h2: HTTP/1.x bytes on this connection would skip the fast path's raw
+        // reading of every head (where all of hygiene sees it), so they are refused.
+        builder = builder.http2_only();
+    }
     // One HTTP/1.x request per handed-over connection: every request head on a connection
     // is then read raw by the fast path first, where all of hygiene sees it (hyper drops a
     // Content-Length that comes with Transfer-Encoding before anyone can refuse it).

@@ -139,6 +139,14 @@ impl RawTls {
                     format!("invalid header name {identity_header:?}"),
                 )
             })?;
+        // Only a name with no meaning to HTTP itself: framing, routing, hop-by-hop and
+        // forwarding headers would let the identity rewrite the request.
+        if !crate::hygiene::plain_header_name(&identity_header) {
+            return Err((
+                "identity_header",
+                format!("{identity_header} has a meaning of its own in HTTP; pick an x- name"),
+            ));
+        }
         if self.client_auth.is_some() && self.client_ca.is_none() {
             return Err(("client_auth", "needs `client_ca`".into()));
         }
@@ -243,10 +251,51 @@ fn names_and_expiry(der: &CertificateDer<'_>) -> Result<(Vec<String>, i64), Stri
     Ok((names, cert.validity().not_after.timestamp()))
 }
 
-/// The subject of a verified client certificate, as forwarded upstream (`CN=..., O=...`).
+/// The subject of a verified client certificate, as forwarded upstream: RFC 4514 form
+/// (`CN=alice,O=Example`), every special or non-printable character escaped, so a name
+/// cannot read as another (a CN of `x,O=Admins` is `CN=x\,O\=Admins`). `None` when the
+/// name cannot be read.
 fn subject(der: &CertificateDer<'_>) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    Some(cert.subject().to_string())
+    let registry = x509_parser::objects::oid_registry();
+    let mut out = String::new();
+    for (i, rdn) in cert.subject().iter_rdn().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        for (j, atv) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push('+');
+            }
+            let oid = atv.attr_type();
+            match x509_parser::objects::oid2abbrev(oid, registry) {
+                Ok(a) => out.push_str(a),
+                Err(_) => out.push_str(&oid.to_id_string()),
+            }
+            out.push('=');
+            escape_rdn_value(atv.as_str().ok()?, &mut out);
+        }
+    }
+    Some(out)
+}
+
+/// RFC 4514 section 2.4 escaping, plus every control or non-ASCII byte as `\XX` (a header
+/// value carries visible ASCII only).
+fn escape_rdn_value(v: &str, out: &mut String) {
+    let last = v.len().saturating_sub(1);
+    for (i, b) in v.bytes().enumerate() {
+        let special = matches!(b, b',' | b'+' | b'"' | b'\\' | b'<' | b'>' | b';' | b'=')
+            || (i == 0 && (b == b' ' || b == b'#'))
+            || (i == last && b == b' ');
+        if special {
+            out.push('\\');
+            out.push(b as char);
+        } else if (0x21..0x7f).contains(&b) || b == b' ' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("\\{b:02X}"));
+        }
+    }
 }
 
 /// Keys by name: exact, wildcard suffix (`*.example.com` under `.example.com`), default.
@@ -319,8 +368,9 @@ impl ResolvesServerCert for Resolver {
     }
 }
 
-/// Process-wide ticket key rotation and session cache: shared by every listener and every
-/// reload, so a session resumes on a listener whose certificates were reloaded.
+/// Process-wide ticket key rotation and session cache for listeners without client
+/// certificates: shared by them and across reloads, so a session resumes on a listener whose
+/// certificates were reloaded.
 fn resumption() -> (
     Arc<dyn rustls::server::ProducesTickets>,
     Arc<dyn rustls::server::StoresServerSessions>,
@@ -363,9 +413,17 @@ fn server_config(
     sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     // The server's suite order (AES-GCM, then ChaCha20), as scanners expect of an edge.
     sc.ignore_client_order = true;
-    let (ticketer, cache) = resumption();
-    sc.ticketer = ticketer;
-    sc.session_storage = cache;
+    if m.client_roots.is_none() {
+        let (ticketer, cache) = resumption();
+        sc.ticketer = ticketer;
+        sc.session_storage = cache;
+    } else {
+        // A resumed session keeps the client certificate it started with, unchecked: tickets
+        // shared with another listener (or kept across a change of `client_ca`) would let a
+        // client skip this listener's verification. Own keys per config, dropped on reload.
+        sc.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
+        sc.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
+    }
     Ok(sc)
 }
 
@@ -504,11 +562,19 @@ impl Terminator {
         let conn = stream.get_ref().1;
         let resumed = matches!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
         self.count(if resumed { "resumed" } else { "full" });
-        let identity = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(subject)
-            .and_then(|s| http::HeaderValue::from_str(&s).ok());
+        let identity = match conn.peer_certificates().and_then(|c| c.first()) {
+            None => None,
+            Some(der) => match subject(der).and_then(|s| http::HeaderValue::from_str(&s).ok()) {
+                Some(v) => Some(v),
+                None => {
+                    // A verified certificate whose identity cannot be forwarded: refuse the
+                    // connection rather than let it through as anonymous.
+                    self.count("bad_client_cert");
+                    tracing::debug!(service = %self.service, "client certificate subject unreadable");
+                    return None;
+                }
+            },
+        };
         let session = Session {
             h2: conn.alpn_protocol() == Some(b"h2"),
             identity,
@@ -780,5 +846,29 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         provider()
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_values_cannot_read_as_other_attributes() {
+        let esc = |v: &str| {
+            let mut s = String::new();
+            escape_rdn_value(v, &mut s);
+            s
+        };
+        assert_eq!(esc("alice"), "alice");
+        assert_eq!(esc("mallory,O=Admins"), "mallory\\,O\\=Admins");
+        assert_eq!(esc("a+b;c\"d\\e<f>"), "a\\+b\\;c\\\"d\\\\e\\<f\\>");
+        assert_eq!(esc(" #x "), "\\ #x\\ ");
+        assert_eq!(esc("line\r\nX-Admin: 1"), "line\\0D\\0AX-Admin: 1");
+        assert_eq!(esc("é"), "\\C3\\A9");
+        // Always a valid header value.
+        for v in ["a\u{0}b", "\u{7f}", "tab\there"] {
+            assert!(http::HeaderValue::from_str(&esc(v)).is_ok(), "{v:?}");
+        }
     }
 }

@@ -436,6 +436,29 @@ async fn client_certificates_are_required_and_their_subject_forwarded() {
         m.contains("shoal_tls_handshakes_total{service=\"test\",result=\"no_client_cert\"} 1"),
         "{m}"
     );
+
+    // A session from a listener without client certificates (same name, same certificate)
+    // does not resume here: it would skip the certificate check.
+    let (open, _ob) = tls_proxy(tls_config(vec![ca.files("default")])).await;
+    let client = client_config(opts());
+    let mut s = connect(open.addr, "a.test", client.clone()).await.unwrap();
+    let r = exchange(&mut s, b"GET / HTTP/1.1\r\nhost: a.test\r\n\r\n", "b1").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    drop(s);
+    let before = b.count();
+    let resumed = match connect(p.addr, "a.test", client).await {
+        Err(_) => false,
+        Ok(mut s) => {
+            let kind = s.get_ref().1.handshake_kind();
+            let r = exchange(&mut s, b"GET / HTTP/1.1\r\nhost: a.test\r\n\r\n", "b1").await;
+            kind == Some(rustls::HandshakeKind::Resumed) || r.contains("200")
+        }
+    };
+    assert!(
+        !resumed,
+        "a ticket from another listener got past client authentication"
+    );
+    assert_eq!(b.count(), before);
 }
 
 #[tokio::test]
@@ -460,6 +483,10 @@ async fn tls_table_errors_name_file_line_and_field() {
     let nokey = format!("{base}cert = \"default.pem\"\n");
     let e = shoal_proxy::Config::parse(&path, &nokey).unwrap_err();
     assert_eq!(e.field, "services.web.tls.key", "{e}");
+    // The identity header may not be one HTTP gives a meaning to.
+    let framing = format!("{ok}identity_header = \"content-length\"\n");
+    let e = shoal_proxy::Config::parse(&path, &framing).unwrap_err();
+    assert_eq!(e.field, "services.web.tls.identity_header", "{e}");
     let badauth = format!("{ok}client_auth = \"optional\"\n");
     let e = shoal_proxy::Config::parse(&path, &badauth).unwrap_err();
     assert_eq!(

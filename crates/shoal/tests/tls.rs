@@ -54,15 +54,16 @@ fn s_client(port: u16, name: &str, extra: &[&str]) -> String {
         .spawn()
         .unwrap();
     // A request, so the session ticket (sent after the handshake) is read before the end.
+    // stdin stays open until the server has answered and closed: s_client quits at the end
+    // of its input, and would race the answer (and the ticket) otherwise.
     let req = format!("GET / HTTP/1.1\r\nhost: {name}\r\nconnection: close\r\n\r\n");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(req.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    drop(stdin);
+    child.wait().unwrap();
+    out
 }
 
 /// The CN of the certificate the server showed.
