@@ -13,6 +13,9 @@ command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
 command -v prometheus >/dev/null 2>&1 || need_pkgs+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
+# TLS tests: openssl s_client (SNI, resumption, old protocol versions) and curl (h2 over TLS).
+command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
+command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -423,6 +423,13 @@ async fn handle(
                 Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e),
             },
         },
+        (&Method::POST, ["api", "tls", "reload"]) => match authorized(&app, &req) {
+            Err(r) => r,
+            Ok(()) => match app.reload_tls() {
+                Ok(n) => json_resp(StatusCode::OK, &json!({ "reloaded": n })),
+                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, &e),
+            },
+        },
         (&Method::POST, ["api", "cache", "purge"]) => match authorized(&app, &req) {
             Err(r) => r,
             Ok(()) => match read_json::<Value>(req).await {

@@ -72,6 +72,9 @@ pub struct App {
     jobs: Mutex<Option<Arc<dyn crate::jobs::Jobs>>>,
 }
 
+/// A new terminator for a service whose `tls` table changed (`Some(None)`: TLS turned off).
+type TlsChange = Option<Option<Arc<crate::tls::Terminator>>>;
+
 /// Why a config could not be applied (the running one stays).
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -89,6 +92,18 @@ async fn bind(name: &str, addr: SocketAddr, svc: &Arc<Service>) -> Result<Listen
         })
 }
 
+/// The TLS terminator a service's `tls` table asks for (files loaded and checked).
+fn terminator(cfg: &ServiceConfig) -> Result<Option<Arc<crate::tls::Terminator>>, StartError> {
+    cfg.tls
+        .as_ref()
+        .map(|t| crate::tls::Terminator::new(&cfg.name, t))
+        .transpose()
+        .map_err(|message| StartError::Tls {
+            service: cfg.name.clone(),
+            message,
+        })
+}
+
 fn existing_addr(services: &Mutex<BTreeMap<String, Running>>, name: &str) -> Option<SocketAddr> {
     services
         .lock()
@@ -99,6 +114,8 @@ fn existing_addr(services: &Mutex<BTreeMap<String, Running>>, name: &str) -> Opt
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("service {service}: tls: {message}")]
+    Tls { service: String, message: String },
     #[error("service {service}: cannot listen on {addr}: {source}")]
     Bind {
         service: String,
@@ -245,7 +262,9 @@ impl App {
     pub async fn start_service(&self, cfg: ServiceConfig) -> Result<Arc<Service>, StartError> {
         let name = cfg.name.clone();
         let listen = cfg.listen;
+        let tls = terminator(&cfg)?;
         let service = Service::new(cfg);
+        service.tls.store(tls);
         let listener = match listen {
             Some(addr) => Some(bind(&name, addr, &service).await?),
             None => None,
@@ -451,7 +470,7 @@ impl App {
             }
         }
         // Phase 1: bind (nothing running is touched yet).
-        let mut fresh: Vec<(ServiceConfig, Arc<Service>, bool)> = Vec::new();
+        let mut fresh: Vec<(ServiceConfig, Arc<Service>, bool, TlsChange)> = Vec::new();
         let mut bound: Vec<(String, Listener)> = Vec::new();
         let mut fail = None;
         for s in &config.services {
@@ -464,6 +483,18 @@ impl App {
             let (svc, is_new) = match existing {
                 Some((svc, _)) => (svc, false),
                 None => (Service::new(s.clone()), true),
+            };
+            // A changed `tls` table gets a new terminator; an unchanged one keeps its own.
+            let tls = if is_new || svc.config.load().tls != s.tls {
+                match terminator(s) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        fail = Some(e);
+                        break;
+                    }
+                }
+            } else {
+                None
             };
             let current_addr = existing_addr(&self.services, &s.name);
             let old_listen = if is_new {
@@ -487,7 +518,7 @@ impl App {
                     }
                 }
             }
-            fresh.push((s.clone(), svc, is_new));
+            fresh.push((s.clone(), svc, is_new, tls));
         }
         if let Some(e) = fail {
             for (_, l) in bound {
@@ -496,7 +527,10 @@ impl App {
             return Err(ApplyError::Bind(e));
         }
         // Phase 2: commit.
-        for (cfg, svc, is_new) in fresh {
+        for (cfg, svc, is_new, tls) in fresh {
+            if let Some(t) = tls {
+                svc.tls.store(t);
+            }
             let listener = bound
                 .iter()
                 .position(|(n, _)| *n == cfg.name)
@@ -534,6 +568,31 @@ impl App {
             tracing::info!(service = %r.service.name, "service removed");
         }
         Ok(())
+    }
+
+    /// Whether this app was started from a config file (not quick mode).
+    pub fn has_config_file(&self) -> bool {
+        self.config_path.is_some()
+    }
+
+    /// Re-reads every TLS listener's certificate files (SIGHUP, `POST /api/tls/reload`). A
+    /// listener whose files do not load keeps its last good set; the errors are returned.
+    pub fn reload_tls(&self) -> Result<usize, String> {
+        let mut n = 0;
+        let mut errors = Vec::new();
+        for svc in self.services() {
+            if let Some(t) = svc.tls.load_full() {
+                match t.reload() {
+                    Ok(()) => n += 1,
+                    Err(e) => errors.push(format!("{}: {e}", svc.name)),
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(n)
+        } else {
+            Err(errors.join("; "))
+        }
     }
 
     /// Graceful stop: stop accepting everywhere, then wait for in-flight requests up to
@@ -632,6 +691,30 @@ impl App {
                     "Instances by lifecycle state.",
                     &[("service", s), ("state", state.as_str())],
                     n as f64,
+                );
+            }
+            if let Some(t) = svc.tls.load_full() {
+                for (result, n) in t.handshakes() {
+                    e.counter(
+                        "shoal_tls_handshakes_total",
+                        "TLS handshakes on a listener: full, resumed, or the reason one failed.",
+                        &[("service", s), ("result", result)],
+                        n,
+                    );
+                }
+                for (cert, not_after) in t.expiry() {
+                    e.gauge(
+                        "shoal_tls_certificate_expiry_seconds",
+                        "When a serving certificate expires (notAfter, Unix seconds).",
+                        &[("service", s), ("cert", &cert)],
+                        not_after as f64,
+                    );
+                }
+                e.counter(
+                    "shoal_tls_reload_failures_total",
+                    "TLS certificate reloads refused (the last good set kept serving).",
+                    &[("service", s)],
+                    t.reload_failures.load(std::sync::atomic::Ordering::Relaxed),
                 );
             }
             let cs = &svc.pool.cold_start_metrics;

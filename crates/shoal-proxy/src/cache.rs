@@ -155,8 +155,9 @@ pub(crate) fn upstream_headers(cache: &Cache, headers: &mut HeaderMap, host: Opt
 
 /// The scheme a cache key uses: `https` when a trusted proxy in front says so in
 /// `X-Forwarded-Proto` (which then reaches the origin, so it must be part of the key: an
-/// `http` request's redirect to `https` must never answer `https` requests), else `http`.
-pub(crate) fn key_scheme(trusted: bool, headers: &HeaderMap) -> &'static str {
+/// `http` request's redirect to `https` must never answer `https` requests), else the
+/// listener's own scheme (`own`).
+pub(crate) fn key_scheme(trusted: bool, headers: &HeaderMap, own: &'static str) -> &'static str {
     let https = trusted
         && headers
             .get("x-forwarded-proto")
@@ -166,7 +167,7 @@ pub(crate) fn key_scheme(trusted: bool, headers: &HeaderMap) -> &'static str {
     if https {
         "https"
     } else {
-        "http"
+        own
     }
 }
 

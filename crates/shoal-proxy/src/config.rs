@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer};
@@ -393,6 +394,15 @@ pub struct RawService {
     /// Where this listener answers job URLs (`{jobs_path}/{id}`) when it has async routes.
     #[serde(default)]
     pub jobs_path: Option<Spanned<String>>,
+    /// TLS termination on this listener.
+    #[serde(default)]
+    pub tls: Option<Spanned<crate::tls::RawTls>>,
+    /// A plain listener answering every request with a 308 to `https` on this port.
+    #[serde(default)]
+    pub https_redirect: Option<Spanned<u16>>,
+    /// TLS to this service's instances.
+    #[serde(default)]
+    pub upstream_tls: Option<Spanned<crate::tls::RawUpstreamTls>>,
     /// Extra, section-specific tables (fleet, autoscale, ...) are parsed by their owners.
     #[serde(flatten)]
     pub extra: BTreeMap<String, toml::Value>,
@@ -559,11 +569,26 @@ pub struct ServiceConfig {
     pub cache: Option<shoal_cache::CacheConfig>,
     /// Where the listener answers job URLs of its async routes (default `/jobs`).
     pub jobs_path: String,
+    /// TLS termination: the listener speaks HTTPS.
+    pub tls: Option<crate::tls::TlsConfig>,
+    /// Every request is answered 308 to `https://HOST:PORT/...` (a plain listener).
+    pub https_redirect: Option<u16>,
+    /// TLS to the instances (files loaded with the config).
+    pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
     /// Tables this crate does not own (`fleet`, `autoscale`, ...), with their source.
     pub extra: BTreeMap<String, toml::Value>,
 }
 
 impl ServiceConfig {
+    /// The scheme clients use on this listener (`X-Forwarded-Proto`, `Forwarded`, cache keys).
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// A service with defaults, as `shoal proxy` builds it.
     pub fn quick(name: &str, listen: SocketAddr, balance: Algorithm) -> Self {
         ServiceConfig {
@@ -585,6 +610,9 @@ impl ServiceConfig {
             limits: LimitConfig::default(),
             cache: None,
             jobs_path: crate::jobs::DEFAULT_JOBS_PATH.to_string(),
+            tls: None,
+            https_redirect: None,
+            upstream_tls: None,
             extra: BTreeMap::new(),
         }
     }
@@ -1006,6 +1034,51 @@ impl Config {
                     p
                 }
             };
+            let tls = match s.tls {
+                None => None,
+                Some(t) => {
+                    let span = t.span();
+                    if s.listen.is_none() {
+                        return Err(loc.error(span, &field("tls"), "needs `listen`"));
+                    }
+                    let base = path.parent().unwrap_or(Path::new("."));
+                    match t.into_inner().validate(base) {
+                        Ok(c) => Some(c),
+                        Err((f, why)) => {
+                            let off = key_offset(text, &format!("[services.{name}.tls]"), f);
+                            let off = if off == 0 { span.start } else { off };
+                            return Err(loc.error(off..off, &field(&format!("tls.{f}")), why));
+                        }
+                    }
+                }
+            };
+            let https_redirect = match s.https_redirect {
+                Some(p) if tls.is_some() || s.listen.is_none() || *p.get_ref() == 0 => {
+                    return Err(loc.error(
+                        p.span(),
+                        &field("https_redirect"),
+                        "a port, on a plain listener (one with `listen` and no `tls`)",
+                    ));
+                }
+                p => p.map(|p| p.into_inner()),
+            };
+            let upstream_tls = match s.upstream_tls {
+                None => None,
+                Some(t) => {
+                    let span = t.span();
+                    let base = path.parent().unwrap_or(Path::new("."));
+                    match t.into_inner().build(base) {
+                        Ok(c) => Some(Arc::new(c)),
+                        Err((f, why)) => {
+                            let header = format!("[services.{name}.upstream_tls]");
+                            let off = key_offset(text, &header, f);
+                            let off = if off == 0 { span.start } else { off };
+                            let f = format!("upstream_tls.{f}");
+                            return Err(loc.error(off..off, &field(&f), why));
+                        }
+                    }
+                }
+            };
             let retries_span = s.retries.as_ref().map_or(0..0, |r| r.span());
             let retries = s.retries.map(|r| r.into_inner()).unwrap_or_default();
             if retries.attempts == 0 || retries.attempts > 10 {
@@ -1034,6 +1107,9 @@ impl Config {
                 limits: s.limits,
                 cache,
                 jobs_path,
+                tls,
+                https_redirect,
+                upstream_tls,
                 extra: s.extra,
             });
         }

@@ -25,6 +25,8 @@ pub enum ProxyError {
     ColdStart,
     Upstream(&'static str),
     Timeout,
+    /// 308 to this location (a plain listener's `https_redirect`).
+    Redirect(String),
 }
 
 impl ProxyError {
@@ -40,6 +42,7 @@ impl ProxyError {
             ProxyError::NoInstance | ProxyError::ColdStart => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Redirect(_) => StatusCode::PERMANENT_REDIRECT,
         }
     }
 
@@ -57,6 +60,7 @@ impl ProxyError {
             ProxyError::ColdStart => "no instance ready yet: starting one",
             ProxyError::Upstream(m) => m,
             ProxyError::Timeout => "upstream timed out",
+            ProxyError::Redirect(_) => "use https",
         }
     }
 
@@ -91,6 +95,11 @@ impl ProxyError {
         if self.closes() {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        if let ProxyError::Redirect(to) = &self {
+            if let Ok(v) = HeaderValue::from_str(to) {
+                h.insert(header::LOCATION, v);
+            }
+        }
         if matches!(self, ProxyError::ColdStart) {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -106,6 +115,10 @@ impl ProxyError {
         out.extend_from_slice((msg.len() + 1).to_string().as_bytes());
         if close || self.closes() {
             out.extend_from_slice(b"\r\nconnection: close");
+        }
+        if let ProxyError::Redirect(to) = self {
+            out.extend_from_slice(b"\r\nlocation: ");
+            out.extend_from_slice(to.as_bytes());
         }
         if matches!(self, ProxyError::ColdStart) {
             out.extend_from_slice(b"\r\nretry-after: 1");

@@ -42,6 +42,22 @@ const READ_CHUNK: usize = 8 * 1024;
 /// Pipelined request bytes buffered while a request is in progress.
 const PIPELINE_LIMIT: usize = 64 * 1024;
 
+/// A client connection's byte stream: plain TCP or TLS over TCP.
+pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Reads and writes go straight to [`ClientIo::tcp`]: while a try is in progress,
+    /// interim responses are written and pipelined bytes read through a shared borrow.
+    const PLAIN: bool;
+    /// The TCP socket underneath.
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl ClientIo for TcpStream {
+    const PLAIN: bool = true;
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
 /// How a fast-path connection ended.
 pub(crate) enum End {
     /// Closed (client gone, shutdown, idle, error).
@@ -123,6 +139,7 @@ fn plan_request(
     peer_ip: &[u8],
     port: u16,
     out: &mut Vec<u8>,
+    identified: bool,
 ) -> Parsed {
     let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_PARSE_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -180,6 +197,11 @@ fn plan_request(
             BufferPermit::take(0).expect("an empty share is always granted")
         }
     };
+    if let Some(port) = cfg.https_redirect {
+        let e = crate::tls::https_location(facts.authority, port, path)
+            .map_or_else(|e| e, ProxyError::Redirect);
+        return Parsed::Reject(e, log());
+    }
     // Job URLs and async routes are the general path's (their phase runs there).
     if svc.jobs_for(method, path).is_some() {
         return Parsed::Handover;
@@ -195,7 +217,9 @@ fn plan_request(
     if routed.cache.is_some() && stream.is_some() {
         return Parsed::Handover;
     }
-    if let Some(cache) = &routed.cache {
+    // A client known by its certificate is not served from the shared cache (see
+    // `Service::proxy`'s cache phase).
+    if let Some(cache) = routed.cache.as_ref().filter(|_| !identified) {
         let m = match method {
             "GET" => Some(&http::Method::GET),
             "HEAD" => Some(&http::Method::HEAD),
@@ -211,7 +235,7 @@ fn plan_request(
         let host = crate::cache::host_str(facts.authority).filter(|_| !forwarded_proto);
         if let (Some(m), Some(host), 0) = (m, host, body_len) {
             let now = std::time::SystemTime::now();
-            if let Some(hit) = cache.fast_hit(m, "http", host, path, req.headers, now) {
+            if let Some(hit) = cache.fast_hit(m, cfg.scheme(), host, path, req.headers, now) {
                 return Parsed::Hit {
                     head_len,
                     hit,
@@ -276,6 +300,28 @@ fn plan_request(
         }
         None => cfg,
     };
+    if tcfg.upstream_tls.is_some() {
+        // TLS to the instances: the general path's phases and connections (hyper over
+        // rustls), on this connection for a body read whole; a streamed one hands over.
+        if stream.is_some() {
+            return Parsed::Handover;
+        }
+        return Parsed::Ready(Plan {
+            head_len,
+            body_len: body_len as usize,
+            stream: None,
+            expect,
+            head_method: method == "HEAD",
+            idempotent: is_idempotent(method),
+            close: facts.close,
+            key: None,
+            target: routed.target,
+            _permit: Some(permit),
+            trace: [b'-'; 55],
+            log: None,
+            general: true,
+        });
+    }
     let key = hash_key(tcfg, peer, |name| {
         req.headers
             .iter()
@@ -613,14 +659,16 @@ struct Answer {
 }
 
 /// One client connection on the fast path.
-pub(crate) struct Conn<'a> {
-    stream: &'a mut TcpStream,
+pub(crate) struct Conn<'a, S: ClientIo> {
+    stream: &'a mut S,
     /// The listening service (routes, client-side limits and timeouts).
     svc: &'a Arc<Service>,
     peer: SocketAddr,
     peer_ip: &'a [u8],
     /// The listener's port, for `X-Forwarded-Port`.
     port: u16,
+    /// What the TLS handshake established (None: plain TCP).
+    tls: Option<&'a crate::tls::Session>,
     rbuf: BytesMut,
     /// The request as it goes upstream.
     req: Vec<u8>,
@@ -646,9 +694,9 @@ struct Bufs {
     interim: Vec<u8>,
 }
 
-impl<'a> Conn<'a> {
+impl<'a, S: ClientIo> Conn<'a, S> {
     pub(crate) fn new(
-        stream: &'a mut TcpStream,
+        stream: &'a mut S,
         svc: &'a Arc<Service>,
         peer: SocketAddr,
         peer_ip: &'a [u8],
@@ -660,6 +708,7 @@ impl<'a> Conn<'a> {
             peer,
             peer_ip,
             port,
+            tls: None,
             rbuf: BytesMut::new(),
             req: Vec::new(),
             bufs: Bufs {
@@ -673,6 +722,12 @@ impl<'a> Conn<'a> {
             body_bytes: 0,
             body_open: false,
         }
+    }
+
+    /// The connection's TLS session (its verified client identity goes upstream).
+    pub(crate) fn with_tls(mut self, tls: Option<&'a crate::tls::Session>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Serves requests until the connection closes or needs the general path.
@@ -699,6 +754,7 @@ impl<'a> Conn<'a> {
                         self.peer_ip,
                         self.port,
                         &mut self.req,
+                        self.tls.is_some_and(|t| t.identity.is_some()),
                     );
                     match parsed {
                         Parsed::Ready(p) => break p,
@@ -812,6 +868,17 @@ impl<'a> Conn<'a> {
                 }
                 continue;
             }
+            if let Some(id) = self.tls.and_then(|s| s.identity.as_ref().map(|v| (s, v))) {
+                // Before the head's closing blank line (the client's copy was dropped).
+                let at = self.req.len() - 2;
+                let line = [
+                    id.0.identity_header.as_str().as_bytes(),
+                    b": ",
+                    id.1.as_bytes(),
+                    b"\r\n",
+                ];
+                self.req.splice(at..at, line.concat());
+            }
             self.req.extend_from_slice(&self.rbuf[plan.head_len..total]);
             self.rbuf.advance(total);
             let keep = self.exchange(&plan, &cfg, start).await;
@@ -836,6 +903,9 @@ impl<'a> Conn<'a> {
         // go to the client while the final answer is still being made.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         req.extensions_mut().insert(crate::proxy::InterimSink(tx));
+        if let Some(s) = self.tls {
+            req.extensions_mut().insert(s.clone());
+        }
         // Boxed: the general path's future is large, and inline it would grow every
         // connection's state, idle ones included, by its size.
         let mut answer = Box::pin(
@@ -1033,6 +1103,7 @@ impl<'a> Conn<'a> {
             }
             // A block of its own: the try borrows `t`, which `end_try` then updates.
             let result = {
+                let mut watch = true;
                 let attempt_fut = try_instance(
                     &mut self.bufs,
                     &t.inst,
@@ -1040,7 +1111,7 @@ impl<'a> Conn<'a> {
                     plan,
                     cfg.timeouts.connect.0,
                     cfg.timeouts.upstream_idle.0,
-                    &*self.stream,
+                    S::PLAIN.then(|| self.stream.tcp()),
                 );
                 tokio::pin!(attempt_fut);
                 loop {
@@ -1055,14 +1126,24 @@ impl<'a> Conn<'a> {
                         }
                         // A client that hangs up stops its request (a pipelined next request is
                         // only buffered, up to a bound).
-                        _ = self.stream.readable(), if self.rbuf.len() < PIPELINE_LIMIT => {
-                            self.rbuf.reserve(READ_CHUNK);
-                            match self.stream.try_read_buf(&mut self.rbuf) {
-                                Ok(0) => return Err(None),
-                                Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
-                                    return Err(None)
+                        _ = self.stream.tcp().readable(), if watch && self.rbuf.len() < PIPELINE_LIMIT => {
+                            if S::PLAIN {
+                                self.rbuf.reserve(READ_CHUNK);
+                                match self.stream.tcp().try_read_buf(&mut self.rbuf) {
+                                    Ok(0) => return Err(None),
+                                    Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
+                                        return Err(None)
+                                    }
+                                    _ => {}
                                 }
-                                _ => {}
+                            } else {
+                                // TLS records need the session to read: peek for a hang-up,
+                                // and stop watching once records are waiting.
+                                match peek_now(self.stream.tcp()) {
+                                    Some(0) => return Err(None),
+                                    Some(_) => watch = false,
+                                    None => {}
+                                }
                             }
                         }
                     }
@@ -1232,6 +1313,15 @@ impl<'a> Conn<'a> {
             Framing::Close => BodyLeft::Close,
         };
         self.bufs.ubuf.advance(plan.head_len);
+        let hsts = self
+            .tls
+            .and_then(|_| self.svc.config.load().tls.as_ref().and_then(|t| t.hsts));
+        if let Some(age) = hsts {
+            // Before the head's closing blank line.
+            let at = self.bufs.out.len() - 2;
+            let line = format!("strict-transport-security: max-age={}\r\n", age.as_secs());
+            self.bufs.out.splice(at..at, line.into_bytes());
+        }
         let (mut n, mut done) = match left.take(&self.bufs.ubuf) {
             Ok(x) => x,
             Err(()) => return false,
@@ -1299,7 +1389,7 @@ async fn try_instance(
     plan: &Plan,
     connect_timeout: Duration,
     max_idle: Duration,
-    client: &TcpStream,
+    client: Option<&TcpStream>,
 ) -> Result<Answer, TryError> {
     let mut pooled_ok = true;
     loop {
@@ -1335,7 +1425,7 @@ async fn send_and_read_head(
     up: &mut TcpStream,
     request: &[u8],
     plan: &Plan,
-    client: &TcpStream,
+    client: Option<&TcpStream>,
 ) -> Result<RespPlan, TryError> {
     let silent = TryError::Reset {
         reused_silent: true,
@@ -1364,10 +1454,12 @@ async fn send_and_read_head(
                     // as far as the client's socket takes it without waiting; the rest goes
                     // ahead of the final answer, so the head is never cut.
                     if !bufs.out.is_empty() {
-                        let sent = if bufs.interim.is_empty() {
-                            client.try_write(&bufs.out).unwrap_or(0)
-                        } else {
-                            0
+                        // Over TLS they wait for the final answer (the session is busy).
+                        let sent = match client {
+                            Some(c) if bufs.interim.is_empty() => {
+                                c.try_write(&bufs.out).unwrap_or(0)
+                            }
+                            _ => 0,
                         };
                         bufs.interim.extend_from_slice(&bufs.out[sent..]);
                         bufs.out.clear();
@@ -1408,8 +1500,8 @@ fn general_request(buf: &[u8], head_len: usize) -> Option<http::Request<bytes::B
 /// Writes a general-path response with HTTP/1.1 framing: its length when known, else
 /// chunked; each body frame as it comes (the head goes with the first). Returns whether the
 /// connection can take another request.
-async fn write_response(
-    stream: &mut TcpStream,
+async fn write_response<S: ClientIo>(
+    stream: &mut S,
     resp: http::Response<crate::proxy::ClientBody>,
     head_method: bool,
     close: bool,
@@ -1482,31 +1574,55 @@ async fn write_response(
 /// Writes to the client; one that stops reading for the idle timeout is given up on, so it
 /// cannot hold an upstream connection and an in-flight slot forever. The timer is only set
 /// when the socket buffer is full.
-async fn write_client(stream: &mut TcpStream, buf: &[u8], limit: Duration) -> bool {
-    let rest = match stream.try_write(buf) {
-        Ok(n) if n == buf.len() => return true,
-        Ok(n) => &buf[n..],
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buf,
-        Err(_) => return false,
+async fn write_client<S: ClientIo>(stream: &mut S, buf: &[u8], limit: Duration) -> bool {
+    let rest = if S::PLAIN {
+        match stream.tcp().try_write(buf) {
+            Ok(n) if n == buf.len() => return true,
+            Ok(n) => &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buf,
+            Err(_) => return false,
+        }
+    } else {
+        buf
     };
-    matches!(
-        tokio::time::timeout(limit, stream.write_all(rest)).await,
-        Ok(Ok(()))
-    )
+    // Flushed: a TLS session may keep records back otherwise. Polled once before the timer
+    // is set.
+    let mut write = std::pin::pin!(async {
+        stream.write_all(rest).await?;
+        stream.flush().await
+    });
+    let first =
+        std::future::poll_fn(|cx| Poll::Ready(std::future::Future::poll(write.as_mut(), cx))).await;
+    match first {
+        Poll::Ready(r) => r.is_ok(),
+        Poll::Pending => matches!(tokio::time::timeout(limit, write).await, Ok(Ok(()))),
+    }
+}
+
+/// Bytes waiting on `s` without waiting for them: `Some(0)` when the peer closed.
+fn peek_now(s: &TcpStream) -> Option<usize> {
+    let mut b = [MaybeUninit::uninit(); 1];
+    let mut buf = ReadBuf::uninit(&mut b);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match s.poll_peek(&mut cx, &mut buf) {
+        Poll::Ready(Ok(n)) => Some(n),
+        Poll::Ready(Err(_)) => Some(0),
+        Poll::Pending => None,
+    }
 }
 
 /// A client stream with bytes already read put back in front, for the general path. A
 /// client that takes no bytes for `write_limit` while a write waits is disconnected, so a
 /// reader that stops cannot hold an instance's response (and its in-flight slot) forever.
-pub(crate) struct Rewind {
+pub(crate) struct Rewind<S> {
     pre: BytesMut,
-    inner: TcpStream,
+    inner: S,
     write_limit: Duration,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl Rewind {
-    pub(crate) fn new(pre: BytesMut, inner: TcpStream, write_limit: Duration) -> Self {
+impl<S: AsyncRead + AsyncWrite + Unpin> Rewind<S> {
+    pub(crate) fn new(pre: BytesMut, inner: S, write_limit: Duration) -> Self {
         Rewind {
             pre,
             inner,
@@ -1540,7 +1656,7 @@ impl Rewind {
     }
 }
 
-impl AsyncRead for Rewind {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1556,7 +1672,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1611,7 +1727,7 @@ mod tests {
     fn plan(raw: &[u8], cfg: &ServiceConfig) -> (Option<Plan>, String) {
         let mut out = Vec::new();
         let svc = Service::new(cfg.clone());
-        match plan_request(raw, &svc, cfg, peer(), b"10.1.2.3", 8080, &mut out) {
+        match plan_request(raw, &svc, cfg, peer(), b"10.1.2.3", 8080, &mut out, false) {
             Parsed::Ready(p) => (Some(p), String::from_utf8(out).unwrap()),
             Parsed::Partial => (None, "partial".into()),
             Parsed::Handover => (None, "handover".into()),

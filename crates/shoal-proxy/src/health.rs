@@ -16,16 +16,23 @@ use crate::proxy::Service;
 
 /// One HTTP/1.1 GET on a fresh connection; true on a 2xx/3xx answer within `timeout`.
 pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
+    probe_with(addr, path, timeout, None).await
+}
+
+/// [`probe`] over TLS when the service speaks TLS to its instances.
+pub async fn probe_with(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    tls: Option<&crate::tls::UpstreamTls>,
+) -> bool {
     let fut = async {
         let stream = TcpStream::connect(addr).await.ok()?;
         let _ = stream.set_nodelay(true);
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-                .await
-                .ok()?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let mut send = match tls {
+            None => client(stream).await?,
+            Some(t) => client(t.connect(addr, stream).await.ok()?).await?,
+        };
         let req = Request::get(path)
             .header(http::header::HOST, addr.to_string())
             .header(http::header::USER_AGENT, "shoal-health")
@@ -36,6 +43,20 @@ pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
         Some(resp.status())
     };
     matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(s)) if s.is_success() || s.is_redirection() || s == StatusCode::NOT_MODIFIED)
+}
+
+/// An HTTP/1.1 client connection for one probe, driven by its own task.
+async fn client<IO>(io: IO) -> Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Some(send)
 }
 
 /// Runs until `stop` flips: probes every instance each `interval` (when health checks are
@@ -67,8 +88,9 @@ pub async fn run(service: Arc<Service>, mut stop: watch::Receiver<bool>) {
             let pool = service.pool.clone();
             let path = h.path.clone();
             let timeout = h.timeout.0;
+            let tls = cfg.upstream_tls.clone();
             tokio::spawn(async move {
-                let ok = probe(inst.addr, &path, timeout).await;
+                let ok = probe_with(inst.addr, &path, timeout, tls.as_deref()).await;
                 pool.record_probe(&inst, ok);
             });
         }

@@ -59,6 +59,35 @@ pub(crate) fn classify(n: &[u8]) -> Name {
     }
 }
 
+/// Whether a header name carries nothing HTTP or shoal gives a meaning to (framing, routing,
+/// hop-by-hop, forwarding, credentials, content metadata, conditionals, caching): the only
+/// kind shoal may set from configuration, such as a client certificate's identity.
+pub(crate) fn plain_header_name(n: &http::HeaderName) -> bool {
+    let s = n.as_str();
+    classify(s.as_bytes()) == Name::Other
+        && !s.starts_with("content-")
+        && !s.starts_with("if-")
+        && !s.starts_with("accept")
+        && !s.starts_with("sec-")
+        && !matches!(
+            s,
+            "authorization"
+                | "cookie"
+                | "range"
+                | "via"
+                | "date"
+                | "cache-control"
+                | "pragma"
+                | "user-agent"
+                | "referer"
+                | "origin"
+                | "max-forwards"
+                | "x-http-method-override"
+                | "x-original-url"
+                | "x-rewrite-url"
+        )
+}
+
 /// Comma-separated tokens of a header value, trimmed.
 pub(crate) fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|&b| b == b',').map(|t| t.trim_ascii())
@@ -340,7 +369,13 @@ pub(crate) fn forward_headers<'a, I>(
                 facts.trusted
             }
             Name::Other => {
-                !(facts.is_named(n) || (has_underscore(n) && !cfg.allow_underscore_headers))
+                !(facts.is_named(n)
+                    || (has_underscore(n) && !cfg.allow_underscore_headers)
+                    // Only shoal says who a client certificate names.
+                    || cfg
+                        .tls
+                        .as_ref()
+                        .is_some_and(|t| n.eq_ignore_ascii_case(t.identity_header.as_ref())))
             }
         };
         if keep {
@@ -379,7 +414,7 @@ pub(crate) fn forward_headers<'a, I>(
         put(b"x-forwarded-for", &[o.peer_ip]);
     }
     if !have_info[0] {
-        put(b"x-forwarded-proto", &[b"http"]);
+        put(b"x-forwarded-proto", &[cfg.scheme().as_bytes()]);
     }
     if let (false, Some(a)) = (have_info[1], facts.authority) {
         put(b"x-forwarded-host", &[a]);
@@ -409,7 +444,11 @@ pub(crate) fn forward_headers<'a, I>(
         host_pre,
         host,
         host_post,
-        b";proto=http",
+        if cfg.tls.is_some() {
+            b";proto=https"
+        } else {
+            b";proto=http"
+        },
     ];
     if facts.trusted {
         put(b"forwarded", &chain(Name::Forwarded, &own));
@@ -579,6 +618,33 @@ impl<'de> serde::Deserialize<'de> for Cidr {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_plain_names_may_carry_configured_values() {
+        let plain =
+            |n: &str| plain_header_name(&http::HeaderName::from_bytes(n.as_bytes()).unwrap());
+        assert!(plain("x-client-cert-subject"));
+        assert!(plain("ssl-client-subject-dn"));
+        for n in [
+            "content-length",
+            "transfer-encoding",
+            "host",
+            "connection",
+            "te",
+            "x-forwarded-for",
+            "forwarded",
+            "x-real-ip",
+            "authorization",
+            "cookie",
+            "content-type",
+            "if-none-match",
+            "upgrade",
+            "expect",
+        ] {
+            assert!(!plain(n), "{n}");
+        }
+    }
+
     use super::*;
     use shoal_balance::Algorithm;
 

@@ -23,6 +23,7 @@ pub mod pool;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod tls;
 mod tries;
 pub mod upstream;
 

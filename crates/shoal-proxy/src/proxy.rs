@@ -122,6 +122,13 @@ pub struct Service {
     pub routes: ArcSwapOption<RouteTable>,
     /// The cache phase for requests this service serves without a route.
     pub cache: ArcSwapOption<shoal_cache::Cache>,
+    /// TLS termination on this service's listener (set by `App` from `tls`).
+    pub tls: ArcSwapOption<crate::tls::Terminator>,
+}
+
+/// `Strict-Transport-Security` for a `max-age`.
+pub(crate) fn hsts_value(age: std::time::Duration) -> HeaderValue {
+    HeaderValue::from_str(&format!("max-age={}", age.as_secs())).expect("digits")
 }
 
 /// Pool settings derived from a service config.
@@ -162,6 +169,7 @@ impl Service {
             budget: RetryBudget::new(now_nanos()),
             routes: ArcSwapOption::empty(),
             cache: ArcSwapOption::empty(),
+            tls: ArcSwapOption::empty(),
         })
     }
 
@@ -206,6 +214,18 @@ impl Service {
                 tokio::spawn(async move {
                     pool.remove_drained(inst, drain).await;
                 });
+            }
+        }
+        // Connections made under other upstream TLS settings (plain, unverified, another CA
+        // or name) are not reused once they change; any reload that re-reads them counts.
+        let same_tls = match (&old.upstream_tls, &cfg.upstream_tls) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if !same_tls {
+            for inst in self.pool.members() {
+                inst.idle.clear();
             }
         }
         self.pool.rebuild();
@@ -303,11 +323,18 @@ impl Service {
             let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
             Box::new((req.method().to_string(), path.to_string()))
         });
+        let hsts = self.config.load().tls.as_ref().and_then(|t| t.hsts);
         match self
             .proxy(req, peer, peer_ip, port, start, log.clone())
             .await
         {
-            Ok(r) => Ok(r),
+            Ok(mut r) => {
+                if let Some(age) = hsts {
+                    r.headers_mut()
+                        .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts_value(age));
+                }
+                Ok(r)
+            }
             Err((svc, e)) => {
                 let svc = svc.unwrap_or(self);
                 let status = e.status().as_u16();
@@ -375,6 +402,10 @@ impl Service {
                 .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()))
         };
         let facts = hygiene::inspect(&line, pairs(), &lcfg, peer.ip()).map_err(|e| (None, e))?;
+        if let Some(port) = lcfg.https_redirect {
+            let to = crate::tls::https_location(facts.authority, port, path_and_query);
+            return Err((None, to.map_or_else(|e| e, ProxyError::Redirect)));
+        }
         // Job URLs are the listener's own, answered before routing.
         if let Some((jobs, id)) = self.jobs_for(line.method, path_and_query) {
             self.metrics.requests.inc();
@@ -413,6 +444,12 @@ impl Service {
                 headers.append(n, v);
             }
         });
+        // A verified client certificate's subject, in the header clients cannot set.
+        if let Some(s) = parts.extensions.get::<crate::tls::Session>() {
+            if let Some(id) = &s.identity {
+                headers.insert(s.identity_header.clone(), id.clone());
+            }
+        }
         let upgrade = facts.upgrade.map(<[u8]>::to_vec);
         let mut body_kind = facts.body;
         // HTTP/2 (and HTTP/3) frame the body themselves: a request without
@@ -432,12 +469,19 @@ impl Service {
                 .map_err(|_| fail(ProxyError::BadRequest("invalid request target")))?,
         };
         // The cache phase: answer from cache, or plan the fetch (validators to add).
-        let cache = routed.cache.clone();
+        // A client known by its certificate bypasses the shared cache: an origin that keys
+        // its answers on the forwarded identity would otherwise have one client's answer
+        // served to the next (the identity header is shoal's, so no Vary can tell them apart).
+        let identified = parts
+            .extensions
+            .get::<crate::tls::Session>()
+            .is_some_and(|s| s.identity.is_some());
+        let cache = routed.cache.clone().filter(|_| !identified);
         let cache_host = crate::cache::host_str(facts.authority).map(str::to_string);
         if let Some(c) = &cache {
             crate::cache::upstream_headers(c, &mut headers, cache_host.as_deref());
         }
-        let cache_scheme = crate::cache::key_scheme(facts.trusted, &parts.headers);
+        let cache_scheme = crate::cache::key_scheme(facts.trusted, &parts.headers, lcfg.scheme());
         let mut fetch = None;
         let mut passed = None;
         if let (Some(c), Some(host)) = (&cache, &cache_host) {
@@ -608,8 +652,14 @@ impl Service {
                 sink.attach(&mut up);
             }
 
-            let sending =
-                upstream::send(&t.inst.idle, t.inst.addr, connect_timeout, idle_timeout, up);
+            let sending = upstream::send(
+                &t.inst.idle,
+                t.inst.addr,
+                connect_timeout,
+                idle_timeout,
+                cfg.upstream_tls.as_deref(),
+                up,
+            );
             let result = tokio::time::timeout(t.timeout, sending).await;
             let client_fault = fault.load(Ordering::Acquire);
             let outcome = match &result {
@@ -767,6 +817,7 @@ impl Service {
             t.inst.addr,
             cfg.timeouts.connect.0,
             cfg.timeouts.upstream_idle.0,
+            cfg.upstream_tls.as_deref(),
             up,
         );
         let result = tokio::time::timeout(t.timeout, sending).await;

@@ -154,31 +154,56 @@ async fn accept_loop(
             // An upgraded connection outlives this task (its tunnel takes the slot): it keeps
             // counting against max_connections and shutdown still waits for it.
             let slot = Arc::new(ConnSlot(Mutex::new(Some((permit, guard)))));
-            serve_conn(stream, peer, port, svc, stop, slot).await;
+            let Some(tls) = svc.tls.load_full() else {
+                serve_conn(stream, peer, port, svc, stop, slot, None).await;
+                return;
+            };
+            // The handshake has the header-read timeout (a client that stalls in it is a
+            // slowloris too).
+            let timeout = svc.config.load().timeouts.header_read.0;
+            let Some((stream, session)) = tls.accept(stream, timeout).await else {
+                return;
+            };
+            drop(tls);
+            serve_conn(stream, peer, port, svc, stop, slot, Some(session)).await;
         });
     }
     tracing::info!(service = %service.name, "listener stopped");
 }
 
-async fn serve_conn(
-    mut stream: tokio::net::TcpStream,
+/// Serves one client connection over any byte stream (TCP, or TLS over TCP).
+async fn serve_conn<S: crate::h1::ClientIo>(
+    mut stream: S,
     peer: SocketAddr,
     port: u16,
     svc: Arc<Service>,
     mut stop: watch::Receiver<bool>,
     slot: Arc<ConnSlot>,
+    tls: Option<crate::tls::Session>,
 ) {
     let peer_ip = crate::proxy::peer_header(peer);
     // Plain HTTP/1.1 keep-alive traffic stays on the fast path; the first request it cannot
-    // take moves the connection, with the bytes read so far, to hyper for good.
-    let conn = crate::h1::Conn::new(&mut stream, &svc, peer, peer_ip.as_bytes(), port);
-    let pre = match conn.serve(&mut stop).await {
-        crate::h1::End::Closed => return,
-        crate::h1::End::Handover(pre) => pre,
+    // take moves the connection, with the bytes read so far, to hyper for good. HTTP/2
+    // chosen by ALPN goes to hyper at once.
+    let h2 = tls.as_ref().is_some_and(|s| s.h2);
+    let pre = if h2 {
+        bytes::BytesMut::new()
+    } else {
+        let conn = crate::h1::Conn::new(&mut stream, &svc, peer, peer_ip.as_bytes(), port)
+            .with_tls(tls.as_ref());
+        match conn.serve(&mut stop).await {
+            crate::h1::End::Closed => return,
+            crate::h1::End::Handover(pre) => pre,
+        }
     };
     let cfg = svc.config.load_full();
     let stream = crate::h1::Rewind::new(pre, stream, cfg.timeouts.client_write.0);
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    if h2 {
+        // ALPN said h2: HTTP/1.x bytes on this connection would skip the fast path's raw
+        // reading of every head (where all of hygiene sees it), so they are refused.
+        builder = builder.http2_only();
+    }
     // One HTTP/1.x request per handed-over connection: every request head on a connection
     // is then read raw by the fast path first, where all of hygiene sees it (hyper drops a
     // Content-Length that comes with Transfer-Encoding before anyone can refuse it).
@@ -203,6 +228,9 @@ async fn serve_conn(
         let busy = Busy::new(act.clone());
         if req.headers().contains_key(hyper::header::UPGRADE) {
             req.extensions_mut().insert(slot.clone());
+        }
+        if let Some(s) = &tls {
+            req.extensions_mut().insert(s.clone());
         }
         let peer_ip = peer_ip.clone();
         async move {

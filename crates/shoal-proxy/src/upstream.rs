@@ -152,12 +152,32 @@ pub(crate) async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> std::io:
 async fn connect(
     addr: SocketAddr,
     timeout: Duration,
+    tls: Option<&crate::tls::UpstreamTls>,
 ) -> Result<SendRequest<UpstreamBody>, SendError> {
     let stream = connect_tcp(addr, timeout)
         .await
         .map_err(SendError::Connect)?;
+    let Some(tls) = tls else {
+        return handshake(stream).await;
+    };
+    // The TLS handshake counts as connecting (its own timeout, and nothing was sent yet).
+    match tokio::time::timeout(timeout, tls.connect(addr, stream)).await {
+        Ok(Ok(s)) => handshake(s).await,
+        Ok(Err(e)) => Err(SendError::Connect(e)),
+        Err(_) => Err(SendError::Connect(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "tls handshake timed out",
+        ))),
+    }
+}
+
+/// An HTTP/1.1 client connection over `io`, driven by its own task.
+async fn handshake<IO>(io: IO) -> Result<SendRequest<UpstreamBody>, SendError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (send, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(TokioIo::new(io))
         .await
         .map_err(|e| SendError::Connect(std::io::Error::other(e)))?;
     tokio::spawn(async move {
@@ -175,6 +195,7 @@ pub async fn send(
     addr: SocketAddr,
     connect_timeout: Duration,
     max_idle: Duration,
+    tls: Option<&crate::tls::UpstreamTls>,
     mut req: Request<UpstreamBody>,
 ) -> Result<(Response<Incoming>, SendRequest<UpstreamBody>), SendError> {
     while let Some(mut c) = idle.pop(max_idle) {
@@ -194,7 +215,7 @@ pub async fn send(
             },
         }
     }
-    let mut c = connect(addr, connect_timeout).await?;
+    let mut c = connect(addr, connect_timeout, tls).await?;
     match c.send_request(req).await {
         Ok(resp) => Ok((resp, c)),
         Err(e) => Err(SendError::Reset(e)),

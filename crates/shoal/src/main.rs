@@ -32,8 +32,13 @@ fn parse_log_format(s: &str) -> Result<LogFormat, String> {
 
 /// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`).
 fn init_logging(format: LogFormat) {
-    let filter =
+    let mut filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // rustls warns about what clients send (an IP address as SNI) once per handshake: any
+    // client could fill the log. Handshake failures are counted in shoal's metrics instead.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("rustls")) {
+        filter = filter.add_directive("rustls=error".parse().expect("static directive"));
+    }
     // Colour only for a person at a terminal: escapes in files, pipes and journals are noise.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
@@ -163,6 +168,8 @@ fn run_load(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS crypto provider for the whole process (aws-lc-rs).
+    shoal_proxy::tls::provider();
     // The config's `log_format` counts for `run`; a config that does not load is reported
     // by the run itself.
     let format = cli.log_format.unwrap_or_else(|| match &cli.command {

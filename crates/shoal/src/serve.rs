@@ -46,6 +46,17 @@ pub struct ProxyArgs {
     /// Share the cache through Redis, e.g. redis://127.0.0.1:6379/ (needs --cache-memory).
     #[arg(long, requires = "cache_memory")]
     cache_redis: Option<String>,
+    /// Terminate TLS with this certificate chain (PEM); repeat with --tls-key for more
+    /// names (chosen by SNI). The first pair is the default certificate.
+    #[arg(long = "tls-cert", requires = "tls_keys")]
+    tls_certs: Vec<std::path::PathBuf>,
+    /// The private key (PEM) of the --tls-cert at the same position.
+    #[arg(long = "tls-key", requires = "tls_certs")]
+    tls_keys: Vec<std::path::PathBuf>,
+    /// How often the certificate files are checked for changes (0 disables; SIGHUP and
+    /// POST /api/tls/reload always reload).
+    #[arg(long, value_parser = parse_duration)]
+    tls_watch: Option<Duration>,
 }
 
 fn parse_cache_size(s: &str) -> Result<u64, String> {
@@ -96,6 +107,33 @@ pub fn run_quick(args: ProxyArgs) -> anyhow::Result<()> {
     }
     if args.cache_memory.is_some() {
         svc.cache = Some(shoal_proxy::shoal_cache::CacheConfig::default());
+    }
+    anyhow::ensure!(
+        args.tls_certs.len() == args.tls_keys.len(),
+        "--tls-cert and --tls-key come in pairs ({} certs, {} keys)",
+        args.tls_certs.len(),
+        args.tls_keys.len()
+    );
+    if !args.tls_certs.is_empty() {
+        let raw = shoal_proxy::tls::RawTls {
+            cert: None,
+            key: None,
+            certs: (args.tls_certs.iter().zip(&args.tls_keys))
+                .map(|(c, k)| shoal_proxy::tls::CertFiles {
+                    cert: c.clone(),
+                    key: k.clone(),
+                })
+                .collect(),
+            client_ca: None,
+            client_auth: None,
+            identity_header: None,
+            watch: args.tls_watch.map(shoal_proxy::config::Dur),
+            hsts: None,
+        };
+        let tls = raw
+            .validate(Path::new("."))
+            .map_err(|(field, e)| anyhow::anyhow!("--tls-{field}: {e}"))?;
+        svc.tls = Some(tls);
     }
     let rt = runtime(args.threads)?;
     rt.block_on(async move {
@@ -228,8 +266,14 @@ async fn serve_until_signal(
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                if let Err(e) = app.reload().await {
-                    tracing::error!(error = %e, "reload failed");
+                if app.has_config_file() {
+                    if let Err(e) = app.reload().await {
+                        tracing::error!(error = %e, "reload failed");
+                    }
+                }
+                // Certificates are re-read even when the config did not change.
+                if let Err(e) = app.reload_tls() {
+                    tracing::error!(error = %e, "tls reload failed");
                 }
             }
         }

@@ -241,6 +241,7 @@ fn check_plan(raw: &[u8], v: &Variant) -> Result<bool, TestCaseError> {
         PEER_IP.as_bytes(),
         PORT,
         &mut out,
+        false,
     );
     let input = parse_head(raw, true);
     let plan = match parsed {
@@ -380,6 +381,7 @@ fn plan_request_prefixes_are_partial_or_same() {
                 PEER_IP.as_bytes(),
                 PORT,
                 &mut out,
+                false,
             );
             prop_assert!(!matches!(p, Parsed::Ready(_)), "prefix {} planned", cut);
             Ok(())
