@@ -45,11 +45,14 @@ pub const LOWEST_DELETION_COST: &str = "-2147483648";
 pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 
 /// Where the API server is and how to authenticate.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Clone, PartialEq, Default)]
 pub struct Endpoint {
     /// `https://host:port` or `http://host:port`, no trailing slash.
     pub server: String,
     pub token: Option<String>,
+    /// Where the token comes from, re-read on every call: service-account tokens rotate
+    /// (bound tokens expire within hours), and a token read once would stop working.
+    pub token_file: Option<PathBuf>,
     /// The context's namespace, if it names one.
     pub namespace: Option<String>,
     /// PEM of the CA that signed the API server's certificate (https).
@@ -57,6 +60,37 @@ pub struct Endpoint {
     /// PEM client certificate and key (kubeconfigs of kind, minikube, kubeadm).
     pub client_cert: Option<(Vec<u8>, Vec<u8>)>,
 }
+
+impl std::fmt::Debug for Endpoint {
+    // Credentials never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("server", &self.server)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("namespace", &self.namespace)
+            .field(
+                "client_cert",
+                &self.client_cert.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+impl Endpoint {
+    /// The bearer token as of now: the token file's current content, else the fixed token.
+    fn current_token(&self) -> Option<String> {
+        self.token_file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .or_else(|| self.token.clone())
+    }
+}
+
+/// Longest silence on an open watch before it is taken for a dead connection.
+const WATCH_IDLE: Duration = Duration::from_secs(320);
 
 /// `KUBECONFIG` (its first file) when set, else in-cluster config (the service account),
 /// else `~/.kube/config`. An explicit kubeconfig wins over in-cluster (as with kubectl), so a
@@ -80,6 +114,7 @@ pub fn endpoint_from_env() -> Result<Endpoint, String> {
                 return Ok(Endpoint {
                     server: format!("https://{host}:{port}"),
                     token: Some(token.trim().to_string()),
+                    token_file: Some(PathBuf::from(format!("{dir}/token"))),
                     ca_pem: Some(ca),
                     ..Endpoint::default()
                 });
@@ -133,6 +168,10 @@ pub fn parse_kubeconfig(text: &str) -> Result<Endpoint, String> {
                 .into(),
         );
     }
+    let token_file = match user["token"].as_str() {
+        Some(_) => None,
+        None => user["tokenFile"].as_str().map(PathBuf::from),
+    };
     let token = match (user["token"].as_str(), user["tokenFile"].as_str()) {
         (Some(t), _) => Some(t.to_string()),
         (None, Some(f)) => Some(
@@ -155,6 +194,7 @@ pub fn parse_kubeconfig(text: &str) -> Result<Endpoint, String> {
     Ok(Endpoint {
         server,
         token,
+        token_file,
         namespace: ctx["namespace"].as_str().map(String::from),
         ca_pem,
         client_cert,
@@ -315,7 +355,7 @@ impl KubeClient {
         if !ct.is_empty() {
             b = b.header("content-type", ct);
         }
-        if let Some(t) = &self.ep.token {
+        if let Some(t) = self.ep.current_token() {
             b = b.header("authorization", format!("Bearer {t}"));
         }
         b.body(Full::new(body)).expect("request")
@@ -669,7 +709,7 @@ impl KubeFleet {
                         continue;
                     }
                 };
-                backoff = Duration::from_millis(200);
+                let opened = Instant::now();
                 match self.read_watch(body, &mut stop).await {
                     WatchEnd::Gone => {
                         self.gone().await;
@@ -680,6 +720,13 @@ impl KubeFleet {
                     WatchEnd::Failed(e) => {
                         self.fail(&self.counters.watch_failures, "watch endpointslices", &e);
                     }
+                }
+                // A watch that closes as soon as it opens is not reopened in a hot loop.
+                if opened.elapsed() < Duration::from_secs(1) {
+                    tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = stop.changed() => return }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                } else {
+                    backoff = Duration::from_millis(200);
                 }
             }
         }
@@ -699,8 +746,13 @@ impl KubeFleet {
     ) -> WatchEnd {
         let mut buf: Vec<u8> = Vec::new();
         loop {
+            // The server ends a watch after `timeoutSeconds` (290) and sends bookmarks
+            // meanwhile: silence well past that is a half-open connection, not a quiet one.
             let frame = tokio::select! {
-                f = body.frame() => f,
+                f = tokio::time::timeout(WATCH_IDLE, body.frame()) => match f {
+                    Ok(f) => f,
+                    Err(_) => return WatchEnd::Failed("watch silent past its timeout".into()),
+                },
                 _ = stop.changed() => return WatchEnd::Stopped,
             };
             let data = match frame {
@@ -1436,6 +1488,21 @@ mod tests {
     }
 
     #[test]
+    fn a_rotated_token_file_is_used_from_the_next_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "first\n").unwrap();
+        let ep = Endpoint {
+            token: Some("first".into()),
+            token_file: Some(f.clone()),
+            ..Endpoint::default()
+        };
+        assert_eq!(ep.current_token().as_deref(), Some("first"));
+        std::fs::write(&f, "second\n").unwrap();
+        assert_eq!(ep.current_token().as_deref(), Some("second"));
+    }
+
+    #[test]
     fn kubeconfig_yaml_current_context() {
         let text = r#"
 apiVersion: v1
@@ -1456,6 +1523,10 @@ users:
         let ep = parse_kubeconfig(text).unwrap();
         assert_eq!(ep.server, "http://10.0.0.1:8080");
         assert_eq!(ep.token.as_deref(), Some("abc"));
+        assert!(
+            !format!("{ep:?}").contains("abc"),
+            "the token is not in Debug output"
+        );
         assert_eq!(ep.namespace.as_deref(), Some("web"));
         let https = text.replace("http://10.0.0.1:8080/", "https://k");
         let ep = parse_kubeconfig(&https).unwrap();

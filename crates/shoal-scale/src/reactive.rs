@@ -239,11 +239,15 @@ impl ReactivePolicy {
             .targets
             .iter()
             .filter_map(|t| match t.kind {
-                MetricKind::Cpu => Some(s.demand_instances / t.target),
-                MetricKind::Rps => Some(s.arrival_rps / t.target),
+                // Never fewer than the work fills at full quota: with a target near 1 the
+                // tolerance alone would settle on a fleet that is still saturated.
+                MetricKind::Cpu => Some(
+                    ceil_count(s.demand_instances / t.target / headroom)
+                        .max(ceil_count(s.demand_instances)),
+                ),
+                MetricKind::Rps => Some(ceil_count(s.arrival_rps / t.target / headroom)),
                 _ => None,
             })
-            .map(|need| ceil_count(need / headroom))
             .max()
     }
 
@@ -938,6 +942,23 @@ mod tests {
         }
         let d = p.evaluate(&saturated_obs(6.0, 2, 0, 2.1, true));
         assert_eq!((d.desired, d.reason), (4, Reason::Burst), "{}", d.detail);
+    }
+
+    #[test]
+    fn a_burst_never_lands_on_a_fleet_still_over_its_quota() {
+        // A CPU target of 1.0 (the predictive policy's safety net): 2.1 instances of work
+        // need 3, whatever the tolerance says.
+        let config = ReactiveConfig {
+            targets: vec![MetricTarget {
+                kind: MetricKind::Cpu,
+                target: 1.0,
+            }],
+            max: 8,
+            ..ReactiveConfig::default()
+        };
+        let mut p = ReactivePolicy::new("r", config).unwrap();
+        let d = p.evaluate(&saturated_obs(0.0, 1, 0, 2.1, true));
+        assert_eq!((d.desired, d.reason), (3, Reason::Burst), "{}", d.detail);
     }
 
     #[test]

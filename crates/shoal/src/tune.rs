@@ -258,6 +258,16 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
     let interval = args
         .interval
         .unwrap_or_else(|| resolution.map_or(15.0, |r| r.min(15.0)));
+    // A replay steps by the interval: zero, negative or tiny values would never end.
+    if !(interval.is_finite() && interval >= 0.1) {
+        bail!("--interval must be at least 0.1 seconds (got {interval})");
+    }
+    if !(capacity.is_finite() && capacity > 0.0) {
+        bail!("--capacity must be above 0 requests/s per instance (got {capacity})");
+    }
+    if !(args.startup.is_finite() && args.startup >= 0.0) {
+        bail!("--startup must be 0 or more seconds (got {})", args.startup);
+    }
     let params = PolicyParams {
         capacity_rps: capacity,
         startup_secs: args.startup,

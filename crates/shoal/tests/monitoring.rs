@@ -449,8 +449,10 @@ fn tune_reads_demand_from_prometheus_and_recommends() {
             "20",
             "--startup",
             "2",
+            // Loose: the scraped window may hold only ~10 s, whose first seconds (one
+            // instance, 30 req/s on 20 of capacity) are a violation under any setting.
             "--max-violation",
-            "10",
+            "40",
             "--policy",
             "reactive",
             "--json",
