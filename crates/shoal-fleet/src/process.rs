@@ -240,13 +240,14 @@ impl ProcessFleet {
 
     /// Re-reads CPU and memory of every live instance: CPU summed over its process tree,
     /// memory as its cgroup's working set where it has one, else the tree's resident size.
-    /// Samples younger than half a second are shared (the autoscaler and the vertical loop
-    /// both ask each second).
+    /// Samples younger than 50 ms are shared (the autoscaler's sampler and saturation probe
+    /// and the vertical loop ask at once). Callers turn CPU seconds into a rate over their
+    /// own interval, so an older shared sample would skew it by its age (±50 % at 500 ms).
     pub fn sample_usage(&self) -> Vec<(String, Phase, Usage)> {
         {
             let s = self.state.lock().expect("fleet lock");
             if let Some((at, v)) = &s.last_sample {
-                if at.elapsed() < Duration::from_millis(500) {
+                if at.elapsed() < Duration::from_millis(50) {
                     return v.clone();
                 }
             }
