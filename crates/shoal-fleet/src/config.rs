@@ -59,6 +59,10 @@ pub struct FleetConfig {
     /// `respect` adopts it as the desired count, `reconcile` writes shoal's back.
     #[serde(default = "default_external_scale")]
     pub external_scale: String,
+    /// Kubernetes: the container whose CPU/memory requests are the per-pod size that vertical
+    /// scaling resizes in place (default: the pod template's first container).
+    #[serde(default)]
+    pub container: Option<String>,
     /// Kubernetes with `min = 0`: how long a request waits for the first pod, then 503.
     #[serde(default = "default_cold_start_timeout")]
     pub cold_start_timeout: Dur,
@@ -564,7 +568,12 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
                     "min_memory is greater than max_memory".into(),
                 ));
             }
-            if mode == VerticalMode::Auto && cpu.is_none() && memory_bytes.is_none() {
+            // On Kubernetes the starting size is the pod template's requests.
+            if mode == VerticalMode::Auto
+                && cpu.is_none()
+                && memory_bytes.is_none()
+                && fleet.provider != "kubernetes"
+            {
                 return Err(ferr(
                     "mode",
                     "auto needs a starting size: set cpu and/or memory".into(),

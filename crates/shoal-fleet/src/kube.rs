@@ -15,6 +15,14 @@
 //!   sets their `controller.kubernetes.io/pod-deletion-cost` to the lowest value, and only
 //!   then lowers the replica count, so the ReplicaSet controller deletes exactly those pods.
 //!
+//! - **Usage** from `metrics.k8s.io` when the cluster serves it (metrics-server): each pod's
+//!   CPU rate and memory, integrated into the cumulative CPU the autoscaler and the vertical
+//!   recommender read, with the pod's CPU request as the allotment (as the HPA does). Without
+//!   it, request-based targets only (said in `shoal status`).
+//! - **Vertical** `mode = "auto"` resizes pods in place through the `pods/resize` subresource
+//!   where the cluster serves it (InPlacePodVerticalScaling), pods joining later included;
+//!   else the recommendation only.
+//!
 //! The API is spoken directly (hyper + serde_json, k8s JSON as `serde_json::Value`): shoal
 //! needs five calls, and the `kube` crate would add a large dependency tree. TLS is rustls
 //! with the aws-lc-rs provider, the binary's one crypto provider; the server is verified
@@ -36,7 +44,8 @@ use serde_json::{json, Value};
 use shoal_proxy::metrics::Exposition;
 use tokio::sync::{watch, Notify};
 
-use crate::config::{FleetSpec, PortRef};
+use crate::cgroup::Size;
+use crate::config::{FleetSpec, PortRef, VerticalMode};
 use crate::provider::{BoxFuture, Member, Membership, Phase, Provider};
 use crate::usage::Usage;
 
@@ -553,6 +562,215 @@ pub struct KubeFleet {
     counters: Counters,
     /// How often the scale subresource is read.
     poll: Duration,
+    usage: Mutex<KubeUsage>,
+    vertical: Mutex<crate::vertical::VerticalState>,
+}
+
+/// One pod's CPU from `metrics.k8s.io`: a rate, integrated into cumulative seconds so the
+/// autoscaler and the recommender read it like `/proc` (at the last reported rate between
+/// reports).
+#[derive(Debug, Clone, Copy)]
+struct PodCpu {
+    /// CPU seconds up to `at`.
+    base: f64,
+    at: Instant,
+    cores: f64,
+    memory: u64,
+}
+
+impl PodCpu {
+    fn new(now: Instant, cores: f64, memory: u64) -> PodCpu {
+        PodCpu {
+            base: 0.0,
+            at: now,
+            cores,
+            memory,
+        }
+    }
+
+    /// A new reading: the time since the last one is charged at the last rate.
+    fn advance(&mut self, now: Instant, cores: f64, memory: u64) {
+        self.base = self.cumulative(now);
+        self.at = now.max(self.at);
+        self.cores = cores;
+        self.memory = memory;
+    }
+
+    fn cumulative(&self, now: Instant) -> f64 {
+        self.base + self.cores * now.saturating_duration_since(self.at).as_secs_f64()
+    }
+}
+
+/// Usage and sizing state of a Kubernetes fleet.
+#[derive(Debug, Default)]
+struct KubeUsage {
+    /// `metrics.k8s.io` serves pods (None: not checked yet).
+    metrics: Option<bool>,
+    /// The API serves `pods/resize` (in-place resize).
+    resize: Option<bool>,
+    checked: Option<Instant>,
+    /// The pods' label selector, from the scale subresource.
+    selector: Option<String>,
+    pods: BTreeMap<String, PodCpu>,
+    /// The resized container and its template size (requests, else limits).
+    container: Option<String>,
+    template: Size,
+    /// Limit ÷ request per resource in the template (kept on resize, as the VPA does).
+    limit_ratio: (Option<f64>, Option<f64>),
+    /// CPU requested by the pod's other containers (part of the allotment).
+    others_cpu: f64,
+    /// The size pods should have: the template's until shoal resizes.
+    current: Size,
+    /// Pods shoal resized, and to what.
+    sized: BTreeMap<String, Size>,
+    resize_failures: u64,
+    metrics_failures: u64,
+}
+
+/// Re-reads discovery and the Deployment this often.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(30);
+
+/// A Kubernetes quantity (`250m`, `2`, `0.5`, `128Mi`, `1G`, `1e3`, `100n`) as a number.
+pub fn parse_quantity(q: &str) -> Option<f64> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+        .unwrap_or(q.len());
+    let (num, suffix) = q.split_at(split);
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
+    let mult = match suffix {
+        "" => 1.0,
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0f64.powi(4),
+        _ => return None,
+    };
+    Some(n * mult)
+}
+
+/// Pod name → (cores, memory bytes) summed over containers, from a `PodMetricsList`.
+pub fn pod_metrics(list: &Value) -> BTreeMap<String, (f64, u64)> {
+    let mut out = BTreeMap::new();
+    for item in list["items"].as_array().into_iter().flatten() {
+        let Some(name) = item["metadata"]["name"].as_str() else {
+            continue;
+        };
+        let (mut cpu, mut mem) = (0.0, 0.0);
+        for c in item["containers"].as_array().into_iter().flatten() {
+            cpu += c["usage"]["cpu"]
+                .as_str()
+                .and_then(parse_quantity)
+                .unwrap_or(0.0);
+            mem += c["usage"]["memory"]
+                .as_str()
+                .and_then(parse_quantity)
+                .unwrap_or(0.0);
+        }
+        out.insert(name.to_string(), (cpu, mem as u64));
+    }
+    out
+}
+
+/// The sizing facts of a Deployment's pod template.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Template {
+    /// The resized container (the configured one, else the first).
+    container: Option<String>,
+    /// Its size: requests, else limits.
+    size: Size,
+    /// Limit ÷ request per resource (cpu, memory).
+    ratio: (Option<f64>, Option<f64>),
+    /// CPU the other containers request.
+    others_cpu: f64,
+}
+
+fn template_size(d: &Value, want: Option<&str>) -> Template {
+    let containers = d["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let idx = match want {
+        Some(w) => containers.iter().position(|c| c["name"] == w),
+        None => (!containers.is_empty()).then_some(0),
+    };
+    let Some(i) = idx else {
+        return Template::default();
+    };
+    let q = |c: &Value, kind: &str, res: &str| {
+        c["resources"][kind][res].as_str().and_then(parse_quantity)
+    };
+    let c = &containers[i];
+    let size_of = |res: &str| q(c, "requests", res).or_else(|| q(c, "limits", res));
+    let ratio = |res: &str| match (q(c, "requests", res), q(c, "limits", res)) {
+        (Some(r), Some(l)) if r > 0.0 => Some(l / r),
+        (None, Some(_)) => Some(1.0),
+        _ => None,
+    };
+    let others = containers
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .filter_map(|(_, o)| q(o, "requests", "cpu").or_else(|| q(o, "limits", "cpu")))
+        .sum();
+    Template {
+        container: c["name"].as_str().map(String::from),
+        size: Size {
+            cpu: size_of("cpu"),
+            memory_bytes: size_of("memory").map(|m| m as u64),
+        },
+        ratio: (ratio("cpu"), ratio("memory")),
+        others_cpu: others,
+    }
+}
+
+/// The strategic-merge patch of the `resize` subresource giving `container` the size `to`.
+/// Requests become the size; a limit keeps its ratio to the request; a memory decrease
+/// lowers the request only (Kubernetes refuses in-place memory limit decreases).
+pub fn resize_patch(
+    container: &str,
+    to: Size,
+    from: Size,
+    ratio: (Option<f64>, Option<f64>),
+) -> Value {
+    let mut requests = serde_json::Map::new();
+    let mut limits = serde_json::Map::new();
+    if let Some(c) = to.cpu {
+        let milli = (c * 1000.0).round().max(1.0) as u64;
+        requests.insert("cpu".into(), json!(format!("{milli}m")));
+        if let Some(r) = ratio.0 {
+            limits.insert(
+                "cpu".into(),
+                json!(format!("{}m", ((milli as f64) * r).round() as u64)),
+            );
+        }
+    }
+    if let Some(m) = to.memory_bytes {
+        let mib = m.div_ceil(1 << 20).max(1);
+        requests.insert("memory".into(), json!(format!("{mib}Mi")));
+        let shrinking = from.memory_bytes.is_some_and(|f| m < f);
+        if let (Some(r), false) = (ratio.1, shrinking) {
+            limits.insert(
+                "memory".into(),
+                json!(format!("{}Mi", ((mib as f64) * r).ceil() as u64)),
+            );
+        }
+    }
+    let mut resources = json!({ "requests": requests });
+    if !limits.is_empty() {
+        resources["limits"] = Value::Object(limits);
+    }
+    json!({"spec": {"containers": [{"name": container, "resources": resources}]}})
 }
 
 impl KubeFleet {
@@ -585,6 +803,8 @@ impl KubeFleet {
             stop: watch::channel(false).0,
             counters: Counters::default(),
             poll: Duration::from_secs(1),
+            usage: Mutex::new(KubeUsage::default()),
+            vertical: Mutex::new(crate::vertical::VerticalState::new()),
             spec,
         }))
     }
@@ -593,6 +813,7 @@ impl KubeFleet {
     pub fn start(self: &Arc<Self>) {
         tokio::spawn(self.clone().run_watch());
         tokio::spawn(self.clone().run_scale());
+        tokio::spawn(self.clone().run_usage());
         if self.spec.fleet.min == 0 {
             tokio::spawn(self.clone().run_activator());
         }
@@ -915,6 +1136,12 @@ impl KubeFleet {
             .client
             .call(Method::GET, &self.scale_path(), "", None)
             .await?;
+        if let Some(sel) = v["status"]["selector"].as_str().filter(|s| !s.is_empty()) {
+            let mut u = self.usage.lock().expect("kube usage");
+            if u.selector.as_deref() != Some(sel) {
+                u.selector = Some(sel.to_string());
+            }
+        }
         Ok((
             v["spec"]["replicas"].as_u64().unwrap_or(0) as u32,
             v["metadata"]["resourceVersion"]
@@ -962,6 +1189,7 @@ impl KubeFleet {
 
     async fn reconcile(&self) -> Result<(), ApiError> {
         let (replicas, rv) = self.read_scale().await?;
+        let mut restored = Vec::new();
         let desired = {
             let mut s = self.state.lock().expect("kube state");
             match s.replicas {
@@ -984,7 +1212,7 @@ impl KubeFleet {
             }
             s.replicas = Some(replicas);
             // Pods drained for a scale-in that did not happen (or removed other pods) get
-            // traffic again.
+            // traffic again, and their deletion cost back.
             if s.desired >= replicas {
                 let stale: Vec<String> = s
                     .draining
@@ -994,10 +1222,15 @@ impl KubeFleet {
                     .collect();
                 for p in stale {
                     s.draining.remove(&p);
+                    restored.push(p);
                 }
             }
             s.desired
         };
+        for pod in restored {
+            tracing::info!(service = %self.spec.service, pod = %pod, "scale-in did not happen: pod routed to again, deletion cost cleared");
+            self.set_deletion_cost(&pod, None).await?;
+        }
         if desired > replicas {
             if !self.write_scale(desired, &rv).await? {
                 self.wake.notify_one();
@@ -1043,8 +1276,52 @@ impl KubeFleet {
         out
     }
 
+    /// Sets (or with None clears) a pod's `pod-deletion-cost`; a pod already gone is fine.
+    async fn set_deletion_cost(&self, pod: &str, cost: Option<&str>) -> Result<(), ApiError> {
+        let patch = json!({"metadata": {"annotations": {DELETION_COST: cost}}});
+        let path = format!("/api/v1/namespaces/{}/pods/{pod}", self.namespace);
+        match self
+            .client
+            .call(
+                Method::PATCH,
+                &path,
+                "application/merge-patch+json",
+                Some(&patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                self.counters
+                    .deletion_cost_patches
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) if e.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Pods the ReplicaSet controller removes before any ready one whatever their deletion
+    /// cost: live pods not ready, and pods with no endpoint yet (pending).
+    fn doomed_first(&self, replicas: u32) -> usize {
+        let s = self.state.lock().expect("kube state");
+        let mut live = std::collections::BTreeSet::new();
+        let mut not_ready = std::collections::BTreeSet::new();
+        for e in s.slices.values().flatten().filter(|e| !e.terminating) {
+            live.insert(e.pod.clone());
+            if !e.ready && !s.draining.contains_key(&e.pod) {
+                not_ready.insert(e.pod.clone());
+            }
+        }
+        let pending = (replicas as usize).saturating_sub(live.len());
+        not_ready.len() + pending
+    }
+
     async fn scale_in(&self, replicas: u32, desired: u32) -> Result<(), ApiError> {
-        let victims = self.choose_victims((replicas - desired) as usize);
+        // Not-ready and pending pods go first (the controller's ranking): drain only the
+        // ready pods the rest of the cut takes.
+        let cut = (replicas - desired) as usize;
+        let victims = self.choose_victims(cut.saturating_sub(self.doomed_first(replicas)));
         // 1. No new requests; wait for in-flight ones (or the drain timeout).
         let mut drains = tokio::task::JoinSet::new();
         {
@@ -1063,26 +1340,8 @@ impl KubeFleet {
         while drains.join_next().await.is_some() {}
         // 2. Make them the ones the ReplicaSet controller deletes.
         for v in &victims {
-            let patch = json!({"metadata": {"annotations": {DELETION_COST: LOWEST_DELETION_COST}}});
-            let path = format!("/api/v1/namespaces/{}/pods/{v}", self.namespace);
-            match self
-                .client
-                .call(
-                    Method::PATCH,
-                    &path,
-                    "application/merge-patch+json",
-                    Some(&patch),
-                )
-                .await
-            {
-                Ok(_) => {
-                    self.counters
-                        .deletion_cost_patches
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) if e.code == 404 => {}
-                Err(e) => return Err(e),
-            }
+            self.set_deletion_cost(v, Some(LOWEST_DELETION_COST))
+                .await?;
         }
         // 3. Lower the count, re-reading on conflict; give up (next round) if the count was
         //    changed meanwhile.
@@ -1102,6 +1361,335 @@ impl KubeFleet {
         }
         self.wake.notify_one();
         Ok(())
+    }
+
+    // ---- usage and in-place resize ----
+
+    async fn run_usage(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        loop {
+            self.usage_tick().await;
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(self.poll) => {}
+            }
+        }
+    }
+
+    async fn usage_tick(&self) {
+        let due = {
+            let u = self.usage.lock().expect("kube usage");
+            u.checked.is_none_or(|t| t.elapsed() >= DISCOVERY_INTERVAL)
+        };
+        if due {
+            self.discover().await;
+        }
+        let (metrics, selector) = {
+            let u = self.usage.lock().expect("kube usage");
+            (u.metrics == Some(true), u.selector.clone())
+        };
+        if let (true, Some(sel)) = (metrics, selector) {
+            self.poll_metrics(&sel).await;
+        }
+        self.vertical_tick().await;
+    }
+
+    /// What the cluster serves (`metrics.k8s.io`, `pods/resize`) and the pod template's size.
+    async fn discover(&self) {
+        let metrics = match self
+            .client
+            .call(Method::GET, "/apis/metrics.k8s.io/v1beta1", "", None)
+            .await
+        {
+            Ok(v) => Some(
+                v["resources"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|x| x["name"] == "pods")),
+            ),
+            // Not registered, or the aggregated API is down.
+            Err(e) if matches!(e.code, 404 | 503) => Some(false),
+            Err(e) => {
+                self.fail(&self.counters.api_failures, "discovery", &e);
+                None
+            }
+        };
+        let resize = match self.client.call(Method::GET, "/api/v1", "", None).await {
+            Ok(v) => Some(
+                v["resources"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|x| x["name"] == "pods/resize")),
+            ),
+            Err(e) => {
+                self.fail(&self.counters.api_failures, "discovery", &e);
+                None
+            }
+        };
+        let path = format!(
+            "/apis/apps/v1/namespaces/{}/deployments/{}",
+            self.namespace, self.spec.fleet.deployment
+        );
+        let template = match self.client.call(Method::GET, &path, "", None).await {
+            Ok(d) => Some(template_size(&d, self.spec.fleet.container.as_deref())),
+            Err(e) => {
+                self.fail(&self.counters.api_failures, "deployment", &e);
+                None
+            }
+        };
+        let mut u = self.usage.lock().expect("kube usage");
+        if let Some(m) = metrics {
+            if u.metrics != Some(m) {
+                if m {
+                    tracing::info!(service = %self.spec.service, "metrics.k8s.io served: CPU and memory per pod");
+                } else {
+                    tracing::info!(service = %self.spec.service, "metrics.k8s.io not served: request-based targets only");
+                }
+            }
+            u.metrics = Some(m);
+        }
+        if let Some(r) = resize {
+            if u.resize != Some(r) && self.spec.resources.mode == VerticalMode::Auto {
+                if r {
+                    tracing::info!(service = %self.spec.service, "pods/resize served: vertical auto resizes pods in place");
+                } else {
+                    tracing::info!(service = %self.spec.service, "pods/resize not served (no in-place pod resize): vertical recommends only");
+                }
+            }
+            u.resize = Some(r);
+        }
+        if let Some(Template {
+            container,
+            size,
+            ratio,
+            others_cpu: others,
+        }) = template
+        {
+            let configured = Size {
+                cpu: self.spec.resources.cpu,
+                memory_bytes: self.spec.resources.memory_bytes,
+            };
+            let size = Size {
+                cpu: size.cpu.or(configured.cpu),
+                memory_bytes: size.memory_bytes.or(configured.memory_bytes),
+            };
+            // A template change (a rollout) restarts the sizing from it.
+            if u.template != size || u.current == Size::default() {
+                u.current = size;
+                u.sized.clear();
+            }
+            u.template = size;
+            u.container = container;
+            u.limit_ratio = ratio;
+            u.others_cpu = others;
+        }
+        u.checked = Some(Instant::now());
+    }
+
+    async fn poll_metrics(&self, selector: &str) {
+        let path = format!(
+            "/apis/metrics.k8s.io/v1beta1/namespaces/{}/pods?labelSelector={}",
+            self.namespace,
+            encode(selector)
+        );
+        match self.client.call(Method::GET, &path, "", None).await {
+            Ok(list) => {
+                let now = Instant::now();
+                let live: std::collections::BTreeSet<String> = {
+                    let s = self.state.lock().expect("kube state");
+                    s.members.keys().chain(s.draining.keys()).cloned().collect()
+                };
+                let mut u = self.usage.lock().expect("kube usage");
+                for (pod, (cores, mem)) in pod_metrics(&list) {
+                    match u.pods.get_mut(&pod) {
+                        Some(p) => p.advance(now, cores, mem),
+                        None => {
+                            u.pods.insert(pod, PodCpu::new(now, cores, mem));
+                        }
+                    }
+                }
+                u.pods.retain(|p, _| live.contains(p));
+                u.sized.retain(|p, _| live.contains(p));
+            }
+            Err(e) => {
+                self.usage.lock().expect("kube usage").metrics_failures += 1;
+                if e.code == 404 {
+                    // metrics-server went away: back to request-based targets.
+                    self.usage.lock().expect("kube usage").metrics = Some(false);
+                }
+                self.fail(&self.counters.api_failures, "metrics.k8s.io", &e);
+            }
+        }
+    }
+
+    /// The size pods should have after this evaluation, and the changes decided.
+    fn decide_size(
+        &self,
+        v: &mut crate::vertical::VerticalState,
+        t: f64,
+        current: Size,
+    ) -> (Size, Vec<(&'static str, f64, f64)>) {
+        let mut target = current;
+        let mut changes = Vec::new();
+        if let Some(rec) = v.recommender.recommendation() {
+            changes =
+                crate::recommend::decide(current, &rec, &self.spec.resources, t, v.last_change);
+            // A horizontal CPU target and in-place CPU resizing would fight over one signal
+            // (the VPA-with-HPA problem): then only memory is resized.
+            let cpu_horizontal = self.spec.autoscale.as_ref().is_some_and(|a| {
+                a.targets
+                    .iter()
+                    .any(|t| t.kind == shoal_scale::MetricKind::Cpu)
+            });
+            if cpu_horizontal {
+                changes.retain(|(resource, _, _)| *resource != "cpu");
+            }
+            for (resource, _, to) in &changes {
+                if *resource == "cpu" {
+                    target.cpu = Some(*to);
+                } else {
+                    target.memory_bytes = Some(*to as u64);
+                }
+            }
+            if !changes.is_empty() {
+                v.last_change = Some(t);
+            }
+        }
+        (target, changes)
+    }
+
+    /// One recommender sample; in `auto` mode where pods can be resized in place, one resize
+    /// decision, and pods not at the current size (new ones) resized.
+    async fn vertical_tick(&self) {
+        let mode = self.spec.resources.mode;
+        if mode == VerticalMode::Off {
+            return;
+        }
+        let ready: Vec<String> = {
+            let s = self.state.lock().expect("kube state");
+            s.members
+                .iter()
+                .filter(|(_, t)| t.known == Known::Ready)
+                .map(|(p, _)| p.clone())
+                .collect()
+        };
+        let now = Instant::now();
+        let (samples, resize, current, container, ratio) = {
+            let u = self.usage.lock().expect("kube usage");
+            let samples: Vec<(String, f64, u64)> = ready
+                .iter()
+                .filter_map(|p| {
+                    u.pods
+                        .get(p)
+                        .map(|c| (p.clone(), c.cumulative(now), c.memory))
+                })
+                .collect();
+            (
+                samples,
+                u.resize == Some(true),
+                u.current,
+                u.container.clone(),
+                u.limit_ratio,
+            )
+        };
+        let Some((container, target, changes)) = ({
+            let mut v = self.vertical.lock().expect("vertical lock");
+            let t = v.now();
+            if !samples.is_empty() {
+                v.recommender.add(t, &samples);
+            }
+            container
+                .filter(|_| mode == VerticalMode::Auto && resize)
+                .map(|c| {
+                    let (target, changes) = self.decide_size(&mut v, t, current);
+                    (c, target, changes)
+                })
+        }) else {
+            return;
+        };
+        let pending: Vec<String> = {
+            let mut u = self.usage.lock().expect("kube usage");
+            u.current = target;
+            ready
+                .iter()
+                .filter(|p| {
+                    u.sized
+                        .get(*p)
+                        .map_or(target != u.template, |s| *s != target)
+                })
+                .cloned()
+                .collect()
+        };
+        let mut applied = Vec::new();
+        for pod in pending {
+            let from = {
+                let u = self.usage.lock().expect("kube usage");
+                u.sized.get(&pod).copied().unwrap_or(u.template)
+            };
+            let patch = resize_patch(&container, target, from, ratio);
+            let path = format!("/api/v1/namespaces/{}/pods/{pod}/resize", self.namespace);
+            match self
+                .client
+                .call(
+                    Method::PATCH,
+                    &path,
+                    "application/strategic-merge-patch+json",
+                    Some(&patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    self.usage
+                        .lock()
+                        .expect("kube usage")
+                        .sized
+                        .insert(pod.clone(), target);
+                    applied.push((pod, 0));
+                }
+                Err(e) if e.code == 404 => {}
+                Err(e) => {
+                    self.usage.lock().expect("kube usage").resize_failures += 1;
+                    self.fail(&self.counters.api_failures, "pod resize", &e);
+                }
+            }
+        }
+        if changes.is_empty() {
+            if !applied.is_empty() {
+                tracing::info!(service = %self.spec.service, pods = ?applied.iter().map(|(p, _)| p).collect::<Vec<_>>(), "pods resized in place to the current size");
+            }
+            return;
+        }
+        let rec = self
+            .vertical
+            .lock()
+            .expect("vertical lock")
+            .recommender
+            .recommendation();
+        let mut v = self.vertical.lock().expect("vertical lock");
+        for (resource, from, to) in changes {
+            let detail = match (resource, rec) {
+                ("memory", Some(r)) => format!(
+                    "peak working set over the last hour {} (+20%) → {}; bounds {}..{}",
+                    crate::vertical::mib(r.memory_bytes as f64 / 1.2),
+                    crate::vertical::mib(to),
+                    crate::vertical::mib(self.spec.resources.memory_bounds.0 as f64),
+                    crate::vertical::mib(self.spec.resources.memory_bounds.1 as f64)
+                ),
+                (_, Some(r)) => format!(
+                    "p90 of per-pod CPU (+15%) is {:.2} cores over {} samples → {to:.2}; bounds {}..{}",
+                    r.cpu, r.samples, self.spec.resources.cpu_bounds.0, self.spec.resources.cpu_bounds.1
+                ),
+                _ => String::new(),
+            };
+            v.record(crate::recommend::Resize {
+                epoch_secs: crate::vertical::epoch(),
+                resource,
+                direction: if to > from { "up" } else { "down" },
+                reason: "recommendation",
+                from,
+                to,
+                detail,
+                applied_to: applied.clone(),
+            });
+        }
     }
 }
 
@@ -1189,9 +1777,81 @@ impl Provider for KubeFleet {
         out
     }
     fn sample_usage(&self) -> Vec<(String, Phase, Usage)> {
-        Vec::new()
+        let phases: Vec<(String, Phase)> = {
+            let s = self.state.lock().expect("kube state");
+            s.members
+                .iter()
+                .map(|(p, t)| {
+                    let phase = match t.known {
+                        Known::Starting => Phase::Starting,
+                        Known::Ready => Phase::Ready,
+                    };
+                    (p.clone(), phase)
+                })
+                .collect()
+        };
+        let u = self.usage.lock().expect("kube usage");
+        if u.metrics != Some(true) {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        phases
+            .into_iter()
+            .filter_map(|(p, phase)| {
+                let c = u.pods.get(&p)?;
+                Some((
+                    p,
+                    phase,
+                    Usage {
+                        cpu_seconds: c.cumulative(now),
+                        memory_bytes: c.memory,
+                    },
+                ))
+            })
+            .collect()
+    }
+    fn cpu_allotment(&self) -> Option<f64> {
+        // The pod's CPU request, as the HPA's utilization is measured against.
+        let u = self.usage.lock().expect("kube usage");
+        u.current.cpu.map(|c| c + u.others_cpu).filter(|c| *c > 0.0)
+    }
+    fn recommendation(&self) -> Option<crate::recommend::Recommendation> {
+        if self.spec.resources.mode == VerticalMode::Off {
+            return None;
+        }
+        self.vertical
+            .lock()
+            .expect("vertical lock")
+            .recommender
+            .recommendation()
+    }
+    fn resizes(&self) -> Vec<crate::recommend::Resize> {
+        self.vertical.lock().expect("vertical lock").resizes()
     }
     fn status(&self) -> Value {
+        let (metrics, vertical, size) = {
+            let u = self.usage.lock().expect("kube usage");
+            let metrics = match u.metrics {
+                Some(true) => "metrics.k8s.io: CPU and memory per pod",
+                Some(false) => "request-based targets only (metrics.k8s.io is not served)",
+                None => "not known yet (metrics.k8s.io not checked)",
+            };
+            let vertical = match (self.spec.resources.mode, u.resize) {
+                (VerticalMode::Off, _) => "off",
+                (VerticalMode::Recommend, _) => "recommend only (mode = \"recommend\")",
+                (VerticalMode::Auto, Some(true)) => "auto: pods resized in place (pods/resize)",
+                (VerticalMode::Auto, Some(false)) => {
+                    "recommend only: the cluster has no in-place pod resize (pods/resize)"
+                }
+                (VerticalMode::Auto, None) => "auto: not known yet whether pods can be resized",
+            };
+            (
+                metrics,
+                vertical,
+                json!({"container": u.container, "cpu": u.current.cpu,
+                       "memory_bytes": u.current.memory_bytes}),
+            )
+        };
         let s = self.state.lock().expect("kube state");
         json!({
             "provider": "kubernetes",
@@ -1203,9 +1863,10 @@ impl Provider for KubeFleet {
             "desired": s.desired,
             "external_scale": self.spec.fleet.external_scale,
             "last_error": s.last_error,
-            "metrics": "request-based targets only (CPU and memory per pod from metrics.k8s.io are not read)",
+            "metrics": metrics,
             "scale_from_zero": self.spec.fleet.min == 0,
-            "vertical": "recommend only (in-place pod resize is not implemented)",
+            "vertical": vertical,
+            "size": size,
         })
     }
     fn collect(&self, e: &mut Exposition) {
@@ -1252,6 +1913,39 @@ impl Provider for KubeFleet {
             ),
         ] {
             e.counter(name, help, &[("service", svc)], v.load(Ordering::Relaxed));
+        }
+        self.vertical
+            .lock()
+            .expect("vertical lock")
+            .collect_decisions(svc, e);
+        let u = self.usage.lock().expect("kube usage");
+        e.counter(
+            "shoal_resize_failures_total",
+            "Limits that could not be written to an instance's cgroup.",
+            &[("service", svc)],
+            u.resize_failures,
+        );
+        e.counter(
+            "shoal_kube_metrics_failures_total",
+            "Failed reads of pod usage from metrics.k8s.io.",
+            &[("service", svc)],
+            u.metrics_failures,
+        );
+        if let Some(c) = u.current.cpu {
+            e.gauge(
+                "shoal_instance_cpu_limit_cores",
+                "CPU quota of each instance (cores).",
+                &[("service", svc)],
+                c,
+            );
+        }
+        if let Some(m) = u.current.memory_bytes {
+            e.gauge(
+                "shoal_instance_memory_limit_bytes",
+                "Memory limit of each instance.",
+                &[("service", svc)],
+                m as f64,
+            );
         }
     }
     fn shutdown(&self, _deadline: Duration) -> BoxFuture<'_, ()> {
@@ -1452,9 +2146,11 @@ mod tests {
         );
         assert_eq!(fleet.counters.conflicts.load(Ordering::Relaxed), 1);
 
+        // 4 replicas, 3 endpoints: the 4th pod is pending, and the ReplicaSet controller
+        // deletes it before any ready pod, so 4 → 1 drains two ready pods, not three.
         mock.lock().unwrap().log.clear();
-        fleet.scale(2);
-        wait_for("scaled to 2", || mock.lock().unwrap().replicas == 2).await;
+        fleet.scale(1);
+        wait_for("scaled to 1", || mock.lock().unwrap().replicas == 1).await;
         let reqs = scale_requests(&mock);
         let order: Vec<&str> = reqs.iter().map(|(m, _)| m.as_str()).collect();
         let put = order.iter().position(|m| m.starts_with("PUT")).unwrap();
@@ -1485,6 +2181,109 @@ mod tests {
             "the busy pod was chosen: {calls:?}"
         );
         let _ = fleet.shutdown(Duration::ZERO).await;
+    }
+
+    #[test]
+    fn quantities_and_pod_metrics() {
+        for (q, v) in [
+            ("250m", 0.25),
+            ("2", 2.0),
+            ("0.5", 0.5),
+            ("1500000n", 0.0015),
+            ("128Mi", 134_217_728.0),
+            ("1G", 1e9),
+            ("1e3", 1000.0),
+            ("12Ki", 12_288.0),
+        ] {
+            assert!((parse_quantity(q).unwrap() - v).abs() < 1e-9, "{q}");
+        }
+        for bad in ["", "m", "-1", "1x", "1Qi", "NaN"] {
+            assert!(parse_quantity(bad).is_none(), "{bad}");
+        }
+        let list = json!({"items": [
+            {"metadata": {"name": "a"}, "containers": [
+                {"name": "app", "usage": {"cpu": "250000000n", "memory": "1024Ki"}},
+                {"name": "side", "usage": {"cpu": "50m", "memory": "1Mi"}}]},
+            {"metadata": {"name": "b"}, "containers": [{"name": "app", "usage": {"cpu": "bogus"}}]},
+            {"metadata": {}, "containers": []}]});
+        let m = pod_metrics(&list);
+        assert_eq!(m.len(), 2);
+        assert!((m["a"].0 - 0.3).abs() < 1e-9);
+        assert_eq!(m["a"].1, 2 << 20);
+        assert_eq!(m["b"], (0.0, 0));
+    }
+
+    #[test]
+    fn pod_cpu_integrates_rates_between_reports() {
+        let t0 = Instant::now();
+        let mut p = PodCpu::new(t0, 0.5, 10);
+        assert!((p.cumulative(t0 + Duration::from_secs(2)) - 1.0).abs() < 1e-9);
+        // A report after 4 s at a new rate: the 4 s are charged at the old one.
+        p.advance(t0 + Duration::from_secs(4), 1.0, 20);
+        assert!((p.cumulative(t0 + Duration::from_secs(4)) - 2.0).abs() < 1e-9);
+        assert!((p.cumulative(t0 + Duration::from_secs(6)) - 4.0).abs() < 1e-9);
+        assert_eq!(p.memory, 20);
+        // A report continues the curve (no jump), then it runs at the new rate.
+        let t6 = t0 + Duration::from_secs(6);
+        let before = p.cumulative(t6);
+        p.advance(t6, 0.0, 20);
+        assert!((p.cumulative(t6) - before).abs() < 1e-9);
+        assert!((p.cumulative(t0 + Duration::from_secs(9)) - before).abs() < 1e-9);
+    }
+
+    #[test]
+    fn template_size_and_resize_patches() {
+        let d = json!({"spec": {"template": {"spec": {"containers": [
+            {"name": "proxy", "resources": {"requests": {"cpu": "100m"}}},
+            {"name": "app", "resources": {"requests": {"cpu": "500m", "memory": "128Mi"},
+                                          "limits": {"cpu": "1", "memory": "256Mi"}}}]}}}});
+        let Template {
+            container: c,
+            size,
+            ratio,
+            others_cpu: others,
+        } = template_size(&d, Some("app"));
+        assert_eq!(c.as_deref(), Some("app"));
+        assert_eq!(size.cpu, Some(0.5));
+        assert_eq!(size.memory_bytes, Some(128 << 20));
+        assert_eq!(ratio, (Some(2.0), Some(2.0)));
+        assert!((others - 0.1).abs() < 1e-9);
+        let t = template_size(&d, None);
+        assert_eq!(
+            (t.container.as_deref(), t.size.cpu),
+            (Some("proxy"), Some(0.1))
+        );
+        assert_eq!(template_size(&d, Some("nope")), Template::default());
+
+        // Up: requests to the size, limits keep their ratio.
+        let to = Size {
+            cpu: Some(0.75),
+            memory_bytes: Some(200 << 20),
+        };
+        let p = resize_patch("app", to, size_of(0.5, 128), (Some(2.0), Some(2.0)));
+        let r = &p["spec"]["containers"][0];
+        assert_eq!(r["name"], "app");
+        assert_eq!(r["resources"]["requests"]["cpu"], "750m");
+        assert_eq!(r["resources"]["limits"]["cpu"], "1500m");
+        assert_eq!(r["resources"]["requests"]["memory"], "200Mi");
+        assert_eq!(r["resources"]["limits"]["memory"], "400Mi");
+        // Memory down: the request only (no in-place limit decrease).
+        let p = resize_patch(
+            "app",
+            size_of(0.5, 64),
+            size_of(0.5, 128),
+            (None, Some(2.0)),
+        );
+        let r = &p["spec"]["containers"][0]["resources"];
+        assert_eq!(r["requests"]["memory"], "64Mi");
+        assert!(r.get("limits").is_none(), "{r}");
+    }
+
+    fn size_of(cpu: f64, mib: u64) -> Size {
+        Size {
+            cpu: Some(cpu),
+            memory_bytes: Some(mib << 20),
+        }
     }
 
     #[test]

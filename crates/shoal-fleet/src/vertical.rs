@@ -20,8 +20,8 @@ const WINDOW_SECS: f64 = 3600.0;
 #[derive(Debug)]
 pub struct VerticalState {
     start: Instant,
-    recommender: Recommender,
-    last_change: Option<f64>,
+    pub(crate) recommender: Recommender,
+    pub(crate) last_change: Option<f64>,
     resizes: VecDeque<Resize>,
     counts: BTreeMap<(&'static str, &'static str, &'static str), u64>,
 }
@@ -37,11 +37,32 @@ impl VerticalState {
         }
     }
 
-    fn now(&self) -> f64 {
+    pub(crate) fn now(&self) -> f64 {
         self.start.elapsed().as_secs_f64()
     }
 
-    fn record(&mut self, r: Resize) {
+    pub(crate) fn resizes(&self) -> Vec<Resize> {
+        self.resizes.iter().cloned().collect()
+    }
+
+    /// `shoal_resize_decisions_total`, whichever provider resized.
+    pub(crate) fn collect_decisions(&self, svc: &str, e: &mut Exposition) {
+        for ((resource, direction, reason), n) in &self.counts {
+            e.counter(
+                "shoal_resize_decisions_total",
+                "In-place per-instance size changes, by resource, direction and reason.",
+                &[
+                    ("service", svc),
+                    ("resource", resource),
+                    ("direction", direction),
+                    ("reason", reason),
+                ],
+                *n,
+            );
+        }
+    }
+
+    pub(crate) fn record(&mut self, r: Resize) {
         tracing::info!(
             resource = r.resource,
             direction = r.direction,
@@ -68,13 +89,13 @@ impl Default for VerticalState {
     }
 }
 
-fn epoch() -> f64 {
+pub(crate) fn epoch() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-fn mib(b: f64) -> String {
+pub(crate) fn mib(b: f64) -> String {
     format!("{:.0}MiB", b / (1u64 << 20) as f64)
 }
 
@@ -302,27 +323,15 @@ impl ProcessFleet {
     }
 
     pub fn resizes(&self) -> Vec<Resize> {
-        let v = self.vertical.lock().expect("vertical lock");
-        v.resizes.iter().cloned().collect()
+        self.vertical.lock().expect("vertical lock").resizes()
     }
 
     pub(crate) fn collect_vertical(&self, e: &mut Exposition) {
         let svc = self.spec.service.as_str();
-        let v = self.vertical.lock().expect("vertical lock");
-        for ((resource, direction, reason), n) in &v.counts {
-            e.counter(
-                "shoal_resize_decisions_total",
-                "In-place per-instance size changes, by resource, direction and reason.",
-                &[
-                    ("service", svc),
-                    ("resource", resource),
-                    ("direction", direction),
-                    ("reason", reason),
-                ],
-                *n,
-            );
-        }
-        drop(v);
+        self.vertical
+            .lock()
+            .expect("vertical lock")
+            .collect_decisions(svc, e);
         e.counter(
             "shoal_oom_kills_total",
             "Instances (or processes inside them) killed for reaching their memory limit.",

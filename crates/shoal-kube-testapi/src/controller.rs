@@ -60,6 +60,8 @@ fn next_random() -> u64 {
 
 struct PodProc {
     child: Child,
+    /// Last CPU reading (seconds, including reaped children) and when, for the usage rate.
+    cpu: Option<(f64, Instant)>,
     addr: SocketAddr,
     ready: bool,
     /// When the pod was first seen terminating.
@@ -103,6 +105,7 @@ fn container_port(template_spec: &Value) -> (u16, String) {
 pub async fn run(st: Arc<State>) {
     let mut procs: HashMap<String, PodProc> = HashMap::new();
     let mut stop = st.stop.subscribe();
+    let mut measured = Instant::now();
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -110,6 +113,10 @@ pub async fn run(st: Arc<State>) {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
         reconcile(&st, &mut procs).await;
+        if measured.elapsed() >= METRICS_WINDOW {
+            measured = Instant::now();
+            measure(&st, &mut procs);
+        }
     }
     for p in procs.values_mut() {
         signal(&p.child, nix::sys::signal::Signal::SIGTERM);
@@ -121,6 +128,54 @@ pub async fn run(st: Arc<State>) {
         {
             let _ = p.child.kill().await;
         }
+    }
+}
+
+/// How often pod usage is measured (metrics-server's resolution; 15 s there, short here).
+const METRICS_WINDOW: Duration = Duration::from_secs(1);
+
+/// CPU seconds (utime + stime + reaped children) and resident bytes of a process.
+fn proc_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    // f[0] is field 3: utime..cstime are fields 14..17, rss is field 24.
+    let ticks: u64 = (11..15)
+        .map(|i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum::<Option<u64>>()?;
+    let rss: u64 = f.get(21)?.parse().ok()?;
+    let tck = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    Some((ticks as f64 / tck, rss * page))
+}
+
+/// Measures every running pod's CPU rate and memory for `metrics.k8s.io`.
+fn measure(st: &Arc<State>, procs: &mut HashMap<String, PodProc>) {
+    let mut usage = st.usage.lock().unwrap();
+    usage.retain(|k, _| procs.contains_key(k));
+    for (k, p) in procs.iter_mut() {
+        let Some((cpu, mem)) = p.child.id().and_then(proc_usage) else {
+            continue;
+        };
+        let now = Instant::now();
+        if let Some((c0, t0)) = p.cpu {
+            let window = now - t0;
+            usage.insert(
+                k.clone(),
+                crate::PodUsage {
+                    cores: (cpu - c0).max(0.0) / window.as_secs_f64().max(1e-3),
+                    memory_bytes: mem,
+                    timestamp: crate::now_rfc3339(),
+                    window,
+                },
+            );
+        }
+        p.cpu = Some((cpu, now));
     }
 }
 
@@ -289,7 +344,8 @@ fn set_pod_status(st: &Arc<State>, ns: &str, name: &str, ip: Option<&str>, ready
         "podIP": ip, "hostIP": "127.0.0.1",
         "conditions": [{"type": "Ready", "status": r}, {"type": "ContainersReady", "status": r}],
         "containerStatuses": [{"name": p["spec"]["containers"][0]["name"], "ready": ready,
-                               "restartCount": 0, "image": p["spec"]["containers"][0]["image"]}],
+                               "restartCount": 0, "image": p["spec"]["containers"][0]["image"],
+                               "resources": p["spec"]["containers"][0]["resources"]}],
     });
     if ip.is_none() {
         p["status"].as_object_mut().map(|m| m.remove("podIP"));
@@ -338,6 +394,7 @@ fn start_process(st: &Arc<State>, pod: &Value, port: u16) -> std::io::Result<Pod
     let child = cmd.spawn()?;
     Ok(PodProc {
         child,
+        cpu: None,
         addr,
         ready: false,
         deleting_since: None,

@@ -10,7 +10,13 @@
 //! - create (`dryRun=All` validates and stores nothing), update (`409 Conflict` on a stale
 //!   `metadata.resourceVersion`), delete, JSON merge patch and strategic merge patch (lists of
 //!   containers, ports, env, volumes merged by key), JSON patch (add/replace/remove);
-//! - the Deployment `scale` subresource (`autoscaling/v1` Scale), `status` subresources;
+//! - the Deployment `scale` subresource (`autoscaling/v1` Scale), `status` subresources, the
+//!   pods `resize` subresource (in-place resize: only containers' cpu/memory resources may
+//!   change, applied at once and reported in the container statuses; off with
+//!   `pod_resize = false`);
+//! - `metrics.k8s.io/v1beta1` PodMetrics measured from each pod process's `/proc` every
+//!   second (off with `metrics_api = false`), so `kubectl top pod` works;
+//! - namespaced objects only in an existing Namespace;
 //! - Pods, Deployments, EndpointSlices (`discovery.k8s.io/v1`), Leases
 //!   (`coordination.k8s.io/v1`), Namespaces, Services, ConfigMaps, ServiceAccounts, RBAC
 //!   objects and PodDisruptionBudgets (stored, not enforced);
@@ -115,7 +121,16 @@ pub const RESOURCES: &[Res] = &[
         &["ns"],
         &[],
     ),
-    res("", "v1", "pods", "pod", "Pod", true, &["po"], &["status"]),
+    res(
+        "",
+        "v1",
+        "pods",
+        "pod",
+        "Pod",
+        true,
+        &["po"],
+        &["status", "resize"],
+    ),
     res(
         "",
         "v1",
@@ -249,6 +264,11 @@ pub struct Options {
     pub termination_delay: Duration,
     /// Events kept for watches to resume from.
     pub history: usize,
+    /// Serve `metrics.k8s.io/v1beta1` PodMetrics (CPU and memory measured from each pod's
+    /// process), as a cluster with metrics-server does.
+    pub metrics_api: bool,
+    /// Serve the pods `resize` subresource (in-place pod vertical scaling, Kubernetes 1.33+).
+    pub pod_resize: bool,
 }
 
 impl Options {
@@ -260,6 +280,8 @@ impl Options {
             bookmark_interval: Duration::from_secs(1),
             termination_delay: Duration::from_millis(1500),
             history: 10_000,
+            metrics_api: true,
+            pod_resize: true,
         }
     }
 }
@@ -516,6 +538,18 @@ pub struct State {
     /// Ends open watches (`/_test/compact`).
     pub cut_watches: watch::Sender<u64>,
     pub stop: watch::Sender<bool>,
+    /// Measured usage per pod (`namespace/name`), what `metrics.k8s.io` serves.
+    pub usage: Mutex<BTreeMap<String, PodUsage>>,
+}
+
+/// One pod's usage over the last measurement window.
+#[derive(Debug, Clone)]
+pub struct PodUsage {
+    pub cores: f64,
+    pub memory_bytes: u64,
+    /// RFC 3339 time of the measurement's end.
+    pub timestamp: String,
+    pub window: Duration,
 }
 
 /// A running test apiserver; [`TestApi::shutdown`] stops its pods.
@@ -551,6 +585,7 @@ impl TestApi {
             changed: Notify::new(),
             cut_watches,
             stop,
+            usage: Mutex::new(BTreeMap::new()),
         });
         let controller = tokio::spawn(controller::run(state.clone()));
         let st = state.clone();
@@ -730,7 +765,19 @@ fn test_hook(st: &Arc<State>, method: &Method, path: &str) -> Response<Body_> {
     }
 }
 
-fn discovery_resources(group: &str, version: &str) -> Option<Value> {
+/// The `metrics.k8s.io` group version, served when [`Options::metrics_api`] is on.
+const METRICS_GV: &str = "metrics.k8s.io/v1beta1";
+
+fn discovery_resources(opts: &Options, group: &str, version: &str) -> Option<Value> {
+    if opts.metrics_api && format!("{group}/{version}") == METRICS_GV {
+        let r = |name: &str, kind: &str, namespaced: bool| {
+            json!({"name": name, "singularName": "", "namespaced": namespaced, "kind": kind,
+                   "verbs": ["get", "list"]})
+        };
+        return Some(json!({"kind": "APIResourceList", "apiVersion": "v1",
+                           "groupVersion": METRICS_GV,
+                           "resources": [r("pods", "PodMetrics", true), r("nodes", "NodeMetrics", false)]}));
+    }
     let mut list = Vec::new();
     for r in RESOURCES
         .iter()
@@ -759,6 +806,9 @@ fn discovery_resources(group: &str, version: &str) -> Option<Value> {
         }
         list.push(e);
         for sub in r.subresources {
+            if *sub == "resize" && !opts.pod_resize {
+                continue;
+            }
             let mut s = json!({"name": format!("{}/{sub}", r.plural), "singularName": "",
                                "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]});
             if *sub == "scale" {
@@ -782,12 +832,15 @@ fn discovery_resources(group: &str, version: &str) -> Option<Value> {
     )
 }
 
-fn groups() -> Value {
+fn groups(opts: &Options) -> Value {
     let mut seen: Vec<(&str, &str)> = Vec::new();
     for r in RESOURCES.iter().filter(|r| !r.group.is_empty()) {
         if !seen.contains(&(r.group, r.version)) {
             seen.push((r.group, r.version));
         }
+    }
+    if opts.metrics_api {
+        seen.push(("metrics.k8s.io", "v1beta1"));
     }
     let groups: Vec<Value> = seen
         .iter()
@@ -920,7 +973,7 @@ fn route(
                         "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": uri.authority().map(|a| a.to_string()).unwrap_or_default()}]}),
             )
         }
-        "/apis" => return respond(200, &groups()),
+        "/apis" => return respond(200, &groups(&st.opts)),
         "/version" => {
             return respond(
                 200,
@@ -942,17 +995,17 @@ fn route(
             }
         }
         ["api", v] => {
-            if let Some(d) = discovery_resources("", v) {
+            if let Some(d) = discovery_resources(&st.opts, "", v) {
                 return respond(200, &d);
             }
         }
         ["apis", g, v] => {
-            if let Some(d) = discovery_resources(g, v) {
+            if let Some(d) = discovery_resources(&st.opts, g, v) {
                 return respond(200, &d);
             }
         }
         ["apis", g] => {
-            if let Some(grp) = groups()["groups"]
+            if let Some(grp) = groups(&st.opts)["groups"]
                 .as_array()
                 .and_then(|a| a.iter().find(|x| x["name"] == *g))
             {
@@ -961,6 +1014,14 @@ fn route(
                 grp["apiVersion"] = json!("v1");
                 return respond(200, &grp);
             }
+        }
+        ["apis", "metrics.k8s.io", "v1beta1", "namespaces", ns, "pods", rest @ ..]
+            if st.opts.metrics_api && rest.len() <= 1 && *method == Method::GET =>
+        {
+            return match pod_metrics(st, ns, rest.first().copied(), &query(uri)) {
+                Ok(v) => respond(200, &v),
+                Err(e) => respond(e["code"].as_u64().unwrap_or(500) as u16, &e),
+            };
         }
         _ => {}
     }
@@ -1049,6 +1110,61 @@ fn route(
             respond(code, &v)
         }
         Err(e) => respond(e["code"].as_u64().unwrap_or(500) as u16, &e),
+    }
+}
+
+/// `PodMetrics` of one pod, or a `PodMetricsList` of a namespace's pods (label selector
+/// honoured): what metrics-server serves, from the usage the controller measured.
+fn pod_metrics(
+    st: &Arc<State>,
+    ns: &str,
+    name: Option<&str>,
+    q: &BTreeMap<String, String>,
+) -> Result<Value, Value> {
+    let pods = st
+        .store
+        .lock()
+        .unwrap()
+        .list(find_res("", "v1", "pods").expect("pods"), ns);
+    let usage = st.usage.lock().unwrap();
+    let item = |p: &Value| -> Option<Value> {
+        let pn = p["metadata"]["name"].as_str()?;
+        let u = usage.get(&format!("{ns}/{pn}"))?;
+        let container = p["spec"]["containers"][0]["name"]
+            .as_str()
+            .unwrap_or("main");
+        Some(json!({
+            "kind": "PodMetrics", "apiVersion": METRICS_GV,
+            "metadata": {"name": pn, "namespace": ns, "labels": p["metadata"]["labels"],
+                         "creationTimestamp": now_rfc3339()},
+            "timestamp": u.timestamp,
+            "window": format!("{}s", u.window.as_secs_f64()),
+            "containers": [{"name": container, "usage": {
+                "cpu": format!("{}n", (u.cores * 1e9).round() as u64),
+                "memory": format!("{}Ki", u.memory_bytes / 1024)}}],
+        }))
+    };
+    match name {
+        Some(n) => pods
+            .iter()
+            .find(|p| p["metadata"]["name"] == n)
+            .and_then(item)
+            .ok_or_else(|| {
+                status_err(
+                    404,
+                    "NotFound",
+                    &format!("podmetrics.metrics.k8s.io \"{n}\" not found"),
+                )
+            }),
+        None => {
+            let items: Vec<Value> = pods
+                .iter()
+                .filter(|p| selected(q, p))
+                .filter_map(item)
+                .collect();
+            Ok(json!({"kind": "PodMetricsList", "apiVersion": METRICS_GV,
+                      "metadata": {}, "items": items}))
+        }
     }
 }
 
@@ -1320,6 +1436,13 @@ fn create(
         obj["spec"]["replicas"] = json!(1);
     }
     let mut s = st.store.lock().unwrap();
+    if t.res.namespaced && s.get(&RESOURCES[0], "", &ns).is_none() {
+        return Err(status_err(
+            404,
+            "NotFound",
+            &format!("namespaces \"{ns}\" not found"),
+        ));
+    }
     if q.get("dryRun").is_some() {
         if s.get(t.res, &ns, obj["metadata"]["name"].as_str().unwrap_or(""))
             .is_some()
@@ -1356,6 +1479,13 @@ fn write(
     let is_scale = sub == Some("scale");
     if is_scale && t.res.plural != "deployments" {
         return Err(status_err(404, "NotFound", "no scale subresource"));
+    }
+    if sub == Some("resize") && (t.res.plural != "pods" || !st.opts.pod_resize) {
+        return Err(status_err(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
     }
     // The view the write applies to: the object, or its Scale.
     let view = if is_scale {
@@ -1395,6 +1525,8 @@ fn write(
         let mut d = cur.clone();
         d["status"] = new_view["status"].clone();
         d
+    } else if sub == Some("resize") {
+        resized(&cur, &new_view)?
     } else {
         let mut d = new_view.clone();
         check_object(t, &d, Some(name))?;
@@ -1422,6 +1554,103 @@ fn write(
     st.changed.notify_one();
     let v = r?;
     Ok(if is_scale { scale_of(&v) } else { v })
+}
+
+/// The pod after an in-place resize: only containers' `resources` may change (422
+/// otherwise); the kubelet here applies a resize at once, so the container statuses report
+/// the new resources too.
+fn resized(cur: &Value, new: &Value) -> Result<Value, Value> {
+    let invalid = |m: &str| status_err(422, "Invalid", &format!("Pod is invalid: {m}"));
+    let (Some(old_c), Some(new_c)) = (
+        cur["spec"]["containers"].as_array(),
+        new["spec"]["containers"].as_array(),
+    ) else {
+        return Err(invalid("spec.containers: Required value"));
+    };
+    let without = |c: &Value| {
+        let mut c = c.clone();
+        if let Some(m) = c.as_object_mut() {
+            m.remove("resources");
+        }
+        c
+    };
+    let mut strip_spec = new["spec"].clone();
+    strip_spec["containers"] = cur["spec"]["containers"].clone();
+    if old_c.len() != new_c.len()
+        || old_c
+            .iter()
+            .zip(new_c)
+            .any(|(o, n)| without(o) != without(n))
+        || strip_spec != cur["spec"]
+    {
+        return Err(invalid(
+            "spec: Forbidden: only cpu and memory resources are mutable",
+        ));
+    }
+    let mut d = cur.clone();
+    for (i, n) in new_c.iter().enumerate() {
+        let r = &n["resources"];
+        for kind in ["requests", "limits"] {
+            if let Some(m) = r[kind].as_object() {
+                for (res, q) in m {
+                    if !matches!(res.as_str(), "cpu" | "memory") {
+                        return Err(invalid(&format!(
+                            "spec.containers[{i}].resources.{kind}[{res}]: Forbidden: only cpu and memory resources are mutable"
+                        )));
+                    }
+                    if q.as_str().and_then(parse_quantity).is_none() {
+                        return Err(invalid(&format!(
+                            "spec.containers[{i}].resources.{kind}[{res}]: Invalid value: {q}"
+                        )));
+                    }
+                }
+            }
+        }
+        for res in ["cpu", "memory"] {
+            let q = |kind: &str| r[kind][res].as_str().and_then(parse_quantity);
+            if let (Some(req), Some(lim)) = (q("requests"), q("limits")) {
+                if req > lim {
+                    return Err(invalid(&format!(
+                        "spec.containers[{i}].resources.requests: Invalid value: must be less than or equal to {res} limit"
+                    )));
+                }
+            }
+        }
+        d["spec"]["containers"][i]["resources"] = r.clone();
+        if d["status"]["containerStatuses"][i].is_object() {
+            d["status"]["containerStatuses"][i]["resources"] = r.clone();
+        }
+    }
+    Ok(d)
+}
+
+/// A Kubernetes quantity (`500m`, `2`, `0.5`, `128Mi`, `1G`, `1e3`) as a number.
+pub fn parse_quantity(q: &str) -> Option<f64> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+        .unwrap_or(q.len());
+    let (num, suffix) = q.split_at(split);
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
+    let mult = match suffix {
+        "" => 1.0,
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0f64.powi(4),
+        _ => return None,
+    };
+    Some(n * mult)
 }
 
 fn delete(
@@ -1459,4 +1688,64 @@ fn delete(
         json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                      "details": {"name": name, "kind": t.res.plural}})
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod() -> Value {
+        json!({"metadata": {"name": "p"},
+               "spec": {"containers": [{"name": "app", "image": "x",
+                                        "resources": {"requests": {"cpu": "100m"}, "limits": {"cpu": "200m"}}}]},
+               "status": {"containerStatuses": [{"name": "app", "resources": {"requests": {"cpu": "100m"}}}]}})
+    }
+
+    #[test]
+    fn resize_changes_only_cpu_and_memory_resources() {
+        let mut p = pod();
+        p["spec"]["containers"][0]["resources"] =
+            json!({"requests": {"cpu": "300m", "memory": "64Mi"}, "limits": {"cpu": "600m"}});
+        let r = resized(&pod(), &p).unwrap();
+        assert_eq!(
+            r["spec"]["containers"][0]["resources"]["requests"]["cpu"],
+            "300m"
+        );
+        assert_eq!(
+            r["status"]["containerStatuses"][0]["resources"]["limits"]["cpu"],
+            "600m"
+        );
+        let reject = |f: &dyn Fn(&mut Value)| {
+            let mut p = pod();
+            f(&mut p);
+            resized(&pod(), &p).unwrap_err()["code"].clone()
+        };
+        assert_eq!(
+            reject(&|p| p["spec"]["containers"][0]["image"] = json!("y")),
+            422
+        );
+        assert_eq!(reject(&|p| p["spec"]["nodeName"] = json!("n")), 422);
+        assert_eq!(
+            reject(&|p| p["spec"]["containers"][0]["resources"]["requests"]["cpu"] = json!("1")),
+            422,
+            "a request over its limit"
+        );
+        assert_eq!(
+            reject(&|p| p["spec"]["containers"][0]["resources"]["requests"]["gpu"] = json!("1")),
+            422
+        );
+        assert_eq!(
+            reject(&|p| p["spec"]["containers"][0]["resources"]["requests"]["cpu"] = json!("lots")),
+            422
+        );
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity("250m"), Some(0.25));
+        assert_eq!(parse_quantity("64Mi"), Some(67_108_864.0));
+        assert_eq!(parse_quantity("1e3"), Some(1000.0));
+        assert_eq!(parse_quantity("-1"), None);
+        assert_eq!(parse_quantity("1Q"), None);
+    }
 }

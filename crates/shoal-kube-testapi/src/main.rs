@@ -30,6 +30,12 @@ struct Args {
     /// Seconds a deleted pod stays terminating before its process gets SIGTERM.
     #[arg(long, default_value_t = 1.5)]
     termination_delay: f64,
+    /// Serve no `metrics.k8s.io` (a cluster without metrics-server).
+    #[arg(long)]
+    no_metrics_api: bool,
+    /// Serve no pods `resize` subresource (a cluster without in-place pod resize).
+    #[arg(long)]
+    no_pod_resize: bool,
 }
 
 fn main() -> std::io::Result<()> {
@@ -51,6 +57,8 @@ fn main() -> std::io::Result<()> {
     opts.kubeconfig = args.kubeconfig;
     opts.bookmark_interval = Duration::from_secs_f64(args.bookmark_interval.max(0.05));
     opts.termination_delay = Duration::from_secs_f64(args.termination_delay.max(0.0));
+    opts.metrics_api = !args.no_metrics_api;
+    opts.pod_resize = !args.no_pod_resize;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

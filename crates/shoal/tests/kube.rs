@@ -25,6 +25,10 @@ struct Api {
 
 impl Api {
     fn start(dir: &Path) -> Api {
+        Api::start_with(dir, |_| {})
+    }
+
+    fn start_with(dir: &Path, tweak: impl FnOnce(&mut Options)) -> Api {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -35,6 +39,7 @@ impl Api {
         opts.kubeconfig = Some(kubeconfig.clone());
         opts.bookmark_interval = Duration::from_millis(300);
         opts.termination_delay = Duration::from_millis(500);
+        tweak(&mut opts);
         let api = rt.block_on(TestApi::start(opts)).unwrap();
         Api {
             rt,
@@ -356,7 +361,11 @@ fn shoal_scales_a_deployment_and_scales_in_without_failures() {
     let mut last = 1u64;
     let mut lowered = 0;
     for r in &log {
-        if r.method == "PATCH" && r.uri.contains("/pods/") {
+        if r.method == "PATCH"
+            && r.uri.contains("/pods/")
+            && !r.uri.contains("/resize")
+            && !r.body.contains("pod-deletion-cost\":null")
+        {
             assert!(
                 r.body
                     .contains("controller.kubernetes.io/pod-deletion-cost")
@@ -435,17 +444,30 @@ fn shoal_scales_a_deployment_and_scales_in_without_failures() {
     let status = String::from_utf8_lossy(&out.stdout);
     assert!(
         status.contains("kubernetes default/demo")
-            && status.contains("metrics: request-based targets only"),
+            && status.contains("metrics: metrics.k8s.io: CPU and memory per pod")
+            && status.contains("vertical: recommend only"),
         "{status}"
     );
 
-    // The shipped Role grants exactly what shoal used.
+    // The shipped Role grants exactly what shoal used, and the in-place resize that only
+    // vertical `auto` uses (checked by `vertical_auto_resizes_pods_in_place_from_pod_metrics`).
     let used = used_permissions(&k.api().requests());
+    let role = role_permissions();
+    let unused: Vec<&Perm> = role.difference(&used).collect();
     assert_eq!(
-        used,
-        role_permissions(),
+        unused,
+        [&resize_permission()],
         "requests shoal made vs deploy/kubernetes/rbac.yaml"
     );
+    assert!(
+        used.is_subset(&role),
+        "requests shoal made vs deploy/kubernetes/rbac.yaml: {:?}",
+        used.difference(&role).collect::<Vec<_>>()
+    );
+}
+
+fn resize_permission() -> Perm {
+    ("".into(), "pods/resize".into(), "patch".into())
 }
 
 type Perm = (String, String, String);
@@ -462,6 +484,8 @@ fn used_permissions(log: &[shoal_kube_testapi::Logged]) -> std::collections::BTr
             _ => panic!("unexpected request {r:?}"),
         };
         let rest = match rest {
+            // Discovery documents: readable by every authenticated user (system:discovery).
+            [] => continue,
             ["namespaces", _, rest @ ..] => rest,
             rest => rest,
         };
@@ -527,9 +551,21 @@ fn deploy_manifests_apply_with_server_dry_run() {
     let dir = tempdir();
     let k = Api::start(dir.path());
     let path = deploy_dir();
+    // As the README walks it: the namespace first (objects need theirs to exist, as on a
+    // real server), then a server-side dry run of everything.
+    let (ok, out) = k.kubectl(&["apply", "--dry-run=server", "-f", path.to_str().unwrap()]);
+    assert!(
+        !ok && out.contains("namespaces \"shoal-demo\" not found"),
+        "objects accepted in a missing namespace: {out}"
+    );
+    k.kubectl_ok(&[
+        "apply",
+        "-f",
+        path.join("00-namespace.yaml").to_str().unwrap(),
+    ]);
     let out = k.kubectl_ok(&["apply", "--dry-run=server", "-f", path.to_str().unwrap()]);
     for what in [
-        "namespace/shoal-demo created (server dry run)",
+        "namespace/shoal-demo unchanged (server dry run)",
         "deployment.apps/demo created (server dry run)",
         "service/demo created (server dry run)",
         "poddisruptionbudget.policy/demo created (server dry run)",
@@ -661,6 +697,190 @@ cold_start_timeout = "1s"
         m.contains("shoal_cold_start_failures_total{service=\"slow\",reason=\"timeout\"} 1"),
         "{m}"
     );
+}
+
+/// A Deployment whose container requests 100m CPU and 32Mi: shoal reads each pod's usage
+/// from `metrics.k8s.io` (the test apiserver measures the pod processes), recommends a size,
+/// and in `auto` mode resizes the pods in place through `pods/resize` (no restart: the same
+/// pods serve throughout), including a pod that joins later; `kubectl top pod` reads the
+/// same metrics.
+#[test]
+fn vertical_auto_resizes_pods_in_place_from_pod_metrics() {
+    let dir = tempdir();
+    let k = Api::start(dir.path());
+    k.kubectl_ok(&[
+        "create",
+        "deployment",
+        "demo",
+        "--image=anything",
+        "--port=8080",
+        "--replicas=2",
+    ]);
+    k.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "demo",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"anything","resources":{"requests":{"cpu":"100m","memory":"32Mi"},"limits":{"cpu":"200m","memory":"64Mi"}}}]}}}}"#,
+    ]);
+    let (listen, admin) = (free_port(), free_port());
+    let cfg = fleet_config(
+        listen,
+        admin,
+        r#"[services.demo.fleet]
+provider = "kubernetes"
+deployment = "demo"
+min = 2
+max = 3
+[services.demo.resources]
+mode = "auto"
+cooldown = "1s"
+min_cpu = 0.05
+max_cpu = 2
+min_memory = "16MiB"
+max_memory = "256MiB""#,
+    );
+    let _shoal = start_shoal(dir.path(), &k, &cfg, listen, admin);
+    let api = || api_json(admin, "/api/services/demo");
+    wait_until(30, "two pods routed", || ready(&api()) == 2);
+    let before: Vec<String> = live_pods(&k).into_iter().map(|p| p.0).collect();
+
+    // About 0.8 cores of work over the two pods.
+    let url = format!("http://127.0.0.1:{listen}/work?cpu_ms=20");
+    let loader = std::thread::spawn(move || load(&url, 40, 25));
+    wait_until(40, "pods resized in place", || {
+        let pods = live_pods(&k);
+        pods.len() == 2 && pods.iter().all(|p| p.1 != "100m" && p.1 == p.2)
+    });
+    let report = loader.join().unwrap();
+    assert_eq!(report["errors"]["total"], 0, "{report}");
+    let after = live_pods(&k);
+    assert_eq!(
+        after.iter().map(|p| p.0.clone()).collect::<Vec<_>>(),
+        before,
+        "resized in place, not replaced"
+    );
+    let cpu = shoal_kube_testapi::parse_quantity(&after[0].1).unwrap();
+    assert!(cpu > 0.11, "the CPU request grew: {after:?}");
+
+    let v = api_json(admin, "/api/services/demo/decisions");
+    let resizes = v["resizes"].as_array().unwrap();
+    eprintln!("pods after: {after:?}\nresizes: {resizes:#?}");
+    assert!(
+        resizes
+            .iter()
+            .any(|r| r["resource"] == "cpu" && r["direction"] == "up"),
+        "{v}"
+    );
+    let v = api();
+    assert!(v["recommendation"]["cpu"].as_f64().unwrap() > 0.1, "{v}");
+    let limit = after[0].3.as_str();
+    assert_eq!(
+        shoal_kube_testapi::parse_quantity(limit).unwrap(),
+        2.0 * cpu,
+        "the limit keeps its 2× ratio"
+    );
+
+    // A pod that joins later starts at the template's size and is resized to the current one.
+    k.kubectl_ok(&["scale", "deployment/demo", "--replicas=3"]);
+    wait_until(30, "the new pod resized", || {
+        let pods = live_pods(&k);
+        pods.len() == 3 && pods.iter().all(|p| p.1 == after[0].1)
+    });
+
+    let out = Command::new(SHOAL)
+        .args(["status", "--admin", &format!("127.0.0.1:{admin}")])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains("metrics: metrics.k8s.io: CPU and memory per pod")
+            && status.contains("vertical: auto: pods resized in place"),
+        "{status}"
+    );
+    let top = k.kubectl_ok(&["top", "pod"]);
+    assert!(top.contains(&before[0]) && top.contains("CPU"), "{top}");
+
+    let used = used_permissions(&k.api().requests());
+    assert!(used.contains(&resize_permission()), "{used:?}");
+    assert!(
+        used.is_subset(&role_permissions()),
+        "requests shoal made vs deploy/kubernetes/rbac.yaml: {used:?}"
+    );
+}
+
+/// A cluster without metrics-server and without in-place resize: shoal says so, keeps to
+/// request-based targets and recommends only (no resize request is ever made).
+#[test]
+fn without_metrics_api_or_pod_resize_shoal_says_so_and_only_recommends() {
+    let dir = tempdir();
+    let k = Api::start_with(dir.path(), |o| {
+        o.metrics_api = false;
+        o.pod_resize = false;
+    });
+    k.kubectl_ok(&[
+        "create",
+        "deployment",
+        "demo",
+        "--image=anything",
+        "--port=8080",
+    ]);
+    let (listen, admin) = (free_port(), free_port());
+    let cfg = fleet_config(
+        listen,
+        admin,
+        r#"[services.demo.fleet]
+provider = "kubernetes"
+deployment = "demo"
+min = 1
+max = 1
+[services.demo.resources]
+mode = "auto"
+cooldown = "1s""#,
+    );
+    let _shoal = start_shoal(dir.path(), &k, &cfg, listen, admin);
+    let api = || api_json(admin, "/api/services/demo");
+    wait_until(30, "the pod routed", || ready(&api()) == 1);
+    wait_until(10, "discovery read", || {
+        api()["fleet"]["metrics"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("request-based"))
+    });
+    let f = api()["fleet"].clone();
+    assert_eq!(
+        f["vertical"], "recommend only: the cluster has no in-place pod resize (pods/resize)",
+        "{f}"
+    );
+    let (ok, out) = k.kubectl(&["top", "pod"]);
+    assert!(!ok, "kubectl top without metrics.k8s.io: {out}");
+    let log = k.api().requests();
+    assert!(
+        !log.iter()
+            .any(|r| r.uri.contains("/resize") || r.uri.contains("metrics.k8s.io/v1beta1/")),
+        "{log:#?}"
+    );
+}
+
+/// Live pods of the demo Deployment: (name, cpu request, container status cpu request,
+/// cpu limit), by name.
+fn live_pods(k: &Api) -> Vec<(String, String, String, String)> {
+    let mut out: Vec<_> = k
+        .pods()
+        .iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .map(|p| {
+            let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+            let c = &p["spec"]["containers"][0]["resources"];
+            (
+                s(&p["metadata"]["name"]),
+                s(&c["requests"]["cpu"]),
+                s(&p["status"]["containerStatuses"][0]["resources"]["requests"]["cpu"]),
+                s(&c["limits"]["cpu"]),
+            )
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// A sample's value in a Prometheus text exposition (0 when absent).
