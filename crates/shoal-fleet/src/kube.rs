@@ -1816,14 +1816,10 @@ impl Provider for KubeFleet {
         u.current.cpu.map(|c| c + u.others_cpu).filter(|c| *c > 0.0)
     }
     fn recommendation(&self) -> Option<crate::recommend::Recommendation> {
-        if self.spec.resources.mode == VerticalMode::Off {
-            return None;
-        }
         self.vertical
             .lock()
             .expect("vertical lock")
-            .recommender
-            .recommendation()
+            .recommendation(self.spec.resources.mode)
     }
     fn resizes(&self) -> Vec<crate::recommend::Resize> {
         self.vertical.lock().expect("vertical lock").resizes()

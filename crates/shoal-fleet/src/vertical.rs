@@ -45,6 +45,13 @@ impl VerticalState {
         self.resizes.iter().cloned().collect()
     }
 
+    /// The recommendation, unless vertical scaling is off.
+    pub(crate) fn recommendation(&self, mode: VerticalMode) -> Option<Recommendation> {
+        (mode != VerticalMode::Off)
+            .then(|| self.recommender.recommendation())
+            .flatten()
+    }
+
     /// `shoal_resize_decisions_total`, whichever provider resized.
     pub(crate) fn collect_decisions(&self, svc: &str, e: &mut Exposition) {
         for ((resource, direction, reason), n) in &self.counts {
@@ -312,14 +319,10 @@ impl ProcessFleet {
     }
 
     pub fn recommendation(&self) -> Option<Recommendation> {
-        if self.spec.resources.mode == VerticalMode::Off {
-            return None;
-        }
         self.vertical
             .lock()
             .expect("vertical lock")
-            .recommender
-            .recommendation()
+            .recommendation(self.spec.resources.mode)
     }
 
     pub fn resizes(&self) -> Vec<Resize> {

@@ -1624,7 +1624,9 @@ fn resized(cur: &Value, new: &Value) -> Result<Value, Value> {
     Ok(d)
 }
 
-/// A Kubernetes quantity (`500m`, `2`, `0.5`, `128Mi`, `1G`, `1e3`) as a number.
+/// A Kubernetes quantity (`500m`, `2`, `0.5`, `128Mi`, `1G`, `1e3`) as a number. The
+/// double keeps its own parser rather than shoal's: a bug shared by client and server would
+/// pass both sides of a test.
 pub fn parse_quantity(q: &str) -> Option<f64> {
     let q = q.trim();
     let split = q

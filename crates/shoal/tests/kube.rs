@@ -137,13 +137,7 @@ impl Drop for Api {
 fn kubectl_drives_the_test_apiserver() {
     let dir = tempdir();
     let k = Api::start(dir.path());
-    k.kubectl_ok(&[
-        "create",
-        "deployment",
-        "demo",
-        "--image=anything",
-        "--port=8080",
-    ]);
+    create_deployment(&k, "demo", 1);
     assert_eq!(
         k.kubectl_ok(&[
             "get",
@@ -314,13 +308,7 @@ fn start_shoal(dir: &Path, k: &Api, config: &str, listen: u16, admin: u16) -> Pr
 fn shoal_scales_a_deployment_and_scales_in_without_failures() {
     let dir = tempdir();
     let k = Api::start(dir.path());
-    k.kubectl_ok(&[
-        "create",
-        "deployment",
-        "demo",
-        "--image=anything",
-        "--port=8080",
-    ]);
+    create_deployment(&k, "demo", 1);
     let (listen, admin) = (free_port(), free_port());
     let _shoal = start_shoal(
         dir.path(),
@@ -609,14 +597,7 @@ fn scale_from_zero_first_request_waits_for_a_pod() {
     let dir = tempdir();
     let k = Api::start(dir.path());
     for name in ["demo", "slow"] {
-        k.kubectl_ok(&[
-            "create",
-            "deployment",
-            name,
-            "--image=anything",
-            "--port=8080",
-            "--replicas=0",
-        ]);
+        create_deployment(&k, name, 0);
     }
     // `slow` pods take a minute to report ready.
     k.kubectl_ok(&[
@@ -708,14 +689,7 @@ cold_start_timeout = "1s"
 fn vertical_auto_resizes_pods_in_place_from_pod_metrics() {
     let dir = tempdir();
     let k = Api::start(dir.path());
-    k.kubectl_ok(&[
-        "create",
-        "deployment",
-        "demo",
-        "--image=anything",
-        "--port=8080",
-        "--replicas=2",
-    ]);
+    create_deployment(&k, "demo", 2);
     k.kubectl_ok(&[
         "patch",
         "deployment",
@@ -818,13 +792,7 @@ fn without_metrics_api_or_pod_resize_shoal_says_so_and_only_recommends() {
         o.metrics_api = false;
         o.pod_resize = false;
     });
-    k.kubectl_ok(&[
-        "create",
-        "deployment",
-        "demo",
-        "--image=anything",
-        "--port=8080",
-    ]);
+    create_deployment(&k, "demo", 1);
     let (listen, admin) = (free_port(), free_port());
     let cfg = fleet_config(
         listen,
@@ -881,6 +849,19 @@ fn live_pods(k: &Api) -> Vec<(String, String, String, String)> {
         .collect();
     out.sort();
     out
+}
+
+/// `kubectl create deployment NAME --port=8080`: `shoal demo-service` pods on the test
+/// apiserver.
+fn create_deployment(k: &Api, name: &str, replicas: u32) {
+    k.kubectl_ok(&[
+        "create",
+        "deployment",
+        name,
+        "--image=anything",
+        "--port=8080",
+        &format!("--replicas={replicas}"),
+    ]);
 }
 
 /// A sample's value in a Prometheus text exposition (0 when absent).
