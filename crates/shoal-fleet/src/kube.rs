@@ -24,17 +24,18 @@
 //!   else the recommendation only.
 //!
 //! The API is spoken directly (hyper + serde_json, k8s JSON as `serde_json::Value`): shoal
-//! needs five calls, and the `kube` crate would add a large dependency tree. TLS is rustls
-//! with the aws-lc-rs provider, the binary's one crypto provider; the server is verified
-//! against the cluster's CA from the kubeconfig or the service account; credentials are a
-//! bearer token or a client certificate (credential plugins are refused at start).
+//! makes a handful of calls, and the `kube` + `k8s-openapi` crates would add a large
+//! dependency tree and minutes of build for them. TLS is rustls with the aws-lc-rs provider,
+//! the binary's one crypto provider; the server is verified against the cluster's CA from the
+//! kubeconfig or the service account; credentials are a bearer token (fixed, a rotating
+//! token file, or an `exec` plugin's) or a client certificate.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Method, Request};
@@ -68,6 +69,139 @@ pub struct Endpoint {
     pub ca_pem: Option<Vec<u8>>,
     /// PEM client certificate and key (kubeconfigs of kind, minikube, kubeadm).
     pub client_cert: Option<(Vec<u8>, Vec<u8>)>,
+    /// A credential plugin that prints the bearer token (EKS, GKE, AKS kubeconfigs).
+    pub exec: Option<ExecPlugin>,
+}
+
+/// A kubeconfig `exec` credential plugin (`client.authentication.k8s.io`): the command
+/// prints an `ExecCredential` whose `status.token` is used until its `expirationTimestamp`
+/// (or until the API server answers 401).
+#[derive(Clone, PartialEq, Default)]
+pub struct ExecPlugin {
+    pub api_version: String,
+    pub command: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for ExecPlugin {
+    // Plugin environments carry secrets (profiles, keys): names only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecPlugin")
+            .field("api_version", &self.api_version)
+            .field("command", &self.command)
+            .field("args", &self.args)
+            .field(
+                "env",
+                &self.env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// A credential plugin's token and when it expires.
+type ExecToken = (String, Option<SystemTime>);
+
+/// How long a credential plugin may take.
+const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs `plugin`; the token and when it expires.
+async fn run_exec(plugin: &ExecPlugin) -> Result<(String, Option<SystemTime>), String> {
+    let info = json!({"apiVersion": plugin.api_version, "kind": "ExecCredential",
+                      "spec": {"interactive": false}});
+    let mut cmd = tokio::process::Command::new(&plugin.command);
+    cmd.args(&plugin.args)
+        .envs(plugin.env.iter().map(|(k, v)| (k, v)))
+        .env("KUBERNETES_EXEC_INFO", info.to_string())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(EXEC_TIMEOUT, cmd.output())
+        .await
+        .map_err(|_| {
+            format!(
+                "credential plugin {}: no answer within {EXEC_TIMEOUT:?}",
+                plugin.command
+            )
+        })?
+        .map_err(|e| format!("credential plugin {}: {e}", plugin.command))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!(
+            "credential plugin {} failed ({}): {}",
+            plugin.command,
+            out.status,
+            err.trim().chars().take(300).collect::<String>()
+        ));
+    }
+    parse_exec_credential(&out.stdout)
+        .map_err(|e| format!("credential plugin {}: {e}", plugin.command))
+}
+
+/// The token and expiry of an `ExecCredential`.
+pub fn parse_exec_credential(out: &[u8]) -> Result<(String, Option<SystemTime>), String> {
+    let v: Value =
+        serde_json::from_slice(out).map_err(|e| format!("not an ExecCredential: {e}"))?;
+    if v["kind"] != "ExecCredential" {
+        return Err("not an ExecCredential".into());
+    }
+    let status = &v["status"];
+    let token = status["token"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .ok_or("the ExecCredential has no status.token (client certificates from plugins are not supported)")?;
+    let expiry = match status["expirationTimestamp"].as_str() {
+        Some(t) => Some(parse_rfc3339(t).ok_or(format!("bad expirationTimestamp {t:?}"))?),
+        None => None,
+    };
+    Ok((token.to_string(), expiry))
+}
+
+/// `2026-12-07T20:16:20Z` (fractions and numeric offsets too) as a time.
+pub fn parse_rfc3339(t: &str) -> Option<SystemTime> {
+    let b = t.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| t.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    let mut rest = &t[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let n = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if n == 0 {
+            return None;
+        }
+        rest = &frac[n..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let sign = match rest.as_bytes().first()? {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            if rest.len() != 6 || rest.as_bytes()[3] != b':' {
+                return None;
+            }
+            sign * (rest[1..3].parse::<i64>().ok()? * 3600 + rest[4..6].parse::<i64>().ok()? * 60)
+        }
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + se - offset;
+    u64::try_from(secs)
+        .ok()
+        .map(|s| UNIX_EPOCH + Duration::from_secs(s))
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -82,6 +216,7 @@ impl std::fmt::Debug for Endpoint {
                 "client_cert",
                 &self.client_cert.as_ref().map(|_| "<redacted>"),
             )
+            .field("exec", &self.exec)
             .finish()
     }
 }
@@ -168,9 +303,47 @@ pub fn parse_kubeconfig(text: &str) -> Result<Endpoint, String> {
         .and_then(|u| named("users", u))
         .map(|u| u["user"].clone())
         .unwrap_or(Value::Null);
-    if user.get("exec").is_some() || user.get("auth-provider").is_some() {
-        return Err("credential plugins (exec, auth-provider) are not supported: use a token, tokenFile or client certificate".into());
+    if user.get("auth-provider").is_some() {
+        return Err("auth-provider plugins were removed from Kubernetes: use an exec plugin, a token, tokenFile or client certificate".into());
     }
+    let exec = match user.get("exec").filter(|e| !e.is_null()) {
+        None => None,
+        Some(e) => {
+            if e["interactiveMode"] == "Always" {
+                return Err("an exec plugin with interactiveMode: Always needs a terminal".into());
+            }
+            let strings = |v: &Value| -> Vec<String> {
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            };
+            Some(ExecPlugin {
+                api_version: e["apiVersion"]
+                    .as_str()
+                    .unwrap_or("client.authentication.k8s.io/v1")
+                    .to_string(),
+                command: e["command"]
+                    .as_str()
+                    .filter(|c| !c.is_empty())
+                    .ok_or("exec plugin without a command")?
+                    .to_string(),
+                args: strings(&e["args"]),
+                env: e["env"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| {
+                        Some((
+                            x["name"].as_str()?.to_string(),
+                            x["value"].as_str()?.to_string(),
+                        ))
+                    })
+                    .collect(),
+            })
+        }
+    };
     if cluster["cluster"]["insecure-skip-tls-verify"] == true {
         return Err(
             "insecure-skip-tls-verify is not supported: give the cluster's certificate-authority"
@@ -207,6 +380,7 @@ pub fn parse_kubeconfig(text: &str) -> Result<Endpoint, String> {
         namespace: ctx["namespace"].as_str().map(String::from),
         ca_pem,
         client_cert,
+        exec,
     })
 }
 
@@ -278,6 +452,8 @@ pub struct KubeClient {
         tokio_rustls::TlsConnector,
         rustls::pki_types::ServerName<'static>,
     )>,
+    /// The exec plugin's last token and its expiry.
+    exec_token: Arc<tokio::sync::Mutex<Option<ExecToken>>>,
 }
 
 /// A non-2xx answer or a transport failure.
@@ -330,6 +506,7 @@ impl KubeClient {
             authority,
             tls,
             ep,
+            exec_token: Arc::default(),
         })
     }
 
@@ -354,7 +531,42 @@ impl KubeClient {
         }
     }
 
-    fn request(&self, method: Method, path: &str, ct: &str, body: Bytes) -> Request<Full<Bytes>> {
+    /// The bearer token for the next call: the exec plugin's (run again once expired, with a
+    /// minute to spare, or after a 401), else the token file's or the fixed one.
+    pub async fn token(&self) -> Result<Option<String>, ApiError> {
+        let Some(plugin) = &self.ep.exec else {
+            return Ok(self.ep.current_token());
+        };
+        let mut cached = self.exec_token.lock().await;
+        if let Some((t, expiry)) = cached.as_ref() {
+            let fresh = expiry.is_none_or(|e| {
+                e.duration_since(SystemTime::now())
+                    .is_ok_and(|left| left > Duration::from_secs(60))
+            });
+            if fresh {
+                return Ok(Some(t.clone()));
+            }
+        }
+        let (token, expiry) = run_exec(plugin)
+            .await
+            .map_err(|message| ApiError { code: 0, message })?;
+        *cached = Some((token.clone(), expiry));
+        Ok(Some(token))
+    }
+
+    /// After a 401: the plugin's token is not taken again.
+    async fn unauthorized(&self) {
+        *self.exec_token.lock().await = None;
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        ct: &str,
+        body: Bytes,
+        token: Option<String>,
+    ) -> Request<Full<Bytes>> {
         let mut b = Request::builder()
             .method(method)
             .uri(path)
@@ -364,7 +576,7 @@ impl KubeClient {
         if !ct.is_empty() {
             b = b.header("content-type", ct);
         }
-        if let Some(t) = self.ep.current_token() {
+        if let Some(t) = token {
             b = b.header("authorization", format!("Bearer {t}"));
         }
         b.body(Full::new(body)).expect("request")
@@ -379,7 +591,7 @@ impl KubeClient {
         body: Option<&Value>,
     ) -> Result<Value, ApiError> {
         let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let req = self.request(method, path, ct, body);
+        let req = self.request(method, path, ct, body, self.token().await?);
         let fut = async {
             let resp = self.send(req).await.map_err(|e| ApiError {
                 code: 0,
@@ -396,6 +608,9 @@ impl KubeClient {
                 })?
                 .to_bytes();
             let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            if code == 401 {
+                self.unauthorized().await;
+            }
             if (200..300).contains(&code) {
                 Ok(v)
             } else {
@@ -420,7 +635,7 @@ impl KubeClient {
 
     /// Opens a watch; the body streams one JSON event per line.
     pub async fn watch(&self, path: &str) -> Result<hyper::body::Incoming, ApiError> {
-        let req = self.request(Method::GET, path, "", Bytes::new());
+        let req = self.request(Method::GET, path, "", Bytes::new(), self.token().await?);
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.send(req))
             .await
             .map_err(|_| ApiError {
@@ -432,6 +647,9 @@ impl KubeClient {
                 message: format!("{path}: {e}"),
             })?;
         let code = resp.status().as_u16();
+        if code == 401 {
+            self.unauthorized().await;
+        }
         if code != 200 {
             return Err(ApiError {
                 code,
@@ -543,6 +761,8 @@ struct KState {
     members: BTreeMap<String, Tracked>,
     /// Pods shoal drained (scale-in or terminating), with when.
     draining: BTreeMap<String, (SocketAddr, Instant)>,
+    /// Those of `draining` whose in-flight requests are done (out of the pool).
+    drained: std::collections::BTreeSet<String>,
     /// Pods taken out because they turned unready (not terminating): back once ready.
     unready: std::collections::BTreeSet<String>,
     last_error: Option<String>,
@@ -562,6 +782,9 @@ pub struct KubeFleet {
     counters: Counters,
     /// How often the scale subresource is read.
     poll: Duration,
+    /// A scale-in (drain, deletion cost, lower) runs beside the scale loop, so a scale-up
+    /// asked for meanwhile is written at once.
+    scaling_in: std::sync::atomic::AtomicBool,
     usage: Mutex<KubeUsage>,
     vertical: Mutex<crate::vertical::VerticalState>,
 }
@@ -795,6 +1018,7 @@ impl KubeFleet {
                 slices: BTreeMap::new(),
                 members: BTreeMap::new(),
                 draining: BTreeMap::new(),
+                drained: Default::default(),
                 unready: Default::default(),
                 last_error: None,
                 watch_rv: String::new(),
@@ -803,6 +1027,7 @@ impl KubeFleet {
             stop: watch::channel(false).0,
             counters: Counters::default(),
             poll: Duration::from_secs(1),
+            scaling_in: Default::default(),
             usage: Mutex::new(KubeUsage::default()),
             vertical: Mutex::new(crate::vertical::VerticalState::new()),
             spec,
@@ -1103,6 +1328,10 @@ impl KubeFleet {
             }
             // Forget drained and unready pods once their endpoint is gone.
             s.draining.retain(|p, _| eps.contains_key(p));
+            let KState {
+                draining, drained, ..
+            } = &mut *s;
+            drained.retain(|p| draining.contains_key(p));
             s.unready.retain(|p| eps.contains_key(p));
         }
         let drain = self.spec.drain_timeout;
@@ -1187,7 +1416,7 @@ impl KubeFleet {
         }
     }
 
-    async fn reconcile(&self) -> Result<(), ApiError> {
+    async fn reconcile(self: &Arc<Self>) -> Result<(), ApiError> {
         let (replicas, rv) = self.read_scale().await?;
         let mut restored = Vec::new();
         let desired = {
@@ -1214,14 +1443,19 @@ impl KubeFleet {
             // Pods drained for a scale-in that did not happen (or removed other pods) get
             // traffic again, and their deletion cost back.
             if s.desired >= replicas {
+                // Only once out of the pool: a pod re-added while its old entry drains
+                // would be two instances under one id.
                 let stale: Vec<String> = s
                     .draining
                     .iter()
-                    .filter(|(_, (_, at))| at.elapsed() > Duration::from_secs(10))
+                    .filter(|(p, (_, at))| {
+                        at.elapsed() > Duration::from_secs(10) && s.drained.contains(*p)
+                    })
                     .map(|(p, _)| p.clone())
                     .collect();
                 for p in stale {
                     s.draining.remove(&p);
+                    s.drained.remove(&p);
                     restored.push(p);
                 }
             }
@@ -1235,8 +1469,15 @@ impl KubeFleet {
             if !self.write_scale(desired, &rv).await? {
                 self.wake.notify_one();
             }
-        } else if desired < replicas {
-            self.scale_in(replicas, desired).await?;
+        } else if desired < replicas && !self.scaling_in.swap(true, Ordering::AcqRel) {
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.scale_in(replicas, desired).await {
+                    me.fail(&me.counters.api_failures, "scale-in", &e);
+                }
+                me.scaling_in.store(false, Ordering::Release);
+                me.wake.notify_one();
+            });
         }
         self.sync();
         Ok(())
@@ -1338,6 +1579,14 @@ impl KubeFleet {
             tracing::info!(service = %self.spec.service, pods = ?victims, "scale-in: draining chosen pods");
         }
         while drains.join_next().await.is_some() {}
+        {
+            let mut s = self.state.lock().expect("kube state");
+            for v in &victims {
+                if s.draining.contains_key(v) {
+                    s.drained.insert(v.clone());
+                }
+            }
+        }
         // 2. Make them the ones the ReplicaSet controller deletes.
         for v in &victims {
             self.set_deletion_cost(v, Some(LOWEST_DELETION_COST))
@@ -2061,6 +2310,77 @@ mod tests {
         }
     }
 
+    /// A mock with three ready pods at 3 replicas, resourceVersion 10.
+    async fn three_pods() -> (Arc<Mutex<Mock>>, SocketAddr) {
+        let ep = |ip: &str, pod: &str| json!({"addresses": [ip], "conditions": {"ready": true}, "targetRef": {"name": pod}});
+        let mock = Arc::new(Mutex::new(Mock {
+            replicas: 3,
+            rv: 10,
+            slice: json!({"metadata": {"name": "web-1"}, "ports": [{"port": 80}],
+                          "endpoints": [ep("10.0.0.1", "pod-a"), ep("10.0.0.2", "pod-b"), ep("10.0.0.3", "pod-c")]}),
+            ..Mock::default()
+        }));
+        let addr = serve_mock(mock.clone()).await;
+        (mock, addr)
+    }
+
+    /// Members whose drains take a while.
+    struct SlowDrain(Members, Duration);
+
+    impl Membership for SlowDrain {
+        fn add(&self, id: &str, addr: SocketAddr) {
+            self.0.add(id, addr);
+        }
+        fn ready(&self, id: &str) {
+            self.0.ready(id);
+        }
+        fn remove(&self, id: &str, drain: Duration) -> BoxFuture<'_, u64> {
+            drop(self.0.remove(id, drain));
+            let d = self.1;
+            Box::pin(async move {
+                tokio::time::sleep(d).await;
+                0
+            })
+        }
+        fn in_flight(&self, _id: &str) -> Option<u64> {
+            Some(0)
+        }
+    }
+
+    /// A scale-up asked for while a scale-in drains is written at once, and the scale-in
+    /// then lowers nothing.
+    #[tokio::test]
+    async fn a_scale_up_during_a_drain_is_not_held_back() {
+        let (mock, addr) = three_pods().await;
+        let drain = Duration::from_secs(3);
+        let fleet = KubeFleet::new(
+            spec(),
+            Arc::new(SlowDrain(Members::default(), drain)),
+            Endpoint {
+                server: format!("http://{addr}"),
+                ..Endpoint::default()
+            },
+        )
+        .unwrap();
+        fleet.start();
+        wait_for("three pods", || fleet.counts() == (0, 3, 0)).await;
+        fleet.scale(1);
+        wait_for("two pods draining", || fleet.counts().2 == 2).await;
+        let t = Instant::now();
+        fleet.scale(4);
+        wait_for("scaled to 4", || mock.lock().unwrap().replicas == 4).await;
+        assert!(t.elapsed() < drain, "the scale-up waited for the drain");
+        tokio::time::sleep(drain).await;
+        assert!(!fleet.scaling_in.load(Ordering::Acquire));
+        assert_eq!(mock.lock().unwrap().replicas, 4);
+        let lowered = scale_requests(&mock).iter().any(|(m, b)| {
+            m.starts_with("PUT")
+                && serde_json::from_str::<Value>(b).unwrap()["spec"]["replicas"] == 1
+        });
+        assert!(!lowered, "the aborted scale-in lowered replicas");
+        let _ = fleet.shutdown(Duration::ZERO).await;
+    }
+
     fn spec() -> FleetSpec {
         FleetSpec {
             service: "web".into(),
@@ -2098,15 +2418,7 @@ mod tests {
     /// only then writes the lower count.
     #[tokio::test]
     async fn conflict_is_reread_and_scale_in_patches_cost_first() {
-        let ep = |ip: &str, pod: &str| json!({"addresses": [ip], "conditions": {"ready": true}, "targetRef": {"name": pod}});
-        let mock = Arc::new(Mutex::new(Mock {
-            replicas: 3,
-            rv: 10,
-            slice: json!({"metadata": {"name": "web-1"}, "ports": [{"port": 80}],
-                          "endpoints": [ep("10.0.0.1", "pod-a"), ep("10.0.0.2", "pod-b"), ep("10.0.0.3", "pod-c")]}),
-            ..Mock::default()
-        }));
-        let addr = serve_mock(mock.clone()).await;
+        let (mock, addr) = three_pods().await;
         let members = Arc::new(Members::default());
         let fleet = KubeFleet::new(
             spec(),
@@ -2327,11 +2639,108 @@ users:
         let ep = parse_kubeconfig(&https).unwrap();
         let err = KubeClient::new(ep).err().unwrap();
         assert!(err.contains("certificate-authority"), "{err}");
-        let exec = text.replace("user: {token: abc}", "user: {exec: {command: aws}}");
-        assert!(parse_kubeconfig(&exec)
-            .unwrap_err()
-            .contains("not supported"));
+        let exec = text.replace(
+            "user: {token: abc}",
+            "user: {exec: {apiVersion: client.authentication.k8s.io/v1beta1, command: aws, args: [eks, get-token], env: [{name: AWS_PROFILE, value: secret-profile}]}}",
+        );
+        let ep = parse_kubeconfig(&exec).unwrap();
+        let plugin = ep.exec.as_ref().unwrap();
+        assert_eq!(
+            (plugin.command.as_str(), plugin.args.clone()),
+            ("aws", vec!["eks".to_string(), "get-token".to_string()])
+        );
+        assert_eq!(plugin.api_version, "client.authentication.k8s.io/v1beta1");
+        assert!(!format!("{ep:?}").contains("secret-profile"));
+        let interactive = exec.replace("command: aws", "command: aws, interactiveMode: Always");
+        assert!(parse_kubeconfig(&interactive).is_err());
+        let provider = text.replace("user: {token: abc}", "user: {auth-provider: {name: gcp}}");
+        assert!(parse_kubeconfig(&provider).unwrap_err().contains("exec"));
         assert!(parse_kubeconfig("current-context: x").is_err());
+    }
+
+    #[test]
+    fn exec_credentials_and_timestamps() {
+        let t = parse_rfc3339("2026-12-07T20:16:20Z").unwrap();
+        assert_eq!(
+            t.duration_since(UNIX_EPOCH).unwrap().as_secs(),
+            1_796_674_580
+        );
+        assert_eq!(parse_rfc3339("2026-12-07T21:16:20.123+01:00"), Some(t));
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(UNIX_EPOCH));
+        for bad in [
+            "",
+            "2026-12-07",
+            "2026-13-07T20:16:20Z",
+            "2026-12-07T20:16:20",
+            "2026-12-07T20:16:20.Z",
+        ] {
+            assert!(parse_rfc3339(bad).is_none(), "{bad}");
+        }
+        let (tok, exp) = parse_exec_credential(
+            br#"{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","status":{"token":"k8s-aws-v1.x","expirationTimestamp":"2026-12-07T20:16:20Z"}}"#,
+        )
+        .unwrap();
+        assert_eq!((tok.as_str(), exp), ("k8s-aws-v1.x", Some(t)));
+        assert!(parse_exec_credential(
+            br#"{"kind":"ExecCredential","status":{"clientCertificateData":"x"}}"#
+        )
+        .is_err());
+        assert!(parse_exec_credential(b"token").is_err());
+    }
+
+    /// The plugin runs once while its token is fresh, again once it expires or after a 401.
+    #[tokio::test]
+    async fn exec_plugin_tokens_are_cached_until_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = dir.path().join("runs");
+        let script = dir.path().join("plugin.sh");
+        // Each run appends a line; the token names the run; the expiry comes from $EXPIRY.
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho run >> {c}\nn=$(wc -l < {c})\necho \"$KUBERNETES_EXEC_INFO\" | grep -q ExecCredential || exit 3\nprintf '{{\"kind\":\"ExecCredential\",\"status\":{{\"token\":\"t%s\",\"expirationTimestamp\":\"%s\"}}}}' \"$n\" \"$EXPIRY\"\n",
+                c = count.display()
+            ),
+        )
+        .unwrap();
+        let client = |expiry: &str| {
+            KubeClient::new(Endpoint {
+                server: "http://127.0.0.1:1".into(),
+                exec: Some(ExecPlugin {
+                    api_version: "client.authentication.k8s.io/v1".into(),
+                    command: "sh".into(),
+                    args: vec![script.display().to_string()],
+                    env: vec![("EXPIRY".into(), expiry.into())],
+                }),
+                ..Endpoint::default()
+            })
+            .unwrap()
+        };
+        let runs = || std::fs::read_to_string(&count).unwrap().lines().count();
+        let fresh = client("2999-01-01T00:00:00Z");
+        assert_eq!(fresh.token().await.unwrap().as_deref(), Some("t1"));
+        assert_eq!(fresh.token().await.unwrap().as_deref(), Some("t1"));
+        assert_eq!(runs(), 1);
+        fresh.unauthorized().await;
+        assert_eq!(fresh.token().await.unwrap().as_deref(), Some("t2"));
+        let expired = client("2000-01-01T00:00:00Z");
+        assert_eq!(expired.token().await.unwrap().as_deref(), Some("t3"));
+        assert_eq!(expired.token().await.unwrap().as_deref(), Some("t4"));
+        // A failing plugin is an error of the call, not a request without credentials.
+        let failing = KubeClient::new(Endpoint {
+            server: "http://127.0.0.1:1".into(),
+            exec: Some(ExecPlugin {
+                command: "false".into(),
+                ..ExecPlugin::default()
+            }),
+            ..Endpoint::default()
+        })
+        .unwrap();
+        let e = failing
+            .call(Method::GET, "/api", "", None)
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("credential plugin false failed"), "{e}");
     }
 
     /// https: the kubeconfig's CA (base64 `certificate-authority-data`) verifies the server;
