@@ -64,6 +64,21 @@ PY
   fi
 fi
 
+# gRPC tests: real grpcio servers and clients (PyPI grpcio + grpcio-health-checking) in a
+# venv made once in a cache dir. The tests read SHOAL_GRPC_PYTHON.
+grpc_venv=${XDG_CACHE_HOME:-$HOME/.cache}/shoal/grpc-venv
+export SHOAL_GRPC_PYTHON=$grpc_venv/bin/python
+if ! "$SHOAL_GRPC_PYTHON" -c 'import grpc, grpc_health' >/dev/null 2>&1; then
+  echo "installing grpcio into $grpc_venv"
+  if ! python3 -m venv "$grpc_venv" >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    python3 -m venv "$grpc_venv"
+  fi
+  "$grpc_venv/bin/pip" install -q grpcio grpcio-health-checking
+fi
+
 # One target triple for build, clippy and test so C dependencies are built once.
 export CARGO_BUILD_TARGET=${CARGO_BUILD_TARGET:-x86_64-unknown-linux-gnu}
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}

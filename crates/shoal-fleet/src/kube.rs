@@ -24,8 +24,9 @@
 //!   else the recommendation only.
 //!
 //! The API is spoken directly (hyper + serde_json, k8s JSON as `serde_json::Value`): shoal
-//! makes a handful of calls, and the `kube` + `k8s-openapi` crates would add a large
-//! dependency tree and minutes of build for them. TLS is rustls with the aws-lc-rs provider,
+//! makes a handful of calls, and the `kube` + `k8s-openapi` crates would add their tree
+//! (kube 2.0 with k8s-openapi 0.26 took 1 min 16 s of a clean debug build here) and
+//! generated types for every API kind. TLS is rustls with the aws-lc-rs provider,
 //! the binary's one crypto provider; the server is verified against the cluster's CA from the
 //! kubeconfig or the service account; credentials are a bearer token (fixed, a rotating
 //! token file, or an `exec` plugin's) or a client certificate.

@@ -667,6 +667,20 @@ impl App {
                 &[("service", s)],
                 &svc.metrics.duration,
             );
+            for (code, n) in svc.metrics.grpc.iter().enumerate() {
+                let n = n.get();
+                if n > 0 {
+                    e.counter(
+                        "shoal_grpc_responses_total",
+                        "gRPC calls by grpc-status (from the instance's trailers, or shoal's own trailers-only answers).",
+                        &[
+                            ("service", s),
+                            ("code", crate::grpc::NAMES.get(code).copied().unwrap_or("OTHER")),
+                        ],
+                        n,
+                    );
+                }
+            }
             e.counter(
                 "shoal_client_errors_total",
                 "Requests the client broke (malformed or cut-short body, too slow); never counted against an instance.",

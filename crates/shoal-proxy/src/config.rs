@@ -299,6 +299,10 @@ pub struct RetryConfig {
     pub budget_percent: f64,
     /// ...plus this many retries per second.
     pub budget_min_per_second: f64,
+    /// gRPC calls answered trailers-only with one of these statuses are retried (numbers
+    /// or names; default `UNAVAILABLE`).
+    #[serde(deserialize_with = "crate::grpc::de_codes")]
+    pub grpc_codes: Vec<u32>,
 }
 
 impl Default for RetryConfig {
@@ -307,6 +311,7 @@ impl Default for RetryConfig {
             attempts: 3,
             budget_percent: 20.0,
             budget_min_per_second: 10.0,
+            grpc_codes: vec![crate::grpc::UNAVAILABLE],
         }
     }
 }
@@ -403,6 +408,9 @@ pub struct RawService {
     /// TLS to this service's instances.
     #[serde(default)]
     pub upstream_tls: Option<Spanned<crate::tls::RawUpstreamTls>>,
+    /// The protocol spoken to the instances.
+    #[serde(default)]
+    pub protocol: Option<Spanned<Protocol>>,
     /// Extra, section-specific tables (fleet, autoscale, ...) are parsed by their owners.
     #[serde(flatten)]
     pub extra: BTreeMap<String, toml::Value>,
@@ -575,6 +583,8 @@ pub struct ServiceConfig {
     pub https_redirect: Option<u16>,
     /// TLS to the instances (files loaded with the config).
     pub upstream_tls: Option<Arc<crate::tls::UpstreamTls>>,
+    /// The protocol spoken to the instances.
+    pub protocol: Protocol,
     /// Tables this crate does not own (`fleet`, `autoscale`, ...), with their source.
     pub extra: BTreeMap<String, toml::Value>,
 }
@@ -613,7 +623,37 @@ impl ServiceConfig {
             tls: None,
             https_redirect: None,
             upstream_tls: None,
+            protocol: Protocol::Http1,
             extra: BTreeMap::new(),
+        }
+    }
+}
+
+/// The protocol shoal speaks to a cluster's instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 (with `upstream_tls`, over TLS).
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext TCP (prior knowledge), as gRPC servers speak it.
+    H2c,
+    /// HTTP/2 over TLS (ALPN `h2`); needs `upstream_tls`.
+    H2,
+    /// Over TLS, what the instance picks by ALPN (`h2`, else HTTP/1.1); without TLS, HTTP/1.1.
+    Auto,
+}
+
+impl Protocol {
+    pub fn parse(s: &str) -> Result<Protocol, String> {
+        match s {
+            "http1" => Ok(Protocol::Http1),
+            "h2c" => Ok(Protocol::H2c),
+            "h2" => Ok(Protocol::H2),
+            "auto" => Ok(Protocol::Auto),
+            _ => Err(format!(
+                "unknown protocol {s:?} (use \"http1\", \"h2c\", \"h2\" or \"auto\")"
+            )),
         }
     }
 }
@@ -1079,6 +1119,21 @@ impl Config {
                     }
                 }
             };
+            let protocol = match s.protocol {
+                None => Protocol::Http1,
+                Some(p) => {
+                    let span = p.span();
+                    let p = p.into_inner();
+                    if p == Protocol::H2 && upstream_tls.is_none() {
+                        return Err(loc.error(
+                            span,
+                            &field("protocol"),
+                            "h2 is HTTP/2 over TLS: add an [upstream_tls] table, or use \"h2c\"",
+                        ));
+                    }
+                    p
+                }
+            };
             let retries_span = s.retries.as_ref().map_or(0..0, |r| r.span());
             let retries = s.retries.map(|r| r.into_inner()).unwrap_or_default();
             if retries.attempts == 0 || retries.attempts > 10 {
@@ -1110,6 +1165,7 @@ impl Config {
                 tls,
                 https_redirect,
                 upstream_tls,
+                protocol,
                 extra: s.extra,
             });
         }

@@ -300,6 +300,10 @@ fn plan_request(
         }
         None => cfg,
     };
+    if tcfg.protocol != crate::config::Protocol::Http1 {
+        // HTTP/2 to the instances: the general path (hyper's HTTP/2 client).
+        return Parsed::Handover;
+    }
     if tcfg.upstream_tls.is_some() {
         // TLS to the instances: the general path's phases and connections (hyper over
         // rustls), on this connection for a body read whole; a streamed one hands over.

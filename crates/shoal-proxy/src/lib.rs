@@ -13,6 +13,7 @@ pub use shoal_cache;
 pub mod app;
 pub mod config;
 pub mod error;
+pub mod grpc;
 mod h1;
 pub mod health;
 pub mod history;

@@ -109,6 +109,8 @@ pub struct ServiceMetrics {
     pub requests: Counter,
     /// Tries the client broke (malformed or cut-short body, too slow): never an instance's fault.
     pub client_errors: Counter,
+    /// gRPC calls by `grpc-status` (0–16; 17: anything else), from instances and shoal.
+    pub grpc: Arc<[Counter; 18]>,
 }
 
 /// A proxied service: its settings, pool and counters, and (when it listens) its routes.
@@ -324,6 +326,7 @@ impl Service {
             Box::new((req.method().to_string(), path.to_string()))
         });
         let hsts = self.config.load().tls.as_ref().and_then(|t| t.hsts);
+        let grpc = crate::grpc::is_grpc(req.headers());
         match self
             .proxy(req, peer, peer_ip, port, start, log.clone())
             .await
@@ -359,6 +362,11 @@ impl Service {
                         cache: "-",
                     }
                     .emit();
+                }
+                if grpc {
+                    let code = crate::grpc::status_of(&e);
+                    svc.metrics.grpc[code as usize].inc();
+                    return Ok(crate::grpc::trailers_only(code, e.message()));
                 }
                 Ok(e.into_response())
             }
@@ -608,6 +616,37 @@ impl Service {
                     ),
                 }
             }
+            // gRPC: a message that comes whole at once is kept for a retry.
+            (ReqBody::Incoming(mut body), BodyKind::Chunked)
+                if crate::grpc::is_grpc(&parts.headers) =>
+            {
+                let (read, ended) =
+                    read_ahead(&mut body, REPLAY_LIMIT as usize, Duration::from_millis(5))
+                        .await
+                        .map_err(fail)?;
+                let whole = ended && read.iter().all(Frame::is_data);
+                let len: usize = read
+                    .iter()
+                    .filter_map(|f| f.data_ref())
+                    .map(Bytes::len)
+                    .sum();
+                match BufferPermit::take(len as u64).filter(|_| whole) {
+                    Some(p) => {
+                        let mut b = bytes::BytesMut::with_capacity(len);
+                        for f in read {
+                            if let Ok(d) = f.into_data() {
+                                b.extend_from_slice(&d);
+                            }
+                        }
+                        (Some(b.freeze()), None, Some(p))
+                    }
+                    None => {
+                        let mut s = ClientStream::new(body, body_read, fault.clone());
+                        s.read = read;
+                        (None, Some(s), None)
+                    }
+                }
+            }
             (ReqBody::Incoming(body), _) => (
                 None,
                 Some(ClientStream::new(body, body_read, fault.clone())),
@@ -619,6 +658,24 @@ impl Service {
         let attempts = if replayable { cfg.retries.attempts } else { 1 };
         let connect_timeout = cfg.timeouts.connect.0;
         let idle_timeout = cfg.timeouts.upstream_idle.0;
+        // gRPC: the call's deadline (`grpc-timeout`) bounds every try and goes on shortened.
+        let grpc = crate::grpc::is_grpc(&parts.headers);
+        let deadline = grpc
+            .then(|| parts.headers.get("grpc-timeout"))
+            .flatten()
+            .and_then(|v| crate::grpc::parse_timeout(v.as_bytes()))
+            .map(|d| start + d.as_nanos() as u64);
+        let h2 = crate::grpc::speaks_h2(&cfg);
+        // HTTP/2 instances need `te: trailers` (gRPC servers check it); HTTP/1.1 drops TE.
+        if h2
+            && parts
+                .headers
+                .get_all(header::TE)
+                .iter()
+                .any(|v| hygiene::tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"trailers")))
+        {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         // Scaling from zero: wait (bounded) for a first instance.
         svc.pool.wait_routable().await.map_err(fail)?;
         let mut tries = svc.begin_tries(&cfg, start);
@@ -651,16 +708,34 @@ impl Service {
             if let Some(sink) = &interim {
                 sink.attach(&mut up);
             }
+            let mut try_timeout = t.timeout;
+            if let Some(d) = deadline {
+                let left = Duration::from_nanos(d.saturating_sub(now_nanos()));
+                if left.is_zero() {
+                    last_err = Some(ProxyError::Timeout);
+                    svc.end_try(&tries, &mut t, now_nanos(), Err(None));
+                    break;
+                }
+                try_timeout = try_timeout.min(left);
+                up.headers_mut()
+                    .insert("grpc-timeout", crate::grpc::timeout_value(left));
+            }
+            if h2 {
+                upstream::to_h2(&mut up, cfg.upstream_tls.is_some(), &t.inst.authority);
+            }
 
             let sending = upstream::send(
-                &t.inst.idle,
-                t.inst.addr,
-                connect_timeout,
-                idle_timeout,
-                cfg.upstream_tls.as_deref(),
+                upstream::Target {
+                    idle: &t.inst.idle,
+                    addr: t.inst.addr,
+                    connect_timeout,
+                    max_idle: idle_timeout,
+                    tls: cfg.upstream_tls.as_deref(),
+                    protocol: cfg.protocol,
+                },
                 up,
             );
-            let result = tokio::time::timeout(t.timeout, sending).await;
+            let result = tokio::time::timeout(try_timeout, sending).await;
             let client_fault = fault.load(Ordering::Acquire);
             let outcome = match &result {
                 _ if client_fault != 0 => Err(None),
@@ -688,6 +763,22 @@ impl Service {
                         last_err = Some(ProxyError::Upstream("upstream sent an invalid response"));
                         break;
                     }
+                    // A gRPC failure answered trailers-only (nothing sent to the client yet)
+                    // with a retryable status goes to another try while any is left.
+                    let grpc_status = grpc
+                        .then(|| crate::grpc::header_status(resp.headers()))
+                        .flatten();
+                    if let Some(code) = grpc_status {
+                        if attempt + 1 < attempts
+                            && cfg.retries.grpc_codes.contains(&code)
+                            && !tries.past_deadline()
+                        {
+                            tracing::debug!(service = %svc.name, instance = %t.inst.id, code, "gRPC call failed: retrying");
+                            last_err = Some(ProxyError::Upstream("upstream gRPC call failed"));
+                            drop(conn);
+                            continue;
+                        }
+                    }
                     if status == StatusCode::SWITCHING_PROTOCOLS {
                         // Only the protocol that was asked for, and only if one was.
                         let asked = upgrade_matches(upgrade.as_deref(), resp.headers());
@@ -709,6 +800,16 @@ impl Service {
                     }
                     let (mut rparts, rbody) = resp.into_parts();
                     response_hygiene(&mut rparts.headers);
+                    // HTTP/1.1 sends only the trailer fields the head announces: a gRPC
+                    // call's status goes in them.
+                    if grpc && grpc_status.is_none() && parts.version != Version::HTTP_2 {
+                        rparts.headers.insert(
+                            header::TRAILER,
+                            HeaderValue::from_static(
+                                "grpc-status, grpc-message, grpc-status-details-bin",
+                            ),
+                        );
+                    }
                     // The instance stays counted as busy (drain, least-connections) until the
                     // body ends; the latency sample is the time to response headers.
                     // Cloned: a cache refetch can take this loop once more.
@@ -726,6 +827,9 @@ impl Service {
                             trace,
                         })
                     });
+                    if let Some(code) = grpc_status {
+                        svc.metrics.grpc[code.min(17) as usize].inc();
+                    }
                     let body = Tracked {
                         inner: rbody,
                         busy: Some(t.busy),
@@ -734,6 +838,7 @@ impl Service {
                         timer: None,
                         access,
                         tee: None,
+                        grpc: (grpc && grpc_status.is_none()).then(|| svc.metrics.grpc.clone()),
                     };
                     if let (Some(c), Some(f)) = (&cache, fetch.take()) {
                         return crate::cache::after_response(c, f, rparts, body)
@@ -812,12 +917,18 @@ impl Service {
         *up.method_mut() = method;
         *up.uri_mut() = target;
         *up.headers_mut() = headers;
+        if crate::grpc::speaks_h2(&cfg) {
+            upstream::to_h2(&mut up, cfg.upstream_tls.is_some(), &t.inst.authority);
+        }
         let sending = upstream::send(
-            &t.inst.idle,
-            t.inst.addr,
-            cfg.timeouts.connect.0,
-            cfg.timeouts.upstream_idle.0,
-            cfg.upstream_tls.as_deref(),
+            upstream::Target {
+                idle: &t.inst.idle,
+                addr: t.inst.addr,
+                connect_timeout: cfg.timeouts.connect.0,
+                max_idle: cfg.timeouts.upstream_idle.0,
+                tls: cfg.upstream_tls.as_deref(),
+                protocol: cfg.protocol,
+            },
             up,
         );
         let result = tokio::time::timeout(t.timeout, sending).await;
@@ -849,6 +960,7 @@ impl Service {
             timer: None,
             access: None,
             tee: None,
+            grpc: None,
         };
         let bytes = http_body_util::Limited::new(body, limit)
             .collect()
@@ -942,6 +1054,8 @@ const FAULT_TIMEOUT: u8 = 2;
 /// not blamed on the instance.
 pub struct ClientStream {
     inner: Incoming,
+    /// Frames read ahead (a gRPC body looked at for replay), sent first.
+    read: std::collections::VecDeque<Frame<Bytes>>,
     timeout: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     fault: Arc<AtomicU8>,
@@ -951,11 +1065,41 @@ impl ClientStream {
     fn new(inner: Incoming, timeout: Duration, fault: Arc<AtomicU8>) -> Self {
         ClientStream {
             inner,
+            read: Default::default(),
             timeout,
             timer: None,
             fault,
         }
     }
+}
+
+/// Reads the frames of a body of unknown length that arrive without a pause of `wait`, up
+/// to `limit` bytes: a gRPC unary call's one message comes with its end at once, so it can
+/// be kept for a retry, while a stream's first frames are passed on unchanged. True if the
+/// body ended.
+async fn read_ahead(
+    body: &mut Incoming,
+    limit: usize,
+    wait: Duration,
+) -> Result<(std::collections::VecDeque<Frame<Bytes>>, bool), ProxyError> {
+    let mut frames = std::collections::VecDeque::new();
+    let mut len = 0;
+    while len <= limit {
+        match tokio::time::timeout(wait, body.frame()).await {
+            Err(_) => return Ok((frames, false)),
+            Ok(None) => return Ok((frames, true)),
+            Ok(Some(Err(_))) => return Err(ProxyError::BodyFault("request body ended early")),
+            Ok(Some(Ok(f))) => {
+                len += f.data_ref().map_or(0, Bytes::len);
+                let trailers = f.is_trailers();
+                frames.push_back(f);
+                if trailers {
+                    return Ok((frames, false));
+                }
+            }
+        }
+    }
+    Ok((frames, false))
 }
 
 impl Body for ClientStream {
@@ -966,6 +1110,9 @@ impl Body for ClientStream {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(f) = self.read.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Err(e))) => {
                 self.fault.store(FAULT_BODY, Ordering::Release);
@@ -987,11 +1134,15 @@ impl Body for ClientStream {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.read.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.read.is_empty() {
+            self.inner.size_hint()
+        } else {
+            SizeHint::default()
+        }
     }
 }
 
@@ -1046,14 +1197,17 @@ impl InterimSink {
 pub struct Tracked {
     inner: Incoming,
     busy: Option<InFlight>,
-    /// The upstream connection, returned to its instance's idle list once the body is read.
-    conn: Option<hyper::client::conn::http1::SendRequest<UpstreamBody>>,
+    /// The upstream connection (HTTP/1.1: returned to its instance's idle list once the body
+    /// is read; HTTP/2: its stream released).
+    conn: Option<upstream::Conn>,
     read_timeout: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The access-log line, written when the body ends (only when the listener logs).
     access: Option<Box<AccessRecord>>,
     /// A copy of the body for the cache, stored once the body ends whole.
     tee: Option<Box<crate::cache::Tee>>,
+    /// A gRPC call: its trailers' `grpc-status` is counted here.
+    grpc: Option<Arc<[Counter; 18]>>,
 }
 
 /// An access-log line in the making, for a response still streaming.
@@ -1107,7 +1261,7 @@ impl Tracked {
             .emit();
         }
         if let Some(busy) = self.busy.take() {
-            if let (true, Some(c)) = (complete, self.conn.take()) {
+            if let (true, Some(upstream::Conn::H1(c))) = (complete, self.conn.take()) {
                 busy.inst().idle.put(c);
             }
         }
@@ -1144,6 +1298,12 @@ impl Body for Tracked {
             }
             Poll::Ready(Some(Ok(f))) => {
                 self.timer = None;
+                if let Some(t) = f.trailers_ref() {
+                    if let Some(g) = self.grpc.take() {
+                        let code = crate::grpc::header_status(t).unwrap_or(17).min(17);
+                        g[code as usize].inc();
+                    }
+                }
                 if let (Some(a), Some(d)) = (self.access.as_mut(), f.data_ref()) {
                     a.bytes += d.len() as u64;
                 }

@@ -699,6 +699,9 @@ pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 pub struct UpstreamTls {
     raw: RawUpstreamTls,
     pub(crate) client: Arc<rustls::ClientConfig>,
+    /// The same, offering `h2` only, and `h2` then `http/1.1` (protocol `auto`).
+    client_h2: Arc<rustls::ClientConfig>,
+    client_auto: Arc<rustls::ClientConfig>,
     sni: Option<rustls::pki_types::ServerName<'static>>,
 }
 
@@ -774,11 +777,17 @@ impl RawUpstreamTls {
             (Some(_), None) => return Err(("key", "`cert` needs a `key`".into())),
             (None, Some(_)) => return Err(("cert", "`key` needs a `cert`".into())),
         };
-        // shoal speaks HTTP/1.1 to instances.
+        // ALPN per cluster protocol: HTTP/1.1, h2, or the instance's pick.
+        let mut client_h2 = client.clone();
+        client_h2.alpn_protocols = vec![b"h2".to_vec()];
+        let mut client_auto = client.clone();
+        client_auto.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         client.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(UpstreamTls {
             raw: self,
             client: Arc::new(client),
+            client_h2: Arc::new(client_h2),
+            client_auto: Arc::new(client_auto),
             sni,
         })
     }
@@ -791,11 +800,28 @@ impl UpstreamTls {
         addr: std::net::SocketAddr,
         tcp: tokio::net::TcpStream,
     ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        self.connect_for(addr, tcp, crate::config::Protocol::Http1)
+            .await
+    }
+
+    /// The handshake offering the ALPN protocols of `protocol`.
+    pub(crate) async fn connect_for(
+        &self,
+        addr: std::net::SocketAddr,
+        tcp: tokio::net::TcpStream,
+        protocol: crate::config::Protocol,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        use crate::config::Protocol;
         let name = self
             .sni
             .clone()
             .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
-        tokio_rustls::TlsConnector::from(self.client.clone())
+        let client = match protocol {
+            Protocol::Http1 | Protocol::H2c => &self.client,
+            Protocol::H2 => &self.client_h2,
+            Protocol::Auto => &self.client_auto,
+        };
+        tokio_rustls::TlsConnector::from(client.clone())
             .connect(name, tcp)
             .await
     }

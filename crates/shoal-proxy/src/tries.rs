@@ -25,6 +25,9 @@ struct BudgetState {
     ratio: f64,
     floor: f64,
     last: u64,
+    /// The floor starts with a second's worth banked, so a process that just started (or a
+    /// service just added) can retry at once.
+    primed: bool,
 }
 
 impl RetryBudget {
@@ -34,11 +37,16 @@ impl RetryBudget {
                 ratio: 0.0,
                 floor: 0.0,
                 last: now,
+                primed: false,
             }),
         }
     }
 
     fn advance(s: &mut BudgetState, min_per_sec: f64, now: u64) {
+        if !s.primed {
+            s.primed = true;
+            s.floor = min_per_sec;
+        }
         let dt = now.saturating_sub(s.last) as f64 / 1e9;
         // Under load this runs per request; decaying once a millisecond is plenty.
         if dt > 1e-3 {
@@ -203,7 +211,12 @@ impl Service {
     ) -> Option<(usize, Arc<Instance>, InFlight)> {
         for _ in 0..3 {
             let t = *tried;
-            let idx = snapshot.selector.pick(key, now, &|i| t.contains(&i))?;
+            // Another instance than those tried, else (every one tried) any: a retry may go
+            // back to an instance, as with a single one.
+            let idx = snapshot
+                .selector
+                .pick(key, now, &|i| t.contains(&i))
+                .or_else(|| snapshot.selector.pick(key, now, &|_| false))?;
             let inst = snapshot.instances[idx].clone();
             let busy = InFlight::start(inst.clone(), now);
             // Pairs with the fence in `Pool::remove`.
@@ -292,6 +305,13 @@ pub(crate) fn is_idempotent(m: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_budget_has_a_second_of_the_floor() {
+        let t0 = 1_000_000_000;
+        let b = RetryBudget::new(t0);
+        assert_eq!((0..20).filter(|_| b.try_withdraw(10.0, t0)).count(), 10);
+    }
 
     #[test]
     fn retry_budget_limits_retries() {

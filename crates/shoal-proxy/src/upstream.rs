@@ -1,20 +1,33 @@
-//! Upstream HTTP/1.1 connections: one idle list per instance.
+//! Upstream connections per instance: HTTP/1.1 idle lists and multiplexed HTTP/2.
 //!
-//! A connection goes back to its instance's idle list only once the response body has been
-//! read to the end (until then HTTP/1.1 cannot carry another request), so checkout is a pop
-//! with no waiting and no per-request task. A request that an idle connection could not take
-//! (closed by the instance meanwhile) comes back untouched and goes out on another one; only
-//! bytes actually written make a failure a "reset".
+//! An HTTP/1.1 connection goes back to its instance's idle list only once the response body
+//! has been read to the end (until then HTTP/1.1 cannot carry another request), so checkout
+//! is a pop with no waiting and no per-request task. A request that an idle connection could
+//! not take (closed by the instance meanwhile) comes back untouched and goes out on another
+//! one; only bytes actually written make a failure a "reset".
+//!
+//! HTTP/2 connections (`protocol = "h2c" | "h2" | "auto"`) are shared: a request takes a
+//! stream on the first live connection with a stream free under the instance's
+//! `SETTINGS_MAX_CONCURRENT_STREAMS`, else a
+//! new connection is opened — requests never queue behind a full connection. A connection
+//! that got GOAWAY takes no new streams while its streams in flight finish; PINGs find dead
+//! ones. The stream is counted until the response body ends (a lease).
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::future::Future;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+
+use crate::config::Protocol;
 
 use crate::pool::now_nanos;
 use crate::proxy::UpstreamBody;
@@ -30,6 +43,39 @@ const MAX_IDLE: usize = 512;
 pub struct Idle {
     conns: Mutex<Vec<(SendRequest<UpstreamBody>, u64)>>,
     raw: Mutex<Vec<(TcpStream, u64)>>,
+    /// HTTP/2 connections, shared by concurrent requests.
+    h2: Mutex<Vec<H2Conn>>,
+}
+
+/// One multiplexed HTTP/2 connection to an instance.
+#[derive(Debug, Clone)]
+struct H2Conn {
+    send: http2::SendRequest<UpstreamBody>,
+    /// Streams of ours open on it.
+    streams: Arc<AtomicUsize>,
+    /// The instance's `SETTINGS_MAX_CONCURRENT_STREAMS` (100 until it says).
+    max: Arc<AtomicUsize>,
+}
+
+/// The most streams used on one connection when the instance sets no limit.
+const H2_MAX_STREAMS: usize = 1000;
+
+/// A stream taken on an HTTP/2 connection, released when the response ends.
+#[derive(Debug)]
+pub struct H2Lease(Arc<AtomicUsize>);
+
+impl Drop for H2Lease {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a response holds of its upstream connection until its body ends.
+#[derive(Debug)]
+pub enum Conn {
+    /// Back to the idle list once the body was read whole.
+    H1(SendRequest<UpstreamBody>),
+    H2(H2Lease),
 }
 
 impl Idle {
@@ -93,19 +139,73 @@ impl Idle {
         n + before - v.len()
     }
 
-    /// Idle connections kept right now (both kinds).
+    /// Idle connections kept right now (HTTP/1.1 of both kinds, and HTTP/2 ones with no
+    /// stream open).
     pub fn len(&self) -> usize {
-        self.raw.lock().expect("idle lock").len() + self.conns.lock().expect("idle lock").len()
+        self.raw.lock().expect("idle lock").len()
+            + self.conns.lock().expect("idle lock").len()
+            + self
+                .h2
+                .lock()
+                .expect("idle lock")
+                .iter()
+                .filter(|c| c.streams.load(Ordering::Acquire) == 0)
+                .count()
+    }
+
+    /// Open HTTP/2 connections to the instance.
+    pub fn h2_connections(&self) -> usize {
+        let mut v = self.h2.lock().expect("idle lock");
+        v.retain(|c| !c.send.is_closed());
+        v.len()
+    }
+
+    /// A stream on a live HTTP/2 connection with one free, if any.
+    fn h2_checkout(&self) -> Option<(http2::SendRequest<UpstreamBody>, H2Lease)> {
+        let mut v = self.h2.lock().expect("idle lock");
+        v.retain(|c| !c.send.is_closed());
+        for c in v.iter() {
+            if !c.send.is_ready() {
+                continue;
+            }
+            let max = c.max.load(Ordering::Acquire).min(H2_MAX_STREAMS);
+            let taken = c
+                .streams
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_ok();
+            if taken {
+                return Some((c.send.clone(), H2Lease(c.streams.clone())));
+            }
+        }
+        None
+    }
+
+    fn h2_add(&self, c: H2Conn) -> (http2::SendRequest<UpstreamBody>, H2Lease) {
+        c.streams.fetch_add(1, Ordering::AcqRel);
+        let lease = (c.send.clone(), H2Lease(c.streams.clone()));
+        self.h2.lock().expect("idle lock").push(c);
+        lease
+    }
+
+    /// Takes a connection that refused a stream out of the pool (GOAWAY, closing): its
+    /// streams in flight go on, new ones go elsewhere.
+    fn h2_forget(&self, lease: &H2Lease) {
+        let mut v = self.h2.lock().expect("idle lock");
+        v.retain(|c| !Arc::ptr_eq(&c.streams, &lease.0));
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Closes every idle connection (instance removed).
+    /// Closes every idle connection (instance removed). HTTP/2 connections close once
+    /// their streams in flight end (their last handle goes with the last response).
     pub fn clear(&self) {
         self.conns.lock().expect("idle lock").clear();
         self.raw.lock().expect("idle lock").clear();
+        self.h2.lock().expect("idle lock").clear();
     }
 }
 
@@ -188,9 +288,196 @@ where
     Ok(send)
 }
 
-/// Sends `req` on an idle connection to `addr` or a new one. On success the connection is
-/// handed back with the response; put it in `idle` once the body has been read.
+/// Where and how to reach one instance.
+pub struct Target<'a> {
+    pub idle: &'a Idle,
+    pub addr: SocketAddr,
+    pub connect_timeout: Duration,
+    pub max_idle: Duration,
+    pub tls: Option<&'a crate::tls::UpstreamTls>,
+    pub protocol: Protocol,
+}
+
+/// Prepares a request for an HTTP/2 instance: absolute URI (`:scheme`, `:authority` from
+/// `Host`, else the instance's address), no `Host`, version 2.
+pub fn to_h2(req: &mut Request<UpstreamBody>, https: bool, fallback: &http::uri::Authority) {
+    let host = req.headers_mut().remove(http::header::HOST);
+    let authority = host
+        .and_then(|h| h.to_str().ok()?.parse::<http::uri::Authority>().ok())
+        .unwrap_or_else(|| fallback.clone());
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if let Ok(uri) = http::Uri::builder()
+        .scheme(if https { "https" } else { "http" })
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+    {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = http::Version::HTTP_2;
+}
+
+/// The reverse of [`to_h2`], for an `auto` cluster whose instance chose HTTP/1.1.
+fn to_h1(req: &mut Request<UpstreamBody>) {
+    if req.version() != http::Version::HTTP_2 {
+        return;
+    }
+    if let Some(a) = req.uri().authority().cloned() {
+        if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
+            req.headers_mut().insert(http::header::HOST, v);
+        }
+    }
+    if let Some(pq) = req.uri().path_and_query().cloned() {
+        *req.uri_mut() = http::Uri::from(pq);
+    }
+    req.headers_mut().remove(http::header::TE);
+    *req.version_mut() = http::Version::HTTP_11;
+}
+
+/// Sends `req` to the instance in the protocol of its cluster. On success the response
+/// comes with its hold on the connection ([`Conn`]), kept until its body ends.
 pub async fn send(
+    t: Target<'_>,
+    req: Request<UpstreamBody>,
+) -> Result<(Response<Incoming>, Conn), SendError> {
+    match (t.protocol, t.tls) {
+        (Protocol::Http1, _) | (Protocol::Auto, None) => {
+            send_h1(t.idle, t.addr, t.connect_timeout, t.max_idle, t.tls, req)
+                .await
+                .map(|(r, c)| (r, Conn::H1(c)))
+        }
+        // `auto` over TLS: a connection of whichever protocol the instance chose before.
+        (Protocol::Auto, Some(_))
+            if t.idle.h2_connections() == 0
+                && !t.idle.conns.lock().expect("idle lock").is_empty() =>
+        {
+            let mut req = req;
+            to_h1(&mut req);
+            send_h1(t.idle, t.addr, t.connect_timeout, t.max_idle, t.tls, req)
+                .await
+                .map(|(r, c)| (r, Conn::H1(c)))
+        }
+        _ => send_h2(t, req).await,
+    }
+}
+
+/// An HTTP/2 request on a shared connection: a stream on a live one with room, else a new
+/// connection. A stream refused before anything was sent (the connection got GOAWAY or
+/// closed) goes to another connection.
+async fn send_h2(
+    t: Target<'_>,
+    req: Request<UpstreamBody>,
+) -> Result<(Response<Incoming>, Conn), SendError> {
+    let mut req = req;
+    for _ in 0..3 {
+        let (mut send, lease) = match t.idle.h2_checkout() {
+            Some(c) => c,
+            None => match connect_h2(&t).await? {
+                Connected::H2(c) => t.idle.h2_add(c),
+                // `auto`: the instance chose HTTP/1.1.
+                Connected::H1(mut c) => {
+                    to_h1(&mut req);
+                    return match c.send_request(req).await {
+                        Ok(resp) => Ok((resp, Conn::H1(c))),
+                        Err(e) => Err(SendError::Reset(e)),
+                    };
+                }
+            },
+        };
+        match send.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, Conn::H2(lease))),
+            Err(mut e) => {
+                t.idle.h2_forget(&lease);
+                match e.take_message() {
+                    Some(r) => req = r,
+                    None => return Err(SendError::Reset(e.into_error())),
+                }
+            }
+        }
+    }
+    Err(SendError::Connect(std::io::Error::other(
+        "HTTP/2 connections to the instance refuse new streams",
+    )))
+}
+
+enum Connected {
+    H2(H2Conn),
+    H1(SendRequest<UpstreamBody>),
+}
+
+/// A new connection for an HTTP/2 cluster (h2c, or TLS with ALPN).
+async fn connect_h2(t: &Target<'_>) -> Result<Connected, SendError> {
+    let tcp = connect_tcp(t.addr, t.connect_timeout)
+        .await
+        .map_err(SendError::Connect)?;
+    let Some(tls) = t.tls.filter(|_| t.protocol != Protocol::H2c) else {
+        return handshake_h2(tcp).await.map(Connected::H2);
+    };
+    let s = match tokio::time::timeout(t.connect_timeout, tls.connect_for(t.addr, tcp, t.protocol))
+        .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(SendError::Connect(e)),
+        Err(_) => {
+            return Err(SendError::Connect(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "tls handshake timed out",
+            )))
+        }
+    };
+    let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+    match (h2, t.protocol) {
+        (true, _) => handshake_h2(s).await.map(Connected::H2),
+        (false, Protocol::Auto) => handshake(s).await.map(Connected::H1),
+        (false, _) => Err(SendError::Connect(std::io::Error::other(
+            "the instance did not accept h2 by ALPN",
+        ))),
+    }
+}
+
+/// An HTTP/2 client connection over `io`, driven by its own task, with PING keepalive.
+async fn handshake_h2<IO>(io: IO) -> Result<H2Conn, SendError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| SendError::Connect(std::io::Error::other(e)))?;
+    let max = Arc::new(AtomicUsize::new(100));
+    let watched = max.clone();
+    let mut conn = Box::pin(conn);
+    tokio::spawn(async move {
+        // Polled on every frame: the stream limit is read after each, so a SETTINGS change
+        // shows at once.
+        let r = std::future::poll_fn(|cx| {
+            let r = conn.as_mut().poll(cx);
+            watched.store(conn.current_max_send_streams(), Ordering::Release);
+            r
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+        }
+    });
+    Ok(H2Conn {
+        send,
+        streams: Arc::new(AtomicUsize::new(0)),
+        max,
+    })
+}
+
+/// Sends `req` on an idle HTTP/1.1 connection to `addr` or a new one. On success the
+/// connection is handed back with the response; put it in `idle` once the body has been read.
+async fn send_h1(
     idle: &Idle,
     addr: SocketAddr,
     connect_timeout: Duration,

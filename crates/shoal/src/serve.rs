@@ -57,6 +57,17 @@ pub struct ProxyArgs {
     /// POST /api/tls/reload always reload).
     #[arg(long, value_parser = parse_duration)]
     tls_watch: Option<Duration>,
+    /// The protocol spoken to the backends: http1, or h2c (HTTP/2 without TLS, as gRPC
+    /// servers speak it).
+    #[arg(long, default_value = "http1", value_parser = parse_upstream_protocol)]
+    upstream_protocol: shoal_proxy::config::Protocol,
+}
+
+fn parse_upstream_protocol(s: &str) -> Result<shoal_proxy::config::Protocol, String> {
+    match shoal_proxy::config::Protocol::parse(s)? {
+        p @ (shoal_proxy::config::Protocol::Http1 | shoal_proxy::config::Protocol::H2c) => Ok(p),
+        _ => Err("quick mode speaks http1 or h2c to backends (h2 and auto need upstream_tls in a config file)".into()),
+    }
 }
 
 fn parse_cache_size(s: &str) -> Result<u64, String> {
@@ -108,6 +119,7 @@ pub fn run_quick(args: ProxyArgs) -> anyhow::Result<()> {
     if args.cache_memory.is_some() {
         svc.cache = Some(shoal_proxy::shoal_cache::CacheConfig::default());
     }
+    svc.protocol = args.upstream_protocol;
     anyhow::ensure!(
         args.tls_certs.len() == args.tls_keys.len(),
         "--tls-cert and --tls-key come in pairs ({} certs, {} keys)",

@@ -5,42 +5,10 @@
 mod common;
 
 use std::io::Write;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// A self-signed ECDSA certificate for `name` in `dir/{file}.pem` and `.key` (replaced by
-/// rename, as a deploy tool would).
-fn cert(dir: &Path, file: &str, name: &str) {
-    let (c, k) = (
-        dir.join(format!("{file}.pem")),
-        dir.join(format!("{file}.key")),
-    );
-    let (ct, kt) = (c.with_extension("pem.tmp"), k.with_extension("key.tmp"));
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}")])
-        .args(["-addext", &format!("subjectAltName=DNS:{name}")])
-        .arg("-keyout")
-        .arg(&kt)
-        .arg("-out")
-        .arg(&ct)
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl CLI (Debian: openssl)");
-    assert!(ok.success());
-    std::fs::rename(kt, k).unwrap();
-    std::fs::rename(ct, c).unwrap();
-}
 
 /// `openssl s_client` with SNI `name`, sending one request; returns its output.
 fn s_client(port: u16, name: &str, extra: &[&str]) -> String {

@@ -255,3 +255,34 @@ pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A self-signed ECDSA certificate for `name` in `dir/{file}.pem` and `.key` (replaced by
+/// rename, as a deploy tool would).
+pub fn cert(dir: &Path, file: &str, name: &str) {
+    let (c, k) = (
+        dir.join(format!("{file}.pem")),
+        dir.join(format!("{file}.key")),
+    );
+    let (ct, kt) = (c.with_extension("pem.tmp"), k.with_extension("key.tmp"));
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}")])
+        .args(["-addext", &format!("subjectAltName=DNS:{name}")])
+        .arg("-keyout")
+        .arg(&kt)
+        .arg("-out")
+        .arg(&ct)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl CLI (Debian: openssl)");
+    assert!(ok.success());
+    std::fs::rename(kt, k).unwrap();
+    std::fs::rename(ct, c).unwrap();
+}

@@ -1,0 +1,252 @@
+//! gRPC over the general path: calls are recognised by `content-type: application/grpc*`;
+//! shoal's own errors become trailers-only answers (HTTP 200 with `grpc-status` and
+//! `grpc-message`, never an HTML or text page a gRPC client cannot read), `grpc-timeout` is
+//! the call's deadline, and statuses are counted. Pure helpers; the proxy applies them.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::Response;
+use http_body_util::{Either, Full};
+use std::time::Duration;
+
+use crate::config::{Protocol, ServiceConfig};
+use crate::error::ProxyError;
+use crate::proxy::ClientBody;
+
+pub const OK: u32 = 0;
+pub const CANCELLED: u32 = 1;
+pub const INTERNAL: u32 = 13;
+pub const UNAVAILABLE: u32 = 14;
+pub const DEADLINE_EXCEEDED: u32 = 4;
+pub const UNIMPLEMENTED: u32 = 12;
+pub const RESOURCE_EXHAUSTED: u32 = 8;
+
+/// The canonical status names, by code.
+pub const NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// A gRPC call (not gRPC-Web, whose framing differs).
+pub fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.len() >= 16
+            && v[..16].eq_ignore_ascii_case(b"application/grpc")
+            && !v[16..].starts_with(b"-web")
+    })
+}
+
+/// Whether requests to this cluster go out as HTTP/2 (and so are prepared for it).
+pub fn speaks_h2(cfg: &ServiceConfig) -> bool {
+    match cfg.protocol {
+        Protocol::Http1 => false,
+        Protocol::H2c | Protocol::H2 => true,
+        Protocol::Auto => cfg.upstream_tls.is_some(),
+    }
+}
+
+/// The status of an error shoal answers itself (the HTTP-to-gRPC mapping of the gRPC
+/// spec, with shoal's own timeouts as DEADLINE_EXCEEDED).
+pub fn status_of(e: &ProxyError) -> u32 {
+    match e {
+        ProxyError::Timeout | ProxyError::RequestTimeout => DEADLINE_EXCEEDED,
+        ProxyError::PayloadTooLarge | ProxyError::HeadersTooLarge | ProxyError::UriTooLong => {
+            RESOURCE_EXHAUSTED
+        }
+        ProxyError::NotFound | ProxyError::MethodNotAllowed => UNIMPLEMENTED,
+        ProxyError::BadRequest(_) | ProxyError::BodyFault(_) => INTERNAL,
+        ProxyError::NoInstance
+        | ProxyError::ColdStart
+        | ProxyError::Upstream(_)
+        | ProxyError::Redirect(_) => UNAVAILABLE,
+    }
+}
+
+/// A trailers-only response: HTTP 200, the status in the headers, no body.
+pub fn trailers_only(code: u32, message: &str) -> Response<ClientBody> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(v) = HeaderValue::from_str(&percent_encode(message)) {
+        h.insert("grpc-message", v);
+    }
+    r
+}
+
+/// `grpc-message` is percent-encoded (the gRPC HTTP/2 spec): bytes outside printable ASCII
+/// and `%` itself.
+fn percent_encode(m: &str) -> String {
+    let mut out = String::with_capacity(m.len());
+    for b in m.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `grpc-status` in a header block (a trailers-only response, or trailers).
+pub fn header_status(h: &HeaderMap) -> Option<u32> {
+    std::str::from_utf8(h.get("grpc-status")?.as_bytes())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_timeout(v: &[u8]) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(n * 3600),
+        b"M" => Duration::from_secs(n * 60),
+        b"S" => Duration::from_secs(n),
+        b"m" => Duration::from_millis(n),
+        b"u" => Duration::from_micros(n),
+        b"n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The time left as a `grpc-timeout` value (microseconds while they fit in 8 digits).
+pub fn timeout_value(left: Duration) -> HeaderValue {
+    let us = left.as_micros().max(1);
+    let v = if us < 100_000_000 {
+        format!("{us}u")
+    } else {
+        format!("{}m", left.as_millis().min(99_999_999))
+    };
+    HeaderValue::from_str(&v).expect("digits and a unit")
+}
+
+/// A status code by number or canonical name (`14`, `"UNAVAILABLE"`, `"unavailable"`).
+pub fn code(v: &str) -> Option<u32> {
+    if let Ok(n) = v.parse::<u32>() {
+        return (n <= 16).then_some(n);
+    }
+    NAMES
+        .iter()
+        .position(|n| n.eq_ignore_ascii_case(v))
+        .map(|i| i as u32)
+}
+
+/// `retries.grpc_codes`: numbers or names.
+pub fn de_codes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum C {
+        N(u32),
+        S(String),
+    }
+    let list: Vec<C> = serde::Deserialize::deserialize(d)?;
+    list.into_iter()
+        .map(|c| {
+            let s = match c {
+                C::N(n) => n.to_string(),
+                C::S(s) => s,
+            };
+            code(&s).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "unknown gRPC status {s:?} (a number 0-16 or a name such as \"UNAVAILABLE\")"
+                ))
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_grpc_but_not_grpc_web() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::CONTENT_TYPE, HeaderValue::from_str(v).unwrap());
+            m
+        };
+        assert!(is_grpc(&h("application/grpc")));
+        assert!(is_grpc(&h("application/grpc+proto")));
+        assert!(is_grpc(&h("Application/GRPC")));
+        assert!(!is_grpc(&h("application/grpc-web")));
+        assert!(!is_grpc(&h("application/grpc-web-text")));
+        assert!(!is_grpc(&h("application/json")));
+        assert!(!is_grpc(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn timeouts_parse_and_print() {
+        assert_eq!(parse_timeout(b"200m"), Some(Duration::from_millis(200)));
+        assert_eq!(parse_timeout(b"1S"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_timeout(b"2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_timeout(b"5n"), Some(Duration::from_nanos(5)));
+        for bad in [
+            &b""[..],
+            b"m",
+            b"123456789m",
+            b"1x",
+            b"-1S",
+            b"1.5S",
+            b" 1S",
+        ] {
+            assert_eq!(parse_timeout(bad), None, "{bad:?}");
+        }
+        assert_eq!(timeout_value(Duration::from_millis(150)), "150000u");
+        assert_eq!(timeout_value(Duration::from_secs(3600)), "3600000m");
+        let v = timeout_value(Duration::from_millis(1234));
+        assert_eq!(
+            parse_timeout(v.as_bytes()),
+            Some(Duration::from_millis(1234))
+        );
+    }
+
+    #[test]
+    fn errors_map_to_statuses_in_trailers_only_answers() {
+        assert_eq!(status_of(&ProxyError::Timeout), DEADLINE_EXCEEDED);
+        assert_eq!(status_of(&ProxyError::NoInstance), UNAVAILABLE);
+        assert_eq!(status_of(&ProxyError::PayloadTooLarge), RESOURCE_EXHAUSTED);
+        assert_eq!(status_of(&ProxyError::NotFound), UNIMPLEMENTED);
+        let r = trailers_only(UNAVAILABLE, "no instance: 100%\n");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert_eq!(r.headers()["grpc-message"], "no instance: 100%25%0A");
+        assert_eq!(r.headers()["content-type"], "application/grpc");
+        assert_eq!(header_status(r.headers()), Some(14));
+    }
+
+    #[test]
+    fn codes_by_number_or_name() {
+        assert_eq!(code("14"), Some(14));
+        assert_eq!(code("unavailable"), Some(UNAVAILABLE));
+        assert_eq!(code("DEADLINE_EXCEEDED"), Some(4));
+        assert_eq!(code("17"), None);
+        assert_eq!(code("nope"), None);
+        let _ = (OK, CANCELLED);
+    }
+}

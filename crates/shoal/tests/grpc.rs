@@ -1,0 +1,295 @@
+//! gRPC through shoal against real gRPC servers (Python `grpcio`, generic raw-bytes handlers:
+//! `tests/grpc/server.py`), with a real grpcio client (`tests/grpc/client.py`): HTTP/2 to the
+//! instances (`--upstream-protocol h2c`), per-call balancing over one client connection,
+//! headers, trailers and statuses end to end, all four call kinds, retries of trailers-only
+//! UNAVAILABLE, no retry after response headers, `grpc-timeout` as the deadline, shoal's own
+//! errors as gRPC statuses, and more connections to an instance that allows few streams.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// Python with grpcio: `SHOAL_GRPC_PYTHON`, else the venv scripts/test.sh makes.
+fn python() -> PathBuf {
+    let p = std::env::var_os("SHOAL_GRPC_PYTHON").map_or_else(
+        || {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                .join(".cache/shoal/grpc-venv/bin/python")
+        },
+        PathBuf::from,
+    );
+    assert!(
+        p.exists(),
+        "{} missing: scripts/test.sh installs grpcio into it (or set SHOAL_GRPC_PYTHON)",
+        p.display()
+    );
+    p
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/grpc")
+        .join(name)
+}
+
+/// A gRPC server named `name` on a free port; `max_streams` limits concurrent streams.
+fn server(dir: &Path, name: &str, max_streams: Option<u32>, flaky: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let log = std::fs::File::create(dir.join(format!("grpc-{name}.log"))).unwrap();
+    let mut cmd = Command::new(python());
+    cmd.arg(script("server.py"))
+        .arg(port.to_string())
+        .arg(name)
+        .env("FLAKY_DIR", flaky)
+        .stdout(Stdio::null())
+        .stderr(log);
+    if let Some(m) = max_streams {
+        cmd.arg(m.to_string());
+    }
+    let p = Proc(cmd.spawn().unwrap());
+    wait_port(port, 20);
+    (p, port)
+}
+
+/// Runs one client scenario against `target`; its JSON report.
+fn client(target: &str, args: &[&str]) -> Value {
+    let out = Command::new(python())
+        .arg(script("client.py"))
+        .arg(target)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// `shoal proxy` to `backends` over h2c.
+fn proxy(dir: &Path, backends: &[u16], extra: &[&str]) -> (Proc, u16, u16) {
+    let (listen, admin) = (free_port(), free_port());
+    let log = std::fs::File::create(dir.join("shoal.log")).unwrap();
+    let mut cmd = Command::new(SHOAL);
+    cmd.args(["proxy", "--upstream-protocol", "h2c"])
+        .args(["--listen", &format!("127.0.0.1:{listen}")])
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(log);
+    for b in backends {
+        cmd.args(["--backend", &format!("127.0.0.1:{b}")]);
+    }
+    let p = Proc(cmd.spawn().unwrap());
+    wait_port(listen, 10);
+    wait_port(admin, 10);
+    (p, listen, admin)
+}
+
+fn metric(admin: u16, series: &str) -> f64 {
+    let (_, m) = get(admin, "/metrics");
+    m.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn grpc_calls_balance_per_call_and_keep_headers_trailers_and_statuses() {
+    let dir = tempdir();
+    let servers: Vec<(Proc, u16)> = ["a", "b", "c"]
+        .iter()
+        .map(|n| server(dir.path(), n, None, dir.path()))
+        .collect();
+    let ports: Vec<u16> = servers.iter().map(|s| s.1).collect();
+    let (_shoal, listen, admin) = proxy(dir.path(), &ports, &[]);
+    let target = format!("127.0.0.1:{listen}");
+
+    // 300 unary calls on one client connection: every instance within ±10% of a third.
+    let r = client(&target, &["unary", "300"]);
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    for n in ["a", "b", "c"] {
+        let got = r["seen"][n].as_u64().unwrap_or(0);
+        assert!((90..=110).contains(&got), "{n}: {got} of 300: {r}");
+    }
+    assert_eq!(r["trailers"]["x-trailer"], "t", "trailers relayed: {r}");
+
+    let r = client(&target, &["streams"]);
+    assert_eq!(r["server"].as_array().unwrap().len(), 5, "{r}");
+    assert_eq!(r["client"], "abc", "{r}");
+    let bidi: Vec<&str> = r["bidi"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().split(':').nth(1).unwrap())
+        .collect();
+    assert_eq!(bidi, ["x", "y", "z"], "{r}");
+
+    let r = client(&target, &["fail", "INVALID_ARGUMENT:bad input"]);
+    assert_eq!(
+        (r["code"].as_str(), r["details"].as_str()),
+        (Some("INVALID_ARGUMENT"), Some("bad input")),
+        "{r}"
+    );
+    assert!(
+        metric(
+            admin,
+            "shoal_grpc_responses_total{service=\"default\",code=\"OK\"}"
+        ) >= 300.0
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "shoal_grpc_responses_total{service=\"default\",code=\"INVALID_ARGUMENT\"}"
+        ),
+        1.0
+    );
+
+    // An HTTP/1.1 client reaches the HTTP/2 instances too, trailers included (TE: trailers).
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", listen)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let msg = b"\x00\x00\x00\x00\x02hi";
+    write!(
+        s,
+        "POST /shoal.test.Echo/Unary HTTP/1.1\r\nhost: x\r\ncontent-type: application/grpc\r\nte: trailers\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        msg.len()
+    )
+    .unwrap();
+    s.write_all(msg).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let resp = String::from_utf8_lossy(&resp).to_lowercase();
+    assert!(resp.starts_with("http/1.1 200"), "{resp}");
+    assert!(resp.contains(":hi"), "{resp}");
+    assert!(
+        resp.contains("grpc-status: 0"),
+        "trailers over HTTP/1.1: {resp}"
+    );
+}
+
+#[test]
+fn grpc_retries_deadlines_and_shoals_own_errors() {
+    let dir = tempdir();
+    let flaky = dir.path().join("flaky");
+    std::fs::create_dir(&flaky).unwrap();
+    let mut servers: Vec<(Proc, u16)> = ["a", "b", "c"]
+        .iter()
+        .map(|n| server(dir.path(), n, None, &flaky))
+        .collect();
+    let ports: Vec<u16> = servers.iter().map(|s| s.1).collect();
+    let (_shoal, listen, admin) = proxy(dir.path(), &ports, &[]);
+    let target = format!("127.0.0.1:{listen}");
+    let retries = || metric(admin, "shoal_retries_total{service=\"default\"}");
+
+    // UNAVAILABLE twice (trailers-only), then success: two retries, the call succeeds.
+    let r = client(&target, &["flaky", "k1"]);
+    assert_eq!(r["code"], "OK", "{r}");
+    assert_eq!(retries(), 2.0);
+
+    // A failure after response headers (two messages sent) is not retried.
+    let r = client(&target, &["broken"]);
+    assert_eq!(r["code"], "UNAVAILABLE", "{r}");
+    assert_eq!(r["got"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(retries(), 2.0);
+
+    // grpc-timeout 200 ms on a 1 s handler: DEADLINE_EXCEEDED in about 200 ms.
+    let r = client(&target, &["deadline", "200", "1000"]);
+    assert_eq!(r["code"], "DEADLINE_EXCEEDED", "{r}");
+    let ms = r["ms"].as_f64().unwrap();
+    assert!((150.0..800.0).contains(&ms), "{ms} ms");
+
+    // No instance left: shoal's own error is a gRPC status, not an error page.
+    for (p, _) in &mut servers {
+        p.signal("KILL");
+        p.wait_exit(5);
+    }
+    let r = client(&target, &["fail", "OK:x"]);
+    assert_eq!(r["code"], "UNAVAILABLE", "{r}");
+    assert!(
+        metric(
+            admin,
+            "shoal_grpc_responses_total{service=\"default\",code=\"UNAVAILABLE\"}"
+        ) >= 2.0
+    );
+}
+
+/// Established TCP connections to `port` on 127.0.0.1 (from any local process).
+fn connections_to(port: u16) -> usize {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    text.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3
+                && f[3] == "01"
+                && f[2]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                    == Some(port)
+        })
+        .count()
+}
+
+#[test]
+fn an_instance_allowing_four_streams_gets_more_connections_not_a_queue() {
+    let dir = tempdir();
+    let (_server, port) = server(dir.path(), "d", Some(4), dir.path());
+    let (_shoal, listen, _admin) = proxy(dir.path(), &[port], &[]);
+    let target = format!("127.0.0.1:{listen}");
+    let t = std::thread::spawn(move || client(&target, &["concurrent", "10", "1500"]));
+    let mut most = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !t.is_finished() && std::time::Instant::now() < deadline {
+        most = most.max(connections_to(port));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = t.join().unwrap();
+    assert_eq!(r["ok"], 10, "{r}");
+    assert!(
+        most >= 3,
+        "{most} connections to an instance allowing 4 streams for 10 streams"
+    );
+}
+
+#[test]
+fn grpc_over_tls_in_front() {
+    let dir = tempdir();
+    cert(dir.path(), "grpc", "grpc.test");
+    let (c, k) = (dir.path().join("grpc.pem"), dir.path().join("grpc.key"));
+    let servers: Vec<(Proc, u16)> = ["a", "b"]
+        .iter()
+        .map(|n| server(dir.path(), n, None, dir.path()))
+        .collect();
+    let ports: Vec<u16> = servers.iter().map(|s| s.1).collect();
+    let (_shoal, listen, _admin) = proxy(
+        dir.path(),
+        &ports,
+        &[
+            "--tls-cert",
+            c.to_str().unwrap(),
+            "--tls-key",
+            k.to_str().unwrap(),
+        ],
+    );
+    let target = format!("127.0.0.1:{listen}");
+    let tls = ["--tls", c.to_str().unwrap(), "grpc.test"];
+    let r = client(&target, &[&["unary", "40"][..], &tls].concat());
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    assert_eq!(
+        (r["seen"]["a"].as_u64(), r["seen"]["b"].as_u64()),
+        (Some(20), Some(20)),
+        "{r}"
+    );
+    assert_eq!(r["trailers"]["x-trailer"], "t", "{r}");
+    let r = client(&target, &[&["streams"][..], &tls].concat());
+    assert_eq!(r["client"], "abc", "{r}");
+    assert_eq!(r["bidi"].as_array().unwrap().len(), 3, "{r}");
+}
