@@ -206,6 +206,20 @@ pub struct HealthConfig {
     pub rise: u32,
     /// Consecutive failures that make an instance unhealthy.
     pub fall: u32,
+    /// `"http"` (GET `path`) or `"grpc"`: `grpc.health.v1.Health/Check` for `grpc_service`
+    /// over the cluster's HTTP/2; only SERVING passes.
+    pub kind: HealthKind,
+    /// The service name asked about (`""`: the server as a whole).
+    pub grpc_service: String,
+}
+
+/// How an active health check asks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    #[default]
+    Http,
+    Grpc,
 }
 
 impl Default for HealthConfig {
@@ -216,6 +230,8 @@ impl Default for HealthConfig {
             timeout: Dur(Duration::from_secs(1)),
             rise: 2,
             fall: 3,
+            kind: HealthKind::Http,
+            grpc_service: String::new(),
         }
     }
 }
@@ -1134,6 +1150,18 @@ impl Config {
                     p
                 }
             };
+            if s.health
+                .as_ref()
+                .is_some_and(|h| h.kind == HealthKind::Grpc)
+                && protocol == Protocol::Http1
+            {
+                let off = key_offset(text, &format!("[services.{name}.health]"), "kind");
+                return Err(loc.error(
+                    off..off,
+                    &field("health.kind"),
+                    "gRPC health checks speak HTTP/2: set `protocol = \"h2c\"` (or \"h2\") on the service",
+                ));
+            }
             let retries_span = s.retries.as_ref().map_or(0..0, |r| r.span());
             let retries = s.retries.map(|r| r.into_inner()).unwrap_or_default();
             if retries.attempts == 0 || retries.attempts > 10 {

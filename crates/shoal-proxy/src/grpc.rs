@@ -180,9 +180,87 @@ pub fn de_codes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::E
         .collect()
 }
 
+/// A length-prefixed gRPC message (uncompressed).
+pub fn frame(msg: &[u8]) -> Bytes {
+    let mut b = Vec::with_capacity(5 + msg.len());
+    b.push(0);
+    b.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    b.extend_from_slice(msg);
+    Bytes::from(b)
+}
+
+/// `grpc.health.v1.HealthCheckRequest { service }`, framed (protobuf field 1, a string).
+pub fn health_request(service: &str) -> Bytes {
+    let mut m = Vec::new();
+    if !service.is_empty() {
+        m.push(0x0a);
+        let mut n = service.len();
+        while n >= 0x80 {
+            m.push((n as u8 & 0x7f) | 0x80);
+            n >>= 7;
+        }
+        m.push(n as u8);
+        m.extend_from_slice(service.as_bytes());
+    }
+    frame(&m)
+}
+
+/// `HealthCheckResponse.status` from a framed response (field 1, a varint; absent: 0,
+/// UNKNOWN). SERVING is 1.
+pub fn health_status(body: &[u8]) -> Option<u64> {
+    if body.len() < 5 || body[0] != 0 {
+        return None;
+    }
+    let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+    let mut m = body.get(5..5 + len)?;
+    let mut status = 0;
+    while let Some((&key, rest)) = m.split_first() {
+        let (v, rest) = varint(rest)?;
+        match (key >> 3, key & 7) {
+            (1, 0) => {
+                status = v;
+                m = rest;
+            }
+            (_, 0) => m = rest,
+            // Length-delimited fields of a newer schema are skipped.
+            (_, 2) => m = rest.get(v as usize..)?,
+            _ => return None,
+        }
+    }
+    Some(status)
+}
+
+fn varint(b: &[u8]) -> Option<(u64, &[u8])> {
+    let mut v = 0u64;
+    for (i, &byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, &b[i + 1..]));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_messages() {
+        assert_eq!(&health_request("")[..], b"\0\0\0\0\0");
+        assert_eq!(&health_request("ab")[..], b"\0\0\0\0\x04\x0a\x02ab");
+        let long = "s".repeat(200);
+        let r = health_request(&long);
+        assert_eq!(&r[5..8], &[0x0a, 0xc8, 0x01]);
+        assert_eq!(health_status(b"\0\0\0\0\x02\x08\x01"), Some(1));
+        assert_eq!(health_status(b"\0\0\0\0\x02\x08\x02"), Some(2));
+        assert_eq!(health_status(b"\0\0\0\0\0"), Some(0));
+        // An unknown string field before the status is skipped.
+        assert_eq!(health_status(b"\0\0\0\0\x05\x12\x01z\x08\x01"), Some(1));
+        assert_eq!(health_status(b"\0\0\0\0\x09\x08\x01"), None, "cut short");
+        assert_eq!(health_status(b"\x01\0\0\0\x02\x08\x01"), None, "compressed");
+        assert_eq!(health_status(b"\0\0"), None);
+    }
 
     #[test]
     fn recognises_grpc_but_not_grpc_web() {

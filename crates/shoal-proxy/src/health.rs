@@ -45,6 +45,72 @@ pub async fn probe_with(
     matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(s)) if s.is_success() || s.is_redirection() || s == StatusCode::NOT_MODIFIED)
 }
 
+/// `grpc.health.v1.Health/Check` for `service` on a fresh HTTP/2 connection (TLS when the
+/// cluster speaks h2 or auto over TLS); true only for SERVING with `grpc-status` 0 within
+/// `timeout`.
+pub async fn grpc_probe(
+    addr: SocketAddr,
+    service: &str,
+    timeout: Duration,
+    tls: Option<&crate::tls::UpstreamTls>,
+    protocol: crate::config::Protocol,
+) -> bool {
+    use http_body_util::BodyExt;
+    let fut = async {
+        let stream = TcpStream::connect(addr).await.ok()?;
+        let _ = stream.set_nodelay(true);
+        let tls = tls.filter(|_| protocol != crate::config::Protocol::H2c);
+        let mut send = match tls {
+            None => client_h2(stream).await?,
+            Some(t) => {
+                let s = t
+                    .connect_for(addr, stream, crate::config::Protocol::H2)
+                    .await
+                    .ok()?;
+                client_h2(s).await?
+            }
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let req = Request::post(format!("{scheme}://{addr}/grpc.health.v1.Health/Check"))
+            .version(http::Version::HTTP_2)
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .header(http::header::USER_AGENT, "shoal-health")
+            .body(http_body_util::Full::new(crate::grpc::health_request(
+                service,
+            )))
+            .ok()?;
+        let resp = send.send_request(req).await.ok()?;
+        if resp.status() != StatusCode::OK {
+            return None;
+        }
+        let header_status = crate::grpc::header_status(resp.headers());
+        let body = resp.into_body().collect().await.ok()?;
+        let status = header_status.or_else(|| crate::grpc::header_status(body.trailers()?))?;
+        (status == crate::grpc::OK).then(|| crate::grpc::health_status(&body.to_bytes()))?
+    };
+    matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(1)))
+}
+
+/// An HTTP/2 client connection for one probe, driven by its own task.
+async fn client_h2<IO>(
+    io: IO,
+) -> Option<hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(io),
+    )
+    .await
+    .ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Some(send)
+}
+
 /// An HTTP/1.1 client connection for one probe, driven by its own task.
 async fn client<IO>(io: IO) -> Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>
 where
@@ -89,8 +155,17 @@ pub async fn run(service: Arc<Service>, mut stop: watch::Receiver<bool>) {
             let path = h.path.clone();
             let timeout = h.timeout.0;
             let tls = cfg.upstream_tls.clone();
+            let (kind, grpc_service, protocol) = (h.kind, h.grpc_service.clone(), cfg.protocol);
             tokio::spawn(async move {
-                let ok = probe_with(inst.addr, &path, timeout, tls.as_deref()).await;
+                let ok = match kind {
+                    crate::config::HealthKind::Http => {
+                        probe_with(inst.addr, &path, timeout, tls.as_deref()).await
+                    }
+                    crate::config::HealthKind::Grpc => {
+                        grpc_probe(inst.addr, &grpc_service, timeout, tls.as_deref(), protocol)
+                            .await
+                    }
+                };
                 pool.record_probe(&inst, ok);
             });
         }

@@ -293,3 +293,103 @@ fn grpc_over_tls_in_front() {
     assert_eq!(r["client"], "abc", "{r}");
     assert_eq!(r["bidi"].as_array().unwrap().len(), 3, "{r}");
 }
+
+fn grpc_config(listen: u16, admin: u16, backends: &[u16], health: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|p| format!("\"127.0.0.1:{p}\""))
+        .collect();
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[services.g]\nlisten = \"127.0.0.1:{listen}\"\nprotocol = \"h2c\"\nbackends = [{}]\n{health}",
+        list.join(", ")
+    )
+}
+
+/// Active `grpc.health.v1` checks: an instance answering NOT_SERVING gets no calls until it
+/// answers SERVING again.
+#[test]
+fn grpc_health_checks_take_a_not_serving_instance_out_and_back() {
+    let dir = tempdir();
+    let servers: Vec<(Proc, u16)> = ["a", "b"]
+        .iter()
+        .map(|n| server(dir.path(), n, None, dir.path()))
+        .collect();
+    let ports: Vec<u16> = servers.iter().map(|s| s.1).collect();
+    let (listen, admin) = (free_port(), free_port());
+    let health = "[services.g.health]\nkind = \"grpc\"\ngrpc_service = \"shoal.test.Echo\"\ninterval = \"200ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 1\n";
+    let (_shoal, _) = run_shoal(
+        dir.path(),
+        &grpc_config(listen, admin, &ports, health),
+        listen,
+    );
+    let target = format!("127.0.0.1:{listen}");
+    let seen = |n: &str| {
+        client(&target, &["unary", "20"])["seen"][n]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert!(seen("a") > 0);
+
+    servers[0].0.signal("USR1");
+    wait_until(10, "a taken out", || {
+        api_json(admin, "/api/services/g")["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["healthy"] == false)
+    });
+    assert_eq!(seen("a"), 0, "calls reached a NOT_SERVING instance");
+
+    servers[0].0.signal("USR2");
+    wait_until(10, "a back", || {
+        api_json(admin, "/api/services/g")["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["healthy"] == true)
+    });
+    assert!(seen("a") > 0);
+}
+
+/// An instance removed while its server streams run (a config reload dropping it) keeps
+/// them to the end: the drain waits for streams, not only for requests.
+#[test]
+fn an_instance_removed_mid_stream_finishes_its_streams() {
+    let dir = tempdir();
+    let servers: Vec<(Proc, u16)> = ["a", "b"]
+        .iter()
+        .map(|n| server(dir.path(), n, None, dir.path()))
+        .collect();
+    let ports: Vec<u16> = servers.iter().map(|s| s.1).collect();
+    let (listen, admin) = (free_port(), free_port());
+    let drain = "[services.g.timeouts]\ndrain = \"30s\"\n";
+    let (shoal, path) = run_shoal(
+        dir.path(),
+        &grpc_config(listen, admin, &ports, drain),
+        listen,
+    );
+    let target = format!("127.0.0.1:{listen}");
+    let t = std::thread::spawn(move || client(&target, &["concurrent", "10", "2000"]));
+    std::thread::sleep(Duration::from_millis(700));
+    std::fs::write(&path, grpc_config(listen, admin, &ports[1..], drain)).unwrap();
+    shoal.signal("HUP");
+    let r = t.join().unwrap();
+    assert_eq!(r["ok"], 10, "streams cut by the scale-in: {r}");
+    let firsts: Vec<String> = r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x[0].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        firsts.iter().any(|f| f.starts_with("a:")),
+        "no stream on the removed instance: {r}"
+    );
+    wait_until(10, "a removed", || {
+        api_json(admin, "/api/services/g")["instances"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    });
+}
