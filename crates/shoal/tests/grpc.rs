@@ -57,6 +57,13 @@ fn server(dir: &Path, name: &str, max_streams: Option<u32>, flaky: &Path) -> (Pr
     (p, port)
 }
 
+/// One server per name; the servers and their ports.
+fn servers(dir: &Path, names: &[&str], flaky: &Path) -> (Vec<(Proc, u16)>, Vec<u16>) {
+    let s: Vec<(Proc, u16)> = names.iter().map(|n| server(dir, n, None, flaky)).collect();
+    let ports = s.iter().map(|x| x.1).collect();
+    (s, ports)
+}
+
 /// Runs one client scenario against `target`; its JSON report.
 fn client(target: &str, args: &[&str]) -> Value {
     let out = Command::new(python())
@@ -104,11 +111,7 @@ fn metric(admin: u16, series: &str) -> f64 {
 #[test]
 fn grpc_calls_balance_per_call_and_keep_headers_trailers_and_statuses() {
     let dir = tempdir();
-    let servers: Vec<(Proc, u16)> = ["a", "b", "c"]
-        .iter()
-        .map(|n| server(dir.path(), n, None, dir.path()))
-        .collect();
-    let ports: Vec<u16> = servers.iter().map(|s| s.1).collect();
+    let (_servers, ports) = servers(dir.path(), &["a", "b", "c"], dir.path());
     let (_shoal, listen, admin) = proxy(dir.path(), &ports, &[]);
     let target = format!("127.0.0.1:{listen}");
 
@@ -179,11 +182,7 @@ fn grpc_retries_deadlines_and_shoals_own_errors() {
     let dir = tempdir();
     let flaky = dir.path().join("flaky");
     std::fs::create_dir(&flaky).unwrap();
-    let mut servers: Vec<(Proc, u16)> = ["a", "b", "c"]
-        .iter()
-        .map(|n| server(dir.path(), n, None, &flaky))
-        .collect();
-    let ports: Vec<u16> = servers.iter().map(|s| s.1).collect();
+    let (mut servers, ports) = servers(dir.path(), &["a", "b", "c"], &flaky);
     let (_shoal, listen, admin) = proxy(dir.path(), &ports, &[]);
     let target = format!("127.0.0.1:{listen}");
     let retries = || metric(admin, "shoal_retries_total{service=\"default\"}");
@@ -264,11 +263,7 @@ fn grpc_over_tls_in_front() {
     let dir = tempdir();
     cert(dir.path(), "grpc", "grpc.test");
     let (c, k) = (dir.path().join("grpc.pem"), dir.path().join("grpc.key"));
-    let servers: Vec<(Proc, u16)> = ["a", "b"]
-        .iter()
-        .map(|n| server(dir.path(), n, None, dir.path()))
-        .collect();
-    let ports: Vec<u16> = servers.iter().map(|s| s.1).collect();
+    let (_servers, ports) = servers(dir.path(), &["a", "b"], dir.path());
     let (_shoal, listen, _admin) = proxy(
         dir.path(),
         &ports,
@@ -310,11 +305,7 @@ fn grpc_config(listen: u16, admin: u16, backends: &[u16], health: &str) -> Strin
 #[test]
 fn grpc_health_checks_take_a_not_serving_instance_out_and_back() {
     let dir = tempdir();
-    let servers: Vec<(Proc, u16)> = ["a", "b"]
-        .iter()
-        .map(|n| server(dir.path(), n, None, dir.path()))
-        .collect();
-    let ports: Vec<u16> = servers.iter().map(|s| s.1).collect();
+    let (servers, ports) = servers(dir.path(), &["a", "b"], dir.path());
     let (listen, admin) = (free_port(), free_port());
     let health = "[services.g.health]\nkind = \"grpc\"\ngrpc_service = \"shoal.test.Echo\"\ninterval = \"200ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 1\n";
     let (_shoal, _) = run_shoal(
@@ -356,11 +347,7 @@ fn grpc_health_checks_take_a_not_serving_instance_out_and_back() {
 #[test]
 fn an_instance_removed_mid_stream_finishes_its_streams() {
     let dir = tempdir();
-    let servers: Vec<(Proc, u16)> = ["a", "b"]
-        .iter()
-        .map(|n| server(dir.path(), n, None, dir.path()))
-        .collect();
-    let ports: Vec<u16> = servers.iter().map(|s| s.1).collect();
+    let (_servers, ports) = servers(dir.path(), &["a", "b"], dir.path());
     let (listen, admin) = (free_port(), free_port());
     let drain = "[services.g.timeouts]\ndrain = \"30s\"\n";
     let (shoal, path) = run_shoal(
