@@ -52,6 +52,140 @@ pub fn is_grpc(h: &HeaderMap) -> bool {
     })
 }
 
+/// A gRPC-Web call (`application/grpc-web[+proto]`, or `-text` for base64 bodies): shoal
+/// translates it to gRPC for the instance and the answer back, trailers as the final frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Web {
+    pub text: bool,
+    /// The content type's suffix (`+proto`, `+json`), kept on both sides.
+    pub suffix: String,
+}
+
+/// The gRPC-Web mode of a request, if it is one.
+pub fn web(h: &HeaderMap) -> Option<Web> {
+    let v = h.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let lower = v.to_ascii_lowercase();
+    let rest = lower.strip_prefix("application/grpc-web")?;
+    let (text, suffix) = match rest.strip_prefix("-text") {
+        Some(r) => (true, r),
+        None => (false, rest),
+    };
+    if !(suffix.is_empty() || suffix.starts_with('+')) {
+        return None;
+    }
+    Some(Web {
+        text,
+        suffix: suffix.to_string(),
+    })
+}
+
+impl Web {
+    /// The content type of the gRPC request to the instance.
+    pub fn upstream_type(&self) -> HeaderValue {
+        HeaderValue::from_str(&format!("application/grpc{}", self.suffix))
+            .unwrap_or(HeaderValue::from_static("application/grpc"))
+    }
+
+    /// The content type of the answer to the client.
+    pub fn client_type(&self) -> HeaderValue {
+        let t = if self.text { "-text" } else { "" };
+        HeaderValue::from_str(&format!("application/grpc-web{t}{}", self.suffix))
+            .unwrap_or(HeaderValue::from_static("application/grpc-web"))
+    }
+
+    /// The request body as gRPC: base64 decoded in text mode.
+    pub fn decode_request(&self, body: Bytes) -> Option<Bytes> {
+        if !self.text {
+            return Some(body);
+        }
+        use base64::Engine;
+        // Concatenated padded segments are allowed: decode quad by quad groups.
+        let clean: Vec<u8> = body
+            .iter()
+            .copied()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect();
+        let mut out = Vec::with_capacity(clean.len() * 3 / 4);
+        for seg in clean.split_inclusive(|b| *b == b'=') {
+            if seg.iter().all(|b| *b == b'=') {
+                continue;
+            }
+            let seg: Vec<u8> = seg.to_vec();
+            let padded = {
+                let mut s = seg.clone();
+                while s.len() % 4 != 0 && s.last() == Some(&b'=') {
+                    s.push(b'=');
+                }
+                s
+            };
+            out.extend(
+                base64::engine::general_purpose::STANDARD
+                    .decode(&padded)
+                    .ok()?,
+            );
+        }
+        Some(Bytes::from(out))
+    }
+}
+
+/// Encodes an answer's frames for a gRPC-Web client: data as it comes (base64 in text mode,
+/// in multiples of 3 bytes so no padding lands mid-stream), trailers as a frame flagged
+/// 0x80 holding `name:value\r\n` lines.
+#[derive(Debug)]
+pub struct WebEncoder {
+    text: bool,
+    pending: Vec<u8>,
+}
+
+impl WebEncoder {
+    pub fn new(web: &Web) -> WebEncoder {
+        WebEncoder {
+            text: web.text,
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn data(&mut self, d: &[u8]) -> Bytes {
+        if !self.text {
+            return Bytes::copy_from_slice(d);
+        }
+        use base64::Engine;
+        self.pending.extend_from_slice(d);
+        let whole = self.pending.len() / 3 * 3;
+        let out = base64::engine::general_purpose::STANDARD.encode(&self.pending[..whole]);
+        self.pending.drain(..whole);
+        Bytes::from(out)
+    }
+
+    pub fn trailers(&mut self, t: &HeaderMap) -> Bytes {
+        let mut block = Vec::new();
+        for (n, v) in t {
+            block.extend_from_slice(n.as_str().as_bytes());
+            block.push(b':');
+            block.extend_from_slice(v.as_bytes());
+            block.extend_from_slice(b"\r\n");
+        }
+        let mut f = Vec::with_capacity(5 + block.len());
+        f.push(0x80);
+        f.extend_from_slice(&(block.len() as u32).to_be_bytes());
+        f.extend_from_slice(&block);
+        let mut out = self.data(&f).to_vec();
+        out.extend_from_slice(&self.finish());
+        Bytes::from(out)
+    }
+
+    /// What is left (text mode: the last bytes, padded).
+    pub fn finish(&mut self) -> Bytes {
+        use base64::Engine;
+        if !self.text || self.pending.is_empty() {
+            return Bytes::new();
+        }
+        let out = base64::engine::general_purpose::STANDARD.encode(&self.pending);
+        self.pending.clear();
+        Bytes::from(out)
+    }
+}
+
 /// Whether requests to this cluster go out as HTTP/2 (and so are prepared for it).
 pub fn speaks_h2(cfg: &ServiceConfig) -> bool {
     match cfg.protocol {
@@ -244,6 +378,55 @@ fn varint(b: &[u8]) -> Option<(u64, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_web_modes_and_frames() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::CONTENT_TYPE, HeaderValue::from_str(v).unwrap());
+            m
+        };
+        let bin = web(&h("application/grpc-web+proto")).unwrap();
+        assert_eq!((bin.text, bin.suffix.as_str()), (false, "+proto"));
+        assert_eq!(bin.upstream_type(), "application/grpc+proto");
+        assert_eq!(bin.client_type(), "application/grpc-web+proto");
+        let text = web(&h("application/grpc-web-text")).unwrap();
+        assert!(text.text);
+        assert_eq!(text.client_type(), "application/grpc-web-text");
+        assert!(web(&h("application/grpc")).is_none());
+        assert!(web(&h("application/grpc-webfoo")).is_none());
+        assert!(!is_grpc(&h("application/grpc-web")));
+
+        // Text: padded segments back to back decode whole.
+        let b = text
+            .decode_request(Bytes::from_static(b"AAAAAAJoaQ=="))
+            .unwrap();
+        assert_eq!(&b[..], b"\0\0\0\0\x02hi");
+        let b = text
+            .decode_request(Bytes::from_static(b"aGk=aGk="))
+            .unwrap();
+        assert_eq!(&b[..], b"hihi");
+        assert!(text.decode_request(Bytes::from_static(b"!!!!")).is_none());
+
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", HeaderValue::from_static("0"));
+        let mut e = WebEncoder::new(&bin);
+        assert_eq!(&e.data(b"\0\0\0\0\x01x")[..], b"\0\0\0\0\x01x");
+        assert_eq!(&e.trailers(&t)[..], b"\x80\0\0\0\x0fgrpc-status:0\r\n");
+
+        // Text: chunks concatenated decode to the binary stream.
+        use base64::Engine;
+        let mut e = WebEncoder::new(&text);
+        let mut all = String::new();
+        for chunk in [&b"\0\0\0\0"[..], b"\x01", b"x"] {
+            all.push_str(std::str::from_utf8(&e.data(chunk)).unwrap());
+        }
+        all.push_str(std::str::from_utf8(&e.trailers(&t)).unwrap());
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(all)
+            .unwrap();
+        assert_eq!(&raw[..], b"\0\0\0\0\x01x\x80\0\0\0\x0fgrpc-status:0\r\n");
+    }
 
     #[test]
     fn health_messages() {

@@ -55,6 +55,8 @@ pub type ClientBody = Either<Tracked, Full<Bytes>>;
 
 /// Requests with a known body up to this size are buffered so that a retry can resend them.
 pub(crate) const REPLAY_LIMIT: u64 = 64 * 1024;
+/// Largest gRPC-Web request body (gRPC's default largest message).
+const WEB_LIMIT: u64 = 4 << 20;
 
 /// Bytes of request bodies buffered right now, across every service, and the cap on it.
 static BUFFERED: AtomicU64 = AtomicU64::new(0);
@@ -326,7 +328,8 @@ impl Service {
             Box::new((req.method().to_string(), path.to_string()))
         });
         let hsts = self.config.load().tls.as_ref().and_then(|t| t.hsts);
-        let grpc = crate::grpc::is_grpc(req.headers());
+        let web = crate::grpc::web(req.headers());
+        let grpc = crate::grpc::is_grpc(req.headers()) || web.is_some();
         match self
             .proxy(req, peer, peer_ip, port, start, log.clone())
             .await
@@ -366,7 +369,12 @@ impl Service {
                 if grpc {
                     let code = crate::grpc::status_of(&e);
                     svc.metrics.grpc[code as usize].inc();
-                    return Ok(crate::grpc::trailers_only(code, e.message()));
+                    let mut r = crate::grpc::trailers_only(code, e.message());
+                    if let Some(w) = &web {
+                        r.headers_mut()
+                            .insert(http::header::CONTENT_TYPE, w.client_type());
+                    }
+                    return Ok(r);
                 }
                 Ok(e.into_response())
             }
@@ -596,7 +604,29 @@ impl Service {
         // stream the rest (one try).
         let fault = Arc::new(AtomicU8::new(0));
         let body_read = lcfg.timeouts.body_read.0;
+        // gRPC-Web: unary and server-streaming calls only, so the request is one message,
+        // read whole (and base64-decoded in text mode) before it goes out as gRPC.
+        // (Only to gRPC instances: an HTTP/1.1 cluster gets the request as it is.)
+        let web = crate::grpc::web(&parts.headers).filter(|_| crate::grpc::speaks_h2(&cfg));
         let (buffered, mut stream, _permit) = match (body, body_kind) {
+            (body, _) if web.is_some() => {
+                let raw = match body {
+                    ReqBody::Read(b) => b,
+                    ReqBody::Incoming(b) => {
+                        read_body(b, body_read, WEB_LIMIT, ProxyError::PayloadTooLarge)
+                            .await
+                            .map_err(fail)?
+                    }
+                };
+                let decoded = web
+                    .as_ref()
+                    .and_then(|w| w.decode_request(raw))
+                    .ok_or_else(|| fail(ProxyError::BadRequest("malformed grpc-web-text body")))?;
+                let Some(permit) = BufferPermit::take(decoded.len() as u64) else {
+                    return Err(fail(ProxyError::NoInstance));
+                };
+                (Some(decoded), None, Some(permit))
+            }
             // Read by the fast path (whose permit covers it) within REPLAY_LIMIT.
             (ReqBody::Read(b), _) => (Some(b), None, None),
             (ReqBody::Incoming(_), BodyKind::None) => (Some(Bytes::new()), None, None),
@@ -659,7 +689,12 @@ impl Service {
         let connect_timeout = cfg.timeouts.connect.0;
         let idle_timeout = cfg.timeouts.upstream_idle.0;
         // gRPC: the call's deadline (`grpc-timeout`) bounds every try and goes on shortened.
-        let grpc = crate::grpc::is_grpc(&parts.headers);
+        let grpc = crate::grpc::is_grpc(&parts.headers) || web.is_some();
+        if let Some(w) = &web {
+            headers.insert(header::CONTENT_TYPE, w.upstream_type());
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            headers.remove(header::CONTENT_LENGTH);
+        }
         let deadline = grpc
             .then(|| parts.headers.get("grpc-timeout"))
             .flatten()
@@ -802,7 +837,10 @@ impl Service {
                     response_hygiene(&mut rparts.headers);
                     // HTTP/1.1 sends only the trailer fields the head announces: a gRPC
                     // call's status goes in them.
-                    if grpc && grpc_status.is_none() && parts.version != Version::HTTP_2 {
+                    if let Some(w) = &web {
+                        rparts.headers.insert(header::CONTENT_TYPE, w.client_type());
+                        rparts.headers.remove(header::CONTENT_LENGTH);
+                    } else if grpc && grpc_status.is_none() && parts.version != Version::HTTP_2 {
                         rparts.headers.insert(
                             header::TRAILER,
                             HeaderValue::from_static(
@@ -839,6 +877,9 @@ impl Service {
                         access,
                         tee: None,
                         grpc: (grpc && grpc_status.is_none()).then(|| svc.metrics.grpc.clone()),
+                        web: web
+                            .as_ref()
+                            .map(|w| Box::new(crate::grpc::WebEncoder::new(w))),
                     };
                     if let (Some(c), Some(f)) = (&cache, fetch.take()) {
                         return crate::cache::after_response(c, f, rparts, body)
@@ -961,6 +1002,7 @@ impl Service {
             access: None,
             tee: None,
             grpc: None,
+            web: None,
         };
         let bytes = http_body_util::Limited::new(body, limit)
             .collect()
@@ -1208,6 +1250,8 @@ pub struct Tracked {
     tee: Option<Box<crate::cache::Tee>>,
     /// A gRPC call: its trailers' `grpc-status` is counted here.
     grpc: Option<Arc<[Counter; 18]>>,
+    /// A gRPC-Web call: frames re-encoded, trailers sent as the last frame.
+    web: Option<Box<crate::grpc::WebEncoder>>,
 }
 
 /// An access-log line in the making, for a response still streaming.
@@ -1289,6 +1333,12 @@ impl Body for Tracked {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         match r {
             Poll::Ready(None) => {
+                // gRPC-Web text: the last bytes, padded.
+                if let Some(rest) = self.web.as_mut().map(|w| w.finish()) {
+                    if !rest.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    }
+                }
                 self.finish(true);
                 Poll::Ready(None)
             }
@@ -1304,6 +1354,16 @@ impl Body for Tracked {
                         g[code as usize].inc();
                     }
                 }
+                let f = match self.web.as_mut() {
+                    None => f,
+                    Some(w) => match f.into_data() {
+                        Ok(d) => Frame::data(w.data(&d)),
+                        Err(f) => match f.into_trailers() {
+                            Ok(t) => Frame::data(w.trailers(&t)),
+                            Err(f) => f,
+                        },
+                    },
+                };
                 if let (Some(a), Some(d)) = (self.access.as_mut(), f.data_ref()) {
                     a.bytes += d.len() as u64;
                 }
@@ -1326,10 +1386,13 @@ impl Body for Tracked {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.web.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.web.is_some() {
+            return SizeHint::default();
+        }
         self.inner.size_hint()
     }
 }

@@ -433,3 +433,117 @@ fn grpcurl_through_shoal() {
     let (ok, out) = run("no.such.Service");
     assert!(!ok && out.contains("Code: NotFound"), "{out}");
 }
+
+/// One HTTP/1.1 request with `connection: close`; the raw answer (head and body).
+fn raw_post(port: u16, path: &str, ctype: &str, body: &[u8]) -> (String, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: {ctype}\r\nx-grpc-web: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&resp[..split]).to_lowercase();
+    // De-chunk the body.
+    let mut rest = &resp[split..];
+    let mut body = Vec::new();
+    if head.contains("transfer-encoding: chunked") {
+        loop {
+            let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16)
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&rest[eol + 2..eol + 2 + n]);
+            rest = &rest[eol + 2 + n + 2..];
+        }
+    } else {
+        body = rest.to_vec();
+    }
+    (head, body)
+}
+
+/// gRPC-Web frames: (flag, payload) each.
+fn web_frames(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while b.len() >= 5 {
+        let n = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        out.push((b[0], b[5..5 + n].to_vec()));
+        b = &b[5 + n..];
+    }
+    assert!(b.is_empty(), "trailing bytes");
+    out
+}
+
+/// gRPC-Web (binary and text) from an HTTP/1.1 client becomes gRPC to the instance and
+/// back: messages as frames, the status in a final trailers frame.
+#[test]
+fn grpc_web_binary_and_text_are_translated() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = tempdir();
+    let (_servers, ports) = servers(dir.path(), &["a"], dir.path());
+    let (_shoal, listen, _admin) = proxy(dir.path(), &ports, &[]);
+    let msg = b"\x00\x00\x00\x00\x02hi";
+
+    let (head, body) = raw_post(
+        listen,
+        "/shoal.test.Echo/Unary",
+        "application/grpc-web+proto",
+        msg,
+    );
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        head.contains("content-type: application/grpc-web+proto"),
+        "{head}"
+    );
+    let frames = web_frames(&body);
+    assert_eq!(frames[0], (0, b"a:hi".to_vec()), "{frames:?}");
+    let trailers = String::from_utf8_lossy(&frames.last().unwrap().1).to_string();
+    assert_eq!(frames.last().unwrap().0, 0x80, "{frames:?}");
+    assert!(
+        trailers.contains("grpc-status:0") && trailers.contains("x-trailer:t"),
+        "{trailers}"
+    );
+
+    // Text: base64 both ways; a server stream's messages, then the trailers.
+    let count = b64.encode(b"\x00\x00\x00\x00\x013");
+    let (head, body) = raw_post(
+        listen,
+        "/shoal.test.Echo/Count",
+        "application/grpc-web-text",
+        count.as_bytes(),
+    );
+    assert!(
+        head.contains("content-type: application/grpc-web-text"),
+        "{head}"
+    );
+    let frames = web_frames(&b64.decode(&body).unwrap());
+    let msgs: Vec<&[u8]> = frames
+        .iter()
+        .filter(|f| f.0 == 0)
+        .map(|f| &f.1[..])
+        .collect();
+    assert_eq!(msgs, [&b"a:0"[..], b"a:1", b"a:2"], "{frames:?}");
+    assert!(String::from_utf8_lossy(&frames.last().unwrap().1).contains("grpc-status:0"));
+
+    // A failing call: its status reaches the web client.
+    let fail = b"\x00\x00\x00\x00\x0bNOT_FOUND:x";
+    let (head, body) = raw_post(
+        listen,
+        "/shoal.test.Echo/Fail",
+        "application/grpc-web",
+        fail,
+    );
+    let all = format!("{head}{}", String::from_utf8_lossy(&body));
+    assert!(
+        all.contains("grpc-status: 5") || all.contains("grpc-status:5"),
+        "{all}"
+    );
+}
