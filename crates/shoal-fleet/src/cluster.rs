@@ -485,6 +485,18 @@ impl Leadership {
                 _ = shoal_proxy::server::stopped(&mut stop) => break,
             }
         }
+        // A replica that stops takes its load report along: its clients went elsewhere,
+        // so the leader need not hold for it.
+        let _ = async {
+            let mut c = self.conn().await.ok()?;
+            redis::cmd("HDEL")
+                .arg(&self.keys.load)
+                .arg(&self.spec.id)
+                .query_async::<i64>(&mut c)
+                .await
+                .ok()
+        }
+        .await;
         // A leader that stops hands over at once instead of leaving its lease to expire.
         if self.is_leader() {
             let _ = self
@@ -734,5 +746,48 @@ mod tests {
         assert!(others_load(&v, "me", st, out).unwrap_err().contains("b"));
         let v = [r("a", 500, 40.0), r("b", 11_000, 60.0)];
         assert_eq!(others_load(&v, "me", st, out), Ok((40.0, 4.0)));
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    fn spec(extra: &str) -> Result<Option<ClusterSpec>, ConfigError> {
+        let text = format!(
+            "[services.web]\nlisten = \"127.0.0.1:8080\"\nbackends = [\"127.0.0.1:9000\"]\n\n[cluster]\n{extra}"
+        );
+        let c = Config::parse(std::path::Path::new("shoal.toml"), &text).unwrap();
+        cluster_spec(&c)
+    }
+
+    #[test]
+    fn cluster_table_defaults_and_errors_name_line_and_field() {
+        let s = spec("redis = \"redis://127.0.0.1:6379/\"\nid = \"r1\"\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.id, "r1");
+        assert_eq!(s.timing, Timing::for_lease(Duration::from_secs(15)));
+        let s = spec("redis = \"redis://a:1,redis://b:2\"\nlease = \"2s\"\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.timing.lease, Duration::from_secs(2));
+        assert!(s.timing.renew_deadline < s.timing.lease);
+        let e = spec("redis = \"nope\"\n").unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (6, "cluster.redis"), "{e}");
+        let e =
+            spec("redis = \"redis://h:1\"\nlease = \"2s\"\nrenew_deadline = \"3s\"\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (8, "cluster.renew_deadline"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("shorter than lease"), "{e}");
+        let e = spec("redis = \"redis://h:1\"\nleases = \"2s\"\n").unwrap_err();
+        assert_eq!(e.field, "cluster", "{e}");
+        assert!(e.to_string().contains("leases"), "{e}");
+        let e = spec("lease = \"2s\"\n").unwrap_err();
+        assert!(e.to_string().contains("redis"), "{e}");
+        assert_eq!(e.file, "shoal.toml");
     }
 }
