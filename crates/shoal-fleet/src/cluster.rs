@@ -339,6 +339,15 @@ impl Leadership {
         self.may_write().is_some()
     }
 
+    /// This replica resigned (it is shutting down).
+    pub fn resigned(&self) -> bool {
+        self.election
+            .lock()
+            .expect("election lock")
+            .last_step_down
+            .is_some_and(|(_, w)| w == crate::leader::StepDown::Resigned)
+    }
+
     /// A connection, made on first use and after a failure.
     async fn conn(&self) -> redis::RedisResult<RedisConn> {
         let mut c = self.conn.lock().await;
@@ -506,6 +515,10 @@ impl Leadership {
                     std::slice::from_ref(&self.spec.id),
                 )
                 .await;
+            self.election
+                .lock()
+                .expect("election lock")
+                .resign(self.now());
             tracing::info!(service = %self.service, "leadership released");
         }
     }

@@ -81,6 +81,8 @@ pub enum StepDown {
     LockLost,
     /// A fenced write was refused: a newer leader exists.
     Fenced,
+    /// This replica is shutting down and released the lock.
+    Resigned,
 }
 
 impl StepDown {
@@ -89,6 +91,7 @@ impl StepDown {
             StepDown::DeadlinePassed => "renew deadline passed",
             StepDown::LockLost => "lock held by another replica",
             StepDown::Fenced => "write refused by the fencing token",
+            StepDown::Resigned => "shutting down: lock released",
         }
     }
 }
@@ -196,6 +199,13 @@ impl Election {
     pub fn fenced(&mut self, now: Duration) {
         if matches!(self.role, Role::Leader { .. }) {
             self.step_down(now, StepDown::Fenced);
+        }
+    }
+
+    /// Shutting down: the lock was released, nothing more is written.
+    pub fn resign(&mut self, now: Duration) {
+        if matches!(self.role, Role::Leader { .. }) {
+            self.step_down(now, StepDown::Resigned);
         }
     }
 

@@ -317,8 +317,16 @@ impl ProcessFleet {
                 let now = c.is_leader();
                 if now && !leading {
                     self.adopt(&c).await;
-                } else if !now && leading {
+                } else if !now && leading && !c.resigned() {
                     self.release();
+                }
+                if c.resigned() {
+                    // Shutting down: `shutdown` decides whether to stop or hand over.
+                    if self.state.lock().expect("fleet lock").instances.is_empty() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
                 leading = now;
                 if self.is_shutting_down()
@@ -888,6 +896,14 @@ impl ProcessFleet {
                 }
             }
         }
+        // Handed over (the stop channel closes with it) or no longer leading: the instance
+        // is the next leader's, never stopped from here. (The last replica stopping, which
+        // resigned first, stops its fleet.)
+        let may_stop =
+            |c: &Arc<Leadership>| c.is_leader() || (c.resigned() && self.is_shutting_down());
+        if *epoch.borrow() != mine || self.cluster.as_ref().is_some_and(|c| !may_stop(c)) {
+            return;
+        }
         let left = self.pool.remove(&id, self.spec.drain_timeout).await;
         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
         let until = Instant::now() + self.spec.fleet.stop_grace.0;
@@ -959,7 +975,9 @@ impl ProcessFleet {
     /// A shared fleet's leader with live peers leaves its instances to the next leader.
     pub async fn shutdown(&self, deadline: Duration) {
         if let Some(c) = &self.cluster {
-            if !c.is_leader() || c.live_peers() > 0 {
+            // (Not "while leading": the election may have resigned already on shutdown.)
+            let owns = !self.state.lock().expect("fleet lock").instances.is_empty();
+            if !owns || c.live_peers() > 0 {
                 self.release();
                 self.state.lock().expect("fleet lock").shutting_down = true;
                 self.wake.notify_one();
