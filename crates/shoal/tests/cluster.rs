@@ -189,12 +189,13 @@ fn published(redis: &redis::RedisServer) -> Value {
 
 /// (a) Three replicas, load spread over them: exactly one leader; it sizes the fleet on the
 /// total (120 rps against 20 per instance: 6, where each replica alone sees 2); only it
-/// writes; every replica routes to the same instances; no request fails.
+/// writes; every replica routes to the same instances; no request fails. Stopped in order,
+/// the followers leave the fleet running and the last replica stops it.
 #[test]
 fn three_replicas_one_leader_deciding_on_the_total_load() {
     let server = redis::RedisServer::start();
     let marker = Instances::new();
-    let rs = cluster(&server, &marker.0, 1);
+    let mut rs = cluster(&server, &marker.0, 1);
     let refs: Vec<&Replica> = rs.iter().collect();
     let leader = rs.iter().find(|r| r.leads()).unwrap();
     for r in &rs {
@@ -265,6 +266,26 @@ fn three_replicas_one_leader_deciding_on_the_total_load() {
             || text.contains("leader: demo: this replica"),
         "{text}"
     );
+    // Followers stop (SIGTERM): the fleet stays with the leader.
+    let leader_id = leader.id.clone();
+    let n = marker.pids().len();
+    assert!(n >= 5, "{n} instances");
+    for r in rs.iter_mut().filter(|r| r.id != leader_id) {
+        r.proc.signal("TERM");
+        assert_eq!(r.proc.wait_exit(20), Some(0), "{}", r.log());
+    }
+    let leader = rs.iter_mut().find(|r| r.id == leader_id).unwrap();
+    assert_eq!(leader.leader()["leader"], true);
+    assert_eq!(marker.pids().len(), n);
+    // The last one (once the others' reports are gone) drains and stops the fleet.
+    wait_until(5, "followers' load reports gone", || {
+        leader.leader()["services"][0]["load"]
+            .as_array()
+            .is_some_and(|l| l.iter().all(|r| r["replica"] == leader_id.as_str()))
+    });
+    leader.proc.signal("TERM");
+    assert_eq!(leader.proc.wait_exit(30), Some(0), "{}", leader.log());
+    assert!(marker.pids().is_empty(), "{:?}", marker.pids());
 }
 
 /// (b) The leader SIGKILLed under load: another replica leads within the lease, adopts the
