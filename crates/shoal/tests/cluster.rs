@@ -149,7 +149,11 @@ fn leaders(rs: &[&Replica]) -> Vec<String> {
 
 /// Starts three replicas and waits for one leader and a first ready instance everywhere.
 fn cluster(redis: &redis::RedisServer, marker: &str, min: u32) -> Vec<Replica> {
-    let rs: Vec<Replica> = ["r1", "r2", "r3"]
+    replicas(redis, marker, min, &["r1", "r2", "r3"])
+}
+
+fn replicas(redis: &redis::RedisServer, marker: &str, min: u32, ids: &[&str]) -> Vec<Replica> {
+    let rs: Vec<Replica> = ids
         .iter()
         .map(|id| Replica::start(id, &redis.url(), marker, min))
         .collect();
@@ -431,4 +435,57 @@ fn a_paused_leader_wakes_up_fenced_out_and_steps_down() {
         let report = l.join().unwrap();
         assert_eq!(report["errors"]["total"], 0, "{report}");
     }
+}
+
+/// A replica that stops reporting (SIGSTOP, its clients stuck) is missing data, not zero
+/// load: the leader holds its decision until the report ages out.
+#[test]
+fn a_silent_replica_holds_the_decision_instead_of_counting_as_zero() {
+    let server = redis::RedisServer::start();
+    let marker = Instances::new();
+    let rs = replicas(&server, &marker.0, 1, &["r1", "r2"]);
+    let leader = rs.iter().find(|r| r.leads()).unwrap();
+    let follower = rs.iter().find(|r| r.id != leader.id).unwrap();
+    // All the load through the follower: 60 rps against 20 per instance → 3.
+    let url = format!("http://127.0.0.1:{}/work?sleep_ms=20", follower.listen);
+    let _loader = std::thread::spawn(move || {
+        let _ = std::process::Command::new(SHOAL)
+            .args(["load", &url, "--rate", "60", "--duration", "25", "--json"])
+            .output();
+    });
+    wait_until(20, "the leader sizes on the follower's load", || {
+        leader.service()["desired"].as_u64() >= Some(3)
+    });
+    wait_until(5, "the leader has decided on the load", || {
+        leader.service()["last_decision"]["inputs"]["metrics"][0]["stable"].as_f64() > Some(0.0)
+    });
+    let desired = leader.service()["desired"].as_u64().unwrap();
+    follower.proc.signal("STOP");
+    let t0 = Instant::now();
+    let until = Instant::now() + Duration::from_secs(8);
+    loop {
+        let d = leader.service()["last_decision"].clone();
+        // The rate is missing (not zero) in the decision's inputs; the policy holds (its
+        // reason may be a burst hold that is already in force).
+        if d["inputs"]["metrics"][0]["stable"].is_null()
+            && d["inputs"]["now_secs"].as_f64() > Some(0.0)
+        {
+            break;
+        }
+        assert!(Instant::now() < until, "no hold: {d}\n{}", leader.leader());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("holding {:?} after the follower went silent", t0.elapsed());
+    // Held while the report is stale (until it ages out at 10 s); never scaled down.
+    while t0.elapsed() < Duration::from_secs(9) {
+        let v = leader.service();
+        assert_eq!(
+            v["desired"].as_u64(),
+            Some(desired),
+            "{}",
+            v["last_decision"]
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    follower.proc.signal("CONT");
 }
