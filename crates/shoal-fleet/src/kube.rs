@@ -553,6 +553,8 @@ pub struct KubeFleet {
     counters: Counters,
     /// How often the scale subresource is read.
     poll: Duration,
+    /// With replicas: only the leader writes the Deployment; followers adopt its count.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Leadership>>,
 }
 
 impl KubeFleet {
@@ -586,7 +588,13 @@ impl KubeFleet {
             counters: Counters::default(),
             poll: Duration::from_secs(1),
             spec,
+            cluster: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Shares the Deployment with other replicas: only the leader writes it.
+    pub fn set_cluster(&self, l: Arc<crate::cluster::Leadership>) {
+        let _ = self.cluster.set(l);
     }
 
     /// Starts the watch, the scale loop and (with `min = 0`) the activator.
@@ -962,6 +970,17 @@ impl KubeFleet {
 
     async fn reconcile(&self) -> Result<(), ApiError> {
         let (replicas, rv) = self.read_scale().await?;
+        if self.cluster.get().is_some_and(|c| !c.is_leader()) {
+            // A follower follows the Deployment's count (the leader's writes) and writes
+            // nothing, so a new leader starts from the count in force.
+            let mut s = self.state.lock().expect("kube state");
+            s.desired = replicas.clamp(s.min, s.max);
+            s.replicas = Some(replicas);
+            s.written = Some(replicas);
+            drop(s);
+            self.sync();
+            return Ok(());
+        }
         let desired = {
             let mut s = self.state.lock().expect("kube state");
             match s.replicas {

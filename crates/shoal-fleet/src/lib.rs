@@ -162,6 +162,9 @@ impl Fleets {
                 }
                 let fleet = kube::KubeFleet::new(spec.clone(), members, ep)
                     .map_err(|e| format!("service {}: kubernetes: {e}", spec.service))?;
+                if let Some(l) = &leadership {
+                    fleet.set_cluster(l.clone());
+                }
                 fleet.start();
                 fleet
             } else {
