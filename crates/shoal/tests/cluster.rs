@@ -489,3 +489,46 @@ fn a_silent_replica_holds_the_decision_instead_of_counting_as_zero() {
     }
     follower.proc.signal("CONT");
 }
+
+/// `shoal check` names the file, line and field of a `[cluster]` error.
+#[test]
+fn check_names_the_line_and_field_of_cluster_errors() {
+    let dir = tempdir();
+    let path = dir.path().join("shoal.toml");
+    let base = "[services.web]\nlisten = \"127.0.0.1:8080\"\nbackends = [\"127.0.0.1:9000\"]\n\n[cluster]\n";
+    for (extra, want) in [
+        (
+            "redis = \"redis://127.0.0.1:6379/\"\nlease = \"1s\"\nretry = \"900ms\"\n",
+            "shoal.toml:8: cluster.retry: retry must be shorter than renew_deadline",
+        ),
+        (
+            "redis = \"http://x\"\n",
+            "shoal.toml:6: cluster.redis: expected a redis:// URL",
+        ),
+        ("lease = \"2s\"\n", "cluster: missing field `redis`"),
+    ] {
+        std::fs::write(&path, format!("{base}{extra}")).unwrap();
+        let out = std::process::Command::new(SHOAL)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{want}: {err}");
+    }
+    std::fs::write(
+        &path,
+        format!("{base}redis = \"redis://a:1,redis://b:2\"\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(SHOAL)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
