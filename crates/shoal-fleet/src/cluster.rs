@@ -286,6 +286,9 @@ struct Holder {
 pub struct Leadership {
     pub service: String,
     pub spec: ClusterSpec,
+    /// The lock's value: the id plus a per-process nonce, so two replicas configured with
+    /// the same `id` by mistake still cannot both renew one lock.
+    owner: String,
     client: RedisClient,
     conn: tokio::sync::Mutex<Option<RedisConn>>,
     keys: Keys,
@@ -305,9 +308,14 @@ pub struct Leadership {
 impl Leadership {
     pub fn new(service: &str, spec: &ClusterSpec) -> Result<Arc<Leadership>, String> {
         let client = RedisClient::open(&spec.redis).map_err(|e| e.to_string())?;
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+            ^ std::process::id().rotate_left(16);
         Ok(Arc::new(Leadership {
             service: service.to_string(),
             spec: spec.clone(),
+            owner: format!("{}#{nonce:08x}", spec.id),
             client,
             conn: tokio::sync::Mutex::new(None),
             keys: Keys::new(service),
@@ -419,7 +427,7 @@ impl Leadership {
                         .script::<i64>(
                             RELEASE,
                             &[&self.keys.lock],
-                            std::slice::from_ref(&self.spec.id),
+                            std::slice::from_ref(&self.owner),
                         )
                         .await;
                     Duration::ZERO
@@ -431,7 +439,7 @@ impl Leadership {
                             ACQUIRE,
                             &[&self.keys.lock, &self.keys.token],
                             &[
-                                self.spec.id.clone(),
+                                self.owner.clone(),
                                 self.spec.timing.lease.as_millis().to_string(),
                             ],
                         )
@@ -462,7 +470,7 @@ impl Leadership {
                             RENEW,
                             &[&self.keys.lock],
                             &[
-                                self.spec.id.clone(),
+                                self.owner.clone(),
                                 self.spec.timing.lease.as_millis().to_string(),
                             ],
                         )
@@ -512,7 +520,7 @@ impl Leadership {
                 .script::<i64>(
                     RELEASE,
                     &[&self.keys.lock],
-                    std::slice::from_ref(&self.spec.id),
+                    std::slice::from_ref(&self.owner),
                 )
                 .await;
             self.election
@@ -534,7 +542,11 @@ impl Leadership {
                 .await
                 .map_err(|e| e.to_string())?;
             Ok::<_, String>(Holder {
-                id,
+                // The replica's id, without the lock's nonce.
+                id: id.map(|v| {
+                    v.rsplit_once('#')
+                        .map_or(v.clone(), |(id, _)| id.to_string())
+                }),
                 token: token.unwrap_or(0),
                 ttl_ms: ttl,
             })
