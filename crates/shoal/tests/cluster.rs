@@ -532,3 +532,39 @@ fn check_names_the_line_and_field_of_cluster_errors() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A shared fleet's instances are watched by pid: one killed is noticed, reaped and
+/// replaced, and the replacement is published.
+#[test]
+fn a_killed_instance_of_a_shared_fleet_is_replaced() {
+    let server = redis::RedisServer::start();
+    let marker = Instances::new();
+    let rs = replicas(&server, &marker.0, 2, &["solo"]);
+    let r = &rs[0];
+    assert!(r.leads());
+    let procs = r.service()["fleet"]["processes"].clone();
+    let victim = procs[0]["pid"].as_i64().unwrap() as i32;
+    let victim_id = procs[0]["id"].as_str().unwrap().to_string();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(15, "a replacement", || {
+        let ids = r.instance_ids();
+        ready(&r.service()) == 2 && !ids.contains(&victim_id)
+    });
+    // Reaped, not left a zombie.
+    wait_until(5, "the killed instance reaped", || {
+        !std::path::Path::new(&format!("/proc/{victim}")).exists()
+    });
+    wait_until(5, "the replacement published", || {
+        let p = published(&server);
+        p["members"].as_array().unwrap().len() == 2
+            && p["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["id"] != victim_id.as_str())
+    });
+}
