@@ -754,18 +754,17 @@ impl Autoscaler {
         }
     }
 
-    /// One evaluation: observe, decide, apply, record. A replica that does not lead only
-    /// observes (its windows stay current for when it takes over).
+    /// One evaluation: observe, decide, apply, record. A replica that does not lead
+    /// decides in the shadow, on the fleet the leader published, and applies and records
+    /// nothing: its windows and the policy's state (stabilization, burst, forecast) stay
+    /// current, so a new leader does not act on an empty history (e.g. scale down at once).
     pub fn evaluate(&self) -> Option<Decision> {
-        if self.cluster.get().is_some_and(|c| !c.is_leader()) {
-            // Keep the demand mark moving, so a new leader measures from now.
-            let _ = self.observe();
-            return None;
-        }
-        Some(self.evaluate_now())
+        let leading = self.cluster.get().is_none_or(|c| c.is_leader());
+        let d = self.evaluate_now(leading);
+        leading.then_some(d)
     }
 
-    fn evaluate_now(&self) -> Decision {
+    fn evaluate_now(&self, apply: bool) -> Decision {
         let obs = self.observe();
         if let (Some(r), Some(d)) = (&self.recorder, obs.demand_rps) {
             let busy = {
@@ -814,6 +813,9 @@ impl Autoscaler {
                     self.fitting.store(false, Ordering::Release);
                 }
             }
+        }
+        if !apply {
+            return d;
         }
         if d.desired != obs.current_desired {
             // Checked again just before the write: leadership may have lapsed meanwhile.
