@@ -115,3 +115,34 @@ async fn replicas_share_their_load() {
     assert_eq!(a.live_peers(), 1);
     let _ = stop.send(true);
 }
+
+/// The same on a Redis Cluster (comma-separated seeds): each script's keys share a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn election_fencing_and_load_on_a_redis_cluster() {
+    let cluster = redis::RedisCluster::start();
+    let url = cluster.url();
+    assert!(url.contains(','), "{url}");
+    let a = Leadership::new("demo", &spec(&url, "a")).unwrap();
+    let b = Leadership::new("demo", &spec(&url, "b")).unwrap();
+    a.set_local(10.0, 1.0);
+    b.set_local(30.0, 3.0);
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(a.clone().run(rx.clone()));
+    wait("a leads", || a.is_leader()).await;
+    tokio::spawn(b.clone().run(rx.clone()));
+    assert!(a.publish_fleet(1, member()).await);
+    assert!(!b.publish_fleet(5, vec![]).await);
+    assert_eq!(b.read_fleet().await.unwrap().leader, "a");
+    wait("b sees who leads", || b.api()["holder"] == "a").await;
+    wait("a sees b's load", || a.others() == Ok((30.0, 3.0))).await;
+    // A newer token: a's write is refused and a steps down.
+    let port = cluster.master_of("shoal:{demo}:token");
+    let ta = a.api()["token"].as_u64().unwrap();
+    assert_eq!(
+        redis::redis_cmd(port, &["INCR", "shoal:{demo}:token"]),
+        Some(format!(":{}", ta + 1))
+    );
+    assert!(!a.publish_fleet(9, vec![]).await);
+    assert!(!a.is_leader());
+    let _ = stop.send(true);
+}
