@@ -118,6 +118,10 @@ pub struct ProcessFleet {
     view: Mutex<Option<FleetView>>,
 }
 
+/// How long a shared fleet's leader waits, after draining an instance, before signalling
+/// it: followers stop routing to it within a mirror period (250 ms) of the publication.
+const FOLLOWER_SYNC: Duration = Duration::from_secs(1);
+
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -905,6 +909,10 @@ impl ProcessFleet {
             return;
         }
         let left = self.pool.remove(&id, self.spec.drain_timeout).await;
+        // Followers route to it until they read the published view (every 250 ms; the
+        // stop was published before it began): give them that, and their short requests,
+        // before the signal.
+        tokio::time::sleep(FOLLOWER_SYNC).await;
         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
         let until = Instant::now() + self.spec.fleet.stop_grace.0;
         while alive(pid, start) && Instant::now() < until {

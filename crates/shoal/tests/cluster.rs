@@ -63,7 +63,7 @@ struct Replica {
 }
 
 impl Replica {
-    fn start(id: &str, redis: &str, marker: &str, min: u32) -> Replica {
+    fn start(id: &str, redis: &str, marker: &str, min: u32, down: &str) -> Replica {
         let dir = tempdir();
         let (listen, admin) = (free_port(), free_port());
         let cfg = fleet_config(
@@ -81,7 +81,8 @@ interval = "1s"
 targets = [{{ metric = "rps", target = 20 }}]
 stable_window = "6s"
 panic_window = "3s"
-scale_down_stabilization = "120s"
+scale_down_stabilization = "{down}"
+burst_hold = "5s"
 
 [cluster]
 redis = "{redis}"
@@ -149,13 +150,19 @@ fn leaders(rs: &[&Replica]) -> Vec<String> {
 
 /// Starts three replicas and waits for one leader and a first ready instance everywhere.
 fn cluster(redis: &redis::RedisServer, marker: &str, min: u32) -> Vec<Replica> {
-    replicas(redis, marker, min, &["r1", "r2", "r3"])
+    replicas(redis, marker, min, &["r1", "r2", "r3"], "120s")
 }
 
-fn replicas(redis: &redis::RedisServer, marker: &str, min: u32, ids: &[&str]) -> Vec<Replica> {
+fn replicas(
+    redis: &redis::RedisServer,
+    marker: &str,
+    min: u32,
+    ids: &[&str],
+    down: &str,
+) -> Vec<Replica> {
     let rs: Vec<Replica> = ids
         .iter()
-        .map(|id| Replica::start(id, &redis.url(), marker, min))
+        .map(|id| Replica::start(id, &redis.url(), marker, min, down))
         .collect();
     let refs: Vec<&Replica> = rs.iter().collect();
     wait_until(20, "one leader", || leaders(&refs).len() == 1);
@@ -443,7 +450,7 @@ fn a_paused_leader_wakes_up_fenced_out_and_steps_down() {
 fn a_silent_replica_holds_the_decision_instead_of_counting_as_zero() {
     let server = redis::RedisServer::start();
     let marker = Instances::new();
-    let rs = replicas(&server, &marker.0, 1, &["r1", "r2"]);
+    let rs = replicas(&server, &marker.0, 1, &["r1", "r2"], "120s");
     let leader = rs.iter().find(|r| r.leads()).unwrap();
     let follower = rs.iter().find(|r| r.id != leader.id).unwrap();
     // All the load through the follower: 60 rps against 20 per instance → 3.
@@ -539,7 +546,7 @@ fn check_names_the_line_and_field_of_cluster_errors() {
 fn a_killed_instance_of_a_shared_fleet_is_replaced() {
     let server = redis::RedisServer::start();
     let marker = Instances::new();
-    let rs = replicas(&server, &marker.0, 2, &["solo"]);
+    let rs = replicas(&server, &marker.0, 2, &["solo"], "120s");
     let r = &rs[0];
     assert!(r.leads());
     let procs = r.service()["fleet"]["processes"].clone();
@@ -567,4 +574,32 @@ fn a_killed_instance_of_a_shared_fleet_is_replaced() {
                 .iter()
                 .all(|m| m["id"] != victim_id.as_str())
     });
+}
+
+/// Scale-in of a shared fleet loses nothing on the followers: the leader publishes the stop
+/// first, followers drain the instance, and only then is it signalled.
+#[test]
+fn scale_in_loses_no_request_routed_by_a_follower() {
+    let server = redis::RedisServer::start();
+    let marker = Instances::new();
+    let rs = replicas(&server, &marker.0, 1, &["r1", "r2"], "3s");
+    let leader = rs.iter().find(|r| r.leads()).unwrap();
+    let follower = rs.iter().find(|r| r.id != leader.id).unwrap();
+    // A burst through the follower scales out; a slow trickle (300 ms requests) keeps
+    // running through it while the burst ends and the fleet scales back in.
+    let burst = format!("http://127.0.0.1:{}/work?sleep_ms=20", follower.listen);
+    let burst = std::thread::spawn(move || load(&burst, 60, 8));
+    let slow = format!("http://127.0.0.1:{}/work?sleep_ms=300", follower.listen);
+    let slow = std::thread::spawn(move || load(&slow, 6, 30));
+    wait_until(20, "scale-out", || {
+        leader.service()["desired"].as_u64() >= Some(3)
+    });
+    let report = burst.join().unwrap();
+    assert_eq!(report["errors"]["total"], 0, "{report}");
+    wait_until(25, "scale-in", || {
+        leader.service()["desired"].as_u64() == Some(1) && follower.instance_ids().len() == 1
+    });
+    let report = slow.join().unwrap();
+    assert_eq!(report["errors"]["total"], 0, "{report}");
+    assert!(leader.log().contains("instance stopped"));
 }
