@@ -450,6 +450,15 @@ impl Autoscaler {
         if let Some(last_t) = s.last_t {
             let dt = (t - last_t).max(1e-3);
             let rps = requests.saturating_sub(s.last_requests) as f64 / dt;
+            // Per-bucket deltas (cumulative → counts) for this second.
+            let mut prev = 0;
+            let mut deltas = Vec::with_capacity(hist.len());
+            for (i, c) in hist.iter().enumerate() {
+                let last = s.last_hist.get(i).copied().unwrap_or(0);
+                let d = c.saturating_sub(last);
+                deltas.push(d.saturating_sub(prev));
+                prev = d;
+            }
             match self.cluster.get() {
                 None => {
                     s.rps.add(t, rps);
@@ -458,7 +467,7 @@ impl Autoscaler {
                 Some(c) => {
                     // The windows hold what all replicas saw; a replica whose report is
                     // stale leaves a gap (missing data holds), never a zero.
-                    c.set_local(rps, in_flight as f64);
+                    c.set_local(rps, in_flight as f64, &deltas);
                     match c.others() {
                         Ok((r, f)) => {
                             s.rps.add(t, rps + r);
@@ -468,16 +477,12 @@ impl Autoscaler {
                             s.cluster_gap = Some((t, why));
                         }
                     }
+                    // Latency: the others' requests since their last report join this
+                    // second's histogram (each report is counted once).
+                    for (d, o) in deltas.iter_mut().zip(c.take_others_latency()) {
+                        *d += o;
+                    }
                 }
-            }
-            // Per-bucket deltas (cumulative → counts) for this second.
-            let mut prev = 0;
-            let mut deltas = Vec::with_capacity(hist.len());
-            for (i, c) in hist.iter().enumerate() {
-                let last = s.last_hist.get(i).copied().unwrap_or(0);
-                let d = c.saturating_sub(last);
-                deltas.push(d.saturating_sub(prev));
-                prev = d;
             }
             s.latency.push_back((t, deltas));
             while s

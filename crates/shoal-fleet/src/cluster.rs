@@ -162,12 +162,18 @@ pub struct LoadReport {
     pub in_flight: f64,
     /// Age when read, by Redis' clock.
     pub age_ms: u64,
+    /// Requests per latency bucket (the +Inf bucket last), cumulative since the replica
+    /// started: a reader that misses a report loses nothing.
+    #[serde(default)]
+    pub latency: Vec<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct LoadValue {
     rps: f64,
     in_flight: f64,
+    #[serde(default)]
+    latency: Vec<u64>,
 }
 
 /// Sums the other replicas' fresh reports; `Err` (hold) while one is stale but not yet aged
@@ -297,8 +303,12 @@ pub struct Leadership {
     /// Wall-clock time this replica became leader (for the API).
     since_wall: Mutex<Option<std::time::SystemTime>>,
     holder: Mutex<Option<Holder>>,
-    /// This replica's newest per-second load, published by the load loop.
+    /// This replica's newest per-second load, published by the load loop, and its
+    /// cumulative latency counts.
     local: Mutex<Option<(f64, f64)>>,
+    latency_total: Mutex<Vec<u64>>,
+    /// Per other replica: its cumulative latency counts as last taken.
+    consumed: Mutex<std::collections::HashMap<String, Vec<u64>>>,
     /// The newest reports read and when.
     reports: Mutex<Option<(Instant, Vec<LoadReport>)>>,
     pub writes: shoal_proxy::metrics::Counter,
@@ -324,6 +334,8 @@ impl Leadership {
             since_wall: Mutex::new(None),
             holder: Mutex::new(None),
             local: Mutex::new(None),
+            latency_total: Mutex::new(Vec::new()),
+            consumed: Mutex::new(Default::default()),
             reports: Mutex::new(None),
             writes: Default::default(),
             refused: Default::default(),
@@ -563,7 +575,13 @@ impl Leadership {
         loop {
             let local = *self.local.lock().expect("local lock");
             if let Some((rps, in_flight)) = local {
-                let v = serde_json::to_string(&LoadValue { rps, in_flight }).unwrap_or_default();
+                let latency = self.latency_total.lock().expect("latency lock").clone();
+                let v = serde_json::to_string(&LoadValue {
+                    rps,
+                    in_flight,
+                    latency,
+                })
+                .unwrap_or_default();
                 if let Err(e) = self
                     .script::<u64>(REPORT, &[&self.keys.load], &[self.spec.id.clone(), v])
                     .await
@@ -586,6 +604,7 @@ impl Leadership {
                                 age_ms: c[1].parse().ok()?,
                                 rps: v.rps,
                                 in_flight: v.in_flight,
+                                latency: v.latency,
                             })
                         })
                         .collect();
@@ -600,9 +619,51 @@ impl Leadership {
         }
     }
 
-    /// Records this replica's newest per-second load (published by the load loop).
-    pub fn set_local(&self, rps: f64, in_flight: f64) {
+    /// Records this replica's newest per-second load and adds this second's latency counts
+    /// to the cumulative ones its reports carry.
+    pub fn set_local(&self, rps: f64, in_flight: f64, latency: &[u64]) {
         *self.local.lock().expect("local lock") = Some((rps, in_flight));
+        let mut p = self.latency_total.lock().expect("latency lock");
+        if p.len() < latency.len() {
+            p.resize(latency.len(), 0);
+        }
+        for (a, b) in p.iter_mut().zip(latency) {
+            *a += b;
+        }
+    }
+
+    /// The other replicas' latency counts since they were last taken, summed per bucket. A
+    /// replica seen for the first time (or restarted: its counts went down) sets a baseline.
+    pub fn take_others_latency(&self) -> Vec<u64> {
+        let r = self.reports.lock().expect("reports lock");
+        let mut consumed = self.consumed.lock().expect("consumed lock");
+        let mut sum: Vec<u64> = Vec::new();
+        for rep in r.iter().flat_map(|(_, v)| v) {
+            if rep.replica == self.spec.id
+                || Duration::from_millis(rep.age_ms) > self.spec.load_stale
+            {
+                continue;
+            }
+            let Some(last) = consumed.get(&rep.replica) else {
+                consumed.insert(rep.replica.clone(), rep.latency.clone());
+                continue;
+            };
+            let went_down = rep
+                .latency
+                .iter()
+                .zip(last)
+                .any(|(now, before)| now < before);
+            if !went_down {
+                if sum.len() < rep.latency.len() {
+                    sum.resize(rep.latency.len(), 0);
+                }
+                for (i, (a, b)) in sum.iter_mut().zip(&rep.latency).enumerate() {
+                    *a += b - last.get(i).copied().unwrap_or(0);
+                }
+            }
+            consumed.insert(rep.replica.clone(), rep.latency.clone());
+        }
+        sum
     }
 
     /// The other replicas' load, summed; `Err` when it cannot be known now (a replica's
@@ -759,6 +820,7 @@ mod tests {
             rps,
             in_flight: rps / 10.0,
             age_ms,
+            latency: Vec::new(),
         }
     }
 

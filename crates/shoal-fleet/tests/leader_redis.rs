@@ -106,13 +106,28 @@ async fn replicas_share_their_load() {
     let a = Leadership::new("demo", &spec(&server.url(), "a")).unwrap();
     let b = Leadership::new("demo", &spec(&server.url(), "b")).unwrap();
     let (stop, rx) = tokio::sync::watch::channel(false);
-    a.set_local(10.0, 1.0);
-    b.set_local(30.0, 3.0);
+    a.set_local(10.0, 1.0, &[1, 2, 3]);
+    b.set_local(30.0, 3.0, &[4, 5, 6]);
+    b.set_local(30.0, 3.0, &[1, 0, 0]);
     tokio::spawn(a.clone().run(rx.clone()));
     tokio::spawn(b.clone().run(rx.clone()));
     wait("a sees b", || a.others() == Ok((30.0, 3.0))).await;
     wait("b sees a", || b.others() == Ok((10.0, 1.0))).await;
     assert_eq!(a.live_peers(), 1);
+    // b's latency counts: cumulative in its reports; a takes what is new since it last
+    // looked (the first sight is the baseline), each count once.
+    assert_eq!(a.take_others_latency(), Vec::<u64>::new());
+    b.set_local(30.0, 3.0, &[0, 7, 0]);
+    b.set_local(30.0, 3.0, &[2, 0, 0]);
+    let mut got = vec![0; 3];
+    let until = Instant::now() + Duration::from_secs(5);
+    while got != vec![2, 7, 0] {
+        assert!(Instant::now() < until, "{got:?}");
+        for (g, n) in got.iter_mut().zip(a.take_others_latency()) {
+            *g += n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let _ = stop.send(true);
 }
 
@@ -124,8 +139,8 @@ async fn election_fencing_and_load_on_a_redis_cluster() {
     assert!(url.contains(','), "{url}");
     let a = Leadership::new("demo", &spec(&url, "a")).unwrap();
     let b = Leadership::new("demo", &spec(&url, "b")).unwrap();
-    a.set_local(10.0, 1.0);
-    b.set_local(30.0, 3.0);
+    a.set_local(10.0, 1.0, &[]);
+    b.set_local(30.0, 3.0, &[]);
     let (stop, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(a.clone().run(rx.clone()));
     wait("a leads", || a.is_leader()).await;
