@@ -333,7 +333,9 @@ impl Leadership {
             election: Mutex::new(Election::new(spec.timing)),
             since_wall: Mutex::new(None),
             holder: Mutex::new(None),
-            local: Mutex::new(None),
+            // Reported from the start (it has served nothing yet): peers count this replica
+            // as live at once, so a stopping leader hands its fleet over to it.
+            local: Mutex::new(Some((0.0, 0.0))),
             latency_total: Mutex::new(Vec::new()),
             consumed: Mutex::new(Default::default()),
             reports: Mutex::new(None),

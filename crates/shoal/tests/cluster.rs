@@ -603,3 +603,39 @@ fn scale_in_loses_no_request_routed_by_a_follower() {
     assert_eq!(report["errors"]["total"], 0, "{report}");
     assert!(leader.log().contains("instance stopped"));
 }
+
+/// A leader stopped with SIGTERM while a peer runs hands over at once: it releases the lock
+/// (no lease to wait out) and leaves the instances, which the peer adopts.
+#[test]
+fn a_stopping_leader_hands_over_at_once() {
+    let server = redis::RedisServer::start();
+    let marker = Instances::new();
+    let mut rs = replicas(&server, &marker.0, 2, &["r1", "r2"], "120s");
+    let li = rs.iter().position(|r| r.leads()).unwrap();
+    let ids = rs[li].instance_ids();
+    let pids = marker.pids();
+    assert_eq!(pids.len(), 2);
+    wait_until(5, "the leader sees its peer", || {
+        rs[li].leader()["services"][0]["load"]
+            .as_array()
+            .is_some_and(|l| l.len() == 2)
+    });
+    rs[li].proc.signal("TERM");
+    let t0 = Instant::now();
+    let other = &rs[1 - li];
+    wait_until(5, "the peer leads", || other.leads());
+    let took = t0.elapsed();
+    eprintln!("handed over in {took:?}");
+    assert!(took < Duration::from_secs_f64(LEASE_SECS), "{took:?}");
+    assert_eq!(rs[li].proc.wait_exit(20), Some(0), "{}", rs[li].log());
+    let other = &rs[1 - li];
+    assert_eq!(
+        other.instance_ids(),
+        ids,
+        "{}\n---\n{}",
+        rs[li].log(),
+        other.log()
+    );
+    assert_eq!(marker.pids(), pids, "instances kept, not restarted");
+    assert!(rs[li].log().contains("leadership released"));
+}
