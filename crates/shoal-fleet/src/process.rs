@@ -359,6 +359,8 @@ impl ProcessFleet {
                             p.phase = Phase::Ready;
                         }
                     }
+                    // Redis down or slow: try again shortly (the renew deadline ends this).
+                    tokio::time::sleep(Duration::from_millis(250)).await;
                     continue;
                 }
             }
