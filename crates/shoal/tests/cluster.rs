@@ -639,3 +639,22 @@ fn a_stopping_leader_hands_over_at_once() {
     assert_eq!(marker.pids(), pids, "instances kept, not restarted");
     assert!(rs[li].log().contains("leadership released"));
 }
+
+/// The last replica killed: its instances keep running, and the next replica that starts
+/// adopts them instead of starting a new fleet.
+#[test]
+fn a_new_replica_adopts_what_a_killed_last_replica_left() {
+    let server = redis::RedisServer::start();
+    let marker = Instances::new();
+    let mut rs = replicas(&server, &marker.0, 2, &["old"], "120s");
+    let ids = rs[0].instance_ids();
+    let pids = marker.pids();
+    rs[0].proc.signal("KILL");
+    let _ = rs[0].proc.wait_exit(5);
+    let new = Replica::start("new", &server.url(), &marker.0, 2, "120s");
+    wait_until(10, "the new replica leads", || new.leads());
+    wait_until(5, "the fleet adopted", || new.instance_ids() == ids);
+    assert_eq!(marker.pids(), pids);
+    wait_until(5, "the adoption logged", || new.log().contains("adopted=2"));
+    assert_eq!(new.instance_ids(), ids);
+}
