@@ -313,6 +313,8 @@ pub struct Leadership {
     reports: Mutex<Option<(Instant, Vec<LoadReport>)>>,
     pub writes: shoal_proxy::metrics::Counter,
     pub refused: shoal_proxy::metrics::Counter,
+    /// Set once `run` has released the lock and returned.
+    exited: tokio::sync::watch::Sender<bool>,
 }
 
 impl Leadership {
@@ -341,6 +343,7 @@ impl Leadership {
             reports: Mutex::new(None),
             writes: Default::default(),
             refused: Default::default(),
+            exited: tokio::sync::watch::channel(false).0,
         }))
     }
 
@@ -543,6 +546,14 @@ impl Leadership {
                 .resign(self.now());
             tracing::info!(service = %self.service, "leadership released");
         }
+        self.exited.send_replace(true);
+    }
+
+    /// Waits (up to `limit`) for `run` to finish after its stop: the lock released and the
+    /// load report removed, before the process exits.
+    pub async fn stopped(&self, limit: Duration) {
+        let mut rx = self.exited.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|done| *done)).await;
     }
 
     async fn read_holder(&self) {

@@ -250,6 +250,13 @@ impl Fleets {
     /// Stops autoscaling, then drains and stops every instance.
     pub async fn shutdown(&self, deadline: Duration) {
         let _ = self.stop.send(true);
+        // With replicas: the lock released first, so a peer takes over at once rather
+        // than after the lease (the runtime would end the election task mid-release).
+        for m in &self.managed {
+            if let Some(l) = &m.leadership {
+                l.stopped(Duration::from_secs(2)).await;
+            }
+        }
         for m in &self.managed {
             m.provider.shutdown(deadline).await;
         }

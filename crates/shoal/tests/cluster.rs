@@ -626,8 +626,12 @@ fn a_stopping_leader_hands_over_at_once() {
     wait_until(5, "the peer leads", || other.leads());
     let took = t0.elapsed();
     eprintln!("handed over in {took:?}");
-    assert!(took < Duration::from_secs_f64(LEASE_SECS), "{took:?}");
     assert_eq!(rs[li].proc.wait_exit(20), Some(0), "{}", rs[li].log());
+    assert!(
+        took < Duration::from_secs_f64(LEASE_SECS),
+        "{took:?}\n{}",
+        rs[li].log()
+    );
     let other = &rs[1 - li];
     assert_eq!(
         other.instance_ids(),
