@@ -122,6 +122,8 @@ struct Sampler {
     /// CPU seconds per completed request, averaged over unsaturated probe spans (where
     /// the cost is not inflated by instances competing for their quota).
     request_cost: Option<f64>,
+    /// With replicas: when the shared load was last incomplete, and why.
+    cluster_gap: Option<(f64, String)>,
 }
 
 /// Where a service's recorded demand lives in `data_dir` (`shoal history export` reads it).
@@ -186,6 +188,8 @@ pub struct Autoscaler {
     pub fits: shoal_proxy::metrics::Counter,
     /// The backlog of a worker fleet (`policy = "backlog"`).
     backlog: Option<Arc<dyn BacklogSource>>,
+    /// With replicas: the election (only the leader decides) and the shared load.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Leadership>>,
 }
 
 impl Autoscaler {
@@ -337,6 +341,7 @@ impl Autoscaler {
                 probes: VecDeque::new(),
                 saturation: None,
                 request_cost: None,
+                cluster_gap: None,
             }),
             decisions: Mutex::new(VecDeque::new()),
             last: Mutex::new(None),
@@ -348,7 +353,14 @@ impl Autoscaler {
             fitting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             fits: Default::default(),
             backlog,
+            cluster: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Shares this autoscaler with other replicas: it samples everywhere (and publishes its
+    /// load), but decides only while leading, on the load every replica reports.
+    pub fn set_cluster(&self, l: Arc<crate::cluster::Leadership>) {
+        let _ = self.cluster.set(l);
     }
 
     /// Samples every second, evaluates every interval, saves history every minute.
@@ -438,8 +450,6 @@ impl Autoscaler {
         if let Some(last_t) = s.last_t {
             let dt = (t - last_t).max(1e-3);
             let rps = requests.saturating_sub(s.last_requests) as f64 / dt;
-            s.rps.add(t, rps);
-            s.in_flight.add(t, in_flight as f64);
             // Per-bucket deltas (cumulative → counts) for this second.
             let mut prev = 0;
             let mut deltas = Vec::with_capacity(hist.len());
@@ -448,6 +458,31 @@ impl Autoscaler {
                 let d = c.saturating_sub(last);
                 deltas.push(d.saturating_sub(prev));
                 prev = d;
+            }
+            match self.cluster.get() {
+                None => {
+                    s.rps.add(t, rps);
+                    s.in_flight.add(t, in_flight as f64);
+                }
+                Some(c) => {
+                    // The windows hold what all replicas saw; a replica whose report is
+                    // stale leaves a gap (missing data holds), never a zero.
+                    c.set_local(rps, in_flight as f64, &deltas);
+                    match c.others() {
+                        Ok((r, f)) => {
+                            s.rps.add(t, rps + r);
+                            s.in_flight.add(t, in_flight as f64 + f);
+                        }
+                        Err(why) => {
+                            s.cluster_gap = Some((t, why));
+                        }
+                    }
+                    // Latency: the others' requests since their last report join this
+                    // second's histogram (each report is counted once).
+                    for (d, o) in deltas.iter_mut().zip(c.take_others_latency()) {
+                        *d += o;
+                    }
+                }
             }
             s.latency.push_back((t, deltas));
             while s
@@ -617,6 +652,21 @@ impl Autoscaler {
                 None
             }
         };
+        // With replicas, demand is everyone's: the shared rate window over the interval.
+        let clustered = self.cluster.get().is_some();
+        let demand_rps = if clustered {
+            let secs = self.cfg.interval.as_secs_f64().ceil().max(1.0) as usize;
+            demand_rps.and(s.rps.mean(t, secs))
+        } else {
+            demand_rps
+        };
+        // A recent gap in the shared load (a replica stopped reporting): request metrics
+        // are missing, so the policy holds rather than read the gap as less load.
+        let gap = s
+            .cluster_gap
+            .as_ref()
+            .filter(|(at, _)| t - at < self.cfg.interval.as_secs_f64().max(2.0))
+            .is_some();
         let (starting, ready, _) = self.fleet.counts();
         let stable = self.cfg.stable_window.as_secs() as usize;
         let panic = self.cfg.panic_window.as_secs().max(1) as usize;
@@ -663,6 +713,12 @@ impl Autoscaler {
                         None,
                     ),
                 };
+                let shared = matches!(tg.kind, MetricKind::Rps | MetricKind::InFlight);
+                let (st, pa) = if gap && shared {
+                    (None, None)
+                } else {
+                    (st, pa)
+                };
                 MetricSample {
                     kind: tg.kind,
                     stable: st,
@@ -703,8 +759,17 @@ impl Autoscaler {
         }
     }
 
-    /// One evaluation: observe, decide, apply, record.
-    pub fn evaluate(&self) -> Decision {
+    /// One evaluation: observe, decide, apply, record. A replica that does not lead
+    /// decides in the shadow, on the fleet the leader published, and applies and records
+    /// nothing: its windows and the policy's state (stabilization, burst, forecast) stay
+    /// current, so a new leader does not act on an empty history (e.g. scale down at once).
+    pub fn evaluate(&self) -> Option<Decision> {
+        let leading = self.cluster.get().is_none_or(|c| c.is_leader());
+        let d = self.evaluate_now(leading);
+        leading.then_some(d)
+    }
+
+    fn evaluate_now(&self, apply: bool) -> Decision {
         let obs = self.observe();
         if let (Some(r), Some(d)) = (&self.recorder, obs.demand_rps) {
             let busy = {
@@ -754,8 +819,14 @@ impl Autoscaler {
                 }
             }
         }
+        if !apply {
+            return d;
+        }
         if d.desired != obs.current_desired {
-            self.fleet.scale(d.desired);
+            // Checked again just before the write: leadership may have lapsed meanwhile.
+            if self.cluster.get().is_none_or(|c| c.is_leader()) {
+                self.fleet.scale(d.desired);
+            }
         }
         if d.is_notable() && self.worth_recording(&d) {
             tracing::info!(

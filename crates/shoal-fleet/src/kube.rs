@@ -788,6 +788,8 @@ pub struct KubeFleet {
     scaling_in: std::sync::atomic::AtomicBool,
     usage: Mutex<KubeUsage>,
     vertical: Mutex<crate::vertical::VerticalState>,
+    /// With replicas: only the leader writes the Deployment; followers adopt its count.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Leadership>>,
 }
 
 /// One pod's CPU from `metrics.k8s.io`: a rate, integrated into cumulative seconds so the
@@ -1032,7 +1034,13 @@ impl KubeFleet {
             usage: Mutex::new(KubeUsage::default()),
             vertical: Mutex::new(crate::vertical::VerticalState::new()),
             spec,
+            cluster: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Shares the Deployment with other replicas: only the leader writes it.
+    pub fn set_cluster(&self, l: Arc<crate::cluster::Leadership>) {
+        let _ = self.cluster.set(l);
     }
 
     /// Starts the watch, the scale loop and (with `min = 0`) the activator.
@@ -1420,6 +1428,17 @@ impl KubeFleet {
     async fn reconcile(self: &Arc<Self>) -> Result<(), ApiError> {
         let (replicas, rv) = self.read_scale().await?;
         let mut restored = Vec::new();
+        if self.cluster.get().is_some_and(|c| !c.is_leader()) {
+            // A follower follows the Deployment's count (the leader's writes) and writes
+            // nothing, so a new leader starts from the count in force.
+            let mut s = self.state.lock().expect("kube state");
+            s.desired = replicas.clamp(s.min, s.max);
+            s.replicas = Some(replicas);
+            s.written = Some(replicas);
+            drop(s);
+            self.sync();
+            return Ok(());
+        }
         let desired = {
             let mut s = self.state.lock().expect("kube state");
             match s.replicas {
@@ -1846,8 +1865,10 @@ impl KubeFleet {
             if !samples.is_empty() {
                 v.recommender.add(t, &samples);
             }
+            // With replicas, only the leader resizes (followers still learn the usage).
+            let follower = self.cluster.get().is_some_and(|c| !c.is_leader());
             container
-                .filter(|_| mode == VerticalMode::Auto && resize)
+                .filter(|_| mode == VerticalMode::Auto && resize && !follower)
                 .map(|c| {
                     let (target, changes) = self.decide_size(&mut v, t, current);
                     (c, target, changes)

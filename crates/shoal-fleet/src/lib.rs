@@ -8,8 +8,10 @@
 
 pub mod autoscaler;
 pub mod cgroup;
+pub mod cluster;
 pub mod config;
 pub mod kube;
+pub mod leader;
 pub mod process;
 pub mod promsource;
 pub mod provider;
@@ -35,6 +37,8 @@ pub use provider::{Membership, Provider, StaticFleet};
 /// One managed service: its provider and, if configured, its autoscaler.
 pub struct Managed {
     pub provider: Arc<dyn Provider>,
+    /// With replicas: this service's election.
+    pub leadership: Option<Arc<cluster::Leadership>>,
     pub autoscaler: Option<Arc<Autoscaler>>,
     /// Per-instance limits, as configured.
     pub resources: config::Resources,
@@ -98,7 +102,20 @@ impl Fleets {
         hooks: &FleetHooks,
     ) -> Result<Arc<Fleets>, String> {
         let specs = fleet_specs(config).map_err(|e| e.to_string())?;
+        let cluster_spec = cluster::cluster_spec(config).map_err(|e| e.to_string())?;
         let (stop, stop_rx) = watch::channel(false);
+        // One election per fleet: the leader decides and writes, the others follow.
+        let elect = |service: &str| -> Result<Option<Arc<cluster::Leadership>>, String> {
+            let Some(c) = &cluster_spec else {
+                return Ok(None);
+            };
+            let l = cluster::Leadership::new(service, c).map_err(|e| format!("cluster: {e}"))?;
+            tokio::spawn(l.clone().run(stop_rx.clone()));
+            Ok(Some(l))
+        };
+        if let Some(c) = &cluster_spec {
+            tracing::info!(replica = %c.id, lease_s = c.timing.lease.as_secs_f64(), "cluster: electing a leader per fleet through Redis");
+        }
         let mut managed = Vec::new();
         // Before any instance starts: stop what a previous run left, start the watchdog.
         let registry = if specs.iter().any(|s| s.fleet.provider == "process") {
@@ -119,12 +136,14 @@ impl Fleets {
                     StaticFleet::new(&spec.service, service.pool.clone());
                 managed.push(Managed {
                     provider,
+                    leadership: elect(&spec.service)?,
                     autoscaler: None,
                     resources: spec.resources,
                 });
                 continue;
             }
             let autoscale = spec.autoscale.clone();
+            let leadership = elect(&spec.service)?;
             let members: Arc<dyn Membership> = match hooks.members.get(&spec.service) {
                 Some(extra) => Arc::new(Tee(service.pool.clone(), extra.clone())),
                 None => service.pool.clone(),
@@ -143,11 +162,14 @@ impl Fleets {
                 }
                 let fleet = kube::KubeFleet::new(spec.clone(), members, ep)
                     .map_err(|e| format!("service {}: kubernetes: {e}", spec.service))?;
+                if let Some(l) = &leadership {
+                    fleet.set_cluster(l.clone());
+                }
                 fleet.start();
                 fleet
             } else {
                 let registry = registry.clone().expect("registry for process fleets");
-                let fleet = ProcessFleet::new(spec.clone(), members, registry)
+                let fleet = ProcessFleet::new(spec.clone(), members, registry, leadership.clone())
                     .map_err(|e| e.to_string())?;
                 tokio::spawn(fleet.clone().run());
                 tokio::spawn(fleet.clone().run_vertical());
@@ -157,6 +179,9 @@ impl Fleets {
                 Some(cfg) => {
                     let backlog = hooks.backlog.get(&spec.service).cloned();
                     let a = Autoscaler::new(service, provider.clone(), &spec, cfg, backlog)?;
+                    if let Some(l) = &leadership {
+                        a.set_cluster(l.clone());
+                    }
                     tokio::spawn(a.clone().run(stop_rx.clone()));
                     Some(a)
                 }
@@ -164,6 +189,7 @@ impl Fleets {
             };
             managed.push(Managed {
                 provider,
+                leadership,
                 autoscaler,
                 resources: spec.resources,
             });
@@ -224,6 +250,13 @@ impl Fleets {
     /// Stops autoscaling, then drains and stops every instance.
     pub async fn shutdown(&self, deadline: Duration) {
         let _ = self.stop.send(true);
+        // With replicas: the lock released first, so a peer takes over at once rather
+        // than after the lease (the runtime would end the election task mid-release).
+        for m in &self.managed {
+            if let Some(l) = &m.leadership {
+                l.stopped(Duration::from_secs(2)).await;
+            }
+        }
         for m in &self.managed {
             m.provider.shutdown(deadline).await;
         }
@@ -291,12 +324,40 @@ impl Collector for Fleets {
             if let Some(a) = &m.autoscaler {
                 a.collect(e);
             }
+            if let Some(l) = &m.leadership {
+                l.collect(e);
+            }
         }
+    }
+}
+
+impl Fleets {
+    /// `GET /api/leader`: per fleet, whether this replica leads it and who does. The
+    /// top-level `leader` is true when this replica leads every fleet (with one fleet: that
+    /// fleet); `holder`, `token`, `since` are the first fleet's.
+    pub fn leader_api(&self) -> Option<Value> {
+        let per: Vec<Value> = self
+            .managed
+            .iter()
+            .filter_map(|m| m.leadership.as_ref().map(|l| l.api()))
+            .collect();
+        let first = per.first()?.clone();
+        Some(json!({
+            "leader": per.iter().all(|v| v["leader"] == true),
+            "id": first["id"],
+            "holder": first["holder"],
+            "token": first["token"],
+            "since": first["since"],
+            "services": per,
+        }))
     }
 }
 
 impl ApiExtension for Fleets {
     fn get(&self, path: &str) -> Option<Value> {
+        if path == "/api/leader" {
+            return self.leader_api();
+        }
         let rest = path.strip_prefix("/api/services/")?;
         let (name, sub) = rest.split_once('/').unwrap_or((rest, ""));
         let m = Fleets::get(self, name)?;
@@ -339,6 +400,13 @@ impl ApiExtension for Fleets {
             .strip_prefix("/api/services/")?
             .strip_suffix("/scale")?;
         let m = Fleets::get(self, name)?;
+        // With replicas only the leader writes the fleet.
+        if let Some(l) = m.leadership.as_ref().filter(|l| !l.is_leader()) {
+            let holder = l.api()["holder"].as_str().unwrap_or("unknown").to_string();
+            return Some(Err(format!(
+                "this replica does not lead service {name}; the leader is {holder}"
+            )));
+        }
         Some(match body["desired"].as_u64() {
             Some(n) => {
                 let set = m.provider.scale(n.min(u32::MAX as u64) as u32);

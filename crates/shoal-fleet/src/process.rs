@@ -25,6 +25,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{watch, Notify};
 
 use crate::cgroup::{Cgroups, InstanceCgroup, Size};
+use crate::cluster::{FleetView, Leadership, SharedMember};
 use crate::config::FleetSpec;
 use crate::provider::{BoxFuture, Member, Membership, Provider};
 use crate::supervise::{Record, Registry};
@@ -106,7 +107,20 @@ pub struct ProcessFleet {
     logs: PathBuf,
     registry: Arc<Registry>,
     pub(crate) vertical: Mutex<crate::vertical::VerticalState>,
+    /// With replicas (`[cluster]`): the election. Only the leader runs instances; its
+    /// instances outlive it (no watchdog, no kill on drop) so the next leader adopts them.
+    cluster: Option<Arc<Leadership>>,
+    /// Bumped when a leader hands its instances over: their supervisors end quietly.
+    epoch: watch::Sender<u64>,
+    /// A follower's view: the members it routes to (announced to the pool) and the
+    /// leader's published fleet.
+    mirrored: Mutex<BTreeMap<String, (SocketAddr, Phase)>>,
+    view: Mutex<Option<FleetView>>,
 }
+
+/// How long a shared fleet's leader waits, after draining an instance, before signalling
+/// it: followers stop routing to it within a mirror period (250 ms) of the publication.
+const FOLLOWER_SYNC: Duration = Duration::from_secs(1);
 
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -124,6 +138,7 @@ impl ProcessFleet {
         spec: FleetSpec,
         pool: Arc<dyn Membership>,
         registry: Arc<Registry>,
+        cluster: Option<Arc<Leadership>>,
     ) -> std::io::Result<Arc<ProcessFleet>> {
         let words = spec.fleet.command.words();
         let (program, args) = match words.split_first() {
@@ -143,13 +158,23 @@ impl ProcessFleet {
         };
         let logs = spec.data_dir.join("logs").join(&spec.service);
         std::fs::create_dir_all(&logs)?;
-        let cgroups = Cgroups::setup(
-            &spec.service,
+        // Shared fleets run without cgroups: a run's cgroups go with the replica that made
+        // them, and instances must outlive it.
+        let size = if cluster.is_some() {
+            if spec.resources.cpu.is_some() || spec.resources.memory_bytes.is_some() {
+                tracing::warn!(service = %spec.service, "[cluster]: per-instance limits are not enforced on a shared process fleet");
+            }
+            Size {
+                cpu: None,
+                memory_bytes: None,
+            }
+        } else {
             Size {
                 cpu: spec.resources.cpu,
                 memory_bytes: spec.resources.memory_bytes,
-            },
-        );
+            }
+        };
+        let cgroups = Cgroups::setup(&spec.service, size);
         for root in cgroups.run_dirs() {
             registry.add_cgroup_root(root);
         }
@@ -175,6 +200,10 @@ impl ProcessFleet {
             registry,
             vertical: Mutex::new(crate::vertical::VerticalState::new()),
             spec,
+            cluster,
+            epoch: watch::channel(0).0,
+            mirrored: Mutex::new(BTreeMap::new()),
+            view: Mutex::new(None),
         }))
     }
 
@@ -282,10 +311,59 @@ impl ProcessFleet {
         out
     }
 
-    /// Runs the reconciler until `shutdown` is called.
+    /// Runs the reconciler until `shutdown` is called. With replicas it acts only while
+    /// this replica leads, and publishes every change (fenced) before acting on it; a
+    /// follower routes to the members the leader published.
     pub async fn run(self: Arc<Self>) {
+        let mut leading = false;
         loop {
+            if let Some(c) = self.cluster.clone() {
+                let now = c.is_leader();
+                if now && !leading {
+                    self.adopt(&c).await;
+                } else if !now && leading && !c.resigned() {
+                    self.release();
+                }
+                if c.resigned() {
+                    // Shutting down: `shutdown` decides whether to stop or hand over.
+                    if self.state.lock().expect("fleet lock").instances.is_empty() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                leading = now;
+                if self.is_shutting_down()
+                    && (!leading || self.state.lock().expect("fleet lock").instances.is_empty())
+                {
+                    return;
+                }
+                if !leading {
+                    self.mirror(&c).await;
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                    continue;
+                }
+            }
             let (to_start, to_stop, wait) = self.plan();
+            if let Some(c) = &self.cluster {
+                // The intent goes out first, fenced: a deposed leader learns it here
+                // (refused) and acts on nothing.
+                if (to_start > 0 || !to_stop.is_empty()) && !self.publish(c).await {
+                    for (id, _) in &to_stop {
+                        if let Some(p) =
+                            self.state.lock().expect("fleet lock").instances.get_mut(id)
+                        {
+                            p.phase = Phase::Ready;
+                        }
+                    }
+                    // Redis down or slow: try again shortly (the renew deadline ends this).
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+            }
             for _ in 0..to_start {
                 // After a failed spawn, wait out the backoff instead of failing the whole batch.
                 if !self.clone().start_one() {
@@ -300,6 +378,9 @@ impl ProcessFleet {
                 && self.state.lock().expect("fleet lock").instances.is_empty()
             {
                 return;
+            }
+            if let Some(c) = &self.cluster {
+                self.publish(c).await;
             }
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -442,7 +523,8 @@ impl ProcessFleet {
             // Its own process group: stopped as a group, and a terminal's Ctrl-C reaches
             // shoal (which drains) rather than the instances directly.
             .process_group(0)
-            .kill_on_drop(true);
+            // A shared fleet's instances outlive this replica: the next leader adopts them.
+            .kill_on_drop(self.cluster.is_none());
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -457,7 +539,8 @@ impl ProcessFleet {
             }
         };
         let pid = child.id();
-        if let Some(pid) = pid {
+        let start = pid.and_then(start_ticks);
+        if let Some(pid) = pid.filter(|_| self.cluster.is_none()) {
             if let (Some(cg), None) = (&cgroup, helper) {
                 for f in cg.procs_files() {
                     if let Err(e) = std::fs::write(&f, pid.to_string()) {
@@ -492,7 +575,18 @@ impl ProcessFleet {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         self.pool.add(&id, addr);
         tracing::info!(service = %self.spec.service, instance = %id, %addr, ?pid, "instance started");
-        tokio::spawn(self.supervise(id, addr, child, stop_rx));
+        match (&self.cluster, pid, start) {
+            // Watched by pid, not through the child handle: a next leader watches it the
+            // same way. Tokio reaps the dropped child when it exits.
+            (Some(_), Some(pid), Some(start)) => {
+                drop(child);
+                let epoch = self.epoch.subscribe();
+                tokio::spawn(self.supervise_pid(id, addr, pid, start, stop_rx, false, epoch));
+            }
+            _ => {
+                tokio::spawn(self.supervise(id, addr, child, stop_rx));
+            }
+        }
         true
     }
 
@@ -574,6 +668,275 @@ impl ProcessFleet {
         self.forget(&id).await;
     }
 
+    /// Publishes this leader's fleet (fenced); false if refused or not leading any more.
+    async fn publish(&self, c: &Leadership) -> bool {
+        let (desired, members) = {
+            let s = self.state.lock().expect("fleet lock");
+            let members = s
+                .instances
+                .iter()
+                .map(|(id, p)| SharedMember {
+                    id: id.clone(),
+                    addr: SocketAddr::from(([127, 0, 0, 1], p.port)),
+                    phase: p.phase,
+                    pid: p.pid,
+                    start: p.pid.and_then(start_ticks),
+                })
+                .collect();
+            (s.desired, members)
+        };
+        c.publish_fleet(desired, members).await
+    }
+
+    /// Becoming the leader: takes over the published fleet. Members still running (same
+    /// pid and start time) and answering their health check are kept as they are, so the
+    /// fleet neither restarts nor changes size; the published desired count carries over.
+    async fn adopt(self: &Arc<Self>, c: &Leadership) {
+        let view = c.read_fleet().await;
+        *self.view.lock().expect("view lock") = None;
+        let mirrored = std::mem::take(&mut *self.mirrored.lock().expect("mirror lock"));
+        let Some(view) = view else {
+            tracing::info!(service = %self.spec.service, "leading: no published fleet, starting from min");
+            for (id, _) in mirrored {
+                self.pool.remove(&id, Duration::ZERO).await;
+            }
+            return;
+        };
+        let mut kept = 0;
+        let mut max_n = 0;
+        for m in &view.members {
+            if let Some(n) = m.id.rsplit('-').next().and_then(|n| n.parse::<u64>().ok()) {
+                max_n = max_n.max(n);
+            }
+            let (Some(pid), Some(start)) = (m.pid, m.start) else {
+                continue;
+            };
+            if !alive(pid, start) || m.phase == Phase::Stopping {
+                continue;
+            }
+            let healthy = shoal_proxy::health::probe(
+                m.addr,
+                &self.spec.fleet.health_path,
+                Duration::from_millis(500),
+            )
+            .await;
+            if !healthy && m.phase == Phase::Ready {
+                // Not answering: stopped, and replaced by the reconciler if still needed.
+                tracing::warn!(service = %self.spec.service, instance = %m.id, "published instance does not answer: stopping it");
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                continue;
+            }
+            let (stop, stop_rx) = watch::channel(false);
+            self.state.lock().expect("fleet lock").instances.insert(
+                m.id.clone(),
+                Proc {
+                    port: m.addr.port(),
+                    pid: Some(pid),
+                    phase: if healthy {
+                        Phase::Ready
+                    } else {
+                        Phase::Starting
+                    },
+                    started: Instant::now(),
+                    ready_at: healthy.then(Instant::now),
+                    stop,
+                    usage: Usage::default(),
+                    cgroup: None,
+                    ooms_seen: 0,
+                },
+            );
+            if !mirrored.contains_key(&m.id) {
+                self.pool.add(&m.id, m.addr);
+            }
+            if healthy {
+                self.pool.ready(&m.id);
+            }
+            kept += 1;
+            let epoch = self.epoch.subscribe();
+            tokio::spawn(self.clone().supervise_pid(
+                m.id.clone(),
+                m.addr,
+                pid,
+                start,
+                stop_rx,
+                healthy,
+                epoch,
+            ));
+        }
+        // Whatever the follower routed to and was not adopted goes from the pool.
+        for id in mirrored.keys() {
+            if !self
+                .state
+                .lock()
+                .expect("fleet lock")
+                .instances
+                .contains_key(id)
+            {
+                self.pool.remove(id, Duration::ZERO).await;
+            }
+        }
+        {
+            let mut s = self.state.lock().expect("fleet lock");
+            s.next_id = s.next_id.max(max_n);
+            s.desired = view.desired.clamp(s.min, s.max);
+        }
+        tracing::info!(service = %self.spec.service, adopted = kept, published = view.members.len(), desired = view.desired, previous_leader = %view.leader, "leading: adopted the published fleet");
+        self.publish(c).await;
+    }
+
+    /// Stepping down: hands the instances over untouched (the new leader adopts them) and
+    /// keeps routing to them as a follower.
+    fn release(&self) {
+        self.epoch.send_modify(|e| *e += 1);
+        let mut s = self.state.lock().expect("fleet lock");
+        let mut m = self.mirrored.lock().expect("mirror lock");
+        for (id, p) in std::mem::take(&mut s.instances) {
+            m.insert(id, (SocketAddr::from(([127, 0, 0, 1], p.port)), p.phase));
+        }
+        tracing::info!(service = %self.spec.service, instances = m.len(), "follower: instances left running for the leader");
+    }
+
+    /// A follower routes to what the leader published: new members join the pool (routed
+    /// once ready), removed or stopping ones are drained.
+    async fn mirror(self: &Arc<Self>, c: &Leadership) {
+        let Some(view) = c.read_fleet().await else {
+            return;
+        };
+        let mut gone = Vec::new();
+        {
+            let mut m = self.mirrored.lock().expect("mirror lock");
+            for mem in &view.members {
+                if mem.phase == Phase::Stopping {
+                    continue;
+                }
+                match m.get(&mem.id) {
+                    None => {
+                        self.pool.add(&mem.id, mem.addr);
+                        if mem.phase == Phase::Ready {
+                            self.pool.ready(&mem.id);
+                        }
+                        m.insert(mem.id.clone(), (mem.addr, mem.phase));
+                    }
+                    Some((_, Phase::Starting)) if mem.phase == Phase::Ready => {
+                        self.pool.ready(&mem.id);
+                        m.insert(mem.id.clone(), (mem.addr, mem.phase));
+                    }
+                    Some(_) => {}
+                }
+            }
+            m.retain(|id, _| {
+                let keep = view
+                    .members
+                    .iter()
+                    .any(|x| &x.id == id && x.phase != Phase::Stopping);
+                if !keep {
+                    gone.push(id.clone());
+                }
+                keep
+            });
+        }
+        for id in gone {
+            let me = self.clone();
+            let drain = self.spec.drain_timeout;
+            tokio::spawn(async move {
+                me.pool.remove(&id, drain).await;
+            });
+        }
+        *self.view.lock().expect("view lock") = Some(view);
+    }
+
+    /// Watches an instance by pid (shared fleets): startup probe unless already ready,
+    /// crash = the process gone, stop = drain → SIGTERM → grace → SIGKILL to its group. Ends
+    /// quietly when the fleet is handed over (`epoch` moves).
+    async fn supervise_pid(
+        self: Arc<Self>,
+        id: String,
+        addr: SocketAddr,
+        pid: u32,
+        start: u64,
+        mut stop: watch::Receiver<bool>,
+        ready: bool,
+        mut epoch: watch::Receiver<u64>,
+    ) {
+        let mine = *epoch.borrow_and_update();
+        let startup_deadline = tokio::time::Instant::now() + self.spec.fleet.startup_timeout.0;
+        let path = self.spec.fleet.health_path.clone();
+        let mut ready = ready;
+        loop {
+            tokio::select! {
+                _ = epoch.changed() => {
+                    if *epoch.borrow() != mine {
+                        return;
+                    }
+                }
+                _ = shoal_proxy::server::stopped(&mut stop) => break,
+                _ = tokio::time::sleep(Duration::from_millis(if ready { 250 } else { 50 })) => {
+                    if !alive(pid, start) {
+                        if *epoch.borrow() != mine {
+                            return;
+                        }
+                        let msg = if ready { format!("instance {id} crashed") } else { format!("instance {id} exited during startup") };
+                        self.fail(msg, ready);
+                        self.forget(&id).await;
+                        return;
+                    }
+                    if !ready {
+                        if shoal_proxy::health::probe(addr, &path, Duration::from_millis(500)).await {
+                            ready = true;
+                            if let Some(p) = self.state.lock().expect("fleet lock").instances.get_mut(&id) {
+                                if p.phase == Phase::Starting {
+                                    p.phase = Phase::Ready;
+                                }
+                                p.ready_at = Some(Instant::now());
+                            }
+                            self.pool.ready(&id);
+                            tracing::info!(service = %self.spec.service, instance = %id, "instance passed its first health check");
+                            self.wake.notify_one();
+                        } else if tokio::time::Instant::now() > startup_deadline {
+                            self.fail(format!("instance {id} not healthy within {:?}", self.spec.fleet.startup_timeout.0), false);
+                            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                            self.forget(&id).await;
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        // Handed over (the stop channel closes with it) or no longer leading: the instance
+        // is the next leader's, never stopped from here. (The last replica stopping, which
+        // resigned first, stops its fleet.)
+        let may_stop =
+            |c: &Arc<Leadership>| c.is_leader() || (c.resigned() && self.is_shutting_down());
+        if *epoch.borrow() != mine || self.cluster.as_ref().is_some_and(|c| !may_stop(c)) {
+            return;
+        }
+        let left = self.pool.remove(&id, self.spec.drain_timeout).await;
+        // Followers route to it until they read the published view (every 250 ms; the
+        // stop was published before it began): give them that, and their short requests,
+        // before the signal.
+        tokio::time::sleep(FOLLOWER_SYNC).await;
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        let until = Instant::now() + self.spec.fleet.stop_grace.0;
+        while alive(pid, start) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if alive(pid, start) {
+            tracing::warn!(service = %self.spec.service, instance = %id, "no exit after SIGTERM: SIGKILL");
+            self.metrics.forced_kills.inc();
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        self.metrics.stops.inc();
+        tracing::info!(service = %self.spec.service, instance = %id, drained_with_in_flight = left, "instance stopped");
+        self.forget(&id).await;
+    }
+
+    /// With replicas: whether this replica runs the fleet now (else it mirrors the leader's).
+    fn follows(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| {
+            self.state.lock().expect("fleet lock").instances.is_empty() && !c.is_leader()
+        })
+    }
+
     /// Signals the instance's process group (its pid is the group id) and, for SIGKILL,
     /// everything in its cgroup.
     fn signal_group(&self, id: &str, pid: Option<u32>, sig: Signal) {
@@ -619,7 +982,18 @@ impl ProcessFleet {
     }
 
     /// Stops every instance (draining each) and waits until all are gone or `deadline`.
+    /// A shared fleet's leader with live peers leaves its instances to the next leader.
     pub async fn shutdown(&self, deadline: Duration) {
+        if let Some(c) = &self.cluster {
+            // (Not "while leading": the election may have resigned already on shutdown.)
+            let owns = !self.state.lock().expect("fleet lock").instances.is_empty();
+            if !owns || c.live_peers() > 0 {
+                self.release();
+                self.state.lock().expect("fleet lock").shutting_down = true;
+                self.wake.notify_one();
+                return;
+            }
+        }
         {
             let mut s = self.state.lock().expect("fleet lock");
             s.shutting_down = true;
@@ -721,6 +1095,11 @@ impl Provider for ProcessFleet {
         ProcessFleet::scale(self, n)
     }
     fn desired(&self) -> u32 {
+        if self.follows() {
+            if let Some(v) = &*self.view.lock().expect("view lock") {
+                return v.desired;
+            }
+        }
         ProcessFleet::desired(self)
     }
     fn bounds(&self) -> (u32, u32) {
@@ -736,9 +1115,28 @@ impl Provider for ProcessFleet {
         ProcessFleet::scale(self, desired);
     }
     fn counts(&self) -> (u32, u32, u32) {
+        if self.follows() {
+            if let Some(v) = &*self.view.lock().expect("view lock") {
+                let c = |p| v.members.iter().filter(|m| m.phase == p).count() as u32;
+                return (c(Phase::Starting), c(Phase::Ready), c(Phase::Stopping));
+            }
+        }
         ProcessFleet::counts(self)
     }
     fn members(&self) -> Vec<Member> {
+        if self.follows() {
+            if let Some(v) = &*self.view.lock().expect("view lock") {
+                return v
+                    .members
+                    .iter()
+                    .map(|m| Member {
+                        id: m.id.clone(),
+                        addr: m.addr,
+                        phase: m.phase,
+                    })
+                    .collect();
+            }
+        }
         let s = self.state.lock().expect("fleet lock");
         s.instances
             .iter()
@@ -755,6 +1153,9 @@ impl Provider for ProcessFleet {
     fn status(&self) -> serde_json::Value {
         let mut v = ProcessFleet::status(self);
         v["provider"] = "process".into();
+        if self.cluster.is_some() {
+            v["role"] = if self.follows() { "follower" } else { "leader" }.into();
+        }
         v["processes"] = serde_json::to_value(self.instances()).unwrap_or_default();
         v
     }
@@ -773,6 +1174,17 @@ impl Provider for ProcessFleet {
     fn shutdown(&self, deadline: Duration) -> BoxFuture<'_, ()> {
         Box::pin(ProcessFleet::shutdown(self, deadline))
     }
+}
+
+/// The process `pid` started at `start` still runs (not reused, not a zombie).
+fn alive(pid: u32, start: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let zombie = stat
+        .rsplit_once(") ")
+        .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'));
+    !zombie && crate::usage::parse_stat(&stat).is_some_and(|s| s.start == start)
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use shoal_proxy::pool::{Pool, State};
 use crate::usage::Usage;
 
 /// Where an instance is in its life, whichever provider runs it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     Starting,

@@ -540,6 +540,9 @@ struct RawConfig {
     /// Where job results live (`[jobs]`), validated by its owner.
     #[serde(default)]
     jobs: Option<toml::Value>,
+    /// Several replicas in front of one fleet (`[cluster]`), validated by its owner.
+    #[serde(default)]
+    cluster: Option<toml::Value>,
     #[serde(default)]
     services: BTreeMap<String, RawService>,
 }
@@ -713,6 +716,8 @@ pub struct Config {
     pub brokers: BTreeMap<String, toml::Value>,
     /// The `[jobs]` table (the job result store), as written.
     pub jobs: Option<toml::Value>,
+    /// The `[cluster]` table (replicas: leader election, shared load), as written.
+    pub cluster: Option<toml::Value>,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -1252,6 +1257,7 @@ impl Config {
             cache,
             brokers: raw.brokers,
             jobs: raw.jobs,
+            cluster: raw.cluster,
             services,
         })
     }

@@ -165,6 +165,7 @@ pub fn run_quick(args: ProxyArgs) -> anyhow::Result<()> {
 pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     let config = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     shoal_fleet::fleet_specs(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    shoal_fleet::cluster::cluster_spec(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
     shoal_queue::runtime::validate(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(config)
 }
@@ -180,6 +181,7 @@ pub fn run_config(path: &Path, threads: Option<usize>) -> anyhow::Result<()> {
         // A reload must pass the same checks as a start, fleet tables included.
         app.set_validator(Box::new(|c| {
             shoal_fleet::fleet_specs(c).map_err(|e| e.to_string())?;
+            shoal_fleet::cluster::cluster_spec(c).map_err(|e| e.to_string())?;
             shoal_queue::runtime::validate(c)
                 .map(|_| ())
                 .map_err(|e| e.to_string())

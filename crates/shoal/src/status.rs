@@ -337,6 +337,31 @@ pub fn render_cache(c: &Value) -> String {
     )
 }
 
+/// One line per fleet on who leads it, from `/api/leader` (absent without `[cluster]`).
+pub fn render_leader(v: &Value) -> String {
+    let mut out = String::new();
+    for s in v["services"].as_array().into_iter().flatten() {
+        let token = s["token"].as_u64().map_or("-".into(), |t| t.to_string());
+        if s["leader"] == true {
+            let _ = writeln!(
+                out,
+                "leader: {}: this replica ({}), token {token}",
+                s["service"].as_str().unwrap_or("?"),
+                s["id"].as_str().unwrap_or("?"),
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "leader: {}: {} (this replica {} follows), token {token}",
+                s["service"].as_str().unwrap_or("?"),
+                s["holder"].as_str().unwrap_or("none"),
+                s["id"].as_str().unwrap_or("?"),
+            );
+        }
+    }
+    out
+}
+
 /// The async queues, from `/api/queues`: depth, broker state, workers, job outcomes. Empty
 /// when there are none.
 pub fn render_queues(v: &Value, max: Option<usize>) -> String {
@@ -409,10 +434,15 @@ pub fn run(admin: SocketAddr, json: bool, watch: Option<f64>) -> anyhow::Result<
         let v = fetch(admin, "/api/services")?;
         // Cache-less configs (and older servers) answer 404: no cache line then.
         let cache = fetch(admin, "/api/cache").ok();
+        // Without `[cluster]` this answers 404: no leader lines then.
+        let leader = fetch(admin, "/api/leader").ok();
         if json {
             let mut v = v;
             if let (Some(obj), Some(c)) = (v.as_object_mut(), cache) {
                 obj.insert("cache".into(), c);
+            }
+            if let (Some(obj), Some(l)) = (v.as_object_mut(), leader) {
+                obj.insert("leader".into(), l);
             }
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
@@ -420,6 +450,9 @@ pub fn run(admin: SocketAddr, json: bool, watch: Option<f64>) -> anyhow::Result<
             print!("{}", render(&v, terminal_width().filter(|_| tty), None));
             if let Some(c) = &cache {
                 print!("{}", render_cache(c));
+            }
+            if let Some(l) = &leader {
+                print!("{}", render_leader(l));
             }
             if let Ok(q) = fetch(admin, "/api/queues") {
                 print!("{}", render_queues(&q, terminal_width().filter(|_| tty)));
@@ -452,6 +485,11 @@ pub fn run(admin: SocketAddr, json: bool, watch: Option<f64>) -> anyhow::Result<
             // Keep watching: shoal may be restarting.
             Err(e) => {
                 let _ = writeln!(frame, "{e:#}\x1b[K");
+            }
+        }
+        if let Ok(l) = fetch(admin, "/api/leader") {
+            for l in render_leader(&l).lines() {
+                let _ = writeln!(frame, "{l}\x1b[K");
             }
         }
         if let Ok(q) = fetch(admin, "/api/queues") {
@@ -571,6 +609,18 @@ mod tests {
         assert_eq!(
             super::render_queues(&serde_json::json!({"queues": []}), None),
             ""
+        );
+    }
+
+    #[test]
+    fn leader_lines_name_the_holder() {
+        let v = serde_json::json!({"leader": false, "services": [
+            {"service": "demo", "leader": false, "id": "b", "holder": "a", "token": 4},
+            {"service": "api", "leader": true, "id": "b", "holder": "b", "token": 2},
+        ]});
+        assert_eq!(
+            render_leader(&v),
+            "leader: demo: a (this replica b follows), token 4\nleader: api: this replica (b), token 2\n"
         );
     }
 
