@@ -1145,6 +1145,13 @@ impl Config {
                 Some(p) => {
                     let span = p.span();
                     let p = p.into_inner();
+                    if p == Protocol::H2c && upstream_tls.is_some() {
+                        return Err(loc.error(
+                            span,
+                            &field("protocol"),
+                            "h2c is HTTP/2 without TLS, but the service has an [upstream_tls] table: use \"h2\" (or \"auto\")",
+                        ));
+                    }
                     if p == Protocol::H2 && upstream_tls.is_none() {
                         return Err(loc.error(
                             span,
@@ -1155,10 +1162,15 @@ impl Config {
                     p
                 }
             };
+            let h2 = match protocol {
+                Protocol::Http1 => false,
+                Protocol::H2c | Protocol::H2 => true,
+                Protocol::Auto => upstream_tls.is_some(),
+            };
             if s.health
                 .as_ref()
                 .is_some_and(|h| h.kind == HealthKind::Grpc)
-                && protocol == Protocol::Http1
+                && !h2
             {
                 let off = key_offset(text, &format!("[services.{name}.health]"), "kind");
                 return Err(loc.error(
@@ -1346,6 +1358,40 @@ mod tests {
             assert_eq!((e.line, e.field.as_str()), (5, "cache.redis"), "{e}");
             assert!(e.message.contains("Redis Cluster seed URLs"), "{e}");
         }
+    }
+
+    #[test]
+    fn upstream_protocols_and_grpc_settings() {
+        let svc = "[services.g]\nlisten = \"127.0.0.1:8080\"\n";
+        let c = parse(&format!("{svc}protocol = \"h2c\"\n[services.g.retries]\ngrpc_codes = [\"unavailable\", 4]\n[services.g.health]\nkind = \"grpc\"\n")).unwrap();
+        let g = &c.services[0];
+        assert_eq!(g.protocol, Protocol::H2c);
+        assert_eq!(g.retries.grpc_codes, [14, 4]);
+        assert_eq!(g.health.as_ref().unwrap().kind, HealthKind::Grpc);
+        let e = parse(&format!("{svc}protocol = \"h2\"\n")).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (3, "services.g.protocol"),
+            "{e}"
+        );
+        let e = parse(&format!("{svc}protocol = \"h3\"\n")).unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        let e = parse(&format!("{svc}[services.g.health]\nkind = \"grpc\"\n")).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (4, "services.g.health.kind"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{svc}protocol = \"auto\"\n[services.g.health]\nkind = \"grpc\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "services.g.health.kind", "{e}");
+        let e = parse(&format!(
+            "{svc}[services.g.retries]\ngrpc_codes = [\"SOMETIMES\"]\n"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("SOMETIMES"), "{e}");
     }
 
     #[test]

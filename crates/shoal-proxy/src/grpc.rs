@@ -195,6 +195,11 @@ pub fn speaks_h2(cfg: &ServiceConfig) -> bool {
     }
 }
 
+/// Whether HTTP/2 requests to this cluster go over TLS (`:scheme https`).
+pub fn https(cfg: &ServiceConfig) -> bool {
+    cfg.upstream_tls.is_some() && cfg.protocol != Protocol::H2c
+}
+
 /// The status of an error shoal answers itself (the HTTP-to-gRPC mapping of the gRPC
 /// spec, with shoal's own timeouts as DEADLINE_EXCEEDED).
 pub fn status_of(e: &ProxyError) -> u32 {
@@ -348,7 +353,8 @@ pub fn health_status(body: &[u8]) -> Option<u64> {
     let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
     let mut m = body.get(5..5 + len)?;
     let mut status = 0;
-    while let Some((&key, rest)) = m.split_first() {
+    while !m.is_empty() {
+        let (key, rest) = varint(m)?;
         let (v, rest) = varint(rest)?;
         match (key >> 3, key & 7) {
             (1, 0) => {

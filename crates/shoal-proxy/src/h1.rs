@@ -300,7 +300,7 @@ fn plan_request(
         }
         None => cfg,
     };
-    if tcfg.protocol != crate::config::Protocol::Http1 {
+    if crate::grpc::speaks_h2(tcfg) {
         // HTTP/2 to the instances: the general path (hyper's HTTP/2 client).
         return Parsed::Handover;
     }

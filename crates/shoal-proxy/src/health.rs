@@ -57,20 +57,7 @@ pub async fn grpc_probe(
 ) -> bool {
     use http_body_util::BodyExt;
     let fut = async {
-        let stream = TcpStream::connect(addr).await.ok()?;
-        let _ = stream.set_nodelay(true);
-        let tls = tls.filter(|_| protocol != crate::config::Protocol::H2c);
-        let mut send = match tls {
-            None => client_h2(stream).await?,
-            Some(t) => {
-                let s = t
-                    .connect_for(addr, stream, crate::config::Protocol::H2)
-                    .await
-                    .ok()?;
-                client_h2(s).await?
-            }
-        };
-        let scheme = if tls.is_some() { "https" } else { "http" };
+        let (mut send, scheme) = connect_h2(addr, tls, protocol).await?;
         let req = Request::post(format!("{scheme}://{addr}/grpc.health.v1.Health/Check"))
             .version(http::Version::HTTP_2)
             .header(http::header::CONTENT_TYPE, "application/grpc")
@@ -90,6 +77,50 @@ pub async fn grpc_probe(
         (status == crate::grpc::OK).then(|| crate::grpc::health_status(&body.to_bytes()))?
     };
     matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(1)))
+}
+
+/// A GET of `path` over HTTP/2 (the cluster's h2c or h2): true on a 2xx/3xx within
+/// `timeout`. HTTP/2-only instances do not answer an HTTP/1.1 probe.
+pub async fn http2_probe(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    tls: Option<&crate::tls::UpstreamTls>,
+    protocol: crate::config::Protocol,
+) -> bool {
+    let fut = async {
+        let (mut send, scheme) = connect_h2(addr, tls, protocol).await?;
+        let req = Request::get(format!("{scheme}://{addr}{path}"))
+            .version(http::Version::HTTP_2)
+            .header(http::header::USER_AGENT, "shoal-health")
+            .body(http_body_util::Full::new(Bytes::new()))
+            .ok()?;
+        Some(send.send_request(req).await.ok()?.status())
+    };
+    matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(s)) if s.is_success() || s.is_redirection() || s == StatusCode::NOT_MODIFIED)
+}
+
+/// A fresh HTTP/2 connection for a probe (TLS unless the cluster is h2c), and the scheme.
+async fn connect_h2(
+    addr: SocketAddr,
+    tls: Option<&crate::tls::UpstreamTls>,
+    protocol: crate::config::Protocol,
+) -> Option<(
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+    &'static str,
+)> {
+    let stream = TcpStream::connect(addr).await.ok()?;
+    let _ = stream.set_nodelay(true);
+    match tls.filter(|_| protocol != crate::config::Protocol::H2c) {
+        None => Some((client_h2(stream).await?, "http")),
+        Some(t) => {
+            let s = t
+                .connect_for(addr, stream, crate::config::Protocol::H2)
+                .await
+                .ok()?;
+            Some((client_h2(s).await?, "https"))
+        }
+    }
 }
 
 /// An HTTP/2 client connection for one probe, driven by its own task.
@@ -156,8 +187,12 @@ pub async fn run(service: Arc<Service>, mut stop: watch::Receiver<bool>) {
             let timeout = h.timeout.0;
             let tls = cfg.upstream_tls.clone();
             let (kind, grpc_service, protocol) = (h.kind, h.grpc_service.clone(), cfg.protocol);
+            let h2 = crate::grpc::speaks_h2(&cfg);
             tokio::spawn(async move {
                 let ok = match kind {
+                    crate::config::HealthKind::Http if h2 => {
+                        http2_probe(inst.addr, &path, timeout, tls.as_deref(), protocol).await
+                    }
                     crate::config::HealthKind::Http => {
                         probe_with(inst.addr, &path, timeout, tls.as_deref()).await
                     }

@@ -55,6 +55,8 @@ pub type ClientBody = Either<Tracked, Full<Bytes>>;
 
 /// Requests with a known body up to this size are buffered so that a retry can resend them.
 pub(crate) const REPLAY_LIMIT: u64 = 64 * 1024;
+/// How long a gRPC stream without a deadline may go without a frame.
+const GRPC_QUIET: Duration = Duration::from_secs(24 * 3600);
 /// Largest gRPC-Web request body (gRPC's default largest message).
 const WEB_LIMIT: u64 = 4 << 20;
 
@@ -227,7 +229,8 @@ impl Service {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             _ => false,
         };
-        if !same_tls {
+        // Nor those of another protocol (h2c → h2 must not keep plaintext connections).
+        if !same_tls || old.protocol != cfg.protocol {
             for inst in self.pool.members() {
                 inst.idle.clear();
             }
@@ -651,7 +654,7 @@ impl Service {
                 if crate::grpc::is_grpc(&parts.headers) =>
             {
                 let (read, ended) =
-                    read_ahead(&mut body, REPLAY_LIMIT as usize, Duration::from_millis(5))
+                    read_ahead(&mut body, REPLAY_LIMIT as usize, Duration::from_millis(10))
                         .await
                         .map_err(fail)?;
                 let whole = ended && read.iter().all(Frame::is_data);
@@ -699,7 +702,7 @@ impl Service {
             .then(|| parts.headers.get("grpc-timeout"))
             .flatten()
             .and_then(|v| crate::grpc::parse_timeout(v.as_bytes()))
-            .map(|d| start + d.as_nanos() as u64);
+            .map(|d| start.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)));
         let h2 = crate::grpc::speaks_h2(&cfg);
         // HTTP/2 instances need `te: trailers` (gRPC servers check it); HTTP/1.1 drops TE.
         if h2
@@ -715,6 +718,7 @@ impl Service {
         svc.pool.wait_routable().await.map_err(fail)?;
         let mut tries = svc.begin_tries(&cfg, start);
         let mut last_err = None;
+        let mut last_grpc: Option<http::response::Parts> = None;
         for attempt in 0..attempts {
             let Some(mut t) = svc
                 .next_try(&mut tries, attempt, &cfg, key.as_deref())
@@ -744,6 +748,9 @@ impl Service {
                 sink.attach(&mut up);
             }
             let mut try_timeout = t.timeout;
+            // The client's deadline, when shorter, bounds the try instead (a server may send
+            // headers only with its first message, so per_try alone would cut slow calls).
+            let mut deadline_bound = false;
             if let Some(d) = deadline {
                 let left = Duration::from_nanos(d.saturating_sub(now_nanos()));
                 if left.is_zero() {
@@ -751,12 +758,13 @@ impl Service {
                     svc.end_try(&tries, &mut t, now_nanos(), Err(None));
                     break;
                 }
-                try_timeout = try_timeout.min(left);
+                deadline_bound = left <= try_timeout || grpc;
+                try_timeout = left;
                 up.headers_mut()
                     .insert("grpc-timeout", crate::grpc::timeout_value(left));
             }
             if h2 {
-                upstream::to_h2(&mut up, cfg.upstream_tls.is_some(), &t.inst.authority);
+                upstream::to_h2(&mut up, crate::grpc::https(&cfg), &t.inst.authority);
             }
 
             let sending = upstream::send(
@@ -777,9 +785,19 @@ impl Service {
                 Ok(Ok((resp, _))) if !hygiene::valid_status(resp.status().as_u16()) => {
                     Err(Some(ErrorKind::Reset))
                 }
+                // A retryable gRPC failure counts against the instance like a 503.
+                Ok(Ok((resp, _)))
+                    if grpc
+                        && crate::grpc::header_status(resp.headers())
+                            .is_some_and(|c| cfg.retries.grpc_codes.contains(&c)) =>
+                {
+                    Ok(503)
+                }
                 Ok(Ok((resp, _))) => Ok(resp.status().as_u16()),
                 Ok(Err(upstream::SendError::Connect(_))) => Err(Some(ErrorKind::Connect)),
                 Ok(Err(upstream::SendError::Reset(_))) => Err(Some(ErrorKind::Reset)),
+                // The client's own deadline ran out: nobody's fault but the call's.
+                Err(_) if deadline_bound => Err(None),
                 Err(_) => Err(Some(ErrorKind::Timeout)),
             };
             svc.end_try(&tries, &mut t, now_nanos(), outcome);
@@ -806,11 +824,17 @@ impl Service {
                     if let Some(code) = grpc_status {
                         if attempt + 1 < attempts
                             && cfg.retries.grpc_codes.contains(&code)
+                            && resp.body().is_end_stream()
                             && !tries.past_deadline()
                         {
                             tracing::debug!(service = %svc.name, instance = %t.inst.id, code, "gRPC call failed: retrying");
+                            // If no other try happens, this answer goes to the client.
+                            let (mut p, _) = resp.into_parts();
+                            response_hygiene(&mut p.headers);
+                            last_grpc = Some(p);
                             last_err = Some(ProxyError::Upstream("upstream gRPC call failed"));
                             drop(conn);
+                            tries.revisit = true;
                             continue;
                         }
                     }
@@ -841,6 +865,8 @@ impl Service {
                         rparts.headers.insert(header::CONTENT_TYPE, w.client_type());
                         rparts.headers.remove(header::CONTENT_LENGTH);
                     } else if grpc && grpc_status.is_none() && parts.version != Version::HTTP_2 {
+                        // Trailers need chunked framing.
+                        rparts.headers.remove(header::CONTENT_LENGTH);
                         rparts.headers.insert(
                             header::TRAILER,
                             HeaderValue::from_static(
@@ -872,7 +898,16 @@ impl Service {
                         inner: rbody,
                         busy: Some(t.busy),
                         conn: Some(conn),
-                        read_timeout: cfg.timeouts.upstream_read.0,
+                        // A gRPC stream may stay quiet for long: its deadline bounds it, and
+                        // HTTP/2 PINGs find a dead connection.
+                        read_timeout: if grpc {
+                            deadline.map_or(GRPC_QUIET, |d| {
+                                Duration::from_nanos(d.saturating_sub(now_nanos()))
+                                    .max(Duration::from_millis(1))
+                            })
+                        } else {
+                            cfg.timeouts.upstream_read.0
+                        },
                         timer: None,
                         access,
                         tee: None,
@@ -909,6 +944,9 @@ impl Service {
                 Ok(Err(e)) => {
                     tracing::debug!(service = %svc.name, instance = %t.inst.id, error = %e, "upstream try failed");
                     let connect = matches!(e, upstream::SendError::Connect(_));
+                    // Nothing reached the instance: it may be tried again.
+                    tries.revisit |= connect;
+                    last_grpc = None;
                     // A connect failure sent nothing, so any replayable request may go again;
                     // after that only idempotent ones.
                     let retry_ok = replayable && (connect || idempotent);
@@ -923,11 +961,22 @@ impl Service {
                 }
                 Err(_) => {
                     last_err = Some(ProxyError::Timeout);
-                    if !(replayable && idempotent) || tries.past_deadline() {
+                    last_grpc = None;
+                    if !(replayable && idempotent) || tries.past_deadline() || deadline_bound {
                         break;
                     }
                 }
             }
+        }
+        // A gRPC failure retried without another answer: the instance's own status goes back.
+        if let Some(p) = last_grpc {
+            if let Some(code) = crate::grpc::header_status(&p.headers) {
+                svc.metrics.grpc[code.min(17) as usize].inc();
+            }
+            return Ok(Response::from_parts(
+                p,
+                Either::Right(Full::new(Bytes::new())),
+            ));
         }
         // Origin unreachable: a stale object may stand in (stale-if-error).
         if let (Some(c), Some(f)) = (&cache, fetch) {
@@ -959,7 +1008,7 @@ impl Service {
         *up.uri_mut() = target;
         *up.headers_mut() = headers;
         if crate::grpc::speaks_h2(&cfg) {
-            upstream::to_h2(&mut up, cfg.upstream_tls.is_some(), &t.inst.authority);
+            upstream::to_h2(&mut up, crate::grpc::https(&cfg), &t.inst.authority);
         }
         let sending = upstream::send(
             upstream::Target {

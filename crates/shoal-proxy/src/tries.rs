@@ -81,6 +81,9 @@ impl RetryBudget {
 /// Retry bookkeeping shared by both request paths: instances already tried, the snapshot
 /// they were picked from, and the request's time limits.
 pub(crate) struct Tries {
+    /// A retry may go back to an instance already tried once every one was (set after a
+    /// connect failure or a retryable gRPC status: nothing was processed there).
+    pub(crate) revisit: bool,
     tried: [usize; 10],
     snapshot: Arc<Snapshot>,
     start: u64,
@@ -112,6 +115,7 @@ impl Service {
             start,
         );
         Tries {
+            revisit: false,
             tried: [usize::MAX; 10],
             snapshot: self.pool.snapshot_full(),
             start,
@@ -140,7 +144,8 @@ impl Service {
             self.metrics.retries.inc();
         }
         let now = if attempt == 0 { t.start } else { now_nanos() };
-        let Some((idx, inst, busy)) = self.pick_live(&mut t.snapshot, &mut t.tried, key, now)
+        let Some((idx, inst, busy)) =
+            self.pick_live(&mut t.snapshot, &mut t.tried, key, now, t.revisit)
         else {
             return Ok(None);
         };
@@ -208,15 +213,19 @@ impl Service {
         tried: &mut [usize; 10],
         key: Option<&[u8]>,
         now: u64,
+        revisit: bool,
     ) -> Option<(usize, Arc<Instance>, InFlight)> {
         for _ in 0..3 {
             let t = *tried;
-            // Another instance than those tried, else (every one tried) any: a retry may go
-            // back to an instance, as with a single one.
+            // Another instance than those tried, else (every one tried, and `revisit`) any.
             let idx = snapshot
                 .selector
                 .pick(key, now, &|i| t.contains(&i))
-                .or_else(|| snapshot.selector.pick(key, now, &|_| false))?;
+                .or_else(|| {
+                    revisit
+                        .then(|| snapshot.selector.pick(key, now, &|_| false))
+                        .flatten()
+                })?;
             let inst = snapshot.instances[idx].clone();
             let busy = InFlight::start(inst.clone(), now);
             // Pairs with the fence in `Pool::remove`.

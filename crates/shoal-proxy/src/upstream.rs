@@ -53,12 +53,17 @@ struct H2Conn {
     send: http2::SendRequest<UpstreamBody>,
     /// Streams of ours open on it.
     streams: Arc<AtomicUsize>,
+    /// When a stream was last taken (`now_nanos`): stream-free connections close once idle
+    /// past `upstream_idle`.
+    used: Arc<std::sync::atomic::AtomicU64>,
     /// The instance's `SETTINGS_MAX_CONCURRENT_STREAMS` (100 until it says).
     max: Arc<AtomicUsize>,
 }
 
 /// The most streams used on one connection when the instance sets no limit.
 const H2_MAX_STREAMS: usize = 1000;
+/// PING interval on HTTP/2 connections with streams open.
+const H2_PING: Duration = Duration::from_secs(300);
 
 /// A stream taken on an HTTP/2 connection, released when the response ends.
 #[derive(Debug)]
@@ -133,6 +138,16 @@ impl Idle {
             v.retain(|(_, at)| *at >= since);
             n += before - v.len();
         }
+        {
+            let mut v = self.h2.lock().expect("idle lock");
+            let before = v.len();
+            v.retain(|c| {
+                !c.send.is_closed()
+                    && (c.streams.load(Ordering::Acquire) > 0
+                        || c.used.load(Ordering::Relaxed) >= since)
+            });
+            n += before - v.len();
+        }
         let mut v = self.conns.lock().expect("idle lock");
         let before = v.len();
         v.retain(|(c, at)| *at >= since && !c.is_closed());
@@ -176,6 +191,7 @@ impl Idle {
                 })
                 .is_ok();
             if taken {
+                c.used.store(now_nanos(), Ordering::Relaxed);
                 return Some((c.send.clone(), H2Lease(c.streams.clone())));
             }
         }
@@ -390,13 +406,16 @@ async fn send_h2(
         };
         match send.try_send_request(req).await {
             Ok(resp) => return Ok((resp, Conn::H2(lease))),
-            Err(mut e) => {
-                t.idle.h2_forget(&lease);
-                match e.take_message() {
-                    Some(r) => req = r,
-                    None => return Err(SendError::Reset(e.into_error())),
+            Err(mut e) => match e.take_message() {
+                // Not sent: the connection takes no new streams (GOAWAY, closing); another.
+                Some(r) => {
+                    t.idle.h2_forget(&lease);
+                    req = r;
                 }
-            }
+                // One stream failed; the connection may be fine (it leaves the pool when
+                // it closes).
+                None => return Err(SendError::Reset(e.into_error())),
+            },
         }
     }
     Err(SendError::Connect(std::io::Error::other(
@@ -446,9 +465,11 @@ where
 {
     let (send, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
+        // Only while streams are open, and no more often than gRPC servers accept by
+        // default (grpc-go: 5 min, else GOAWAY "too_many_pings").
+        .keep_alive_interval(H2_PING)
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(false)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| SendError::Connect(std::io::Error::other(e)))?;
@@ -471,6 +492,7 @@ where
     Ok(H2Conn {
         send,
         streams: Arc::new(AtomicUsize::new(0)),
+        used: Arc::new(std::sync::atomic::AtomicU64::new(now_nanos())),
         max,
     })
 }

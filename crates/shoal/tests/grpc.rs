@@ -336,6 +336,13 @@ fn grpc_health_checks_take_a_not_serving_instance_out_and_back() {
             .as_u64()
             .unwrap_or(0)
     };
+    wait_until(10, "both healthy", || {
+        api_json(admin, "/api/services/g")["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["healthy"] == true)
+    });
     assert!(seen("a") > 0);
 
     servers[0].0.signal("USR1");
@@ -373,8 +380,16 @@ fn an_instance_removed_mid_stream_finishes_its_streams() {
         listen,
     );
     let target = format!("127.0.0.1:{listen}");
-    let t = std::thread::spawn(move || client(&target, &["concurrent", "10", "2000"]));
-    std::thread::sleep(Duration::from_millis(700));
+    let t = std::thread::spawn(move || client(&target, &["concurrent", "10", "3000"]));
+    wait_until(20, "10 streams open", || {
+        api_json(admin, "/api/services/g")["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["in_flight"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+            == 10
+    });
     std::fs::write(&path, grpc_config(listen, admin, &ports[1..], drain)).unwrap();
     shoal.signal("HUP");
     let r = t.join().unwrap();
