@@ -324,6 +324,9 @@ pub struct FleetSpec {
     pub data_dir: PathBuf,
     /// Drain timeout from the service's timeouts.
     pub drain_timeout: Duration,
+    /// How a new instance's readiness is probed: the service's health kind (gRPC health
+    /// for gRPC services) in its cluster's protocol, at `fleet.health_path` for HTTP.
+    pub probe: shoal_proxy::health::ProbeSpec,
 }
 
 fn table_error(
@@ -784,6 +787,7 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
         autoscale,
         data_dir: config.data_dir.clone(),
         drain_timeout: svc.timeouts.drain.0,
+        probe: shoal_proxy::health::ProbeSpec::of(svc),
     }))
 }
 

@@ -2414,6 +2414,7 @@ mod tests {
             autoscale: None,
             data_dir: std::env::temp_dir(),
             drain_timeout: Duration::from_secs(1),
+            probe: Default::default(),
         }
     }
 

@@ -610,7 +610,7 @@ impl ProcessFleet {
                 }
                 _ = shoal_proxy::server::stopped(&mut stop) => break false,
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                    if shoal_proxy::health::probe(addr, &path, Duration::from_millis(500)).await {
+                    if self.spec.probe.probe(addr, &path, Duration::from_millis(500)).await {
                         break true;
                     }
                     if tokio::time::Instant::now() > startup_deadline {
@@ -714,12 +714,15 @@ impl ProcessFleet {
             if !alive(pid, start) || m.phase == Phase::Stopping {
                 continue;
             }
-            let healthy = shoal_proxy::health::probe(
-                m.addr,
-                &self.spec.fleet.health_path,
-                Duration::from_millis(500),
-            )
-            .await;
+            let healthy = self
+                .spec
+                .probe
+                .probe(
+                    m.addr,
+                    &self.spec.fleet.health_path,
+                    Duration::from_millis(500),
+                )
+                .await;
             if !healthy && m.phase == Phase::Ready {
                 // Not answering: stopped, and replaced by the reconciler if still needed.
                 tracing::warn!(service = %self.spec.service, instance = %m.id, "published instance does not answer: stopping it");
@@ -881,7 +884,7 @@ impl ProcessFleet {
                         return;
                     }
                     if !ready {
-                        if shoal_proxy::health::probe(addr, &path, Duration::from_millis(500)).await {
+                        if self.spec.probe.probe(addr, &path, Duration::from_millis(500)).await {
                             ready = true;
                             if let Some(p) = self.state.lock().expect("fleet lock").instances.get_mut(&id) {
                                 if p.phase == Phase::Starting {

@@ -142,6 +142,49 @@ where
     Some(send)
 }
 
+/// How an instance of a service is asked whether it is up: its health `kind` (HTTP path, or
+/// gRPC health for a service name) in the protocol its cluster speaks.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeSpec {
+    /// `Some(service)`: `grpc.health.v1.Health/Check` for that service name.
+    pub grpc: Option<String>,
+    pub protocol: crate::config::Protocol,
+    pub tls: Option<Arc<crate::tls::UpstreamTls>>,
+}
+
+impl ProbeSpec {
+    /// From a service's config (its `health` table, protocol and upstream TLS).
+    pub fn of(cfg: &crate::config::ServiceConfig) -> ProbeSpec {
+        ProbeSpec {
+            grpc: cfg
+                .health
+                .as_ref()
+                .filter(|h| h.kind == crate::config::HealthKind::Grpc)
+                .map(|h| h.grpc_service.clone()),
+            protocol: cfg.protocol,
+            tls: cfg.upstream_tls.clone(),
+        }
+    }
+
+    /// One probe of `addr`: gRPC health, or GET `path` over HTTP/2 or HTTP/1.1.
+    pub async fn probe(&self, addr: SocketAddr, path: &str, timeout: Duration) -> bool {
+        let h2 = match self.protocol {
+            crate::config::Protocol::Http1 => false,
+            crate::config::Protocol::H2c | crate::config::Protocol::H2 => true,
+            crate::config::Protocol::Auto => self.tls.is_some(),
+        };
+        match &self.grpc {
+            Some(service) => {
+                grpc_probe(addr, service, timeout, self.tls.as_deref(), self.protocol).await
+            }
+            None if h2 => {
+                http2_probe(addr, path, timeout, self.tls.as_deref(), self.protocol).await
+            }
+            None => probe_with(addr, path, timeout, self.tls.as_deref()).await,
+        }
+    }
+}
+
 /// An HTTP/1.1 client connection for one probe, driven by its own task.
 async fn client<IO>(io: IO) -> Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>
 where
@@ -185,22 +228,9 @@ pub async fn run(service: Arc<Service>, mut stop: watch::Receiver<bool>) {
             let pool = service.pool.clone();
             let path = h.path.clone();
             let timeout = h.timeout.0;
-            let tls = cfg.upstream_tls.clone();
-            let (kind, grpc_service, protocol) = (h.kind, h.grpc_service.clone(), cfg.protocol);
-            let h2 = crate::grpc::speaks_h2(&cfg);
+            let spec = ProbeSpec::of(&cfg);
             tokio::spawn(async move {
-                let ok = match kind {
-                    crate::config::HealthKind::Http if h2 => {
-                        http2_probe(inst.addr, &path, timeout, tls.as_deref(), protocol).await
-                    }
-                    crate::config::HealthKind::Http => {
-                        probe_with(inst.addr, &path, timeout, tls.as_deref()).await
-                    }
-                    crate::config::HealthKind::Grpc => {
-                        grpc_probe(inst.addr, &grpc_service, timeout, tls.as_deref(), protocol)
-                            .await
-                    }
-                };
+                let ok = spec.probe(inst.addr, &path, timeout).await;
                 pool.record_probe(&inst, ok);
             });
         }

@@ -562,3 +562,26 @@ fn grpc_web_binary_and_text_are_translated() {
         "{all}"
     );
 }
+
+/// A process fleet of gRPC servers: a new instance is routed to once it answers gRPC health
+/// SERVING (an HTTP/1.1 probe would never pass on them), and calls then reach every one.
+#[test]
+fn a_process_fleet_of_grpc_servers_starts_on_grpc_health() {
+    let dir = tempdir();
+    let (listen, admin) = (free_port(), free_port());
+    let cfg = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[services.g]\nlisten = \"127.0.0.1:{listen}\"\nprotocol = \"h2c\"\n[services.g.fleet]\nprovider = \"process\"\ncommand = \"{} {} - fleet\"\nmin = 2\nmax = 2\nstartup_timeout = \"30s\"\n[services.g.health]\nkind = \"grpc\"\ninterval = \"500ms\"\n",
+        python().display(),
+        script("server.py").display()
+    );
+    let (mut shoal, _) = run_shoal(dir.path(), &cfg, listen);
+    wait_until(40, "two instances ready", || {
+        ready(&api_json(admin, "/api/services/g")) == 2
+    });
+    let r = client(&format!("127.0.0.1:{listen}"), &["unary", "20"]);
+    // Stopped before judging: shoal stops its instances on the way out.
+    shoal.signal("TERM");
+    assert!(shoal.wait_exit(30).is_some(), "shoal did not stop");
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    assert_eq!(r["seen"]["fleet"], 20, "{r}");
+}

@@ -14,7 +14,7 @@ Service shoal.test.Echo:
 Plus grpc.health.v1.Health, all SERVING; SIGUSR1 flips the "" service to NOT_SERVING,
 SIGUSR2 back to SERVING.
 
-Usage: server.py PORT NAME [MAX_CONCURRENT_STREAMS]
+Usage: server.py PORT NAME [MAX_CONCURRENT_STREAMS]   (PORT "-": $PORT)
 """
 
 import os
@@ -27,7 +27,9 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-port, name = int(sys.argv[1]), sys.argv[2].encode()
+# PORT "-": from $PORT (as a shoal process fleet starts its instances).
+port = int(os.environ["PORT"]) if sys.argv[1] == "-" else int(sys.argv[1])
+name = sys.argv[2].encode()
 max_streams = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 
 flaky = {}
