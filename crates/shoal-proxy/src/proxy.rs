@@ -333,10 +333,9 @@ impl Service {
         let hsts = self.config.load().tls.as_ref().and_then(|t| t.hsts);
         let web = crate::grpc::web(req.headers());
         let grpc = crate::grpc::is_grpc(req.headers()) || web.is_some();
-        match self
-            .proxy(req, peer, peer_ip, port, start, log.clone())
-            .await
-        {
+        // Boxed: the general path's future is large, and hyper moves a request's future
+        // into its own task (HTTP/2 streams): a pointer moves instead of kilobytes.
+        match Box::pin(self.proxy(req, peer, peer_ip, port, start, log.clone())).await {
             Ok(mut r) => {
                 if let Some(age) = hsts {
                     r.headers_mut()
