@@ -103,6 +103,9 @@ impl std::fmt::Debug for ExecPlugin {
 /// A credential plugin's token and when it expires.
 type ExecToken = (String, Option<SystemTime>);
 
+/// After a failed plugin run, calls fail with its error this long before it runs again.
+const EXEC_BACKOFF: Duration = Duration::from_secs(5);
+
 /// How long a credential plugin may take.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -150,20 +153,32 @@ pub fn parse_exec_credential(out: &[u8]) -> Result<(String, Option<SystemTime>),
         .as_str()
         .filter(|t| !t.is_empty())
         .ok_or("the ExecCredential has no status.token (client certificates from plugins are not supported)")?;
-    let expiry = match status["expirationTimestamp"].as_str() {
-        Some(t) => Some(parse_rfc3339(t).ok_or(format!("bad expirationTimestamp {t:?}"))?),
-        None => None,
-    };
+    // An unreadable expiry is taken as none (the token is used until a 401), not as a
+    // reason to throw a valid token away.
+    let expiry = status["expirationTimestamp"]
+        .as_str()
+        .and_then(parse_rfc3339);
     Ok((token.to_string(), expiry))
 }
 
 /// `2026-12-07T20:16:20Z` (fractions and numeric offsets too) as a time.
 pub fn parse_rfc3339(t: &str) -> Option<SystemTime> {
     let b = t.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
-    let num = |r: std::ops::Range<usize>| t.get(r)?.parse::<i64>().ok();
+    let num = |r: std::ops::Range<usize>| {
+        let f = t.get(r)?;
+        f.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| f.parse::<i64>().ok())?
+    };
     let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
@@ -455,6 +470,9 @@ pub struct KubeClient {
     )>,
     /// The exec plugin's last token and its expiry.
     exec_token: Arc<tokio::sync::Mutex<Option<ExecToken>>>,
+    /// The plugin's last failure and when: calls within a few seconds fail with it rather
+    /// than run the plugin again.
+    exec_failed: Arc<Mutex<Option<(String, Instant)>>>,
 }
 
 /// A non-2xx answer or a transport failure.
@@ -508,6 +526,7 @@ impl KubeClient {
             tls,
             ep,
             exec_token: Arc::default(),
+            exec_failed: Arc::default(),
         })
     }
 
@@ -548,16 +567,29 @@ impl KubeClient {
                 return Ok(Some(t.clone()));
             }
         }
-        let (token, expiry) = run_exec(plugin)
-            .await
-            .map_err(|message| ApiError { code: 0, message })?;
+        if let Some((message, at)) = self.exec_failed.lock().expect("exec").clone() {
+            if at.elapsed() < EXEC_BACKOFF {
+                return Err(ApiError { code: 0, message });
+            }
+        }
+        let (token, expiry) = match run_exec(plugin).await {
+            Ok(t) => t,
+            Err(message) => {
+                *self.exec_failed.lock().expect("exec") = Some((message.clone(), Instant::now()));
+                return Err(ApiError { code: 0, message });
+            }
+        };
+        *self.exec_failed.lock().expect("exec") = None;
         *cached = Some((token.clone(), expiry));
         Ok(Some(token))
     }
 
-    /// After a 401: the plugin's token is not taken again.
-    async fn unauthorized(&self) {
-        *self.exec_token.lock().await = None;
+    /// After a 401 for `used`: that token is not taken again (a newer one stays).
+    async fn unauthorized(&self, used: Option<&str>) {
+        let mut cached = self.exec_token.lock().await;
+        if cached.as_ref().map(|(t, _)| t.as_str()) == used {
+            *cached = None;
+        }
     }
 
     fn request(
@@ -592,7 +624,8 @@ impl KubeClient {
         body: Option<&Value>,
     ) -> Result<Value, ApiError> {
         let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let req = self.request(method, path, ct, body, self.token().await?);
+        let token = self.token().await?;
+        let req = self.request(method, path, ct, body, token.clone());
         let fut = async {
             let resp = self.send(req).await.map_err(|e| ApiError {
                 code: 0,
@@ -610,7 +643,7 @@ impl KubeClient {
                 .to_bytes();
             let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             if code == 401 {
-                self.unauthorized().await;
+                self.unauthorized(token.as_deref()).await;
             }
             if (200..300).contains(&code) {
                 Ok(v)
@@ -636,7 +669,8 @@ impl KubeClient {
 
     /// Opens a watch; the body streams one JSON event per line.
     pub async fn watch(&self, path: &str) -> Result<hyper::body::Incoming, ApiError> {
-        let req = self.request(Method::GET, path, "", Bytes::new(), self.token().await?);
+        let token = self.token().await?;
+        let req = self.request(Method::GET, path, "", Bytes::new(), token.clone());
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.send(req))
             .await
             .map_err(|_| ApiError {
@@ -649,7 +683,7 @@ impl KubeClient {
             })?;
         let code = resp.status().as_u16();
         if code == 401 {
-            self.unauthorized().await;
+            self.unauthorized(token.as_deref()).await;
         }
         if code != 200 {
             return Err(ApiError {
@@ -764,6 +798,9 @@ struct KState {
     draining: BTreeMap<String, (SocketAddr, Instant)>,
     /// Those of `draining` whose in-flight requests are done (out of the pool).
     drained: std::collections::BTreeSet<String>,
+    /// Scale-in victims: the replica count their cut started from (the cut took effect
+    /// once the count is below it).
+    cut_from: BTreeMap<String, u32>,
     /// Pods taken out because they turned unready (not terminating): back once ready.
     unready: std::collections::BTreeSet<String>,
     last_error: Option<String>,
@@ -849,6 +886,9 @@ struct KubeUsage {
     current: Size,
     /// Pods shoal resized, and to what.
     sized: BTreeMap<String, Size>,
+    /// Pods whose resize to a size failed, and when: not asked again for that size within
+    /// a minute (a refused resize, 403/422, not until the size changes).
+    resize_failed: BTreeMap<String, (Size, Instant, bool)>,
     resize_failures: u64,
     metrics_failures: u64,
 }
@@ -1022,6 +1062,7 @@ impl KubeFleet {
                 members: BTreeMap::new(),
                 draining: BTreeMap::new(),
                 drained: Default::default(),
+                cut_from: BTreeMap::new(),
                 unready: Default::default(),
                 last_error: None,
                 watch_rv: String::new(),
@@ -1338,9 +1379,13 @@ impl KubeFleet {
             // Forget drained and unready pods once their endpoint is gone.
             s.draining.retain(|p, _| eps.contains_key(p));
             let KState {
-                draining, drained, ..
+                draining,
+                drained,
+                cut_from,
+                ..
             } = &mut *s;
             drained.retain(|p| draining.contains_key(p));
+            cut_from.retain(|p, _| draining.contains_key(p));
             s.unready.retain(|p| eps.contains_key(p));
         }
         let drain = self.spec.drain_timeout;
@@ -1462,28 +1507,32 @@ impl KubeFleet {
             s.replicas = Some(replicas);
             // Pods drained for a scale-in that did not happen (or removed other pods) get
             // traffic again, and their deletion cost back.
-            if s.desired >= replicas {
-                // Only once out of the pool: a pod re-added while its old entry drains
-                // would be two instances under one id.
-                let stale: Vec<String> = s
+            // Only for a cut that did not take effect (the count is not below the one it
+            // started from), with no scale-in running, and once out of the pool: a pod
+            // re-added while its old entry drains would be two instances under one id.
+            if s.desired >= replicas && !self.scaling_in.load(Ordering::Acquire) {
+                restored = s
                     .draining
                     .iter()
                     .filter(|(p, (_, at))| {
-                        at.elapsed() > Duration::from_secs(10) && s.drained.contains(*p)
+                        at.elapsed() > Duration::from_secs(10)
+                            && s.drained.contains(*p)
+                            && s.cut_from.get(*p).is_some_and(|from| replicas >= *from)
                     })
                     .map(|(p, _)| p.clone())
                     .collect();
-                for p in stale {
-                    s.draining.remove(&p);
-                    s.drained.remove(&p);
-                    restored.push(p);
-                }
             }
             s.desired
         };
         for pod in restored {
-            tracing::info!(service = %self.spec.service, pod = %pod, "scale-in did not happen: pod routed to again, deletion cost cleared");
+            // The cost first: the pod is routed to again only once it no longer invites
+            // the controller (a failure leaves it drained, tried again next round).
             self.set_deletion_cost(&pod, None).await?;
+            tracing::info!(service = %self.spec.service, pod = %pod, "scale-in did not happen: pod routed to again, deletion cost cleared");
+            let mut s = self.state.lock().expect("kube state");
+            s.draining.remove(&pod);
+            s.drained.remove(&pod);
+            s.cut_from.remove(&pod);
         }
         if desired > replicas {
             if !self.write_scale(desired, &rv).await? {
@@ -1521,7 +1570,13 @@ impl KubeFleet {
             .take(k)
             .cloned()
             .collect();
-        let mut candidates: Vec<(&String, &Tracked)> = s.members.iter().collect();
+        // Ready pods only: not-ready ones are the controller's first victims anyway (and
+        // already counted by `doomed_first`).
+        let mut candidates: Vec<(&String, &Tracked)> = s
+            .members
+            .iter()
+            .filter(|(_, t)| t.known == Known::Ready)
+            .collect();
         candidates.sort_by_key(|(p, t)| {
             (
                 self.members.in_flight(p).unwrap_or(0),
@@ -1535,6 +1590,11 @@ impl KubeFleet {
             out.push(p.clone());
         }
         out
+    }
+
+    /// A replica that is not the leader (with several replicas) writes nothing.
+    fn follower(&self) -> bool {
+        self.cluster.get().is_some_and(|c| !c.is_leader())
     }
 
     /// Sets (or with None clears) a pod's `pod-deletion-cost`; a pod already gone is fine.
@@ -1590,6 +1650,7 @@ impl KubeFleet {
             for v in &victims {
                 if let Some(t) = s.members.remove(v) {
                     s.draining.insert(v.clone(), (t.addr, Instant::now()));
+                    s.cut_from.insert(v.clone(), replicas);
                     let (m, id, d) = (self.members.clone(), v.clone(), self.spec.drain_timeout);
                     drains.spawn(async move { m.remove(&id, d).await });
                 }
@@ -1607,6 +1668,10 @@ impl KubeFleet {
                 }
             }
         }
+        // A leader demoted meanwhile writes nothing more.
+        if self.follower() {
+            return Ok(());
+        }
         // 2. Make them the ones the ReplicaSet controller deletes.
         for v in &victims {
             self.set_deletion_cost(v, Some(LOWEST_DELETION_COST))
@@ -1620,8 +1685,10 @@ impl KubeFleet {
                 self.wake.notify_one();
                 return Ok(());
             }
-            let want = self.state.lock().expect("kube state").desired;
-            if want >= now {
+            // Never below the count this cut was drained for (a lower desired count is
+            // the next round's, with its own drain).
+            let want = self.state.lock().expect("kube state").desired.max(desired);
+            if want >= now || self.follower() {
                 return Ok(());
             }
             if self.write_scale(want, &rv).await? {
@@ -1767,7 +1834,11 @@ impl KubeFleet {
                     s.members.keys().chain(s.draining.keys()).cloned().collect()
                 };
                 let mut u = self.usage.lock().expect("kube usage");
-                for (pod, (cores, mem)) in pod_metrics(&list) {
+                let listed = pod_metrics(&list);
+                // A pod missing from this list (not scraped) is not integrated at a stale
+                // rate; it comes back from zero.
+                u.pods.retain(|p, _| listed.contains_key(p));
+                for (pod, (cores, mem)) in listed {
                     match u.pods.get_mut(&pod) {
                         Some(p) => p.advance(now, cores, mem),
                         None => {
@@ -1810,6 +1881,12 @@ impl KubeFleet {
             });
             if cpu_horizontal {
                 changes.retain(|(resource, _, _)| *resource != "cpu");
+            }
+            // A memory limit cannot shrink in place, and lowering only the request of a pod
+            // whose request equals its limit changes its QoS class, which is refused.
+            let guaranteed = self.usage.lock().expect("kube usage").limit_ratio.1 == Some(1.0);
+            if guaranteed {
+                changes.retain(|(resource, from, to)| !(*resource == "memory" && to < from));
             }
             for (resource, _, to) in &changes {
                 if *resource == "cpu" {
@@ -1879,12 +1956,18 @@ impl KubeFleet {
         let pending: Vec<String> = {
             let mut u = self.usage.lock().expect("kube usage");
             u.current = target;
+            u.resize_failed.retain(|p, _| ready.contains(p));
             ready
                 .iter()
                 .filter(|p| {
                     u.sized
                         .get(*p)
                         .map_or(target != u.template, |s| *s != target)
+                })
+                .filter(|p| {
+                    !u.resize_failed.get(*p).is_some_and(|(size, at, refused)| {
+                        *size == target && (*refused || at.elapsed() < Duration::from_secs(60))
+                    })
                 })
                 .cloned()
                 .collect()
@@ -1908,16 +1991,20 @@ impl KubeFleet {
                 .await
             {
                 Ok(_) => {
-                    self.usage
-                        .lock()
-                        .expect("kube usage")
-                        .sized
-                        .insert(pod.clone(), target);
+                    let mut u = self.usage.lock().expect("kube usage");
+                    u.sized.insert(pod.clone(), target);
+                    u.resize_failed.remove(&pod);
+                    drop(u);
                     applied.push((pod, 0));
                 }
                 Err(e) if e.code == 404 => {}
                 Err(e) => {
-                    self.usage.lock().expect("kube usage").resize_failures += 1;
+                    let mut u = self.usage.lock().expect("kube usage");
+                    u.resize_failures += 1;
+                    let refused = matches!(e.code, 403 | 422);
+                    u.resize_failed
+                        .insert(pod.clone(), (target, Instant::now(), refused));
+                    drop(u);
                     self.fail(&self.counters.api_failures, "pod resize", &e);
                 }
             }
@@ -2392,8 +2479,10 @@ mod tests {
         fleet.scale(4);
         wait_for("scaled to 4", || mock.lock().unwrap().replicas == 4).await;
         assert!(t.elapsed() < drain, "the scale-up waited for the drain");
-        tokio::time::sleep(drain).await;
-        assert!(!fleet.scaling_in.load(Ordering::Acquire));
+        wait_for("the scale-in task ended", || {
+            !fleet.scaling_in.load(Ordering::Acquire)
+        })
+        .await;
         assert_eq!(mock.lock().unwrap().replicas, 4);
         let lowered = scale_requests(&mock).iter().any(|(m, b)| {
             m.starts_with("PUT")
@@ -2744,7 +2833,7 @@ users:
         assert_eq!(fresh.token().await.unwrap().as_deref(), Some("t1"));
         assert_eq!(fresh.token().await.unwrap().as_deref(), Some("t1"));
         assert_eq!(runs(), 1);
-        fresh.unauthorized().await;
+        fresh.unauthorized(Some("t1")).await;
         assert_eq!(fresh.token().await.unwrap().as_deref(), Some("t2"));
         let expired = client("2000-01-01T00:00:00Z");
         assert_eq!(expired.token().await.unwrap().as_deref(), Some("t3"));
