@@ -9,7 +9,8 @@
 //! HTTP/2 connections (`protocol = "h2c" | "h2" | "auto"`) are shared: a request takes a
 //! stream on the first live connection with a stream free under the instance's
 //! `SETTINGS_MAX_CONCURRENT_STREAMS`, else a
-//! new connection is opened — requests never queue behind a full connection. A connection
+//! new connection is opened — requests never queue behind a full connection (one connect at
+//! a time per instance: a burst shares the first new connection). A connection
 //! that got GOAWAY takes no new streams while its streams in flight finish; PINGs find dead
 //! ones. The stream is counted until the response body ends (a lease).
 
@@ -23,7 +24,6 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -45,6 +45,9 @@ pub struct Idle {
     raw: Mutex<Vec<(TcpStream, u64)>>,
     /// HTTP/2 connections, shared by concurrent requests.
     h2: Mutex<Vec<H2Conn>>,
+    /// One HTTP/2 connect at a time per instance: a burst finding no connection waits for
+    /// the first one and shares it, rather than opening one each.
+    h2_connecting: tokio::sync::Mutex<()>,
 }
 
 /// One multiplexed HTTP/2 connection to an instance.
@@ -183,7 +186,7 @@ impl Idle {
             if !c.send.is_ready() {
                 continue;
             }
-            let max = c.max.load(Ordering::Acquire).min(H2_MAX_STREAMS);
+            let max = c.max.load(Ordering::Acquire);
             let taken = c
                 .streams
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -392,17 +395,25 @@ async fn send_h2(
     for _ in 0..3 {
         let (mut send, lease) = match t.idle.h2_checkout() {
             Some(c) => c,
-            None => match connect_h2(&t).await? {
-                Connected::H2(c) => t.idle.h2_add(c),
-                // `auto`: the instance chose HTTP/1.1.
-                Connected::H1(mut c) => {
-                    to_h1(&mut req);
-                    return match c.send_request(req).await {
-                        Ok(resp) => Ok((resp, Conn::H1(c))),
-                        Err(e) => Err(SendError::Reset(e)),
-                    };
+            None => {
+                let _one = t.idle.h2_connecting.lock().await;
+                // Another request may have connected while this one waited.
+                match t.idle.h2_checkout() {
+                    Some(c) => c,
+                    None => match connect_h2(&t).await? {
+                        Connected::H2(c) => t.idle.h2_add(c),
+                        // `auto`: the instance chose HTTP/1.1.
+                        Connected::H1(mut c) => {
+                            drop(_one);
+                            to_h1(&mut req);
+                            return match c.send_request(req).await {
+                                Ok(resp) => Ok((resp, Conn::H1(c))),
+                                Err(e) => Err(SendError::Reset(e)),
+                            };
+                        }
+                    },
                 }
-            },
+            }
         };
         match send.try_send_request(req).await {
             Ok(resp) => return Ok((resp, Conn::H2(lease))),
@@ -463,6 +474,17 @@ async fn handshake_h2<IO>(io: IO) -> Result<H2Conn, SendError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // The instance's first frame is its SETTINGS (RFC 9113 §3.4): streams are handed out
+    // only once it has come, so none goes beyond its MAX_CONCURRENT_STREAMS.
+    let (settled_tx, mut settled) = tokio::sync::watch::channel(false);
+    let max = Arc::new(AtomicUsize::new(100));
+    let io = SettingsSniff {
+        io,
+        head: Vec::new(),
+        done: false,
+        settled: settled_tx,
+        max: max.clone(),
+    };
     let (send, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         // Only while streams are open, and no more often than gRPC servers accept by
@@ -473,28 +495,110 @@ where
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| SendError::Connect(std::io::Error::other(e)))?;
-    let max = Arc::new(AtomicUsize::new(100));
-    let watched = max.clone();
-    let mut conn = Box::pin(conn);
     tokio::spawn(async move {
-        // Polled on every frame: the stream limit is read after each, so a SETTINGS change
-        // shows at once.
-        let r = std::future::poll_fn(|cx| {
-            let r = conn.as_mut().poll(cx);
-            watched.store(conn.current_max_send_streams(), Ordering::Release);
-            r
-        })
-        .await;
-        if let Err(e) = r {
+        if let Err(e) = conn.await {
             tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
         }
     });
+    // Bounded: an instance that never sends SETTINGS fails its streams on its own.
+    let _ = tokio::time::timeout(SETTINGS_WAIT, settled.wait_for(|s| *s)).await;
     Ok(H2Conn {
         send,
         streams: Arc::new(AtomicUsize::new(0)),
         used: Arc::new(std::sync::atomic::AtomicU64::new(now_nanos())),
         max,
     })
+}
+
+/// Longest wait for a new connection's SETTINGS before streams go on it.
+const SETTINGS_WAIT: Duration = Duration::from_secs(2);
+
+/// Watches the bytes an instance sends for the end of its first frame (its SETTINGS).
+struct SettingsSniff<IO> {
+    io: IO,
+    head: Vec<u8>,
+    done: bool,
+    settled: tokio::sync::watch::Sender<bool>,
+    /// The instance's SETTINGS_MAX_CONCURRENT_STREAMS (its first SETTINGS; later changes
+    /// are not followed).
+    max: Arc<AtomicUsize>,
+}
+
+/// The first frame of `b`, once whole: None while incomplete; Some(None) when it sets no
+/// stream limit (or is no SETTINGS frame); Some(Some(n)) for a limit of n.
+pub(crate) fn first_settings(b: &[u8]) -> Option<Option<usize>> {
+    if b.len() < 9 {
+        return None;
+    }
+    let len = (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]);
+    let body = b.get(9..9 + len)?;
+    if b[3] != 0x4 {
+        return Some(None);
+    }
+    Some(
+        body.chunks_exact(6)
+            .filter(|e| u16::from_be_bytes([e[0], e[1]]) == 0x3)
+            .map(|e| u32::from_be_bytes([e[2], e[3], e[4], e[5]]) as usize)
+            .next_back(),
+    )
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for SettingsSniff<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if !self.done && buf.filled().len() > before {
+            let fresh = buf.filled()[before..].to_vec();
+            self.head.extend_from_slice(&fresh);
+            let first = first_settings(&self.head);
+            if first.is_some() || self.head.len() > 9 + 16_384 {
+                // No limit stated: unlimited (RFC 9113), capped by shoal's own.
+                let n = first.flatten().unwrap_or(H2_MAX_STREAMS);
+                self.max
+                    .store(n.clamp(1, H2_MAX_STREAMS), Ordering::Release);
+                self.done = true;
+                self.head = Vec::new();
+                let _ = self.settled.send(true);
+            }
+        }
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for SettingsSniff<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Sends `req` on an idle HTTP/1.1 connection to `addr` or a new one. On success the
@@ -528,5 +632,24 @@ async fn send_h1(
     match c.send_request(req).await {
         Ok(resp) => Ok((resp, c)),
         Err(e) => Err(SendError::Reset(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_settings;
+
+    #[test]
+    fn the_first_settings_frame_gives_the_stream_limit() {
+        // SETTINGS with INITIAL_WINDOW_SIZE (4) and MAX_CONCURRENT_STREAMS (3) = 4.
+        let f = [
+            0, 0, 12, 4, 0, 0, 0, 0, 0, 0, 4, 0, 1, 0, 0, 0, 3, 0, 0, 0, 4,
+        ];
+        assert_eq!(first_settings(&f[..5]), None);
+        assert_eq!(first_settings(&f[..15]), None);
+        assert_eq!(first_settings(&f), Some(Some(4)));
+        // No limit stated, and a first frame that is not SETTINGS.
+        assert_eq!(first_settings(&[0, 0, 0, 4, 0, 0, 0, 0, 0]), Some(None));
+        assert_eq!(first_settings(&[0, 0, 0, 6, 0, 0, 0, 0, 0]), Some(None));
     }
 }
