@@ -329,6 +329,18 @@ pub struct FleetSpec {
     pub probe: shoal_proxy::health::ProbeSpec,
 }
 
+impl FleetSpec {
+    /// A horizontal CPU target: then in-place CPU resizing would fight it over one signal
+    /// (the VPA-with-HPA problem), so only memory is resized.
+    pub fn cpu_scaled_horizontally(&self) -> bool {
+        self.autoscale.as_ref().is_some_and(|a| {
+            a.targets
+                .iter()
+                .any(|t| t.kind == shoal_scale::MetricKind::Cpu)
+        })
+    }
+}
+
 fn table_error(
     loc: &Locator<'_>,
     text: &str,

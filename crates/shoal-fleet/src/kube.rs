@@ -1872,14 +1872,7 @@ impl KubeFleet {
         if let Some(rec) = v.recommender.recommendation() {
             changes =
                 crate::recommend::decide(current, &rec, &self.spec.resources, t, v.last_change);
-            // A horizontal CPU target and in-place CPU resizing would fight over one signal
-            // (the VPA-with-HPA problem): then only memory is resized.
-            let cpu_horizontal = self.spec.autoscale.as_ref().is_some_and(|a| {
-                a.targets
-                    .iter()
-                    .any(|t| t.kind == shoal_scale::MetricKind::Cpu)
-            });
-            if cpu_horizontal {
+            if self.spec.cpu_scaled_horizontally() {
                 changes.retain(|(resource, _, _)| *resource != "cpu");
             }
             // A memory limit cannot shrink in place, and lowering only the request of a pod
@@ -2015,38 +2008,15 @@ impl KubeFleet {
             }
             return;
         }
-        let rec = self
-            .vertical
-            .lock()
-            .expect("vertical lock")
-            .recommender
-            .recommendation();
         let mut v = self.vertical.lock().expect("vertical lock");
-        for (resource, from, to) in changes {
-            let detail = match (resource, rec) {
-                ("memory", Some(r)) => format!(
-                    "peak working set over the last hour {} (+20%) → {}; bounds {}..{}",
-                    crate::vertical::mib(r.memory_bytes as f64 / 1.2),
-                    crate::vertical::mib(to),
-                    crate::vertical::mib(self.spec.resources.memory_bounds.0 as f64),
-                    crate::vertical::mib(self.spec.resources.memory_bounds.1 as f64)
-                ),
-                (_, Some(r)) => format!(
-                    "p90 of per-pod CPU (+15%) is {:.2} cores over {} samples → {to:.2}; bounds {}..{}",
-                    r.cpu, r.samples, self.spec.resources.cpu_bounds.0, self.spec.resources.cpu_bounds.1
-                ),
-                _ => String::new(),
-            };
-            v.record(crate::recommend::Resize {
-                epoch_secs: crate::vertical::epoch(),
-                resource,
-                direction: if to > from { "up" } else { "down" },
-                reason: "recommendation",
-                from,
-                to,
-                detail,
-                applied_to: applied.clone(),
-            });
+        // Changes come only from a recommendation.
+        let Some(rec) = v.recommender.recommendation() else {
+            return;
+        };
+        for change in changes {
+            let r =
+                crate::vertical::recommended(change, &rec, &self.spec.resources, applied.clone());
+            v.record(r);
         }
     }
 }
@@ -2285,22 +2255,7 @@ impl Provider for KubeFleet {
             &[("service", svc)],
             u.metrics_failures,
         );
-        if let Some(c) = u.current.cpu {
-            e.gauge(
-                "shoal_instance_cpu_limit_cores",
-                "CPU quota of each instance (cores).",
-                &[("service", svc)],
-                c,
-            );
-        }
-        if let Some(m) = u.current.memory_bytes {
-            e.gauge(
-                "shoal_instance_memory_limit_bytes",
-                "Memory limit of each instance.",
-                &[("service", svc)],
-                m as f64,
-            );
-        }
+        crate::vertical::collect_size(svc, u.current, e);
     }
     fn shutdown(&self, _deadline: Duration) -> BoxFuture<'_, ()> {
         // The pods belong to the cluster: shoal stops watching and scaling, nothing more.

@@ -144,48 +144,25 @@ impl ProcessFleet {
         let mut changes = decide(current, &rec, &self.spec.resources, t, v.last_change);
         // A horizontal CPU target and in-place CPU resizing would fight over the same
         // signal (the VPA-with-HPA problem): then only memory is resized.
-        if self.cpu_scaled_horizontally() {
+        if self.spec.cpu_scaled_horizontally() {
             changes.retain(|(resource, _, _)| *resource != "cpu");
         }
         for (resource, from, to) in changes {
             let mut size = self.cgroups.size();
-            let detail = if resource == "memory" {
+            if resource == "memory" {
                 size.memory_bytes = Some(to as u64);
-                format!(
-                    "peak working set over the last hour {} (+20%) → {}; bounds {}..{}",
-                    mib(rec.memory_bytes as f64 / 1.2),
-                    mib(to),
-                    mib(self.spec.resources.memory_bounds.0 as f64),
-                    mib(self.spec.resources.memory_bounds.1 as f64)
-                )
             } else {
                 size.cpu = Some(to);
-                format!(
-                    "p90 of per-instance CPU (+15%) is {:.2} cores over {} samples → {to:.2}; bounds {}..{}",
-                    rec.cpu, rec.samples, self.spec.resources.cpu_bounds.0, self.spec.resources.cpu_bounds.1
-                )
-            };
+            }
             let applied_to = self.resize_live(size);
             v.last_change = Some(t);
-            v.record(Resize {
-                epoch_secs: epoch(),
-                resource,
-                direction: if to > from { "up" } else { "down" },
-                reason: "recommendation",
-                from,
-                to,
-                detail,
+            v.record(recommended(
+                (resource, from, to),
+                &rec,
+                &self.spec.resources,
                 applied_to,
-            });
+            ));
         }
-    }
-
-    fn cpu_scaled_horizontally(&self) -> bool {
-        self.spec.autoscale.as_ref().is_some_and(|a| {
-            a.targets
-                .iter()
-                .any(|t| t.kind == shoal_scale::MetricKind::Cpu)
-        })
     }
 
     /// Writes `size` to every live instance's cgroup and makes it the size of new ones.
@@ -347,22 +324,59 @@ impl ProcessFleet {
             &[("service", svc)],
             self.metrics.resize_failures.get(),
         );
-        let size = self.cgroups.size();
-        if let Some(c) = size.cpu {
-            e.gauge(
-                "shoal_instance_cpu_limit_cores",
-                "CPU quota of each instance (cores).",
-                &[("service", svc)],
-                c,
-            );
-        }
-        if let Some(m) = size.memory_bytes {
-            e.gauge(
-                "shoal_instance_memory_limit_bytes",
-                "Memory limit of each instance.",
-                &[("service", svc)],
-                m as f64,
-            );
-        }
+        collect_size(svc, self.cgroups.size(), e);
+    }
+}
+
+/// The per-instance size gauges, whichever provider sizes the instances.
+pub(crate) fn collect_size(svc: &str, size: crate::cgroup::Size, e: &mut Exposition) {
+    if let Some(c) = size.cpu {
+        e.gauge(
+            "shoal_instance_cpu_limit_cores",
+            "CPU quota of each instance (cores).",
+            &[("service", svc)],
+            c,
+        );
+    }
+    if let Some(m) = size.memory_bytes {
+        e.gauge(
+            "shoal_instance_memory_limit_bytes",
+            "Memory limit of each instance.",
+            &[("service", svc)],
+            m as f64,
+        );
+    }
+}
+
+/// The decision-log entry of a resize the recommendation asked for.
+pub(crate) fn recommended(
+    (resource, from, to): (&'static str, f64, f64),
+    rec: &Recommendation,
+    cfg: &crate::config::Resources,
+    applied_to: Vec<(String, u32)>,
+) -> Resize {
+    let detail = if resource == "memory" {
+        format!(
+            "peak working set over the last hour {} (+20%) → {}; bounds {}..{}",
+            mib(rec.memory_bytes as f64 / 1.2),
+            mib(to),
+            mib(cfg.memory_bounds.0 as f64),
+            mib(cfg.memory_bounds.1 as f64)
+        )
+    } else {
+        format!(
+            "p90 of per-instance CPU (+15%) is {:.2} cores over {} samples → {to:.2}; bounds {}..{}",
+            rec.cpu, rec.samples, cfg.cpu_bounds.0, cfg.cpu_bounds.1
+        )
+    };
+    Resize {
+        epoch_secs: epoch(),
+        resource,
+        direction: if to > from { "up" } else { "down" },
+        reason: "recommendation",
+        from,
+        to,
+        detail,
+        applied_to,
     }
 }

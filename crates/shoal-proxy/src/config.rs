@@ -664,6 +664,15 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// Whether requests go out as HTTP/2 (`auto` is HTTP/1.1 without TLS).
+    pub fn speaks_h2(self, tls: bool) -> bool {
+        match self {
+            Protocol::Http1 => false,
+            Protocol::H2c | Protocol::H2 => true,
+            Protocol::Auto => tls,
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Protocol, String> {
         match s {
             "http1" => Ok(Protocol::Http1),
@@ -1162,15 +1171,10 @@ impl Config {
                     p
                 }
             };
-            let h2 = match protocol {
-                Protocol::Http1 => false,
-                Protocol::H2c | Protocol::H2 => true,
-                Protocol::Auto => upstream_tls.is_some(),
-            };
             if s.health
                 .as_ref()
                 .is_some_and(|h| h.kind == HealthKind::Grpc)
-                && !h2
+                && !protocol.speaks_h2(upstream_tls.is_some())
             {
                 let off = key_offset(text, &format!("[services.{name}.health]"), "kind");
                 return Err(loc.error(

@@ -14,7 +14,6 @@ use crate::error::ProxyError;
 use crate::proxy::ClientBody;
 
 pub const OK: u32 = 0;
-pub const CANCELLED: u32 = 1;
 pub const INTERNAL: u32 = 13;
 pub const UNAVAILABLE: u32 = 14;
 pub const DEADLINE_EXCEEDED: u32 = 4;
@@ -188,11 +187,7 @@ impl WebEncoder {
 
 /// Whether requests to this cluster go out as HTTP/2 (and so are prepared for it).
 pub fn speaks_h2(cfg: &ServiceConfig) -> bool {
-    match cfg.protocol {
-        Protocol::Http1 => false,
-        Protocol::H2c | Protocol::H2 => true,
-        Protocol::Auto => cfg.upstream_tls.is_some(),
-    }
+    cfg.protocol.speaks_h2(cfg.upstream_tls.is_some())
 }
 
 /// Whether HTTP/2 requests to this cluster go over TLS (`:scheme https`).
@@ -514,6 +509,5 @@ mod tests {
         assert_eq!(code("DEADLINE_EXCEEDED"), Some(4));
         assert_eq!(code("17"), None);
         assert_eq!(code("nope"), None);
-        let _ = (OK, CANCELLED);
     }
 }

@@ -42,7 +42,12 @@ pub async fn probe_with(
         let resp = send.send_request(req).await.ok()?;
         Some(resp.status())
     };
-    matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(s)) if s.is_success() || s.is_redirection() || s == StatusCode::NOT_MODIFIED)
+    matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(s)) if passes(s))
+}
+
+/// An HTTP probe's answer that counts as healthy: 2xx, 3xx (304 included).
+fn passes(s: StatusCode) -> bool {
+    s.is_success() || s.is_redirection()
 }
 
 /// `grpc.health.v1.Health/Check` for `service` on a fresh HTTP/2 connection (TLS when the
@@ -97,7 +102,7 @@ pub async fn http2_probe(
             .ok()?;
         Some(send.send_request(req).await.ok()?.status())
     };
-    matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(s)) if s.is_success() || s.is_redirection() || s == StatusCode::NOT_MODIFIED)
+    matches!(tokio::time::timeout(timeout, fut).await, Ok(Some(s)) if passes(s))
 }
 
 /// A fresh HTTP/2 connection for a probe (TLS unless the cluster is h2c), and the scheme.
@@ -168,11 +173,7 @@ impl ProbeSpec {
 
     /// One probe of `addr`: gRPC health, or GET `path` over HTTP/2 or HTTP/1.1.
     pub async fn probe(&self, addr: SocketAddr, path: &str, timeout: Duration) -> bool {
-        let h2 = match self.protocol {
-            crate::config::Protocol::Http1 => false,
-            crate::config::Protocol::H2c | crate::config::Protocol::H2 => true,
-            crate::config::Protocol::Auto => self.tls.is_some(),
-        };
+        let h2 = self.protocol.speaks_h2(self.tls.is_some());
         match &self.grpc {
             Some(service) => {
                 grpc_probe(addr, service, timeout, self.tls.as_deref(), self.protocol).await

@@ -425,11 +425,7 @@ fn shoal_scales_a_deployment_and_scales_in_without_failures() {
     );
 
     // shoal status names the Deployment and what it cannot do there.
-    let out = Command::new(SHOAL)
-        .args(["status", "--admin", &format!("127.0.0.1:{admin}")])
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&out.stdout);
+    let status = shoal_status(admin);
     assert!(
         status.contains("kubernetes default/demo")
             && status.contains("metrics: metrics.k8s.io: CPU and memory per pod")
@@ -762,11 +758,7 @@ max_memory = "256MiB""#,
         pods.len() == 3 && pods.iter().all(|p| p.1 == after[0].1)
     });
 
-    let out = Command::new(SHOAL)
-        .args(["status", "--admin", &format!("127.0.0.1:{admin}")])
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&out.stdout);
+    let status = shoal_status(admin);
     assert!(
         status.contains("metrics: metrics.k8s.io: CPU and memory per pod")
             && status.contains("vertical: auto: pods resized in place"),
@@ -862,6 +854,15 @@ fn create_deployment(k: &Api, name: &str, replicas: u32) {
         "--port=8080",
         &format!("--replicas={replicas}"),
     ]);
+}
+
+/// `shoal status` against the admin port.
+fn shoal_status(admin: u16) -> String {
+    let out = Command::new(SHOAL)
+        .args(["status", "--admin", &format!("127.0.0.1:{admin}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A sample's value in a Prometheus text exposition (0 when absent).
