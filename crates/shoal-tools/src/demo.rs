@@ -434,11 +434,13 @@ fn burn_cpu(cpu: Duration) {
     std::hint::black_box(x);
 }
 
-/// This thread's CPU time from `/proc/thread-self/schedstat` (Linux); `None` elsewhere.
+/// This thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`). `/proc/thread-self/schedstat` is
+/// only brought up to date at scheduler ticks, so a running thread reads up to a tick
+/// (4 ms at HZ=250) behind and a `cpu_ms=20` request burned ~23.5 ms.
 fn thread_cpu_time() -> Option<Duration> {
-    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    let ns = s.split_whitespace().next()?.parse::<u64>().ok()?;
-    Some(Duration::from_nanos(ns))
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .ok()
+        .map(Duration::from)
 }
 
 fn text(code: StatusCode, body: impl Into<Bytes>) -> Response<DemoBody> {
@@ -503,6 +505,21 @@ impl Body for RepeatBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `cpu_ms` is what a request costs: the burn stops at the asked CPU time, not a
+    /// scheduler tick later (the autoscaler's demo figures depend on it).
+    #[test]
+    fn the_burn_spends_the_cpu_time_asked_for() {
+        for _ in 0..3 {
+            let a = thread_cpu_time().unwrap();
+            burn_cpu(Duration::from_millis(20));
+            let used = thread_cpu_time().unwrap() - a;
+            assert!(
+                used >= Duration::from_micros(19_500) && used <= Duration::from_micros(20_800),
+                "{used:?}"
+            );
+        }
+    }
 
     #[test]
     fn query_parsing() {
