@@ -42,6 +42,8 @@ pub struct ClusterSpec {
     pub load_stale: Duration,
     /// A report older than this is forgotten: the replica is gone (its clients moved on).
     pub load_age_out: Duration,
+    /// Replicas share one config through Redis (`config_share.rs`).
+    pub share_config: bool,
 }
 
 #[derive(Deserialize)]
@@ -52,6 +54,7 @@ struct RawCluster {
     renew_deadline: Option<Dur>,
     retry: Option<Dur>,
     id: Option<String>,
+    share_config: Option<bool>,
 }
 
 /// Validates `[cluster]` (None without one); errors name file, line and field.
@@ -120,6 +123,7 @@ pub fn cluster_spec(config: &Config) -> Result<Option<ClusterSpec>, ConfigError>
         id,
         load_stale: Duration::from_secs(3).max(timing.retry * 3),
         load_age_out: Duration::from_secs(10).max(timing.lease * 2),
+        share_config: raw.share_config.unwrap_or(true),
     }))
 }
 

@@ -10,6 +10,7 @@ pub mod autoscaler;
 pub mod cgroup;
 pub mod cluster;
 pub mod config;
+pub mod config_share;
 pub mod kube;
 pub mod leader;
 pub mod process;

@@ -16,6 +16,7 @@ fn spec(url: &str, id: &str) -> ClusterSpec {
         id: id.to_string(),
         load_stale: Duration::from_secs(3),
         load_age_out: Duration::from_secs(10),
+        share_config: false,
     }
 }
 

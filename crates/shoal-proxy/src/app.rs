@@ -39,6 +39,8 @@ pub trait ApiExtension: Send + Sync {
 pub type Validator = Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>;
 /// Sees each config that was reloaded successfully.
 pub type ReloadHook = Box<dyn Fn(&Config) + Send + Sync>;
+/// Whether a reload applies the file text it read.
+pub type ReloadGate = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 struct Running {
     service: Arc<Service>,
@@ -61,6 +63,7 @@ pub struct App {
     pub reload_failures: crate::metrics::Counter,
     /// Hook the binary installs to see reloaded configs (fleet, autoscaler).
     on_reload: Mutex<Option<ReloadHook>>,
+    reload_gate: Mutex<Option<ReloadGate>>,
     /// Extra validation of a reloaded config (tables other crates own).
     validator: Mutex<Option<Validator>>,
     /// The store every cache phase uses (`[cache]`, the quick-mode flags, or a default).
@@ -138,6 +141,7 @@ impl App {
             reloads: Default::default(),
             reload_failures: Default::default(),
             on_reload: Mutex::new(None),
+            reload_gate: Mutex::new(None),
             validator: Mutex::new(None),
             cache_store: Mutex::new(None),
             caches: Mutex::new(BTreeMap::new()),
@@ -256,6 +260,11 @@ impl App {
 
     pub fn set_on_reload(&self, f: ReloadHook) {
         *self.on_reload.lock().expect("lock") = Some(f);
+    }
+
+    /// Decides, from the file's text, whether a reload applies it (see [`App::reload`]).
+    pub fn set_reload_gate(&self, f: ReloadGate) {
+        *self.reload_gate.lock().expect("lock") = Some(f);
     }
 
     /// Starts one service: binds its listener (if it has one) and its health loop.
@@ -409,36 +418,67 @@ impl App {
     }
 
     /// Re-reads the config file and applies it; an invalid file is refused and the running
-    /// config keeps serving.
+    /// config keeps serving. With a reload gate (replicas sharing one config), a file that
+    /// did not change since it was last read is not applied over the shared config.
     pub async fn reload(&self) -> Result<(), String> {
         let Some(path) = &self.config_path else {
             return Err("no config file to reload (quick mode)".into());
         };
         let _one = self.reload_lock.lock().await;
-        let checked = Config::load(path).map_err(|e| e.to_string()).and_then(|c| {
-            match self.validator.lock().expect("lock").as_ref() {
-                Some(v) => v(&c).map(|()| c),
-                None => Ok(c),
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                self.reload_failures.inc();
+                let e = format!("{}: cannot read: {e}", path.display());
+                tracing::error!(error = %e, "reload refused; keeping the running config");
+                return Err(e);
             }
+        };
+        if let Some(gate) = self.reload_gate.lock().expect("lock").as_ref() {
+            if !gate(&text) {
+                tracing::info!(path = %path.display(), "config file unchanged; the shared config stays in force");
+                return Ok(());
+            }
+        }
+        let parsed = Config::parse(path, &text).map_err(|e| e.to_string());
+        self.reload_locked(parsed, &path.display().to_string())
+            .await
+    }
+
+    /// Applies `config` (validated first) like a reload of the file: replicas sharing one
+    /// config apply the shared version through this.
+    pub async fn reload_with(&self, config: Config, origin: &str) -> Result<(), String> {
+        let _one = self.reload_lock.lock().await;
+        self.reload_locked(Ok(config), origin).await
+    }
+
+    async fn reload_locked(
+        &self,
+        parsed: Result<Config, String>,
+        origin: &str,
+    ) -> Result<(), String> {
+        let checked = parsed.and_then(|c| match self.validator.lock().expect("lock").as_ref() {
+            Some(v) => v(&c).map(|()| c),
+            None => Ok(c),
         });
         let config = match checked {
             Ok(c) => c,
             Err(e) => {
                 self.reload_failures.inc();
-                tracing::error!(error = %e, "reload refused: invalid config; keeping the running one");
+                tracing::error!(error = %e, origin, "reload refused: invalid config; keeping the running one");
                 return Err(e);
             }
         };
         if let Err(e) = self.apply_locked(&config).await {
             self.reload_failures.inc();
-            tracing::error!(error = %e, "reload refused; keeping the running config");
+            tracing::error!(error = %e, origin, "reload refused; keeping the running config");
             return Err(e.to_string());
         }
         self.reloads.inc();
         if let Some(f) = self.on_reload.lock().expect("lock").as_ref() {
             f(&config);
         }
-        tracing::info!(path = %path.display(), "config reloaded");
+        tracing::info!(origin, "config reloaded");
         Ok(())
     }
 

@@ -199,8 +199,30 @@ pub fn run_config(path: &Path, threads: Option<usize>) -> anyhow::Result<()> {
         shoal_fleet::supervise::enable_helpers();
         let fleets = shoal_fleet::Fleets::start_with(&app, &config, &queues.fleet_hooks())
             .map_err(|e| anyhow::anyhow!(e))?;
+        // Replicas with `[cluster] redis` share one config (see `config_share.rs`).
+        let (share_stop, share_rx) = watch::channel(false);
+        let share = match shoal_fleet::cluster::cluster_spec(&config)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+        {
+            Some(c) if c.share_config => {
+                let s = shoal_fleet::config_share::ConfigShare::new(&c.redis, &c.id, &config.text)
+                    .map_err(|e| anyhow::anyhow!("cluster: {e}"))?;
+                let gate = s.clone();
+                app.set_reload_gate(Box::new(move |text| gate.file_read(text)));
+                app.add_collector(s.clone());
+                app.add_extension(s.clone());
+                tokio::spawn(s.clone().run(app.clone(), config.clone(), share_rx));
+                Some(s)
+            }
+            _ => None,
+        };
         let on_reload = fleets.clone();
-        app.set_on_reload(Box::new(move |c| on_reload.reload(c)));
+        app.set_on_reload(Box::new(move |c| {
+            on_reload.reload(c);
+            if let Some(s) = &share {
+                s.reloaded(c);
+            }
+        }));
         let deadline = config
             .services
             .iter()
@@ -208,6 +230,7 @@ pub fn run_config(path: &Path, threads: Option<usize>) -> anyhow::Result<()> {
             .max()
             .unwrap_or(Duration::from_secs(30));
         let forced = serve_until_signal(app, config.admin.listen, deadline).await?;
+        share_stop.send_replace(true);
         if forced {
             fleets.kill_now();
             return Ok(());

@@ -662,3 +662,128 @@ fn a_new_replica_adopts_what_a_killed_last_replica_left() {
     wait_until(5, "the adoption logged", || new.log().contains("adopted=2"));
     assert_eq!(new.instance_ids(), ids);
 }
+
+/// Which demo origin answers `/work` on `listen` (its `SHOAL_INSTANCE`).
+fn origin(listen: u16) -> String {
+    let (s, body) = get(listen, "/work");
+    if s != 200 {
+        return format!("status {s}");
+    }
+    serde_json::from_str::<Value>(&body).unwrap()["instance"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// `shoal run` on `text` written to `dir/shoal.toml` with the given modification time
+/// (seconds ago), so a restart can bring an old file.
+fn run_with_old_file(dir: &std::path::Path, text: &str, listen: u16, secs_ago: u64) -> Proc {
+    let path = dir.join("shoal.toml");
+    std::fs::write(&path, text).unwrap();
+    let ok = std::process::Command::new("touch")
+        .arg("-d")
+        .arg(format!("{secs_ago} seconds ago"))
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(dir.join("shoal.log"))
+        .unwrap();
+    let child = std::process::Command::new(SHOAL)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .env("SHOAL_ADMIN_TOKEN", "test-token")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_port(listen, 20);
+    Proc(child)
+}
+
+/// Config from one source: an edit reloaded on one replica reaches the others, each keeping
+/// its own listen and admin addresses and identity; a SIGHUP on a replica whose file did not
+/// change does not put that file back over the shared config; a replica restarted with its
+/// old file adopts the shared version instead of publishing the old one.
+#[test]
+fn a_reload_on_one_replica_reaches_the_others() {
+    let redis = redis::RedisServer::start();
+    let dir = tempdir();
+    let (_a, a) = demo(dir.path(), "origin-a");
+    let (_b, b) = demo(dir.path(), "origin-b");
+    let text = |listen: u16, admin: u16, id: &str, backend: u16| {
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[services.web]\nlisten = \"127.0.0.1:{listen}\"\n\
+             backends = [\"127.0.0.1:{backend}\"]\n\n[cluster]\nredis = \"{}\"\nlease = \"{LEASE_SECS}s\"\nid = \"{id}\"\n",
+            redis.url()
+        )
+    };
+    let mut rs = Vec::new();
+    for id in ["r1", "r2", "r3"] {
+        let d = tempdir();
+        let (listen, admin) = (free_port(), free_port());
+        let (p, _) = run_shoal(d.path(), &text(listen, admin, id, a), listen);
+        rs.push((p, d, listen, admin, id));
+    }
+    for r in &rs {
+        wait_until(10, "origin a everywhere", || origin(r.2) == "origin-a");
+    }
+    let version = |admin: u16| api_json(admin, "/api/cluster/config")["version"].as_u64();
+    for r in &rs {
+        wait_until(10, "a shared version everywhere", || {
+            version(r.3).is_some_and(|v| v > 0)
+        });
+    }
+
+    // An edit on r1, reloaded there, reaches r2 and r3.
+    let (l1, a1) = (rs[0].2, rs[0].3);
+    std::fs::write(rs[0].1.path().join("shoal.toml"), text(l1, a1, "r1", b)).unwrap();
+    rs[0].0.signal("HUP");
+    for r in &rs {
+        wait_until(10, "origin b everywhere", || origin(r.2) == "origin-b");
+    }
+    let v = version(a1).unwrap();
+    for r in &rs {
+        wait_until(5, "one version", || version(r.3) == Some(v));
+    }
+
+    // r2's file still names origin a: a SIGHUP there (e.g. for certificates) keeps the
+    // shared config.
+    rs[1].0.signal("HUP");
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        for r in &rs {
+            assert_eq!(origin(r.2), "origin-b");
+        }
+    }
+    assert_eq!(
+        version(rs[1].3),
+        Some(v),
+        "the unchanged file was not published"
+    );
+    let log2 = std::fs::read_to_string(rs[1].1.path().join("shoal.log")).unwrap();
+    assert!(log2.contains("shared config stays in force"), "{log2}");
+
+    // r3 restarted with its old file (written before the edit) adopts the shared version.
+    let (listen3, admin3) = (rs[2].2, rs[2].3);
+    let dir3 = rs[2].1.path().to_path_buf();
+    let _ = rs[2].0 .0.kill();
+    let _ = rs[2].0 .0.wait();
+    rs[2].0 = run_with_old_file(&dir3, &text(listen3, admin3, "r3", a), listen3, 3600);
+    wait_until(10, "r3 adopts the shared config", || {
+        version(admin3) == Some(v) && origin(listen3) == "origin-b"
+    });
+    for r in &rs {
+        assert_eq!(origin(r.2), "origin-b");
+        assert_eq!(version(r.3), Some(v));
+    }
+    let m = get(admin3, "/metrics").1;
+    assert!(
+        m.contains("shoal_cluster_config_events_total{event=\"applied\"} 1"),
+        "{m}"
+    );
+}
