@@ -22,7 +22,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use shoal_cache::redis_conn::{ConnectOptions, RedisClient, RedisConn};
 use shoal_proxy::app::App;
 use shoal_proxy::metrics::{Counter, Exposition};
 use shoal_proxy::Config;
@@ -103,8 +102,7 @@ struct State {
 }
 
 pub struct ConfigShare {
-    client: RedisClient,
-    conn: tokio::sync::Mutex<Option<RedisConn>>,
+    redis: crate::redis_call::LazyRedis,
     id: String,
     state: Mutex<State>,
     publishes: Counter,
@@ -114,10 +112,8 @@ pub struct ConfigShare {
 
 impl ConfigShare {
     pub fn new(redis: &str, id: &str, file_text: &str) -> Result<Arc<ConfigShare>, String> {
-        let client = RedisClient::open(redis).map_err(|e| e.to_string())?;
         Ok(Arc::new(ConfigShare {
-            client,
-            conn: tokio::sync::Mutex::new(None),
+            redis: crate::redis_call::LazyRedis::open(redis)?,
             id: id.to_string(),
             state: Mutex::new(State {
                 file_text: file_text.to_string(),
@@ -129,42 +125,8 @@ impl ConfigShare {
         }))
     }
 
-    async fn conn(&self) -> redis::RedisResult<RedisConn> {
-        let mut c = self.conn.lock().await;
-        if let Some(c) = &*c {
-            return Ok(c.clone());
-        }
-        let conn = self
-            .client
-            .connect(ConnectOptions {
-                connect_timeout: Duration::from_secs(1),
-                response_timeout: Duration::from_secs(1),
-                retries: 1,
-                max_delay_ms: 100,
-            })
-            .await?;
-        *c = Some(conn.clone());
-        Ok(conn)
-    }
-
-    /// One Redis call, bounded; a failure drops the connection so the next call reconnects.
     async fn call<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, String> {
-        let r = tokio::time::timeout(Duration::from_secs(2), async {
-            let mut c = self.conn().await?;
-            cmd.query_async::<T>(&mut c).await
-        })
-        .await;
-        match r {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                *self.conn.lock().await = None;
-                Err(e.to_string())
-            }
-            Err(_) => {
-                *self.conn.lock().await = None;
-                Err("Redis did not answer in time".into())
-            }
-        }
+        self.redis.call(cmd).await
     }
 
     async fn version(&self) -> Result<u64, String> {

@@ -17,7 +17,9 @@ pub mod process;
 pub mod promsource;
 pub mod provider;
 pub mod recommend;
+pub mod redis_call;
 pub mod supervise;
+pub mod ticket_share;
 pub mod usage;
 pub mod vertical;
 

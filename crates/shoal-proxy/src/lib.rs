@@ -24,6 +24,7 @@ pub mod pool;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod tickets;
 pub mod tls;
 mod tries;
 pub mod upstream;

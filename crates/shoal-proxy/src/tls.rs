@@ -381,7 +381,8 @@ fn resumption() -> (
     );
     static S: OnceLock<R> = OnceLock::new();
     S.get_or_init(|| {
-        let ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().expect("aws-lc-rs ticketer");
+        // Shared by replicas once `[cluster]` installs keys (`tickets.rs`).
+        let ticketer: Arc<dyn rustls::server::ProducesTickets> = crate::tickets::shared();
         (
             ticketer,
             rustls::server::ServerSessionMemoryCache::new(4096),

@@ -201,9 +201,22 @@ pub fn run_config(path: &Path, threads: Option<usize>) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!(e))?;
         // Replicas with `[cluster] redis` share one config (see `config_share.rs`).
         let (share_stop, share_rx) = watch::channel(false);
-        let share = match shoal_fleet::cluster::cluster_spec(&config)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+        let cluster =
+            shoal_fleet::cluster::cluster_spec(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // TLS session tickets any replica can open (see `ticket_share.rs`).
+        if let Some(c) = cluster
+            .as_ref()
+            .filter(|_| config.services.iter().any(|s| s.tls.is_some()))
         {
+            let t = shoal_fleet::ticket_share::TicketShare::new(
+                &c.redis,
+                shoal_proxy::tickets::shared(),
+            )
+            .map_err(|e| anyhow::anyhow!("cluster: {e}"))?;
+            app.add_collector(t.clone());
+            tokio::spawn(t.run(share_rx.clone()));
+        }
+        let share = match cluster {
             Some(c) if c.share_config => {
                 let s = shoal_fleet::config_share::ConfigShare::new(&c.redis, &c.id, &config.text)
                     .map_err(|e| anyhow::anyhow!("cluster: {e}"))?;

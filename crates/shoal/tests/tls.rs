@@ -4,6 +4,9 @@
 
 mod common;
 
+#[path = "../../shoal-cache/tests/common/redis.rs"]
+mod redis;
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -124,4 +127,57 @@ fn quick_mode_serves_tls_by_sni_over_h2_and_h1_and_reloads_on_sighup() {
         metrics.contains("shoal_tls_handshakes_total{service=\"default\",result=\"resumed\"}"),
         "{metrics}"
     );
+}
+
+/// Replicas sharing a Redis (`[cluster]`) share their session-ticket keys: a session begun
+/// on one replica resumes on another.
+#[test]
+fn a_session_begun_on_one_replica_resumes_on_another() {
+    let redis = redis::RedisServer::start();
+    let dir = tempdir();
+    let d = dir.path();
+    cert(d, "site", "site.test");
+    let (_demo, backend) = demo(d, "i1");
+    let start = |id: &str| {
+        let sub = d.join(id);
+        std::fs::create_dir(&sub).unwrap();
+        let (listen, admin) = (free_port(), free_port());
+        let cfg = format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[services.web]\nlisten = \"127.0.0.1:{listen}\"\n\
+             backends = [\"127.0.0.1:{backend}\"]\n\n[services.web.tls]\ncert = \"{}\"\nkey = \"{}\"\n\n\
+             [cluster]\nredis = \"{}\"\nid = \"{id}\"\n",
+            d.join("site.pem").display(),
+            d.join("site.key").display(),
+            redis.url()
+        );
+        let (p, _) = run_shoal(&sub, &cfg, listen);
+        (p, listen, admin)
+    };
+    let (_a, la, aa) = start("a");
+    let (_b, lb, ab) = start("b");
+    let shared_keys = |admin: u16| {
+        get(admin, "/metrics")
+            .1
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("shoal_tls_shared_ticket_keys ")?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    wait_until(10, "shared ticket keys on both", || {
+        shared_keys(aa) >= 1.0 && shared_keys(ab) >= 1.0
+    });
+    let sess = d.join("session");
+    let sess = sess.to_str().unwrap();
+    let first = s_client(la, "site.test", &["-sess_out", sess]);
+    assert!(first.contains("New, TLS"), "{first}");
+    let again = s_client(lb, "site.test", &["-sess_in", sess]);
+    assert!(again.contains("Reused, TLS"), "{again}");
+    // TLS 1.2 tickets too.
+    let first = s_client(lb, "site.test", &["-tls1_2", "-sess_out", sess]);
+    assert!(first.contains("New, TLSv1.2"), "{first}");
+    let again = s_client(la, "site.test", &["-tls1_2", "-sess_in", sess]);
+    assert!(again.contains("Reused, TLSv1.2"), "{again}");
 }
