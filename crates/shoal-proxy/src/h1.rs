@@ -799,25 +799,49 @@ impl<'a, S: ClientIo> Conn<'a, S> {
                         }
                     }
                 }
+                if self.rbuf.capacity() == 0 {
+                    self.rbuf = spare::bytes();
+                }
                 self.rbuf.reserve(READ_CHUNK);
                 let read = if self.rbuf.is_empty() {
-                    loop {
-                        // Re-armed only when it fires: one timer update per idle period.
-                        if idle_timer.is_elapsed() {
-                            idle_timer
-                                .as_mut()
-                                .reset(instant_at(self.last_active + idle));
+                    // On plain TCP, a connection with nothing to read parks without its
+                    // buffers (they go to this thread's spares): an idle keep-alive
+                    // connection holds no buffer. The try costs no syscall while tokio
+                    // knows the socket is not readable.
+                    let first = if S::PLAIN {
+                        match self.stream.tcp().try_read_buf(&mut self.rbuf) {
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                self.shed();
+                                None
+                            }
+                            r => Some(r),
                         }
-                        tokio::select! {
-                            biased;
-                            _ = &mut stop_signal => return End::Closed,
-                            r = self.stream.read_buf(&mut self.rbuf) => break r,
-                            _ = idle_timer.as_mut() => {
-                                if now_nanos().saturating_sub(self.last_active) >= idle {
-                                    return End::Closed;
+                    } else {
+                        None
+                    };
+                    match first {
+                        Some(r) => r,
+                        None => loop {
+                            // Re-armed only when it fires: one timer update per idle period.
+                            if idle_timer.is_elapsed() {
+                                idle_timer
+                                    .as_mut()
+                                    .reset(instant_at(self.last_active + idle));
+                            }
+                            tokio::select! {
+                                biased;
+                                _ = &mut stop_signal => return End::Closed,
+                                r = idle_read(&mut *self.stream, &mut self.rbuf) => match r {
+                                    Some(r) => break r,
+                                    None => continue,
+                                },
+                                _ = idle_timer.as_mut() => {
+                                    if now_nanos().saturating_sub(self.last_active) >= idle {
+                                        return End::Closed;
+                                    }
                                 }
                             }
-                        }
+                        },
                     }
                 } else {
                     let deadline = *head_deadline.get_or_insert_with(|| {
@@ -832,7 +856,7 @@ impl<'a, S: ClientIo> Conn<'a, S> {
                 };
                 match read {
                     Ok(0) | Err(_) => return End::Closed,
-                    Ok(_) => {}
+                    Ok(_) => self.restore(),
                 }
             };
             let start = now_nanos();
@@ -889,6 +913,34 @@ impl<'a, S: ClientIo> Conn<'a, S> {
             if !keep || plan.close {
                 return End::Closed;
             }
+        }
+    }
+
+    /// Gives this idle connection's empty buffers to the thread's spares.
+    fn shed(&mut self) {
+        if self.rbuf.is_empty() {
+            spare::give_bytes(std::mem::take(&mut self.rbuf));
+        }
+        if self.bufs.ubuf.is_empty() {
+            spare::give_bytes(std::mem::take(&mut self.bufs.ubuf));
+        }
+        spare::give_vec(std::mem::take(&mut self.bufs.out));
+        spare::give_vec(std::mem::take(&mut self.req));
+        if self.bufs.interim.is_empty() {
+            self.bufs.interim = Vec::new();
+        }
+    }
+
+    /// Takes spare buffers for what `shed` gave away, before a request is handled.
+    fn restore(&mut self) {
+        if self.bufs.ubuf.capacity() == 0 {
+            self.bufs.ubuf = spare::bytes();
+        }
+        if self.bufs.out.capacity() == 0 {
+            self.bufs.out = spare::vec();
+        }
+        if self.req.capacity() == 0 {
+            self.req = spare::vec();
         }
     }
 
@@ -1573,6 +1625,80 @@ async fn write_response<S: ClientIo>(
     }
     drop(body);
     (out.is_empty() || write_client(stream, out, limit).await) && !close
+}
+
+/// An idle connection's read: waits for the socket to be readable (plain TCP, holding no
+/// buffer meanwhile), then reads into a spare buffer. None: woken without data (spurious).
+async fn idle_read<S: ClientIo>(
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+) -> Option<std::io::Result<usize>> {
+    if !S::PLAIN {
+        return Some(stream.read_buf(rbuf).await);
+    }
+    if let Err(e) = stream.tcp().readable().await {
+        return Some(Err(e));
+    }
+    if rbuf.capacity() == 0 {
+        *rbuf = spare::bytes();
+    }
+    rbuf.reserve(READ_CHUNK);
+    match stream.tcp().try_read_buf(rbuf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        r => Some(r),
+    }
+}
+
+/// Per-thread spare buffers: idle connections give theirs back and busy ones take them, so
+/// memory follows the requests in progress, not the connections open.
+mod spare {
+    use std::cell::RefCell;
+
+    use bytes::BytesMut;
+
+    /// Spares kept per thread (of each kind); more are freed.
+    const KEEP: usize = 64;
+    /// Larger buffers are freed rather than kept (a large body grew them).
+    const MAX_KEPT: usize = 64 * 1024;
+
+    thread_local! {
+        static BYTES: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+        static VECS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn bytes() -> BytesMut {
+        BYTES.with(|p| p.borrow_mut().pop()).unwrap_or_default()
+    }
+
+    pub(super) fn give_bytes(mut b: BytesMut) {
+        if b.capacity() == 0 || b.capacity() > MAX_KEPT {
+            return;
+        }
+        b.clear();
+        BYTES.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < KEEP {
+                p.push(b);
+            }
+        });
+    }
+
+    pub(super) fn vec() -> Vec<u8> {
+        VECS.with(|p| p.borrow_mut().pop()).unwrap_or_default()
+    }
+
+    pub(super) fn give_vec(mut v: Vec<u8>) {
+        if v.capacity() == 0 || v.capacity() > MAX_KEPT {
+            return;
+        }
+        v.clear();
+        VECS.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < KEEP {
+                p.push(v);
+            }
+        });
+    }
 }
 
 /// Writes to the client; one that stops reading for the idle timeout is given up on, so it

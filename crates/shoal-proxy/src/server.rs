@@ -158,14 +158,18 @@ async fn accept_loop(
                 serve_conn(stream, peer, port, svc, stop, slot, None).await;
                 return;
             };
-            // The handshake has the header-read timeout (a client that stalls in it is a
-            // slowloris too).
-            let timeout = svc.config.load().timeouts.header_read.0;
-            let Some((stream, session)) = tls.accept(stream, timeout).await else {
-                return;
-            };
-            drop(tls);
-            serve_conn(stream, peer, port, svc, stop, slot, Some(session)).await;
+            // Boxed: a plain connection's task is then not the size of a TLS one.
+            Box::pin(async move {
+                // The handshake has the header-read timeout (a client that stalls in it is
+                // a slowloris too).
+                let timeout = svc.config.load().timeouts.header_read.0;
+                let Some((stream, session)) = tls.accept(stream, timeout).await else {
+                    return;
+                };
+                drop(tls);
+                serve_conn(stream, peer, port, svc, stop, slot, Some(session)).await;
+            })
+            .await;
         });
     }
     tracing::info!(service = %service.name, "listener stopped");
@@ -196,6 +200,28 @@ async fn serve_conn<S: crate::h1::ClientIo>(
             crate::h1::End::Handover(pre) => pre,
         }
     };
+    // Boxed: hyper's connection state is allocated only for connections handed over, not
+    // carried (unused) by every fast-path connection's task.
+    Box::pin(serve_hyper(
+        stream, pre, h2, peer, peer_ip, port, svc, stop, slot, tls,
+    ))
+    .await;
+}
+
+/// The general path for one connection: hyper, from the bytes the fast path read.
+#[allow(clippy::too_many_arguments)]
+async fn serve_hyper<S: crate::h1::ClientIo>(
+    stream: S,
+    pre: bytes::BytesMut,
+    h2: bool,
+    peer: SocketAddr,
+    peer_ip: http::HeaderValue,
+    port: u16,
+    svc: Arc<Service>,
+    stop: watch::Receiver<bool>,
+    slot: Arc<ConnSlot>,
+    tls: Option<crate::tls::Session>,
+) {
     let cfg = svc.config.load_full();
     let stream = crate::h1::Rewind::new(pre, stream, cfg.timeouts.client_write.0);
     let mut builder = auto::Builder::new(TokioExecutor::new());
