@@ -110,6 +110,12 @@ pub fn cluster_spec(config: &Config) -> Result<Option<ClusterSpec>, ConfigError>
         None => {
             // A Lease needs the Kubernetes API: every fleet that elects must be on it.
             let specs = crate::config::fleet_specs(config).unwrap_or_default();
+            if raw.lease_name.is_some() && specs.len() > 1 {
+                return Err(err(
+                    "lease_name",
+                    "names one Lease, and every fleet needs its own: leave it out with several fleets (each gets shoal-SERVICE)".into(),
+                ));
+            }
             if let Some(s) = specs.iter().find(|s| s.fleet.provider != "kubernetes") {
                 return Err(err(
                     "",

@@ -1142,6 +1142,15 @@ fn replicas_elect_through_a_lease_and_fence_the_deployment() {
     wait_until(5, "the paused leader logs its step-down", || {
         rs[second_i].log().contains("stepping down")
     });
+    let paused_log = rs[second_i].log();
+    eprintln!(
+        "paused leader: {}",
+        paused_log
+            .lines()
+            .filter(|l| l.contains("stepping down"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let l = rs[second_i].leader();
     assert_eq!(l["leader"], false, "{l}");
     assert_eq!(l["holder"], rs[third_i].id.as_str(), "{l}");
