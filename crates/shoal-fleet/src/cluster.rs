@@ -116,12 +116,16 @@ pub fn cluster_spec(config: &Config) -> Result<Option<ClusterSpec>, ConfigError>
                     "names one Lease, and every fleet needs its own: leave it out with several fleets (each gets shoal-SERVICE)".into(),
                 ));
             }
-            if let Some(s) = specs.iter().find(|s| s.fleet.provider != "kubernetes") {
+            let why = match specs.iter().find(|s| s.fleet.provider != "kubernetes") {
+                Some(s) => Some(format!("service {} is \"{}\"", s.service, s.fleet.provider)),
+                None if specs.is_empty() => Some("there is no fleet".to_string()),
+                None => None,
+            };
+            if let Some(why) = why {
                 return Err(err(
                     "",
                     format!(
-                        "missing field `redis` (a redis:// URL): without it the leader is elected through a Kubernetes Lease, which needs every fleet to be provider = \"kubernetes\" (service {} is \"{}\")",
-                        s.service, s.fleet.provider
+                        "missing field `redis` (a redis:// URL): without it the leader is elected through a Kubernetes Lease, which needs every fleet to be provider = \"kubernetes\" ({why})"
                     ),
                 ));
             }
@@ -1115,8 +1119,9 @@ mod config_tests {
         let e = spec("redis = \"redis://h:1\"\nleases = \"2s\"\n").unwrap_err();
         assert_eq!(e.field, "cluster", "{e}");
         assert!(e.to_string().contains("leases"), "{e}");
-        // No fleet elects: nothing needs Redis (or a Lease).
-        assert_eq!(spec("lease = \"2s\"\n").unwrap().unwrap().redis, None);
+        let e = spec("lease = \"2s\"\n").unwrap_err();
+        assert!(e.to_string().contains("redis"), "{e}");
+        assert_eq!(e.file, "shoal.toml");
     }
 
     fn kube_spec(fleet: &str, cluster: &str) -> Result<Option<ClusterSpec>, ConfigError> {
