@@ -979,7 +979,8 @@ fn one_leader<'a>(rs: &[&'a Replica], secs: f64) -> (&'a Replica, Duration) {
 /// (`coordination.k8s.io/v1`), the leader pulls the others' load from their admin ports
 /// (listed in the `shoal-peers` EndpointSlices) and sizes the Deployment on the total. A
 /// leader SIGKILLed under load is replaced within the lease, no request fails and the
-/// replica count does not move; one SIGSTOPped past its lease is replaced and, woken, steps
+/// replica count does not move (the dead one's report is missing data: a hold); one
+/// SIGSTOPped past its lease is replaced and, woken, steps
 /// down without writing; a fence raised by hand on the Deployment makes the leader step down
 /// (and take the Lease again above it). From the apiserver's request log: no scale write by
 /// a replaced leader after its successor's first write.
@@ -1083,6 +1084,9 @@ fn replicas_elect_through_a_lease_and_fence_the_deployment() {
     // Within the lease (the dead leader's last renewal was up to a retry period before the
     // kill), plus a retry period for the follower to look again.
     assert!(took.as_secs_f64() < LEASE_SECS + 1.0, "{took:?}");
+    // The dead leader is still listed as a peer: its report goes stale and the new leader
+    // holds (missing data, not zero load) rather than scale in.
+    let (mut stale, mut held) = (false, false);
     while t0.elapsed() < Duration::from_secs(8) {
         assert_eq!(
             k.replicas(),
@@ -1090,8 +1094,19 @@ fn replicas_elect_through_a_lease_and_fence_the_deployment() {
             "the replica count moved with the change"
         );
         assert!(lease_leaders(&survivors).len() <= 1);
+        let l = second.leader();
+        stale |= l["services"][0]["load"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["replica"] == first.as_str() && r["age_ms"].as_u64() > Some(3000));
+        let d = api_json(second.admin, "/api/services/demo")["last_decision"].clone();
+        held |= d["inputs"]["metrics"][0]["stable"].is_null()
+            && d["inputs"]["now_secs"].as_f64() > Some(0.0);
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert!(stale, "the dead leader's report never went stale");
+    assert!(held, "the new leader did not hold on the missing report");
     for l in loaders {
         let report = l.join().unwrap();
         assert_eq!(report["errors"]["total"], 0, "{report}");
