@@ -1,4 +1,5 @@
-//! Several shoal replicas in front of one fleet, through Redis (`[cluster] redis = URL`).
+//! Several shoal replicas in front of one fleet, through Redis (`[cluster] redis = URL`) or,
+//! on Kubernetes without it, through a Lease (the backend in `lease.rs`).
 //!
 //! Per service, one replica leads: it holds a lock (`SET key id NX PX lease`, renewed and
 //! released by scripts that act only while the value is still its id) and a fencing token
@@ -34,7 +35,14 @@ use crate::provider::Phase;
 /// The validated `[cluster]` table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterSpec {
-    pub redis: String,
+    /// The Redis backend; None: a Kubernetes Lease per fleet.
+    pub redis: Option<String>,
+    /// Lease backend: the Lease's name (default `shoal-SERVICE`) and namespace (default:
+    /// the fleet's), and the Service whose EndpointSlices list the replicas (their load is
+    /// pulled from their admin ports; None: the leader decides on its own load).
+    pub lease_name: Option<String>,
+    pub namespace: Option<String>,
+    pub peers: Option<String>,
     pub timing: Timing,
     /// This replica's identity (default: host name, pid and start time).
     pub id: String,
@@ -50,6 +58,9 @@ pub struct ClusterSpec {
 #[serde(deny_unknown_fields)]
 struct RawCluster {
     redis: Option<String>,
+    lease_name: Option<String>,
+    namespace: Option<String>,
+    peers: Option<String>,
     lease: Option<Dur>,
     renew_deadline: Option<Dur>,
     retry: Option<Dur>,
@@ -81,11 +92,59 @@ pub fn cluster_spec(config: &Config) -> Result<Option<ClusterSpec>, ConfigError>
         .clone()
         .try_into()
         .map_err(|e: toml::de::Error| err("", e.message().trim().to_string()))?;
-    let redis = raw
-        .redis
-        .ok_or_else(|| err("", "missing field `redis` (a redis:// URL)".into()))?;
-    if let Err(e) = RedisClient::open(&redis) {
-        return Err(err("redis", shoal_cache::redis_conn::url_error(&e)));
+    match &raw.redis {
+        Some(redis) => {
+            if let Err(e) = RedisClient::open(redis) {
+                return Err(err("redis", shoal_cache::redis_conn::url_error(&e)));
+            }
+            for (key, v) in [
+                ("lease_name", &raw.lease_name),
+                ("namespace", &raw.namespace),
+                ("peers", &raw.peers),
+            ] {
+                if v.is_some() {
+                    return Err(err(
+                        key,
+                        "applies only without `redis` (the Kubernetes Lease)".into(),
+                    ));
+                }
+            }
+        }
+        None => {
+            // A Lease needs the Kubernetes API: every fleet that elects must be on it.
+            let specs = crate::config::fleet_specs(config).unwrap_or_default();
+            if raw.lease_name.is_some() && specs.len() > 1 {
+                return Err(err(
+                    "lease_name",
+                    "names one Lease, and every fleet needs its own: leave it out with several fleets (each gets shoal-SERVICE)".into(),
+                ));
+            }
+            let why = match specs.iter().find(|s| s.fleet.provider != "kubernetes") {
+                Some(s) => Some(format!("service {} is \"{}\"", s.service, s.fleet.provider)),
+                None if specs.is_empty() => Some("there is no fleet".to_string()),
+                None => None,
+            };
+            if let Some(why) = why {
+                return Err(err(
+                    "",
+                    format!(
+                        "missing field `redis` (a redis:// URL): without it the leader is elected through a Kubernetes Lease, which needs every fleet to be provider = \"kubernetes\" ({why})"
+                    ),
+                ));
+            }
+        }
+    }
+    for (key, v) in [
+        ("lease_name", &raw.lease_name),
+        ("namespace", &raw.namespace),
+        ("peers", &raw.peers),
+    ] {
+        if let Some(v) = v.as_deref().filter(|v| !k8s_name(v)) {
+            return Err(err(
+                key,
+                format!("{v:?} is not a Kubernetes name (lowercase letters, digits, '-' and '.', at most 253)"),
+            ));
+        }
     }
     let lease = raw.lease.map_or(Duration::from_secs(15), |d| d.0);
     let dflt = Timing::for_lease(lease);
@@ -118,13 +177,26 @@ pub fn cluster_spec(config: &Config) -> Result<Option<ClusterSpec>, ConfigError>
         None => default_id(),
     };
     Ok(Some(ClusterSpec {
-        redis,
+        redis: raw.redis,
+        lease_name: raw.lease_name,
+        namespace: raw.namespace,
+        peers: raw.peers,
         timing,
         id,
         load_stale: Duration::from_secs(3).max(timing.retry * 3),
         load_age_out: Duration::from_secs(10).max(timing.lease * 2),
         share_config: raw.share_config.unwrap_or(true),
     }))
+}
+
+/// A DNS-1123 subdomain, what Lease, namespace and Service names must be.
+fn k8s_name(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 253
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && v.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 fn default_id() -> String {
@@ -292,6 +364,17 @@ struct Holder {
     ttl_ms: i64,
 }
 
+/// Where the election and the shared load live.
+// One per fleet, inside an `Arc`: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Backend {
+    Redis {
+        client: RedisClient,
+        conn: tokio::sync::Mutex<Option<RedisConn>>,
+    },
+    Lease(crate::lease::LeaseStore),
+}
+
 /// One service's election and shared state, for one replica.
 pub struct Leadership {
     pub service: String,
@@ -299,8 +382,7 @@ pub struct Leadership {
     /// The lock's value: the id plus a per-process nonce, so two replicas configured with
     /// the same `id` by mistake still cannot both renew one lock.
     owner: String,
-    client: RedisClient,
-    conn: tokio::sync::Mutex<Option<RedisConn>>,
+    backend: Backend,
     keys: Keys,
     clock: Instant,
     election: Mutex<Election>,
@@ -322,18 +404,49 @@ pub struct Leadership {
 }
 
 impl Leadership {
-    pub fn new(service: &str, spec: &ClusterSpec) -> Result<Arc<Leadership>, String> {
-        let client = RedisClient::open(&spec.redis).map_err(|e| e.to_string())?;
+    /// `fleet_namespace`: the fleet's Kubernetes namespace, the Lease's by default.
+    pub fn new(
+        service: &str,
+        spec: &ClusterSpec,
+        fleet_namespace: Option<&str>,
+    ) -> Result<Arc<Leadership>, String> {
         let nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos())
             ^ std::process::id().rotate_left(16);
+        let owner = format!("{}#{nonce:08x}", spec.id);
+        let backend = match &spec.redis {
+            Some(url) => Backend::Redis {
+                client: RedisClient::open(url).map_err(|e| e.to_string())?,
+                conn: tokio::sync::Mutex::new(None),
+            },
+            None => {
+                let client = crate::kube::KubeClient::new(crate::kube::endpoint_from_env()?)?;
+                let ns = spec
+                    .namespace
+                    .as_deref()
+                    .or(fleet_namespace)
+                    .unwrap_or("default");
+                let name = spec
+                    .lease_name
+                    .clone()
+                    .unwrap_or_else(|| format!("shoal-{service}"));
+                Backend::Lease(crate::lease::LeaseStore::new(
+                    client,
+                    ns,
+                    &name,
+                    &owner,
+                    spec.timing.lease,
+                    spec.timing.retry,
+                    spec.peers.clone(),
+                ))
+            }
+        };
         Ok(Arc::new(Leadership {
             service: service.to_string(),
             spec: spec.clone(),
-            owner: format!("{}#{nonce:08x}", spec.id),
-            client,
-            conn: tokio::sync::Mutex::new(None),
+            owner,
+            backend,
             keys: Keys::new(service),
             clock: Instant::now(),
             election: Mutex::new(Election::new(spec.timing)),
@@ -379,13 +492,18 @@ impl Leadership {
 
     /// A connection, made on first use and after a failure.
     async fn conn(&self) -> redis::RedisResult<RedisConn> {
-        let mut c = self.conn.lock().await;
+        let Backend::Redis { client, conn } = &self.backend else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::ClientError,
+                "no Redis: the election runs on a Kubernetes Lease",
+            )));
+        };
+        let mut c = conn.lock().await;
         if let Some(c) = &*c {
             return Ok(c.clone());
         }
         let t = self.spec.timing.retry.min(Duration::from_secs(1));
-        let conn = self
-            .client
+        let conn = client
             .connect(ConnectOptions {
                 connect_timeout: t,
                 response_timeout: t,
@@ -424,7 +542,9 @@ impl Leadership {
         match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
-                *self.conn.lock().await = None;
+                if let Backend::Redis { conn, .. } = &self.backend {
+                    *conn.lock().await = None;
+                }
                 Err(e.to_string())
             }
             Err(_) => Err("Redis did not answer in time".into()),
@@ -444,30 +564,14 @@ impl Leadership {
                 Err(why) => {
                     tracing::warn!(service = %self.service, replica = %self.spec.id, reason = why.as_str(), "stepping down: no longer the leader, fleet writes stop");
                     *self.since_wall.lock().expect("since lock") = None;
-                    let _ = self
-                        .script::<i64>(
-                            RELEASE,
-                            &[&self.keys.lock],
-                            std::slice::from_ref(&self.owner),
-                        )
-                        .await;
+                    self.release().await;
                     Duration::ZERO
                 }
                 Ok(Step::Acquire) => {
                     let sent = self.now();
-                    let r = self
-                        .script::<u64>(
-                            ACQUIRE,
-                            &[&self.keys.lock, &self.keys.token],
-                            &[
-                                self.owner.clone(),
-                                self.spec.timing.lease.as_millis().to_string(),
-                            ],
-                        )
-                        .await;
+                    let r = self.acquire().await;
                     let token = match &r {
-                        Ok(0) => None,
-                        Ok(t) => Some(*t),
+                        Ok(t) => *t,
                         Err(e) => {
                             tracing::debug!(service = %self.service, error = %e, "lock acquire failed");
                             None
@@ -486,21 +590,16 @@ impl Leadership {
                 }
                 Ok(Step::Renew) => {
                     let sent = self.now();
-                    let r = self
-                        .script::<i64>(
-                            RENEW,
-                            &[&self.keys.lock],
-                            &[
-                                self.owner.clone(),
-                                self.spec.timing.lease.as_millis().to_string(),
-                            ],
-                        )
-                        .await;
+                    let token = match self.election.lock().expect("election lock").role() {
+                        Role::Leader { token, .. } => token,
+                        Role::Follower => 0,
+                    };
+                    let r = self.renew(token).await;
                     if let Err(e) = &r {
                         tracing::warn!(service = %self.service, error = %e, "lock renewal failed");
                     }
                     let mut e = self.election.lock().expect("election lock");
-                    e.renewed(sent, self.now(), r.map(|v| v == 1).map_err(|_| ()));
+                    e.renewed(sent, self.now(), r.map_err(|_| ()));
                     if !matches!(e.role(), Role::Leader { .. }) {
                         drop(e);
                         *self.since_wall.lock().expect("since lock") = None;
@@ -526,6 +625,9 @@ impl Leadership {
         // A replica that stops takes its load report along: its clients went elsewhere,
         // so the leader need not hold for it.
         let _ = async {
+            if !matches!(self.backend, Backend::Redis { .. }) {
+                return None;
+            }
             let mut c = self.conn().await.ok()?;
             redis::cmd("HDEL")
                 .arg(&self.keys.load)
@@ -537,13 +639,7 @@ impl Leadership {
         .await;
         // A leader that stops hands over at once instead of leaving its lease to expire.
         if self.is_leader() {
-            let _ = self
-                .script::<i64>(
-                    RELEASE,
-                    &[&self.keys.lock],
-                    std::slice::from_ref(&self.owner),
-                )
-                .await;
+            self.release().await;
             self.election
                 .lock()
                 .expect("election lock")
@@ -560,7 +656,66 @@ impl Leadership {
         let _ = tokio::time::timeout(limit, rx.wait_for(|done| *done)).await;
     }
 
+    /// Tries to take the lock: `Some(token)` when it is ours now.
+    async fn acquire(&self) -> Result<Option<u64>, String> {
+        match &self.backend {
+            Backend::Lease(l) => l.acquire().await,
+            Backend::Redis { .. } => self
+                .script::<u64>(
+                    ACQUIRE,
+                    &[&self.keys.lock, &self.keys.token],
+                    &[
+                        self.owner.clone(),
+                        self.spec.timing.lease.as_millis().to_string(),
+                    ],
+                )
+                .await
+                .map(|t| (t != 0).then_some(t)),
+        }
+    }
+
+    /// Extends our lock: Ok(false) when it is not ours any more.
+    async fn renew(&self, token: u64) -> Result<bool, String> {
+        match &self.backend {
+            Backend::Lease(l) => l.renew(token).await,
+            Backend::Redis { .. } => self
+                .script::<i64>(
+                    RENEW,
+                    &[&self.keys.lock],
+                    &[
+                        self.owner.clone(),
+                        self.spec.timing.lease.as_millis().to_string(),
+                    ],
+                )
+                .await
+                .map(|v| v == 1),
+        }
+    }
+
+    /// Gives the lock up if it is still ours.
+    async fn release(&self) {
+        match &self.backend {
+            Backend::Lease(l) => l.release().await,
+            Backend::Redis { .. } => {
+                let _ = self
+                    .script::<i64>(
+                        RELEASE,
+                        &[&self.keys.lock],
+                        std::slice::from_ref(&self.owner),
+                    )
+                    .await;
+            }
+        }
+    }
+
     async fn read_holder(&self) {
+        if let Backend::Lease(l) = &self.backend {
+            // The election loop reads the Lease every retry period: no call of its own.
+            *self.holder.lock().expect("holder lock") = l
+                .holder()
+                .map(|(id, token, ttl_ms)| Holder { id, token, ttl_ms });
+            return;
+        }
         let r = async {
             let mut c = self.conn().await.map_err(|e| e.to_string())?;
             let (id, ttl, token): (Option<String>, i64, Option<u64>) = redis::pipe()
@@ -589,6 +744,9 @@ impl Leadership {
 
     /// Publishes this replica's load and reads everyone's, every second.
     async fn load_loop(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        if let Backend::Lease(l) = &self.backend {
+            return self.pull_loop(l, stop).await;
+        }
         loop {
             let local = *self.local.lock().expect("local lock");
             if let Some((rps, in_flight)) = local {
@@ -634,6 +792,70 @@ impl Leadership {
                 _ = shoal_proxy::server::stopped(&mut stop) => break,
             }
         }
+    }
+
+    /// Lease backend: pulls the peers' reports every second. Without `peers` there are none:
+    /// the leader decides on its own load.
+    async fn pull_loop(
+        &self,
+        l: &crate::lease::LeaseStore,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let forget = self.spec.load_age_out * 3;
+        loop {
+            match l.pull_load(&self.service, &self.spec.id, forget).await {
+                Some(r) => *self.reports.lock().expect("reports lock") = Some((Instant::now(), r)),
+                None if l.peers.is_none() => {
+                    *self.reports.lock().expect("reports lock") = Some((Instant::now(), Vec::new()))
+                }
+                // The peers cannot be listed: the reports age, and the leader holds.
+                None => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shoal_proxy::server::stopped(&mut stop) => break,
+            }
+        }
+    }
+
+    /// `GET /api/cluster/load/SERVICE`: this replica's report, pulled by the leader (the
+    /// same fields a Redis report carries).
+    pub fn load_report(&self) -> Value {
+        let (rps, in_flight) = self.local.lock().expect("local lock").unwrap_or_default();
+        json!({
+            "replica": self.spec.id,
+            "rps": rps,
+            "in_flight": in_flight,
+            "latency": *self.latency_total.lock().expect("latency lock"),
+        })
+    }
+
+    /// Fleet writes are fenced on the Kubernetes object itself (Lease backend).
+    pub fn fences_deployment(&self) -> bool {
+        matches!(self.backend, Backend::Lease(_))
+    }
+
+    /// A fence seen on the Deployment: a Lease created afresh starts above it.
+    pub fn observe_fence(&self, fence: u64) {
+        if let Backend::Lease(l) = &self.backend {
+            l.observe_fence(fence);
+        }
+    }
+
+    /// A fleet write with `token` was accepted.
+    pub fn write_accepted(&self) {
+        self.writes.inc();
+    }
+
+    /// A newer leader (`fence`) has written: step down, count and log it.
+    pub fn fenced_by(&self, fence: u64, token: u64) {
+        self.refused.inc();
+        self.election
+            .lock()
+            .expect("election lock")
+            .fenced(self.now());
+        *self.since_wall.lock().expect("since lock") = None;
+        tracing::warn!(service = %self.service, replica = %self.spec.id, token, fence, reason = "write refused by the fencing token", "stepping down: no longer the leader, fleet writes stop");
     }
 
     /// Records this replica's newest per-second load and adds this second's latency counts
@@ -694,7 +916,10 @@ impl Leadership {
                 self.spec.load_stale,
                 self.spec.load_age_out,
             ),
-            Some(_) => Err("shared load not read lately (Redis unreachable?)".into()),
+            Some(_) => Err(match self.backend {
+                Backend::Redis { .. } => "shared load not read lately (Redis unreachable?)".into(),
+                Backend::Lease(_) => "shared load not read lately (peers not listed?)".into(),
+            }),
             None => Err("shared load not read yet".into()),
         }
     }
@@ -784,8 +1009,16 @@ impl Leadership {
             .filter(|_| token.is_some())
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_secs_f64());
+        let backend = match &self.backend {
+            Backend::Redis { .. } => json!({"kind": "redis"}),
+            Backend::Lease(l) => {
+                json!({"kind": "lease", "namespace": l.namespace(), "name": l.name(),
+                                        "peers": l.peers})
+            }
+        };
         json!({
             "service": self.service,
+            "backend": backend,
             "leader": token.is_some(),
             "id": self.spec.id,
             "holder": if token.is_some() { Some(self.spec.id.clone()) } else { holder.as_ref().and_then(|h| h.id.clone()) },
@@ -893,5 +1126,40 @@ mod config_tests {
         let e = spec("lease = \"2s\"\n").unwrap_err();
         assert!(e.to_string().contains("redis"), "{e}");
         assert_eq!(e.file, "shoal.toml");
+    }
+
+    fn kube_spec(fleet: &str, cluster: &str) -> Result<Option<ClusterSpec>, ConfigError> {
+        let text = format!(
+            "[services.web]\nlisten = \"127.0.0.1:8080\"\n[services.web.fleet]\n{fleet}\n\n[cluster]\n{cluster}"
+        );
+        let c = Config::parse(std::path::Path::new("shoal.toml"), &text).unwrap();
+        cluster_spec(&c)
+    }
+
+    #[test]
+    fn without_redis_a_lease_for_kubernetes_fleets_only() {
+        let k = "provider = \"kubernetes\"\ndeployment = \"web\"";
+        let s = kube_spec(
+            k,
+            "lease = \"3s\"\npeers = \"shoal\"\nlease_name = \"web-lock\"\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.redis, None);
+        assert_eq!(
+            (s.peers.as_deref(), s.lease_name.as_deref()),
+            (Some("shoal"), Some("web-lock"))
+        );
+        let e = kube_spec(k, "peers = \"Shoal_peers\"\n").unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (8, "cluster.peers"), "{e}");
+        assert_eq!(e.file, "shoal.toml");
+        let e = kube_spec(k, "redis = \"redis://h:1\"\nnamespace = \"web\"\n").unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (9, "cluster.namespace"), "{e}");
+        let e = kube_spec("command = \"sleep 100\"", "lease = \"3s\"\n").unwrap_err();
+        assert_eq!(e.field, "cluster", "{e}");
+        assert!(
+            e.to_string().contains("redis") && e.to_string().contains("service web"),
+            "{e}"
+        );
     }
 }

@@ -495,6 +495,19 @@ impl std::fmt::Display for ApiError {
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+static USER_AGENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// With replicas: requests say `shoal/ID` (visible ASCII only), so the API server's audit
+/// log tells the replicas apart.
+pub fn set_user_agent(id: &str) {
+    let id: String = id
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(100)
+        .collect();
+    let _ = USER_AGENT.set(format!("shoal/{id}"));
+}
+
 impl KubeClient {
     pub fn new(ep: Endpoint) -> Result<KubeClient, String> {
         let uri: http::Uri = ep
@@ -605,7 +618,10 @@ impl KubeClient {
             .uri(path)
             .header("host", &self.authority)
             .header("accept", "application/json")
-            .header("user-agent", "shoal");
+            .header(
+                "user-agent",
+                USER_AGENT.get().map_or("shoal", |s| s.as_str()),
+            );
         if !ct.is_empty() {
             b = b.header("content-type", ct);
         }
@@ -1434,8 +1450,77 @@ impl KubeFleet {
         ))
     }
 
-    /// Writes the replica count with `rv` as precondition; Ok(false) on a conflict.
-    async fn write_scale(&self, n: u32, rv: &str) -> Result<bool, ApiError> {
+    fn deployment_path(&self) -> String {
+        format!(
+            "/apis/apps/v1/namespaces/{}/deployments/{}",
+            self.namespace, self.spec.fleet.deployment
+        )
+    }
+
+    /// With a Lease: makes the Deployment's fence this leader's token before a scale write.
+    /// Returns the `resourceVersion` to write the scale with, None when this replica must
+    /// not write now: fenced by a newer leader (it steps down), no longer leading, or the
+    /// count changed since it was read (`read`, re-read next round). A newer leader's write
+    /// after this changes the `resourceVersion`, so ours is then a 409.
+    async fn fence(&self, read: u32, rv: &str) -> Result<Option<String>, ApiError> {
+        let Some(c) = self.cluster.get().filter(|c| c.fences_deployment()) else {
+            return Ok(Some(rv.to_string()));
+        };
+        let Some(token) = c.may_write() else {
+            return Ok(None);
+        };
+        let d = self
+            .client
+            .call(Method::GET, &self.deployment_path(), "", None)
+            .await?;
+        let fence = crate::lease::fence_of(&d);
+        if let Some(f) = fence {
+            c.observe_fence(f);
+        }
+        let cur_rv = d["metadata"]["resourceVersion"].as_str().unwrap_or("");
+        if d["spec"]["replicas"].as_u64() != Some(u64::from(read)) {
+            self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
+        match crate::lease::fence_decision(fence, token) {
+            crate::lease::Fence::Fenced(f) => {
+                c.fenced_by(f, token);
+                Ok(None)
+            }
+            crate::lease::Fence::Write => Ok(Some(cur_rv.to_string())),
+            crate::lease::Fence::Claim => {
+                let patch = json!({"metadata": {"resourceVersion": cur_rv,
+                    "annotations": {crate::lease::FENCE_ANNOTATION: token.to_string()}}});
+                match self
+                    .client
+                    .call(
+                        Method::PATCH,
+                        &self.deployment_path(),
+                        "application/merge-patch+json",
+                        Some(&patch),
+                    )
+                    .await
+                {
+                    Ok(v) => {
+                        tracing::info!(service = %self.spec.service, token, "deployment fence raised to this leader's token");
+                        Ok(v["metadata"]["resourceVersion"].as_str().map(String::from))
+                    }
+                    Err(e) if e.code == 409 => {
+                        self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Writes the replica count (`read` was read at `rv`) with `rv` as precondition, fenced
+    /// with a Lease; Ok(false) on a conflict or when this replica must not write.
+    async fn write_scale(&self, n: u32, read: u32, rv: &str) -> Result<bool, ApiError> {
+        let Some(rv) = self.fence(read, rv).await? else {
+            return Ok(false);
+        };
         let body = json!({
             "apiVersion": "autoscaling/v1", "kind": "Scale",
             "metadata": {"name": self.spec.fleet.deployment, "namespace": self.namespace,
@@ -1454,6 +1539,9 @@ impl KubeFleet {
         {
             Ok(_) => {
                 self.counters.scale_writes.fetch_add(1, Ordering::Relaxed);
+                if let Some(c) = self.cluster.get().filter(|c| c.fences_deployment()) {
+                    c.write_accepted();
+                }
                 let mut s = self.state.lock().expect("kube state");
                 s.written = Some(n);
                 s.replicas = Some(n);
@@ -1535,7 +1623,7 @@ impl KubeFleet {
             s.cut_from.remove(&pod);
         }
         if desired > replicas {
-            if !self.write_scale(desired, &rv).await? {
+            if !self.write_scale(desired, replicas, &rv).await? {
                 self.wake.notify_one();
             }
         } else if desired < replicas && !self.scaling_in.swap(true, Ordering::AcqRel) {
@@ -1691,7 +1779,7 @@ impl KubeFleet {
             if want >= now || self.follower() {
                 return Ok(());
             }
-            if self.write_scale(want, &rv).await? {
+            if self.write_scale(want, now, &rv).await? {
                 return Ok(());
             }
         }
@@ -2028,7 +2116,7 @@ enum WatchEnd {
     Failed(String),
 }
 
-fn encode(s: &str) -> String {
+pub(crate) fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {

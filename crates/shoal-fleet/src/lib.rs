@@ -13,6 +13,7 @@ pub mod config;
 pub mod config_share;
 pub mod kube;
 pub mod leader;
+pub mod lease;
 pub mod process;
 pub mod promsource;
 pub mod provider;
@@ -108,16 +109,31 @@ impl Fleets {
         let cluster_spec = cluster::cluster_spec(config).map_err(|e| e.to_string())?;
         let (stop, stop_rx) = watch::channel(false);
         // One election per fleet: the leader decides and writes, the others follow.
-        let elect = |service: &str| -> Result<Option<Arc<cluster::Leadership>>, String> {
+        let elect = |spec: &FleetSpec| -> Result<Option<Arc<cluster::Leadership>>, String> {
             let Some(c) = &cluster_spec else {
                 return Ok(None);
             };
-            let l = cluster::Leadership::new(service, c).map_err(|e| format!("cluster: {e}"))?;
+            let l = cluster::Leadership::new(&spec.service, c, Some(&spec.fleet.namespace))
+                .map_err(|e| format!("cluster: {e}"))?;
             tokio::spawn(l.clone().run(stop_rx.clone()));
             Ok(Some(l))
         };
         if let Some(c) = &cluster_spec {
-            tracing::info!(replica = %c.id, lease_s = c.timing.lease.as_secs_f64(), "cluster: electing a leader per fleet through Redis");
+            // Requests to the API server name the replica (audit logs tell replicas apart).
+            kube::set_user_agent(&c.id);
+            if c.redis.is_some() {
+                tracing::info!(replica = %c.id, lease_s = c.timing.lease.as_secs_f64(), "cluster: electing a leader per fleet through Redis");
+            } else {
+                tracing::info!(replica = %c.id, lease_s = c.timing.lease.as_secs_f64(), "cluster: electing a leader per fleet through a Kubernetes Lease");
+                match &c.peers {
+                    Some(p) => {
+                        tracing::info!(peers = %p, "cluster: the leader pulls every replica's load from the EndpointSlices of this Service")
+                    }
+                    None => tracing::warn!(
+                        "cluster: no `peers` Service: the leader decides on its own load only"
+                    ),
+                }
+            }
         }
         let mut managed = Vec::new();
         // Before any instance starts: stop what a previous run left, start the watchdog.
@@ -139,14 +155,14 @@ impl Fleets {
                     StaticFleet::new(&spec.service, service.pool.clone());
                 managed.push(Managed {
                     provider,
-                    leadership: elect(&spec.service)?,
+                    leadership: elect(&spec)?,
                     autoscaler: None,
                     resources: spec.resources,
                 });
                 continue;
             }
             let autoscale = spec.autoscale.clone();
-            let leadership = elect(&spec.service)?;
+            let leadership = elect(&spec)?;
             let members: Arc<dyn Membership> = match hooks.members.get(&spec.service) {
                 Some(extra) => Arc::new(Tee(service.pool.clone(), extra.clone())),
                 None => service.pool.clone(),
@@ -360,6 +376,12 @@ impl ApiExtension for Fleets {
     fn get(&self, path: &str) -> Option<Value> {
         if path == "/api/leader" {
             return self.leader_api();
+        }
+        if let Some(name) = path.strip_prefix("/api/cluster/load/") {
+            return Fleets::get(self, name)?
+                .leadership
+                .as_ref()
+                .map(|l| l.load_report());
         }
         let rest = path.strip_prefix("/api/services/")?;
         let (name, sub) = rest.split_once('/').unwrap_or((rest, ""));

@@ -11,7 +11,10 @@ use shoal_fleet::provider::Phase;
 
 fn spec(url: &str, id: &str) -> ClusterSpec {
     ClusterSpec {
-        redis: url.to_string(),
+        redis: Some(url.to_string()),
+        lease_name: None,
+        namespace: None,
+        peers: None,
         timing: Timing::for_lease(Duration::from_millis(1500)),
         id: id.to_string(),
         load_stale: Duration::from_secs(3),
@@ -43,8 +46,8 @@ fn member() -> Vec<SharedMember> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_and_stale_tokens_are_fenced_out() {
     let server = redis::RedisServer::start();
-    let a = Leadership::new("demo", &spec(&server.url(), "a")).unwrap();
-    let b = Leadership::new("demo", &spec(&server.url(), "b")).unwrap();
+    let a = Leadership::new("demo", &spec(&server.url(), "a"), None).unwrap();
+    let b = Leadership::new("demo", &spec(&server.url(), "b"), None).unwrap();
     let (stop, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(a.clone().run(rx.clone()));
     wait("a leads", || a.is_leader()).await;
@@ -104,8 +107,8 @@ async fn one_leader_and_stale_tokens_are_fenced_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_their_load() {
     let server = redis::RedisServer::start();
-    let a = Leadership::new("demo", &spec(&server.url(), "a")).unwrap();
-    let b = Leadership::new("demo", &spec(&server.url(), "b")).unwrap();
+    let a = Leadership::new("demo", &spec(&server.url(), "a"), None).unwrap();
+    let b = Leadership::new("demo", &spec(&server.url(), "b"), None).unwrap();
     let (stop, rx) = tokio::sync::watch::channel(false);
     a.set_local(10.0, 1.0, &[1, 2, 3]);
     b.set_local(30.0, 3.0, &[4, 5, 6]);
@@ -138,8 +141,8 @@ async fn election_fencing_and_load_on_a_redis_cluster() {
     let cluster = redis::RedisCluster::start();
     let url = cluster.url();
     assert!(url.contains(','), "{url}");
-    let a = Leadership::new("demo", &spec(&url, "a")).unwrap();
-    let b = Leadership::new("demo", &spec(&url, "b")).unwrap();
+    let a = Leadership::new("demo", &spec(&url, "a"), None).unwrap();
+    let b = Leadership::new("demo", &spec(&url, "b"), None).unwrap();
     a.set_local(10.0, 1.0, &[]);
     b.set_local(30.0, 3.0, &[]);
     let (stop, rx) = tokio::sync::watch::channel(false);

@@ -199,26 +199,27 @@ pub fn run_config(path: &Path, threads: Option<usize>) -> anyhow::Result<()> {
         shoal_fleet::supervise::enable_helpers();
         let fleets = shoal_fleet::Fleets::start_with(&app, &config, &queues.fleet_hooks())
             .map_err(|e| anyhow::anyhow!(e))?;
-        // Replicas with `[cluster] redis` share one config (see `config_share.rs`).
+        // Replicas sharing a Redis (`[cluster] redis`) share one config (`config_share.rs`)
+        // and TLS session-ticket keys (`ticket_share.rs`). On a Lease each keeps its own.
         let (share_stop, share_rx) = watch::channel(false);
         let cluster =
             shoal_fleet::cluster::cluster_spec(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
-        // TLS session tickets any replica can open (see `ticket_share.rs`).
-        if let Some(c) = cluster
+        let redis = cluster
+            .as_ref()
+            .and_then(|c| c.redis.clone().map(|r| (c, r)));
+        if let Some((_, url)) = redis
             .as_ref()
             .filter(|_| config.services.iter().any(|s| s.tls.is_some()))
         {
-            let t = shoal_fleet::ticket_share::TicketShare::new(
-                &c.redis,
-                shoal_proxy::tickets::shared(),
-            )
-            .map_err(|e| anyhow::anyhow!("cluster: {e}"))?;
+            let t =
+                shoal_fleet::ticket_share::TicketShare::new(url, shoal_proxy::tickets::shared())
+                    .map_err(|e| anyhow::anyhow!("cluster: {e}"))?;
             app.add_collector(t.clone());
             tokio::spawn(t.run(share_rx.clone()));
         }
-        let share = match cluster {
-            Some(c) if c.share_config => {
-                let s = shoal_fleet::config_share::ConfigShare::new(&c.redis, &c.id, &config.text)
+        let share = match redis {
+            Some((c, url)) if c.share_config => {
+                let s = shoal_fleet::config_share::ConfigShare::new(&url, &c.id, &config.text)
                     .map_err(|e| anyhow::anyhow!("cluster: {e}"))?;
                 let gate = s.clone();
                 app.set_reload_gate(Box::new(move |text| gate.file_read(text)));

@@ -433,14 +433,17 @@ fn shoal_scales_a_deployment_and_scales_in_without_failures() {
         "{status}"
     );
 
-    // The shipped Role grants exactly what shoal used, and the in-place resize that only
-    // vertical `auto` uses (checked by `vertical_auto_resizes_pods_in_place_from_pod_metrics`).
+    // The shipped Role grants exactly what shoal used, the in-place resize that only
+    // vertical `auto` uses (checked by `vertical_auto_resizes_pods_in_place_from_pod_metrics`)
+    // and what only replicas on a Lease use (checked by
+    // `replicas_elect_through_a_lease_and_fence_the_deployment`).
     let used = used_permissions(&k.api().requests());
     let role = role_permissions();
-    let unused: Vec<&Perm> = role.difference(&used).collect();
+    let unused: std::collections::BTreeSet<Perm> = role.difference(&used).cloned().collect();
+    let mut expected: std::collections::BTreeSet<Perm> = lease_permissions().into_iter().collect();
+    expected.insert(resize_permission());
     assert_eq!(
-        unused,
-        [&resize_permission()],
+        unused, expected,
         "requests shoal made vs deploy/kubernetes/rbac.yaml"
     );
     assert!(
@@ -456,10 +459,14 @@ fn resize_permission() -> Perm {
 
 type Perm = (String, String, String);
 
-/// (apiGroup, resource, verb) of every request shoal (user agent `shoal`) made.
+/// (apiGroup, resource, verb) of every request shoal (user agent `shoal`, or `shoal/ID` for
+/// a replica of a cluster) made.
 fn used_permissions(log: &[shoal_kube_testapi::Logged]) -> std::collections::BTreeSet<Perm> {
     let mut out = std::collections::BTreeSet::new();
-    for r in log.iter().filter(|r| r.user_agent == "shoal") {
+    for r in log
+        .iter()
+        .filter(|r| r.user_agent == "shoal" || r.user_agent.starts_with("shoal/"))
+    {
         let (path, query) = r.uri.split_once('?').unwrap_or((&r.uri, ""));
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         let (group, rest) = match segs.as_slice() {
@@ -871,4 +878,416 @@ fn counter(metrics: &str, series: &str) -> f64 {
         .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+const LEASE_SECS: f64 = 3.0;
+
+/// One `shoal run` replica of the Lease test.
+struct Replica {
+    proc: Proc,
+    dir: tempfile::TempDir,
+    listen: u16,
+    admin: u16,
+    id: String,
+}
+
+impl Replica {
+    fn start(k: &Api, id: &str, listen: u16, admin: u16) -> Replica {
+        let dir = tempdir();
+        let cfg = fleet_config(
+            listen,
+            admin,
+            &format!(
+                r#"[services.demo.fleet]
+provider = "kubernetes"
+deployment = "demo"
+min = 1
+max = 6
+[services.demo.autoscale]
+interval = "1s"
+targets = [{{ metric = "rps", target = 20 }}]
+stable_window = "6s"
+panic_window = "3s"
+burst_hold = "5s"
+scale_down_stabilization = "120s"
+
+[cluster]
+lease = "{LEASE_SECS}s"
+id = "{id}"
+peers = "shoal-peers""#
+            ),
+        );
+        let proc = start_shoal(dir.path(), k, &cfg, listen, admin);
+        Replica {
+            proc,
+            dir,
+            listen,
+            admin,
+            id: id.to_string(),
+        }
+    }
+
+    fn leader(&self) -> Value {
+        api_json(self.admin, "/api/leader")
+    }
+
+    fn leads(&self) -> bool {
+        self.leader()["leader"] == true
+    }
+
+    fn desired(&self) -> u64 {
+        api_json(self.admin, "/api/services/demo")["desired"]
+            .as_u64()
+            .unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("shoal.log")).unwrap_or_default()
+    }
+
+    fn agent(&self) -> String {
+        format!("shoal/{}", self.id)
+    }
+}
+
+/// Which of `rs` lead now (each one's `/api/leader`).
+fn lease_leaders(rs: &[&Replica]) -> Vec<String> {
+    rs.iter()
+        .filter(|r| r.leads())
+        .map(|r| r.id.clone())
+        .collect()
+}
+
+/// Waits (up to `secs`) for exactly one leader among `rs`, never seeing two.
+fn one_leader<'a>(rs: &[&'a Replica], secs: f64) -> (&'a Replica, Duration) {
+    let t0 = Instant::now();
+    loop {
+        let l = lease_leaders(rs);
+        assert!(l.len() <= 1, "two leaders: {l:?}");
+        if let Some(id) = l.first() {
+            return (rs.iter().find(|r| &r.id == id).unwrap(), t0.elapsed());
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs_f64(secs),
+            "no leader within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `[cluster]` without `redis` on Kubernetes: three replicas elect through a Lease
+/// (`coordination.k8s.io/v1`), the leader pulls the others' load from their admin ports
+/// (listed in the `shoal-peers` EndpointSlices) and sizes the Deployment on the total. A
+/// leader SIGKILLed under load is replaced within the lease, no request fails and the
+/// replica count does not move (the dead one's report is missing data: a hold); one
+/// SIGSTOPped past its lease is replaced and, woken, steps
+/// down without writing; a fence raised by hand on the Deployment makes the leader step down
+/// (and take the Lease again above it). From the apiserver's request log: no scale write by
+/// a replaced leader after its successor's first write.
+#[test]
+fn replicas_elect_through_a_lease_and_fence_the_deployment() {
+    let dir = tempdir();
+    let k = Api::start(dir.path());
+    create_deployment(&k, "demo", 1);
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    // One slice per replica (their admin ports differ), as a headless Service would list them.
+    let slices = shoal_kube_testapi::find_res("discovery.k8s.io", "v1", "endpointslices").unwrap();
+    for (i, (_, admin)) in ports.iter().enumerate() {
+        k.api()
+            .state
+            .store
+            .lock()
+            .unwrap()
+            .create(
+                slices,
+                "default",
+                serde_json::json!({
+                    "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": format!("shoal-peers-{i}"), "namespace": "default",
+                                 "labels": {"kubernetes.io/service-name": "shoal-peers"}},
+                    "addressType": "IPv4",
+                    "ports": [{"name": "admin", "port": admin, "protocol": "TCP"}],
+                    "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}],
+                }),
+            )
+            .unwrap();
+    }
+    let mut rs: Vec<Replica> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (l, a))| Replica::start(&k, &format!("r{}", i + 1), *l, *a))
+        .collect();
+    let refs: Vec<&Replica> = rs.iter().collect();
+    let (leader, _) = one_leader(&refs, 15.0);
+    let first = leader.id.clone();
+    for r in &rs {
+        let l = r.leader();
+        assert_eq!(l["holder"], first.as_str(), "{l}");
+        assert_eq!(l["services"][0]["backend"]["kind"], "lease", "{l}");
+    }
+    let lease = k
+        .object("coordination.k8s.io", "leases", "shoal-demo")
+        .unwrap();
+    assert!(
+        lease["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{first}#")),
+        "{lease}"
+    );
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 3, "{lease}");
+
+    // (a) 30 rps on each replica against 20 per pod: the leader sizes on the total (90: 5),
+    // where each alone sees 30 (2).
+    let loaders: Vec<_> = rs
+        .iter()
+        .map(|r| {
+            let url = format!("http://127.0.0.1:{}/work?sleep_ms=20", r.listen);
+            std::thread::spawn(move || load(&url, 30, 20))
+        })
+        .collect();
+    let t0 = Instant::now();
+    wait_until(25, "the leader sizes on the total load", || {
+        assert_eq!(lease_leaders(&refs), vec![first.clone()], "one leader");
+        leader.desired() >= 4 && k.replicas() >= 4
+    });
+    eprintln!(
+        "leader desired {} after {:?}; load it sees: {}",
+        leader.desired(),
+        t0.elapsed(),
+        leader.leader()["services"][0]["load"]
+    );
+    for l in loaders {
+        let report = l.join().unwrap();
+        assert_eq!(report["errors"]["total"], 0, "{report}");
+    }
+    assert!(k.replicas() <= 6);
+
+    // (b) SIGKILL the leader under load (through the two others).
+    let li = rs.iter().position(|r| r.id == first).unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != li).collect();
+    let loaders: Vec<_> = others
+        .iter()
+        .map(|i| {
+            let url = format!("http://127.0.0.1:{}/work?sleep_ms=20", rs[*i].listen);
+            std::thread::spawn(move || load(&url, 30, 12))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let before = k.replicas();
+    rs[li].proc.signal("KILL");
+    let t0 = Instant::now();
+    let _ = rs[li].proc.wait_exit(5);
+    let survivors: Vec<&Replica> = others.iter().map(|i| &rs[*i]).collect();
+    let (second, took) = one_leader(&survivors, LEASE_SECS + 2.0);
+    eprintln!("new leader {} after {took:?}", second.id);
+    // Within the lease (the dead leader's last renewal was up to a retry period before the
+    // kill), plus a retry period for the follower to look again.
+    assert!(took.as_secs_f64() < LEASE_SECS + 1.0, "{took:?}");
+    // The dead leader is still listed as a peer: its report goes stale and the new leader
+    // holds (missing data, not zero load) rather than scale in.
+    let (mut stale, mut held) = (false, false);
+    while t0.elapsed() < Duration::from_secs(8) {
+        assert_eq!(
+            k.replicas(),
+            before,
+            "the replica count moved with the change"
+        );
+        assert!(lease_leaders(&survivors).len() <= 1);
+        let l = second.leader();
+        stale |= l["services"][0]["load"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["replica"] == first.as_str() && r["age_ms"].as_u64() > Some(3000));
+        let d = api_json(second.admin, "/api/services/demo")["last_decision"].clone();
+        held |= d["inputs"]["metrics"][0]["stable"].is_null()
+            && d["inputs"]["now_secs"].as_f64() > Some(0.0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(stale, "the dead leader's report never went stale");
+    assert!(held, "the new leader did not hold on the missing report");
+    for l in loaders {
+        let report = l.join().unwrap();
+        assert_eq!(report["errors"]["total"], 0, "{report}");
+    }
+
+    // (c) SIGSTOP the new leader past its lease: the third leads, and writes.
+    let second_id = second.id.clone();
+    let third_i = *others.iter().find(|i| rs[**i].id != second_id).unwrap();
+    let second_i = *others.iter().find(|i| rs[**i].id == second_id).unwrap();
+    rs[second_i].proc.signal("STOP");
+    let third = &rs[third_i];
+    let (_, took) = one_leader(&[third], LEASE_SECS + 2.0);
+    eprintln!("third leader {} after {took:?}", third.id);
+    let (s, body) = http(
+        format!("127.0.0.1:{}", third.admin).parse().unwrap(),
+        "POST",
+        "/api/services/demo/scale",
+        &[
+            ("authorization", "Bearer test-token"),
+            ("content-type", "application/json"),
+        ],
+        &format!("{{\"desired\": {}}}", before + 1),
+    );
+    assert_eq!(s, 200, "{body}");
+    // (The autoscaler may lower it again: the request log shows the write.)
+    let third_agent = third.agent();
+    wait_until(5, "the third leader's write", || {
+        k.api().requests().iter().any(|r| {
+            r.method == "PUT"
+                && r.uri.ends_with("/deployments/demo/scale")
+                && r.status == 200
+                && r.user_agent == third_agent
+        })
+    });
+    // Paused well past its lease (it was already a lease and a write), then woken.
+    std::thread::sleep(Duration::from_secs_f64(LEASE_SECS));
+    rs[second_i].proc.signal("CONT");
+    let alive: Vec<&Replica> = [second_i, third_i].iter().map(|i| &rs[*i]).collect();
+    let t1 = Instant::now();
+    while t1.elapsed() < Duration::from_secs(4) {
+        assert_eq!(
+            lease_leaders(&alive),
+            vec![rs[third_i].id.clone()],
+            "never two leaders"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_until(5, "the paused leader logs its step-down", || {
+        rs[second_i].log().contains("stepping down")
+    });
+    let paused_log = rs[second_i].log();
+    eprintln!(
+        "paused leader: {}",
+        paused_log
+            .lines()
+            .filter(|l| l.contains("stepping down"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let l = rs[second_i].leader();
+    assert_eq!(l["leader"], false, "{l}");
+    assert_eq!(l["holder"], rs[third_i].id.as_str(), "{l}");
+
+    // From the request log: after a successor's first write, the replaced leaders' writes
+    // to the Deployment (scale or fence) never land.
+    let log = k.api().requests();
+    let is_write = |r: &&shoal_kube_testapi::Logged| {
+        (r.method == "PUT" && r.uri.ends_with("/deployments/demo/scale"))
+            || (r.method == "PATCH" && r.uri.ends_with("/deployments/demo"))
+    };
+    for (old, new) in [(li, second_i), (second_i, third_i)] {
+        let Some(first_new) = log
+            .iter()
+            .filter(is_write)
+            .find(|r| r.user_agent == rs[new].agent() && r.status == 200)
+        else {
+            continue;
+        };
+        let late: Vec<_> = log
+            .iter()
+            .filter(is_write)
+            .filter(|r| r.user_agent == rs[old].agent() && r.status == 200)
+            .filter(|r| r.ms > first_new.ms)
+            .collect();
+        assert!(
+            late.is_empty(),
+            "{} wrote after {}: {late:#?}",
+            rs[old].id,
+            rs[new].id
+        );
+    }
+    let d = k.object("apps", "deployments", "demo").unwrap();
+    let fence: u64 = d["metadata"]["annotations"]["shoal.dev/fence"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        Some(fence),
+        rs[third_i].leader()["token"].as_u64(),
+        "the fence is the current leader's token"
+    );
+
+    // (d) A newer fence on the Deployment (as a newer leader would leave): the leader's next
+    // write is refused, it steps down, and takes the Lease again above that fence.
+    let third = &rs[third_i];
+    let mark = k.api().requests().len();
+    k.kubectl_ok(&[
+        "annotate",
+        "--overwrite",
+        "deployment",
+        "demo",
+        "shoal.dev/fence=1000",
+    ]);
+    let (s, body) = http(
+        format!("127.0.0.1:{}", third.admin).parse().unwrap(),
+        "POST",
+        "/api/services/demo/scale",
+        &[
+            ("authorization", "Bearer test-token"),
+            ("content-type", "application/json"),
+        ],
+        &format!("{{\"desired\": {}}}", before + 2),
+    );
+    assert_eq!(s, 200, "{body}");
+    wait_until(5, "the fenced write refused", || {
+        third.log().contains("write refused by the fencing token")
+    });
+    let (_, m) = get(third.admin, "/metrics");
+    assert!(
+        counter(
+            &m,
+            "shoal_fenced_writes_total{service=\"demo\",result=\"refused\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    // The first write by any replica after the hand-raised fence claims a fence above it.
+    let log = k.api().requests();
+    let w = log[mark..]
+        .iter()
+        .filter(is_write)
+        .find(|r| r.status == 200 && r.user_agent.starts_with("shoal/"));
+    if let Some(w) = w {
+        let body: Value = serde_json::from_str(&w.body).unwrap();
+        let f = body["metadata"]["annotations"]["shoal.dev/fence"]
+            .as_str()
+            .and_then(|f| f.parse::<u64>().ok());
+        assert!(
+            w.method == "PATCH" && f.is_some_and(|f| f > 1000),
+            "a write under the old token landed: {w:?}"
+        );
+    }
+    let alive: Vec<&Replica> = [second_i, third_i].iter().map(|i| &rs[*i]).collect();
+    wait_until(10, "a leader above the fence", || {
+        let l = lease_leaders(&alive);
+        l.len() == 1
+            && alive
+                .iter()
+                .find(|r| r.id == l[0])
+                .is_some_and(|r| r.leader()["token"].as_u64().unwrap_or(0) > 1000)
+    });
+
+    // The shipped Role covers what the replicas did (Lease, fence patch, peers' slices).
+    let used = used_permissions(&k.api().requests());
+    assert!(
+        used.is_subset(&role_permissions()),
+        "requests shoal made vs deploy/kubernetes/rbac.yaml: {:?}",
+        used.difference(&role_permissions()).collect::<Vec<_>>()
+    );
+    for p in lease_permissions() {
+        assert!(used.contains(&p), "{p:?} not used: {used:?}");
+    }
+}
+
+/// What only `[cluster]` on a Lease uses.
+fn lease_permissions() -> Vec<Perm> {
+    let p = |g: &str, r: &str, v: &str| (g.to_string(), r.to_string(), v.to_string());
+    vec![
+        p("coordination.k8s.io", "leases", "get"),
+        p("coordination.k8s.io", "leases", "create"),
+        p("coordination.k8s.io", "leases", "update"),
+        p("apps", "deployments", "patch"),
+    ]
 }
