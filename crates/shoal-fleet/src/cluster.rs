@@ -119,7 +119,9 @@ pub fn cluster_spec(config: &Config) -> Result<Option<ClusterSpec>, ConfigError>
                     "names one Lease, and every fleet needs its own: leave it out with several fleets (each gets shoal-SERVICE)".into(),
                 ));
             }
-            let why = match specs.iter().find(|s| s.fleet.provider != "kubernetes") {
+            let why = match specs.iter().find(|s| {
+                !crate::registry::find(&s.fleet.provider).is_some_and(|k| k.lease_election)
+            }) {
                 Some(s) => Some(format!("service {} is \"{}\"", s.service, s.fleet.provider)),
                 None if specs.is_empty() => Some("there is no fleet".to_string()),
                 None => None,

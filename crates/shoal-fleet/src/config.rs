@@ -446,80 +446,22 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
             "at most 1000 instances per service".into(),
         ));
     }
-    match fleet.provider.as_str() {
-        "process" => {
-            let words = fleet.command.words();
-            let Some(program) = words.first() else {
-                return Err(field_error(
-                    &loc,
-                    text,
-                    name,
-                    "fleet",
-                    "command",
-                    "the process provider needs a command".into(),
-                ));
-            };
-            if program != "shoal" && find_program(program).is_none() {
-                return Err(field_error(
-                    &loc,
-                    text,
-                    name,
-                    "fleet",
-                    "command",
-                    format!("cannot start {program:?}: not found or not executable"),
-                ));
-            }
-        }
-        "static" => {
-            if svc.extra.contains_key("autoscale") {
-                return Err(field_error(
-                    &loc,
-                    text,
-                    name,
-                    "fleet",
-                    "provider",
-                    "a static fleet is not scaled: remove [autoscale] or use the process provider"
-                        .into(),
-                ));
-            }
-        }
-        "kubernetes" => {
-            if fleet.deployment.is_empty() {
-                return Err(field_error(
-                    &loc,
-                    text,
-                    name,
-                    "fleet",
-                    "deployment",
-                    "the kubernetes provider needs the Deployment's name".into(),
-                ));
-            }
-            if !matches!(fleet.external_scale.as_str(), "respect" | "reconcile") {
-                return Err(field_error(
-                    &loc,
-                    text,
-                    name,
-                    "fleet",
-                    "external_scale",
-                    format!(
-                        "unknown mode {:?} (use \"respect\" or \"reconcile\")",
-                        fleet.external_scale
-                    ),
-                ));
-            }
-        }
-        other => {
-            return Err(field_error(
-                &loc,
-                text,
-                name,
-                "fleet",
-                "provider",
-                format!(
-                    "unknown provider {other:?} (use \"process\", \"static\" or \"kubernetes\")"
-                ),
-            ));
-        }
+    let Some(kind) = crate::registry::find(&fleet.provider) else {
+        return Err(field_error(
+            &loc,
+            text,
+            name,
+            "fleet",
+            "provider",
+            format!(
+                "unknown provider {:?} (use {})",
+                fleet.provider,
+                crate::registry::names()
+            ),
+        ));
+    };
+    if let Err((field, msg)) = (kind.check)(&fleet, svc.extra.contains_key("autoscale")) {
+        return Err(field_error(&loc, text, name, "fleet", field, msg));
     }
     let resources = match svc.extra.get("resources") {
         None => resources_defaults(None, None, VerticalMode::Recommend, None),
@@ -587,7 +529,7 @@ pub fn fleet_spec(config: &Config, svc: &ServiceConfig) -> Result<Option<FleetSp
             if mode == VerticalMode::Auto
                 && cpu.is_none()
                 && memory_bytes.is_none()
-                && fleet.provider != "kubernetes"
+                && !crate::registry::find(&fleet.provider).is_some_and(|k| k.sized_by_platform)
             {
                 return Err(ferr(
                     "mode",

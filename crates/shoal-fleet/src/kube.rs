@@ -2127,6 +2127,61 @@ pub(crate) fn encode(s: &str) -> String {
         .collect()
 }
 
+/// The Kubernetes provider's entry in the registry.
+pub static KIND: crate::registry::ProviderKind = crate::registry::ProviderKind {
+    name: "kubernetes",
+    scales: true,
+    local_processes: false,
+    sized_by_platform: true,
+    lease_election: true,
+    check: check_fleet,
+    start: start_fleet,
+};
+
+fn check_fleet(
+    fleet: &crate::config::FleetConfig,
+    _autoscale: bool,
+) -> Result<(), crate::registry::FieldError> {
+    if fleet.deployment.is_empty() {
+        return Err((
+            "deployment",
+            "the kubernetes provider needs the Deployment's name".into(),
+        ));
+    }
+    if !matches!(fleet.external_scale.as_str(), "respect" | "reconcile") {
+        return Err((
+            "external_scale",
+            format!(
+                "unknown mode {:?} (use \"respect\" or \"reconcile\")",
+                fleet.external_scale
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn start_fleet(
+    s: crate::registry::Start<'_>,
+) -> Result<Arc<dyn crate::provider::Provider>, String> {
+    let ep = endpoint_from_env().map_err(|e| format!("kubernetes: {e}"))?;
+    if s.spec.fleet.min == 0 {
+        // Scale from zero: requests wait for the first pod (the fleet sees them).
+        s.service
+            .pool
+            .set_cold_start(Some(shoal_proxy::pool::ColdStart {
+                timeout: s.spec.fleet.cold_start_timeout.0,
+                queue: s.spec.fleet.cold_start_queue,
+            }));
+    }
+    let fleet =
+        KubeFleet::new(s.spec.clone(), s.members, ep).map_err(|e| format!("kubernetes: {e}"))?;
+    if let Some(l) = &s.leadership {
+        fleet.set_cluster(l.clone());
+    }
+    fleet.start();
+    Ok(fleet)
+}
+
 impl Provider for KubeFleet {
     fn kind(&self) -> &'static str {
         "kubernetes"

@@ -19,6 +19,7 @@ pub mod promsource;
 pub mod provider;
 pub mod recommend;
 pub mod redis_call;
+pub mod registry;
 pub mod supervise;
 pub mod ticket_share;
 pub mod usage;
@@ -137,7 +138,14 @@ impl Fleets {
         }
         let mut managed = Vec::new();
         // Before any instance starts: stop what a previous run left, start the watchdog.
-        let registry = if specs.iter().any(|s| s.fleet.provider == "process") {
+        let kind_of = |spec: &FleetSpec| {
+            registry::find(&spec.fleet.provider)
+                .ok_or_else(|| format!("service {}: unknown provider", spec.service))
+        };
+        let registry = if specs
+            .iter()
+            .any(|s| kind_of(s).is_ok_and(|k| k.local_processes))
+        {
             Some(Arc::new(
                 supervise::Registry::open(&config.data_dir)
                     .map_err(|e| format!("data_dir {}: {e}", config.data_dir.display()))?,
@@ -149,51 +157,21 @@ impl Fleets {
             let service = app
                 .service(&spec.service)
                 .ok_or_else(|| format!("no service {}", spec.service))?;
-            if spec.fleet.provider == "static" {
-                // The service's `backends` are the fleet: reported, never scaled.
-                let provider: Arc<dyn Provider> =
-                    StaticFleet::new(&spec.service, service.pool.clone());
-                managed.push(Managed {
-                    provider,
-                    leadership: elect(&spec)?,
-                    autoscaler: None,
-                    resources: spec.resources,
-                });
-                continue;
-            }
-            let autoscale = spec.autoscale.clone();
+            let kind = kind_of(&spec)?;
+            let autoscale = spec.autoscale.clone().filter(|_| kind.scales);
             let leadership = elect(&spec)?;
             let members: Arc<dyn Membership> = match hooks.members.get(&spec.service) {
                 Some(extra) => Arc::new(Tee(service.pool.clone(), extra.clone())),
                 None => service.pool.clone(),
             };
-            let provider: Arc<dyn Provider> = if spec.fleet.provider == "kubernetes" {
-                let ep = kube::endpoint_from_env()
-                    .map_err(|e| format!("service {}: kubernetes: {e}", spec.service))?;
-                if spec.fleet.min == 0 {
-                    // Scale from zero: requests wait for the first pod (the fleet sees them).
-                    service
-                        .pool
-                        .set_cold_start(Some(shoal_proxy::pool::ColdStart {
-                            timeout: spec.fleet.cold_start_timeout.0,
-                            queue: spec.fleet.cold_start_queue,
-                        }));
-                }
-                let fleet = kube::KubeFleet::new(spec.clone(), members, ep)
-                    .map_err(|e| format!("service {}: kubernetes: {e}", spec.service))?;
-                if let Some(l) = &leadership {
-                    fleet.set_cluster(l.clone());
-                }
-                fleet.start();
-                fleet
-            } else {
-                let registry = registry.clone().expect("registry for process fleets");
-                let fleet = ProcessFleet::new(spec.clone(), members, registry, leadership.clone())
-                    .map_err(|e| e.to_string())?;
-                tokio::spawn(fleet.clone().run());
-                tokio::spawn(fleet.clone().run_vertical());
-                fleet
-            };
+            let provider = (kind.start)(registry::Start {
+                spec: &spec,
+                service: &service,
+                members,
+                leadership: leadership.clone(),
+                processes: registry.clone(),
+            })
+            .map_err(|e| format!("service {}: {e}", spec.service))?;
             let autoscaler = match autoscale {
                 Some(cfg) => {
                     let backlog = hooks.backlog.get(&spec.service).cloned();
@@ -244,7 +222,9 @@ impl Fleets {
         // Kubernetes fleet stops being watched and scaled; its pods stay the cluster's).
         for m in &self.managed {
             let service = m.provider.service().to_string();
-            if m.provider.kind() != "static" && !config.services.iter().any(|s| s.name == service) {
+            if registry::scales(m.provider.kind())
+                && !config.services.iter().any(|s| s.name == service)
+            {
                 tracing::info!(service = %service, "service removed: draining and stopping its fleet");
                 let provider = m.provider.clone();
                 tokio::spawn(async move { provider.shutdown(Duration::from_secs(60)).await });
@@ -254,7 +234,7 @@ impl Fleets {
             match self.get(&spec.service) {
                 Some(m) => {
                     let (min, max) = (spec.fleet.min, spec.fleet.max);
-                    if m.provider.bounds() != (min, max) && m.provider.kind() != "static" {
+                    if m.provider.bounds() != (min, max) && registry::scales(m.provider.kind()) {
                         tracing::info!(service = %spec.service, min, max, "fleet bounds reloaded");
                         m.provider.set_bounds(min, max);
                     }
@@ -307,7 +287,7 @@ impl Collector for Fleets {
                 m.provider.desired() as f64,
             );
             // A static fleet has no bounds to reach (its size is its backend list).
-            if m.provider.kind() != "static" {
+            if registry::scales(m.provider.kind()) {
                 let (min, max) = m.provider.bounds();
                 let l = [("service", m.provider.service())];
                 e.gauge(
@@ -414,7 +394,7 @@ impl ApiExtension for Fleets {
 
     fn owns_instance(&self, service: &str, id: &str) -> bool {
         Fleets::get(self, service).is_some_and(|m| {
-            m.provider.kind() != "static" && m.provider.members().iter().any(|i| i.id == id)
+            registry::scales(m.provider.kind()) && m.provider.members().iter().any(|i| i.id == id)
         })
     }
 

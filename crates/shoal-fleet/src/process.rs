@@ -33,6 +33,43 @@ use crate::usage::{start_ticks, ProcTable, Usage};
 
 pub use crate::provider::Phase;
 
+/// The local-process provider's entry in the registry.
+pub static KIND: crate::registry::ProviderKind = crate::registry::ProviderKind {
+    name: "process",
+    scales: true,
+    local_processes: true,
+    sized_by_platform: false,
+    lease_election: false,
+    check: check_fleet,
+    start: start_fleet,
+};
+
+fn check_fleet(
+    fleet: &crate::config::FleetConfig,
+    _autoscale: bool,
+) -> Result<(), crate::registry::FieldError> {
+    let words = fleet.command.words();
+    let Some(program) = words.first() else {
+        return Err(("command", "the process provider needs a command".into()));
+    };
+    if program != "shoal" && crate::config::find_program(program).is_none() {
+        return Err((
+            "command",
+            format!("cannot start {program:?}: not found or not executable"),
+        ));
+    }
+    Ok(())
+}
+
+fn start_fleet(s: crate::registry::Start<'_>) -> Result<Arc<dyn Provider>, String> {
+    let registry = s.processes.ok_or("no process supervisor")?;
+    let fleet = ProcessFleet::new(s.spec.clone(), s.members, registry, s.leadership)
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(fleet.clone().run());
+    tokio::spawn(fleet.clone().run_vertical());
+    Ok(fleet)
+}
+
 #[derive(Debug)]
 pub(crate) struct Proc {
     port: u16,

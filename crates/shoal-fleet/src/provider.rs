@@ -141,6 +141,35 @@ impl StaticFleet {
     }
 }
 
+/// The static provider's entry in the registry: the service's `backends` are the fleet,
+/// reported, never scaled.
+pub static STATIC_KIND: crate::registry::ProviderKind = crate::registry::ProviderKind {
+    name: "static",
+    scales: false,
+    local_processes: false,
+    sized_by_platform: false,
+    lease_election: false,
+    check: check_static,
+    start: start_static,
+};
+
+fn check_static(
+    _fleet: &crate::config::FleetConfig,
+    autoscale: bool,
+) -> Result<(), crate::registry::FieldError> {
+    if autoscale {
+        return Err((
+            "provider",
+            "a static fleet is not scaled: remove [autoscale] or use the process provider".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn start_static(s: crate::registry::Start<'_>) -> Result<Arc<dyn Provider>, String> {
+    Ok(StaticFleet::new(&s.spec.service, s.service.pool.clone()))
+}
+
 impl Provider for StaticFleet {
     fn kind(&self) -> &'static str {
         "static"
