@@ -187,7 +187,7 @@ pub fn cluster_spec(config: &Config) -> Result<Option<ClusterSpec>, ConfigError>
         id,
         load_stale: Duration::from_secs(3).max(timing.retry * 3),
         load_age_out: Duration::from_secs(10).max(timing.lease * 2),
-        share_config: raw.share_config.unwrap_or(true),
+        share_config: raw.share_config.unwrap_or(false),
     }))
 }
 
@@ -804,7 +804,18 @@ impl Leadership {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         let forget = self.spec.load_age_out * 3;
+        let mut tick: u64 = 0;
         loop {
+            tick += 1;
+            // The leader pulls every second; a follower every 5 s, enough to start warm
+            // if it takes over, without every replica asking every other each second.
+            if !self.is_leader() && tick % 5 != 1 {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shoal_proxy::server::stopped(&mut stop) => break,
+                }
+                continue;
+            }
             match l.pull_load(&self.service, &self.spec.id, forget).await {
                 Some(r) => *self.reports.lock().expect("reports lock") = Some((Instant::now(), r)),
                 None if l.peers.is_none() => {
@@ -899,7 +910,8 @@ impl Leadership {
                     sum.resize(rep.latency.len(), 0);
                 }
                 for (i, (a, b)) in sum.iter_mut().zip(&rep.latency).enumerate() {
-                    *a += b - last.get(i).copied().unwrap_or(0);
+                    // Saturating: a report is data from elsewhere, never a reason to panic.
+                    *a = a.saturating_add(b.saturating_sub(last.get(i).copied().unwrap_or(0)));
                 }
             }
             consumed.insert(rep.replica.clone(), rep.latency.clone());

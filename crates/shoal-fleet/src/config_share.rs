@@ -1,4 +1,4 @@
-//! One config for every replica (`[cluster] redis`, `share_config = true` by default).
+//! One config for every replica (`[cluster] redis` with `share_config = true`).
 //!
 //! A reload on one replica (SIGHUP, `POST /api/reload`) that read an edited file publishes
 //! the file's text as a new version in Redis (`shoal:{@config}:doc`: version, text, Redis
@@ -9,10 +9,9 @@
 //! `listen` address, so replicas on one host or behind different addresses can share the
 //! rest.
 //!
-//! At start a replica adopts the shared version, unless its file was modified after that
-//! version was published (then the file is the newer edit and is published). A SIGHUP on a
-//! replica whose file did not change since it last read it (e.g. to reload certificates)
-//! does not put its file over the shared config.
+//! At start a replica adopts the shared version unless its file was edited since it last
+//! read it ([`at_start`]). A SIGHUP on a replica whose file did not change since it was
+//! last applied (e.g. to reload certificates) does not put its file over the shared config.
 //!
 //! Redis is trusted with the config as it is with the fleet: whoever can write the key can
 //! change every replica's routes and fleet commands. A Redis outage leaves each replica on
@@ -20,7 +19,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shoal_proxy::app::App;
 use shoal_proxy::metrics::{Counter, Exposition};
@@ -53,7 +52,7 @@ pub struct Shared {
 /// What a starting replica does with its file and the shared version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AtStart {
-    /// Nothing shared yet, or the file changed after the shared version: publish the file.
+    /// Nothing shared yet, or the file was edited: publish the file.
     Publish,
     /// Apply the shared version.
     Adopt,
@@ -61,13 +60,24 @@ pub enum AtStart {
     InSync,
 }
 
-/// The start rule (pure): the newest edit wins.
-pub fn at_start(local_text: &str, file_mtime_ms: Option<u64>, shared: Option<&Shared>) -> AtStart {
-    match shared {
-        None => AtStart::Publish,
-        Some(s) if s.text == local_text => AtStart::InSync,
-        Some(s) if file_mtime_ms.is_some_and(|m| m > s.at_ms) => AtStart::Publish,
-        Some(_) => AtStart::Adopt,
+/// The start rule (pure). `seen` is the file's text as this replica last read it (kept in
+/// `data_dir`): a file unchanged since then is not news, so the cluster's version wins
+/// (a restarted replica never puts its old file over a newer edit); a file changed since
+/// is an edit and is published. With no record (a new replica), the file counts as an
+/// edit only if it was modified after the shared version was published.
+pub fn at_start(
+    local_text: &str,
+    seen: Option<&str>,
+    file_mtime_ms: Option<u64>,
+    shared: Option<&Shared>,
+) -> AtStart {
+    match (shared, seen) {
+        (None, _) => AtStart::Publish,
+        (Some(s), _) if s.text == local_text => AtStart::InSync,
+        (Some(_), Some(seen)) if seen == local_text => AtStart::Adopt,
+        (Some(_), Some(_)) => AtStart::Publish,
+        (Some(s), None) if file_mtime_ms.is_some_and(|m| m > s.at_ms) => AtStart::Publish,
+        (Some(_), None) => AtStart::Adopt,
     }
 }
 
@@ -87,38 +97,55 @@ pub fn overlay(local: &Config, mut shared: Config) -> Config {
     shared
 }
 
-#[derive(Default)]
 struct State {
     /// The version in force here (0: none).
     applied: u64,
-    /// Text of the version in force (the shared one, or the file's when published).
+    /// Text of the version in force (the shared one, or the file's once published).
     text: Option<String>,
-    /// The file's text as last read, so an unchanged file is not re-published.
-    file_text: String,
-    /// A publication that failed, to retry.
+    /// The file's config as last applied from it (its text, and its own settings that a
+    /// shared version keeps).
+    local: Config,
+    /// Local reloads applied so far: an adoption that saw an older count gives way.
+    local_gen: u64,
+    /// The shared text being applied right now (the reload hook must not publish it back).
+    adopting: Option<String>,
+    /// A local text to publish (retried after a failure).
     pending: Option<String>,
-    /// A version refused here (invalid on this replica): not retried every second.
-    refused: u64,
+    /// A version refused here, and when: retried after `REFUSED_RETRY`.
+    refused: Option<(u64, Instant)>,
 }
+
+/// A version refused here (e.g. a port still taken, a file not there yet) is tried again
+/// after this long.
+const REFUSED_RETRY: Duration = Duration::from_secs(60);
 
 pub struct ConfigShare {
     redis: crate::redis_call::LazyRedis,
     id: String,
     state: Mutex<State>,
+    /// One publication at a time, in order.
+    flushing: tokio::sync::Mutex<()>,
     publishes: Counter,
     adoptions: Counter,
     failures: Counter,
 }
 
 impl ConfigShare {
-    pub fn new(redis: &str, id: &str, file_text: &str) -> Result<Arc<ConfigShare>, String> {
+    /// `local`: the config this replica started with (from its file).
+    pub fn new(redis: &str, id: &str, local: &Config) -> Result<Arc<ConfigShare>, String> {
         Ok(Arc::new(ConfigShare {
             redis: crate::redis_call::LazyRedis::open(redis)?,
             id: id.to_string(),
             state: Mutex::new(State {
-                file_text: file_text.to_string(),
-                ..State::default()
+                applied: 0,
+                text: None,
+                local: local.clone(),
+                local_gen: 0,
+                adopting: None,
+                pending: None,
+                refused: None,
             }),
+            flushing: tokio::sync::Mutex::new(()),
             publishes: Counter::default(),
             adoptions: Counter::default(),
             failures: Counter::default(),
@@ -164,44 +191,59 @@ impl ConfigShare {
         cmd.arg(PUBLISH).arg(1).arg(KEY).arg(text).arg(&self.id);
         let v: u64 = self.call(cmd).await?;
         self.publishes.inc();
-        let mut s = self.state.lock().expect("share state");
-        s.applied = s.applied.max(v);
         tracing::info!(version = v, "config published to the other replicas");
         Ok(v)
     }
 
-    /// The reload gate: a file that did not change since it was last read is not applied
-    /// over the shared config in force.
+    /// The reload gate: a file that did not change since it was last applied is not put
+    /// over the shared config in force (a SIGHUP for certificates, say).
     pub fn file_read(&self, text: &str) -> bool {
-        let mut s = self.state.lock().expect("share state");
-        let changed = s.file_text != text;
-        s.file_text = text.to_string();
-        changed || s.text.is_none()
+        let s = self.state.lock().expect("share state");
+        s.local.text != text || s.text.is_none()
     }
 
-    /// After a reload applied `config`: publishes it when it came from this replica's file.
+    /// After a reload applied `config`: an adoption is recorded; a reload of this
+    /// replica's file is published.
     pub fn reloaded(self: &Arc<Self>, config: &Config) {
         let mut s = self.state.lock().expect("share state");
-        if s.text.as_deref() == Some(config.text.as_str()) {
+        if s.adopting.as_deref() == Some(config.text.as_str()) {
+            s.text = Some(config.text.clone());
             return;
         }
+        s.local_gen += 1;
+        s.local = config.clone();
         s.text = Some(config.text.clone());
         s.pending = Some(config.text.clone());
         drop(s);
+        self.remember(config);
         let me = self.clone();
         tokio::spawn(async move { me.flush().await });
     }
 
-    /// Publishes a pending text (retried by the poll loop after a failure).
+    /// Keeps the file's text in `data_dir`, for the start rule.
+    fn remember(&self, local: &Config) {
+        if let Err(e) = std::fs::write(seen_path(local), &local.text) {
+            self.failures.inc();
+            tracing::warn!(error = %e, "cannot record the config file's text in data_dir");
+        }
+    }
+
+    /// Publishes a pending text (retried by the poll loop after a failure). Versions are
+    /// taken in order; the one published counts as applied only while its text is the
+    /// one in force.
     async fn flush(&self) {
+        let _one = self.flushing.lock().await;
         let Some(text) = self.state.lock().expect("share state").pending.clone() else {
             return;
         };
         match self.publish(&text).await {
-            Ok(_) => {
+            Ok(v) => {
                 let mut s = self.state.lock().expect("share state");
                 if s.pending.as_deref() == Some(text.as_str()) {
                     s.pending = None;
+                }
+                if s.text.as_deref() == Some(text.as_str()) {
+                    s.applied = s.applied.max(v);
                 }
             }
             Err(e) => {
@@ -212,117 +254,149 @@ impl ConfigShare {
     }
 
     /// Applies a shared version: parsed against this replica's file path, this replica's
-    /// own settings kept, then the same checks and transaction as a reload.
-    async fn adopt(&self, app: &App, local: &Config, shared: Shared) {
+    /// own settings kept, then the same checks and transaction as a reload. It gives way
+    /// to a local edit that is not yet published or that was applied meanwhile (that edit
+    /// becomes the newer version).
+    async fn adopt(&self, app: &App, shared: Shared) {
+        let (local, gen) = {
+            let s = self.state.lock().expect("share state");
+            if s.pending.is_some() {
+                return;
+            }
+            (s.local.clone(), s.local_gen)
+        };
         let refuse = |e: String| {
             self.failures.inc();
             tracing::error!(version = shared.version, by = %shared.by, error = %e, "shared config refused; keeping the running one");
-            self.state.lock().expect("share state").refused = shared.version;
+            self.state.lock().expect("share state").refused =
+                Some((shared.version, Instant::now()));
         };
         let parsed = match Config::parse(&local.source, &shared.text) {
-            Ok(c) => overlay(local, c),
+            Ok(c) => overlay(&local, c),
             Err(e) => return refuse(e.to_string()),
         };
-        // Set first: the reload hook sees the shared text and does not publish it back.
-        let previous = {
-            let mut s = self.state.lock().expect("share state");
-            s.text.replace(shared.text.clone())
+        self.state.lock().expect("share state").adopting = Some(shared.text.clone());
+        let still = || {
+            let s = self.state.lock().expect("share state");
+            s.local_gen == gen && s.pending.is_none()
         };
-        match app
-            .reload_with(parsed, &format!("shared config v{}", shared.version))
-            .await
-        {
-            Ok(()) => {
+        let r = app
+            .reload_with(parsed, &format!("shared config v{}", shared.version), still)
+            .await;
+        self.state.lock().expect("share state").adopting = None;
+        match r {
+            Ok(true) => {
                 self.adoptions.inc();
                 let mut s = self.state.lock().expect("share state");
                 s.applied = s.applied.max(shared.version);
+                s.refused = None;
                 tracing::info!(version = shared.version, by = %shared.by, "shared config applied");
             }
-            Err(e) => {
-                self.state.lock().expect("share state").text = previous;
-                refuse(e)
+            Ok(false) => {
+                tracing::info!(
+                    version = shared.version,
+                    "shared config not applied: a local edit came first and is published instead"
+                )
             }
+            Err(e) => refuse(e),
         }
     }
 
     /// At start (after the local config is running), then each second until `stop`.
-    pub async fn run(
-        self: Arc<Self>,
-        app: Arc<App>,
-        local: Config,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) {
-        let mtime = file_mtime_ms(&local.source);
+    pub async fn run(self: Arc<Self>, app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut started = false;
         loop {
             if !started {
-                match self.read().await {
-                    Ok(shared) => {
-                        started = true;
-                        match at_start(&local.text, mtime, shared.as_ref()) {
-                            AtStart::Publish => {
-                                let mut s = self.state.lock().expect("share state");
-                                s.text = Some(local.text.clone());
-                                s.pending = Some(local.text.clone());
-                            }
-                            AtStart::InSync => {
-                                let v = shared.map_or(0, |s| s.version);
-                                let mut s = self.state.lock().expect("share state");
-                                s.text = Some(local.text.clone());
-                                s.applied = v;
-                            }
-                            AtStart::Adopt => {
-                                let shared = shared.expect("adopt has a version");
-                                self.adopt(&app, &local, shared).await;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        self.failures.inc();
-                        tracing::warn!(error = %e, "shared config not read; running the file's until Redis answers");
-                    }
-                }
+                self.start(&app, &mut started).await;
             } else {
                 self.flush().await;
-                match self.version().await {
-                    Ok(v) => {
-                        let (applied, refused) = {
-                            let s = self.state.lock().expect("share state");
-                            (s.applied, s.refused)
-                        };
-                        if v > applied && v != refused {
-                            match self.read().await {
-                                Ok(Some(shared)) if shared.version > applied => {
-                                    let same =
-                                        self.state.lock().expect("share state").text.as_deref()
-                                            == Some(shared.text.as_str());
-                                    if same {
-                                        self.state.lock().expect("share state").applied =
-                                            shared.version;
-                                    } else {
-                                        self.adopt(&app, &local, shared).await;
-                                    }
-                                }
-                                Ok(_) => {}
-                                Err(e) => {
-                                    self.failures.inc();
-                                    tracing::warn!(error = %e, "shared config not read");
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        self.failures.inc();
-                        tracing::debug!(error = %e, "shared config version not read");
-                    }
-                }
-            }
-            if started {
-                self.flush().await;
+                self.poll(&app).await;
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shoal_proxy::server::stopped(&mut stop) => break,
+            }
+        }
+    }
+
+    /// The first exchange with Redis: the start rule, unless a local reload already
+    /// happened (while Redis did not answer), which is simply published.
+    async fn start(&self, app: &App, started: &mut bool) {
+        let shared = match self.read().await {
+            Ok(s) => s,
+            Err(e) => {
+                self.failures.inc();
+                tracing::warn!(error = %e, "shared config not read; running the file's until Redis answers");
+                return;
+            }
+        };
+        *started = true;
+        let (pending, local) = {
+            let s = self.state.lock().expect("share state");
+            (s.pending.is_some(), s.local.clone())
+        };
+        if pending {
+            return self.flush().await;
+        }
+        let seen = std::fs::read_to_string(seen_path(&local)).ok();
+        let rule = at_start(
+            &local.text,
+            seen.as_deref(),
+            file_mtime_ms(&local.source),
+            shared.as_ref(),
+        );
+        self.remember(&local);
+        match (rule, shared) {
+            (AtStart::InSync, Some(sh)) => {
+                let mut s = self.state.lock().expect("share state");
+                s.text = Some(local.text.clone());
+                s.applied = sh.version;
+            }
+            (AtStart::Adopt, Some(sh)) => self.adopt(app, sh).await,
+            _ => {
+                {
+                    let mut s = self.state.lock().expect("share state");
+                    s.text = Some(local.text.clone());
+                    s.pending = Some(local.text.clone());
+                }
+                self.flush().await;
+            }
+        }
+    }
+
+    /// A newer version than the one in force is applied (one refused here is tried again
+    /// after `REFUSED_RETRY`).
+    async fn poll(&self, app: &App) {
+        let v = match self.version().await {
+            Ok(v) => v,
+            Err(e) => {
+                self.failures.inc();
+                tracing::debug!(error = %e, "shared config version not read");
+                return;
+            }
+        };
+        let (applied, refused) = {
+            let s = self.state.lock().expect("share state");
+            (s.applied, s.refused)
+        };
+        let waiting = refused.is_some_and(|(r, at)| r == v && at.elapsed() < REFUSED_RETRY);
+        if v <= applied || waiting {
+            return;
+        }
+        match self.read().await {
+            Ok(Some(shared)) if shared.version > applied => {
+                let same = self.state.lock().expect("share state").text.as_deref()
+                    == Some(shared.text.as_str());
+                if same {
+                    self.state.lock().expect("share state").applied = shared.version;
+                } else {
+                    self.adopt(app, shared).await;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.failures.inc();
+                tracing::warn!(error = %e, "shared config not read");
             }
         }
     }
@@ -332,7 +406,7 @@ impl ConfigShare {
         serde_json::json!({
             "version": s.applied,
             "pending_publish": s.pending.is_some(),
-            "refused_version": (s.refused > 0).then_some(s.refused),
+            "refused_version": s.refused.map(|(v, _)| v),
         })
     }
 
@@ -370,6 +444,11 @@ impl shoal_proxy::app::ApiExtension for ConfigShare {
     }
 }
 
+/// Where the file's last read text is kept.
+fn seen_path(local: &Config) -> std::path::PathBuf {
+    local.data_dir.join("cluster-config.seen")
+}
+
 fn file_mtime_ms(path: &Path) -> Option<u64> {
     let m = std::fs::metadata(path).ok()?.modified().ok()?;
     Some(m.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64)
@@ -389,21 +468,23 @@ mod tests {
     }
 
     #[test]
-    fn the_newest_edit_wins_at_start() {
-        assert_eq!(at_start("a", Some(5), None), AtStart::Publish);
+    fn an_edit_is_published_at_start_and_an_old_file_adopts() {
+        let b = shared("b", 9);
+        assert_eq!(at_start("a", None, Some(5), None), AtStart::Publish);
+        let a = shared("a", 9);
+        assert_eq!(at_start("a", Some("a"), Some(5), Some(&a)), AtStart::InSync);
+        // Unchanged since this replica last read it: the cluster's version wins, however
+        // new the file's modification time (a deploy tool rewrote it).
+        assert_eq!(at_start("a", Some("a"), Some(50), Some(&b)), AtStart::Adopt);
+        // Edited since: published.
         assert_eq!(
-            at_start("a", Some(5), Some(&shared("a", 9))),
-            AtStart::InSync
-        );
-        assert_eq!(
-            at_start("a", Some(5), Some(&shared("b", 9))),
-            AtStart::Adopt
-        );
-        assert_eq!(
-            at_start("a", Some(10), Some(&shared("b", 9))),
+            at_start("a2", Some("a"), Some(5), Some(&b)),
             AtStart::Publish
         );
-        assert_eq!(at_start("a", None, Some(&shared("b", 9))), AtStart::Adopt);
+        // A new replica: its file is an edit only if modified after the publication.
+        assert_eq!(at_start("a", None, Some(5), Some(&b)), AtStart::Adopt);
+        assert_eq!(at_start("a", None, Some(10), Some(&b)), AtStart::Publish);
+        assert_eq!(at_start("a", None, None, Some(&b)), AtStart::Adopt);
     }
 
     #[test]

@@ -1521,6 +1521,11 @@ impl KubeFleet {
         let Some(rv) = self.fence(read, rv).await? else {
             return Ok(false);
         };
+        // The fence's calls took time: a leader whose renew deadline passed meanwhile
+        // writes nothing.
+        if self.cluster.get().is_some_and(|c| c.may_write().is_none()) {
+            return Ok(false);
+        }
         let body = json!({
             "apiVersion": "autoscaling/v1", "kind": "Scale",
             "metadata": {"name": self.spec.fleet.deployment, "namespace": self.namespace,

@@ -455,8 +455,17 @@ impl LeaseStore {
             }
         }
         pulled.retain(|k, p| listed.contains(k) && p.at.elapsed() <= forget);
+        // One report per replica: a pod listed under two addresses (a dual-stack Service
+        // has a slice per address family) is counted once, at its freshest.
+        let mut by_replica: std::collections::HashMap<&str, &Peer> = Default::default();
+        for p in pulled.values() {
+            let e = by_replica.entry(p.report.replica.as_str()).or_insert(p);
+            if p.at > e.at {
+                *e = p;
+            }
+        }
         Some(
-            pulled
+            by_replica
                 .values()
                 .map(|p| LoadReport {
                     age_ms: p.at.elapsed().as_millis() as u64,
@@ -546,9 +555,11 @@ async fn fetch_report(
 
 pub fn parse_report(body: &[u8]) -> Result<LoadReport, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    // Finite, non-negative and plausible: a peer cannot pin the fleet at its maximum with
+    // an absurd rate.
     let num = |k: &str| {
         v[k].as_f64()
-            .filter(|x| x.is_finite() && *x >= 0.0)
+            .filter(|x| x.is_finite() && (0.0..=1e7).contains(x))
             .ok_or(format!("bad {k}"))
     };
     let replica = v["replica"]

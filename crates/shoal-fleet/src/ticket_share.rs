@@ -32,7 +32,10 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cur = redis.call('GET', KEYS[1])
 local ring = {}
-if cur then ring = cjson.decode(cur) end
+if cur then
+  local ok, r = pcall(cjson.decode, cur)
+  if ok and type(r) == 'table' then ring = r end
+end
 if #ring == 0 or now - tonumber(ring[1].created_ms) >= tonumber(ARGV[1]) then
   table.insert(ring, 1, {name = ARGV[2], secret = ARGV[3], created_ms = now})
   while #ring > tonumber(ARGV[4]) do table.remove(ring) end

@@ -445,11 +445,20 @@ impl App {
             .await
     }
 
-    /// Applies `config` (validated first) like a reload of the file: replicas sharing one
-    /// config apply the shared version through this.
-    pub async fn reload_with(&self, config: Config, origin: &str) -> Result<(), String> {
+    /// Applies `config` (validated first) like a reload of the file, if `still_wanted`
+    /// says so once no other reload runs: replicas sharing one config apply the shared
+    /// version through this. Ok(false): not wanted any more, nothing changed.
+    pub async fn reload_with(
+        &self,
+        config: Config,
+        origin: &str,
+        still_wanted: impl Fn() -> bool,
+    ) -> Result<bool, String> {
         let _one = self.reload_lock.lock().await;
-        self.reload_locked(Ok(config), origin).await
+        if !still_wanted() {
+            return Ok(false);
+        }
+        self.reload_locked(Ok(config), origin).await.map(|()| true)
     }
 
     async fn reload_locked(

@@ -809,6 +809,13 @@ impl<'a, S: ClientIo> Conn<'a, S> {
                     // connection holds no buffer. The try costs no syscall while tokio
                     // knows the socket is not readable.
                     let first = if S::PLAIN {
+                        // Shutdown closes a connection between requests, even one whose
+                        // next request is already waiting.
+                        tokio::select! {
+                            biased;
+                            _ = &mut stop_signal => return End::Closed,
+                            _ = std::future::ready(()) => {}
+                        }
                         match self.stream.tcp().try_read_buf(&mut self.rbuf) {
                             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                                 self.shed();

@@ -219,13 +219,13 @@ pub fn run_config(path: &Path, threads: Option<usize>) -> anyhow::Result<()> {
         }
         let share = match redis {
             Some((c, url)) if c.share_config => {
-                let s = shoal_fleet::config_share::ConfigShare::new(&url, &c.id, &config.text)
+                let s = shoal_fleet::config_share::ConfigShare::new(&url, &c.id, &config)
                     .map_err(|e| anyhow::anyhow!("cluster: {e}"))?;
                 let gate = s.clone();
                 app.set_reload_gate(Box::new(move |text| gate.file_read(text)));
                 app.add_collector(s.clone());
                 app.add_extension(s.clone());
-                tokio::spawn(s.clone().run(app.clone(), config.clone(), share_rx));
+                tokio::spawn(s.clone().run(app.clone(), share_rx));
                 Some(s)
             }
             _ => None,

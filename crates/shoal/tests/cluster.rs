@@ -718,7 +718,7 @@ fn a_reload_on_one_replica_reaches_the_others() {
     let text = |listen: u16, admin: u16, id: &str, backend: u16| {
         format!(
             "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[services.web]\nlisten = \"127.0.0.1:{listen}\"\n\
-             backends = [\"127.0.0.1:{backend}\"]\n\n[cluster]\nredis = \"{}\"\nlease = \"{LEASE_SECS}s\"\nid = \"{id}\"\n",
+             backends = [\"127.0.0.1:{backend}\"]\n\n[cluster]\nredis = \"{}\"\nlease = \"{LEASE_SECS}s\"\nid = \"{id}\"\nshare_config = true\n",
             redis.url()
         )
     };
