@@ -158,8 +158,8 @@ pub struct Space {
     pub utilizations: Vec<f64>,
     /// Every `coarse`-th point of the grid is tried first.
     pub coarse: usize,
-    /// Scale-down stabilization windows tried, seconds (for the predictive policy they
-    /// apply to its reactive floor).
+    /// Scale-down stabilization windows tried for the reactive policy, seconds (the
+    /// predictive policy decides its own scale-downs and keeps the default).
     pub stabilizations: Vec<f64>,
 }
 
@@ -238,10 +238,12 @@ pub fn tune(
     threads: usize,
 ) -> Result<TuneReport, Error> {
     let mut families: Vec<(&'static str, f64)> = Vec::new();
-    // Every policy with every stabilization: the predictive policy's reactive floor
-    // holds capacity through short dips like reactive does.
     for &p in &space.policies {
-        families.extend(space.stabilizations.iter().map(|&s| (p, s)));
+        if p == "predictive" {
+            families.push((p, Candidate::baseline().scale_down_stabilization_secs));
+        } else {
+            families.extend(space.stabilizations.iter().map(|&s| (p, s)));
+        }
     }
     let grid = &space.utilizations;
     let step = space.coarse.max(1);
