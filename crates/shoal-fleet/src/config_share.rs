@@ -222,7 +222,9 @@ impl ConfigShare {
 
     /// Keeps the file's text in `data_dir`, for the start rule.
     fn remember(&self, local: &Config) {
-        if let Err(e) = std::fs::write(seen_path(local), &local.text) {
+        let write = std::fs::create_dir_all(&local.data_dir)
+            .and_then(|()| std::fs::write(seen_path(local), &local.text));
+        if let Err(e) = write {
             self.failures.inc();
             tracing::warn!(error = %e, "cannot record the config file's text in data_dir");
         }

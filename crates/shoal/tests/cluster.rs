@@ -771,6 +771,9 @@ fn a_reload_on_one_replica_reaches_the_others() {
     // r3 restarted with its old file (written before the edit) adopts the shared version.
     let (listen3, admin3) = (rs[2].2, rs[2].3);
     let dir3 = rs[2].1.path().to_path_buf();
+    // What r3 read of its file is kept for its next start.
+    let seen = std::fs::read_to_string(dir3.join(".shoal/cluster-config.seen")).unwrap();
+    assert!(seen.contains(&format!("127.0.0.1:{a}")), "{seen}");
     let _ = rs[2].0 .0.kill();
     let _ = rs[2].0 .0.wait();
     rs[2].0 = run_with_old_file(&dir3, &text(listen3, admin3, "r3", a), listen3, 3600);
