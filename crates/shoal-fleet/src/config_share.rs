@@ -198,8 +198,7 @@ impl ConfigShare {
     /// The reload gate: a file that did not change since it was last applied is not put
     /// over the shared config in force (a SIGHUP for certificates, say).
     pub fn file_read(&self, text: &str) -> bool {
-        let s = self.state.lock().expect("share state");
-        s.local.text != text || s.text.is_none()
+        self.state.lock().expect("share state").local.text != text
     }
 
     /// After a reload applied `config`: an adoption is recorded; a reload of this
@@ -207,23 +206,31 @@ impl ConfigShare {
     pub fn reloaded(self: &Arc<Self>, config: &Config) {
         let mut s = self.state.lock().expect("share state");
         if s.adopting.as_deref() == Some(config.text.as_str()) {
+            s.adopting = None;
             s.text = Some(config.text.clone());
             return;
         }
         s.local_gen += 1;
         s.local = config.clone();
         s.text = Some(config.text.clone());
+        if config.text.len() > MAX_TEXT {
+            drop(s);
+            self.failures.inc();
+            tracing::error!("config over {MAX_TEXT} bytes: applied here, not shared");
+            return;
+        }
         s.pending = Some(config.text.clone());
         drop(s);
-        self.remember(config);
         let me = self.clone();
         tokio::spawn(async move { me.flush().await });
     }
 
-    /// Keeps the file's text in `data_dir`, for the start rule.
-    fn remember(&self, local: &Config) {
-        let write = std::fs::create_dir_all(&local.data_dir)
-            .and_then(|()| std::fs::write(seen_path(local), &local.text));
+    /// Keeps the file's text in `data_dir`, for the start rule: once the cluster has it
+    /// (published, adopted or in sync), so an edit not yet published still counts as one
+    /// at the next start.
+    fn remember(&self, data_dir: &Path, text: &str) {
+        let write = std::fs::create_dir_all(data_dir)
+            .and_then(|()| std::fs::write(data_dir.join(SEEN_FILE), text));
         if let Err(e) = write {
             self.failures.inc();
             tracing::warn!(error = %e, "cannot record the config file's text in data_dir");
@@ -240,12 +247,19 @@ impl ConfigShare {
         };
         match self.publish(&text).await {
             Ok(v) => {
-                let mut s = self.state.lock().expect("share state");
-                if s.pending.as_deref() == Some(text.as_str()) {
-                    s.pending = None;
-                }
-                if s.text.as_deref() == Some(text.as_str()) {
-                    s.applied = s.applied.max(v);
+                let data_dir = {
+                    let mut s = self.state.lock().expect("share state");
+                    if s.pending.as_deref() == Some(text.as_str()) {
+                        s.pending = None;
+                    }
+                    if s.text.as_deref() == Some(text.as_str()) {
+                        s.applied = s.applied.max(v);
+                    }
+                    (s.local.text == text).then(|| s.local.data_dir.clone())
+                };
+                // Only this replica's own file text is its record.
+                if let Some(d) = data_dir {
+                    self.remember(&d, &text);
                 }
             }
             Err(e) => {
@@ -262,7 +276,7 @@ impl ConfigShare {
     async fn adopt(&self, app: &App, shared: Shared) {
         let (local, gen) = {
             let s = self.state.lock().expect("share state");
-            if s.pending.is_some() {
+            if s.pending.is_some() || s.applied >= shared.version {
                 return;
             }
             (s.local.clone(), s.local_gen)
@@ -277,10 +291,15 @@ impl ConfigShare {
             Ok(c) => overlay(&local, c),
             Err(e) => return refuse(e.to_string()),
         };
-        self.state.lock().expect("share state").adopting = Some(shared.text.clone());
+        // Checked under the reload lock: no local edit since the snapshot, none waiting to
+        // be published, and nothing as new applied meanwhile (a publication of ours).
         let still = || {
-            let s = self.state.lock().expect("share state");
-            s.local_gen == gen && s.pending.is_none()
+            let mut s = self.state.lock().expect("share state");
+            let go = s.local_gen == gen && s.pending.is_none() && s.applied < shared.version;
+            if go {
+                s.adopting = Some(shared.text.clone());
+            }
+            go
         };
         let r = app
             .reload_with(parsed, &format!("shared config v{}", shared.version), still)
@@ -340,21 +359,26 @@ impl ConfigShare {
         if pending {
             return self.flush().await;
         }
-        let seen = std::fs::read_to_string(seen_path(&local)).ok();
+        let seen = std::fs::read_to_string(local.data_dir.join(SEEN_FILE)).ok();
         let rule = at_start(
             &local.text,
             seen.as_deref(),
             file_mtime_ms(&local.source),
             shared.as_ref(),
         );
-        self.remember(&local);
         match (rule, shared) {
             (AtStart::InSync, Some(sh)) => {
-                let mut s = self.state.lock().expect("share state");
-                s.text = Some(local.text.clone());
-                s.applied = sh.version;
+                {
+                    let mut s = self.state.lock().expect("share state");
+                    s.text = Some(local.text.clone());
+                    s.applied = sh.version;
+                }
+                self.remember(&local.data_dir, &local.text);
             }
-            (AtStart::Adopt, Some(sh)) => self.adopt(app, sh).await,
+            (AtStart::Adopt, Some(sh)) => {
+                self.remember(&local.data_dir, &local.text);
+                self.adopt(app, sh).await
+            }
             _ => {
                 {
                     let mut s = self.state.lock().expect("share state");
@@ -378,7 +402,22 @@ impl ConfigShare {
             }
         };
         let (applied, refused) = {
-            let s = self.state.lock().expect("share state");
+            let mut s = self.state.lock().expect("share state");
+            if v < s.applied {
+                // The version went back: Redis lost the doc (a restart without
+                // persistence, a flush). Start over: what runs here is published again
+                // if nothing is there, and newer versions are taken from 1.
+                tracing::warn!(
+                    version = v,
+                    applied = s.applied,
+                    "shared config version went back in Redis; starting over"
+                );
+                s.applied = 0;
+                s.refused = None;
+                if v == 0 && s.pending.is_none() {
+                    s.pending = s.text.clone().filter(|t| t.len() <= MAX_TEXT);
+                }
+            }
             (s.applied, s.refused)
         };
         let waiting = refused.is_some_and(|(r, at)| r == v && at.elapsed() < REFUSED_RETRY);
@@ -446,10 +485,8 @@ impl shoal_proxy::app::ApiExtension for ConfigShare {
     }
 }
 
-/// Where the file's last read text is kept.
-fn seen_path(local: &Config) -> std::path::PathBuf {
-    local.data_dir.join("cluster-config.seen")
-}
+/// The file (in `data_dir`) that keeps the config file's text as the cluster last had it.
+const SEEN_FILE: &str = "cluster-config.seen";
 
 fn file_mtime_ms(path: &Path) -> Option<u64> {
     let m = std::fs::metadata(path).ok()?.modified().ok()?;
