@@ -213,12 +213,6 @@ impl ConfigShare {
         s.local_gen += 1;
         s.local = config.clone();
         s.text = Some(config.text.clone());
-        if config.text.len() > MAX_TEXT {
-            drop(s);
-            self.failures.inc();
-            tracing::error!("config over {MAX_TEXT} bytes: applied here, not shared");
-            return;
-        }
         s.pending = Some(config.text.clone());
         drop(s);
         let me = self.clone();
@@ -245,6 +239,16 @@ impl ConfigShare {
         let Some(text) = self.state.lock().expect("share state").pending.clone() else {
             return;
         };
+        if text.len() > MAX_TEXT {
+            // It can never be published: applied here only, and adoption not held up.
+            self.failures.inc();
+            tracing::error!("config over {MAX_TEXT} bytes: applied here, not shared");
+            let mut s = self.state.lock().expect("share state");
+            if s.pending.as_deref() == Some(text.as_str()) {
+                s.pending = None;
+            }
+            return;
+        }
         match self.publish(&text).await {
             Ok(v) => {
                 let data_dir = {
@@ -328,7 +332,7 @@ impl ConfigShare {
         let mut started = false;
         loop {
             if !started {
-                self.start(&app, &mut started).await;
+                started = self.start(&app).await;
             } else {
                 self.flush().await;
                 self.poll(&app).await;
@@ -341,23 +345,24 @@ impl ConfigShare {
     }
 
     /// The first exchange with Redis: the start rule, unless a local reload already
-    /// happened (while Redis did not answer), which is simply published.
-    async fn start(&self, app: &App, started: &mut bool) {
+    /// happened (while Redis did not answer), which is simply published. False: Redis
+    /// did not answer; tried again.
+    async fn start(&self, app: &App) -> bool {
         let shared = match self.read().await {
             Ok(s) => s,
             Err(e) => {
                 self.failures.inc();
                 tracing::warn!(error = %e, "shared config not read; running the file's until Redis answers");
-                return;
+                return false;
             }
         };
-        *started = true;
         let (pending, local) = {
             let s = self.state.lock().expect("share state");
             (s.pending.is_some(), s.local.clone())
         };
         if pending {
-            return self.flush().await;
+            self.flush().await;
+            return true;
         }
         let seen = std::fs::read_to_string(local.data_dir.join(SEEN_FILE)).ok();
         let rule = at_start(
@@ -388,6 +393,7 @@ impl ConfigShare {
                 self.flush().await;
             }
         }
+        true
     }
 
     /// A newer version than the one in force is applied (one refused here is tried again
@@ -415,7 +421,7 @@ impl ConfigShare {
                 s.applied = 0;
                 s.refused = None;
                 if v == 0 && s.pending.is_none() {
-                    s.pending = s.text.clone().filter(|t| t.len() <= MAX_TEXT);
+                    s.pending = s.text.clone();
                 }
             }
             (s.applied, s.refused)

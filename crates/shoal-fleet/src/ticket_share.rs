@@ -169,7 +169,7 @@ impl shoal_proxy::app::Collector for TicketShare {
             "shoal_tls_shared_ticket_keys",
             "TLS session-ticket keys shared with the other replicas in use here (0: own keys).",
             &[],
-            self.ticketer.installed().len() as f64,
+            self.ticketer.installed() as f64,
         );
         e.counter(
             "shoal_tls_ticket_key_changes_total",

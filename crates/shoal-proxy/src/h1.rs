@@ -1678,16 +1678,10 @@ mod spare {
     }
 
     pub(super) fn give_bytes(mut b: BytesMut) {
-        if b.capacity() == 0 || b.capacity() > MAX_KEPT {
-            return;
+        if (1..=MAX_KEPT).contains(&b.capacity()) {
+            b.clear();
+            keep(&BYTES, b);
         }
-        b.clear();
-        BYTES.with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < KEEP {
-                p.push(b);
-            }
-        });
     }
 
     pub(super) fn vec() -> Vec<u8> {
@@ -1695,14 +1689,17 @@ mod spare {
     }
 
     pub(super) fn give_vec(mut v: Vec<u8>) {
-        if v.capacity() == 0 || v.capacity() > MAX_KEPT {
-            return;
+        if (1..=MAX_KEPT).contains(&v.capacity()) {
+            v.clear();
+            keep(&VECS, v);
         }
-        v.clear();
-        VECS.with(|p| {
+    }
+
+    fn keep<T: 'static>(pool: &'static std::thread::LocalKey<RefCell<Vec<T>>>, item: T) {
+        pool.with(|p| {
             let mut p = p.borrow_mut();
             if p.len() < KEEP {
-                p.push(v);
+                p.push(item);
             }
         });
     }

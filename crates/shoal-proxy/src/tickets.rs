@@ -44,15 +44,13 @@ pub struct SharedTicketer {
     local: Arc<dyn ProducesTickets>,
     /// Installed keys, newest first; empty until installed.
     keys: RwLock<Vec<Key>>,
-    /// Names of the installed keys, to tell a change from a repeat.
-    names: RwLock<Vec<[u8; NAME_LEN]>>,
     lifetime: u32,
 }
 
 impl std::fmt::Debug for SharedTicketer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedTicketer")
-            .field("keys", &self.names.read().map(|n| n.len()).unwrap_or(0))
+            .field("keys", &self.installed())
             .finish()
     }
 }
@@ -62,15 +60,17 @@ impl SharedTicketer {
         Ok(SharedTicketer {
             local: rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?,
             keys: RwLock::new(Vec::new()),
-            names: RwLock::new(Vec::new()),
             lifetime: lifetime_secs,
         })
     }
 
     /// Replaces the installed keys (newest first). Returns whether they changed.
     pub fn install(&self, keys: &[KeyMaterial]) -> bool {
-        let names: Vec<[u8; NAME_LEN]> = keys.iter().map(|k| k.name).collect();
-        if *self.names.read().expect("names lock") == names {
+        let same = {
+            let now = self.keys.read().expect("keys lock");
+            now.len() == keys.len() && now.iter().zip(keys).all(|(a, b)| a.name == b.name)
+        };
+        if same {
             return false;
         }
         let built: Vec<Key> = keys
@@ -84,18 +84,12 @@ impl SharedTicketer {
             })
             .collect();
         *self.keys.write().expect("keys lock") = built;
-        *self.names.write().expect("names lock") = names;
         true
     }
 
-    /// Names of the installed keys, newest first (hex), for the API.
-    pub fn installed(&self) -> Vec<String> {
-        self.names
-            .read()
-            .expect("names lock")
-            .iter()
-            .map(|n| hex(n))
-            .collect()
+    /// How many keys are installed (0: the local ticketer's own).
+    pub fn installed(&self) -> usize {
+        self.keys.read().expect("keys lock").len()
     }
 }
 
@@ -105,7 +99,7 @@ impl ProducesTickets for SharedTicketer {
     }
 
     fn lifetime(&self) -> u32 {
-        if self.names.read().expect("names lock").is_empty() {
+        if self.installed() == 0 {
             self.local.lifetime()
         } else {
             self.lifetime
