@@ -928,9 +928,8 @@ impl<'a, S: ClientIo> Conn<'a, S> {
         if self.rbuf.is_empty() {
             spare::give_bytes(std::mem::take(&mut self.rbuf));
         }
-        if self.bufs.ubuf.is_empty() {
-            spare::give_bytes(std::mem::take(&mut self.bufs.ubuf));
-        }
+        // Between requests the instance's buffer holds only the last answer, already relayed.
+        spare::give_bytes(std::mem::take(&mut self.bufs.ubuf));
         spare::give_vec(std::mem::take(&mut self.bufs.out));
         spare::give_vec(std::mem::take(&mut self.req));
         if self.bufs.interim.is_empty() {
@@ -1651,7 +1650,13 @@ async fn idle_read<S: ClientIo>(
     }
     rbuf.reserve(READ_CHUNK);
     match stream.tcp().try_read_buf(rbuf) {
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        // Readiness was stale: park without the buffer again.
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            if rbuf.is_empty() {
+                spare::give_bytes(std::mem::take(rbuf));
+            }
+            None
+        }
         r => Some(r),
     }
 }

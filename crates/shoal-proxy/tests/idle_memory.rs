@@ -1,0 +1,78 @@
+//! What an idle keep-alive connection costs: its task and socket registration, not its
+//! buffers. The heap is counted by this test binary's own allocator.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::*;
+use stats_alloc::{StatsAlloc, INSTRUMENTED_SYSTEM};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
+
+/// Live heap bytes of the whole test process.
+fn live() -> isize {
+    let s = GLOBAL.stats();
+    s.bytes_allocated as isize - s.bytes_deallocated as isize + s.bytes_reallocated
+}
+
+/// `n` client connections (blocking sockets: they cost this process no heap), each after
+/// one answered request.
+fn open_idle(addr: std::net::SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    (0..n)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+            let mut got = Vec::new();
+            let mut b = [0u8; 1024];
+            while !got.ends_with(b"b1") {
+                let k = s.read(&mut b).unwrap();
+                assert!(k > 0, "closed before the answer");
+                got.extend_from_slice(&b[..k]);
+            }
+            s
+        })
+        .collect()
+}
+
+/// Live heap once it has stopped moving (tasks park after their answer is written).
+async fn settled() -> isize {
+    let mut last = live();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = live();
+        if (now - last).abs() < 4096 {
+            return now;
+        }
+        last = now;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_holds_no_buffers() {
+    let b1 = Backend::start("b1").await;
+    let p = start_proxy(service_config(&[&b1], "round-robin")).await;
+    let addr = p.addr;
+    // Warm-up: fill every thread's spare buffers and the upstream pool, then close.
+    let warm = tokio::task::spawn_blocking(move || open_idle(addr, 300))
+        .await
+        .unwrap();
+    drop(warm);
+    let before = settled().await;
+    const N: usize = 1000;
+    let conns = tokio::task::spawn_blocking(move || open_idle(addr, N))
+        .await
+        .unwrap();
+    let after = settled().await;
+    let per_conn = (after - before) / N as isize;
+    println!("heap per idle keep-alive connection: {per_conn} bytes");
+    // One read buffer is 8 KiB: a connection keeping either of its buffers would be over.
+    assert!(
+        per_conn < 8 * 1024,
+        "an idle connection holds {per_conn} bytes of heap"
+    );
+    drop(conns);
+}
