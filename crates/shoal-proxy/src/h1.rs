@@ -1456,7 +1456,7 @@ async fn try_instance(
     let mut pooled_ok = true;
     loop {
         // An idle connection that went readable has been closed by the instance or holds
-        // stray bytes: it is dropped, never written to (a real MSG_PEEK, see `upstream::alive`).
+        // stray bytes: it is dropped, never written to (`upstream::reusable`).
         let reused = if pooled_ok {
             inst.idle.pop_raw(max_idle)
         } else {
@@ -1464,8 +1464,8 @@ async fn try_instance(
         };
         let was_reused = reused.is_some();
         let mut up = match reused {
-            Some(s) if !crate::upstream::alive(&s) => continue,
-            Some(s) => s,
+            Some((s, idle)) if !crate::upstream::reusable(&s, idle) => continue,
+            Some((s, _)) => s,
             None => crate::upstream::connect_tcp(inst.addr, connect_timeout)
                 .await
                 .map_err(TryError::Connect)?,

@@ -345,8 +345,9 @@ pub(super) async fn try_streamed<C: AsyncRead + Unpin>(
 ) -> Result<Answer, StreamError> {
     let mut up = loop {
         match inst.idle.pop_raw(limits.max_idle) {
-            Some(s) if !crate::upstream::alive(&s) => continue,
-            Some(s) => break s,
+            // A real peek: a streamed body cannot be sent again.
+            Some((s, _)) if !crate::upstream::alive(&s) => continue,
+            Some((s, _)) => break s,
             None => {
                 break crate::upstream::connect_tcp(inst.addr, limits.connect)
                     .await
