@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Proxy throughput: shoal vs HAProxy vs NGINX, measured in the same run.
+# Proxy throughput: shoal vs HAProxy vs NGINX vs Pingora, measured in the same run.
 #
 # Backend: Debian's nginx, 1 worker, `return 200 "hello\n"`. Each proxy runs alone on CPU 1
 # with one worker thread; wrk and the backend share CPU 0. wrk -t1 -c50 -d${DURATION}s
-# --latency runs alternately against each target for ${ROUNDS} rounds; the medians and the
-# ratios shoal/HAProxy, shoal/NGINX, shoal/direct are printed. Then shoal's idle RSS and its
-# RSS holding 10,000 idle keep-alive client connections.
+# --latency runs alternately against each target for ${ROUNDS} rounds; the medians (proxy CPU
+# per request first) and the ratios shoal/HAProxy, shoal/Pingora, shoal/NGINX, shoal/direct are
+# printed. Then shoal's idle RSS and its RSS holding 10,000 idle keep-alive client connections.
+#
+# Pingora is the minimal load balancer in bench/pingora (its own Cargo project, built here on
+# first use into bench/pingora/target; needs cmake, installed via apt if missing), or
+# PINGORA_BIN=path.
 #
 # Usage: bench/proxy.sh            (ROUNDS=5 DURATION=10 IDLE_CONNS=10000 by default;
 #        TARGETS="haproxy shoal" for a quick A/B, IDLE_CONNS=0 to skip the memory part)
@@ -20,8 +24,17 @@ need() { command -v "$1" >/dev/null 2>&1; }
 if ! need wrk || ! need haproxy || ! need nginx; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk haproxy nginx-light >/dev/null
 fi
-[ -x target/release/shoal ] || cargo build --release -q
+[ -n "${SHOAL_BIN:-}" ] || [ -x target/release/shoal ] || cargo build --release -q
 SHOAL=${SHOAL_BIN:-$PWD/target/release/shoal}
+read -r -a targets <<<"${TARGETS:-direct haproxy nginx pingora shoal}"
+has_target() { local t; for t in "${targets[@]}"; do [ "$t" = "$1" ] && return 0; done; return 1; }
+PINGORA=${PINGORA_BIN:-$PWD/bench/pingora/target/release/pingora-lb}
+if has_target pingora && [ -z "${PINGORA_BIN:-}" ]; then
+  # libz-ng-sys (a Pingora dependency) builds zlib-ng with cmake.
+  need cmake || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null ||
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null; }
+  cargo build --release -q --manifest-path bench/pingora/Cargo.toml
+fi
 
 work=$(mktemp -d)
 pids=()
@@ -32,6 +45,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
 BACKEND=$(free_port); P_SHOAL=$(free_port); P_HAPROXY=$(free_port); P_NGINX=$(free_port); ADMIN=$(free_port)
+P_PINGORA=$(free_port)
 mkdir -p "$work/nb" "$work/np"
 cat >"$work/backend.conf" <<EOF
 worker_processes 1; daemon off; pid $work/nb/pid; error_log $work/nb/error.log;
@@ -70,7 +84,13 @@ taskset -c 1 nginx -c "$work/proxy.conf" -p "$work/np" 2>/dev/null & pids+=($!);
 taskset -c 1 haproxy -f "$work/haproxy.cfg" -db 2>/dev/null & pids+=($!); HAPROXY_PID=$!
 RUST_LOG=warn taskset -c 1 "$SHOAL" proxy --threads 1 --listen 127.0.0.1:$P_SHOAL \
   --backend 127.0.0.1:$BACKEND --admin 127.0.0.1:$ADMIN & pids+=($!); SHOAL_PID=$!
-for p in $BACKEND $P_SHOAL $P_HAPROXY $P_NGINX; do wait_port "$p"; done
+ports="$BACKEND $P_SHOAL $P_HAPROXY $P_NGINX"
+if has_target pingora; then
+  # One process, one service thread (threads: 1), not daemonized: this pid does the work.
+  taskset -c 1 "$PINGORA" 127.0.0.1:$P_PINGORA 127.0.0.1:$BACKEND & pids+=($!); PINGORA_PID=$!
+  ports+=" $P_PINGORA"
+fi
+for p in $ports; do wait_port "$p"; done
 
 IDLE_RSS_KB=$(awk '/VmRSS/ {print $2}' /proc/$SHOAL_PID/status)
 # NGINX does its work in the worker, a child of the master started above.
@@ -79,14 +99,15 @@ NGINX_WORKER=$(pgrep -P "$NGINX_PID" | head -1)
 # CPU time (user + system, clock ticks) a proxy has used so far; 0 for the direct target.
 cpu_ticks() {
   local pid
-  case $1 in haproxy) pid=$HAPROXY_PID;; nginx) pid=$NGINX_WORKER;; shoal) pid=$SHOAL_PID;; *) echo 0; return;; esac
+  case $1 in haproxy) pid=$HAPROXY_PID;; nginx) pid=$NGINX_WORKER;; pingora) pid=$PINGORA_PID;; shoal) pid=$SHOAL_PID;;
+    *) echo 0; return;; esac
   awk '{print $14 + $15}' "/proc/$pid/stat"
 }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
 declare -A RPS P99 CPU
-read -r -a targets <<<"${TARGETS:-direct haproxy nginx shoal}"
-port_of() { case $1 in direct) echo $BACKEND;; haproxy) echo $P_HAPROXY;; nginx) echo $P_NGINX;; shoal) echo $P_SHOAL;; esac; }
+port_of() { case $1 in direct) echo $BACKEND;; haproxy) echo $P_HAPROXY;; nginx) echo $P_NGINX;; pingora) echo $P_PINGORA;;
+  shoal) echo $P_SHOAL;; esac; }
 to_ms() { # wrk latency like 1.23ms / 456.00us / 1.02s -> ms
   python3 -c 'import sys,re; v=sys.argv[1]; m=re.match(r"([\d.]+)(us|ms|s)",v); n=float(m.group(1)); print({"us":n/1000,"ms":n,"s":n*1000}[m.group(2)])' "$1"; }
 for t in "${targets[@]}"; do taskset -c 0 wrk -t1 -c50 -d2s "http://127.0.0.1:$(port_of $t)/" >/dev/null; done # warm-up
@@ -108,13 +129,13 @@ done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2)? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 echo
-echo "| target | req/s (median of $ROUNDS) | p99 ms (median) | ratio to direct | proxy CPU us/req (median) |"
+echo "| target | proxy CPU us/req (median of $ROUNDS) | req/s (median) | p99 ms (median) | ratio to direct |"
 echo "|---|---|---|---|---|"
 [ -n "${RPS[direct]:-}" ] || RPS[direct]="${RPS[shoal]}"
 D=$(median <<<"${RPS[direct]}")
 for t in "${targets[@]}"; do
   m=$(median <<<"${RPS[$t]}"); p=$(median <<<"${P99[$t]}"); c=$(median <<<"${CPU[$t]}")
-  printf '| %s | %.0f | %.2f | %.2f | %.1f |\n' "$t" "$m" "$p" "$(echo "$m / $D" | bc -l)" "$c"
+  printf '| %s | %.1f | %.0f | %.2f | %.2f |\n' "$t" "$c" "$m" "$p" "$(echo "$m / $D" | bc -l)"
 done
 S=$(median <<<"${RPS[shoal]}"); H=$(median <<<"${RPS[haproxy]:-$S}"); N=$(median <<<"${RPS[nginx]:-$S}")
 SP=$(median <<<"${P99[shoal]}"); HP=$(median <<<"${P99[haproxy]:-${P99[shoal]}}")
@@ -126,6 +147,14 @@ if [ -n "${RPS[haproxy]:-}" ]; then
   per=""; for i in "${!sr[@]}"; do per+="$(echo "${sr[$i]} / ${hr[$i]}" | bc -l | cut -c1-4) "; done
   printf 'shoal/HAProxy per round: %s(median %.2f)\n' "$per" "$(median <<<"$per")"
   printf 'proxy CPU per request, shoal/HAProxy: %.2f\n' "$(echo "$(median <<<"${CPU[shoal]}") / $(median <<<"${CPU[haproxy]}")" | bc -l)"
+fi
+if [ -n "${RPS[pingora]:-}" ]; then
+  G=$(median <<<"${RPS[pingora]}")
+  read -r -a sr <<<"${RPS[shoal]}"; read -r -a gr <<<"${RPS[pingora]}"
+  per=""; for i in "${!sr[@]}"; do per+="$(echo "${sr[$i]} / ${gr[$i]}" | bc -l | cut -c1-4) "; done
+  printf 'shoal/Pingora req/s: %.2f\n' "$(echo "$S / $G" | bc -l)"
+  printf 'shoal/Pingora per round: %s(median %.2f)\n' "$per" "$(median <<<"$per")"
+  printf 'proxy CPU per request, shoal/Pingora: %.2f\n' "$(echo "$(median <<<"${CPU[shoal]}") / $(median <<<"${CPU[pingora]}")" | bc -l)"
 fi
 printf 'shoal/NGINX   req/s: %.2f\n' "$(echo "$S / $N" | bc -l)"
 printf 'shoal/direct  req/s: %.2f\n' "$(echo "$S / $D" | bc -l)"
