@@ -11,13 +11,23 @@
 # first use into bench/pingora/target; needs cmake, installed via apt if missing), or
 # PINGORA_BIN=path.
 #
+# MODE=close measures a new connection per request instead: wrk -t1 -c20 with
+# `Connection: close`; upstream connections stay pooled in both modes.
+#
 # Usage: bench/proxy.sh            (ROUNDS=5 DURATION=10 IDLE_CONNS=10000 by default;
-#        TARGETS="haproxy shoal" for a quick A/B, IDLE_CONNS=0 to skip the memory part)
+#        TARGETS="haproxy shoal" for a quick A/B, IDLE_CONNS=0 to skip the memory part,
+#        MODE=close for a new client connection per request)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-10}
 IDLE_CONNS=${IDLE_CONNS:-10000}
+MODE=${MODE:-keepalive}
+case $MODE in
+  keepalive) WRK=(-t1 -c50) ;;
+  close) WRK=(-t1 -c20 -H "Connection: close") ;;
+  *) echo "MODE is keepalive or close" >&2; exit 2 ;;
+esac
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 need() { command -v "$1" >/dev/null 2>&1; }
@@ -110,11 +120,11 @@ port_of() { case $1 in direct) echo $BACKEND;; haproxy) echo $P_HAPROXY;; nginx)
   shoal) echo $P_SHOAL;; esac; }
 to_ms() { # wrk latency like 1.23ms / 456.00us / 1.02s -> ms
   python3 -c 'import sys,re; v=sys.argv[1]; m=re.match(r"([\d.]+)(us|ms|s)",v); n=float(m.group(1)); print({"us":n/1000,"ms":n,"s":n*1000}[m.group(2)])' "$1"; }
-for t in "${targets[@]}"; do taskset -c 0 wrk -t1 -c50 -d2s "http://127.0.0.1:$(port_of $t)/" >/dev/null; done # warm-up
+for t in "${targets[@]}"; do taskset -c 0 wrk "${WRK[@]}" -d2s "http://127.0.0.1:$(port_of $t)/" >/dev/null; done # warm-up
 for r in $(seq "$ROUNDS"); do
   for t in "${targets[@]}"; do
     c0=$(cpu_ticks "$t")
-    out=$(taskset -c 0 wrk -t1 -c50 -d"${DURATION}"s --latency "http://127.0.0.1:$(port_of $t)/")
+    out=$(taskset -c 0 wrk "${WRK[@]}" -d"${DURATION}"s --latency "http://127.0.0.1:$(port_of $t)/")
     c1=$(cpu_ticks "$t")
     total=$(awk '/requests in/ {print $1}' <<<"$out")
     cpu_us=$(echo "($c1 - $c0) * $TICK_US / $total" | bc -l)
@@ -129,6 +139,7 @@ done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2)? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 echo
+echo "mode: $MODE (wrk ${WRK[*]})"
 echo "| target | proxy CPU us/req (median of $ROUNDS) | req/s (median) | p99 ms (median) | ratio to direct |"
 echo "|---|---|---|---|---|"
 [ -n "${RPS[direct]:-}" ] || RPS[direct]="${RPS[shoal]}"

@@ -816,12 +816,12 @@ impl<'a, S: ClientIo> Conn<'a, S> {
                             _ = &mut stop_signal => return End::Closed,
                             _ = std::future::ready(()) => {}
                         }
-                        match self.stream.tcp().try_read_buf(&mut self.rbuf) {
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        match read_now(&mut *self.stream, &mut self.rbuf) {
+                            None => {
                                 self.shed();
                                 None
                             }
-                            r => Some(r),
+                            r => r,
                         }
                     } else {
                         None
@@ -1464,7 +1464,7 @@ async fn try_instance(
         };
         let was_reused = reused.is_some();
         let mut up = match reused {
-            Some((s, idle)) if !crate::upstream::reusable(&s, idle) => continue,
+            Some((s, idle)) if !crate::upstream::reusable(&s, idle, plan.idempotent) => continue,
             Some((s, _)) => s,
             None => crate::upstream::connect_tcp(inst.addr, connect_timeout)
                 .await
@@ -1649,15 +1649,23 @@ async fn idle_read<S: ClientIo>(
         *rbuf = spare::bytes();
     }
     rbuf.reserve(READ_CHUNK);
-    match stream.tcp().try_read_buf(rbuf) {
-        // Readiness was stale: park without the buffer again.
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            if rbuf.is_empty() {
-                spare::give_bytes(std::mem::take(rbuf));
-            }
-            None
-        }
-        r => Some(r),
+    let read = read_now(stream, rbuf);
+    // Readiness was stale: park without the buffer again.
+    if read.is_none() && rbuf.is_empty() {
+        spare::give_bytes(std::mem::take(rbuf));
+    }
+    read
+}
+
+/// Reads what a plain socket has waiting, without waiting (None: nothing yet). Through
+/// `poll_read`, which, unlike `try_read`, forgets the socket's readiness after a short read:
+/// a drained socket then costs no further syscall (the client watch during a try) until the
+/// runtime sees new bytes.
+fn read_now<S: ClientIo>(stream: &mut S, rbuf: &mut BytesMut) -> Option<std::io::Result<usize>> {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match std::future::Future::poll(std::pin::pin!(stream.read_buf(rbuf)), &mut cx) {
+        Poll::Ready(r) => Some(r),
+        Poll::Pending => None,
     }
 }
 
@@ -1854,6 +1862,35 @@ mod tests {
     use super::*;
     use crate::config::HashKey;
     use shoal_balance::Algorithm;
+
+    /// A wake-up whose try-read finds nothing (readiness left over from bytes another read
+    /// took) parks without the read buffer, and the read that drains a socket forgets its
+    /// readiness, so waiting again costs no syscall.
+    #[tokio::test]
+    async fn a_stale_wake_up_parks_without_its_buffer() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut server, _) = l.accept().await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        server.readable().await.unwrap();
+        // A short try_read leaves the readiness set.
+        let mut b = [0u8; 64];
+        assert_eq!(server.try_read(&mut b).unwrap(), 18);
+        let mut rbuf = BytesMut::new();
+        assert!(idle_read(&mut server, &mut rbuf).await.is_none());
+        assert_eq!(rbuf.capacity(), 0, "parked with a buffer");
+        // Drained by read_now: no readiness is left behind.
+        client.write_all(b"x").await.unwrap();
+        server.readable().await.unwrap();
+        let mut rbuf = BytesMut::with_capacity(64);
+        assert_eq!(read_now(&mut server, &mut rbuf).unwrap().unwrap(), 1);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(
+            server.poll_read_ready(&mut cx).is_pending(),
+            "readiness kept"
+        );
+    }
 
     fn cfg() -> ServiceConfig {
         ServiceConfig::quick("t", "127.0.0.1:0".parse().unwrap(), Algorithm::RoundRobin)

@@ -88,8 +88,7 @@ pub enum Conn {
 
 impl Idle {
     /// A socket whose last response was read to the end and that went idle less than
-    /// `max_idle` ago, if any. Older ones are closed.
-    /// The newest idle raw socket and how long it has been idle.
+    /// `max_idle` ago, if any, with how long it has been idle. Older ones are closed.
     pub(crate) fn pop_raw(&self, max_idle: Duration) -> Option<(TcpStream, Duration)> {
         let now = now_nanos();
         let since = now.saturating_sub(max_idle.as_nanos() as u64);
@@ -237,17 +236,19 @@ pub(crate) fn alive(s: &TcpStream) -> bool {
     matches!(socket2::SockRef::from(s).peek(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
-/// Idle for less than this, a pooled socket is judged by the runtime's readiness alone.
+/// Idle for less than this, a pooled socket may be judged by the runtime's readiness alone.
 /// Instances close idle keep-alive connections after seconds (gunicorn 2 s, Node and
 /// Apache 5 s), not within one; a FIN that came before the event loop last polled shows
-/// as readiness, so only one that lands within the current turn goes unseen, and a silent
-/// reused connection is retried for idempotent requests.
+/// as readiness, so only one that lands within the current turn goes unseen. (With
+/// `upstream_idle` at a second or less, no pooled socket gets the real peek.)
 const TRUST_READINESS: Duration = Duration::from_secs(1);
 
-/// [`alive`] for a socket idle for `idle`: recently pooled ones cost no syscall unless
-/// the runtime saw them become readable (closed, or stray bytes).
-pub(crate) fn reusable(s: &TcpStream, idle: Duration) -> bool {
-    if idle >= TRUST_READINESS {
+/// [`alive`] for a socket idle for `idle`: for an idempotent request (retried once on a
+/// fresh connection if a reused one turns out closed) a recently pooled socket costs no
+/// syscall unless the runtime saw it become readable (closed, or stray bytes); any other
+/// request gets the real peek, as it could not be sent again.
+pub(crate) fn reusable(s: &TcpStream, idle: Duration, idempotent: bool) -> bool {
+    if idle >= TRUST_READINESS || !idempotent {
         return alive(s);
     }
     let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];

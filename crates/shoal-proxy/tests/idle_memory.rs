@@ -15,7 +15,8 @@ static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
 /// Live heap bytes of the whole test process.
 fn live() -> isize {
     let s = GLOBAL.stats();
-    s.bytes_allocated as isize - s.bytes_deallocated as isize + s.bytes_reallocated
+    // A realloc is already in these two (its `bytes_reallocated` is the same change again).
+    s.bytes_allocated as isize - s.bytes_deallocated as isize
 }
 
 /// `n` client connections (blocking sockets: they cost this process no heap), each after
@@ -41,7 +42,7 @@ fn open_idle(addr: std::net::SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
 /// Live heap once it has stopped moving (tasks park after their answer is written).
 async fn settled() -> isize {
     let mut last = live();
-    loop {
+    for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let now = live();
         if (now - last).abs() < 4096 {
@@ -49,20 +50,24 @@ async fn settled() -> isize {
         }
         last = now;
     }
+    panic!("the heap never settled");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One runtime thread serves the proxy (the clients block on the blocking pool), so spare
+// buffers stay on that thread rather than piling up on another.
+#[tokio::test]
 async fn an_idle_keep_alive_connection_holds_no_buffers() {
     let b1 = Backend::start("b1").await;
     let p = start_proxy(service_config(&[&b1], "round-robin")).await;
     let addr = p.addr;
-    // Warm-up: fill every thread's spare buffers and the upstream pool, then close.
-    let warm = tokio::task::spawn_blocking(move || open_idle(addr, 300))
+    // Warm-up: the upstream pool, the allocator's caches; then closed.
+    let warm = tokio::task::spawn_blocking(move || open_idle(addr, 100))
         .await
         .unwrap();
     drop(warm);
     let before = settled().await;
-    const N: usize = 1000;
+    // Two descriptors each in this process: within a default limit of 1,024.
+    const N: usize = 400;
     let conns = tokio::task::spawn_blocking(move || open_idle(addr, N))
         .await
         .unwrap();
