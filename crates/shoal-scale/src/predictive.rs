@@ -1349,9 +1349,10 @@ impl VirtualFleet {
                 m.panic = m.panic.and_then(|v| scale.map(|k| v * k));
             }
         }
-        // The work arriving is the same; whether it saturates depends on this fleet.
+        // The work arriving is the same; whether it saturates depends on this fleet,
+        // read as the estimator would read it.
         if let Some(s) = &mut view.saturation {
-            s.saturated = s.demand_instances > f64::from(self.ready);
+            s.saturated = crate::saturation::saturates(s, self.ready);
         }
         let desired = policy.evaluate(&view).desired;
         let current = self.ready + n_starting;
