@@ -14,6 +14,9 @@ use shoal_scale::predictive::{
     DemandRecorder, FitResult, History, PredictiveConfig, PredictiveMode, PredictivePolicy,
 };
 use shoal_scale::reactive::{BurstConfig, RatePolicy, ReactiveConfig, ReactivePolicy};
+use shoal_scale::saturation::{
+    quantile_from_buckets, ProbeContext, ProbeSample, SaturationEstimator,
+};
 use shoal_scale::windows::SecondWindow;
 use shoal_scale::{
     Decision, MetricKind, MetricSample, Observation, Policy, PolicyParams, Saturation,
@@ -69,32 +72,6 @@ const WINDOW_SPAN: usize = 900;
 
 /// How often the saturation probe looks (the process fleet refreshes usage at most this often).
 const PROBE_EVERY: Duration = Duration::from_millis(500);
-/// The probe compares with the newest probe at least this much older.
-const PROBE_SPAN_SECS: f64 = 0.9;
-/// CPU per ready instance, as a fraction of its allotment, that counts as at quota.
-const AT_QUOTA: f64 = 0.85;
-/// Requests completed over a probe span below this say too little about a request's cost.
-const COST_MIN_REQUESTS: u64 = 20;
-/// Weight of a new unsaturated span in the request-cost average.
-const COST_EWMA: f64 = 0.2;
-
-/// Cumulative readings at one probe.
-struct Probe {
-    t: f64,
-    /// Requests arrived (counted when they arrive).
-    requests: u64,
-    in_flight: u64,
-    /// CPU seconds of each ready instance.
-    cpu: BTreeMap<String, f64>,
-    /// Cumulative latency bucket counts, the total (requests completed) last.
-    hist: Vec<u64>,
-}
-
-impl Probe {
-    fn completed(&self) -> u64 {
-        self.hist.last().copied().unwrap_or(0)
-    }
-}
 
 /// Per-second samples of one service.
 struct Sampler {
@@ -115,13 +92,11 @@ struct Sampler {
     latency: VecDeque<(f64, Vec<u64>)>,
     /// (time, request count) at the previous observation: demand is measured from it.
     demand_mark: Option<(f64, u64)>,
-    /// The last few probes, newest last.
-    probes: VecDeque<Probe>,
+    /// The saturation probe's history and learned request cost (pure; shared with the
+    /// simulator).
+    estimator: SaturationEstimator<String>,
     /// The newest saturation reading and its time.
     saturation: Option<(f64, Saturation)>,
-    /// CPU seconds per completed request, averaged over unsaturated probe spans (where
-    /// the cost is not inflated by instances competing for their quota).
-    request_cost: Option<f64>,
     /// With replicas: when the shared load was last incomplete, and why.
     cluster_gap: Option<(f64, String)>,
 }
@@ -140,28 +115,6 @@ fn write_atomic(file: &std::path::Path, h: &History) -> std::io::Result<()> {
     let tmp = file.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(h)?)?;
     std::fs::rename(&tmp, file)
-}
-
-/// Upper-bound estimate of the `q` quantile from bucket counts (the bucket's bound).
-fn quantile_from_buckets(counts: &[u64], q: f64) -> Option<f64> {
-    let total: u64 = counts.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let want = (total as f64 * q).ceil() as u64;
-    let mut acc = 0;
-    for (i, c) in counts.iter().enumerate() {
-        acc += c;
-        if acc >= want {
-            return Some(
-                LATENCY_BUCKETS
-                    .get(i)
-                    .copied()
-                    .unwrap_or(LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1] * 2.0),
-            );
-        }
-    }
-    None
 }
 
 /// The autoscaler of one service.
@@ -338,9 +291,8 @@ impl Autoscaler {
                 cpu: SecondWindow::new(WINDOW_SPAN),
                 latency: VecDeque::new(),
                 demand_mark: None,
-                probes: VecDeque::new(),
+                estimator: SaturationEstimator::new(),
                 saturation: None,
-                request_cost: None,
                 cluster_gap: None,
             }),
             decisions: Mutex::new(VecDeque::new()),
@@ -516,10 +468,7 @@ impl Autoscaler {
     }
 
     /// One saturation probe: cumulative requests, in-flight, CPU of ready instances and
-    /// latency, against the newest probe at least [`PROBE_SPAN_SECS`] older. Saturated:
-    /// requests in flight growing with CPU at quota (or work arriving beyond it), or p95
-    /// latency over a latency target with a queue. The demand is what arrives (requests
-    /// are counted on arrival) times the CPU a completed request costs.
+    /// latency, read here and judged by the [`SaturationEstimator`] (the simulator's too).
     pub fn probe(&self) -> Option<Saturation> {
         let usage = self.fleet.sample_usage();
         let mut s = self.sampler.lock().expect("sampler lock");
@@ -527,109 +476,36 @@ impl Autoscaler {
         let duration = &self.service.metrics.duration;
         let mut hist = duration.cumulative().to_vec();
         hist.push(duration.count().max(hist.last().copied().unwrap_or(0)));
-        let p = Probe {
+        let p = ProbeSample {
             t,
-            requests: self.service.metrics.requests.get(),
+            requests: self.service.metrics.requests.get() as f64,
             in_flight: self
                 .service
                 .pool
                 .members()
                 .iter()
                 .map(|i| i.in_flight())
-                .sum(),
+                .sum::<u64>() as f64,
+            completed: hist.last().copied().unwrap_or(0) as f64,
             cpu: usage
                 .into_iter()
                 .filter(|(_, phase, _)| *phase == Phase::Ready)
                 .map(|(id, _, u)| (id, u.cpu_seconds))
                 .collect(),
-            hist,
+            latency: hist,
         };
-        while s.probes.front().is_some_and(|o| t - o.t > 5.0) {
-            s.probes.pop_front();
-        }
-        let base = s.probes.iter().rev().find(|o| t - o.t >= PROBE_SPAN_SECS);
-        let sat = base.and_then(|o| -> Option<(Saturation, Option<f64>)> {
-            let dt = t - o.t;
-            let ready: Vec<f64> = p
-                .cpu
+        let ctx = ProbeContext {
+            allotment: self.fleet.cpu_allotment().unwrap_or(self.cpu_allotment),
+            latency_p95_target: self
+                .cfg
+                .targets
                 .iter()
-                .filter_map(|(id, c)| o.cpu.get(id).map(|c0| (c - c0).max(0.0)))
-                .collect();
-            if ready.is_empty() {
-                return None;
-            }
-            let allotment = self.fleet.cpu_allotment().unwrap_or(self.cpu_allotment);
-            let used = ready.iter().sum::<f64>() / dt / allotment;
-            let arrival = p.requests.saturating_sub(o.requests) as f64 / dt;
-            let growth = p.in_flight as f64 - o.in_flight as f64;
-            let served = arrival - growth / dt;
-            let n = ready.len() as f64;
-            let queue_building = growth >= n.max(2.0);
-            let at_quota = used / n >= AT_QUOTA;
-            let slow = self.cfg.targets.iter().any(|tg| {
-                tg.kind == MetricKind::LatencyP95
-                    && p.in_flight as f64 >= 2.0 * n
-                    && growth > 0.0
-                    && {
-                        let counts: Vec<u64> = p
-                            .hist
-                            .iter()
-                            .enumerate()
-                            .map(|(i, c)| c.saturating_sub(o.hist.get(i).copied().unwrap_or(0)))
-                            .collect();
-                        // Cumulative → per bucket (the last entry is the +Inf total).
-                        let per: Vec<u64> = counts
-                            .iter()
-                            .enumerate()
-                            .map(|(i, c)| c.saturating_sub(if i == 0 { 0 } else { counts[i - 1] }))
-                            .collect();
-                        quantile_from_buckets(&per, 0.95).is_some_and(|q| q > tg.target)
-                    }
-            });
-            // The work arriving: requests arriving (served + queued) × a request's cost.
-            // The cost is CPU per completed request from unsaturated spans when known,
-            // else over the whole probe history (≤ 5 s): never from one short span, whose
-            // few completions (and a queue drained into a warming instance) make it noisy.
-            // (Not what the instances serve: on a busy host an instance gets less than its
-            // allotment, and sizing on its throughput would add instances for other
-            // tenants' load.)
-            let windowed = s.probes.front().and_then(|f| {
-                let done = p.completed().saturating_sub(f.completed());
-                let cpu: f64 = p
-                    .cpu
-                    .iter()
-                    .filter_map(|(id, c)| f.cpu.get(id).map(|c0| (c - c0).max(0.0)))
-                    .sum();
-                (done >= COST_MIN_REQUESTS).then(|| cpu / done as f64)
-            });
-            let span_done = p.completed().saturating_sub(o.completed());
-            let unsaturated_cost = (!at_quota && span_done >= COST_MIN_REQUESTS)
-                .then(|| ready.iter().sum::<f64>() / span_done as f64);
-            let cost = s.request_cost.or(windowed);
-            let demand = match cost {
-                Some(c) => arrival.max(0.0) * c / allotment,
-                None if served >= 1.0 => used * arrival.max(0.0) / served,
-                None => used,
-            };
-            // A queue building while the instances are at quota, or while the work
-            // arriving is more than they give at quota (they get less than their allotment
-            // on a busy host, but the load alone would saturate them too).
-            let over = at_quota || demand / n >= AT_QUOTA;
-            Some((
-                Saturation {
-                    saturated: (over && queue_building) || slow,
-                    demand_instances: demand,
-                    arrival_rps: arrival.max(0.0),
-                },
-                unsaturated_cost,
-            ))
-        });
-        let unsaturated = sat.and_then(|(x, c)| c.map(|c| (x, c)));
-        if let Some((_, c)) = unsaturated {
-            s.request_cost = Some(s.request_cost.map_or(c, |a| a + COST_EWMA * (c - a)));
-        }
-        let sat = sat.map(|(x, _)| x);
-        s.probes.push_back(p);
+                .filter(|tg| tg.kind == MetricKind::LatencyP95)
+                .map(|tg| tg.target)
+                .reduce(f64::min),
+            latency_bounds: &LATENCY_BUCKETS,
+        };
+        let sat = s.estimator.observe(p, &ctx);
         s.saturation = sat.map(|x| (t, x));
         sat
     }
@@ -682,7 +558,7 @@ impl Autoscaler {
                     counts[i.min(n - 1)] += c;
                 }
             }
-            quantile_from_buckets(&counts, 0.95)
+            quantile_from_buckets(&LATENCY_BUCKETS, &counts, 0.95)
         };
         let metrics = self
             .cfg
@@ -948,15 +824,18 @@ mod tests {
     #[test]
     fn bucket_quantiles() {
         let mut c = vec![0u64; LATENCY_BUCKETS.len() + 1];
-        assert_eq!(quantile_from_buckets(&c, 0.95), None);
+        assert_eq!(quantile_from_buckets(&LATENCY_BUCKETS, &c, 0.95), None);
         c[2] = 90; // ≤ 2.5 ms
         c[7] = 10; // ≤ 100 ms
-        assert_eq!(quantile_from_buckets(&c, 0.5), Some(0.0025));
-        assert_eq!(quantile_from_buckets(&c, 0.95), Some(0.1));
+        assert_eq!(
+            quantile_from_buckets(&LATENCY_BUCKETS, &c, 0.5),
+            Some(0.0025)
+        );
+        assert_eq!(quantile_from_buckets(&LATENCY_BUCKETS, &c, 0.95), Some(0.1));
         // Requests over the last bound (+Inf) count: a pile-up of slow requests raises p95.
         c[LATENCY_BUCKETS.len()] = 50;
         assert_eq!(
-            quantile_from_buckets(&c, 0.95),
+            quantile_from_buckets(&LATENCY_BUCKETS, &c, 0.95),
             Some(LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1] * 2.0)
         );
     }

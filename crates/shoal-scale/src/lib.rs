@@ -12,6 +12,8 @@
 //!   MSTL seasonal decomposition plus a level ([`forecast`]), and launches capacity
 //!   one startup time ahead, sized from the quantiles of its own forecast errors; the
 //!   reactive policy runs underneath and the larger answer wins.
+//! * [`saturation::SaturationEstimator`]: the step response's saturation signal from
+//!   cumulative probe readings, fed by the live autoscaler and the simulator alike.
 //! * [`trace`]: demand traces (`t,rps` CSV, synthetic generator), [`windows`]: the
 //!   1 s bucket rings that feed the metric averages.
 //!
@@ -24,6 +26,7 @@ pub mod backlog;
 pub mod forecast;
 pub mod predictive;
 pub mod reactive;
+pub mod saturation;
 pub mod schedule;
 pub mod sim;
 pub mod trace;
@@ -125,15 +128,16 @@ pub struct Observation {
     pub saturation: Option<Saturation>,
 }
 
-/// Whether the ready instances are saturated right now, and what the work arriving needs.
+/// Whether the ready instances are saturated right now, and what the work arriving needs
+/// (computed by [`saturation::SaturationEstimator`], live and in the simulator).
 ///
 /// A saturated instance's CPU is capped at its quota and its request rate at what it can
 /// serve, so neither says how far demand is over; the work arriving does: requests served
 /// plus the queue's growth, times the cost of a request (CPU per served request).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Saturation {
-    /// CPU at quota with requests in flight growing, or latency over its target with a
-    /// queue (live); demand over ready capacity (simulator).
+    /// CPU at quota (or the work arriving beyond it) with requests in flight growing, or
+    /// latency over its target with a queue.
     pub saturated: bool,
     /// The work arriving in instance allotments (1.0 = one instance's whole allotment):
     /// (served + queue growth) requests/s × CPU per served request ÷ allotment.

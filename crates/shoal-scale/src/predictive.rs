@@ -54,13 +54,52 @@ const GUARD_WINDOW_SECS: f64 = 7.0 * 86_400.0;
 
 /// The forecast may spend at most this multiple of the instance-time the reactive
 /// policy spends in shadow (exponentially weighted over `budget_window_secs`, every
-/// evaluation counted); past it, reactive decides until the ratio is back under it
-/// (it decays towards 1 meanwhile, so the cap must sit above 1).
+/// evaluation counted); past it, reactive decides until the ratio has been back under it
+/// for [`HANDOVER_HOLD_SECS`] (it decays towards 1 meanwhile, so the cap must sit above 1).
 const COST_CAP: f64 = 1.01;
 
 /// The cost guard binds once the forecast has been priced against the shadow this
 /// long: less says nothing about instance-hours.
 const MIN_GUARD_EVIDENCE_SECS: f64 = 3600.0;
+
+/// Hysteresis of the cost guard: once it has handed over to reactive, the forecast takes
+/// back only when every evaluation for this long has found it within [`COST_CAP`] (and
+/// its extra capacity worth its cost).
+///
+/// A hold in time rather than a lower threshold on the spend ratio: the ratio is a
+/// four-week average, and while reactive decides the own spend is about the shadow's, so
+/// it only drifts back towards 1, its excess shrinking by about interval / four weeks
+/// per evaluation. A take-back threshold under 1 (0.99) would never be reached, one just
+/// under the cap (1.005) only after about three weeks; with none, one evaluation's spend
+/// moves the ratio across the cap and the next back, and the decision flips with it
+/// (each flip to the forecast a launch the next decision cancels). An hour bounds that to
+/// one hand-over an hour and keeps the forecast out for at most an hour after its last
+/// breach, while the cap still holds the four-week spend.
+const HANDOVER_HOLD_SECS: f64 = 3600.0;
+
+/// The cost guard's hand-over to reactive, held for [`HANDOVER_HOLD_SECS`].
+#[derive(Debug, Clone, Copy, Default)]
+struct Handover {
+    /// Why reactive decides, while it does.
+    why: Option<&'static str>,
+    /// The last evaluation that found the forecast over its budget.
+    last_over: f64,
+}
+
+impl Handover {
+    /// The hand-over after an evaluation at `now` whose checks found `over`.
+    fn update(&mut self, now: f64, over: Option<&'static str>) -> Option<&'static str> {
+        if let Some(why) = over {
+            *self = Handover {
+                why: Some(why),
+                last_over: now,
+            };
+        } else if now - self.last_over >= HANDOVER_HOLD_SECS {
+            self.why = None;
+        }
+        self.why
+    }
+}
 
 /// Time constant of the forecast-skill averages, seconds.
 const SKILL_WINDOW_SECS: f64 = 6.0 * 3600.0;
@@ -546,7 +585,7 @@ pub struct PredictivePolicy {
     /// own violation seconds, shadow's): what the forecast's extra capacity bought.
     benefit: [f64; 4],
     /// Whether the last evaluation handed over to reactive, and why.
-    handover: Option<&'static str>,
+    handover: Handover,
     /// Seconds the forecast has acted or been handed over (priced against the shadow).
     priced_secs: f64,
     /// The safety net at the reactive policy's own targets, in force while the
@@ -623,7 +662,7 @@ impl PredictivePolicy {
             violation: (0.0, 0.0),
             cost: (0.0, 0.0),
             benefit: [0.0; 4],
-            handover: None,
+            handover: Handover::default(),
             priced_secs: 0.0,
             last_capacity: None,
             guard,
@@ -688,9 +727,10 @@ impl PredictivePolicy {
 
     /// Why reactive decides now instead of the forecast, if it does: the forecast has
     /// spent more than [`COST_CAP`] × the shadow reactive fleet's instance-time, or over
-    /// the last day its extra instance-time bought no less violation time.
+    /// the last day its extra instance-time bought no less violation time, at an
+    /// evaluation within the last [`HANDOVER_HOLD_SECS`].
     pub fn handed_over(&self) -> Option<&'static str> {
-        self.handover
+        self.handover.why
     }
 
     /// The time constant of the trailing comparison of what the forecast bought (extra
@@ -1139,15 +1179,23 @@ impl Policy for PredictivePolicy {
         let need = (peak / cfg.capacity_rps - 1e-9).ceil().max(0.0) as u32;
         // The cost guard: reactive decides (and the shadow keeps pricing the forecast)
         // while the forecast is over its instance-time budget or its extra capacity
-        // bought nothing.
-        self.handover = if cfg.mode == PredictiveMode::ForecastAndScale && !self.poor {
-            self.cost_check()
+        // bought nothing, and for an hour after.
+        let now = obs.now_secs;
+        let handed = if cfg.mode == PredictiveMode::ForecastAndScale && !self.poor {
+            self.handover.update(now, self.cost_check())
         } else {
+            self.handover = Handover::default();
             None
         };
-        if let Some(why) = self.handover {
+        if let Some(why) = handed {
+            let until = self.handover.last_over + HANDOVER_HOLD_SECS;
+            let held = if until > now && self.handover.last_over < now {
+                format!(", held until {until:.0}s")
+            } else {
+                String::new()
+            };
             reactive.detail = format!(
-                "{}; cost guard, reactive decides: forecast {why} (forecast needs {need})",
+                "{}; cost guard, reactive decides: forecast {why}{held} (forecast needs {need})",
                 reactive.detail
             );
             let desired = reactive.desired;
@@ -1349,9 +1397,10 @@ impl VirtualFleet {
                 m.panic = m.panic.and_then(|v| scale.map(|k| v * k));
             }
         }
-        // The work arriving is the same; whether it saturates depends on this fleet.
+        // The work arriving is the same; whether it saturates depends on this fleet,
+        // read as the estimator would read it.
         if let Some(s) = &mut view.saturation {
-            s.saturated = s.demand_instances > f64::from(self.ready);
+            s.saturated = crate::saturation::saturates(s, self.ready);
         }
         let desired = policy.evaluate(&view).desired;
         let current = self.ready + n_starting;
@@ -1763,6 +1812,42 @@ mod tests {
                 "{why}"
             );
         }
+    }
+
+    /// The spend ratio on the cap, over it at one evaluation and under at the next: the
+    /// checks alone flip at every evaluation; the guard hands over once and gives the
+    /// forecast back an hour after the last breach.
+    #[test]
+    fn the_cost_guard_does_not_flap_at_its_cap() {
+        let config = PredictiveConfig::for_params(&params(), PredictiveMode::ForecastAndScale);
+        let mut p = PredictivePolicy::new("predictive", config).unwrap();
+        p.priced_secs = 2.0 * MIN_GUARD_EVIDENCE_SECS;
+        // Six hours of 15 s evaluations with the ratio either side of the cap in turn,
+        // then two within it.
+        let (mut checks, mut switches, mut handed) = (Vec::new(), Vec::new(), None);
+        for i in 0..8 * 240 {
+            let now = f64::from(i) * 15.0;
+            let ratio = if i < 6 * 240 && i % 2 == 0 {
+                1.0101
+            } else {
+                1.0099
+            };
+            p.cost = (ratio * 1000.0, 1000.0);
+            let over = p.cost_check();
+            checks.push(over.is_some());
+            let h = p.handover.update(now, over);
+            if h.is_some() != handed.is_some() {
+                switches.push(now);
+            }
+            handed = h;
+        }
+        assert!(
+            checks[..6 * 240].windows(2).all(|w| w[0] != w[1]),
+            "the checks flip"
+        );
+        // Handed over at once; back an hour after the last breach (at 21,570 s).
+        assert_eq!(switches, vec![0.0, 21_570.0 + HANDOVER_HOLD_SECS]);
+        assert_eq!(p.handed_over(), None);
     }
 
     #[test]
