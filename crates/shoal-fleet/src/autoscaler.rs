@@ -816,27 +816,3 @@ impl Autoscaler {
         }
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bucket_quantiles() {
-        let mut c = vec![0u64; LATENCY_BUCKETS.len() + 1];
-        assert_eq!(quantile_from_buckets(&LATENCY_BUCKETS, &c, 0.95), None);
-        c[2] = 90; // ≤ 2.5 ms
-        c[7] = 10; // ≤ 100 ms
-        assert_eq!(
-            quantile_from_buckets(&LATENCY_BUCKETS, &c, 0.5),
-            Some(0.0025)
-        );
-        assert_eq!(quantile_from_buckets(&LATENCY_BUCKETS, &c, 0.95), Some(0.1));
-        // Requests over the last bound (+Inf) count: a pile-up of slow requests raises p95.
-        c[LATENCY_BUCKETS.len()] = 50;
-        assert_eq!(
-            quantile_from_buckets(&LATENCY_BUCKETS, &c, 0.95),
-            Some(LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1] * 2.0)
-        );
-    }
-}

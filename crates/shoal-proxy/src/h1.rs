@@ -1747,7 +1747,7 @@ async fn write_client<S: ClientIo>(stream: &mut S, buf: &[u8], limit: Duration) 
 }
 
 /// Bytes waiting on `s` without waiting for them: `Some(0)` when the peer closed.
-fn peek_now(s: &TcpStream) -> Option<usize> {
+pub(crate) fn peek_now(s: &TcpStream) -> Option<usize> {
     let mut b = [MaybeUninit::uninit(); 1];
     let mut buf = ReadBuf::uninit(&mut b);
     let mut cx = Context::from_waker(std::task::Waker::noop());

@@ -251,11 +251,8 @@ pub(crate) fn reusable(s: &TcpStream, idle: Duration, idempotent: bool) -> bool 
     if idle >= TRUST_READINESS || !idempotent {
         return alive(s);
     }
-    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-    let mut buf = tokio::io::ReadBuf::uninit(&mut b);
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    // Pending: no readiness, or a peek that found nothing (readiness cleared).
-    s.poll_peek(&mut cx, &mut buf).is_pending()
+    // None: no readiness, or a peek that found nothing (readiness cleared).
+    crate::h1::peek_now(s).is_none()
 }
 
 /// Why a try failed.
